@@ -1,0 +1,31 @@
+"""ONNX translations of fxforge ops, one file per op.
+
+Each file defines an onnxscript function with the op's signature and registers it with
+`register_lowering("onnx", "<op>")`. `translation_table()` hands them to
+`torch.onnx.export(..., custom_translation_table=...)`. Adding a lowering is adding a file.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable
+
+import onnxscript
+
+from fxforge.ir.ops import all_ops
+
+OPSET_VERSION = 23  # the standard Attention operator needs 23
+opset = onnxscript.opset23
+msft = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def load_all() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def translation_table() -> dict[object, Callable]:
+    """{torch op overload: onnxscript function} for every fxforge op with an ONNX lowering."""
+    load_all()
+    return {op.overload: op.lowerings["onnx"] for op in all_ops().values() if "onnx" in op.lowerings}

@@ -1,0 +1,34 @@
+"""fxforge's own ops, one file each (schema + reference + fake implementation).
+
+Every module in this package is imported here, so adding an op is adding a file.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from fxforge.ir.ops.registry import (
+    OpDef,
+    all_ops,
+    backends_lowering,
+    define_op,
+    get_op,
+    lowering_for,
+    op_name_of,
+    register_lowering,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "registry":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "OpDef",
+    "all_ops",
+    "backends_lowering",
+    "define_op",
+    "get_op",
+    "lowering_for",
+    "op_name_of",
+    "register_lowering",
+]
