@@ -1,0 +1,118 @@
+"""`fxforge::attention(q, k, v, attn_mask, is_causal, scale, num_kv_groups)`: fused attention.
+
+Emitted by the `fuse_attention` pass for every spelling of softmax(Q·Kᵀ·scale + mask)·V it
+matches; lowered to flash-attention Triton kernels (`fxforge/kernels/flash_attention.py`) and
+to the ONNX `Attention` operator (`fxforge/backends/onnx/lowerings/attention.py`).
+
+Semantics (those of `torch.nn.functional.scaled_dot_product_attention`, made explicit):
+
+- q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv); Hq == Hkv * num_kv_groups.
+  Query head h attends with key/value head h // num_kv_groups (grouped-query attention).
+- attn_mask: None; a bool mask (True = may attend); or an additive float mask of q's dtype.
+  Either broadcasts to (B, Hq, Lq, Lk).
+- is_causal: query i sees key j iff j <= i + (Lk - Lq). For Lq == Lk this is torch SDPA's
+  top-left triangle (j <= i); for Lq < Lk (decoding against a KV cache, the new queries are
+  the *last* Lq positions) it is aligned to the bottom right, which is what cached decoding
+  needs and what torch SDPA's own `is_causal` does *not* do (it stays top-left).
+  is_causal and attn_mask may be given together: a key must pass both.
+- scale: None means 1/sqrt(D).
+- A query row that can see no key at all (fully masked) yields zeros, as torch SDPA does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fxforge.ir.ops.registry import define_op
+
+
+@define_op("attention")
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    is_causal: bool,
+    scale: Optional[float],
+    num_kv_groups: int,
+) -> Tensor:
+    """Reference: torch SDPA on repeated K/V with the causal triangle folded into the mask."""
+    check_attention_inputs(q, k, v, attn_mask, num_kv_groups)
+    if num_kv_groups > 1:
+        k = k.repeat_interleave(num_kv_groups, dim=1)
+        v = v.repeat_interleave(num_kv_groups, dim=1)
+    lq, lk = q.shape[-2], k.shape[-2]
+    if is_causal and (attn_mask is not None or lq != lk):
+        # SDPA's is_causal is top-left and refuses a mask alongside it: build the triangle.
+        visible = causal_visibility(lq, lk, q.device)
+        attn_mask = visible if attn_mask is None else _and_masks(attn_mask, visible, q.dtype)
+        is_causal = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    return out.contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, is_causal, scale, num_kv_groups):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def causal_visibility(lq: int, lk: int, device: torch.device | str = "cpu") -> Tensor:
+    """(lq, lk) bool: query i sees key j iff j <= i + lk - lq (bottom-right aligned)."""
+    rows = torch.arange(lq, device=device)[:, None]
+    cols = torch.arange(lk, device=device)[None, :]
+    return cols <= rows + (lk - lq)
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    """The softmax scale the op uses: `scale`, or 1/sqrt(head_dim) when it is None."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, num_kv_groups: int) -> None:
+    """Raise ValueError naming the problem when the inputs break the op's contract."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"fxforge::attention expects 4-D q, k, v laid out (batch, heads, seq, head_dim); got "
+            f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}. Reshape to that layout first."
+        )
+    batch, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or v.shape[:3] != k.shape[:3] or k.shape[-1] != d:
+        raise ValueError(
+            f"fxforge::attention: k{tuple(k.shape)} and v{tuple(v.shape)} do not fit q{tuple(q.shape)}: "
+            f"need k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv) with q's batch and head_dim."
+        )
+    if num_kv_groups < 1 or hq % hkv != 0 or hq != hkv * num_kv_groups:
+        raise ValueError(
+            f"fxforge::attention: {hq} query heads cannot be shared by {hkv} key/value heads in groups of "
+            f"{num_kv_groups}; need Hq divisible by Hkv and num_kv_groups == Hq // Hkv"
+            + (f" (= {hq // hkv})" if hkv and hq % hkv == 0 else "") + "."
+        )
+    if attn_mask is None:
+        return
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        raise ValueError(
+            f"fxforge::attention: attn_mask has dtype {attn_mask.dtype}; it must be torch.bool (True = attend) "
+            f"or q's dtype {q.dtype} (an additive mask). Cast it with attn_mask.to({q.dtype})."
+        )
+    target = (batch, hq, lq, lk)
+    try:
+        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(target):
+        raise ValueError(
+            f"fxforge::attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            f"(batch, q_heads, q_len, k_len) = {target}."
+        )
+
+
+def _and_masks(mask: Tensor, visible: Tensor, dtype: torch.dtype) -> Tensor:
+    # A key hidden by the causal triangle is hidden whatever the user's mask says.
+    if mask.dtype == torch.bool:
+        return mask & visible
+    return mask.masked_fill(~visible, float("-inf")).to(dtype)
