@@ -1,0 +1,147 @@
+"""`fxforge::linear_wq`: weight-only integer quantized linear (int2/int4/int8 containers).
+
+Emitted by the `quantize` pass (RTN, AWQ, GPTQ, ...) in place of `aten.linear(x, W, b)`.
+The weight is stored packed, asymmetric, per group of `group_size` input channels:
+
+    qweight  uint8 (N, K*bits//8)   element k of row n is in byte (k*bits)//8 at bit offset
+                                   (k*bits)%8, low bits first (ONNX Runtime MatMulNBits'
+                                   layout, so ONNX export needs no repacking)
+    scales   float (N, K//group_size)
+    zeros    uint8 (N, K//group_size), values in [0, 2^bits)
+    ŵ[n, k] = (q[n, k] - zeros[n, k//group_size]) * scales[n, k//group_size]
+    y = x @ ŵᵀ + bias, in x's dtype
+
+`bits` is the container width (2, 4 or 8): 3-bit codes live in 4-bit containers, 5-7-bit
+codes in 8-bit ones. `group_size == K` means one group per output channel.
+The reference is the emulated path (unpack, dequantize in float32, F.linear in float32) and
+defines the numerics every backend is tested against. `pack_bits`, `unpack_bits` and
+`dequantize_wq` are public: the quantization passes build their buffers with them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fxforge.ir.ops.registry import define_op
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"fxforge::linear_wq: bits={bits} is not a container width; use 2, 4 or 8 "
+            f"(store 3-bit codes with bits=4 and 5..7-bit codes with bits=8)"
+        )
+
+
+def pack_bits(q: Tensor, bits: int) -> Tensor:
+    """Pack integer codes q (uint8, (N, K), values < 2^bits) into uint8 (N, K*bits//8).
+
+    Element k of a row goes to byte (k*bits)//8 at bit offset (k*bits)%8, low bits first.
+
+    >>> pack_bits(torch.tensor([[1, 2, 3, 15]], dtype=torch.uint8), 4)
+    tensor([[33, 243]], dtype=torch.uint8)
+    """
+    _check_bits(bits)
+    if q.dim() != 2 or q.dtype != torch.uint8:
+        raise ValueError(f"pack_bits: expected a 2-D uint8 tensor, got {q.dtype} of shape {tuple(q.shape)}")
+    per_byte = 8 // bits
+    n, k = q.shape
+    if k % per_byte:
+        raise ValueError(
+            f"pack_bits: {k} columns cannot be packed {per_byte} per byte at bits={bits}; "
+            f"pad K to a multiple of {per_byte}"
+        )
+    if q.numel() and int(q.max()) >= 1 << bits:
+        raise ValueError(f"pack_bits: code {int(q.max())} does not fit in {bits} bits (max {(1 << bits) - 1})")
+    if bits == 8:
+        return q.clone()
+    # Widen first: shifting a uint8 left would drop the high bits of the wider codes.
+    grouped = q.reshape(n, k // per_byte, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=q.device) * bits
+    return (grouped << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 (N, k*bits//8) -> uint8 codes (N, k)."""
+    _check_bits(bits)
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(
+            f"unpack_bits: expected a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    per_byte = 8 // bits
+    if k % per_byte or packed.shape[1] != k * bits // 8:
+        raise ValueError(
+            f"unpack_bits: a row of {k} {bits}-bit codes takes {k * bits / 8:g} bytes, but the packed "
+            f"tensor has {packed.shape[1]} columns; check bits and K"
+        )
+    if bits == 8:
+        return packed.clone()
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], k).to(torch.uint8)
+
+
+def check_wq_args(
+    k: int, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int
+) -> None:
+    """Raise a ValueError naming the problem if the packed-weight tensors do not fit together."""
+    _check_bits(bits)
+    if group_size <= 0 or k % group_size:
+        raise ValueError(
+            f"fxforge::linear_wq: K={k} is not divisible by group_size={group_size}; pick a group size "
+            f"that divides K (group_size=K gives one group per output channel)"
+        )
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(
+            f"fxforge::linear_wq: qweight must be 2-D uint8 (N, K*bits//8), got {qweight.dtype} "
+            f"{tuple(qweight.shape)}; build it with fxforge.ir.ops.linear_wq.pack_bits"
+        )
+    if qweight.shape[1] * 8 != k * bits:
+        raise ValueError(
+            f"fxforge::linear_wq: qweight has {qweight.shape[1]} bytes per row, but K={k} codes of "
+            f"bits={bits} need {k * bits / 8:g}; the bits argument does not match how the weight was packed"
+        )
+    n, groups = qweight.shape[0], k // group_size
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (n, groups):
+            raise ValueError(
+                f"fxforge::linear_wq: {name} has shape {tuple(t.shape)}, expected (N, K//group_size) = "
+                f"({n}, {groups})"
+            )
+    if zeros.dtype != torch.uint8:
+        raise ValueError(f"fxforge::linear_wq: zeros must be uint8, got {zeros.dtype}")
+    if not scales.is_floating_point():
+        raise ValueError(f"fxforge::linear_wq: scales must be floating point, got {scales.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fxforge::linear_wq: bias has shape {tuple(bias.shape)}, expected ({n},)")
+
+
+def dequantize_wq(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, k: int) -> Tensor:
+    """The float32 weight (N, k) that a packed linear_wq weight stands for."""
+    check_wq_args(k, qweight, scales, zeros, None, bits, group_size)
+    codes = unpack_bits(qweight, bits, k).to(torch.float32)
+    scale = scales.to(torch.float32).repeat_interleave(group_size, dim=1)
+    zero = zeros.to(torch.float32).repeat_interleave(group_size, dim=1)
+    return (codes - zero) * scale
+
+
+@define_op("linear_wq")
+def linear_wq(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int
+) -> Tensor:
+    """Reference: unpack, dequantize and multiply in float32, return in x's dtype."""
+    weight = dequantize_wq(qweight, scales, zeros, bits, group_size, x.shape[-1])
+    b = None if bias is None else bias.to(torch.float32)
+    return F.linear(x.to(torch.float32), weight, b).to(x.dtype)
+
+
+@linear_wq.register_fake
+def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int):
+    # Shape errors surface at trace time, not first at run time on some backend.
+    check_wq_args(x.shape[-1], qweight, scales, zeros, bias, bits, group_size)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
