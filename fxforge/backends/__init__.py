@@ -1,0 +1,42 @@
+"""Backends: thin maps from fxforge ops to implementations. No technique logic lives here.
+
+A backend's `prepare(gm, example_inputs, **options)` returns a `Runner`: a callable taking the
+graph's flat inputs and returning its flat outputs. Asked to lower an op it has no lowering for,
+a backend raises MissingLoweringError naming the op.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol, Sequence
+
+from torch.fx import GraphModule
+
+BACKENDS = {
+    "eager": "fxforge.backends.eager",
+    "onnx": "fxforge.backends.onnx.backend",
+    "triton": "fxforge.backends.triton",
+    "inductor": "fxforge.backends.inductor",
+}
+
+
+class Runner(Protocol):
+    def __call__(self, *flat_inputs: Any) -> Sequence[Any]: ...
+
+
+def get_backend(name: str) -> Callable[..., Runner]:
+    """The `prepare` function of backend `name`."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend '{name}'. Known backends: {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKENDS[name]).prepare
+
+
+def fxforge_ops_in(gm: GraphModule) -> list[str]:
+    """Names of the fxforge ops `gm` calls, in graph order, without repeats."""
+    from fxforge.ir.ops import op_name_of
+
+    seen: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        name = op_name_of(node.target) if node.op == "call_function" else None
+        if name:
+            seen[name] = None
+    return list(seen)

@@ -55,10 +55,13 @@ class _TransformersAdapter(nn.Module):
         super().__init__()
         self.m = model
         params = inspect.signature(model.forward).parameters
-        self._extra = {k: False for k in ("use_cache", "return_dict") if k in params}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._extra = {k: False for k in ("use_cache", "return_dict") if k in params or takes_any}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.m(*args, **kwargs, **self._extra)
+        if hasattr(out, "to_tuple"):  # a ModelOutput despite return_dict=False
+            out = out.to_tuple()
         if isinstance(out, tuple) and len(out) == 1:
             return out[0]
         return out

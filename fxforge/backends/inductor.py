@@ -1,0 +1,12 @@
+"""Backend `inductor`: torch.compile on the rewritten graph (fxforge ops run as opaque calls)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+
+def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), **options: Any) -> Any:
+    options.setdefault("dynamic", True)
+    return torch.compile(gm, **options)

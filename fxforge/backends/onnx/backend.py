@@ -1,0 +1,123 @@
+"""Backend `onnx`: torch.onnx.export(dynamo=True) with fxforge's translation table, then ORT.
+
+`export_onnx` writes the file; `prepare` exports to a temporary file (or `path`), opens an
+`onnxruntime.InferenceSession` and returns a runner taking the graph's flat inputs. Dimensions
+that are symbolic in the graph (batch, sequence) stay dynamic in the ONNX model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.export import Dim
+from torch.fx import GraphModule
+
+from fxforge.backends import fxforge_ops_in
+from fxforge.errors import MissingLoweringError
+from fxforge.ir.ops import backends_lowering, get_op
+
+logger = logging.getLogger(__name__)
+
+
+def dynamic_shapes_of(gm: GraphModule) -> tuple[dict[int, Any] | None, ...]:
+    """torch.export dynamic_shapes for `gm`'s placeholders: symbolic dims stay dynamic."""
+    specs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            specs.append(None)
+            continue
+        dims = {i: Dim.AUTO for i, size in enumerate(val.shape) if not isinstance(size, int)}
+        specs.append(dims or None)
+    return tuple(specs)
+
+
+def check_lowerable(gm: GraphModule) -> None:
+    from fxforge.backends.onnx.lowerings import load_all
+
+    load_all()
+    for name in fxforge_ops_in(gm):
+        if "onnx" not in get_op(name).lowerings:
+            raise MissingLoweringError("onnx", name, [b for b in backends_lowering(name) if b != "eager"])
+
+
+def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.PathLike,
+                input_names: Sequence[str] | None = None) -> Path:
+    """Export `gm` to an ONNX file at `path` (weights inline; external data above 2 GB)."""
+    from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
+
+    check_lowerable(gm)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(input_names or [n.name for n in gm.graph.nodes if n.op == "placeholder"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            gm,
+            tuple(example_inputs),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes_of(gm),
+            input_names=names,
+            custom_translation_table=translation_table(),
+            opset_version=OPSET_VERSION,
+            optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
+            verbose=False,
+        )
+    total_bytes = sum(p.numel() * p.element_size() for p in gm.parameters()) + \
+        sum(b.numel() * b.element_size() for b in gm.buffers())
+    program.save(str(path), external_data=total_bytes > 1.8 * 2**30)
+    return path
+
+
+class OnnxRunner:
+    """Runs an ONNX file in ONNX Runtime with the graph's flat inputs; returns torch tensors."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *flat_inputs: Any) -> tuple[torch.Tensor, ...]:
+        feeds = {}
+        tensors = [x for x in flat_inputs if isinstance(x, torch.Tensor)]
+        if len(tensors) != len(self.input_names):
+            raise ValueError(f"ONNX model takes {len(self.input_names)} inputs {self.input_names}, got {len(tensors)}")
+        for name, x in zip(self.input_names, tensors):
+            feeds[name] = _to_numpy(x)
+        outputs = self.session.run(None, feeds)
+        return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outputs)
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        raise TypeError("ONNX Runtime inputs cannot be bfloat16 from numpy; cast the input to float16/float32")
+    return x.contiguous().numpy()
+
+
+def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | os.PathLike | None = None,
+            threads: int | None = None, **options: Any) -> OnnxRunner:
+    """Export `gm` and open it in ONNX Runtime. `path`: where to keep the .onnx file."""
+    if options:
+        raise TypeError(f"unknown options for the onnx backend: {sorted(options)} (valid: path, threads)")
+    if path is None:
+        directory = tempfile.mkdtemp(prefix="fxforge-onnx-")
+        path = Path(directory) / "model.onnx"
+    export_onnx(gm, example_inputs, path)
+    return OnnxRunner(path, threads=threads)

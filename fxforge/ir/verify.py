@@ -1,0 +1,162 @@
+"""Numerical checks between two graphs (or a graph and a reference) that should agree.
+
+The pipeline uses these after every pass; backends use them to check a lowered model against
+eager. A `Tolerance` states what "agree" means for a pass: exact passes keep tight absolute
+bounds; lossy passes (quantization, pruning) declare a relative error or cosine bound.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch.fx import GraphModule
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds two outputs must meet; every bound that is set must hold.
+
+    max_abs: max |a - b| ≤ max_abs + rtol·|b|, elementwise (the default: exact passes).
+    max_rel: ‖a - b‖₂ / ‖b‖₂ ≤ max_rel (lossy passes).
+    min_cosine: cosine(a, b) over all elements ≥ min_cosine.
+    """
+
+    max_abs: float | None = 1e-5
+    rtol: float = 1e-5
+    max_rel: float | None = None
+    min_cosine: float | None = None
+
+    @staticmethod
+    def lossy(max_rel: float | None = None, min_cosine: float | None = None) -> "Tolerance":
+        return Tolerance(max_abs=None, max_rel=max_rel, min_cosine=min_cosine)
+
+
+@dataclass
+class OutputError:
+    index: int
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class Comparison:
+    outputs: list[OutputError] = field(default_factory=list)
+    structural: str = ""  # non-empty when the outputs differ in number, shape or dtype
+
+    @property
+    def ok(self) -> bool:
+        return not self.structural and all(o.ok for o in self.outputs)
+
+    @property
+    def max_error(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def worst(self) -> OutputError | None:
+        bad = [o for o in self.outputs if not o.ok] or self.outputs
+        return max(bad, key=lambda o: o.rel_l2, default=None)
+
+    def describe(self) -> str:
+        if self.structural:
+            return self.structural
+        w = self.worst
+        if w is None:
+            return "no outputs compared"
+        return (f"output {w.index} has max abs error {w.max_abs:.3g}, relative L2 error "
+                f"{w.rel_l2:.3g}, cosine {w.cosine:.6f} ({w.reason})")
+
+
+def run_graph(gm: GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    """Run `gm` on flat inputs without gradients; return its flat outputs as a list."""
+    with torch.no_grad():
+        out = gm(*inputs)
+    return list(pytree.tree_leaves(out))
+
+
+def compare_tensors(ref: torch.Tensor, got: torch.Tensor, tol: Tolerance, index: int = 0) -> OutputError:
+    if ref.dtype.is_floating_point or ref.dtype.is_complex:
+        r, g = ref.detach().double(), got.detach().double()
+    else:
+        r, g = ref.detach().double(), got.detach().double()
+        tol = Tolerance(max_abs=0.0, rtol=0.0)  # integer outputs (token ids, ...) must match exactly
+    diff = (g - r).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    ref_norm = float(r.norm())
+    rel = float((g - r).norm()) / ref_norm if ref_norm > 0 else (0.0 if max_abs == 0 else math.inf)
+    denom = float(r.norm() * g.norm())
+    cosine = float((r * g).sum()) / denom if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+    reasons = []
+    if not torch.isfinite(g).all():
+        reasons.append("non-finite values")
+    if tol.max_abs is not None and bool((diff > tol.max_abs + tol.rtol * r.abs()).any()):
+        reasons.append(f"max abs error above {tol.max_abs:g} (+ rtol {tol.rtol:g})")
+    if tol.max_rel is not None and rel > tol.max_rel:
+        reasons.append(f"relative error above {tol.max_rel:g}")
+    if tol.min_cosine is not None and cosine < tol.min_cosine:
+        reasons.append(f"cosine below {tol.min_cosine:g}")
+    return OutputError(index=index, max_abs=max_abs, rel_l2=rel, cosine=cosine,
+                       ok=not reasons, reason="; ".join(reasons) or "within tolerance")
+
+
+def compare_outputs(ref: Sequence[Any], got: Sequence[Any], tol: Tolerance,
+                    allow_extra_outputs: bool = True) -> Comparison:
+    """Compare flat output lists; `got` may have extra trailing outputs (e.g. Medusa heads)."""
+    comparison = Comparison()
+    if len(got) < len(ref) or (len(got) != len(ref) and not allow_extra_outputs):
+        comparison.structural = f"expected {len(ref)} outputs, got {len(got)}"
+        return comparison
+    for i, (r, g) in enumerate(zip(ref, got)):
+        if not isinstance(r, torch.Tensor):
+            if r != g:
+                comparison.structural = f"output {i}: expected {r!r}, got {g!r}"
+            continue
+        if not isinstance(g, torch.Tensor) or g.shape != r.shape:
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            comparison.structural = f"output {i}: expected shape {tuple(r.shape)}, got {shape}"
+            return comparison
+        comparison.outputs.append(compare_tensors(r, g, tol, i))
+    return comparison
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.op == "call_function":
+            self.values[n.name] = value
+        return value
+
+
+def first_divergent_node(before: GraphModule, after: GraphModule, inputs: Sequence[Any],
+                         tol: Tolerance) -> str | None:
+    """The first node (in `after`'s order) present in both graphs whose value differs.
+
+    Passes keep the names of nodes they do not touch, so the first surviving node whose value
+    moved beyond `tol` points at where the rewrite went wrong. None if none is found.
+    """
+    rec_before, rec_after = _Recorder(before), _Recorder(after)
+    try:
+        with torch.no_grad():
+            rec_before.run(*inputs)
+            rec_after.run(*inputs)
+    except Exception:
+        return None
+    for node in after.graph.nodes:
+        ref = rec_before.values.get(node.name)
+        got = rec_after.values.get(node.name)
+        if not (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor)) or ref.shape != got.shape:
+            continue
+        if not ref.dtype.is_floating_point:
+            continue
+        if not compare_tensors(ref, got, tol).ok:
+            return node.name
+    return None

@@ -1,0 +1,350 @@
+"""Passes as data: the Pass base class, its context and result, the registry, and Pipeline.
+
+A pass is a frozen dataclass whose fields are its options; its `name` equals its file name and
+is how pipelines refer to it (`"quantize(bits=4,group_size=128)"`). `Pipeline` runs passes one
+at a time, each on a copy of the graph, and checks the copy against the graph before it on the
+example inputs within the tolerance the pass declares. A pass that raises or fails the check
+is rolled back: the error names the pass, the output with the largest error and the first
+node whose value diverged. Read `fxforge/passes/README.md` before writing a pass.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from fxforge.errors import PassError, PassSpecError
+from fxforge.ir.graph import finalize, format_bytes, summarize
+from fxforge.ir.trace import INPUT_NAMES, flatten_inputs
+from fxforge.ir.verify import Comparison, Tolerance, compare_outputs, first_divergent_node, run_graph
+
+__all__ = ["Pass", "PassContext", "PassResult", "Pipeline", "PipelineReport", "PassRecord",
+           "Tolerance", "register_pass", "registered_passes", "get_pass_class"]
+
+
+# --------------------------------------------------------------------------- context
+
+
+def default_progress(iterable: Iterable | None = None, **kwargs: Any) -> Any:
+    """A tqdm progress bar; silent when FXFORGE_PROGRESS=0."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("disable", os.environ.get("FXFORGE_PROGRESS", "1") == "0")
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph.
+
+    example_inputs: the flat inputs the graph takes (used for verification).
+    calibration: an iterable of model inputs for data-driven passes. Each item is a tensor
+        (the first input), a tuple of positional inputs, a dict keyed by input name, or an
+        (args, kwargs) pair. Use `calibration_batches(gm)` to get them in the graph's flat form.
+    seed: for any randomness a pass uses (initializations, sampling).
+    progress: a tqdm-like factory: `ctx.progress(iterable, desc=..., total=...)`.
+    """
+
+    example_inputs: tuple[Any, ...] = ()
+    calibration: Iterable[Any] | None = None
+    seed: int = 0
+    progress: Callable[..., Any] = default_progress
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def require_calibration(self, pass_name: str, what: str = "calibration data") -> Iterable[Any]:
+        if self.calibration is None:
+            raise PassError(
+                f"pass '{pass_name}' needs {what}. Pass calibration=<iterable of model inputs> "
+                f"to fxforge.compile (or PassContext(calibration=...)).",
+                pass_name=pass_name,
+            )
+        return self.calibration
+
+    def calibration_batches(self, gm: GraphModule, limit: int | None = None) -> Iterator[list[Any]]:
+        """Calibration items in the flat positional form `gm` takes, at most `limit` of them."""
+        if self.calibration is None:
+            return iter(())
+        return _flat_batches(gm, self.calibration, limit)
+
+
+def _flat_batches(gm: GraphModule, items: Iterable[Any], limit: int | None) -> Iterator[list[Any]]:
+    names = gm.meta.get(INPUT_NAMES) or [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, item in enumerate(items):
+        if limit is not None and i >= limit:
+            return
+        yield as_flat_inputs(gm, item, names)
+
+
+def as_flat_inputs(gm: GraphModule, item: Any, names: Sequence[str] | None = None) -> list[Any]:
+    """One model input (tensor, tuple, name->tensor dict or (args, kwargs)) as the graph's flat inputs."""
+    names = names or gm.meta.get(INPUT_NAMES) or [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if isinstance(item, torch.Tensor):
+        return [item]
+    if isinstance(item, dict):
+        missing = [n for n in names if n not in item]
+        if missing:
+            raise ValueError(f"calibration item lacks inputs {missing}; the graph takes {list(names)}")
+        return [item[n] for n in names]
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
+        return flatten_inputs(gm, item[0], item[1])
+    if isinstance(item, (tuple, list)):
+        return list(item)
+    raise TypeError(f"unsupported calibration item of type {type(item).__name__}")
+
+
+# --------------------------------------------------------------------------- passes
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the rewritten graph and what it did.
+
+    sites: how many places the pass rewrote (the match count reported and tested).
+    skipped: (where, why) for every candidate it deliberately left alone.
+    notes: anything else worth showing in the report (a chosen alpha, a rank allocation, ...).
+    """
+
+    graph_module: GraphModule
+    sites: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of every pass. Subclass as a frozen dataclass and decorate with @register_pass.
+
+    Override:
+        run(gm, ctx) -> PassResult      rewrite `gm` (it is already a private copy) in place
+                                        or return a new GraphModule.
+        tolerance() -> Tolerance        how far outputs may move (exact passes keep the default).
+        verify(before, after, ctx)      only if the pass changes the graph's inputs/outputs.
+    """
+
+    name: ClassVar[str] = ""
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def tolerance(self) -> Tolerance:
+        return Tolerance()
+
+    def verify(self, before: GraphModule, after: GraphModule, ctx: PassContext) -> Comparison:
+        """Compare outputs of the graphs on the example inputs (extra outputs of `after` ignored)."""
+        ref = run_graph(before, ctx.example_inputs)
+        got = run_graph(after, ctx.example_inputs)
+        return compare_outputs(ref, got, self.tolerance())
+
+    def spec(self) -> str:
+        """This pass as a pipeline string: `quantize(bits=4,group_size=128)` (non-defaults only)."""
+        opts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if value != default:
+                opts.append(f"{f.name}={value!r}")
+        return f"{self.name}({','.join(opts)})" if opts else self.name
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make `cls` usable by name in pipelines and on the command line."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise TypeError(f"@register_pass needs a subclass of fxforge.Pass, got {cls!r}")
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"pass {cls.__name__} must be a frozen dataclass: @dataclass(frozen=True)")
+    if not cls.name or not cls.name.isidentifier():
+        raise TypeError(f"pass {cls.__name__} needs a `name` class attribute that is an identifier")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"a pass named '{cls.name}' is already registered ({existing.__module__}.{existing.__qualname__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every pass by name: fxforge's own and those of installed plugins (entry points)."""
+    _load_builtin_and_plugin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass_class(name: str) -> type[Pass]:
+    passes = registered_passes()
+    if name not in passes:
+        import difflib
+
+        close = difflib.get_close_matches(name, passes, n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise PassSpecError(f"unknown pass '{name}'.{hint} Known passes: {', '.join(passes)}.")
+    return passes[name]
+
+
+_loaded = False
+
+
+def _load_builtin_and_plugin_passes() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    import fxforge.passes as package
+
+    for info in pkgutil.walk_packages(package.__path__, prefix="fxforge.passes."):
+        if info.name.rsplit(".", 1)[-1] not in ("base", "spec"):
+            importlib.import_module(info.name)
+    for ep in entry_points(group="fxforge.passes"):
+        obj = ep.load()  # a Pass subclass, or a module whose import registers passes
+        if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _REGISTRY:
+            register_pass(obj)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class PassRecord:
+    """One row of the pipeline report."""
+
+    name: str
+    spec: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    sites: int
+    max_error: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineReport:
+    records: list[PassRecord] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        header = f"{'pass':<28}{'time':>8}{'nodes':>14}{'param bytes':>24}{'sites':>7}{'max err':>11}"
+        lines = [header, "-" * len(header)]
+        for r in self.records:
+            lines.append(
+                f"{r.spec[:27]:<28}{r.seconds:>7.2f}s{r.nodes_before:>6} → {r.nodes_after:<5}"
+                f"{format_bytes(r.bytes_before):>11} → {format_bytes(r.bytes_after):<10}"
+                f"{r.sites:>7}{r.max_error:>11.2e}"
+            )
+            for where, why in r.skipped[:10]:
+                lines.append(f"    skipped {where}: {why}")
+            if len(r.skipped) > 10:
+                lines.append(f"    ... and {len(r.skipped) - 10} more skipped")
+        return "\n".join(lines)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(r) for r in self.records]
+
+    def __getitem__(self, name: str) -> PassRecord:
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+class Pipeline:
+    """An ordered list of passes, built from Pass objects, names, or a pipeline string.
+
+    >>> Pipeline("canonicalize,quantize(bits=4,group_size=128)")
+    >>> Pipeline([Canonicalize(), Quantize(bits=4)])
+    """
+
+    def __init__(self, passes: str | Sequence[Pass | str] = ()):
+        from fxforge.passes.spec import parse_pipeline, parse_pass
+
+        if isinstance(passes, str):
+            self.passes: list[Pass] = parse_pipeline(passes)
+        else:
+            self.passes = [parse_pass(p) if isinstance(p, str) else p for p in passes]
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise PassSpecError(f"pipeline items must be fxforge passes or pass specs, got {p!r}")
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.spec()!r})"
+
+    def spec(self) -> str:
+        return ",".join(p.spec() for p in self.passes)
+
+    def run(self, gm: GraphModule, ctx: PassContext, verify: bool = True,
+            report: PipelineReport | None = None) -> tuple[GraphModule, PipelineReport]:
+        """Run every pass on a copy of `gm` (never mutated); return the result and the report."""
+        report = report if report is not None else PipelineReport()
+        dump_dir = os.environ.get("FXFORGE_DUMP")
+        for index, p in enumerate(self.passes):
+            gm = run_pass(p, gm, ctx, verify=verify, report=report)
+            if dump_dir:
+                _dump(gm, Path(dump_dir), len(report.records), p)
+        return gm, report
+
+
+def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
+             report: PipelineReport | None = None) -> GraphModule:
+    """Run one pass on a copy of `gm`, verify it, and append its record to `report`."""
+    before = summarize(gm)
+    start = time.perf_counter()
+    work = copy.deepcopy(gm)
+    try:
+        with torch.no_grad():
+            result = p.run(work, ctx)
+        after_gm = finalize(result.graph_module)
+    except PassError:
+        raise
+    except Exception as exc:
+        raise PassError(
+            f"pass '{p.spec()}' failed and was rolled back: {type(exc).__name__}: {exc}",
+            pass_name=p.name,
+        ) from exc
+    max_error = 0.0
+    if verify and ctx.example_inputs:
+        comparison = p.verify(gm, after_gm, ctx)
+        max_error = comparison.max_error
+        if not comparison.ok:
+            node = first_divergent_node(gm, after_gm, ctx.example_inputs, p.tolerance())
+            where = f"; first diverging node: '{node}'" if node else ""
+            raise PassError(
+                f"pass '{p.spec()}' changed the model's outputs beyond its tolerance and was rolled "
+                f"back: {comparison.describe()}{where}. The input graph is unchanged.",
+                pass_name=p.name,
+                node=node,
+            )
+    elapsed = time.perf_counter() - start
+    after = summarize(after_gm)
+    if report is not None:
+        report.records.append(PassRecord(
+            name=p.name, spec=p.spec(), seconds=elapsed,
+            nodes_before=before.nodes, nodes_after=after.nodes,
+            bytes_before=before.total_param_bytes, bytes_after=after.total_param_bytes,
+            sites=result.sites, max_error=max_error, skipped=list(result.skipped), notes=dict(result.notes),
+        ))
+    return after_gm
+
+
+def _dump(gm: GraphModule, directory: Path, index: int, p: Pass) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    text = gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    (directory / f"{index:02d}_{p.name}.py").write_text(f"# after pass {p.spec()}\n{text}")
