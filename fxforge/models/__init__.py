@@ -1,0 +1,4 @@
+"""The model zoo: small models for examples, tests and benchmarks (`get_model("tiny-llama")`)."""
+from fxforge.models.zoo import ZooModel, get_model, list_models, register_model
+
+__all__ = ["ZooModel", "get_model", "list_models", "register_model"]
