@@ -1,0 +1,109 @@
+"""GPU benchmark of fxforge's quantized-linear Triton kernels against torch fp16 matmul.
+
+Times, in one run on one GPU with triton.testing.do_bench:
+  fp16    torch.nn.functional.linear with an fp16 weight (cuBLAS), the baseline
+  int4    fxforge::linear_wq Triton kernel, 4-bit weights, group 128 (GEMV path at batch 1)
+  w8a8    fxforge::linear_w8a8 Triton kernels (per-token quantization + int8 GEMM)
+at batch 1, 16 and 128 on 4096x4096 and 8192x8192 layers; prints a table and writes
+bench/results/quantize_gpu_<gpu name>.json. Each kernel's output is checked against the op's
+reference first, so a fast wrong kernel cannot produce a number.
+
+    python bench/quantize_gpu.py            # needs a CUDA GPU (written for an H100)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+BATCHES = (1, 16, 128)
+SIZES = (4096, 8192)
+GROUP_SIZE = 128
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _require_cuda() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("bench/quantize_gpu.py: TRITON_INTERPRET=1 is set; unset it to time real GPU kernels.")
+    if not torch.cuda.is_available():
+        sys.exit(
+            "bench/quantize_gpu.py: no CUDA device found (torch.cuda.is_available() is False). "
+            "Run it on a machine with an NVIDIA GPU and a CUDA build of torch."
+        )
+
+
+def _int4_operands(n: int, k: int, device: str):
+    from fxforge.ir.ops.linear_wq import pack_bits
+
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+    scales = (torch.rand(n, k // GROUP_SIZE, device=device) * 0.01).to(torch.float16)
+    zeros = torch.randint(0, 16, (n, k // GROUP_SIZE), dtype=torch.uint8, device=device)
+    return pack_bits(q, 4), scales, zeros
+
+
+def _check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    err = (got.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    if not err <= 2e-2 * scale + 1e-3:
+        raise SystemExit(f"bench/quantize_gpu.py: {name} disagrees with its reference (max abs error {err:.3g}).")
+
+
+def main() -> None:
+    _require_cuda()
+    import triton.testing
+
+    from fxforge.kernels.w8a8_gemm import linear_w8a8_triton
+    from fxforge.kernels.wq_gemm import linear_wq_triton
+
+    device = "cuda"
+    gpu = torch.cuda.get_device_name()
+    torch.manual_seed(0)
+    rows = []
+    for size in SIZES:
+        n = k = size
+        weight = (torch.randn(n, k, device=device) * 0.02).to(torch.float16)
+        qweight4, scales4, zeros4 = _int4_operands(n, k, device)
+        qweight8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        wscale8 = torch.rand(n, device=device) * 1e-3
+        for batch in BATCHES:
+            x = torch.randn(batch, k, device=device, dtype=torch.float16)
+            # Correctness first (the reference runs on the GPU tensors too).
+            _check("int4", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
+                   torch.ops.fxforge.linear_wq(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE))
+            _check("w8a8", linear_w8a8_triton(x, qweight8, wscale8, None),
+                   torch.ops.fxforge.linear_w8a8(x, qweight8, wscale8, None))
+            times = {
+                "fp16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight)),
+                "int4": triton.testing.do_bench(
+                    lambda: linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE)
+                ),
+                "w8a8": triton.testing.do_bench(lambda: linear_w8a8_triton(x, qweight8, wscale8, None)),
+            }
+            rows.append({"n": n, "k": k, "batch": batch, **{f"{name}_ms": ms for name, ms in times.items()}})
+            row = rows[-1]
+            print(
+                f"{n:>5}x{k:<5} batch {batch:>3}  fp16 {row['fp16_ms']:.4f} ms  "
+                f"int4 {row['int4_ms']:.4f} ms ({row['fp16_ms'] / row['int4_ms']:.2f}x)  "
+                f"w8a8 {row['w8a8_ms']:.4f} ms ({row['fp16_ms'] / row['w8a8_ms']:.2f}x)",
+                flush=True,
+            )
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"quantize_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.json"
+    payload = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "group_size": GROUP_SIZE,
+        "note": "ms per call from triton.testing.do_bench; speedup = fp16_ms / kernel_ms",
+        "rows": rows,
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
