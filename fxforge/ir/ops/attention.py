@@ -46,6 +46,8 @@ def attention(
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
     lq, lk = q.shape[-2], k.shape[-2]
+    if attn_mask is not None and attn_mask.dim() < 2:
+        attn_mask = attn_mask.expand(lq, lk)  # SDPA itself wants at least (Lq, Lk)
     if is_causal and (attn_mask is not None or lq != lk):
         # SDPA's is_causal is top-left and refuses a mask alongside it: build the triangle.
         visible = causal_visibility(lq, lk, q.device)
