@@ -1,0 +1,139 @@
+"""GPU benchmark of fxforge's attention Triton kernels against torch SDPA.
+
+Times, in one run on one GPU with triton.testing.do_bench:
+  forward   fxforge flash-attention kernel vs torch SDPA forced to its flash backend, fp16,
+            sequence length 512..16k (batch · length = 16k tokens, 2048 / head_dim heads),
+            head dim 64 and 128, causal and not; TFLOP/s of each and their ratio.
+  decode    fxforge split-KV decode kernel vs torch SDPA (default backend choice, GQA), batch 1,
+            one query, 32 query heads on 8 KV heads, head dim 128, KV length 4k..32k;
+            microseconds and the KV-cache read bandwidth (GB/s) each reaches.
+Each kernel's output is checked against SDPA's first, so a fast wrong kernel cannot produce a
+number. Prints a table and writes bench/results/attention_gpu_<gpu name>.json.
+
+    python bench/attention_gpu.py            # needs a CUDA GPU (written for an H100)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FORWARD_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+FORWARD_TOKENS = 16384
+HIDDEN = 2048
+HEAD_DIMS = (64, 128)
+DECODE_LENGTHS = (4096, 8192, 16384, 32768)
+DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM = 32, 8, 128
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _require_cuda() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("bench/attention_gpu.py: TRITON_INTERPRET=1 is set; unset it to time real GPU kernels.")
+    if not torch.cuda.is_available():
+        sys.exit(
+            "bench/attention_gpu.py: no CUDA device found (torch.cuda.is_available() is False). "
+            "Run it on a machine with an NVIDIA GPU and a CUDA build of torch."
+        )
+
+
+def _check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    err = (got.float() - expected.float()).abs().max().item()
+    if not err <= 2e-2:
+        raise SystemExit(f"bench/attention_gpu.py: {name} disagrees with torch SDPA (max abs error {err:.3g}).")
+
+
+def _sdpa_flash(q, k, v, is_causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+def bench_forward(do_bench) -> list[dict]:
+    from fxforge.kernels.flash_attention import attention_flops, flash_attention_forward
+
+    rows = []
+    for head_dim in HEAD_DIMS:
+        heads = HIDDEN // head_dim
+        for length in FORWARD_LENGTHS:
+            batch = max(1, FORWARD_TOKENS // length)
+            q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.float16) for _ in range(3))
+            for is_causal in (False, True):
+                name = f"forward d={head_dim} L={length} causal={is_causal}"
+                # The first call autotunes; its result is checked before anything is timed.
+                _check(name, flash_attention_forward(q, k, v, None, is_causal, None, 1), _sdpa_flash(q, k, v, is_causal))
+                triton_ms = do_bench(lambda: flash_attention_forward(q, k, v, None, is_causal, None, 1))
+                sdpa_ms = do_bench(lambda: _sdpa_flash(q, k, v, is_causal))
+                flops = attention_flops(batch, heads, length, length, head_dim, is_causal)
+                rows.append({
+                    "batch": batch, "heads": heads, "length": length, "head_dim": head_dim, "causal": is_causal,
+                    "triton_ms": triton_ms, "sdpa_flash_ms": sdpa_ms,
+                    "triton_tflops": flops / triton_ms / 1e9, "sdpa_flash_tflops": flops / sdpa_ms / 1e9,
+                    "speedup_vs_sdpa": sdpa_ms / triton_ms,
+                })
+            del q, k, v
+    return rows
+
+
+def bench_decode(do_bench) -> list[dict]:
+    from fxforge.kernels.decode_attention import decode_attention
+
+    groups = DECODE_HEADS // DECODE_KV_HEADS
+    rows = []
+    for length in DECODE_LENGTHS:
+        q = torch.randn(1, DECODE_HEADS, 1, DECODE_HEAD_DIM, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(1, DECODE_KV_HEADS, length, DECODE_HEAD_DIM, device="cuda", dtype=torch.float16)
+                for _ in range(2))
+        expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        _check(f"decode L={length}", decode_attention(q, k, v, None, None, groups), expected)
+        triton_ms = do_bench(lambda: decode_attention(q, k, v, None, None, groups))
+        sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        kv_bytes = 2 * k.numel() * k.element_size()
+        rows.append({
+            "batch": 1, "q_heads": DECODE_HEADS, "kv_heads": DECODE_KV_HEADS, "head_dim": DECODE_HEAD_DIM,
+            "kv_length": length, "triton_us": triton_ms * 1e3, "sdpa_us": sdpa_ms * 1e3,
+            "triton_gbps": kv_bytes / triton_ms / 1e6, "sdpa_gbps": kv_bytes / sdpa_ms / 1e6,
+            "speedup_vs_sdpa": sdpa_ms / triton_ms,
+        })
+    return rows
+
+
+def _print_tables(forward: list[dict], decode: list[dict]) -> None:
+    print(f"{'D':>4} {'L':>6} {'B':>3} {'causal':>6} | {'triton TF/s':>11} {'SDPA flash TF/s':>15} {'ratio':>6}")
+    for r in forward:
+        print(f"{r['head_dim']:>4} {r['length']:>6} {r['batch']:>3} {str(r['causal']):>6} | "
+              f"{r['triton_tflops']:>11.1f} {r['sdpa_flash_tflops']:>15.1f} {r['speedup_vs_sdpa']:>6.2f}")
+    print()
+    print(f"{'KV len':>7} | {'triton us':>9} {'SDPA us':>8} {'triton GB/s':>11} {'SDPA GB/s':>9} {'ratio':>6}")
+    for r in decode:
+        print(f"{r['kv_length']:>7} | {r['triton_us']:>9.1f} {r['sdpa_us']:>8.1f} "
+              f"{r['triton_gbps']:>11.0f} {r['sdpa_gbps']:>9.0f} {r['speedup_vs_sdpa']:>6.2f}")
+
+
+def main() -> None:
+    _require_cuda()
+    import triton.testing
+
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    forward = bench_forward(triton.testing.do_bench)
+    decode = bench_decode(triton.testing.do_bench)
+    _print_tables(forward, decode)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"attention_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.json"
+    payload = {
+        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "dtype": "float16",
+        "forward": forward, "decode": decode,
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
