@@ -166,7 +166,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make `cls` usable by name in pipelines and on the command line."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise TypeError(f"@register_pass needs a subclass of fxforge.Pass, got {cls!r}")
-    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+    # the class itself must be decorated: a plain subclass inherits its parent's dataclass params
+    params = cls.__dict__.get("__dataclass_params__")
+    if params is None or not params.frozen:
         raise TypeError(f"pass {cls.__name__} must be a frozen dataclass: @dataclass(frozen=True)")
     if not cls.name or not cls.name.isidentifier():
         raise TypeError(f"pass {cls.__name__} needs a `name` class attribute that is an identifier")
