@@ -1,0 +1,37 @@
+"""The command line: compile to an ONNX artifact, inspect, list passes."""
+import onnxruntime as ort
+import pytest
+import torch
+
+from fxforge.cli import main
+
+
+def test_compile_zoo_model_to_onnx(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", "zoo:tiny-llama", "--passes", "fuse_rms_norm", "--backend", "onnx", "-o", str(out)]) == 0
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (1, 5)).numpy()
+    logits, = session.run(None, {"input_ids": ids, "attention_mask": (ids * 0 + 1)})
+    assert logits.shape == (1, 5, 256)
+    printed = capsys.readouterr().out
+    assert "fuse_rms_norm" in printed and "saved to" in printed
+    assert (out / "manifest.json").is_file()
+
+
+def test_inspect_model_and_passes(capsys):
+    assert main(["inspect", "zoo:mlp"]) == 0
+    printed = capsys.readouterr().out
+    assert "linear sites: 3" in printed and "aten.linear" in printed
+    assert main(["passes"]) == 0
+    printed = capsys.readouterr().out
+    assert "canonicalize:" in printed and "fuse_rms_norm:" in printed
+
+
+def test_bad_pass_spec_is_reported_not_raised(tmp_path, capsys):
+    assert main(["compile", "zoo:mlp", "--passes", "no_such_pass", "-o", str(tmp_path / "x")]) == 2
+    assert "unknown pass 'no_such_pass'" in capsys.readouterr().err
+
+
+def test_unknown_model_spec():
+    with pytest.raises(SystemExit, match="cannot interpret MODEL"):
+        main(["inspect", "not-a-model"])
