@@ -215,16 +215,23 @@ class MiniLMEncoder(nn.Module):
 def load_minilm_encoder() -> MiniLMEncoder:
     """The pretrained all-MiniLM-L6-v2 as a MiniLMEncoder, in eval mode, eager attention."""
     from transformers import BertModel
+    from transformers.utils import logging as hf_logging
 
     path = model_dir()
     # The pooler weights in the checkpoint are unused by sentence embeddings; leaving the
-    # pooler out keeps dead parameters out of the traced graph.
-    bert, info = BertModel.from_pretrained(
-        str(path),
-        attn_implementation="eager",
-        add_pooling_layer=False,
-        output_loading_info=True,
-    )
+    # pooler out keeps dead parameters out of the traced graph (and transformers' load report,
+    # which would list them as unexpected, is silenced: missing weights are checked below).
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        bert, info = BertModel.from_pretrained(
+            str(path),
+            attn_implementation="eager",
+            add_pooling_layer=False,
+            output_loading_info=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         raise ModelUnavailableError(
             f"{path / 'model.safetensors'} lacks weights {sorted(info['missing_keys'])[:5]}...; "
