@@ -5,10 +5,17 @@
   config (`autotune_configs` does that).
 - `compile_for_hopper(...)`: compiles a kernel for sm_90 without a GPU, so CI checks the GPU
   compiler's rules (dot shapes, dtypes, layouts) that the interpreter does not.
+- `run_outside_interpreter(script)`: runs a compile check in a fresh Python process with
+  TRITON_INTERPRET=0. Under the interpreter, triton's own library functions (tl.sum, tl.max,
+  ...) are replaced by interpreter objects the GPU compiler cannot take, for the rest of the
+  process, so tests (which run interpreted) compile kernels this way.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import triton
@@ -56,3 +63,16 @@ def _jit_function(kernel: Any) -> triton.runtime.JITFunction:
     if isinstance(fn, triton.runtime.JITFunction):
         return fn
     return triton.runtime.JITFunction(fn)
+
+
+def run_outside_interpreter(script: str, timeout: float = 600) -> str:
+    """Run `script` in a new Python process with TRITON_INTERPRET=0; return its stdout.
+
+    Raises RuntimeError with the child's stderr when it fails.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"compile check failed:\n{done.stderr[-4000:]}")
+    return done.stdout
