@@ -38,7 +38,7 @@ from fxforge.models.code_lm_data import (
     SPLIT_RULE, heldout_batches, limit_by_bytes, read_sources, split_stdlib, token_stream,
 )
 from fxforge.models.code_lm_tokenizer import EOS_TOKEN, eos_id, train_bpe_tokenizer
-from fxforge.models.code_lm_train import TrainSettings, train_causal_lm
+from fxforge.models.code_lm_train import TrainSettings, torch_threads, train_causal_lm
 
 __all__ = [
     "CodeLM", "CodeLMVariant", "VARIANTS", "cache_dir_for", "heldout_batches", "load_code_lm",
@@ -86,7 +86,7 @@ VARIANTS: dict[str, CodeLMVariant] = {
         name="tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
         intermediate_size=176, vocab_size=512, context=128,
         training=TrainSettings(max_steps=300, minutes=0.6, batch_size=16, lr=3e-3,
-                               warmup_steps=20, train_bytes=2_000_000),
+                               warmup_steps=20, train_bytes=2_000_000, threads=1),
     ),
 }
 
@@ -205,25 +205,27 @@ def new_model(variant: str | CodeLMVariant, vocab_size: int | None = None, eos_t
         max_position_embeddings=v.context, tie_word_embeddings=False,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
         attn_implementation="eager",
+        use_cache=False,  # zoo convention: tracing a forward that returns a KV cache is awkward
     )
     return LlamaForCausalLM(config)
 
 
 def train_code_lm(variant: str | CodeLMVariant = "small", *, minutes: float | None = None,
                   max_steps: int | None = None, train_bytes: int | None = None,
-                  seed: int | None = None, progress: bool = True,
+                  seed: int | None = None, threads: int | None = None, progress: bool = True,
                   overwrite: bool = False) -> CodeLM:
     """Train a code-lm variant from scratch, measure held-out perplexity and cache it.
 
-    ``minutes``, ``max_steps``, ``train_bytes`` and ``seed`` override the variant's training
-    defaults (tests use a few steps on a few hundred kB). The result is written to a temporary
+    ``minutes``, ``max_steps``, ``train_bytes``, ``seed`` and ``threads`` override the
+    variant's training defaults (tests use a few steps on a few hundred kB). The result is written to a temporary
     directory and renamed into ``cache_dir_for(variant)`` only when complete, so an interrupted
     run never leaves a half-written cache. An existing cache is kept (and returned) unless
     ``overwrite``.
     """
     v = _variant(variant)
     overrides = {k: val for k, val in dict(minutes=minutes, max_steps=max_steps, seed=seed,
-                                           train_bytes=train_bytes).items() if val is not None}
+                                           train_bytes=train_bytes, threads=threads).items()
+                 if val is not None}
     settings = replace(v.training, **overrides)
     torch.manual_seed(settings.seed)
 
@@ -233,17 +235,17 @@ def train_code_lm(variant: str | CodeLMVariant = "small", *, minutes: float | No
     tokenizer = train_bpe_tokenizer(texts, v.vocab_size)
     stream = token_stream(tokenizer, texts)
     model = new_model(v, tokenizer.get_vocab_size(), eos_id(tokenizer))
-    report = train_causal_lm(model, stream, v.context, settings, progress=progress)
-
-    batches = heldout_batches(tokenizer, v.context, v.eval_batches, batch_size=v.eval_batch_size)
-    ppl = perplexity(model, batches)
+    with torch_threads(settings.threads):
+        report = train_causal_lm(model, stream, v.context, settings, progress=progress)
+        batches = heldout_batches(tokenizer, v.context, v.eval_batches,
+                                  batch_size=v.eval_batch_size)
+        ppl = perplexity(model, batches)
     info = {
         "format": FORMAT_VERSION,
         "variant": v.name,
         "architecture": v.architecture(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-        "torch_threads": torch.get_num_threads(),
         "training": {
             "settings": asdict(settings),
             "steps": report.steps, "seconds": round(report.seconds, 1),
@@ -320,6 +322,7 @@ def _load_dir(cache_dir: Path, variant: CodeLMVariant) -> CodeLM:
     if model.config.vocab_size != tokenizer.get_vocab_size():
         raise _corrupted(cache_dir, variant, f"the tokenizer has {tokenizer.get_vocab_size()} "
                                              f"tokens but the model {model.config.vocab_size}")
+    model.config.use_cache = False
     model.eval()
     return CodeLM(model=model, tokenizer=tokenizer, variant=variant, cache_dir=cache_dir,
                   info=info)
@@ -357,10 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="torch CPU threads (1 can beat 2 on a busy machine)")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     lm = train_code_lm(args.variant, minutes=args.minutes, max_steps=args.max_steps,
-                       overwrite=True)
+                       threads=args.threads, overwrite=True)
     record = lm.info
     print(f"code-lm {args.variant}: {record['parameters']:,} parameters, "
           f"{record['training']['steps']} steps in {record['training']['seconds']:.0f} s, "

@@ -10,7 +10,9 @@ from and into the fixed held-out batches that perplexity is measured on.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +55,20 @@ def _is_excluded(relative: Path) -> bool:
 
 def list_stdlib_sources(root: Path | None = None) -> list[str]:
     """Sorted relative paths of the stdlib ``*.py`` files that make up the corpus."""
-    root = root or stdlib_root()
-    paths = [p.relative_to(root) for p in root.rglob("*.py") if p.is_file()]
-    return sorted(p.as_posix() for p in paths if not _is_excluded(p))
+    return list(_list_sources(str(root or stdlib_root())))
+
+
+@functools.lru_cache(maxsize=4)
+def _list_sources(root: str) -> tuple[str, ...]:
+    # os.walk with pruning, not rglob: site-packages can hold far more files than the stdlib.
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]
+        for name in files:
+            relative = Path(directory, name).relative_to(root)
+            if name.endswith(".py") and not _is_excluded(relative):
+                found.append(relative.as_posix())
+    return tuple(sorted(found))
 
 
 def path_hash(relative_path: str) -> int:
@@ -150,6 +163,18 @@ def windows_evenly_spaced(stream: torch.Tensor, seq_len: int, count: int) -> tor
     return stream[starts[:, None] + torch.arange(seq_len)[None, :]]
 
 
+# Encoding the held-out files takes seconds; evaluations repeat it with the same tokenizer.
+_HELDOUT_STREAMS: dict[str, torch.Tensor] = {}
+
+
+def heldout_stream(tokenizer: Tokenizer) -> torch.Tensor:
+    """The held-out files encoded as one token stream (memoized per tokenizer content)."""
+    key = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+    if key not in _HELDOUT_STREAMS:
+        _HELDOUT_STREAMS[key] = token_stream(tokenizer, read_sources(split_stdlib().heldout))
+    return _HELDOUT_STREAMS[key]
+
+
 def heldout_batches(tokenizer: Tokenizer, seq_len: int, max_batches: int, *,
                     batch_size: int = 4) -> list[torch.Tensor]:
     """Fixed held-out evaluation batches: ``max_batches`` LongTensors of shape (batch_size, seq_len).
@@ -167,7 +192,6 @@ def heldout_batches(tokenizer: Tokenizer, seq_len: int, max_batches: int, *,
             f"heldout_batches needs seq_len >= 2, max_batches >= 1 and batch_size >= 1 "
             f"(got {seq_len}, {max_batches}, {batch_size})."
         )
-    split = split_stdlib()
-    stream = token_stream(tokenizer, read_sources(split.heldout))
+    stream = heldout_stream(tokenizer)
     windows = windows_evenly_spaced(stream, seq_len, max_batches * batch_size)
     return list(windows.split(batch_size))

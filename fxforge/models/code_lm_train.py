@@ -7,9 +7,11 @@ learning rate to the floor by the time it stops.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +32,16 @@ class TrainSettings:
     grad_clip: float = 1.0
     seed: int = 0
     train_bytes: int | None = None  # cap on train corpus size (None = every train file)
+    # torch CPU threads while training (None = leave as is). Tiny models gain nothing from a
+    # second thread, and on a busy machine OpenMP threads spinning for a core cost ~10x.
+    threads: int | None = None
 
     def __post_init__(self):
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError(f"max_steps and batch_size must be >= 1 (got {self.max_steps}, "
                              f"{self.batch_size}).")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None (got {self.threads}).")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes must be positive or None (got {self.minutes}).")
 
@@ -52,6 +59,18 @@ class TrainReport:
         """Mean of the first (or last) ``count`` step losses."""
         chunk = self.losses[:count] if first else self.losses[-count:]
         return sum(chunk) / len(chunk)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run a block with ``count`` torch CPU threads, restoring the previous count after."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
