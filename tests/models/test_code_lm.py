@@ -23,11 +23,19 @@ from fxforge.models.code_lm_data import (
     is_heldout, list_stdlib_sources, split_stdlib, windows_evenly_spaced,
 )
 from fxforge.models.code_lm_tokenizer import EOS_TOKEN, train_bpe_tokenizer
+from fxforge.models.code_lm_train import learning_rate, torch_threads, train_causal_lm
 
 # A tiny run: enough steps to move the loss, few enough to take seconds on a busy CPU.
 TEST_VARIANT = replace(VARIANTS["tiny"], training=replace(
     VARIANTS["tiny"].training, max_steps=40, minutes=None, batch_size=8, warmup_steps=5,
     train_bytes=200_000))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # These models are tiny: a second OpenMP thread only adds spinning on a shared CI machine.
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +214,23 @@ def test_cli_rejects_an_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--variant", "huge"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# --- the training loop's schedule and time box ------------------------------------------------
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    settings = TEST_VARIANT.training
+    warm = [learning_rate(settings, s, s / settings.max_steps) for s in range(settings.warmup_steps)]
+    assert warm == sorted(warm) and warm[-1] == pytest.approx(settings.lr)
+    midway = settings.lr * (1 + settings.min_lr_ratio) / 2
+    assert learning_rate(settings, 10, 0.5) == pytest.approx(midway)
+    assert learning_rate(settings, 10, 1.0) == pytest.approx(settings.lr * settings.min_lr_ratio)
+
+
+def test_training_stops_at_the_wall_clock_budget():
+    model = new_model(TEST_VARIANT, vocab_size=300)
+    settings = replace(TEST_VARIANT.training, max_steps=100_000, minutes=0.02)  # 1.2 s
+    report = train_causal_lm(model, torch.randint(0, 300, (5000,)), 32, settings, progress=False)
+    assert 0 < report.steps < settings.max_steps
+    assert report.seconds < 10
+    assert model.training is False
