@@ -137,3 +137,18 @@ _BUILTIN = {
 }
 for _name, (_module, _function) in _BUILTIN.items():
     register_model(_name, _lazy_factory(_module, _function))
+
+
+def _code_lm_factory(variant: str) -> ZooFactory:
+    def factory(seed: int) -> ZooModel:
+        from fxforge.models.code_lm import build_code_lm_zoo
+
+        return build_code_lm_zoo(variant, seed)
+
+    factory.__name__ = f"code_lm.{variant}"
+    return factory
+
+
+# Trained, not random: built (and trained on first use) by fxforge/models/code_lm.py.
+register_model("code-lm", _code_lm_factory("small"))
+register_model("code-lm-tiny", _code_lm_factory("tiny"))

@@ -234,3 +234,16 @@ def test_training_stops_at_the_wall_clock_budget():
     assert 0 < report.steps < settings.max_steps
     assert report.seconds < 10
     assert model.training is False
+
+
+def test_zoo_entry_serves_the_cached_model(trained):
+    from fxforge.models import get_model
+
+    zoo = get_model("code-lm-tiny")
+    (ids,), kwargs = zoo.args, zoo.kwargs
+    assert ids.shape == (2, 64) and ids.dtype == torch.int64 and kwargs == {}
+    with torch.no_grad():
+        logits = zoo.model(ids).logits
+    assert logits.shape == (2, 64, zoo.model.config.vocab_size)
+    (other,), _ = zoo.make_inputs(batch=1, seq=20)
+    assert other.shape == (1, 20)
