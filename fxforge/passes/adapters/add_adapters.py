@@ -1,0 +1,154 @@
+"""Pass `add_adapters`: insert a parameter-efficient adapter (the LoRA family) into linear layers.
+
+    aten.linear(x, W, b)  ->  fxforge.lora_linear(x, W', b, A, B, s)      (most methods)
+                          ->  fxforge.dora_linear(x, W, b, A, B, m, s)    (dora)
+                          ->  fxforge.miss_linear / bone_linear(...)     (bone)
+
+The adapter's computation is an fxforge op with a registered backward (so the graph trains
+with torch.optim and exports to ONNX as MatMuls); factors that are products of trainable
+pieces (SORSA's B·diag(S)·A, LoRA-SB's B·R·A, LoLDU's P·L·diag(z)·U) are composed from aten
+ops on the graph's parameters in front of the op, which keeps one op per low-rank form
+instead of one per method. After the pass, exactly the adapter tensors require grad.
+
+The methods live one per file (lora.py, pissa.py, eva.py, ...); each leaves the initial output
+unchanged up to float rounding (B = 0, or a residual base weight W - s·B·A), so the pass keeps
+a tight tolerance. Bad targets, ranks and missing data fail before anything is changed.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.fx import GraphModule
+
+from fxforge.errors import PassError
+from fxforge.ir.graph import LinearSite, get_attr, linear_sites, matches_any
+from fxforge.ir.verify import Tolerance
+from fxforge.passes.adapters.common import (
+    LayerContext,
+    add_adapter_to_site,
+    adapter_records,
+    freeze_all_but_adapters,
+    get_method,
+    known_methods,
+)
+from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class AddAdapters(Pass):
+    """Add adapters of `method` with rank `rank` and scaling `alpha` to the layers `targets` match.
+
+    method: lora, rslora, dora, pissa, olora, eva, lora_ga, lora_sb, bone, svfit, sorsa, loldu.
+    targets / exclude: module-path patterns (fnmatch, a bare name matches as a suffix);
+        None targets every linear layer except the LM head.
+    eva_rho, eva_tau, calibration_limit: EVA's rank budget factor, convergence cosine, batches.
+    ga_batches, ga_gamma: LoRA-GA's gradient batches (from calibration) and stable-scale γ.
+    bone_form: "miss" (MiSS, the default) or "bat" (Bone's block-affine form).
+    """
+
+    name = "add_adapters"
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    include_lm_head: bool = False
+    eva_rho: float = 2.0
+    eva_tau: float = 0.99
+    calibration_limit: int = 16
+    ga_batches: int = 4
+    ga_gamma: float = 16.0
+    bone_form: Literal["miss", "bat"] = "miss"
+
+    def __post_init__(self) -> None:
+        if self.method not in known_methods():
+            close = difflib.get_close_matches(self.method, known_methods(), n=2)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"unknown adapter method '{self.method}'.{hint} Known: {', '.join(known_methods())}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.eva_rho < 1.0:
+            raise ValueError(f"eva_rho must be >= 1 (a layer's rank may grow to rank·rho), got {self.eva_rho}")
+        if not 0.0 < self.eva_tau <= 1.0:
+            raise ValueError(f"eva_tau must be in (0, 1], got {self.eva_tau}")
+        if self.ga_batches < 1 or self.calibration_limit < 1:
+            raise ValueError("ga_batches and calibration_limit must be >= 1")
+        if isinstance(self.targets, str) or isinstance(self.exclude, str):
+            object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else self.targets)
+            object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else self.exclude)
+
+    def tolerance(self) -> Tolerance:
+        # Residual methods (W - s·B·A) and bf16 weights round; every init is exact in real numbers.
+        return Tolerance(max_abs=1e-4, rtol=1e-4)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        method = get_method(self.method)
+        sites = self._sites(gm)
+        skipped: list[tuple[str, str]] = []
+        adapted = adapter_records(gm)
+        kept: list[LinearSite] = []
+        for site in sites:
+            if site.module_path in adapted:
+                skipped.append((site.module_path, "already has an adapter"))
+            elif method.changes_base_weight and len(site.node.args[1].users) > 1:
+                skipped.append((site.module_path, f"{self.method} rewrites the base weight, which is shared "
+                                                  f"with other nodes (tied weights)"))
+            else:
+                kept.append(site)
+        for site in kept:  # validate everything before touching the graph
+            limit = method.max_rank(site.in_features, site.out_features)
+            if self.rank > limit:
+                raise PassError(
+                    f"add_adapters: rank {self.rank} is larger than layer '{site.module_path}' allows for "
+                    f"{self.method} ({limit}, its weight is {site.out_features}x{site.in_features}). Use "
+                    f"rank <= {limit} or exclude the layer with exclude=['{site.module_path}'].",
+                    pass_name=self.name)
+        data = method.prepare(gm, kept, ctx, self)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        count = 0
+        for site in kept:
+            layer = LayerContext(site=site, weight=get_attr(gm, site.weight_name).detach(), rank=self.rank,
+                                 alpha=self.alpha, generator=generator, options=self,
+                                 data=data.get(site.module_path))
+            init = method.init(layer)
+            if init.rank == 0:
+                skipped.append((site.module_path, f"{self.method} assigned this layer rank 0"))
+                continue
+            options = {"bone_form": self.bone_form} if self.method == "bone" else {}
+            adapted[site.module_path] = add_adapter_to_site(gm, site, method, init, self.alpha, options)
+            count += 1
+        trainable = freeze_all_but_adapters(gm)
+        ranks = {path: rec["rank"] for path, rec in adapted.items() if rec["method"] == self.method}
+        return PassResult(gm, sites=count, skipped=skipped,
+                          notes={"method": self.method, "ranks": ranks, "trainable_tensors": len(trainable),
+                                 "trainable_parameters": sum(get_attr(gm, n).numel() for n in trainable)})
+
+    def _sites(self, gm: GraphModule) -> list[LinearSite]:
+        every = linear_sites(gm, include_lm_head=True)
+        candidates = linear_sites(gm, include_lm_head=self.include_lm_head)
+        for pattern in self.targets or ():
+            if not any(matches_any(s.module_path, [pattern]) for s in every):
+                raise PassError(f"add_adapters: target pattern '{pattern}' matches no linear layer. "
+                                f"{_close_matches(pattern, [s.module_path for s in every])}", pass_name=self.name)
+        sites = [s for s in candidates if self.targets is None or matches_any(s.module_path, self.targets)]
+        sites = [s for s in sites if not matches_any(s.module_path, self.exclude)]
+        if not sites:
+            raise PassError(f"add_adapters: no linear layer to adapt (targets={self.targets}, exclude="
+                            f"{self.exclude}, include_lm_head={self.include_lm_head}). Linear layers: "
+                            f"{', '.join(s.module_path for s in every[:12])}", pass_name=self.name)
+        return sites
+
+
+def _close_matches(pattern: str, paths: list[str]) -> str:
+    """'Close matches: ...' over full paths and their last components, for a mistyped pattern."""
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths} | set(paths))
+    close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+    if close:
+        return f"Close matches: {', '.join(close)}."
+    return f"Linear layers are: {', '.join(paths[:12])}{' ...' if len(paths) > 12 else ''}."

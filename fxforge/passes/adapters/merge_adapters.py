@@ -1,0 +1,118 @@
+"""Passes `merge_adapters` and `unmerge_adapters`: fold adapters into their base weights and back.
+
+    fxforge.lora_linear(x, W, b, A, B, s)  ->  aten.linear(x, W + s·B·A, b)     (each method's
+    fxforge.dora_linear(x, W, b, A, B, m, s) -> aten.linear(x, m/‖V‖·V, b)       merged_weight)
+
+Exact up to float rounding. The merged graph has plain linears only, so it exports to ONNX and
+runs on every backend with no adapter op. `merge_adapters(keep=True)` (the default) remembers
+each merged layer's adapter tensors in the graph's metadata so `unmerge_adapters` can restore
+the adapted graph, for the methods whose merge is invertible; `keep=False` forgets them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxforge.errors import PassError
+from fxforge.ir.graph import erase_dead, get_attr, set_attr
+from fxforge.ir.verify import Tolerance
+from fxforge.passes.adapters.common import (
+    adapter_records,
+    adapter_tensors,
+    freeze_all_but_adapters,
+    get_method,
+)
+from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+MERGED = "fxforge_merged_adapters"  # gm.meta key: {module_path: record + "values": {role: tensor}}
+
+
+def _node_named(gm: GraphModule, name: str) -> Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise PassError(f"the adapter node '{name}' recorded in the graph's metadata is missing; the graph was "
+                    f"edited after add_adapters", pass_name="merge_adapters")
+
+
+@register_pass
+@dataclass(frozen=True)
+class MergeAdapters(Pass):
+    """Fold every adapter into its base weight; the adapter nodes and tensors disappear."""
+
+    name = "merge_adapters"
+    keep: bool = True  # keep the adapter tensors in gm.meta so unmerge_adapters can restore them
+
+    def tolerance(self) -> Tolerance:
+        return Tolerance(max_abs=1e-4, rtol=1e-4)  # W + s·B·A rounds once more than the two-branch sum
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        records = adapter_records(gm)
+        merged = gm.meta.setdefault(MERGED, {})
+        for path, record in list(records.items()):
+            method = get_method(record["method"])
+            node = _node_named(gm, record["node"])
+            x, w_node, b_node = node.args[0], node.args[1], node.args[2]
+            tensors = adapter_tensors(gm, record)
+            weight = get_attr(gm, record["weight"])
+            new_weight = method.merged_weight(weight.detach().float(), {k: v.detach().float() for k, v in tensors.items()},
+                                              record["scale"])
+            set_attr(gm, record["weight"], new_weight.to(weight.dtype), trainable=False)
+            with gm.graph.inserting_before(node):
+                linear = gm.graph.call_function(aten.linear.default, (x, w_node, b_node))
+            linear.meta.update({k: v for k, v in node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
+            node.replace_all_uses_with(linear)
+            gm.graph.erase_node(node)
+            if self.keep:
+                merged[path] = {**record, "node": linear.name,
+                                "values": {k: v.detach().clone() for k, v in tensors.items()}}
+            del records[path]
+        erase_dead(gm)
+        freeze_all_but_adapters(gm)
+        return PassResult(gm, sites=len(merged) if self.keep else 0, notes={"merged": sorted(merged)})
+
+
+@register_pass
+@dataclass(frozen=True)
+class UnmergeAdapters(Pass):
+    """Undo `merge_adapters(keep=True)`: restore each base weight and its adapter node."""
+
+    name = "unmerge_adapters"
+
+    def tolerance(self) -> Tolerance:
+        return Tolerance(max_abs=1e-4, rtol=1e-4)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        from fxforge.ir.graph import linear_sites
+        from fxforge.passes.adapters.common import LayerInit, add_adapter_to_site
+
+        merged = gm.meta.get(MERGED, {})
+        if not merged:
+            raise PassError("unmerge_adapters: this graph has no merged adapters to restore (merge with "
+                            "merge_adapters(keep=True) first)", pass_name=self.name)
+        records = adapter_records(gm)
+        sites = {s.node.name: s for s in linear_sites(gm, include_lm_head=True)}
+        skipped, count = [], 0
+        for path, record in list(merged.items()):
+            method = get_method(record["method"])
+            values = record["values"]
+            weight = get_attr(gm, record["weight"])
+            base = method.unmerged_weight(weight.detach().float(), {k: v.float() for k, v in values.items()},
+                                          record["scale"])
+            site = sites.get(record["node"])
+            if base is None or site is None:
+                skipped.append((path, "the merge of this method is not invertible" if base is None
+                                else "its merged linear is no longer in the graph"))
+                continue
+            trainable = {k: v for k, v in values.items() if k in record["trainable"]}
+            frozen = {k: v for k, v in values.items() if k not in record["trainable"]}
+            init = LayerInit(trainable=trainable, frozen=frozen, rank=record["rank"], scale=record["scale"],
+                             base_weight=base.to(weight.dtype))
+            records[path] = add_adapter_to_site(gm, site, method, init, record["alpha"], record["options"])
+            del merged[path]
+            count += 1
+        freeze_all_but_adapters(gm)
+        return PassResult(gm, sites=count, skipped=skipped)
