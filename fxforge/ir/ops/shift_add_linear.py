@@ -254,6 +254,7 @@ def shift_add_linear(
     x: Tensor, packed: Tensor, exps: Tensor, signs: Tensor, bias: Optional[Tensor], group_size: int
 ) -> Tensor:
     """Reference: rebuild ŵ from sign planes and power-of-two scales, multiply in float32."""
+    check_args(x.shape[-1], packed, exps, signs, bias, group_size)
     weight = dequantize_shift_add(packed, exps, signs, group_size, x.shape[-1])
     b = None if bias is None else bias.to(torch.float32)
     return F.linear(x.to(torch.float32), weight, b).to(x.dtype)
