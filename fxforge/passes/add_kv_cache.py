@@ -1,0 +1,278 @@
+"""Pass `add_kv_cache`: a fused-attention causal LM graph -> the same graph with a KV cache.
+
+    inputs:  input_ids (B, L)            the new tokens only
+             position_ids (B, L)         their positions (prefix length + offset, or tree depths)
+             tree_mask (B, 1, L, P + L)  bool, True = may attend; all past keys visible and a
+                                         causal (or tree) pattern over the new tokens
+             past_key_i, past_value_i    (B, Hkv, P, D) for each attention layer i
+    outputs: (...original outputs..., present_key_0, present_value_0, ...)   (B, Hkv, P + L, D)
+
+Each `fxforge::attention(q, k, v, mask, causal, ...)` becomes
+`fxforge::attention(q, cat(past_k, k), cat(past_v, v), tree_mask, True, ...)`: the op's causal
+triangle is bottom-right aligned, so new queries see the whole past, and the tree mask narrows
+that to a token's ancestors for Medusa tree verification. The rotary (or learned) position
+computation, which the traced graph derives from `arange(L)`, is rewired to read `position_ids`.
+TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
+
+The input/output layout is recorded in `gm.meta[KV_META]` for `fxforge.runtime.decoding`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch.fx import GraphModule, Node
+
+from fxforge.errors import PassError
+from fxforge.ir.graph import erase_dead, nodes_by_op
+from fxforge.ir.ops import get_op
+from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
+from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
+from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+KV_META = "fxforge_kv_cache"
+_ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+# How the traced graph turns arange(L) into a position row before using it: `arange + 0`
+# (HF's cache_position = arange(past, past + L)) and `unsqueeze(0)`.
+_ADD_OFFSET = {aten.add.Tensor}
+
+
+@register_pass
+@dataclass(frozen=True)
+class AddKvCache(Pass):
+    """Give a causal LM graph past key/value inputs, present key/value outputs and position ids."""
+
+    name = "add_kv_cache"
+
+    def tolerance(self) -> Tolerance:
+        # Cached and uncached runs sum the same products in a different order.
+        return Tolerance(max_abs=1e-4, rtol=1e-4)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        if KV_META in gm.meta:
+            raise PassError("pass 'add_kv_cache': the graph already has a KV cache; run it once.",
+                            pass_name=self.name)
+        attention = get_op("attention").overload
+        attn_nodes = list(nodes_by_op(gm, attention))
+        if not attn_nodes:
+            raise PassError(
+                "pass 'add_kv_cache' found no fxforge::attention node. It caches the key/value inputs "
+                "of fused attention: run `fuse_attention` before it (e.g. passes=\"fuse_attention,"
+                "add_kv_cache\").", pass_name=self.name)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ids = self._input_ids(placeholders)
+        for node in attn_nodes:
+            _check_mask_is_causal_only(node, ids, self.name)
+
+        graph = gm.graph
+        batch, seq = ids.meta["val"].shape
+        mode, shape_env = _fake_mode_of(ids)
+        past_len = _new_symint(shape_env, "past_len", 7)
+        total_len = _new_symint(shape_env, "total_len", 11)
+        last = placeholders[-1]
+
+        def new_input(name: str, fake: Any) -> Node:
+            nonlocal last
+            with graph.inserting_after(last):
+                node = graph.placeholder(name)
+            node.meta["val"] = fake
+            last = node
+            return node
+
+        with mode:
+            positions = new_input("position_ids", torch.empty(batch, seq, dtype=torch.long))
+            tree_mask = new_input("tree_mask", torch.empty(batch, 1, seq, total_len, dtype=torch.bool))
+        past, present, kv_shapes = [], [], []
+        for i, node in enumerate(attn_nodes):
+            q, k, v, _mask, _causal, scale, groups = _attention_args(node)
+            k_val, v_val = k.meta["val"], v.meta["val"]
+            with mode:
+                past_k = new_input(f"past_key_{i}", torch.empty(batch, k_val.shape[1], past_len,
+                                                                  k_val.shape[3], dtype=k_val.dtype))
+                past_v = new_input(f"past_value_{i}", torch.empty(batch, v_val.shape[1], past_len,
+                                                                    v_val.shape[3], dtype=v_val.dtype))
+            with graph.inserting_before(node):
+                full_k = graph.call_function(aten.cat.default, ([past_k, k], 2))
+                full_v = graph.call_function(aten.cat.default, ([past_v, v], 2))
+            for new in (full_k, full_v):
+                new.meta["module_path"] = node.meta.get("module_path", "")
+            node.args = (q, full_k, full_v, tree_mask, True, scale, groups)
+            node.kwargs = {}
+            past.append((past_k, past_v))
+            present.append((full_k, full_v))
+            kv_shapes.append((int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])))
+
+        erase_dead(gm)  # the old causal-mask construction is now unused
+        rewired = _rewire_positions(gm, ids, positions, self.name)
+
+        output = graph.output_node()
+        outputs = tuple(output.args[0])
+        flat_present = [t for pair in present for t in pair]
+        output.args = (outputs + tuple(flat_present),)
+        names = [n.name for n in graph.nodes if n.op == "placeholder"]
+        index = {name: i for i, name in enumerate(names)}
+        gm.meta[INPUT_NAMES] = names
+        gm.meta[IN_SPEC] = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
+        gm.meta[KV_META] = {
+            "input_ids": index[ids.name],
+            "position_ids": index[positions.name],
+            "tree_mask": index[tree_mask.name],
+            "past": [[index[k.name], index[v.name]] for k, v in past],
+            "present": [[len(outputs) + 2 * i, len(outputs) + 2 * i + 1] for i in range(len(present))],
+            "logits_output": 0,
+            "kv_shapes": kv_shapes,  # (kv heads, key head dim, value head dim) per layer
+            "dtype": str(attn_nodes[0].args[0].meta["val"].dtype).replace("torch.", ""),
+            "num_inputs": len(names),
+        }
+        return PassResult(gm, sites=len(attn_nodes), notes={"position_sites": rewired,
+                                                            "inputs": names})
+
+    @staticmethod
+    def _input_ids(placeholders: list[Node]) -> Node:
+        tensors = [p for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)]
+        ids = [p for p in tensors if p.meta["val"].dtype in (torch.long, torch.int32) and p.meta["val"].dim() == 2]
+        if len(tensors) != 1 or len(ids) != 1:
+            raise PassError(
+                "pass 'add_kv_cache' needs a graph traced with token ids alone (one (batch, seq) integer "
+                f"input); this one takes {[p.name for p in placeholders]}. Trace the model as "
+                "model(input_ids): padding masks are not supported by the cached graph.",
+                pass_name="add_kv_cache")
+        return ids[0]
+
+    def verify(self, before: GraphModule, after: GraphModule, ctx: PassContext) -> Comparison:
+        """Uncached logits == prefill of the first part + a cached step over the rest."""
+        ids = next(x for x in ctx.example_inputs if isinstance(x, torch.Tensor))
+        ref = run_graph(before, ctx.example_inputs)[0]
+        split = max(1, ids.shape[1] // 2)
+        meta = after.meta[KV_META]
+        empty = empty_past(meta, ids.shape[0], ref.dtype)
+        first = run_graph(after, cached_inputs(meta, ids[:, :split], 0, empty))
+        present = [first[i] for pair in meta["present"] for i in pair]
+        second = run_graph(after, cached_inputs(meta, ids[:, split:], split, present))
+        got = torch.cat([first[0], second[0]], dim=1) if ids.shape[1] > split else first[0]
+        return Comparison(outputs=[compare_tensors(ref, got, self.tolerance())])
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def empty_past(meta: dict, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Zero-length past keys/values, flat [k0, v0, k1, v1, ...], for a prefill."""
+    out = []
+    for heads, key_dim, value_dim in meta["kv_shapes"]:
+        out.append(torch.zeros(batch, heads, 0, key_dim, dtype=dtype))
+        out.append(torch.zeros(batch, heads, 0, value_dim, dtype=dtype))
+    return out
+
+
+def causal_tree_mask(batch: int, new_len: int, past_len: int) -> torch.Tensor:
+    """(B, 1, L, P + L) bool: every past key visible, causal over the new tokens."""
+    tri = torch.ones(new_len, new_len, dtype=torch.bool).tril()
+    full = torch.cat([torch.ones(new_len, past_len, dtype=torch.bool), tri], dim=1)
+    return full.expand(batch, 1, new_len, past_len + new_len).contiguous()
+
+
+def cached_inputs(meta: dict, ids: torch.Tensor, past_len: int, past: Sequence[torch.Tensor],
+                  positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None) -> list[Any]:
+    """The cached graph's flat inputs for new tokens `ids` after `past_len` cached ones.
+
+    Defaults: consecutive positions and a causal mask (plain decoding / prefill).
+    """
+    batch, length = ids.shape
+    if positions is None:
+        positions = torch.arange(past_len, past_len + length).expand(batch, length)
+    if tree_mask is None:
+        tree_mask = causal_tree_mask(batch, length, past_len)
+    flat: list[Any] = [None] * meta["num_inputs"]
+    flat[meta["input_ids"]] = ids
+    flat[meta["position_ids"]] = positions
+    flat[meta["tree_mask"]] = tree_mask
+    for (k_index, v_index), k, v in zip(meta["past"], past[0::2], past[1::2]):
+        flat[k_index], flat[v_index] = k, v
+    return flat
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _attention_args(node: Node) -> tuple:
+    names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups")
+    values = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
+    return tuple(values)
+
+
+def _check_mask_is_causal_only(node: Node, ids: Node, pass_name: str) -> None:
+    """The cache replaces the attention's mask: refuse one computed from input *values*."""
+    _q, _k, _v, mask, causal, _scale, _groups = _attention_args(node)
+    if not isinstance(mask, Node):
+        if not causal:
+            raise PassError(
+                f"pass '{pass_name}': attention '{node.name}' ({node.meta.get('module_path', '')}) is not "
+                "causal; a KV cache applies to causal decoders only.", pass_name=pass_name, node=node.name)
+        return
+    stack, seen = [mask], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            raise PassError(
+                f"pass '{pass_name}': the mask of attention '{node.name}' depends on input "
+                f"'{current.name}'. The cached graph builds its own causal/tree mask and cannot keep a "
+                "padding mask: trace the model with input_ids only.", pass_name=pass_name, node=node.name)
+        if current.target == aten.sym_size.int:
+            continue  # shapes of the inputs are fine: a causal mask is built from the length
+        stack.extend(n for n in current.all_input_nodes)
+
+
+def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: str) -> int:
+    """Replace each `unsqueeze(arange(L) [+ 0], 0)` position row by the position_ids input."""
+    rewired = 0
+    for arange in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES]:
+        row = arange
+        while len(row.users) == 1 and next(iter(row.users)).target in _ADD_OFFSET:
+            row = next(iter(row.users))
+        unsqueezes = [u for u in row.users if u.target == aten.unsqueeze.default and u.args[1] == 0]
+        if not unsqueezes:
+            continue
+        for u in unsqueezes:
+            u.replace_all_uses_with(positions)
+            rewired += 1
+    erase_dead(gm)
+    leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES]
+    if leftover:
+        raise PassError(
+            f"pass '{pass_name}': could not tell how positions feed the model (arange nodes {leftover} "
+            "are still used after rewiring the `unsqueeze(arange(L), 0)` position rows). Trace the "
+            "model with position_ids as an input, or extend _rewire_positions.", pass_name=pass_name)
+    if rewired == 0 and not positions.users:
+        # A model without positional information (no rotary, no position embedding) is fine.
+        return 0
+    return rewired
+
+
+def _fake_mode_of(node: Node) -> tuple[Any, Any]:
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([node.meta["val"]])
+    if mode is None or mode.shape_env is None:
+        raise PassError("pass 'add_kv_cache' needs a graph traced by fxforge.ir.trace (symbolic shape "
+                        "metadata on the inputs).", pass_name="add_kv_cache")
+    return mode, mode.shape_env
+
+
+def _new_symint(shape_env: Any, name: str, hint: int) -> Any:
+    """A fresh dynamic dimension (the past length is independent of every traced dim)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    source = ConstantSource(f"fxforge_{name}")
+    symbol = shape_env.create_symbol(hint, source, dynamic_dim=DimDynamic.DYNAMIC)
+    return shape_env.create_symintnode(symbol, hint=hint, source=source)
+
+
+__all__ = ["AddKvCache", "KV_META", "cached_inputs", "causal_tree_mask", "empty_past"]

@@ -1,0 +1,194 @@
+"""Pass `add_medusa_heads`: extra decoding heads that guess tokens t+2 .. t+1+K (Medusa-1).
+
+    h = input of the LM head                                  (the final hidden state)
+    head_k(h) = W_k · ResBlock^n(h),  ResBlock(x) = x + SiLU(W1·x + b1)
+    outputs: (...original outputs..., stack([head_1(h), ..., head_K(h)]))   # (K, B, L, V)
+
+W1 and b1 start at zero and W_k is a copy of the LM head, so a fresh head reproduces the base
+logits exactly (the check `verify` makes). Head parameters are trainable; every other parameter
+is frozen (Medusa-1 trains the heads only: `fxforge.medusa.train_heads`). Where the heads' output
+sits and how many there are is recorded in `gm.meta[MEDUSA_META]` for the runtime.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxforge.errors import PassError
+from fxforge.ir.graph import add_attr, get_attr, is_lm_head, linear_sites
+from fxforge.ir.verify import Comparison, compare_outputs, compare_tensors, run_graph
+from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+MEDUSA_META = "fxforge_medusa"
+HEADS_PREFIX = "medusa_heads"
+
+# Ops that only reshape or cast logits on their way to the output (a slice keeping the last
+# positions, a float cast): the LM head still counts as producing a graph output through them.
+_PASS_THROUGH = {aten.slice.Tensor, aten.view.default, aten.reshape.default, aten.to.dtype,
+                 aten._to_copy.default, aten.contiguous.default, aten.clone.default}
+
+
+@dataclass
+class LmHead:
+    """The LM head found in a graph: its linear node and which graph output it feeds."""
+
+    node: Node
+    weight_name: str
+    bias_name: str | None
+    hidden_size: int
+    vocab_size: int
+    output_index: int
+
+
+def find_lm_head(gm: GraphModule, pass_name: str = "add_medusa_heads") -> LmHead:
+    """The LM head: a linear named *lm_head* or tied to the embedding, whose result is an output.
+
+    Raises PassError saying what was looked for when no such linear exists.
+    """
+    outputs = list(gm.graph.output_node().args[0])
+    found = []
+    for site in linear_sites(gm, include_lm_head=True):
+        if not is_lm_head(gm, site):
+            continue
+        index = _output_index(site.node, outputs)
+        if index is not None:
+            found.append((site, index))
+    if not found:
+        linears = [s.module_path for s in linear_sites(gm, include_lm_head=True)]
+        raise PassError(
+            f"pass '{pass_name}' found no LM head. It looks for an aten.linear whose module path "
+            f"ends in 'lm_head' or whose weight is tied to the token embedding, and whose result "
+            f"is a graph output (possibly through a slice/view/cast). Linear layers in this graph: "
+            f"{linears or 'none'}. Medusa heads need a causal language model (e.g. LlamaForCausalLM).",
+            pass_name=pass_name,
+        )
+    site, index = found[-1]  # the last one in graph order is the one producing the logits
+    return LmHead(node=site.node, weight_name=site.weight_name, bias_name=site.bias_name,
+                  hidden_size=site.in_features, vocab_size=site.out_features, output_index=index)
+
+
+def _output_index(node: Node, outputs: list[Any]) -> int | None:
+    current = node
+    while True:
+        if current in outputs:
+            return outputs.index(current)
+        users = [u for u in current.users if u.op == "call_function" and u.target in _PASS_THROUGH]
+        if len(current.users) != 1 or len(users) != 1:
+            return None
+        current = users[0]
+
+
+@register_pass
+@dataclass(frozen=True)
+class AddMedusaHeads(Pass):
+    """Add `num_heads` Medusa heads (each `num_layers` ResBlocks + a vocab projection)."""
+
+    name = "add_medusa_heads"
+    num_heads: int = 4
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"add_medusa_heads: num_heads must be an integer >= 1, got {self.num_heads!r}")
+        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ValueError(f"add_medusa_heads: num_layers must be an integer >= 0 (ResBlocks per head), "
+                             f"got {self.num_layers!r}")
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        if MEDUSA_META in gm.meta:
+            raise PassError("pass 'add_medusa_heads': the graph already has Medusa heads; run it once.",
+                            pass_name=self.name)
+        head = find_lm_head(gm, self.name)
+        for p in gm.parameters():  # Medusa-1: the backbone stays frozen
+            p.requires_grad_(False)
+        lm_weight = get_attr(gm, head.weight_name)
+        lm_bias = get_attr(gm, head.bias_name) if head.bias_name else None
+        hidden = head.node.args[0]
+        graph = gm.graph
+        output = graph.output_node()
+        head_logits = []
+        with graph.inserting_before(output):
+            for k in range(self.num_heads):
+                x = hidden
+                for j in range(self.num_layers):
+                    prefix = f"{HEADS_PREFIX}.{k}.{j}.linear"
+                    zeros = lm_weight.new_zeros(head.hidden_size, head.hidden_size)
+                    w = add_attr(gm, f"{prefix}.weight", zeros, buffer=False, trainable=True, before=output)
+                    b = add_attr(gm, f"{prefix}.bias", lm_weight.new_zeros(head.hidden_size),
+                                 buffer=False, trainable=True, before=output)
+                    lin = _call(graph, aten.linear.default, (x, w, b), f"{HEADS_PREFIX}.{k}.{j}")
+                    act = _call(graph, aten.silu.default, (lin,), f"{HEADS_PREFIX}.{k}.{j}")
+                    x = _call(graph, aten.add.Tensor, (x, act), f"{HEADS_PREFIX}.{k}.{j}")
+                proj = f"{HEADS_PREFIX}.{k}.{self.num_layers}"
+                w = add_attr(gm, f"{proj}.weight", lm_weight.detach().clone(), buffer=False,
+                             trainable=True, before=output)
+                b = None if lm_bias is None else add_attr(gm, f"{proj}.bias", lm_bias.detach().clone(),
+                                                          buffer=False, trainable=True, before=output)
+                head_logits.append(_call(graph, aten.linear.default, (x, w, b), proj))
+            stacked = _call(graph, aten.stack.default, (head_logits, 0), HEADS_PREFIX)
+        outputs = tuple(output.args[0])
+        output.args = (outputs + (stacked,),)
+        gm.meta[MEDUSA_META] = {
+            "num_heads": self.num_heads, "num_layers": self.num_layers,
+            "logits_output": head.output_index, "heads_output": len(outputs),
+            "hidden_size": head.hidden_size, "vocab_size": head.vocab_size,
+            "lm_head": head.weight_name, "prefix": HEADS_PREFIX,
+        }
+        return PassResult(gm, sites=self.num_heads, notes={
+            "lm_head": head.weight_name, "heads_output": len(outputs),
+            "trainable_parameters": sum(p.numel() for p in gm.parameters() if p.requires_grad)})
+
+    def verify(self, before: GraphModule, after: GraphModule, ctx: PassContext) -> Comparison:
+        """Original outputs unchanged, and fresh heads reproduce the base logits exactly."""
+        ref = run_graph(before, ctx.example_inputs)
+        got = run_graph(after, ctx.example_inputs)
+        comparison = compare_outputs(ref, got, self.tolerance())
+        if not comparison.ok:
+            return comparison
+        meta = after.meta[MEDUSA_META]
+        logits, heads = got[meta["logits_output"]], got[meta["heads_output"]]
+        if tuple(heads.shape) != (self.num_heads, *logits.shape):
+            comparison.structural = (f"Medusa head logits have shape {tuple(heads.shape)}, expected "
+                                     f"{(self.num_heads, *logits.shape)}")
+            return comparison
+        if _heads_untrained(after):
+            for k in range(self.num_heads):
+                check = compare_tensors(logits, heads[k], self.tolerance(), index=len(ref) + k)
+                comparison.outputs.append(check)
+        return comparison
+
+
+def _heads_untrained(gm: GraphModule) -> bool:
+    """True while every ResBlock weight is still zero (then each head equals the LM head)."""
+    meta = gm.meta[MEDUSA_META]
+    lm = get_attr(gm, meta["lm_head"])
+    for name, p in gm.named_parameters():
+        if not name.startswith(meta["prefix"] + "."):
+            continue
+        if name.endswith(".linear.weight") or name.endswith(".linear.bias"):
+            if bool(p.any()):
+                return False
+        elif name.endswith(".weight") and not torch.equal(p, lm):
+            return False
+    return True
+
+
+def _call(graph: torch.fx.Graph, target: Any, args: tuple, module_path: str) -> Node:
+    node = graph.call_function(target, args)
+    node.meta["module_path"] = module_path
+    return node
+
+
+def head_parameter_names(gm: GraphModule) -> list[str]:
+    """Names of the Medusa heads' parameters in `gm` (empty when it has no heads)."""
+    meta = gm.meta.get(MEDUSA_META)
+    if not meta:
+        return []
+    return [n for n, _ in gm.named_parameters() if n.startswith(meta["prefix"] + ".")]
+
+
+__all__ = ["AddMedusaHeads", "HEADS_PREFIX", "LmHead", "MEDUSA_META", "find_lm_head", "head_parameter_names"]
