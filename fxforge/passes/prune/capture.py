@@ -1,0 +1,75 @@
+"""Calibration statistics at the inputs of linear layers, shared by pruning and sparsity.
+
+One pass over the calibration batches with an FX interpreter; for every requested linear node
+it accumulates, per input channel j, the token count, Σx_j and Σx_j² in float64. From those:
+mean x̄_j, fluctuation (population variance) F_j = E[x_j²] - x̄_j², and the L2 norm ‖X_j‖₂
+that Wanda uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel statistics of one linear layer's input over the calibration data."""
+
+    count: int
+    total: torch.Tensor  # Σ x_j   (in,) float64
+    total_sq: torch.Tensor  # Σ x_j² (in,) float64
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / max(self.count, 1)).float()
+
+    @property
+    def fluctuation(self) -> torch.Tensor:
+        mean = self.total / max(self.count, 1)
+        return (self.total_sq / max(self.count, 1) - mean * mean).clamp_min(0).float()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.total_sq.sqrt().float()
+
+
+class _Capture(torch.fx.Interpreter):
+    def __init__(self, gm: GraphModule, nodes: Sequence[Node]):
+        super().__init__(gm, garbage_collect_values=True)
+        self.watch = {n.name for n in nodes}
+        self.stats: dict[str, ChannelStats] = {}
+
+    def run_node(self, n: Node) -> Any:
+        if n.name in self.watch:
+            x = self.env[n.args[0]] if isinstance(n.args[0], Node) else n.args[0]
+            flat = x.detach().reshape(-1, x.shape[-1]).double()
+            s = self.stats.get(n.name)
+            if s is None:
+                s = self.stats[n.name] = ChannelStats(0, torch.zeros(flat.shape[1], dtype=torch.float64),
+                                                      torch.zeros(flat.shape[1], dtype=torch.float64))
+            s.count += flat.shape[0]
+            s.total += flat.sum(0)
+            s.total_sq += (flat * flat).sum(0)
+        return super().run_node(n)
+
+
+def capture_input_stats(gm: GraphModule, nodes: Sequence[Node], batches: Iterable[Sequence[Any]],
+                        progress: Any = None) -> dict[str, ChannelStats]:
+    """Statistics of the first argument of each node in `nodes`, keyed by node name.
+
+    `batches` yields the graph's flat inputs (`PassContext.calibration_batches(gm)`). Raises
+    ValueError when it yields nothing, since every statistic would be empty.
+    """
+    capture = _Capture(gm, nodes)
+    seen = 0
+    iterable = progress(batches, desc="calibration") if progress else batches
+    with torch.no_grad():
+        for flat in iterable:
+            capture.run(*flat)
+            seen += 1
+    if not seen:
+        raise ValueError("no calibration batches: pass calibration=<iterable of model inputs>")
+    return capture.stats

@@ -1,0 +1,104 @@
+"""The physical rewrite behind structured pruning: remove units of coupling groups everywhere.
+
+Given, for some atomic axes of a `CouplingAnalysis`, the units to remove, this slices every
+parameter/buffer along each dim built from those axes and rewrites every literal size in the
+graph that describes such a dim: `view`/`reshape`/`expand` sizes (`view(b, s, 4, 16)` ->
+`view(b, s, 3, 16)`; `-1` and symbolic sizes need no change), `split` sizes (GPT-2's fused
+qkv split), and `layer_norm` shapes. Shapes are then re-propagated by `finalize`. The analysis
+already blocked every group whose sizes appear anywhere else (factories, slices), so after
+this nothing in the graph still mentions the old width.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxforge.ir.depgraph import CouplingAnalysis
+from fxforge.ir.graph import get_attr, set_attr
+
+aten = torch.ops.aten
+
+Pruned = dict[int, set[int]]  # atomic axis (Group.leaf) -> units to remove
+
+_SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+_LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
+
+
+def slice_parameters(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -> dict[str, tuple]:
+    """Index-select every parameter/buffer along its pruned dims; returns name -> (old, new) shape."""
+    changed = {}
+    for name, dims in analysis.params.items():
+        tensor = get_attr(gm, name)
+        new = tensor
+        for d, axis in enumerate(dims):
+            if analysis.touched(axis, pruned):
+                keep = torch.tensor(analysis.keep_indices(axis, pruned), dtype=torch.long)
+                new = new.index_select(d, keep)
+        if new is not tensor:
+            trainable = tensor.requires_grad if isinstance(tensor, torch.nn.Parameter) else None
+            set_attr(gm, name, new.contiguous(), trainable=trainable)
+            changed[name] = (tuple(tensor.shape), tuple(new.shape))
+    return changed
+
+
+def rewrite_sizes(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -> int:
+    """Rewrite literal sizes of pruned dims in view/reshape/expand/split/layer_norm nodes."""
+    rewritten = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        out = analysis.dims.get(node)
+        if out is None:
+            continue
+        if node.target in _SIZED:
+            sizes = list(node.args[1])
+            for k, (size, axis) in enumerate(zip(sizes, out)):
+                # view(b, s, 4, 16): only literal sizes describe the old width; -1 adapts
+                if isinstance(size, int) and size != -1 and analysis.touched(axis, pruned):
+                    sizes[k] = analysis.new_size(axis, pruned)
+            if sizes != list(node.args[1]):
+                node.args = (node.args[0], sizes, *node.args[2:])
+                rewritten += 1
+        elif node.target in _SPLITS:
+            x = analysis.dims[node.args[0]]
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            dim = dim + len(x) if dim < 0 else dim
+            if analysis.touched(x[dim], pruned):
+                # split(x, 64, 2) -> split_with_sizes(x, [48, 48, 48], 2): parts may now differ
+                sizes = [analysis.new_size(part[dim], pruned) for part in out]
+                node.target = aten.split_with_sizes.default
+                node.args = (node.args[0], sizes, dim)
+                node.kwargs = {}
+                rewritten += 1
+        elif node.target in _LAYER_NORMS:
+            x = analysis.dims[node.args[0]]
+            k = len(node.args[1])
+            if any(analysis.touched(axis, pruned) for axis in x[-k:]):
+                shape = [analysis.new_size(axis, pruned) for axis in x[-k:]]
+                node.args = (node.args[0], shape, *node.args[2:])
+                rewritten += 1
+    return rewritten
+
+
+def apply_pruning(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -> dict:
+    """Remove `pruned` units from `gm` in place (weights and graph sizes); returns what changed.
+
+    The caller runs `finalize(gm)` afterwards (the pipeline does) to re-propagate shapes.
+    """
+    pruned = {leaf: set(units) for leaf, units in pruned.items() if units}
+    params = slice_parameters(gm, analysis, pruned)
+    sizes = rewrite_sizes(gm, analysis, pruned)
+    gm.recompile()
+    return {"parameters": params, "size_rewrites": sizes}
+
+
+def linear_nodes_by_weight(gm: GraphModule) -> dict[str, list[Node]]:
+    """Weight name -> the `aten.linear` nodes that read it."""
+    out: dict[str, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == aten.linear.default:
+            w = node.args[1]
+            if isinstance(w, Node) and w.op == "get_attr":
+                out.setdefault(w.target, []).append(node)
+    return out
