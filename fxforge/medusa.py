@@ -1,0 +1,352 @@
+"""Medusa for compiled models: train the heads (Medusa-1), then decode with tree attention.
+
+    compiled = fxforge.compile(lm, (ids,), passes="fuse_attention,add_medusa_heads(num_heads=4)")
+    report = fxforge.medusa.train_heads(compiled, texts, tokenizer=tok)   # or None: self-distill
+    print(report)                                 # per-head top-1 / top-5 on held-out data
+    out = fxforge.medusa.generate(compiled, prompt_ids, 64)        # == plain greedy's tokens
+    out.tokens, out.mean_accepted, out.tokens_per_second
+
+Training: the backbone is frozen; the loss is Σ_k λ^k·CE_k with λ = 0.8, head k at position t
+predicting token t+1+k. Without data the heads learn from the base model's own greedy
+continuations of short sampled prefixes (self-distillation), so they learn to predict what
+the model will generate — which is what acceptance rewards.
+
+Decoding: `generate` adds a KV cache to the graph (`add_kv_cache`), lowers it to the backend,
+then each step builds the candidate tree from the heads' top-k, verifies it in one forward
+with the tree mask and accepts greedily (exactly plain greedy's output) or typically.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fxforge.errors import InputError
+from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
+from fxforge.passes.add_medusa_heads import MEDUSA_META, head_parameter_names
+from fxforge.passes.base import PassContext, default_progress, run_pass
+from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate
+from fxforge.runtime.medusa_tree import (
+    MedusaTree, compact_kv, default_tree, greedy_accept, tree_from_accuracies, typical_accept,
+)
+
+LOSS_DECAY = 0.8
+_DECODERS = "_fxforge_medusa_decoders"
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class HeadTrainingReport:
+    """What `train_heads` did and how good the heads are on held-out data."""
+
+    steps: int
+    seconds: float
+    source: str                       # "data" or "self-distillation"
+    losses: list[float]               # training loss per step
+    top1: list[float]                 # held-out top-1 accuracy per head
+    top5: list[float]                 # held-out top-5 accuracy per head
+    rank_accuracy: list[list[float]]  # held-out P(rank r guess is right), per head, ranks 0..9
+    heldout_positions: int
+
+    def __str__(self) -> str:
+        lines = [f"Medusa heads: {self.steps} steps in {self.seconds:.1f}s on {self.source}; "
+                 f"loss {self.losses[0]:.3f} -> {self.losses[-1]:.3f}" if self.losses else "no steps",
+                 f"{'head':>6}{'top-1':>9}{'top-5':>9}   (held-out, {self.heldout_positions} positions)"]
+        for k, (a1, a5) in enumerate(zip(self.top1, self.top5)):
+            lines.append(f"{k + 1:>6}{a1:>9.3f}{a5:>9.3f}")
+        return "\n".join(lines)
+
+
+def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | None = None, *,
+                tokenizer: Any = None, heldout: Sequence[str] | Sequence[torch.Tensor] | None = None,
+                steps: int = 200, lr: float = 1e-3, batch_size: int = 8, seq_len: int = 64,
+                decay: float = LOSS_DECAY, self_distill_sequences: int = 64, prompt_len: int = 4,
+                seed: int = 0, progress: bool = True) -> HeadTrainingReport:
+    """Train the Medusa heads of `compiled` (Medusa-1: backbone frozen) and measure them.
+
+    Args:
+        compiled: a CompiledModel whose pipeline ran `add_medusa_heads`.
+        data: texts (with `tokenizer`: a `tokenizers.Tokenizer` or any callable text -> ids),
+            token tensors ((L,) or (B, L)), or None for self-distillation.
+        heldout: data in the same form for the accuracy report; default: the last 10% of rows.
+        steps, lr, batch_size, seq_len: the AdamW loop. decay: λ in Σ_k λ^k·CE_k.
+        self_distill_sequences, prompt_len: without data, this many sequences of seq_len tokens
+            are generated: prompt_len sampled tokens, then the base model's greedy continuation.
+
+    Returns a HeadTrainingReport (per-head held-out top-1/top-5 accuracy, losses).
+    """
+    gm = compiled.graph_module
+    meta = _medusa_meta(gm)
+    if steps < 0 or batch_size < 1 or seq_len < meta["num_heads"] + 2:
+        raise InputError(f"train_heads: need steps >= 0, batch_size >= 1 and seq_len >= num_heads + 2 "
+                         f"(= {meta['num_heads'] + 2}); got steps={steps}, batch_size={batch_size}, "
+                         f"seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    if data is None:
+        rows = self_distill(gm, self_distill_sequences, seq_len, prompt_len, generator, progress)
+        source = "self-distillation"
+    else:
+        rows = token_rows(data, tokenizer, seq_len)
+        source = "data"
+    if heldout is not None:
+        held = token_rows(heldout, tokenizer, seq_len)
+        train = rows
+    else:
+        cut = max(1, rows.shape[0] // 10)
+        if rows.shape[0] < 2:
+            raise InputError("train_heads needs at least 2 sequences of seq_len tokens (one is held out); "
+                             "give more data or a smaller seq_len.")
+        train, held = rows[:-cut], rows[-cut:]
+
+    names = head_parameter_names(gm)
+    params = [p for n, p in gm.named_parameters() if n in names]
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = default_progress(range(steps), desc="medusa heads", **({} if progress else {"disable": True}))
+    for _ in bar:
+        pick = torch.randint(0, train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
+        batch = train[pick]
+        with torch.enable_grad():
+            heads = _head_logits(gm, batch)
+            loss = medusa_loss(heads, batch, decay)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    seconds = time.perf_counter() - start
+    top1, top5, ranks, positions = head_accuracy(gm, held)
+    _invalidate(compiled)
+    return HeadTrainingReport(steps=steps, seconds=seconds, source=source, losses=losses, top1=top1, top5=top5,
+                              rank_accuracy=ranks, heldout_positions=positions)
+
+
+def medusa_loss(head_logits: torch.Tensor, ids: torch.Tensor, decay: float = LOSS_DECAY) -> torch.Tensor:
+    """Σ_k decay^k · CE(head k at t, token t+1+k), heads k = 1..K. head_logits: (K, B, L, V)."""
+    total = head_logits.new_zeros(())
+    length = ids.shape[1]
+    for k in range(head_logits.shape[0]):
+        shift = k + 2  # head k+1 predicts token t + 1 + (k + 1)
+        if length <= shift:
+            break
+        logits = head_logits[k, :, : length - shift]
+        total = total + decay ** (k + 1) * F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), ids[:, shift:].reshape(-1))
+    return total
+
+
+@torch.no_grad()
+def head_accuracy(gm: Any, rows: torch.Tensor, ranks: int = 10) -> tuple[list[float], list[float], list[list[float]], int]:
+    """Held-out (top-1, top-5, per-rank accuracy, positions) of each head against the data."""
+    heads = _head_logits(gm, rows)
+    top1, top5, per_rank = [], [], []
+    length = rows.shape[1]
+    positions = 0
+    for k in range(heads.shape[0]):
+        shift = k + 2
+        logits = heads[k, :, : length - shift]
+        target = rows[:, shift:]
+        order = logits.topk(max(ranks, 5), dim=-1).indices
+        hit = order == target[..., None]
+        top1.append(float(hit[..., 0].float().mean()))
+        top5.append(float(hit[..., :5].any(-1).float().mean()))
+        per_rank.append([float(hit[..., r].float().mean()) for r in range(ranks)])
+        positions = positions or target.numel()
+    return top1, top5, per_rank, positions
+
+
+def token_rows(data: Sequence[str] | Sequence[torch.Tensor], tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """Texts or token tensors -> (N, seq_len) LongTensor of consecutive windows."""
+    streams: list[torch.Tensor] = []
+    for item in data:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise InputError("train_heads got texts but no tokenizer: pass tokenizer=<tokenizers.Tokenizer "
+                                 "or callable text -> ids>, or pass token id tensors instead.")
+            ids = tokenizer.encode(item).ids if hasattr(tokenizer, "encode") else tokenizer(item)
+            streams.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
+        elif isinstance(item, torch.Tensor) and not item.dtype.is_floating_point:
+            rows = item.reshape(-1, item.shape[-1]) if item.dim() > 1 else item[None]
+            streams.extend(r.long() for r in rows)
+        else:
+            raise InputError(f"train_heads data items must be str or integer token tensors, got {type(item).__name__}")
+    windows = [s[i: i + seq_len] for s in streams for i in range(0, s.numel() - seq_len + 1, seq_len)]
+    if not windows:
+        raise InputError(f"train_heads: no sequence has {seq_len} tokens; lower seq_len or give longer data.")
+    return torch.stack(windows)
+
+
+@torch.no_grad()
+def self_distill(gm: Any, count: int, seq_len: int, prompt_len: int, generator: torch.Generator,
+                 progress: bool = True) -> torch.Tensor:
+    """`count` sequences: prompt_len tokens sampled from the model, then its greedy continuation."""
+    cached = _ensure_cached(gm)
+    lm = CachedLM(cached, cached)
+    vocab = gm.meta[MEDUSA_META]["vocab_size"]
+    ids = torch.randint(0, vocab, (count, 1), generator=generator)
+    out = lm.forward(ids, lm.empty_past(count), 0)
+    past, length = out.present, 1
+    bar = default_progress(range(seq_len - 1), desc="self-distill", **({} if progress else {"disable": True}))
+    for _ in bar:
+        logits = out.logits[:, -1].float()
+        if length < prompt_len:  # sampled prefix: diverse starting points
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        else:  # greedy continuation: what the heads will have to predict at decode time
+            nxt = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        out = lm.forward(nxt, past, length)
+        past, length = out.present, length + 1
+    return ids
+
+
+def _head_logits(gm: Any, ids: torch.Tensor) -> torch.Tensor:
+    meta = _medusa_meta(gm)
+    if KV_META in gm.meta:
+        layout = gm.meta[KV_META]
+        flat = cached_inputs(layout, ids, 0, empty_past(layout, ids.shape[0], torch.float32))
+    else:
+        flat = [ids]
+    return gm(*flat)[meta["heads_output"]]
+
+
+def _medusa_meta(gm: Any) -> dict:
+    meta = gm.meta.get(MEDUSA_META)
+    if not meta:
+        raise InputError("this model has no Medusa heads: compile it with passes=\"...,add_medusa_heads\" first.")
+    return meta
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _ensure_cached(gm: Any) -> Any:
+    """`gm` with a KV cache (the graph itself if it has one, else a cached copy)."""
+    if KV_META in gm.meta:
+        return gm
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    return run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
+
+
+def decoder(compiled: Any, backend: str | None = None, **backend_options: Any) -> CachedLM:
+    """The KV-cached Medusa decoder of `compiled` on `backend` (built once, then reused)."""
+    backend = backend or compiled.backend
+    cache = compiled.__dict__.setdefault(_DECODERS, {})
+    key = (backend, tuple(sorted(backend_options.items())))
+    if key not in cache:
+        cache[key] = CachedLM.prepare(_ensure_cached(compiled.graph_module), backend, **backend_options)
+    return cache[key]
+
+
+def _invalidate(compiled: Any) -> None:
+    # Decoders hold copies of the head weights (and ONNX files): rebuild after training.
+    compiled.__dict__.pop(_DECODERS, None)
+    if getattr(compiled, "backend", "eager") != "eager" and hasattr(compiled, "_runner"):
+        from fxforge.backends import get_backend
+
+        compiled._runner = get_backend(compiled.backend)(compiled.graph_module, compiled.example_inputs,
+                                                         **compiled.backend_options)
+
+
+@dataclass
+class MedusaResult(GenerationResult):
+    """Generated tokens plus Medusa's acceptance statistics."""
+
+    proposed_per_step: list[int] = field(default_factory=list)  # tree depth offered per step
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted head guesses / the depth of guesses each step could have accepted."""
+        proposed = sum(self.proposed_per_step)
+        return sum(a - 1 for a in self.accepted_per_step) / proposed if proposed else 0.0
+
+
+def generate(compiled: Any, prompt_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
+             tree: MedusaTree | Sequence[Sequence[int]] | None = None, mode: str = "greedy",
+             temperature: float = 0.0, *, backend: str | None = None, eos_token_id: int | None = None,
+             epsilon: float = 0.09, delta: float = 0.3, seed: int = 0,
+             lm: CachedLM | None = None) -> MedusaResult:
+    """Medusa decoding: one forward verifies a tree of head guesses; emits 1+ tokens per step.
+
+    mode="greedy" (temperature ignored) yields exactly plain greedy decoding's tokens;
+    mode="typical" samples at `temperature` > 0 and accepts guesses by typical acceptance.
+    tree: a MedusaTree, a list of paths, or None for `default_tree(num_heads)`.
+    """
+    if mode not in ("greedy", "typical"):
+        raise InputError(f"mode must be 'greedy' or 'typical', got {mode!r}")
+    if mode == "typical" and temperature <= 0:
+        raise InputError("mode='typical' needs temperature > 0 (e.g. 0.7); use mode='greedy' for temperature 0.")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lm = lm or decoder(compiled, backend)
+    if not lm.num_heads:
+        raise InputError("generate needs a model with Medusa heads: add the `add_medusa_heads` pass.")
+    if tree is None:
+        tree = default_tree(lm.num_heads)
+    elif not isinstance(tree, MedusaTree):
+        tree = MedusaTree.from_paths(tree, lm.num_heads)
+    if tree.depth > lm.num_heads:
+        raise InputError(f"the tree is {tree.depth} deep but the model has {lm.num_heads} Medusa heads.")
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> int:
+        if mode == "greedy":
+            return int(logits.argmax())
+        return int(torch.multinomial(torch.softmax(logits.double() / temperature, -1).float(), 1,
+                                     generator=generator))
+
+    prompt = as_prompt(prompt_ids)
+    start = time.perf_counter()
+    out = lm.forward(prompt, lm.empty_past(1), 0)
+    past, past_len = out.present, prompt.shape[1]
+    root, heads = pick(out.logits[0, -1]), out.head_logits[:, 0, -1]
+    tokens: list[int] = []
+    accepted, proposed, forwards = [], [], 1
+    while len(tokens) < max_new_tokens:
+        tree_tokens = tree.candidates(root, heads)
+        positions, mask = tree.inputs(past_len)
+        out = lm.forward(tree_tokens[None], past, past_len, positions, mask)
+        forwards += 1
+        logits = out.logits[0]
+        if mode == "greedy":
+            result = greedy_accept(tree, tree_tokens, logits)
+        else:
+            result = typical_accept(tree, tree_tokens, logits, temperature, epsilon, delta, generator)
+        emitted = tree_tokens[result.path].tolist()
+        past = compact_kv(out.present, past_len, result.path)
+        past_len += len(result.path)
+        heads = out.head_logits[:, 0, result.path[-1]]
+        root = result.next_token
+        accepted.append(len(emitted))
+        proposed.append(tree.depth)
+        tokens.extend(emitted)
+        if eos_token_id is not None and eos_token_id in emitted:
+            tokens = tokens[: tokens.index(eos_token_id) + 1]
+            break
+    tokens = tokens[:max_new_tokens]
+    return MedusaResult(tokens=tokens, forwards=forwards, seconds=time.perf_counter() - start,
+                        accepted_per_step=accepted, proposed_per_step=proposed,
+                        extra={"tree_nodes": tree.num_nodes, "mode": mode, "temperature": temperature})
+
+
+def tree_from_report(report: HeadTrainingReport, num_nodes: int) -> MedusaTree:
+    """The best `num_nodes` tree for heads with the per-rank accuracies `train_heads` measured."""
+    return tree_from_accuracies(report.rank_accuracy, num_nodes)
+
+
+__all__ = ["HeadTrainingReport", "MedusaResult", "decoder", "generate", "greedy_generate", "head_accuracy",
+           "medusa_loss", "self_distill", "token_rows", "train_heads", "tree_from_report"]
