@@ -132,17 +132,22 @@ class AddAdapters(Pass):
     def _sites(self, gm: GraphModule) -> list[LinearSite]:
         every = linear_sites(gm, include_lm_head=True)
         candidates = linear_sites(gm, include_lm_head=self.include_lm_head)
+        paths = [s.module_path for s in every] + list(adapter_records(gm))  # adapted layers count too
         for pattern in self.targets or ():
-            if not any(matches_any(s.module_path, [pattern]) for s in every):
+            if not matches_any_path(paths, pattern):
                 raise PassError(f"add_adapters: target pattern '{pattern}' matches no linear layer. "
-                                f"{_close_matches(pattern, [s.module_path for s in every])}", pass_name=self.name)
+                                f"{_close_matches(pattern, paths)}", pass_name=self.name)
         sites = [s for s in candidates if self.targets is None or matches_any(s.module_path, self.targets)]
         sites = [s for s in sites if not matches_any(s.module_path, self.exclude)]
-        if not sites:
+        if not sites and not adapter_records(gm):
             raise PassError(f"add_adapters: no linear layer to adapt (targets={self.targets}, exclude="
                             f"{self.exclude}, include_lm_head={self.include_lm_head}). Linear layers: "
-                            f"{', '.join(s.module_path for s in every[:12])}", pass_name=self.name)
+                            f"{', '.join(paths[:12])}", pass_name=self.name)
         return sites
+
+
+def matches_any_path(paths: list[str], pattern: str) -> bool:
+    return any(matches_any(path, [pattern]) for path in paths)
 
 
 def _close_matches(pattern: str, paths: list[str]) -> str:
