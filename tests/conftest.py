@@ -10,6 +10,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`make test` runs two workers on CI's two cores) each worker gets one
+# intra-op thread: two workers each spawning two threads would oversubscribe the machine and
+# run slower than one worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
