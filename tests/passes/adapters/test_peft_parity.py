@@ -29,6 +29,10 @@ LORA_ROLES = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weigh
 PARITY = {
     "lora": (lambda: lora_config(), LORA_ROLES, {}, False),
     "rslora": (lambda: lora_config(use_rslora=True), LORA_ROLES, {}, False),
+    "dora": (lambda: lora_config(use_dora=True),
+             {**LORA_ROLES, "magnitude": "lora_magnitude_vector.default.weight"}, {}, False),
+    "pissa": (lambda: lora_config(init_lora_weights="pissa"), LORA_ROLES, {}, True),
+    "olora": (lambda: lora_config(init_lora_weights="olora"), LORA_ROLES, {}, True),
 }
 
 
@@ -79,3 +83,27 @@ def test_matches_peft_before_and_after_training_and_merged(method, mlp, adapt):
             torch.testing.assert_close(getattr(merged, layer).weight, getattr(reference, layer).weight,
                                        atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(merged(x)[0], reference(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_residual_init_matches_peft(method, mlp, adapt):
+    zoo, gm = mlp
+    peft_model = peft.get_peft_model(copy.deepcopy(zoo.model), PARITY[method][0]())
+    ours = adapt(gm, zoo.args, method=method, rank=RANK, alpha=ALPHA, targets=TARGETS)
+    for layer in TARGETS:
+        mine = getattr(ours, layer)
+        torch.testing.assert_close(mine.lora_A, _peft_tensor(peft_model, layer, "lora_A.default.weight"),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine.lora_B, _peft_tensor(peft_model, layer, "lora_B.default.weight"),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine.weight, _peft_tensor(peft_model, layer, "base_layer.weight"),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_dora_magnitude_init_matches_peft(mlp, adapt):
+    zoo, gm = mlp
+    peft_model = peft.get_peft_model(copy.deepcopy(zoo.model), PARITY["dora"][0]())
+    ours = adapt(gm, zoo.args, method="dora", rank=RANK, alpha=ALPHA, targets=TARGETS)
+    for layer in TARGETS:
+        torch.testing.assert_close(getattr(ours, layer).magnitude,
+                                   _peft_tensor(peft_model, layer, "lora_magnitude_vector.default.weight"))
