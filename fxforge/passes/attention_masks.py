@@ -1,11 +1,332 @@
-"""Proofs about attention masks for pass `fuse_attention`: is a mask purely causal, or all-visible?
+"""Proofs about attention masks for pass `fuse_attention`: purely causal, all-visible, or neither.
 
-(stub, replaced below)
+A small abstract interpreter walks the mask's subgraph and gives each node one of these values:
+
+    Index(rank, axis, offset)   an integer tensor equal to (position along `axis`) + offset
+    Const(value)                every element equal (ones, full, zeros, a scalar)
+    Band(rank, c, hidden)       a bool tensor: key j visible from query i iff j - i <= c
+                                (hidden=True: the tensor is True where j - i > c, a "masked" map)
+    AddBand(rank, c)            an additive float mask: 0 where j - i <= c, far below zero elsewhere
+
+built from arange/unsqueeze/expand/slice/le/lt/ge/gt/and/not/where/triu/tril and materialized
+buffers. Anything else (a padding mask read from an input, a gather, a view) is unknown, and
+an unknown mask is kept as it is. `classify_mask` answers "causal" only for Band(c=0) or
+AddBand(c=0) whose last two dims are exactly the query and key lengths, so dropping the mask
+for `is_causal=True` is provably the same computation.
 """
 from __future__ import annotations
 
-from torch.fx import Node
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxforge.passes.attention_rules import Build, fake, same_size
+
+aten = torch.ops.aten
+FAR_NEGATIVE = -1e30  # additive fills at or below this zero a probability exactly in fp32/bf16
 
 
-def classify_mask(mask: Node) -> str | None:
+@dataclass(frozen=True)
+class Index:
+    rank: int
+    axis: int  # counted from the right: -1 is the key axis, -2 the query axis
+    offset: int
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Any
+
+
+@dataclass(frozen=True)
+class Band:
+    rank: int
+    c: int
+    hidden: bool = False
+
+
+@dataclass(frozen=True)
+class AddBand:
+    rank: int
+    c: int
+
+
+Abstract = Index | Const | Band | AddBand | None
+
+
+def classify_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -> str | None:
+    """"causal" if `mask` is exactly the causal triangle over (lq, lk), "all" if it hides nothing, else None."""
+    value = _eval(mask, gm, {})
+    if isinstance(value, Const) and (value.value is True or value.value == 0.0):
+        return "all"
+    shape = _shape(mask)
+    if shape is None or len(shape) < 2 or not (same_size(shape[-2], lq) and same_size(shape[-1], lk)):
+        return None
+    if isinstance(value, Band) and not value.hidden and value.c == 0:
+        return "causal"
+    if isinstance(value, AddBand) and value.c == 0:
+        return "causal"
     return None
+
+
+def _shape(value: object) -> tuple | None:
+    if isinstance(value, Build):
+        return _shape(value.args[0])
+    val = fake(value)
+    return tuple(val.shape) if val is not None else None
+
+
+def _eval(node: object, gm: GraphModule | None, memo: dict) -> Abstract:
+    if isinstance(node, bool):
+        return Const(node)
+    if isinstance(node, (int, float)):
+        return Const(node)
+    if isinstance(node, Build):
+        return _RULES.get(node.target, _unknown)(node, gm, memo)
+    if not isinstance(node, Node):
+        return None
+    if node in memo:
+        return memo[node]
+    if node.op == "get_attr" and gm is not None:
+        result = _buffer(gm, node)
+    elif node.op == "call_function":
+        result = _RULES.get(node.target, _unknown)(node, gm, memo)
+    else:
+        result = None
+    memo[node] = result
+    return result
+
+
+def _unknown(node, gm, memo) -> Abstract:
+    return None
+
+
+def _args(node, gm, memo, n: int) -> list[Abstract]:
+    return [_eval(a, gm, memo) for a in node.args[:n]]
+
+
+# --------------------------------------------------------------------------- leaves
+
+
+def _arange(node, gm, memo) -> Abstract:
+    # arange(n) -> Index(0);  arange(s, e) -> Index(s)
+    args = node.args
+    start = args[0] if node.target != aten.arange.default else 0
+    step = args[2] if node.target == aten.arange.start_step else 1
+    return Index(1, -1, start) if isinstance(start, int) and step == 1 else None
+
+
+def _constant(node, gm, memo) -> Abstract:
+    # ones/new_ones/full/zeros/scalar_tensor -> Const(value)
+    t, val = node.target, fake(node)
+    if val is None and t not in (aten.full.default, aten.scalar_tensor.default):
+        return None
+    if t in (aten.ones.default, aten.new_ones.default, aten.ones_like.default):
+        return Const(True if val.dtype == torch.bool else 1.0)
+    if t in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default):
+        return Const(False if val.dtype == torch.bool else 0.0)
+    if t == aten.full.default:
+        return Const(node.args[1])
+    if t == aten.scalar_tensor.default:
+        return Const(node.args[0])
+    return None
+
+
+def _buffer(gm: GraphModule, node: Node) -> Abstract:
+    # a materialized tril(ones) / triu(-inf, 1) buffer -> Band(0) / AddBand(0)
+    from fxforge.ir.graph import get_attr
+
+    try:
+        value = get_attr(gm, node.target)
+    except AttributeError:
+        return None
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2]:
+        return None
+    if any(s != 1 for s in value.shape[:-2]) or value.numel() > 1 << 24:
+        return None
+    square = value.reshape(value.shape[-2:])
+    lower = torch.ones_like(square, dtype=torch.bool).tril()
+    if square.dtype == torch.bool and torch.equal(square, lower):
+        return Band(value.dim(), 0)
+    if square.is_floating_point() and bool((square[lower] == 0).all()) and bool((square[~lower] <= FAR_NEGATIVE).all()):
+        return AddBand(value.dim(), 0)
+    return None
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _unsqueeze(node, gm, memo) -> Abstract:
+    # unsqueeze moves nothing right of the new axis: axes are counted from the right
+    (x,) = _args(node, gm, memo, 1)
+    if isinstance(x, Const):
+        return x
+    if x is None:
+        return None
+    new_rank = x.rank + 1
+    dim = int(node.args[1]) % new_rank
+    if isinstance(x, Index):
+        axis_left = x.rank + x.axis
+        return replace(x, rank=new_rank, axis=(axis_left + (dim <= axis_left)) - new_rank)
+    return replace(x, rank=new_rank) if dim <= x.rank - 2 else None
+
+
+def _sizes_kept(node: Node, axes: tuple[int, ...]) -> bool:
+    src, out = fake(node.args[0]), fake(node)
+    if src is None or out is None:
+        return False
+    return all(same_size(src.shape[a], out.shape[a]) for a in axes)
+
+
+def _expand(node, gm, memo) -> Abstract:
+    # expand repeats values along broadcast axes; the position axes must keep their size
+    (x,) = _args(node, gm, memo, 1)
+    if x is None or isinstance(x, Const):
+        return x
+    axes = (x.axis,) if isinstance(x, Index) else (-2, -1)
+    rank = len(node.args[1])
+    return replace(x, rank=rank) if _sizes_kept(node, axes) else None
+
+
+def _slice(node, gm, memo) -> Abstract:
+    # x[..., s:e] along a position axis shifts that position by s
+    (x,) = _args(node, gm, memo, 1)
+    if x is None or isinstance(x, Const):
+        return x
+    dim = int(node.args[1]) % x.rank - x.rank
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    step = node.args[4] if len(node.args) > 4 else 1
+    if step != 1 or not isinstance(start, int) or start < 0:
+        return None
+    if isinstance(x, Index):
+        return replace(x, offset=x.offset + start) if dim == x.axis else x
+    if dim == -2:  # query i = i' + s:  j - i' <= c + s
+        return replace(x, c=x.c + start)
+    if dim == -1:  # key j = j' + s:  j' - i <= c - s
+        return replace(x, c=x.c - start)
+    return x
+
+
+def _same_value_cast(node, gm, memo) -> Abstract:
+    # x.to(same kind) keeps the value
+    (x,) = _args(node, gm, memo, 1)
+    src, out = fake(node.args[0]), fake(node)
+    if src is None or out is None:
+        return None
+    if src.dtype == out.dtype or (not src.is_floating_point() and not out.is_floating_point()
+                                  and src.dtype != torch.bool and out.dtype != torch.bool):
+        return x
+    return None
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def _add(node, gm, memo) -> Abstract:
+    # Index(o) + k -> Index(o + k)
+    x, y = _args(node, gm, memo, 2)
+    if isinstance(x, Index) and isinstance(y, Const) and isinstance(y.value, int) and node.kwargs.get("alpha", 1) == 1:
+        return replace(x, offset=x.offset + y.value)
+    if isinstance(y, Index) and isinstance(x, Const) and isinstance(x.value, int):
+        return replace(y, offset=y.offset + x.value)
+    return None
+
+
+def _compare(node, gm, memo) -> Abstract:
+    # (j + a) <= (i + b) -> Band(b - a);  (j + a) < (i + b) -> Band(b - a - 1);  idx >= 0 -> True
+    x, y = _args(node, gm, memo, 2)
+    t = node.target
+    if t in (aten.ge.Tensor, aten.gt.Tensor, aten.ge.Scalar, aten.gt.Scalar):  # a >= b  <=>  b <= a
+        x, y = y, x
+    strict = t in (aten.lt.Tensor, aten.gt.Tensor, aten.lt.Scalar, aten.gt.Scalar)
+    if isinstance(x, Const) and isinstance(y, Index) and isinstance(x.value, int):  # k <= idx, idx >= k
+        return Const(True) if y.offset >= x.value + strict else None
+    if not (isinstance(x, Index) and isinstance(y, Index) and x.axis == -1 and y.axis == -2):
+        return None
+    return Band(max(x.rank, y.rank), y.offset - x.offset - strict)
+
+
+def _and(node, gm, memo) -> Abstract:
+    # True & m -> m;  Band(c1) & Band(c2) -> Band(min(c1, c2))
+    x, y = _args(node, gm, memo, 2)
+    if isinstance(x, Const) and x.value is True:
+        return y
+    if isinstance(y, Const) and y.value is True:
+        return x
+    if isinstance(x, Band) and isinstance(y, Band) and not x.hidden and not y.hidden:
+        return Band(max(x.rank, y.rank), min(x.c, y.c))
+    return None
+
+
+def _not(node, gm, memo) -> Abstract:
+    # ~Band(c) -> hidden Band(c);  ~True -> False
+    (x,) = _args(node, gm, memo, 1)
+    if isinstance(x, Band):
+        return replace(x, hidden=not x.hidden)
+    if isinstance(x, Const) and isinstance(x.value, bool):
+        return Const(not x.value)
+    return None
+
+
+def _far_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and (value == -math.inf or value <= FAR_NEGATIVE)
+
+
+def _where(node, gm, memo) -> Abstract:
+    # where(Band(c), 0, -big) -> AddBand(c);  where(hidden Band(c), -big, 0) -> AddBand(c)
+    cond, a, b = _args(node, gm, memo, 3)
+    if isinstance(cond, Const) and isinstance(cond.value, bool):
+        return a if cond.value else b
+    if not (isinstance(cond, Band) and isinstance(a, Const) and isinstance(b, Const)):
+        return None
+    visible, hidden = (b, a) if cond.hidden else (a, b)
+    if visible.value == 0 and _far_negative(hidden.value):
+        return AddBand(cond.rank, cond.c)
+    return None
+
+
+def _masked_fill(node, gm, memo) -> Abstract:
+    # 0.masked_fill(hidden Band(c), -big) -> AddBand(c)
+    x, cond, fill = _args(node, gm, memo, 3)
+    if isinstance(x, Const) and x.value == 0 and isinstance(cond, Band) and cond.hidden and isinstance(fill, Const) \
+            and _far_negative(fill.value):
+        return AddBand(cond.rank, cond.c)
+    return None
+
+
+def _triangle(node, gm, memo) -> Abstract:
+    # tril(ones, d) -> Band(d);  triu(ones, d) -> hidden Band(d - 1);  triu(full(-big), d) -> AddBand(d - 1)
+    (x,) = _args(node, gm, memo, 1)
+    diagonal = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+    val = fake(node)
+    if not isinstance(x, Const) or val is None or val.dim() < 2 or not isinstance(diagonal, int):
+        return None
+    if node.target == aten.tril.default:
+        return Band(val.dim(), diagonal) if x.value in (True, 1) and val.dtype == torch.bool else None
+    if x.value in (True, 1) and val.dtype == torch.bool:
+        return Band(val.dim(), diagonal - 1, hidden=True)
+    return AddBand(val.dim(), diagonal - 1) if _far_negative(x.value) else None
+
+
+_RULES: dict[Any, Callable[..., Abstract]] = {
+    aten.arange.default: _arange, aten.arange.start: _arange, aten.arange.start_step: _arange,
+    aten.ones.default: _constant, aten.new_ones.default: _constant, aten.ones_like.default: _constant,
+    aten.zeros.default: _constant, aten.new_zeros.default: _constant, aten.zeros_like.default: _constant,
+    aten.full.default: _constant, aten.scalar_tensor.default: _constant,
+    aten.unsqueeze.default: _unsqueeze, aten.expand.default: _expand, aten.slice.Tensor: _slice,
+    aten.to.dtype: _same_value_cast, aten.to.dtype_layout: _same_value_cast, aten.to.device: _same_value_cast,
+    aten._to_copy.default: _same_value_cast, aten.contiguous.default: _same_value_cast,
+    aten.clone.default: _same_value_cast,
+    aten.add.Tensor: _add,
+    aten.le.Tensor: _compare, aten.lt.Tensor: _compare, aten.ge.Tensor: _compare, aten.gt.Tensor: _compare,
+    aten.le.Scalar: _compare, aten.lt.Scalar: _compare, aten.ge.Scalar: _compare, aten.gt.Scalar: _compare,
+    aten.__and__.Tensor: _and, aten.bitwise_and.Tensor: _and, aten.logical_and.default: _and,
+    aten.logical_not.default: _not, aten.bitwise_not.default: _not,
+    aten.where.self: _where, aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where,
+    aten.where.Scalar: _where,
+    aten.masked_fill.Scalar: _masked_fill,
+    aten.tril.default: _triangle, aten.triu.default: _triangle,
+}

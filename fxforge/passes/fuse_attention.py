@@ -236,7 +236,7 @@ def _checked(match: AttentionMatch, scores_shape, groups_k: int, groups_v: int) 
     mask, is_causal = match.mask, match.is_causal
     if isinstance(mask, (Node, Build)):
         _check_mask(mask, scores_shape, fake(match.q).dtype)
-        verdict = classify_mask(mask) if isinstance(mask, Node) else None
+        verdict = classify_mask(mask, match.root.graph.owning_module, scores_shape[2], scores_shape[3])
         if verdict == "causal" and same_size(scores_shape[2], scores_shape[3]):
             mask, is_causal = None, True
         elif verdict == "all":
