@@ -490,10 +490,10 @@ def _batch_norm(a: _Analyzer, node: Node, out: Any) -> None:
         p = a.of(param)
         if p is not None:
             a.ax.unify(p[0], x[1])
-    if isinstance(out[0], list):
+    if isinstance(out[0], list):  # (y, saved mean, saved rstd): the saved stats are per channel
         for extra in out[1:]:
-            if extra:
-                a.broadcast([x[1]], extra[-1:]) if len(extra) == 1 else None
+            if extra and len(extra) == 1:
+                a.ax.unify(extra[0], x[1])
 
 
 def _conv(a: _Analyzer, node: Node, out: _Dims) -> None:
@@ -749,20 +749,21 @@ class CouplingAnalysis:
         if len(group.consumers) > 1 and norm_like or len(set(group.consumers)) > 2:
             group.kind = "hidden"
             return
-        if group.consumers:
-            leaves = self.ax.leaves(self.params[group.consumers[0]][1])
-        elif group.producers:
-            leaves = self.ax.leaves(self.params[group.producers[0]][0])
-        else:
+        ref = next((m for m in group.members if m.name in group.consumers and m.dim == 1), None) or \
+            next((m for m in group.members if m.name in group.producers and m.dim == 0), None)
+        if ref is None:
             return
-        if leaves == [leaf]:
-            group.kind = "channels"
-        elif leaves[0] == leaf:
-            group.kind = "heads"
-        elif leaves[-1] == leaf:
-            group.kind = "head_dim"
+        rows = ref.indices[0].tolist()
+        runs = [len(list(run)) for _, run in itertools.groupby(
+            (i - k for k, i in enumerate(rows)))]  # lengths of contiguous index runs
+        if ref.per_unit == 1:
+            group.kind = "channels"  # one hidden unit / filter per unit
+        elif len(runs) == 1:
+            group.kind = "heads"  # one contiguous block: a head (or a whole GQA key/value group)
+        elif min(runs) > 1:
+            group.kind = "query_heads"  # a block in every GQA group: one query head per group
         else:
-            group.kind = "query_heads"
+            group.kind = "head_dim"  # one index in every head
 
     # ---- queries used by the surgery
     def new_size(self, axis: int, pruned: dict[int, set[int]]) -> int:
