@@ -1,0 +1,114 @@
+"""Pass add_medusa_heads: graph structure, frozen backbone, exact base logits, errors, composition."""
+import copy
+
+import pytest
+import torch
+
+from fxforge.errors import PassError
+from fxforge.ir.canonicalize import canonicalize
+from fxforge.ir.graph import get_attr
+from fxforge.ir.trace import trace
+from fxforge.passes.add_medusa_heads import MEDUSA_META, AddMedusaHeads, find_lm_head, head_parameter_names
+from fxforge.passes.base import PassContext, Pipeline, run_pass
+from runtime.fused_code_lm import example_ids, tiny_code_lm
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(scope="module")
+def lm_graph():
+    ids = example_ids(batch=2, seq=10)
+    gm = trace(tiny_code_lm().model, (ids,))
+    canonicalize(gm)
+    return gm, ids
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def test_heads_added_as_resblocks_and_vocab_projections(lm_graph):
+    gm, ids = lm_graph
+    report = Pipeline([AddMedusaHeads(num_heads=3, num_layers=2)])
+    out_gm, rep = report.run(copy.deepcopy(gm), PassContext(example_inputs=(ids,)))
+    assert rep["add_medusa_heads"].sites == 3
+    # 3 heads x 2 ResBlocks: one SiLU each, on top of the MLP's SiLUs
+    assert _count(out_gm, aten.silu.default) - _count(gm, aten.silu.default) == 6
+    assert _count(out_gm, aten.linear.default) - _count(gm, aten.linear.default) == 3 * 3
+    meta = out_gm.meta[MEDUSA_META]
+    assert meta == {**meta, "num_heads": 3, "num_layers": 2, "logits_output": 0, "heads_output": 1,
+                    "lm_head": "lm_head.weight"}
+    logits, heads = out_gm(ids)
+    assert heads.shape == (3, *logits.shape)
+    # fresh heads: ResBlocks are identities (zero weights), projections copy the LM head
+    for k in range(3):
+        torch.testing.assert_close(heads[k], logits, rtol=0, atol=0)
+        assert not get_attr(out_gm, f"medusa_heads.{k}.0.linear.weight").any()
+        assert torch.equal(get_attr(out_gm, f"medusa_heads.{k}.2.weight"), get_attr(out_gm, "lm_head.weight"))
+
+
+def test_base_logits_unchanged_and_only_heads_trainable(lm_graph):
+    gm, ids = lm_graph
+    ref = gm(ids)[0]
+    out_gm = run_pass(AddMedusaHeads(num_heads=2), gm, PassContext(example_inputs=(ids,)))
+    torch.testing.assert_close(out_gm(ids)[0], ref, rtol=0, atol=0)
+    trainable = {n for n, p in out_gm.named_parameters() if p.requires_grad}
+    assert trainable == set(head_parameter_names(out_gm))
+    assert len(trainable) == 2 * 3  # per head: ResBlock weight, bias, projection
+    assert all(name.startswith("medusa_heads.") for name in trainable)
+
+
+def test_verify_checks_base_logits_still_match(lm_graph):
+    gm, ids = lm_graph
+    p = AddMedusaHeads(num_heads=1)
+    ctx = PassContext(example_inputs=(ids,))
+    after = run_pass(p, gm, ctx)
+    assert p.verify(gm, after, ctx).ok
+    broken = copy.deepcopy(after)
+    with torch.no_grad():
+        get_attr(broken, "lm_head.weight").add_(0.5)  # the base logits move: must be reported
+    comparison = p.verify(gm, broken, ctx)
+    assert not comparison.ok and "output 0" in comparison.describe()
+
+
+def test_pipeline_string_and_options():
+    assert Pipeline("add_medusa_heads(num_heads=2,num_layers=0)").passes[0] == AddMedusaHeads(2, 0)
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1"):
+        AddMedusaHeads(num_heads=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        AddMedusaHeads(num_layers=-1)
+
+
+def test_graph_without_lm_head_is_refused_saying_what_was_looked_for():
+    from fxforge.models import get_model
+
+    zoo = get_model("mlp")
+    gm = trace(zoo.model, zoo.args, zoo.kwargs)
+    canonicalize(gm)
+    with pytest.raises(PassError, match="found no LM head.*lm_head.*tied to the token embedding"):
+        find_lm_head(gm)
+    with pytest.raises(PassError, match="no LM head"):
+        run_pass(AddMedusaHeads(), gm, PassContext(example_inputs=tuple(zoo.args)))
+
+
+def test_running_twice_is_refused(lm_graph):
+    gm, ids = lm_graph
+    once = run_pass(AddMedusaHeads(num_heads=1), gm, PassContext(example_inputs=(ids,)))
+    with pytest.raises(PassError, match="already has Medusa heads"):
+        run_pass(AddMedusaHeads(num_heads=1), once, PassContext(example_inputs=(ids,)))
+
+
+def test_heads_on_a_quantized_backbone_read_its_hidden_states(lm_graph):
+    from fxforge.passes.base import get_pass_class
+
+    gm, ids = lm_graph
+    ctx = PassContext(example_inputs=(ids,))
+    quantized = run_pass(get_pass_class("quantize")(bits=4, group_size=16), gm, ctx)
+    with_heads = run_pass(AddMedusaHeads(num_heads=2), quantized, ctx)
+    assert any("linear_wq" in str(n.target) for n in with_heads.graph.nodes)
+    q_logits, heads = with_heads(ids)
+    float_logits = gm(ids)[0]
+    assert not torch.allclose(q_logits, float_logits, atol=1e-4)  # quantization did change the model
+    # fresh heads reproduce the *quantized* model's logits: they read its hidden state
+    torch.testing.assert_close(heads[0], q_logits, rtol=0, atol=0)
+    torch.testing.assert_close(q_logits, quantized(ids)[0], rtol=0, atol=0)
