@@ -88,6 +88,7 @@ class AddKvCache(Pass):
         past, present, kv_shapes = [], [], []
         for i, node in enumerate(attn_nodes):
             q, k, v, _mask, _causal, scale, groups = _attention_args(node)
+            k, v, groups = _unrepeat_kv(k, v, groups)  # cache Hkv heads, not their GQA copies
             k_val, v_val = k.meta["val"], v.meta["val"]
             with mode:
                 past_k = new_input(f"past_key_{i}", torch.empty(batch, k_val.shape[1], past_len,
@@ -202,6 +203,39 @@ def _attention_args(node: Node) -> tuple:
     names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups")
     values = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
     return tuple(values)
+
+
+def _skip_identity_slices(node: Node) -> Node:
+    while (isinstance(node, Node) and node.target == aten.slice.Tensor and len(node.args) >= 4
+           and node.args[2] == 0 and isinstance(node.args[3], int) and node.args[3] >= 2**62):
+        node = node.args[0]
+    return node
+
+
+def _repeat_kv_source(x: Node) -> tuple[Node, int] | None:
+    """(y, g) if x = reshape(expand(unsqueeze(y, 2), [B, H, g, L, D]), [B, H*g, L, D]) (HF repeat_kv)."""
+    if not (isinstance(x, Node) and x.target in (aten.reshape.default, aten.view.default)):
+        return None
+    expand = _skip_identity_slices(x.args[0])
+    if not (isinstance(expand, Node) and expand.target == aten.expand.default and len(expand.args[1]) == 5):
+        return None
+    unsqueeze = _skip_identity_slices(expand.args[0])
+    if not (isinstance(unsqueeze, Node) and unsqueeze.target == aten.unsqueeze.default and unsqueeze.args[1] == 2):
+        return None
+    source = _skip_identity_slices(unsqueeze.args[0])
+    groups = expand.args[1][2]
+    val = source.meta.get("val") if isinstance(source, Node) else None
+    if not isinstance(groups, int) or not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return None
+    return source, groups
+
+
+def _unrepeat_kv(k: Node, v: Node, groups: int) -> tuple[Node, Node, int]:
+    """Let the attention op do GQA itself when K and V arrive repeated by the same factor."""
+    k_src, v_src = _repeat_kv_source(k), _repeat_kv_source(v)
+    if k_src is None or v_src is None or k_src[1] != v_src[1]:
+        return k, v, groups
+    return k_src[0], v_src[0], groups * k_src[1]
 
 
 def _check_mask_is_causal_only(node: Node, ids: Node, pass_name: str) -> None:

@@ -1,0 +1,154 @@
+"""Pass add_kv_cache: cached graph structure, cached == uncached logits, positions, tree mask, errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fxforge.errors import PassError
+from fxforge.ir.canonicalize import canonicalize
+from fxforge.ir.ops import get_op
+from fxforge.ir.trace import trace
+from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
+from fxforge.passes.base import PassContext, get_pass_class, run_pass
+from runtime.fused_code_lm import example_ids, fused_model
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    """(uncached fused graph, cached graph, example ids) for the tiny code-lm."""
+    model, pre = fused_model()
+    ids = example_ids(batch=2, seq=10)
+    gm = trace(model, (ids,))
+    canonicalize(gm)
+    ctx = PassContext(example_inputs=(ids,))
+    for name in pre:
+        gm = run_pass(get_pass_class(name)(), gm, ctx)
+    cached = run_pass(AddKvCache(), gm, ctx)
+    return gm, cached, ids
+
+
+def _run(cached, ids, past_len, past, positions=None, mask=None):
+    out = cached(*cached_inputs(cached.meta[KV_META], ids, past_len, past, positions, mask))
+    meta = cached.meta[KV_META]
+    return out[0], [out[i] for pair in meta["present"] for i in pair]
+
+
+def test_structure_inputs_outputs_and_attention_arguments(graphs):
+    gm, cached, _ = graphs
+    names = [n.name for n in cached.graph.nodes if n.op == "placeholder"]
+    assert names == ["input_ids", "position_ids", "tree_mask", "past_key_0", "past_value_0",
+                     "past_key_1", "past_value_1"]
+    attention = get_op("attention").overload
+    attn = [n for n in cached.graph.nodes if n.target == attention]
+    assert len(attn) == 2
+    placeholders = {n.name: n for n in cached.graph.nodes if n.op == "placeholder"}
+    for i, node in enumerate(attn):
+        q, k, v, mask, causal, scale, groups = node.args
+        assert k.target == aten.cat.default and k.args[0][0] is placeholders[f"past_key_{i}"]
+        assert v.target == aten.cat.default and v.args[0][0] is placeholders[f"past_value_{i}"]
+        assert mask is placeholders["tree_mask"] and causal is True
+        assert groups == 2  # GQA: 4 query heads share 2 cached key/value heads
+    outputs = cached.graph.output_node().args[0]
+    assert len(outputs) == 1 + 4 and [o.target for o in outputs[1:]] == [aten.cat.default] * 4
+    assert not any(n.target in (aten.arange.default, aten.arange.start) for n in cached.graph.nodes)
+    meta = cached.meta[KV_META]
+    assert meta["kv_shapes"] == [(2, 16, 16), (2, 16, 16)]
+    assert meta["past"] == [[3, 4], [5, 6]] and meta["present"] == [[1, 2], [3, 4]]
+
+
+def test_token_by_token_decoding_matches_the_uncached_graph(graphs):
+    gm, cached, ids = graphs
+    ref = gm(ids)[0]
+    logits, past = _run(cached, ids[:, :3], 0, empty_past(cached.meta[KV_META], 2, torch.float32))
+    steps = [logits]
+    for t in range(3, ids.shape[1]):
+        logits, past = _run(cached, ids[:, t:t + 1], t, past)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-4, rtol=1e-4)
+    assert past[0].shape == (2, 2, ids.shape[1], 16)
+
+
+def test_rotary_reads_the_position_ids_input(graphs):
+    _, cached, ids = graphs
+    empty = empty_past(cached.meta[KV_META], 2, torch.float32)
+    base, _ = _run(cached, ids, 0, empty)
+    # rotary attention depends on relative positions only: a constant shift changes nothing ...
+    shifted, _ = _run(cached, ids, 0, empty, positions=torch.arange(7, 17).expand(2, 10))
+    torch.testing.assert_close(shifted, base, atol=1e-4, rtol=1e-4)
+    # ... but other relative positions do, so the input is really read
+    spread, _ = _run(cached, ids, 0, empty, positions=(torch.arange(10) * 3).expand(2, 10))
+    assert (spread - base).abs().max() > 1e-2
+
+
+def test_tree_mask_gives_each_branch_the_logits_of_its_own_sequence(graphs):
+    gm, cached, ids = graphs
+    prefix, a, b, c = ids[:1, :6], ids[0, 6], ids[0, 7], ids[0, 8]
+    _, past = _run(cached, prefix, 0, empty_past(cached.meta[KV_META], 1, torch.float32))
+    # tree: a at depth 1; b and c both children of a (siblings at depth 2)
+    tree = torch.tensor([[a, b, c]])
+    positions = torch.tensor([[6, 7, 7]])
+    visible = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    mask = torch.cat([torch.ones(3, 6, dtype=torch.bool), visible], dim=1)[None, None]
+    logits, present = _run(cached, tree, 6, past, positions, mask)
+    for node, seq in ((1, [a, b]), (2, [a, c])):
+        full = torch.cat([prefix, torch.tensor([seq])], dim=1)
+        ref = gm(full)[0][0, -1]
+        torch.testing.assert_close(logits[0, node], ref, atol=1e-4, rtol=1e-4)
+    assert present[0].shape[2] == 6 + 3
+
+
+def test_verify_compares_cached_with_uncached(graphs):
+    gm, cached, ids = graphs
+    ctx = PassContext(example_inputs=(ids,))
+    assert AddKvCache().verify(gm, cached, ctx).ok
+    broken = copy.deepcopy(cached)
+    for node in broken.graph.nodes:  # attend to the new tokens only: cached decoding goes wrong
+        if node.target == get_op("attention").overload:
+            k, v = node.args[1], node.args[2]
+            node.args = (node.args[0], k.args[0][1], v.args[0][1], None, True, *node.args[5:])
+    broken.recompile()
+    assert not AddKvCache().verify(gm, broken, ctx).ok
+
+
+class _PlainAttentionLM(nn.Module):
+    """An LM with fused attention and no positional information at all (hand-written)."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lm_head = nn.Linear(dim, vocab)
+
+    def forward(self, ids, pad_mask=None):
+        q, k, v = self.qkv(self.embed(ids)).unsqueeze(1).chunk(3, dim=-1)
+        mask = None if pad_mask is None else pad_mask[:, None, None, :].bool()
+        out = torch.ops.fxforge.attention(q, k, v, mask, True, None, 1)
+        return self.lm_head(out[:, 0])
+
+
+def test_model_without_positions_is_cached_too():
+    model = _PlainAttentionLM()
+    ids = torch.randint(0, 32, (2, 6))
+    gm = trace(model, (ids,))
+    canonicalize(gm)
+    result_gm = run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
+    logits, past = _run(result_gm, ids[:, :4], 0, empty_past(result_gm.meta[KV_META], 2, torch.float32))
+    step, _ = _run(result_gm, ids[:, 4:], 4, past)
+    torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_errors_name_the_problem_and_the_fix(graphs):
+    model = _PlainAttentionLM()
+    ids = torch.randint(0, 32, (2, 6))
+    padded = trace(model, (ids, torch.ones(2, 6)))
+    with pytest.raises(PassError, match="token ids alone"):
+        run_pass(AddKvCache(), padded, PassContext(example_inputs=(ids, torch.ones(2, 6))))
+    unfused = trace(nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8)), (ids % 8,))
+    with pytest.raises(PassError, match="no fxforge::attention.*run `fuse_attention`"):
+        run_pass(AddKvCache(), unfused, PassContext(example_inputs=(ids % 8,)))
+    _, cached, ids = graphs
+    with pytest.raises(PassError, match="already has a KV cache"):
+        run_pass(AddKvCache(), cached, PassContext())
