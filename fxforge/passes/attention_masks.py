@@ -236,7 +236,7 @@ def _add(node, gm, memo) -> Abstract:
 
 
 def _compare(node, gm, memo) -> Abstract:
-    # (j + a) <= (i + b) -> Band(b - a);  (j + a) < (i + b) -> Band(b - a - 1);  idx >= 0 -> True
+    # (j + a) <= (i + b) -> Band(b - a);  (j + a) < (i + b) -> Band(b - a - 1);  i < j -> hidden Band(0);  idx >= 0 -> True
     x, y = _args(node, gm, memo, 2)
     t = node.target
     if t in (aten.ge.Tensor, aten.gt.Tensor, aten.ge.Scalar, aten.gt.Scalar):  # a >= b  <=>  b <= a
@@ -244,9 +244,13 @@ def _compare(node, gm, memo) -> Abstract:
     strict = t in (aten.lt.Tensor, aten.gt.Tensor, aten.lt.Scalar, aten.gt.Scalar)
     if isinstance(x, Const) and isinstance(y, Index) and isinstance(x.value, int):  # k <= idx, idx >= k
         return Const(True) if y.offset >= x.value + strict else None
-    if not (isinstance(x, Index) and isinstance(y, Index) and x.axis == -1 and y.axis == -2):
+    if not (isinstance(x, Index) and isinstance(y, Index) and {x.axis, y.axis} == {-1, -2}):
         return None
-    return Band(max(x.rank, y.rank), y.offset - x.offset - strict)
+    rank = max(x.rank, y.rank)
+    if x.axis == -1:  # j + a <= i + b  <=>  j - i <= b - a
+        return Band(rank, y.offset - x.offset - strict)
+    # i + a <= j + b  <=>  j - i >= a - b  <=>  hidden where j - i > a - b - 1
+    return Band(rank, x.offset - y.offset - 1 + strict, hidden=True)
 
 
 def _and(node, gm, memo) -> Abstract:

@@ -110,9 +110,20 @@ def _copy(node: Node) -> Node | None:
     return node.args[0] if isinstance(node.args[0], Node) else None
 
 
+def _full_slice(node: Node) -> Node | None:
+    # x[:, :, 0:end] with end past the size -> x
+    src, start = node.args[0], _arg(node, 2, "start", 0)
+    step = _arg(node, 4, "step", 1)
+    before, after = fake(src), fake(node)
+    if start not in (0, None) or step != 1 or before is None or after is None or before.dim() != after.dim():
+        return None
+    return src if all(same_size(a, b) for a, b in zip(before.shape, after.shape)) else None
+
+
 IDENTITY_RULES: RuleTable = [
     ((aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device), _same_dtype_cast),
     ((aten.contiguous.default, aten.clone.default, aten.alias.default), _copy),
+    ((aten.slice.Tensor,), _full_slice),
 ]
 
 
@@ -316,10 +327,10 @@ def untranspose_key(kt: Node) -> Value:
 
 def _expand_reshape(node: Node) -> tuple[Node, int] | None:
     # reshape(expand(k[:, :, None], (B, Hkv, g, L, D)), (B, Hkv·g, L, D)) -> (k, g)
-    expanded = node.args[0]
+    expanded = skip_identities(node.args[0])
     if not (isinstance(expanded, Node) and expanded.target == aten.expand.default):
         return None
-    unsqueezed = expanded.args[0]
+    unsqueezed = skip_identities(expanded.args[0])
     if not (isinstance(unsqueezed, Node) and unsqueezed.target == aten.unsqueeze.default
             and int(unsqueezed.args[1]) in (2, -3)):
         return None
