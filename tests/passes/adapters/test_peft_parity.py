@@ -33,6 +33,10 @@ PARITY = {
              {**LORA_ROLES, "magnitude": "lora_magnitude_vector.default.weight"}, {}, False),
     "pissa": (lambda: lora_config(init_lora_weights="pissa"), LORA_ROLES, {}, True),
     "olora": (lambda: lora_config(init_lora_weights="olora"), LORA_ROLES, {}, True),
+    "bone": (lambda: peft.MissConfig(r=RANK, target_modules=list(TARGETS)), {"miss_D": "miss_block.default"},
+             {}, False),
+    "bone-bat": (lambda: peft.MissConfig(r=RANK, target_modules=list(TARGETS), init_weights="bat"),
+                 {"bone_B": "miss_block.default"}, {"bone_form": "bat"}, False),
 }
 
 
@@ -55,7 +59,7 @@ def test_matches_peft_before_and_after_training_and_merged(method, mlp, adapt):
     make_config, roles, options, copy_base = PARITY[method]
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(copy.deepcopy(zoo.model), make_config()).eval()
-    ours = adapt(gm, zoo.args, method=method, rank=RANK, alpha=ALPHA, targets=TARGETS, **options)
+    ours = adapt(gm, zoo.args, method=method.split("-")[0], rank=RANK, alpha=ALPHA, targets=TARGETS, **options)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in TARGETS:
