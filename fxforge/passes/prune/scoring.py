@@ -3,8 +3,10 @@
 A method turns a group into one score per unit (higher = more important). `select_units` then
 picks the units to remove so that `ratio` of the candidate parameters go:
 
-* "uniform": every group loses the same fraction of its units (magnitude, Wanda-sp: their raw
-  scores are not comparable across layers);
+* "uniform": every group loses about the same fraction of its units (magnitude, Wanda-sp:
+  their raw scores are not comparable across layers). Units are ranked within their group and
+  removed by rank percentile across groups, so the parameter target is met even when a group
+  has too few units (2 key/value heads) to lose exactly `ratio` of them;
 * "global": all units of all groups are sorted together and removed lowest first, each costing
   its parameter count (FLAP's adaptive structure: scores are standardized per layer, so a head
   and an MLP channel compete on the same scale and layers end up with different widths).
@@ -61,8 +63,8 @@ def select_units(candidates: list[Candidate], ratio: float, allocation: str) -> 
     if ratio <= 0 or not candidates:
         return {}
     if allocation == "uniform":
-        kept = {c.group.id: _round_kept(c.group.units, round(c.group.units * (1 - ratio)), c.multiple)
-                for c in candidates}
+        ranked = [Candidate(c.group, _percentiles(c.scores), c.multiple) for c in candidates]
+        kept = _global_kept(ranked, ratio)
     elif allocation == "global":
         kept = _global_kept(candidates, ratio)
     else:
@@ -74,6 +76,13 @@ def select_units(candidates: list[Candidate], ratio: float, allocation: str) -> 
             order = torch.argsort(c.scores, stable=True)
             removed[c.group.id] = sorted(order[:n_remove].tolist())
     return removed
+
+
+def _percentiles(scores: torch.Tensor) -> torch.Tensor:
+    """Each unit's rank within its group as a fraction in [0, 1): comparable across groups."""
+    ranks = torch.empty(len(scores))
+    ranks[torch.argsort(scores, stable=True)] = torch.arange(len(scores), dtype=torch.float32)
+    return ranks / len(scores)
 
 
 def _global_kept(candidates: list[Candidate], ratio: float) -> dict[int, int]:
