@@ -1,4 +1,6 @@
 """fxforge.train.fit: trains exactly the trainable parameters of a compiled model and lowers the loss."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,14 @@ def test_fit_lowers_the_loss_and_updates_only_adapters(compiled_mlp):
     assert len(compiled.trainable_parameters()) == 4
 
 
-def test_fit_refuses_models_without_trainable_parameters():
-    zoo = get_model("mlp")
-    plain = fxforge.compile(zoo.model, zoo.args, passes="merge_adapters")
-    for p in plain.graph_module.parameters():
+def test_fit_refuses_models_without_trainable_parameters(compiled_mlp):
+    from fxforge.api import CompiledModel
+
+    zoo, compiled = compiled_mlp
+    gm = copy.deepcopy(compiled.graph_module)
+    for p in gm.parameters():
         p.requires_grad_(False)
+    plain = CompiledModel(gm, "eager", example_inputs=compiled.example_inputs)
     with pytest.raises(FxforgeError, match="no trainable parameters"):
         fit(plain, _task(1), F.cross_entropy, steps=1)
     with pytest.raises(ValueError, match="steps must be >= 1"):
