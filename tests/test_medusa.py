@@ -1,0 +1,138 @@
+"""fxforge.medusa: head training, exact greedy Medusa decoding on eager and ONNX, typical acceptance."""
+import pytest
+import torch
+
+import fxforge
+import fxforge.medusa as medusa
+from fxforge.api import CompiledModel
+from fxforge.errors import InputError
+from fxforge.ir.graph import get_attr
+from fxforge.passes.add_medusa_heads import AddMedusaHeads
+from fxforge.passes.base import PassContext, run_pass
+from fxforge.runtime.decoding import greedy_generate
+from runtime.fused_code_lm import example_ids, fused_model, tiny_code_lm
+
+NUM_HEADS = 3
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """The tiny code-lm compiled with fused attention (traced once for the module)."""
+    model, pre = fused_model()
+    ids = example_ids(batch=2, seq=12)
+    return fxforge.compile(model, (ids,), passes=pre)
+
+
+def with_heads(fused, num_heads):
+    """A CompiledModel of `fused` plus fresh Medusa heads."""
+    ctx = PassContext(example_inputs=fused.example_inputs)
+    gm = run_pass(AddMedusaHeads(num_heads=num_heads), fused.graph_module, ctx)
+    return CompiledModel(gm, "eager", example_inputs=fused.example_inputs)
+
+
+@pytest.fixture(scope="module")
+def trained(fused):
+    """The tiny code-lm with 3 Medusa heads trained briefly by self-distillation."""
+    compiled = with_heads(fused, NUM_HEADS)
+    backbone = {n: p.clone() for n, p in compiled.graph_module.named_parameters() if not n.startswith("medusa")}
+    report = medusa.train_heads(compiled, None, steps=60, seq_len=32, batch_size=8,
+                                self_distill_sequences=32, progress=False)
+    return compiled, report, backbone
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """20 held-out prompts of 12 tokens."""
+    return tiny_code_lm().heldout_batches(seq_len=12, max_batches=1, batch_size=20)[0]
+
+
+def test_self_distillation_trains_heads_only(trained):
+    compiled, report, backbone = trained
+    assert report.source == "self-distillation" and report.steps == 60
+    assert len(report.top1) == len(report.top5) == NUM_HEADS
+    assert all(0.0 <= a1 <= a5 <= 1.0 for a1, a5 in zip(report.top1, report.top5))
+    assert sum(report.losses[-10:]) < sum(report.losses[:10])
+    for name, before in backbone.items():  # Medusa-1: the backbone is frozen
+        assert torch.equal(get_attr(compiled.graph_module, name), before), name
+    assert get_attr(compiled.graph_module, "medusa_heads.0.0.linear.weight").abs().sum() > 0
+    assert "top-1" in str(report)
+
+
+def test_training_on_texts_improves_held_out_accuracy(fused):
+    lm = tiny_code_lm()
+    compiled = with_heads(fused, 2)
+    heldout = lm.heldout_batches(seq_len=32, max_batches=1, batch_size=8)[0]
+    before = medusa.head_accuracy(compiled.graph_module, heldout)
+    texts = lm.train_texts()[:40]
+    report = medusa.train_heads(compiled, texts, tokenizer=lm.tokenizer, heldout=[heldout], steps=40,
+                                seq_len=32, lr=3e-3, progress=False)
+    assert report.source == "data" and report.heldout_positions > 0
+    # fresh heads are copies of the LM head (they predict t+1, not t+2): training must beat that
+    assert sum(report.top5) > sum(before[1])
+    assert report.top1 == pytest.approx(medusa.head_accuracy(compiled.graph_module, heldout)[0])
+
+
+def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_eager(trained, prompts):
+    compiled, _, _ = trained
+    lm = medusa.decoder(compiled, "eager")
+    accepted = []
+    for prompt in prompts:
+        plain = greedy_generate(lm, prompt, NEW_TOKENS)
+        fast = medusa.generate(compiled, prompt, NEW_TOKENS)
+        assert fast.tokens == plain.tokens
+        accepted.append(fast.mean_accepted)
+        assert fast.forwards < plain.forwards + 1
+    # trained heads get guesses accepted: fewer forwards than tokens on average
+    assert sum(accepted) / len(accepted) > 1.2
+
+
+@pytest.mark.slow
+def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_onnx(trained, prompts):
+    compiled, _, _ = trained
+    eager_lm = medusa.decoder(compiled, "eager")
+    onnx_lm = medusa.decoder(compiled, "onnx")
+    assert onnx_lm.backend == "onnx" and onnx_lm.num_heads == NUM_HEADS
+    for prompt in prompts:
+        plain = greedy_generate(eager_lm, prompt, NEW_TOKENS)
+        assert greedy_generate(onnx_lm, prompt, NEW_TOKENS).tokens == plain.tokens
+        assert medusa.generate(compiled, prompt, NEW_TOKENS, backend="onnx").tokens == plain.tokens
+
+
+def test_typical_acceptance_samples_and_reports_its_rate(trained, prompts):
+    compiled, _, _ = trained
+    first = medusa.generate(compiled, prompts[0], NEW_TOKENS, mode="typical", temperature=0.7, seed=1)
+    again = medusa.generate(compiled, prompts[0], NEW_TOKENS, mode="typical", temperature=0.7, seed=1)
+    assert first.tokens == again.tokens and len(first.tokens) == NEW_TOKENS
+    assert 0.0 <= first.acceptance_rate <= 1.0
+    assert first.mean_accepted >= 1.0 and first.extra["mode"] == "typical"
+    rates = [medusa.generate(compiled, p, NEW_TOKENS, mode="typical", temperature=1.0, seed=s).acceptance_rate
+             for s, p in enumerate(prompts[:4])]
+    assert max(rates) > 0.0
+
+
+def test_custom_tree_and_tree_from_measured_accuracies(trained, prompts):
+    compiled, report, _ = trained
+    tree = medusa.tree_from_report(report, num_nodes=10)
+    assert tree.num_nodes == 11 and tree.depth <= NUM_HEADS
+    lm = medusa.decoder(compiled)
+    plain = greedy_generate(lm, prompts[1], NEW_TOKENS).tokens
+    assert medusa.generate(compiled, prompts[1], NEW_TOKENS, tree=tree).tokens == plain
+    assert medusa.generate(compiled, prompts[1], NEW_TOKENS, tree=[(0,), (0, 0)]).tokens == plain
+
+
+def test_bad_inputs_are_refused_clearly(trained, prompts):
+    compiled, _, _ = trained
+    with pytest.raises(InputError, match="mode must be"):
+        medusa.generate(compiled, prompts[0], 4, mode="beam")
+    with pytest.raises(InputError, match="temperature > 0"):
+        medusa.generate(compiled, prompts[0], 4, mode="typical")
+    with pytest.raises(InputError, match="4 levels deep but the model has 3 heads"):
+        medusa.generate(compiled, prompts[0], 4, tree=[(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)])
+    with pytest.raises(InputError, match="no parent"):
+        medusa.generate(compiled, prompts[0], 4, tree=[(0,), (1, 0)])
+    with pytest.raises(InputError, match="tokenizer"):
+        medusa.train_heads(compiled, ["some text"], steps=1)
+    plain = fxforge.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    with pytest.raises(InputError, match="no Medusa heads"):
+        medusa.train_heads(plain, None)
