@@ -13,6 +13,11 @@ accuracy_level 4 (ACCURACY_LEVEL) lets ORT quantize activations to int8 per bloc
 faster than level 0 for int4 and 30x for int8 at batch 1, at ~0.5% relative output error
 against the float reference. Set ACCURACY_LEVEL = 0 before exporting for float-exact results.
 MatMulNBits needs a power-of-two block size >= 16; other group sizes are refused at export.
+
+Scales are cast to a static type (not CastLike against the activation): the backend exports
+with optimize=False, and a CastLike whose second input is a graph value is not folded, so ORT
+saw non-constant scales and its accuracy_level-4 kernel then gave ~60% relative error on
+tiny-gpt2 (exact at level 0 or with optimizations off).
 """
 from __future__ import annotations
 
@@ -98,7 +103,7 @@ def linear_wq_onnx(x, qweight, scales, zeros, bias, bits: int, group_size: int):
     y = _MATMUL_NBITS(
         a,
         b,
-        op.CastLike(scales, a),
+        op.Cast(scales, to=int(a.dtype)),  # static target type: constant-foldable (see above)
         _pack_zero_points(zeros, bits, n, n_blocks),
         K=k,
         N=n,
