@@ -1,0 +1,174 @@
+"""CPU benchmark of Medusa decoding against plain KV-cached greedy decoding on code-lm.
+
+In one run: compiles the code-lm zoo model (fuse_attention + add_medusa_heads), trains the heads
+(Medusa-1, self-distillation by default), reports their top-1/top-5 accuracy on held-out stdlib
+files, builds a tree from the measured accuracies, then decodes prompts cut from held-out stdlib
+files with plain greedy and with greedy Medusa on the eager and ONNX backends: mean accepted
+tokens per step and wall-clock tokens/second of each. Every Medusa output is checked against
+plain greedy's (they must be identical). Typical acceptance (temperature > 0) is run too and its
+acceptance rate reported. Prints a table; writes bench/results/medusa_cpu_<host>.json.
+
+    python bench/medusa.py                      # code-lm small, 4 heads, eager + onnx
+    python bench/medusa.py --variant tiny --train-steps 60 --prompts 4   # a quick smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"model name\s*:\s*(.+)", text)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", default="small", choices=("small", "tiny"))
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--train-seq-len", type=int, default=96)
+    p.add_argument("--distill-sequences", type=int, default=256)
+    p.add_argument("--data", choices=("self", "train"), default="self",
+                   help="self-distillation (default) or the code-lm's train split texts")
+    p.add_argument("--tree-nodes", type=int, nargs="+", default=[8, 16, 32, 63],
+                   help="tree sizes to build from measured accuracies; the best is reported")
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--backends", default="eager,onnx")
+    p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def decode_all(fn, prompts, new_tokens):
+    """Run `fn(prompt, n)` over the prompts; total tokens, seconds, steps and outputs."""
+    outputs, tokens, seconds, steps = [], 0, 0.0, 0
+    for prompt in prompts:
+        start = time.perf_counter()
+        result = fn(prompt, new_tokens)
+        seconds += time.perf_counter() - start
+        outputs.append(result)
+        tokens += len(result.tokens)
+        steps += len(result.accepted_per_step)
+    return outputs, tokens, seconds, steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("FXFORGE_PROGRESS", "1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import fxforge
+    import fxforge.medusa as medusa
+    from fxforge.models.code_lm import load_code_lm
+    from fxforge.runtime.decoding import greedy_generate
+
+    lm = load_code_lm(args.variant)
+    example = lm.heldout_batches(seq_len=16, max_batches=1, batch_size=2)[0]
+    t0 = time.perf_counter()
+    compiled = fxforge.compile(lm.model, (example,), passes=f"fuse_attention,add_medusa_heads(num_heads={args.heads})")
+    compile_seconds = time.perf_counter() - t0
+
+    data = None if args.data == "self" else lm.train_texts()
+    report = medusa.train_heads(compiled, data, tokenizer=lm.tokenizer, steps=args.train_steps,
+                                seq_len=args.train_seq_len, batch_size=8, lr=2e-3,
+                                self_distill_sequences=args.distill_sequences)
+    print(report)
+    heldout = lm.heldout_batches(seq_len=128, max_batches=4, batch_size=4)
+    stdlib_acc = [medusa.head_accuracy(compiled.graph_module, b) for b in heldout]
+    top1 = [sum(a[0][k] for a in stdlib_acc) / len(stdlib_acc) for k in range(args.heads)]
+    top5 = [sum(a[1][k] for a in stdlib_acc) / len(stdlib_acc) for k in range(args.heads)]
+    print("held-out stdlib files (next tokens of real code):")
+    for k in range(args.heads):
+        print(f"  head {k + 1}: top-1 {top1[k]:.3f}  top-5 {top5[k]:.3f}")
+
+    prompts = lm.heldout_batches(seq_len=args.prompt_len, max_batches=1, batch_size=args.prompts)[0]
+    rows, results = [], {}
+    for backend in [b for b in args.backends.split(",") if b]:
+        options = {"threads": args.threads} if backend == "onnx" else {}
+        t0 = time.perf_counter()
+        dec = medusa.decoder(compiled, backend, **options)
+        prepare_seconds = time.perf_counter() - t0
+        greedy_generate(dec, prompts[0], 8)  # warm-up (ORT session, allocator)
+        plain, plain_tokens, plain_s, plain_steps = decode_all(
+            lambda p, n: greedy_generate(dec, p, n), prompts, args.new_tokens)
+        plain_tps = plain_tokens / plain_s
+        rows.append((backend, "greedy", "-", 1.0, plain_tps, 1.0, "-"))
+        per_tree = []
+        for nodes in args.tree_nodes:
+            tree = medusa.tree_from_report(report, nodes)
+            out, tokens, secs, steps = decode_all(
+                lambda p, n: medusa.generate(compiled, p, n, tree=tree, lm=dec), prompts, args.new_tokens)
+            mismatches = sum(a.tokens != b.tokens for a, b in zip(out, plain))
+            mean_acc = tokens / steps
+            tps = tokens / secs
+            per_tree.append({"tree_nodes": tree.num_nodes, "mean_accepted": mean_acc, "tokens_per_second": tps,
+                             "speedup": tps / plain_tps, "mismatches_vs_greedy": mismatches})
+            rows.append((backend, "medusa greedy", tree.num_nodes, mean_acc, tps, tps / plain_tps, mismatches))
+        best = max(per_tree, key=lambda r: r["tokens_per_second"])
+        best_tree = medusa.tree_from_report(report, best["tree_nodes"] - 1)
+        typical, tokens, secs, steps = decode_all(
+            lambda p, n: medusa.generate(compiled, p, n, tree=best_tree, lm=dec, mode="typical",
+                                         temperature=args.temperature, seed=0), prompts, args.new_tokens)
+        rate = sum(r.acceptance_rate for r in typical) / len(typical)
+        rows.append((backend, f"medusa typical T={args.temperature}", best_tree.num_nodes, tokens / steps,
+                     tokens / secs, (tokens / secs) / plain_tps, f"acc.rate {rate:.2f}"))
+        results[backend] = {
+            "prepare_seconds": prepare_seconds,
+            "plain_greedy": {"tokens_per_second": plain_tps, "tokens": plain_tokens, "seconds": plain_s},
+            "medusa_greedy": per_tree, "best": best,
+            "medusa_typical": {"temperature": args.temperature, "tree_nodes": best_tree.num_nodes,
+                               "mean_accepted": tokens / steps, "tokens_per_second": tokens / secs,
+                               "acceptance_rate": rate},
+        }
+
+    header = f"{'backend':<8}{'decoding':<24}{'tree':>6}{'tok/step':>10}{'tok/s':>10}{'speedup':>9}  check"
+    print(header)
+    print("-" * len(header))
+    for backend, mode, nodes, acc, tps, speed, check in rows:
+        print(f"{backend:<8}{mode:<24}{nodes!s:>6}{acc:>10.2f}{tps:>10.1f}{speed:>8.2f}x  {check}")
+
+    host = {"hostname": socket.gethostname(), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "threads": args.threads, "python": platform.python_version(), "torch": torch.__version__}
+    record = {
+        "benchmark": "medusa", "host": host, "variant": args.variant, "heads": args.heads,
+        "compile_seconds": compile_seconds,
+        "training": {"steps": report.steps, "seconds": report.seconds, "source": report.source,
+                     "first_loss": report.losses[0] if report.losses else None,
+                     "last_loss": report.losses[-1] if report.losses else None,
+                     "distill_heldout_top1": report.top1, "distill_heldout_top5": report.top5},
+        "heldout_stdlib_accuracy": {"top1": top1, "top5": top5},
+        "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "results": results,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    safe_host = re.sub(r"[^A-Za-z0-9_.-]", "_", host["hostname"])
+    path = Path(args.out) if args.out else RESULTS_DIR / f"medusa_cpu_{safe_host}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
