@@ -34,6 +34,12 @@ from fxforge.passes.adapters.common import (
     get_method,
     known_methods,
 )
+from fxforge.passes.adapters.quantized_base import (
+    LOW_RANK_METHODS,
+    dequantized_weight,
+    ensure_linear_wq_input_grad,
+    quantized_sites,
+)
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 
 
@@ -93,8 +99,12 @@ class AddAdapters(Pass):
         skipped: list[tuple[str, str]] = []
         adapted = adapter_records(gm)
         kept: list[LinearSite] = []
+        quantized = {s.node.name for s in sites if s.node.target == torch.ops.fxforge.linear_wq.default}
         for site in sites:
-            if site.module_path in adapted:
+            if site.node.name in quantized and self.method not in LOW_RANK_METHODS:
+                skipped.append((site.module_path, f"quantized layer: {self.method} needs the float base weight "
+                                                  f"(methods that adapt quantized layers: {', '.join(LOW_RANK_METHODS)})"))
+            elif site.module_path in adapted:
                 skipped.append((site.module_path, "already has an adapter"))
             elif method.changes_base_weight and len(site.node.args[1].users) > 1:
                 skipped.append((site.module_path, f"{self.method} rewrites the base weight, which is shared "
@@ -109,11 +119,15 @@ class AddAdapters(Pass):
                     f"{self.method} ({limit}, its weight is {site.out_features}x{site.in_features}). Use "
                     f"rank <= {limit} or exclude the layer with exclude=['{site.module_path}'].",
                     pass_name=self.name)
+        if any(s.node.name in quantized for s in kept):
+            ensure_linear_wq_input_grad()  # gradients must pass through the frozen int layers
         data = method.prepare(gm, kept, ctx, self)
         generator = torch.Generator().manual_seed(ctx.seed)
         count = 0
         for site in kept:
-            layer = LayerContext(site=site, weight=get_attr(gm, site.weight_name).detach(), rank=self.rank,
+            weight = dequantized_weight(gm, site.node) if site.node.name in quantized else \
+                get_attr(gm, site.weight_name).detach()
+            layer = LayerContext(site=site, weight=weight, rank=self.rank,
                                  alpha=self.alpha, generator=generator, options=self,
                                  data=data.get(site.module_path))
             init = method.init(layer)
@@ -130,8 +144,8 @@ class AddAdapters(Pass):
                                  "trainable_parameters": sum(get_attr(gm, n).numel() for n in trainable)})
 
     def _sites(self, gm: GraphModule) -> list[LinearSite]:
-        every = linear_sites(gm, include_lm_head=True)
-        candidates = linear_sites(gm, include_lm_head=self.include_lm_head)
+        every = linear_sites(gm, include_lm_head=True) + quantized_sites(gm, None, None)
+        candidates = linear_sites(gm, include_lm_head=self.include_lm_head) + quantized_sites(gm, None, None)
         paths = [s.module_path for s in every] + list(adapter_records(gm))  # adapted layers count too
         for pattern in self.targets or ():
             if not matches_any_path(paths, pattern):

@@ -157,12 +157,19 @@ def add_adapter_to_site(gm: GraphModule, site: LinearSite, method: AdapterMethod
                         trainable=role in init.trainable, before=site.node)
         nodes[role], names[role] = node, node.target
     target, args = method.emit(gm, site, nodes, init.scale)
-    with gm.graph.inserting_before(site.node):
-        new = gm.graph.call_function(target, args)
-    new.meta.update({k: v for k, v in site.node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
-    site.node.replace_all_uses_with(new)
-    gm.graph.erase_node(site.node)
-    return {
+    extra: dict[str, Any] = {}
+    if site.node.target == torch.ops.fxforge.linear_wq.default:  # QLoRA: the branch goes beside the int base
+        from fxforge.passes.adapters.quantized_base import emit_beside_quantized
+
+        new = emit_beside_quantized(gm, site, args)
+        extra = {"quantized": True, "base_node": site.node.name}
+    else:
+        with gm.graph.inserting_before(site.node):
+            new = gm.graph.call_function(target, args)
+        new.meta.update({k: v for k, v in site.node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
+        site.node.replace_all_uses_with(new)
+        gm.graph.erase_node(site.node)
+    return {**extra,
         "method": method.name,
         "rank": init.rank,
         "alpha": alpha,

@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxforge.errors import PassError
-from fxforge.ir.graph import erase_dead, get_attr, set_attr
+from fxforge.ir.graph import add_attr, erase_dead, get_attr, set_attr
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.adapters.common import (
     adapter_records,
@@ -38,6 +38,21 @@ def _node_named(gm: GraphModule, name: str) -> Node:
                     f"edited after add_adapters", pass_name="merge_adapters")
 
 
+def _merge_into_dequantized(gm: GraphModule, path: str, record: dict, method, node: Node) -> None:
+    """QLoRA layer: dequantize the int base, fold the update in, one float aten.linear replaces both."""
+    from fxforge.passes.adapters.quantized_base import dequantized_weight
+
+    base = _node_named(gm, record["base_node"])
+    tensors = {k: v.detach().float() for k, v in adapter_tensors(gm, record).items()}
+    weight = method.merged_weight(dequantized_weight(gm, base), tensors, record["scale"])
+    w_node = add_attr(gm, f"{path}.weight", weight, buffer=False, trainable=False, before=base)
+    with gm.graph.inserting_before(node):
+        linear = gm.graph.call_function(aten.linear.default, (base.args[0], w_node, base.args[4]))
+    linear.meta.update({k: v for k, v in node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
+    node.replace_all_uses_with(linear)
+    gm.graph.erase_node(node)
+
+
 @register_pass
 @dataclass(frozen=True)
 class MergeAdapters(Pass):
@@ -52,9 +67,15 @@ class MergeAdapters(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         records = adapter_records(gm)
         merged = gm.meta.setdefault(MERGED, {})
+        done: list[str] = []
         for path, record in list(records.items()):
+            done.append(path)
             method = get_method(record["method"])
             node = _node_named(gm, record["node"])
+            if record.get("quantized"):
+                _merge_into_dequantized(gm, path, record, method, node)
+                del records[path]
+                continue
             x, w_node, b_node = node.args[0], node.args[1], node.args[2]
             tensors = adapter_tensors(gm, record)
             weight = get_attr(gm, record["weight"])
@@ -72,7 +93,8 @@ class MergeAdapters(Pass):
             del records[path]
         erase_dead(gm)
         freeze_all_but_adapters(gm)
-        return PassResult(gm, sites=len(merged) if self.keep else 0, notes={"merged": sorted(merged)})
+        return PassResult(gm, sites=len(done), notes={"merged": sorted(done),
+                                                      "restorable": sorted(merged) if self.keep else []})
 
 
 @register_pass
