@@ -323,7 +323,7 @@ _RULES: dict[Any, Callable[..., Abstract]] = {
     aten.unsqueeze.default: _unsqueeze, aten.expand.default: _expand, aten.slice.Tensor: _slice,
     aten.to.dtype: _same_value_cast, aten.to.dtype_layout: _same_value_cast, aten.to.device: _same_value_cast,
     aten._to_copy.default: _same_value_cast, aten.contiguous.default: _same_value_cast,
-    aten.clone.default: _same_value_cast,
+    aten.clone.default: _same_value_cast, aten.alias.default: _same_value_cast,
     aten.add.Tensor: _add,
     aten.le.Tensor: _compare, aten.lt.Tensor: _compare, aten.ge.Tensor: _compare, aten.gt.Tensor: _compare,
     aten.le.Scalar: _compare, aten.lt.Scalar: _compare, aten.ge.Scalar: _compare, aten.gt.Scalar: _compare,

@@ -123,14 +123,15 @@ def _scores(scores_in: Node) -> tuple[Node, float, Value | None, list[Node]]:
     passed: list[Node] = []
     top = skip_identities(scores_in, passed)
     candidates = mask_candidates(top) + [MaskMatch(top, None, None)]  # type: ignore[arg-type]
-    stopped_at: object = top
+    stops = []
     for cand in candidates:
         base, factor, walked = peel_scales(cand.scores)
         if _is_score_matmul(base):
             chain = passed + walked + [base] + ([cand.node] if cand.node is not None else [])
             return base, factor, cand.mask, chain
-        if cand.node is not None:
-            stopped_at = base
+        stops.append(base)
+    # name the node where the deepest reading stopped (the softmax input itself says little)
+    stopped_at = next((s for s in stops if s is not top), top)
     where = stopped_at.target if isinstance(stopped_at, Node) else type(stopped_at).__name__
     name = stopped_at.name if isinstance(stopped_at, Node) else repr(stopped_at)
     raise Skip(f"unrecognized score modifier {where} (node '{name}') between Q·Kᵀ and softmax: "
@@ -153,14 +154,21 @@ def _require_single_use(nodes: list[Node]) -> None:
 
 
 def _query_key(qk: Node) -> tuple[tuple[Node, float], tuple[Value, float], int]:
-    """((q, scale on q), (k, scale on k), kv groups found on k) from Q·Kᵀ."""
+    """((q, scale on q), (k, scale on k), kv groups found on k) from Q·Kᵀ.
+
+    Scales and the head repetition may sit on either side of the transpose of K.
+    """
     q, q_factor, _ = peel_scales(qk.args[0])
     kt, k_factor, _ = peel_scales(qk.args[1])
+    kt, groups = peel_repeat_kv(kt)
+    kt, more, _ = peel_scales(kt)
     k = untranspose_key(kt)
     if isinstance(k, Node):
-        k, more, _ = peel_scales(k)
+        k, even_more, _ = peel_scales(k)
+        k, inner_groups = peel_repeat_kv(k)
+        k_factor, groups = k_factor * more * even_more, groups * inner_groups
+    else:
         k_factor *= more
-    k, groups = peel_repeat_kv(k)
     return (q, q_factor), (k, k_factor), groups
 
 
