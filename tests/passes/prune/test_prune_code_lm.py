@@ -1,6 +1,9 @@
-"""Pass `prune` on the trained code-lm (tiny variant): FLAP at 20% keeps held-out perplexity
-closer to the dense model than magnitude and Wanda-sp; 50% runs; FLAP's bias compensation
-lowers the output error versus no compensation (fixed data, deterministic)."""
+"""Passes `prune` and `sparsify` on the trained code-lm (tiny variant), one trace for both.
+
+prune: FLAP at 20% keeps held-out perplexity closer to the dense model than magnitude and
+Wanda-sp; 50% runs; FLAP's bias compensation lowers the error versus no compensation.
+sparsify: Wanda beats magnitude at 2:4; DSnoT beats Wanda at 60%. Fixed data, deterministic.
+"""
 import pytest
 import torch
 
@@ -9,8 +12,9 @@ from fxforge.models.code_lm import load_code_lm, perplexity
 from fxforge.models.code_lm_data import token_stream, windows_evenly_spaced
 from fxforge.passes.base import PassContext, PipelineReport, get_pass_class, run_pass
 from fxforge.passes.prune.prune import Prune
+from fxforge.passes.prune.sparsify import Sparsify
 
-pytestmark = pytest.mark.slow  # ~1 min: loads (or trains) code-lm tiny, 8 prunings
+pytestmark = pytest.mark.slow  # ~1 min: loads (or trains) code-lm tiny, 10 prunings, 6 sparsifications
 
 
 def _quiet(iterable, **_):
@@ -106,3 +110,17 @@ def test_bias_compensation_lowers_error(code_lm):
         layer_error[compensate] = sum(float((got[n] - dense[n]).pow(2).mean()) for n in names)
     assert layer_error[True] < layer_error[False], layer_error
     assert 0 < ppl_gap[True] < ppl_gap[False], ppl_gap
+
+
+def test_sparsify_wanda_beats_magnitude_and_dsnot_beats_wanda(code_lm):
+    gm, ctx, heldout = code_lm
+    ppl = {"dense": _ppl(gm, heldout)}
+    for spec in (dict(method="magnitude", pattern="2:4"), dict(method="wanda", pattern="2:4"),
+                 dict(method="magnitude", sparsity=0.5), dict(method="wanda", sparsity=0.5),
+                 dict(method="wanda", sparsity=0.6), dict(method="dsnot", sparsity=0.6)):
+        out = run_pass(Sparsify(**spec), gm, ctx, verify=False)
+        ppl[f"{spec['method']} {spec.get('pattern', spec.get('sparsity'))}"] = _ppl(out, heldout)
+    print("\ncode-lm tiny sparsify perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+    assert ppl["wanda 2:4"] < ppl["magnitude 2:4"]
+    assert ppl["dsnot 0.6"] < ppl["wanda 0.6"]
+    assert all(v > ppl["dense"] for k, v in ppl.items() if k != "dense")

@@ -1,0 +1,201 @@
+"""Pass `sparsify`: zero weights of linear layers, unstructured or in an N:M pattern.
+
+    sparsify(method='wanda', sparsity=0.5)            half the weights of every row
+    sparsify(method='magnitude', pattern='2:4')       2 of every 4 consecutive inputs
+    sparsify(method='dsnot', sparsity=0.6)            Wanda's mask, refined without training
+
+Scores: magnitude |W_ij| (unstructured: lowest of the whole layer); Wanda |W_ij|·‖X_j‖₂ (lowest
+of each output row); N:M keeps the N highest scores of every M consecutive inputs of a row.
+DSnoT (arXiv 2310.08915) starts from Wanda's mask and, per row, swaps one pruned weight back
+in and one kept weight out while that shrinks the expected reconstruction error
+ε = Σ_pruned W_ij·E[x_j] (at most `dsnot_cycles` swaps; swaps stay inside an M-block for N:M),
+so the sparsity and the pattern are unchanged.
+
+Weights are zeroed in place: the graph and its shapes are unchanged and no backend claims a
+speedup. The masks are recorded in `gm.meta["sparsity_masks"]` (weight name -> bool mask, True
+= kept) so later passes or fine-tuning can keep them (`reapply_masks(gm)`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from fxforge.ir.graph import LinearSite, get_attr, linear_sites, set_attr
+from fxforge.ir.verify import Tolerance
+from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.prune.capture import ChannelStats, capture_input_stats
+
+MASKS_META = "sparsity_masks"
+METHODS = ("magnitude", "wanda", "dsnot")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """"unstructured" -> None; "2:4" -> (2, 4). Raises ValueError otherwise."""
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match or not 0 < int(match[1]) < int(match[2]):
+        raise ValueError(f"sparsify: pattern must be 'unstructured' or 'N:M' with 0 < N < M "
+                         f"(e.g. '2:4'), got {pattern!r}")
+    return int(match[1]), int(match[2])
+
+
+def mask_unstructured(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Keep-mask removing the `sparsity` fraction of lowest scores (per row or per layer)."""
+    if per_row:
+        k = int(scores.shape[1] * sparsity)
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        if k:
+            drop = torch.topk(scores, k, dim=1, largest=False).indices
+            mask.scatter_(1, drop, False)
+        return mask
+    k = int(scores.numel() * sparsity)
+    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    if k:
+        mask[torch.topk(scores.flatten(), k, largest=False).indices] = False
+    return mask.view_as(scores)
+
+
+def mask_n_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask with the n highest scores of every m consecutive inputs of each row."""
+    rows, cols = scores.shape
+    blocks = scores.reshape(rows, cols // m, m)
+    keep = torch.topk(blocks, n, dim=2).indices
+    mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(2, keep, True)
+    return mask.reshape(rows, cols)
+
+
+def dsnot_refine(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, scores: torch.Tensor,
+                 cycles: int, block: int | None = None) -> torch.Tensor:
+    """DSnoT: swap (grow one pruned, prune one kept) per row while |Σ_pruned W_ij·E[x_j]| shrinks.
+
+    Grow: the pruned weight whose restoration brings ε closest to zero. Prune: among kept
+    weights (in the same M-block for N:M) whose removal pushes ε back towards zero, the one of
+    lowest Wanda score. A row stops when a swap would not reduce |ε|.
+    """
+    mask = mask.clone()
+    contrib = (weight * mean).double()  # W_ij·E[x_j]
+    cols = torch.arange(weight.shape[1])
+    active = torch.ones(weight.shape[0], dtype=torch.bool)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    for _ in range(cycles):
+        eps = (contrib * ~mask).sum(1)
+        # grow: |eps - c_j| smallest among pruned j
+        grow_cost = torch.where(~mask, (eps[:, None] - contrib).abs(), inf)
+        grow = grow_cost.argmin(1)
+        eps_grown = eps - contrib.gather(1, grow[:, None]).squeeze(1)
+        # prune: kept j, not the grown one, whose contribution has the sign opposite to eps_grown
+        candidates = mask & (torch.sign(contrib) == -torch.sign(eps_grown)[:, None])
+        candidates &= cols[None, :] != grow[:, None]
+        if block is not None:
+            candidates &= (cols[None, :] // block) == (grow[:, None] // block)
+        prune = torch.where(candidates, scores.double(), inf).argmin(1)
+        has_candidate = candidates.any(1)
+        eps_new = eps_grown + contrib.gather(1, prune[:, None]).squeeze(1)
+        accept = active & has_candidate & (eps_new.abs() < eps.abs())
+        if not accept.any():
+            break
+        rows = accept.nonzero().squeeze(1)
+        mask[rows, grow[rows]] = True
+        mask[rows, prune[rows]] = False
+        active = accept
+    return mask
+
+
+def reapply_masks(gm: GraphModule) -> int:
+    """Zero every weight where its recorded mask says so (e.g. after fine-tuning); returns count."""
+    masks = gm.meta.get(MASKS_META, {})
+    for name, mask in masks.items():
+        weight = get_attr(gm, name)
+        with torch.no_grad():
+            weight.mul_(mask.to(weight.dtype))
+    return len(masks)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Sparsify(Pass):
+    """Zero weights of linear layers: unstructured `sparsity` or an N:M `pattern`.
+
+    method: "magnitude" | "wanda" | "dsnot" (Wanda + DSnoT refinement).
+    sparsity: fraction of weights zeroed, in [0, 1) (unstructured only; N:M fixes it to 1-N/M).
+    pattern: "unstructured" or "N:M" (e.g. "2:4").
+    targets / exclude / include_lm_head: which linear layers (module-path patterns).
+    calibration_batches: calibration items read (wanda, dsnot). dsnot_cycles: swaps per row.
+    max_rel_error: the verification bound on the outputs' relative L2 change.
+    """
+
+    name = "sparsify"
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    targets: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    include_lm_head: bool = False
+    calibration_batches: int = 16
+    dsnot_cycles: int = 50
+    max_rel_error: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"sparsify: method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsify: sparsity is the fraction of weights to zero and must be in "
+                             f"[0, 1), got {self.sparsity!r}")
+        parse_pattern(self.pattern)
+        if self.dsnot_cycles < 0:
+            raise ValueError(f"sparsify: dsnot_cycles must be >= 0, got {self.dsnot_cycles}")
+        for field_name in ("targets", "exclude"):
+            value = getattr(self, field_name)
+            if isinstance(value, (str, list)):
+                object.__setattr__(self, field_name, (value,) if isinstance(value, str) else tuple(value))
+
+    def tolerance(self) -> Tolerance:
+        return Tolerance.lossy(max_rel=self.max_rel_error)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        n_m = parse_pattern(self.pattern)
+        sites = linear_sites(gm, self.targets, self.exclude, self.include_lm_head)
+        skipped = []
+        if n_m is not None:
+            fits = [s for s in sites if s.in_features % n_m[1] == 0]
+            skipped = [(s.module_path, f"{s.in_features} inputs are not a multiple of M={n_m[1]}")
+                       for s in sites if s not in fits]
+            sites = fits
+        stats = self._calibrate(gm, sites, ctx) if self.method != "magnitude" else {}
+        masks = dict(gm.meta.get(MASKS_META, {}))
+        zeroed = total = 0
+        for site in sites:
+            weight = get_attr(gm, site.weight_name)
+            mask = self._mask(weight.detach().float(), stats.get(site.node.name), n_m)
+            set_attr(gm, site.weight_name, weight.detach() * mask.to(weight.dtype))
+            masks[site.weight_name] = mask
+            zeroed += int((~mask).sum())
+            total += mask.numel()
+        gm.meta[MASKS_META] = masks
+        notes = {"method": self.method, "pattern": self.pattern,
+                 "sparsity": zeroed / total if total else 0.0, "layers": len(sites)}
+        return PassResult(gm, sites=len(sites), skipped=skipped, notes=notes)
+
+    def _calibrate(self, gm: GraphModule, sites: list[LinearSite], ctx: PassContext) -> dict[str, ChannelStats]:
+        ctx.require_calibration(self.name)
+        return capture_input_stats(gm, [s.node for s in sites],
+                                   ctx.calibration_batches(gm, self.calibration_batches),
+                                   progress=ctx.progress)
+
+    def _mask(self, weight: torch.Tensor, stats: ChannelStats | None, n_m: tuple[int, int] | None) -> torch.Tensor:
+        if self.method == "magnitude":
+            scores = weight.abs()
+        else:
+            scores = weight.abs() * stats.norm[None, :]
+        if n_m is not None:
+            mask = mask_n_m(scores, *n_m)
+        else:
+            mask = mask_unstructured(scores, self.sparsity, per_row=self.method != "magnitude")
+        if self.method == "dsnot":
+            mask = dsnot_refine(weight, mask, stats.mean, scores, self.dsnot_cycles,
+                                block=n_m[1] if n_m else None)
+        return mask
