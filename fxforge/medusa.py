@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from fxforge.errors import InputError
-from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
+from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past
 from fxforge.passes.add_medusa_heads import MEDUSA_META, head_parameter_names
-from fxforge.passes.base import PassContext, default_progress, run_pass
-from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate
+from fxforge.passes.base import default_progress
+from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate, with_kv_cache
 from fxforge.runtime.medusa_tree import (
     MedusaTree, compact_kv, default_tree, greedy_accept, tree_from_accuracies, typical_accept,
 )
@@ -195,7 +195,7 @@ def token_rows(data: Sequence[str] | Sequence[torch.Tensor], tokenizer: Any, seq
 def self_distill(gm: Any, count: int, seq_len: int, prompt_len: int, generator: torch.Generator,
                  progress: bool = True) -> torch.Tensor:
     """`count` sequences: prompt_len tokens sampled from the model, then its greedy continuation."""
-    cached = _ensure_cached(gm)
+    cached = with_kv_cache(gm)
     lm = CachedLM(cached, cached)
     vocab = gm.meta[MEDUSA_META]["vocab_size"]
     ids = torch.randint(0, vocab, (count, 1), generator=generator)
@@ -234,21 +234,13 @@ def _medusa_meta(gm: Any) -> dict:
 # --------------------------------------------------------------------------- decoding
 
 
-def _ensure_cached(gm: Any) -> Any:
-    """`gm` with a KV cache (the graph itself if it has one, else a cached copy)."""
-    if KV_META in gm.meta:
-        return gm
-    ids = torch.zeros(1, 8, dtype=torch.long)
-    return run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
-
-
 def decoder(compiled: Any, backend: str | None = None, **backend_options: Any) -> CachedLM:
     """The KV-cached Medusa decoder of `compiled` on `backend` (built once, then reused)."""
     backend = backend or compiled.backend
     cache = compiled.__dict__.setdefault(_DECODERS, {})
     key = (backend, tuple(sorted(backend_options.items())))
     if key not in cache:
-        cache[key] = CachedLM.prepare(_ensure_cached(compiled.graph_module), backend, **backend_options)
+        cache[key] = CachedLM.prepare(with_kv_cache(compiled.graph_module), backend, **backend_options)
     return cache[key]
 
 

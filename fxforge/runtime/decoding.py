@@ -87,6 +87,17 @@ class CachedLM:
         return StepOutput(logits=out[self.layout["logits_output"]], head_logits=heads, present=present)
 
 
+def with_kv_cache(graph_module: GraphModule) -> GraphModule:
+    """`graph_module` itself if it has a KV cache, else a copy rewritten by `add_kv_cache`."""
+    if KV_META in graph_module.meta:
+        return graph_module
+    from fxforge.passes.add_kv_cache import AddKvCache
+    from fxforge.passes.base import PassContext, run_pass
+
+    ids = torch.zeros(1, 8, dtype=torch.long)  # verification input: prefill 4 + cached step of 4
+    return run_pass(AddKvCache(), graph_module, PassContext(example_inputs=(ids,)))
+
+
 def example_cached_inputs(graph_module: GraphModule, batch: int = 2, past_len: int = 3,
                           new_len: int = 4) -> list[Any]:
     """Example flat inputs for exporting a cached graph (batch 2, past 3, 4 new tokens).
@@ -158,4 +169,4 @@ def greedy_generate(lm: CachedLM, prompt_ids: torch.Tensor | Sequence[int], max_
 
 
 __all__ = ["CachedLM", "GenerationResult", "StepOutput", "as_prompt", "example_cached_inputs",
-           "greedy_generate"]
+           "greedy_generate", "with_kv_cache"]
