@@ -302,6 +302,25 @@ def test_mixed_module_fuses_one_and_reports_the_other():
     torch.testing.assert_close(run_graph(fused, (x,))[0], run_graph(gm, (x,))[0], atol=1e-5, rtol=1e-5)
 
 
+class SdpaGqa(nn.Module):
+    """F.scaled_dot_product_attention with is_causal and enable_gqa (2 kv heads for 4 query heads)."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
+
+
+def test_sdpa_call_with_causal_and_gqa():
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    gm = trace(SdpaGqa(), (q, k, v), {}, dynamic_shapes=None)
+    canonicalize(gm)
+    report = PipelineReport()
+    fused = run_pass(FuseAttention(), gm, PassContext(example_inputs=(q, k, v)), report=report)
+    (op,) = [n for n in _ops(fused) if n.target == ATTENTION]
+    assert report.records[0].sites == 1
+    assert op.args[3:] == (None, True, 0.2, 2)
+    torch.testing.assert_close(run_graph(fused, (q, k, v))[0], run_graph(gm, (q, k, v))[0], atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- run-time mask errors
 
 
