@@ -1,0 +1,99 @@
+"""Integer weight quantizers shared by every `quantize` method, and the RTN baseline.
+
+Every method works on a matrix M whose rows are quantized in groups of `g` consecutive
+columns: M = W (out, in) for group_axis="in", M = Wᵀ (in, out) for group_axis="out" (per-IC
+grouping). A quantized matrix is integer codes (rows, cols) in [0, 2^bits), float scales and
+uint8 zero points (rows, cols // g), so ŵ = (q - z)·s. Symmetric quantization uses the fixed
+zero point 2^(bits-1) so both variants share one storage format (fxforge::linear_wq's).
+
+    asymmetric: s = (max-min)/(2^b-1) (≥1e-5), z = -round(min/s), q = clamp(round(w/s)+z, 0, 2^b-1)
+    symmetric:  s = absmax/(2^(b-1)-1) (≥1e-5), z = 2^(b-1),       q = clamp(round(w/s)+z, 1, 2^b-1)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MIN_SCALE = 1e-5
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one matrix is quantized: code width, group length along the columns, symmetry."""
+
+    bits: int
+    group_size: int  # already resolved: a positive divisor of the column count
+    sym: bool = False
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def container_bits(self) -> int:
+        """The storage width fxforge::linear_wq packs these codes into (2, 4 or 8)."""
+        return 2 if self.bits <= 2 else 4 if self.bits <= 4 else 8
+
+
+@dataclass
+class QuantizedMatrix:
+    """Codes, scales and zero points of a grouped matrix; `dequantize()` gives ŵ."""
+
+    codes: Tensor   # uint8 (rows, cols)
+    scales: Tensor  # float32 (rows, cols // group_size)
+    zeros: Tensor   # uint8 (rows, cols // group_size)
+    group_size: int
+
+    def dequantize(self) -> Tensor:
+        scale = self.scales.repeat_interleave(self.group_size, dim=1)
+        zero = self.zeros.to(torch.float32).repeat_interleave(self.group_size, dim=1)
+        return (self.codes.to(torch.float32) - zero) * scale
+
+
+def qparams(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """Scale and zero point (float32, shape (..., 1)) for each row of w (..., g).
+
+    `clip` shrinks the range (max·clip, min·clip), as AWQ's clip search and EasyQuant do.
+    """
+    w = w.to(torch.float32)
+    if spec.sym:
+        absmax = w.abs().amax(dim=-1, keepdim=True) * clip
+        scale = (absmax / ((1 << (spec.bits - 1)) - 1)).clamp(min=MIN_SCALE)
+        return scale, torch.full_like(scale, float(1 << (spec.bits - 1)))
+    hi = w.amax(dim=-1, keepdim=True) * clip
+    lo = w.amin(dim=-1, keepdim=True) * clip
+    scale = ((hi - lo) / spec.qmax).clamp(min=MIN_SCALE)
+    zero = torch.clamp(-torch.round(lo / scale), 0, spec.qmax)
+    return scale, zero
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """Integer codes (float32 holding integers) of w under (scale, zero), broadcast along the last dim."""
+    low = 1.0 if spec.sym else 0.0  # symmetric codes stay within ±(2^(b-1)-1) around the zero point
+    return torch.clamp(torch.round(w.to(torch.float32) / scale) + zero, low, spec.qmax)
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """Quantize then dequantize: the float weight the quantized layer will compute with."""
+    return (quantize_codes(w, scale, zero, spec) - zero) * scale
+
+
+def quantize_matrix(m: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> QuantizedMatrix:
+    """Group-wise round-to-nearest of m (rows, cols); `clip` is a scalar or (rows, cols//g, 1) tensor."""
+    rows, cols = m.shape
+    groups = m.to(torch.float32).reshape(rows, cols // spec.group_size, spec.group_size)
+    scale, zero = qparams(groups, spec, clip)
+    codes = quantize_codes(groups, scale, zero, spec)
+    return QuantizedMatrix(
+        codes=codes.reshape(rows, cols).to(torch.uint8),
+        scales=scale.squeeze(-1),
+        zeros=zero.squeeze(-1).to(torch.uint8),
+        group_size=spec.group_size,
+    )
+
+
+def quantize_weight_rtn(m: Tensor, spec: QuantSpec) -> QuantizedMatrix:
+    """The RTN baseline: each group's full range, rounded to nearest."""
+    return quantize_matrix(m, spec)
