@@ -56,21 +56,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backends", default="eager,onnx")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--typical-tree-nodes", type=int, default=16)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
 
-def decode_all(fn, prompts, new_tokens):
-    """Run `fn(prompt, n)` over the prompts; total tokens, seconds, steps and outputs."""
-    outputs, tokens, seconds, steps = [], 0, 0.0, 0
+def run_interleaved(methods: dict, prompts, new_tokens: int) -> dict:
+    """Each method on each prompt, methods interleaved per prompt so that load from other
+    processes on a shared machine hits all of them alike. Totals per method."""
+    stats = {name: {"outputs": [], "tokens": 0, "seconds": 0.0, "steps": 0} for name in methods}
     for prompt in prompts:
-        start = time.perf_counter()
-        result = fn(prompt, new_tokens)
-        seconds += time.perf_counter() - start
-        outputs.append(result)
-        tokens += len(result.tokens)
-        steps += len(result.accepted_per_step)
-    return outputs, tokens, seconds, steps
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            result = fn(prompt, new_tokens)
+            st = stats[name]
+            st["seconds"] += time.perf_counter() - start
+            st["outputs"].append(result)
+            st["tokens"] += len(result.tokens)
+            st["steps"] += len(result.accepted_per_step)
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,36 +119,38 @@ def main(argv: list[str] | None = None) -> int:
         base = CachedLM.prepare(plain_graph, backend, **options)
         greedy_generate(base, prompts[0], 8)  # warm-up (ORT session, allocator)
         medusa.generate(compiled, prompts[0], 8, lm=dec)
-        plain, plain_tokens, plain_s, plain_steps = decode_all(
-            lambda p, n: greedy_generate(base, p, n), prompts, args.new_tokens)
-        plain_tps = plain_tokens / plain_s
-        rows.append((backend, "greedy", "-", 1.0, plain_tps, 1.0, "-"))
+        trees = {n: medusa.tree_from_report(report, n) for n in args.tree_nodes}
+        typical_tree = trees[args.typical_tree_nodes] if args.typical_tree_nodes in trees else \
+            medusa.tree_from_report(report, args.typical_tree_nodes)
+        methods = {"greedy": lambda p, n: greedy_generate(base, p, n)}
+        for nodes, tree in trees.items():
+            methods[f"tree{nodes}"] = lambda p, n, tree=tree: medusa.generate(compiled, p, n, tree=tree, lm=dec)
+        methods["typical"] = lambda p, n: medusa.generate(compiled, p, n, tree=typical_tree, lm=dec,
+                                                          mode="typical", temperature=args.temperature, seed=0)
+        stats = run_interleaved(methods, prompts, args.new_tokens)
+        plain = stats["greedy"]
+        plain_tps = plain["tokens"] / plain["seconds"]
+        rows.append((backend, "greedy (no heads)", "-", 1.0, plain_tps, 1.0, "-"))
         per_tree = []
-        for nodes in args.tree_nodes:
-            tree = medusa.tree_from_report(report, nodes)
-            out, tokens, secs, steps = decode_all(
-                lambda p, n: medusa.generate(compiled, p, n, tree=tree, lm=dec), prompts, args.new_tokens)
-            mismatches = sum(a.tokens != b.tokens for a, b in zip(out, plain))
-            mean_acc = tokens / steps
-            tps = tokens / secs
+        for nodes, tree in trees.items():
+            st = stats[f"tree{nodes}"]
+            mismatches = sum(a.tokens != b.tokens for a, b in zip(st["outputs"], plain["outputs"]))
+            mean_acc, tps = st["tokens"] / st["steps"], st["tokens"] / st["seconds"]
             per_tree.append({"tree_nodes": tree.num_nodes, "mean_accepted": mean_acc, "tokens_per_second": tps,
                              "speedup": tps / plain_tps, "mismatches_vs_greedy": mismatches})
             rows.append((backend, "medusa greedy", tree.num_nodes, mean_acc, tps, tps / plain_tps, mismatches))
         best = max(per_tree, key=lambda r: r["tokens_per_second"])
-        best_tree = medusa.tree_from_report(report, best["tree_nodes"] - 1)
-        typical, tokens, secs, steps = decode_all(
-            lambda p, n: medusa.generate(compiled, p, n, tree=best_tree, lm=dec, mode="typical",
-                                         temperature=args.temperature, seed=0), prompts, args.new_tokens)
-        rate = sum(r.acceptance_rate for r in typical) / len(typical)
-        rows.append((backend, f"medusa typical T={args.temperature}", best_tree.num_nodes, tokens / steps,
-                     tokens / secs, (tokens / secs) / plain_tps, f"acc.rate {rate:.2f}"))
+        st = stats["typical"]
+        rate = sum(r.acceptance_rate for r in st["outputs"]) / len(st["outputs"])
+        typ_acc, typ_tps = st["tokens"] / st["steps"], st["tokens"] / st["seconds"]
+        rows.append((backend, f"medusa typical T={args.temperature}", typical_tree.num_nodes, typ_acc, typ_tps,
+                     typ_tps / plain_tps, f"acc.rate {rate:.2f}"))
         results[backend] = {
             "prepare_seconds": prepare_seconds,
-            "plain_greedy": {"tokens_per_second": plain_tps, "tokens": plain_tokens, "seconds": plain_s},
+            "plain_greedy": {"tokens_per_second": plain_tps, "tokens": plain["tokens"], "seconds": plain["seconds"]},
             "medusa_greedy": per_tree, "best": best,
-            "medusa_typical": {"temperature": args.temperature, "tree_nodes": best_tree.num_nodes,
-                               "mean_accepted": tokens / steps, "tokens_per_second": tokens / secs,
-                               "acceptance_rate": rate},
+            "medusa_typical": {"temperature": args.temperature, "tree_nodes": typical_tree.num_nodes,
+                               "mean_accepted": typ_acc, "tokens_per_second": typ_tps, "acceptance_rate": rate},
         }
 
     header = f"{'backend':<8}{'decoding':<24}{'tree':>6}{'tok/step':>10}{'tok/s':>10}{'speedup':>9}  check"

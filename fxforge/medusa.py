@@ -110,6 +110,17 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    # The backbone is frozen, so its hidden states are computed once; steps run the heads only.
+    split = split_backbone_and_heads(gm)
+    if split is not None:
+        backbone, heads_gm = split
+        hidden = torch.cat([_backbone_hidden(gm, backbone, chunk) for chunk in train.split(16)])
+
+        def forward_heads(pick: torch.Tensor) -> torch.Tensor:
+            return heads_gm(hidden[pick])[0]
+    else:
+        def forward_heads(pick: torch.Tensor) -> torch.Tensor:
+            return _head_logits(gm, train[pick])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
@@ -118,10 +129,8 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
     bar = default_progress(range(steps), desc="medusa heads", **({} if progress else {"disable": True}))
     for _ in bar:
         pick = torch.randint(0, train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
-        batch = train[pick]
         with torch.enable_grad():
-            heads = _head_logits(gm, batch)
-            loss = medusa_loss(heads, batch, decay)
+            loss = medusa_loss(forward_heads(pick), train[pick], decay)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
@@ -212,6 +221,56 @@ def self_distill(gm: Any, count: int, seq_len: int, prompt_len: int, generator: 
         out = lm.forward(nxt, past, length)
         past, length = out.present, length + 1
     return ids
+
+
+def split_backbone_and_heads(gm: Any) -> tuple[Any, Any] | None:
+    """(backbone: ids -> hidden state, heads: hidden -> (K, B, L, V)) sharing `gm`'s parameters.
+
+    None when the heads' nodes cannot be told apart (a later pass rewrote them); callers then
+    run the whole graph.
+    """
+    from torch.fx import Graph, GraphModule
+
+    meta = _medusa_meta(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    hidden = nodes.get(meta.get("hidden_node", ""))
+    stacked = gm.graph.output_node().args[0][meta["heads_output"]]
+    if hidden is None:
+        return None
+    prefix = meta["prefix"]
+    graph = Graph()
+    value_map = {hidden: graph.placeholder("hidden")}
+    for node in gm.graph.nodes:
+        is_head = (node.op == "get_attr" and str(node.target).startswith(prefix + ".")) or \
+            (node.op == "call_function" and str(node.meta.get("module_path", "")).startswith(prefix))
+        if not is_head:
+            continue
+        if any(inp not in value_map for inp in node.all_input_nodes):
+            return None
+        value_map[node] = graph.node_copy(node, lambda n: value_map[n])
+    if stacked not in value_map:
+        return None
+    graph.output((value_map[stacked],))
+    heads = GraphModule(gm, graph)  # shares (does not copy) the head parameters
+    backbone_graph = Graph()
+    backbone_map: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        backbone_map[node] = backbone_graph.node_copy(node, lambda n: backbone_map[n])
+        if node is hidden:
+            break
+    backbone_graph.output((backbone_map[hidden],))
+    backbone_graph.eliminate_dead_code()
+    return GraphModule(gm, backbone_graph), heads
+
+
+def _backbone_hidden(gm: Any, backbone: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if KV_META in gm.meta:
+            layout = gm.meta[KV_META]
+            return backbone(*cached_inputs(layout, ids, 0, empty_past(layout, ids.shape[0], torch.float32)))[0]
+        return backbone(ids)[0]
 
 
 def _head_logits(gm: Any, ids: torch.Tensor) -> torch.Tensor:

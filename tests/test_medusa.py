@@ -64,13 +64,24 @@ def test_training_on_texts_improves_held_out_accuracy(fused):
     compiled = with_heads(fused, 2)
     heldout = lm.heldout_batches(seq_len=32, max_batches=1, batch_size=8)[0]
     before = medusa.head_accuracy(compiled.graph_module, heldout)
-    texts = lm.train_texts()[:40]
+    texts = lm.train_texts()[:12]
     report = medusa.train_heads(compiled, texts, tokenizer=lm.tokenizer, heldout=[heldout], steps=40,
                                 seq_len=32, lr=3e-3, progress=False)
     assert report.source == "data" and report.heldout_positions > 0
     # fresh heads are copies of the LM head (they predict t+1, not t+2): training must beat that
     assert sum(report.top5) > sum(before[1])
     assert report.top1 == pytest.approx(medusa.head_accuracy(compiled.graph_module, heldout)[0])
+
+
+def test_training_split_reproduces_the_whole_graph(trained, prompts):
+    compiled, _, _ = trained
+    gm = compiled.graph_module
+    backbone, heads = medusa.split_backbone_and_heads(gm)
+    ids = prompts[:3]
+    whole = gm(ids)[1]
+    torch.testing.assert_close(heads(backbone(ids)[0])[0], whole, rtol=0, atol=0)
+    # the split shares the parameters: what training updates is what the model uses
+    assert get_attr(heads, "medusa_heads.0.0.linear.weight") is get_attr(gm, "medusa_heads.0.0.linear.weight")
 
 
 def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_eager(trained, prompts):

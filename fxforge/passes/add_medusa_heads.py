@@ -136,7 +136,7 @@ class AddMedusaHeads(Pass):
             "num_heads": self.num_heads, "num_layers": self.num_layers,
             "logits_output": head.output_index, "heads_output": len(outputs),
             "hidden_size": head.hidden_size, "vocab_size": head.vocab_size,
-            "lm_head": head.weight_name, "prefix": HEADS_PREFIX,
+            "lm_head": head.weight_name, "prefix": HEADS_PREFIX, "hidden_node": hidden.name,
         }
         return PassResult(gm, sites=self.num_heads, notes={
             "lm_head": head.weight_name, "heads_output": len(outputs),
