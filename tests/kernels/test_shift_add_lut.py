@@ -110,3 +110,19 @@ _COMPILE_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_kernel_compiles_for_hopper():
     assert run_outside_interpreter(_COMPILE_SCRIPT, timeout=300).split() == ["1", "ok", "8", "ok"]
+
+
+def test_triton_backend_runs_a_shift_add_model():
+    import fxforge
+    from fxforge.models import get_model
+
+    zoo = get_model("mlp")
+    compiled = fxforge.compile(zoo.model, zoo.args, zoo.kwargs, passes="shift_add(bits=2,group_size=-1,iters=1)",
+                               backend="triton")
+    eager = compiled.graph_module
+    args, kwargs = zoo.make_inputs(batch=1)  # the GEMV path
+    from fxforge.ir.trace import flatten_inputs
+    from fxforge.ir.verify import run_graph
+
+    flat = flatten_inputs(eager, args, kwargs)
+    torch.testing.assert_close(compiled.run_flat(*flat)[0], run_graph(eager, flat)[0], rtol=1e-4, atol=1e-5)

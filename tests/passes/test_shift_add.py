@@ -187,3 +187,19 @@ def test_calibrated_without_data_is_a_clear_error(gpt2):
 def test_registered_by_name():
     assert get_pass_class("shift_add") is ShiftAdd
     assert Pipeline("shift_add(bits=2,group_size=-1)").passes[0] == ShiftAdd(bits=2, group_size=-1)
+
+
+@pytest.mark.slow
+def test_composes_after_prune_and_with_fuse_attention(llama):
+    gm, example, calibration = llama
+    ctx = PassContext(example_inputs=example, calibration=calibration, progress=lambda it=None, **kw: it)
+    spec = ("prune(method='magnitude',ratio=0.25,structures=('channels',),round_to=8),fuse_attention,"
+            "shift_add(bits=4,group_size=-1,iters=2,method='bcq_calibrated')")
+    out, report = Pipeline(spec).run(gm, ctx)  # each pass verified against the graph before it
+    assert report["shift_add"].sites == EXPECTED_SITES["tiny-llama"]
+    assert sum(n.target == torch.ops.fxforge.attention.default for n in out.graph.nodes) == 2
+    widths = {n.meta["module_path"]: n.args[0].meta["val"].shape[-1] for n in _shift_add_nodes(out)}
+    # shift_add quantized the pruned MLP: down_proj reads fewer than the original 128 channels
+    assert all(w < 128 for p, w in widths.items() if p.endswith("down_proj"))
+    cmp = compare_outputs(run_graph(gm, example), run_graph(out, example), ShiftAdd(bits=2).tolerance())
+    assert cmp.ok, cmp.describe()
