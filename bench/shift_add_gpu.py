@@ -1,0 +1,121 @@
+"""GPU benchmark of the shift-add LUT kernel at batch 1 against torch fp16 matmul and int4.
+
+Times, in one run on one GPU with triton.testing.do_bench, at batch 1 (decoding) on 4096x4096
+and 8192x8192 layers:
+  fp16       torch.nn.functional.linear with an fp16 weight (cuBLAS), the baseline
+  int4       fxforge::linear_wq Triton kernel, 4-bit weights, group 128 (its split-K GEMV)
+  lut-shift  fxforge::shift_add_linear LUT kernel, 3 planes, group 128, powers of two applied
+             as exponent adds (EXPONENT_ADD=True)
+  lut-mul    the same kernel applying them as float multiplies (EXPONENT_ADD=False)
+Every kernel's output is checked against its op's reference first, so a fast wrong kernel
+cannot produce a number. Prints a table; writes bench/results/shift_add_gpu_<gpu name>.json.
+Target (issue 8): the LUT kernel faster than fp16 at batch 1.
+
+    python bench/shift_add_gpu.py          # needs a CUDA GPU (written for an H100)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+SIZES = (4096, 8192)
+BATCH = 1
+GROUP_SIZE = 128
+PLANES = 3
+TERMS = 3
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _require_cuda() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("bench/shift_add_gpu.py: TRITON_INTERPRET=1 is set; unset it to time real GPU kernels.")
+    if not torch.cuda.is_available():
+        sys.exit(
+            "bench/shift_add_gpu.py: no CUDA device found (torch.cuda.is_available() is False). "
+            "Run it on a machine with an NVIDIA GPU and a CUDA build of torch."
+        )
+
+
+def _shift_add_operands(n: int, k: int, device: str):
+    from fxforge.ir.ops.shift_add_linear import pack_signs, round_to_apot
+
+    planes = (torch.randint(0, 2, (PLANES, n, k), device=device) * 2 - 1).to(torch.int8)
+    exps, signs = round_to_apot(torch.rand(n, k // GROUP_SIZE, PLANES, device=device) * 0.02 + 1e-3, TERMS)
+    return pack_signs(planes), exps, signs
+
+
+def _int4_operands(n: int, k: int, device: str):
+    from fxforge.ir.ops.linear_wq import pack_bits
+
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+    scales = (torch.rand(n, k // GROUP_SIZE, device=device) * 0.01).to(torch.float16)
+    zeros = torch.randint(0, 16, (n, k // GROUP_SIZE), dtype=torch.uint8, device=device)
+    return pack_bits(q, 4), scales, zeros
+
+
+def _check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    err = (got.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    if not err <= 2e-2 * scale + 1e-3:
+        raise SystemExit(f"bench/shift_add_gpu.py: {name} disagrees with its reference (max abs error {err:.3g}).")
+
+
+def main() -> None:
+    _require_cuda()
+    import triton
+    import triton.testing
+
+    from fxforge.kernels.shift_add_lut import shift_add_linear_triton
+    from fxforge.kernels.wq_gemm import linear_wq_triton
+
+    device = "cuda"
+    gpu = torch.cuda.get_device_name()
+    torch.manual_seed(0)
+    rows = []
+    for size in SIZES:
+        n = k = size
+        weight = (torch.randn(n, k, device=device) * 0.02).to(torch.float16)
+        packed, exps, signs = _shift_add_operands(n, k, device)
+        qweight4, scales4, zeros4 = _int4_operands(n, k, device)
+        x = torch.randn(BATCH, k, device=device, dtype=torch.float16)
+        reference = torch.ops.fxforge.shift_add_linear(x, packed, exps, signs, None, GROUP_SIZE)
+        for exponent_add in (True, False):
+            _check("shift_add_lut", shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE,
+                                                             exponent_add=exponent_add), reference)
+        _check("int4", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
+               torch.ops.fxforge.linear_wq(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE))
+        times = {
+            "fp16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight)),
+            "int4": triton.testing.do_bench(lambda: linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE)),
+            "lut_shift": triton.testing.do_bench(
+                lambda: shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE, exponent_add=True)),
+            "lut_mul": triton.testing.do_bench(
+                lambda: shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE, exponent_add=False)),
+        }
+        row = {"n": n, "k": k, "batch": BATCH, **{f"{name}_ms": ms for name, ms in times.items()}}
+        rows.append(row)
+        print(
+            f"{n:>5}x{k:<5} batch {BATCH}  fp16 {row['fp16_ms']:.4f} ms  int4 {row['int4_ms']:.4f} ms  "
+            f"lut-shift {row['lut_shift_ms']:.4f} ms ({row['fp16_ms'] / row['lut_shift_ms']:.2f}x fp16)  "
+            f"lut-mul {row['lut_mul_ms']:.4f} ms ({row['fp16_ms'] / row['lut_mul_ms']:.2f}x fp16)",
+            flush=True,
+        )
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"shift_add_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.json"
+    payload = {
+        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+        "group_size": GROUP_SIZE, "planes": PLANES, "terms": TERMS,
+        "note": "ms per call from triton.testing.do_bench; speedup = fp16_ms / kernel_ms",
+        "rows": rows,
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
