@@ -116,7 +116,7 @@ def _case(name: str) -> Case:
     model, layers = _hf_model(arch, impl or "eager")
     if arch == "vit":
         def make(seq: int, padded: bool) -> dict:  # no sequence axis: vary the batch instead
-            return {"pixel_values": torch.randn(1 if seq < 8 else 3, 3, 16, 16, generator=torch.Generator().manual_seed(seq))}
+            return {"pixel_values": torch.randn(2 if seq < 8 else 3, 3, 16, 16, generator=torch.Generator().manual_seed(seq))}
 
         gm = trace(model, (), make(7, False), dynamic_shapes={"pixel_values": {0: Dim("batch", min=1, max=8)}})
     else:
