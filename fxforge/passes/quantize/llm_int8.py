@@ -1,0 +1,48 @@
+"""Pass `llm_int8`: LLM.int8() mixed-precision decomposition, no calibration.
+
+    aten.linear(x, W, b) -> fxforge.linear_int8_mixed(x, W8, s_w, b, threshold)
+
+Weights are int8 per output row (absmax); at run time input columns with any |x| ≥ threshold
+(6.0 by default) multiply in float against the dequantized int8 weight columns, the rest go
+through int8×int8→int32 with per-token scales (fxforge/ir/ops/linear_int8_mixed.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+
+from fxforge.ir.graph import add_attr, replace_with_call
+from fxforge.ir.ops import get_op
+from fxforge.ir.verify import Tolerance
+from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
+from fxforge.passes.quantize.quantize_dynamic import quantize_weight_int8
+
+
+@register_pass
+@dataclass(frozen=True)
+class LlmInt8(Pass):
+    """LLM.int8(): int8 weights, outlier activation columns in float."""
+
+    name = "llm_int8"
+    threshold: float = 6.0
+    targets: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    include_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        check_option(self.threshold > 0, f"llm_int8: threshold={self.threshold} must be positive (default 6.0)")
+
+    def tolerance(self) -> Tolerance:
+        return Tolerance.lossy(max_rel=0.05)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        op = get_op("linear_int8_mixed").overload
+        sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        for site in sites:
+            codes, scale = quantize_weight_int8(weight_of(gm, site))
+            qweight = add_attr(gm, f"{site.module_path}.qweight", codes, buffer=True, before=site.node)
+            wscale = add_attr(gm, f"{site.module_path}.wscale", scale, buffer=True, before=site.node)
+            replace_with_call(gm, site.node, op, (site.input, qweight, wscale, bias_node(site), float(self.threshold)))
+        return PassResult(gm, sites=len(sites))

@@ -1,0 +1,56 @@
+"""Pass `quantize_dynamic`: W8A8 int8 with per-token dynamic activation scales.
+
+    aten.linear(x, W, b) -> fxforge.linear_w8a8(x, W8, s_w, b)
+    s_w[n] = max|W[n, :]| / 127,  W8 = clamp(round(W / s_w), -127, 127)   (per output channel)
+
+Activations are quantized per token when the op runs (see fxforge/ir/ops/linear_w8a8.py);
+ONNX lowers it to MatMulInteger, Triton to the int8 tl.dot GEMM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule
+
+from fxforge.ir.graph import add_attr, replace_with_call
+from fxforge.ir.ops import get_op
+from fxforge.ir.verify import Tolerance
+from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.quantize.common import bias_node, select_sites, weight_of
+
+INT8_MAX = 127
+
+
+def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: (W8 int8 (N, K), scales float32 (N,)); an all-zero row gets scale 1."""
+    w = weight.to(torch.float32)
+    scale = w.abs().amax(dim=1) / INT8_MAX
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.clamp(torch.round(w / scale[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scale
+
+
+@register_pass
+@dataclass(frozen=True)
+class QuantizeDynamic(Pass):
+    """W8A8: int8 weights per channel, int8 activations per token, int32 accumulation."""
+
+    name = "quantize_dynamic"
+    targets: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    include_lm_head: bool = False
+
+    def tolerance(self) -> Tolerance:
+        return Tolerance.lossy(max_rel=0.05)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        op = get_op("linear_w8a8").overload
+        sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        for site in sites:
+            codes, scale = quantize_weight_int8(weight_of(gm, site))
+            qweight = add_attr(gm, f"{site.module_path}.qweight", codes, buffer=True, before=site.node)
+            wscale = add_attr(gm, f"{site.module_path}.wscale", scale, buffer=True, before=site.node)
+            replace_with_call(gm, site.node, op, (site.input, qweight, wscale, bias_node(site)))
+        return PassResult(gm, sites=len(sites))
