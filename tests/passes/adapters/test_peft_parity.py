@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fxforge.passes.adapters.common import adapter_records
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
 from fxforge.passes.base import PassContext, run_pass
 
@@ -23,6 +24,13 @@ def lora_config(**kw):
     return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0, **kw)
 
 
+def eva_config(ranks):
+    """EVA's adapted layers are LoRA layers of the ranks EVA chose, with α scaled to keep α/r (PEFT's
+    adjust_scaling_factors); its init is compared with PEFT's in test_eva_lora_ga.py."""
+    return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0,
+                           rank_pattern=ranks, alpha_pattern={k: ALPHA * r / RANK for k, r in ranks.items()})
+
+
 LORA_ROLES = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
 
 # method: (PEFT config, {our role: PEFT parameter suffix}, our pass options, copy base weight)
@@ -33,6 +41,8 @@ PARITY = {
              {**LORA_ROLES, "magnitude": "lora_magnitude_vector.default.weight"}, {}, False),
     "pissa": (lambda: lora_config(init_lora_weights="pissa"), LORA_ROLES, {}, True),
     "olora": (lambda: lora_config(init_lora_weights="olora"), LORA_ROLES, {}, True),
+    "eva": (eva_config, LORA_ROLES, {}, False),
+    "lora_ga": (lambda: lora_config(), LORA_ROLES, {}, True),
     "bone": (lambda: peft.MissConfig(r=RANK, target_modules=list(TARGETS)), {"miss_D": "miss_block.default"},
              {}, False),
     "bone-bat": (lambda: peft.MissConfig(r=RANK, target_modules=list(TARGETS), init_weights="bat"),
@@ -58,8 +68,13 @@ def test_matches_peft_before_and_after_training_and_merged(method, mlp, adapt):
     zoo, gm = mlp
     make_config, roles, options, copy_base = PARITY[method]
     torch.manual_seed(0)
-    peft_model = peft.get_peft_model(copy.deepcopy(zoo.model), make_config()).eval()
-    ours = adapt(gm, zoo.args, method=method.split("-")[0], rank=RANK, alpha=ALPHA, targets=TARGETS, **options)
+    calibration = [torch.randn(16, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    extras = {"loss_fn": lambda outputs, inputs: outputs[0].square().mean()}
+    ours = adapt(gm, zoo.args, calibration=calibration, extras=extras, method=method.split("-")[0], rank=RANK,
+                 alpha=ALPHA, targets=TARGETS, **options)
+    ranks = {layer: rec["rank"] for layer, rec in adapter_records(ours).items()}
+    config = make_config(ranks) if method == "eva" else make_config()
+    peft_model = peft.get_peft_model(copy.deepcopy(zoo.model), config).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in TARGETS:
