@@ -24,7 +24,7 @@ from fxforge.ir.ops.shift_add_linear import stored_bits_per_weight
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.shift_add_bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
-from fxforge.passes.shift_add_calib import capture_hessians
+from fxforge.passes.quantize.calibration import capture_linear_inputs
 
 BUDGET_CHOICES = (2, 3, 4)
 # Output cosine to the float model the pass must keep on the example inputs, by the fewest
@@ -114,10 +114,12 @@ class ShiftAdd(Pass):
         if self.method == "bcq_calibrated":
             ctx.require_calibration(self.name, "calibration data for method='bcq_calibrated'")
         if sites and ctx.calibration is not None and (self.method == "bcq_calibrated" or self.bit_budget):
-            hessians = capture_hessians(gm, [s.node for s in sites],
-                                        ctx.calibration_batches(gm, self.calibration_batches))
-            if self.method == "bcq_calibrated" and not hessians:
-                raise PassError("pass 'shift_add': the calibration data yielded no batches", pass_name=self.name)
+            # the quantize package's capture: H = XᵀX/n of each layer's input on the float graph
+            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches, rows_per_batch=0)
+            if any(s.rows == 0 for s in stats.values()):
+                raise PassError("pass 'shift_add': the calibration data yielded no batches; pass at least one "
+                                "model input as calibration", pass_name=self.name)
+            hessians = {name: s.hessian for name, s in stats.items()}
 
         chosen: dict[str, BcqWeight] = {}
         notes: dict = {}

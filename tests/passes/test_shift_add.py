@@ -184,6 +184,12 @@ def test_calibrated_without_data_is_a_clear_error(gpt2):
         run_pass(ShiftAdd(group_size=32, method="bcq_calibrated"), copy.deepcopy(gm), PassContext(example_inputs=example))
 
 
+def test_empty_calibration_is_a_clear_error(gpt2):
+    gm, example, _ = gpt2
+    with pytest.raises(PassError, match="yielded no batches"):
+        run_pass(ShiftAdd(group_size=32, method="bcq_calibrated"), gm, PassContext(example_inputs=example, calibration=[]))
+
+
 def test_registered_by_name():
     assert get_pass_class("shift_add") is ShiftAdd
     assert Pipeline("shift_add(bits=2,group_size=-1)").passes[0] == ShiftAdd(bits=2, group_size=-1)
