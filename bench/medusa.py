@@ -43,9 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="small", choices=("small", "tiny"))
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--train-steps", type=int, default=400)
-    p.add_argument("--train-seq-len", type=int, default=96)
-    p.add_argument("--distill-sequences", type=int, default=256)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--train-seq-len", type=int, default=64)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--distill-sequences", type=int, default=128)
     p.add_argument("--data", choices=("self", "train"), default="self",
                    help="self-distillation (default) or the code-lm's train split texts")
     p.add_argument("--tree-nodes", type=int, nargs="+", default=[8, 16, 32, 63],
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = None if args.data == "self" else lm.train_texts()
     report = medusa.train_heads(compiled, data, tokenizer=lm.tokenizer, steps=args.train_steps,
-                                seq_len=args.train_seq_len, batch_size=8, lr=2e-3,
+                                seq_len=args.train_seq_len, batch_size=args.train_batch, lr=2e-3,
                                 self_distill_sequences=args.distill_sequences)
     print(report)
     heldout = lm.heldout_batches(seq_len=128, max_batches=4, batch_size=4)

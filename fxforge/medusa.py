@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -303,6 +304,19 @@ def decoder(compiled: Any, backend: str | None = None, **backend_options: Any) -
     return cache[key]
 
 
+def export_onnx(compiled: Any, path: str | Path) -> Path:
+    """Write the KV-cached model with its heads as ONNX.
+
+    Inputs: input_ids, position_ids, tree_mask, past_key_i/past_value_i; outputs: logits, head
+    logits (K, B, L, V), present_key_i/present_value_i. Batch, new and past lengths are dynamic.
+    """
+    from fxforge.backends.onnx.backend import export_onnx as export_graph
+    from fxforge.runtime.decoding import example_cached_inputs
+
+    gm = with_kv_cache(compiled.graph_module)
+    return export_graph(gm, example_cached_inputs(gm), path)
+
+
 def _invalidate(compiled: Any) -> None:
     # Decoders hold copies of the head weights (and ONNX files): rebuild after training.
     compiled.__dict__.pop(_DECODERS, None)
@@ -399,5 +413,5 @@ def tree_from_report(report: HeadTrainingReport, num_nodes: int) -> MedusaTree:
     return tree_from_accuracies(report.rank_accuracy, num_nodes)
 
 
-__all__ = ["HeadTrainingReport", "MedusaResult", "decoder", "generate", "greedy_generate", "head_accuracy",
+__all__ = ["HeadTrainingReport", "MedusaResult", "decoder", "export_onnx", "generate", "greedy_generate", "head_accuracy",
            "medusa_loss", "self_distill", "token_rows", "train_heads", "tree_from_report"]

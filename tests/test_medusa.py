@@ -104,6 +104,10 @@ def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_onnx(trained, p
     eager_lm = medusa.decoder(compiled, "eager")
     onnx_lm = medusa.decoder(compiled, "onnx")
     assert onnx_lm.backend == "onnx" and onnx_lm.num_heads == NUM_HEADS
+    session = onnx_lm.runner.session
+    assert [i.name for i in session.get_inputs()] == [
+        "input_ids", "position_ids", "tree_mask", "past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    assert len(session.get_outputs()) == 2 + 4  # logits, head logits, present K/V of 2 layers
     for prompt in prompts:
         plain = greedy_generate(eager_lm, prompt, NEW_TOKENS)
         assert greedy_generate(onnx_lm, prompt, NEW_TOKENS).tokens == plain.tokens

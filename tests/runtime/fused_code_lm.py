@@ -1,8 +1,7 @@
-"""Test helper: the tiny code-lm traced with fused attention, for the KV-cache and Medusa tests.
+"""Test helper: the tiny code-lm and the passes that give it fused attention.
 
-Uses the `fuse_attention` pass when it is registered. Until then, it routes the model's
-attention through transformers' AttentionInterface to `fxforge::attention` directly, so the
-traced graph has the same fused op the pass would emit (causal, no mask, GQA groups).
+The KV-cache, decoding and Medusa tests all run on the tiny code-lm (trained and cached on first
+use) with `fuse_attention` applied, which turns its eager attention into `fxforge::attention`.
 """
 from __future__ import annotations
 
@@ -10,20 +9,6 @@ import copy
 import functools
 
 import torch
-
-ATTN_NAME = "fxforge_test_attention"
-
-
-def _fxforge_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    groups = query.shape[1] // key.shape[1]
-    out = torch.ops.fxforge.attention(query, key, value, None, True, scaling, groups)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def has_fuse_attention() -> bool:
-    from fxforge.passes.base import registered_passes
-
-    return "fuse_attention" in registered_passes()
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,19 +19,10 @@ def tiny_code_lm():
 
 
 def fused_model():
-    """(model with fused attention, passes to run first): a copy of the tiny code-lm."""
-    from transformers import AttentionInterface
-
-    import fxforge.ir.ops  # noqa: F401  (defines fxforge::attention)
-
-    model = copy.deepcopy(tiny_code_lm().model).eval()
-    if has_fuse_attention():
-        return model, ["fuse_attention"]
-    AttentionInterface.register(ATTN_NAME, _fxforge_attention)
-    model.config._attn_implementation = ATTN_NAME
-    return model, []
+    """(a copy of the tiny code-lm, the passes that fuse its attention)."""
+    return copy.deepcopy(tiny_code_lm().model).eval(), ["fuse_attention"]
 
 
 def example_ids(batch: int = 1, seq: int = 12) -> torch.Tensor:
-    lm = tiny_code_lm()
-    return lm.heldout_batches(seq_len=seq, max_batches=1, batch_size=batch)[0]
+    """Held-out token windows of the tiny code-lm, (batch, seq)."""
+    return tiny_code_lm().heldout_batches(seq_len=seq, max_batches=1, batch_size=batch)[0]
