@@ -106,6 +106,7 @@ class Quantize(Pass):
             qm, outliers = self._quantize_matrix(matrix, spec, site, stats), None
             if isinstance(qm, tuple):  # easyquant: (codes, sparse outliers)
                 qm, outliers = qm
+                notes["outlier_weights"] = notes.get("outlier_weights", 0) + int(outliers.values.numel())
             new = emit_weight_only(gm, site, qm, spec, self.group_axis)
             if outliers is not None:
                 from fxforge.passes.quantize.easyquant import emit_outliers
