@@ -90,15 +90,19 @@ class ShiftAdd(Pass):
     def _check_sites(self, sites: list[LinearSite]) -> None:
         for site in sites:
             g = self._group(site)
-            if site.in_features % g or g % 8:
-                raise PassError(
-                    f"pass 'shift_add': group_size={g} does not divide the {site.in_features} input features "
-                    f"of '{site.module_path}' (or is not a multiple of 8). Choose a group size that divides "
-                    f"every targeted layer (e.g. group_size=-1 for whole rows), or exclude this layer. "
-                    f"The model is unchanged.",
-                    pass_name=self.name,
-                    node=site.node.name,
-                )
+            if site.in_features % g == 0 and g % 8 == 0:
+                continue
+            if self.group_size == -1:
+                problem = (f"'{site.module_path}' has {site.in_features} input features, not a multiple of 8 "
+                           f"(one lookup-table byte holds 8 signs), so whole-row groups cannot be packed")
+            else:
+                problem = f"group_size={g} does not divide the {site.in_features} input features of '{site.module_path}'"
+            raise PassError(
+                f"pass 'shift_add': {problem}. Choose a group size that divides every targeted layer, or exclude "
+                f"this layer (exclude=('{site.module_path.rsplit('.', 1)[-1]}',)). The model is unchanged.",
+                pass_name=self.name,
+                node=site.node.name,
+            )
 
     def _quantize(self, site: LinearSite, gm: GraphModule, bits: int, hessian) -> BcqWeight:
         weight = get_attr(gm, site.weight_name)
