@@ -60,8 +60,8 @@ Abstract = Index | Const | Band | AddBand | None
 def classify_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -> str | None:
     """"causal" if `mask` is exactly the causal triangle over (lq, lk), "all" if it hides nothing, else None."""
     value = _eval(mask, gm, {})
-    if isinstance(value, Const) and (value.value is True or value.value == 0.0):
-        return "all"
+    if isinstance(value, Const) and (value.value is True or (not isinstance(value.value, bool) and value.value == 0)):
+        return "all"  # every key visible (bool True) or nothing added (additive 0); False is not "all"
     shape = _shape(mask)
     if shape is None or len(shape) < 2 or not (same_size(shape[-2], lq) and same_size(shape[-1], lk)):
         return None
