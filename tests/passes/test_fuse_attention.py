@@ -220,6 +220,8 @@ class Attention(nn.Module):
         elif s_ == "arange_masked_fill":
             pos = torch.arange(s)
             scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        elif s_ == "tril_offset":  # sees one key ahead: not causal, the mask must stay
+            scores = torch.where(torch.ones(s, s, dtype=torch.bool).tril(1), scores, float("-inf"))
         elif s_ == "softcap":
             scores = torch.tanh(scores / 5.0) * 5.0
         probs = scores.softmax(-1)
@@ -241,15 +243,17 @@ def _handwritten(spelling: str, kv_heads: int = 4):
     return gm, fused, report.records[0], x
 
 
-@pytest.mark.parametrize("spelling,causal", [
-    ("multiply", False), ("divide", False), ("scale_on_qk", False), ("k_permuted", False),
-    ("triu_buffer", True), ("tril_where", True), ("arange_masked_fill", True),
+@pytest.mark.parametrize("spelling,causal,masked", [
+    ("multiply", False, False), ("divide", False, False), ("scale_on_qk", False, False),
+    ("k_permuted", False, False), ("triu_buffer", True, False), ("tril_where", True, False),
+    ("arange_masked_fill", True, False), ("tril_offset", False, True),
 ])
-def test_handwritten_spellings(spelling, causal):
+def test_handwritten_spellings(spelling, causal, masked):
     gm, fused, record, x = _handwritten(spelling)
     (op,) = [n for n in _ops(fused) if n.target == ATTENTION]
     assert record.sites == 1 and record.skipped == []
-    assert op.args[4] is causal and op.args[3] is None  # a proven-causal mask is dropped for is_causal
+    assert op.args[4] is causal  # is_causal only where the mask is proven to be the causal triangle
+    assert (op.args[3] is not None) is masked  # ... and then the mask is dropped
     assert op.args[5] == pytest.approx(1 / math.sqrt(8))
     assert not any(n.target in SOFTMAXES for n in _ops(fused))
     torch.testing.assert_close(run_graph(fused, (x,))[0], run_graph(gm, (x,))[0], atol=1e-5, rtol=1e-5)
