@@ -13,10 +13,13 @@ plane) indexes it, so 8 multiply-adds become one lookup. Per tile:
        e_t is added to the exponent field of S_p's IEEE bits (an integer add), the sign s_t
        picks +, - or nothing; a zero or underflowing result is flushed to zero (as GPUs do
        with denormals) and an overflow becomes ±inf. With EXPONENT_ADD=False the term is a
-       float multiply by the exact 2^e_t instead. On Hopper FMUL and IADD issue at the same
-       rate, so the multiply (1 instruction) is cheaper than the exponent add with its range
-       guard (about 4); the flag keeps both so the GPU bench can time each. Either way the
-       scale is applied once per (group, plane, term), not per weight.
+       float multiply by the exact 2^e_t instead. On the target (sm_90) the multiply is
+       likely the faster one: an SM issues 128 fp32 multiplies but only 64 int32 adds per
+       clock (CUDA guide, arithmetic throughput for compute capability 9.0), and the exponent
+       add also needs its range guard (a shift, mask, compare and select). Both stay
+       selectable so bench/shift_add_gpu.py can time each; either way a scale is applied
+       once per (K block, plane, term) and output, never per weight, so this is a small
+       part of the work next to the table build and the lookups.
 
 BLOCK_K divides group_size (the launcher picks it), so a K block has one scale set; the lat
 layout (N, K/32, q) int32 puts the 4 bytes of a word next to each other along K. Masked
