@@ -20,9 +20,10 @@ stored form means what it says with integer arithmetic only.
 
 What the backends trade away: the Triton lowering (kernels/shift_add_lut.py) keeps the packed
 form and computes with table lookups and exponent adds. The ONNX lowering rebuilds ŵ from the
-packed planes with standard ops (And, Where, Pow, Mul, ReduceSum) followed by a float MatMul;
-ONNX Runtime constant-folds that rebuild at session start, so the .onnx file stays small (1 bit
-per weight per plane) but at run time the weight lives in float32 and is multiplied as usual:
+packed planes with standard ops (BitwiseAnd, Where, Pow, Mul, ReduceSum) followed by a float
+MatMul; ONNX Runtime constant-folds that rebuild at session start (tested), so the .onnx file
+stays small (1 bit per weight and plane) but at run time the weight lives in float32 and is
+multiplied as usual:
 memory and the multiplication-free arithmetic are given up for portability, not accuracy.
 """
 from __future__ import annotations

@@ -68,6 +68,11 @@ def test_file_stores_the_packed_form(tmp_path):
     # packed signs are q bits per weight; exponents and term signs are tiny; no float weight is stored
     assert n * k * q // 8 in sizes.values()
     assert sum(sizes.values()) < n * k * 4 / 10
+    # ORT folds the whole rebuild into a float weight at session start: one Gemm is left to run
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    assert [nd.op_type for nd in onnx.load(options.optimized_model_filepath).graph.node] in (["Gemm"], ["MatMul"])
 
 
 def test_shift_add_model_compiles_to_onnx_and_matches_eager(tmp_path):

@@ -16,6 +16,7 @@ unsigned integers.
 """
 from __future__ import annotations
 
+import onnx
 from onnxscript import FLOAT
 
 from fxforge.backends.onnx.lowerings import opset as op
@@ -24,14 +25,21 @@ from fxforge.ir.ops import register_lowering
 _BIT_MASKS = [1 << j for j in range(31)] + [-(1 << 31)]
 
 
+def _int32(name: str, values: list[int], dims: list[int]):
+    # Typed int32 constants, not CastLike of int64 ones: a Cast left in the rebuild chain stops
+    # ONNX Runtime from constant-folding it (observed with ORT 1.32), and the rebuild would then
+    # run on every call.
+    return op.Constant(value=onnx.helper.make_tensor(name, onnx.TensorProto.INT32, dims, values))
+
+
 @register_lowering("onnx", "shift_add_linear")
 def shift_add_linear_onnx(x, packed, exps, signs, bias, group_size: int):
     n, words, q = packed.shape[0], packed.shape[1], packed.shape[2]
     groups = exps.shape[1]
     k = groups * group_size  # static even where the exporter left x's last dimension symbolic
-    masks = op.Constant(value_ints=_BIT_MASKS)
-    set_bits = op.Not(op.Equal(op.BitwiseAnd(op.Unsqueeze(packed, op.Constant(value_ints=[-1])), op.CastLike(masks, packed)),
-                               op.CastLike(op.Constant(value_int=0), packed)))
+    masks = _int32("bit_masks", _BIT_MASKS, [32])
+    bits = op.BitwiseAnd(op.Unsqueeze(packed, op.Constant(value_ints=[-1])), masks)
+    set_bits = op.Not(op.Equal(bits, _int32("zero", [0], [])))
     plus, minus = op.Constant(value_float=1.0), op.Constant(value_float=-1.0)
     planes = op.Where(set_bits, plus, minus)  # (N, W, q, 32)
     planes = op.Reshape(op.Transpose(planes, perm=[0, 2, 1, 3]), op.Constant(value_ints=[n, q, words * 32]))
@@ -45,8 +53,9 @@ def shift_add_linear_onnx(x, packed, exps, signs, bias, group_size: int):
     weight = op.ReduceSum(op.Mul(planes, alpha), op.Constant(value_ints=[1]), keepdims=0)  # (N, G, g)
     weight = op.Reshape(weight, op.Constant(value_ints=[n, k]))
 
-    # float32 throughout, as the reference computes, whatever x's dtype
-    y = op.MatMul(op.Cast(x, to=FLOAT.dtype), op.Transpose(weight, perm=[1, 0]))
+    # float32 throughout, as the reference computes, whatever x's dtype (casts only where needed)
+    is_float = x.dtype == FLOAT.dtype
+    y = op.MatMul(x if is_float else op.Cast(x, to=FLOAT.dtype), op.Transpose(weight, perm=[1, 0]))
     if bias is not None:
-        y = op.Add(y, op.Cast(bias, to=FLOAT.dtype))
-    return op.CastLike(y, x)
+        y = op.Add(y, bias if bias.dtype == FLOAT.dtype else op.Cast(bias, to=FLOAT.dtype))
+    return y if is_float else op.CastLike(y, x)
