@@ -15,6 +15,7 @@ weight. Prints a table; writes bench/results/shift_add_<host>.json.
 
     python bench/shift_add.py              # ~10-20 min on 2 CPU cores
     python bench/shift_add.py --quick      # code-lm-tiny only, 2 eval batches (a smoke run)
+    python bench/shift_add.py --models minilm   # one model; its rows replace that model's in the JSON
 """
 from __future__ import annotations
 
@@ -170,26 +171,39 @@ def host() -> dict:
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+def save(path: Path, rows: list[dict], group: int, seconds: float) -> None:
+    """Write rows into `path`, replacing earlier rows of the same models (runs can be split by model)."""
+    models = {r["model"] for r in rows}
+    kept = []
+    if path.exists():
+        kept = [r for r in json.loads(path.read_text()).get("rows", []) if r["model"] not in models]
+    payload = {"host": host(), "group_size": group, "seconds_last_run": seconds, "rows": kept + rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="code-lm-tiny only, 2 eval batches")
+    parser.add_argument("--models", default="code-lm,minilm", help="comma-separated subset of code-lm,minilm")
     options = parser.parse_args()
     os.environ.setdefault("FXFORGE_PROGRESS", "0")
     torch.manual_seed(0)
     group = QUICK_GROUP if options.quick else GROUP
-    results = {"host": host(), "group_size": group, "rows": []}
-    start = time.perf_counter()
-    print(f"code-lm ({'tiny' if options.quick else 'small'}): held-out perplexity", flush=True)
-    results["rows"] += bench_code_lm("tiny" if options.quick else "small", 2 if options.quick else 8, group)
-    if not options.quick:
-        print("minilm: held-out embedding cosine to the float model", flush=True)
-        results["rows"] += bench_minilm()
-    results["seconds"] = time.perf_counter() - start
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    models = ["code-lm"] if options.quick else options.models.split(",")
     name = "shift_add_quick" if options.quick else "shift_add"
     path = RESULTS_DIR / f"{name}_{socket.gethostname().split('.')[0]}.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {path} ({results['seconds']:.0f}s)")
+    start = time.perf_counter()
+    rows: list[dict] = []
+    if "code-lm" in models:
+        print(f"code-lm ({'tiny' if options.quick else 'small'}): held-out perplexity", flush=True)
+        rows += bench_code_lm("tiny" if options.quick else "small", 2 if options.quick else 8, group)
+        save(path, rows, group, time.perf_counter() - start)
+    if "minilm" in models:
+        print("minilm: held-out embedding cosine to the float model", flush=True)
+        rows += bench_minilm()
+        save(path, rows, group, time.perf_counter() - start)
+    print(f"wrote {path} ({time.perf_counter() - start:.0f}s)")
 
 
 if __name__ == "__main__":
