@@ -16,6 +16,8 @@ from fxforge.ir.trace import trace
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
 from fxforge.passes.base import PassContext, run_pass
 
+pytestmark = pytest.mark.slow  # two ONNX exports of a seven-layer model: ~30 s on 2 busy cores
+
 PLAN = [("l0", "lora", {}), ("l1", "dora", {}), ("l2", "bone", {"bone_form": "bat"}), ("l3", "bone", {}),
         ("l4", "lora_sb", {}), ("l5", "sorsa", {}), ("l6", "loldu", {})]
 
