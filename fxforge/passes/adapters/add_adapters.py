@@ -10,6 +10,9 @@ pieces (SORSA's B·diag(S)·A, LoRA-SB's B·R·A, LoLDU's P·L·diag(z)·U) are 
 ops on the graph's parameters in front of the op, which keeps one op per low-rank form
 instead of one per method. After the pass, exactly the adapter tensors require grad.
 
+On a quantized base (`fxforge::linear_wq`, after the `quantize` pass) the low-rank methods add
+their branch beside the integer op instead, QLoRA style (quantized_base.py).
+
 The methods live one per file (lora.py, pissa.py, eva.py, ...); each leaves the initial output
 unchanged up to float rounding (B = 0, or a residual base weight W - s·B·A), so the pass keeps
 a tight tolerance. Bad targets, ranks and missing data fail before anything is changed.

@@ -7,6 +7,8 @@ Exact up to float rounding. The merged graph has plain linears only, so it expor
 runs on every backend with no adapter op. `merge_adapters(keep=True)` (the default) remembers
 each merged layer's adapter tensors in the graph's metadata so `unmerge_adapters` can restore
 the adapted graph, for the methods whose merge is invertible; `keep=False` forgets them.
+Adapters on a quantized base merge into a dequantized float linear (not restorable: the
+integer weights are gone); re-run `quantize` on the merged graph to get an integer model back.
 """
 from __future__ import annotations
 
