@@ -93,7 +93,11 @@ class AddAdapters(Pass):
             object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else self.exclude)
 
     def tolerance(self) -> Tolerance:
-        # Residual methods (W - s·B·A) and bf16 weights round; every init is exact in real numbers.
+        # Every init is exact in real numbers. Zero-update inits (B = 0, D = 0, R = 0, m = ‖W‖)
+        # change nothing but float rounding; residual ones (W - s·B·A) round W once more, which in
+        # bf16 moves outputs by ~2⁻⁸ relative, so they are held to a relative bound instead.
+        if get_method(self.method).changes_base_weight:
+            return Tolerance(max_abs=None, max_rel=5e-3, min_cosine=0.9999)
         return Tolerance(max_abs=1e-4, rtol=1e-4)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
