@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from fxforge.backends import get_backend
 from fxforge.errors import InputError
 from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past
 from fxforge.passes.add_medusa_heads import MEDUSA_META, head_parameter_names
@@ -294,14 +295,53 @@ def _medusa_meta(gm: Any) -> dict:
 # --------------------------------------------------------------------------- decoding
 
 
-def decoder(compiled: Any, backend: str | None = None, **backend_options: Any) -> CachedLM:
-    """The KV-cached Medusa decoder of `compiled` on `backend` (built once, then reused)."""
+def decoder(compiled: Any, backend: str | None = None, *, split_heads: bool = True,
+            **backend_options: Any) -> CachedLM:
+    """The KV-cached Medusa decoder of `compiled` on `backend` (built once, then reused).
+
+    split_heads: run the heads apart, on the one position a step needs them at (the last
+    accepted node), instead of on every tree node inside the graph: a step then costs the
+    backbone over the tree plus K heads on one vector. Same tokens either way.
+    """
     backend = backend or compiled.backend
     cache = compiled.__dict__.setdefault(_DECODERS, {})
-    key = (backend, tuple(sorted(backend_options.items())))
+    key = (backend, split_heads, tuple(sorted(backend_options.items())))
     if key not in cache:
-        cache[key] = CachedLM.prepare(with_kv_cache(compiled.graph_module), backend, **backend_options)
+        cached = with_kv_cache(compiled.graph_module)
+        split = split_heads_for_decoding(cached) if split_heads else None
+        if split is None:
+            cache[key] = CachedLM.prepare(cached, backend, **backend_options)
+        else:
+            main, heads = split
+            hidden_size = main.meta[MEDUSA_META]["hidden_size"]
+            example = [torch.zeros(1, 1, hidden_size, dtype=torch.float32)]
+            heads_runner = get_backend(backend)(heads, example, **backend_options)
+            lm = CachedLM.prepare(main, backend, **backend_options)
+            cache[key] = CachedLM(main, lm.runner, backend, heads_runner=heads_runner)
     return cache[key]
+
+
+def split_heads_for_decoding(cached: Any) -> tuple[Any, Any] | None:
+    """(graph returning the hidden state in place of head logits, heads graph) or None."""
+    import copy
+
+    from fxforge.ir.graph import erase_dead, finalize
+
+    split = split_backbone_and_heads(cached)
+    if split is None:
+        return None
+    _, heads = split
+    main = copy.deepcopy(cached)
+    meta = main.meta[MEDUSA_META]
+    hidden = next(n for n in main.graph.nodes if n.name == meta["hidden_node"])
+    output = main.graph.output_node()
+    outputs = list(output.args[0])
+    outputs[meta["heads_output"]] = hidden
+    output.args = (tuple(outputs),)
+    erase_dead(main)
+    finalize(main)
+    main.meta[MEDUSA_META] = {**meta, "hidden_output": meta["heads_output"]}
+    return main, heads
 
 
 def export_onnx(compiled: Any, path: str | Path) -> Path:
@@ -378,7 +418,7 @@ def generate(compiled: Any, prompt_ids: torch.Tensor | Sequence[int], max_new_to
     start = time.perf_counter()
     out = lm.forward(prompt, lm.empty_past(1), 0)
     past, past_len = out.present, prompt.shape[1]
-    root, heads = pick(out.logits[0, -1]), out.head_logits[:, 0, -1]
+    root, heads = pick(out.logits[0, -1]), lm.heads_at(out, -1)
     tokens: list[int] = []
     accepted, proposed, forwards = [], [], 1
     while len(tokens) < max_new_tokens:
@@ -394,7 +434,7 @@ def generate(compiled: Any, prompt_ids: torch.Tensor | Sequence[int], max_new_to
         emitted = tree_tokens[result.path].tolist()
         past = compact_kv(out.present, past_len, result.path)
         past_len += len(result.path)
-        heads = out.head_logits[:, 0, result.path[-1]]
+        heads = lm.heads_at(out, result.path[-1])
         root = result.next_token
         accepted.append(len(emitted))
         proposed.append(tree.depth)

@@ -30,8 +30,9 @@ class StepOutput:
     """What one cached forward returns."""
 
     logits: torch.Tensor                 # (B, L, V)
-    head_logits: torch.Tensor | None     # (K, B, L, V) when the graph has Medusa heads
+    head_logits: torch.Tensor | None     # (K, B, L, V) when the graph computes Medusa heads
     present: list[torch.Tensor]          # flat [k0, v0, k1, v1, ...], (B, Hkv, P + L, D)
+    hidden: torch.Tensor | None = None   # (B, L, d) when the heads run separately (`heads_at`)
 
 
 class CachedLM:
@@ -42,7 +43,8 @@ class CachedLM:
         runner: the backend's callable taking the graph's flat inputs (see `prepare`).
     """
 
-    def __init__(self, graph_module: GraphModule, runner: Callable[..., Sequence[Any]], backend: str = "eager"):
+    def __init__(self, graph_module: GraphModule, runner: Callable[..., Sequence[Any]], backend: str = "eager",
+                 heads_runner: Callable[..., Sequence[Any]] | None = None):
         if KV_META not in graph_module.meta:
             raise InputError("CachedLM needs a graph with a KV cache: run the `add_kv_cache` pass on it "
                              "first (e.g. passes=\"fuse_attention,add_kv_cache\").")
@@ -52,6 +54,9 @@ class CachedLM:
         self.layout = graph_module.meta[KV_META]
         self.medusa = graph_module.meta.get(MEDUSA_META)
         self.dtype = getattr(torch, self.layout["dtype"])
+        # Split decoding (`medusa.decoder`): the graph returns the hidden state instead of head
+        # logits and `heads_runner` maps one position's hidden state to the K heads' logits.
+        self.heads_runner = heads_runner
 
     @classmethod
     def prepare(cls, graph_module: GraphModule, backend: str = "eager", **backend_options: Any) -> "CachedLM":
@@ -83,8 +88,22 @@ class CachedLM:
         with torch.no_grad():
             out = list(self.runner(*flat))
         present = [out[i] for pair in self.layout["present"] for i in pair]
+        logits = out[self.layout["logits_output"]]
+        if self.medusa and "hidden_output" in self.medusa:
+            return StepOutput(logits=logits, head_logits=None, present=present,
+                              hidden=out[self.medusa["hidden_output"]])
         heads = out[self.medusa["heads_output"]] if self.medusa else None
-        return StepOutput(logits=out[self.layout["logits_output"]], head_logits=heads, present=present)
+        return StepOutput(logits=logits, head_logits=heads, present=present)
+
+    def heads_at(self, out: StepOutput, position: int) -> torch.Tensor:
+        """(K, V): every Medusa head's logits at `position` of batch row 0 of `out`."""
+        if out.head_logits is not None:
+            return out.head_logits[:, 0, position]
+        if out.hidden is None or self.heads_runner is None:
+            raise InputError("this decoder has no Medusa heads: add the `add_medusa_heads` pass.")
+        position = position % out.hidden.shape[1]  # -1: the last position
+        with torch.no_grad():
+            return self.heads_runner(out.hidden[:1, position:position + 1].contiguous())[0][:, 0, 0]
 
 
 def with_kv_cache(graph_module: GraphModule) -> GraphModule:
