@@ -385,6 +385,7 @@ def test_fused_model_on_triton_backend():
     _compare_on_backend(_case("tiny-llama"), "triton", seqs=(5,))
 
 
+@pytest.mark.slow  # the ONNX export alone takes 20-40 s on the shared machine
 def test_quantize_then_fuse_attention_then_onnx():
     """Composition on the ONNX backend at two sequence lengths (GQA + int8 MatMulNBits)."""
     from fxforge.api import CompiledModel
