@@ -112,6 +112,37 @@ def torch_pruning_llama(model: torch.nn.Module, ids: torch.Tensor, ratio: float)
     return {"model": model}
 
 
+def _torch_pruning_row(model: torch.nn.Module, heldout: list[torch.Tensor], ratio: float) -> dict:
+    try:
+        pruned = torch_pruning_llama(model, heldout[0], ratio)["model"]
+        with torch.no_grad():
+            ref, got = _logits(model(heldout[0])), _logits(pruned(heldout[0]))
+        return dict(runs=True, params_before=_params(model), params_after=_params(pruned),
+                    rel_output_error=float((got - ref).norm() / ref.norm()), ppl=perplexity(pruned, heldout))
+    except Exception as exc:  # report, do not hide: the comparison is whether it works at all
+        return dict(runs=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=3))
+
+
+def run_with_timeout(fn, timeout: float) -> dict:
+    """fn() -> dict in a forked child; {"runs": False, "error": ...} if it fails or times out."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(fn()))
+    start = time.perf_counter()
+    child.start()
+    try:
+        result = queue.get(timeout=timeout)
+    except Exception:
+        result = dict(runs=False, error=f"did not finish within {timeout:.0f} s (killed)")
+    child.join(timeout=5)
+    if child.is_alive():
+        child.kill()
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="small", choices=["small", "tiny"])
@@ -119,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tp-timeout", type=float, default=300, help="seconds for Torch-Pruning")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -168,18 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"  onnx latency: {latency}", flush=True)
 
-    # Torch-Pruning on the same model and ratio
-    tp_result: dict = {"ratio": 0.2}
-    try:
-        pruned = torch_pruning_llama(lm.model, heldout[0], 0.2)["model"]
-        with torch.no_grad():
-            ref, got = _logits(lm.model(heldout[0])), _logits(pruned(heldout[0]))
-        tp_result.update(runs=True, params_before=_params(lm.model), params_after=_params(pruned),
-                         rel_output_error=float((got - ref).norm() / ref.norm()),
-                         ppl=perplexity(pruned, heldout))
-    except Exception as exc:  # report, do not hide: the comparison is whether it works at all
-        tp_result.update(runs=False, error=f"{type(exc).__name__}: {exc}",
-                         traceback=traceback.format_exc(limit=3))
+    # Torch-Pruning on the same model and ratio, in a child process: it can hang on HF models
+    tp_result = run_with_timeout(lambda: _torch_pruning_row(lm.model, heldout, 0.2), args.tp_timeout)
+    tp_result["ratio"] = 0.2
     flap20 = pruned_graphs[("flap", 0.2)]
     with torch.no_grad():
         ref, got = _logits(gm(heldout[0])), _logits(flap20(heldout[0]))

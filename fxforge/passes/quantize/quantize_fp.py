@@ -27,7 +27,7 @@ from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.calibration import capture_linear_inputs
 from fxforge.passes.quantize.common import bias_node, check_option, resolve_group_size, select_sites, weight_of
 
-SEARCH_ROWS = 256
+SEARCH_ROWS = 128  # calibration rows for the scale search (cost grows with rows x points)
 
 
 def fake_quantize_fp(groups: Tensor, scale: Tensor, fmt: str) -> Tensor:

@@ -225,3 +225,27 @@ def test_pipeline_string_parses():
 
     (p,) = Pipeline("quantize(bits=3,group_size=-1,sym=True,group_axis=out,method=rtn)").passes
     assert p == Quantize(bits=3, group_size=-1, sym=True, group_axis="out")
+
+
+# --------------------------------------------------------------------------- triton backend
+
+
+def test_triton_backend_runs_the_quantized_llama(llama):
+    from fxforge.backends.triton import prepare
+
+    gm, ctx = llama
+    q = run_pass(Quantize(bits=4, group_size=32), gm, ctx)
+    lowered = prepare(q)  # linear_wq -> the wq_gemm kernels, under TRITON_INTERPRET=1 on CPU
+    assert not _op_nodes(lowered, WQ)
+    ref, got = run_graph(q, ctx.example_inputs)[0], run_graph(lowered, ctx.example_inputs)[0]
+    assert relative_error(ref, got) < 1e-2  # the kernel's tl.dot runs in a 16-bit type
+
+
+def test_triton_backend_names_ops_without_kernels(llama):
+    from fxforge.backends.triton import prepare
+    from fxforge.errors import MissingLoweringError
+
+    gm, ctx = llama
+    q = run_pass(Quantize(bits=4, group_size=16, group_axis="out", targets=("layers.0.mlp.up_proj",)), gm, ctx)
+    with pytest.raises(MissingLoweringError, match="linear_wq_ic.*onnx"):
+        prepare(q)
