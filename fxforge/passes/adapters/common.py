@@ -58,6 +58,7 @@ class AdapterMethod:
     name: ClassVar[str] = ""
     op_name: ClassVar[str] = "lora_linear"
     changes_base_weight: ClassVar[bool] = False  # residual methods rewrite W at init
+    rounds_at_init: ClassVar[bool] = False       # the init is exact in real numbers only (DoRA's m/‖W‖)
 
     def scale(self, rank: int, alpha: float) -> float:
         """s in y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (LoRA: α/r)."""

@@ -24,6 +24,7 @@ from fxforge.passes.adapters.lora import Lora
 class Dora(Lora):
     name = "dora"
     op_name = "dora_linear"
+    rounds_at_init = True  # m/‖W‖ is 1 only up to rounding (visibly so in bf16)
 
     def init(self, layer: LayerContext) -> LayerInit:
         init = super().init(layer)

@@ -78,3 +78,20 @@ def test_training_lowers_the_loss_and_merge_matches(method, mlp, adapt):
     assert all(n.op != "call_function" or n.target.namespace != "fxforge"
                for n in merged.graph.nodes if hasattr(n.target, "namespace"))
     torch.testing.assert_close(merged(x)[0], out(x)[0].detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "dora"])
+def test_bf16_model_adapts_within_its_tolerance_and_trains(method):
+    from fxforge.ir.canonicalize import canonicalize
+    from fxforge.ir.trace import trace
+    from fxforge.passes.adapters.add_adapters import AddAdapters
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 10)).to(torch.bfloat16)
+    x = torch.randn(8, 32, dtype=torch.bfloat16)
+    gm = trace(model, (x,))
+    canonicalize(gm)
+    out = run_pass(AddAdapters(method=method, rank=4), gm, PassContext(example_inputs=(x,)))  # verified inside
+    params = [p for p in out.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    out(x)[0].float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params)
