@@ -220,6 +220,8 @@ class Attention(nn.Module):
         elif s_ == "arange_masked_fill":
             pos = torch.arange(s)
             scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        elif s_ == "where_finite":  # a finite fill becomes an additive mask (0 / -1e4)
+            scores = torch.where(self.tril[:s, :s], scores, -1e4)
         elif s_ == "tril_offset":  # sees one key ahead: not causal, the mask must stay
             scores = torch.where(torch.ones(s, s, dtype=torch.bool).tril(1), scores, float("-inf"))
         elif s_ == "softcap":
@@ -246,7 +248,7 @@ def _handwritten(spelling: str, kv_heads: int = 4):
 @pytest.mark.parametrize("spelling,causal,masked", [
     ("multiply", False, False), ("divide", False, False), ("scale_on_qk", False, False),
     ("k_permuted", False, False), ("triu_buffer", True, False), ("tril_where", True, False),
-    ("arange_masked_fill", True, False), ("tril_offset", False, True),
+    ("arange_masked_fill", True, False), ("tril_offset", False, True), ("where_finite", False, True),
 ])
 def test_handwritten_spellings(spelling, causal, masked):
     gm, fused, record, x = _handwritten(spelling)
