@@ -115,3 +115,17 @@ def test_lora_ga_needs_a_loss(mlp, adapt):
     zoo, gm = mlp
     with pytest.raises(PassError, match="needs a loss to take gradients of"):
         adapt(gm, zoo.args, calibration=_calibration(1), method="lora_ga", rank=4, targets=TARGETS)
+
+
+def test_lora_ga_default_loss_is_next_token_cross_entropy():
+    from fxforge.ir.trace import INPUT_NAMES
+    from fxforge.passes.adapters.lora_ga import default_loss
+
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    gm.meta[INPUT_NAMES] = ["attention_mask", "input_ids"]
+    ids = torch.randint(0, 7, (2, 5))
+    logits = torch.randn(2, 5, 7)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 7), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(default_loss(gm)([logits], [torch.ones(2, 5), ids]), expected)
+    gm.meta[INPUT_NAMES] = ["x"]
+    assert default_loss(gm) is None  # no token ids: the user must give a loss
