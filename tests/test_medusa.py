@@ -114,6 +114,28 @@ def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_onnx(trained, p
         assert medusa.generate(compiled, prompt, NEW_TOKENS, backend="onnx").tokens == plain.tokens
 
 
+@pytest.mark.slow
+def test_export_onnx_with_heads_matches_eager(trained, prompts, tmp_path):
+    from fxforge.backends.onnx.backend import OnnxRunner
+    from fxforge.runtime.decoding import CachedLM, with_kv_cache
+
+    compiled, _, _ = trained
+    path = medusa.export_onnx(compiled, tmp_path / "medusa.onnx")
+    runner = OnnxRunner(path)
+    assert runner.input_names == ["input_ids", "position_ids", "tree_mask", "past_key_0", "past_value_0",
+                                  "past_key_1", "past_value_1"]
+    onnx_lm = CachedLM(with_kv_cache(compiled.graph_module), runner, "onnx")
+    eager_lm = CachedLM(onnx_lm.graph_module, onnx_lm.graph_module)
+    prompt = prompts[2:3]
+    got = onnx_lm.forward(prompt, onnx_lm.empty_past(1), 0)
+    ref = eager_lm.forward(prompt, eager_lm.empty_past(1), 0)
+    assert got.head_logits.shape == (NUM_HEADS, 1, prompt.shape[1], ref.logits.shape[-1])
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.head_logits, ref.head_logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got.present, ref.present):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_typical_acceptance_samples_and_reports_its_rate(trained, prompts):
     compiled, _, _ = trained
     first = medusa.generate(compiled, prompts[0], NEW_TOKENS, mode="typical", temperature=0.7, seed=1)
@@ -134,6 +156,10 @@ def test_custom_tree_and_tree_from_measured_accuracies(trained, prompts):
     plain = greedy_generate(lm, prompts[1], NEW_TOKENS).tokens
     assert medusa.generate(compiled, prompts[1], NEW_TOKENS, tree=tree).tokens == plain
     assert medusa.generate(compiled, prompts[1], NEW_TOKENS, tree=[(0,), (0, 0)]).tokens == plain
+    # heads inside the graph (every tree node) or apart (one position per step): same tokens
+    whole = medusa.decoder(compiled, split_heads=False)
+    assert whole.heads_runner is None and lm.heads_runner is not None
+    assert medusa.generate(compiled, prompts[1], NEW_TOKENS, tree=tree, lm=whole).tokens == plain
 
 
 def test_bad_inputs_are_refused_clearly(trained, prompts):
