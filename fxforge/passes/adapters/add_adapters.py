@@ -20,7 +20,7 @@ a tight tolerance. Bad targets, ranks and missing data fail before anything is c
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

@@ -1,4 +1,4 @@
-"""Passes `merge_adapters` and `unmerge_adapters`: fold adapters into their base weights and back.
+"""Pass `merge_adapters`: fold adapters into their base weights (`unmerge_adapters` undoes it).
 
     fxforge.lora_linear(x, W, b, A, B, s)  ->  aten.linear(x, W + s·B·A, b)     (each method's
     fxforge.dora_linear(x, W, b, A, B, m, s) -> aten.linear(x, m/‖V‖·V, b)       merged_weight)
@@ -97,46 +97,3 @@ class MergeAdapters(Pass):
         freeze_all_but_adapters(gm)
         return PassResult(gm, sites=len(done), notes={"merged": sorted(done),
                                                       "restorable": sorted(merged) if self.keep else []})
-
-
-@register_pass
-@dataclass(frozen=True)
-class UnmergeAdapters(Pass):
-    """Undo `merge_adapters(keep=True)`: restore each base weight and its adapter node."""
-
-    name = "unmerge_adapters"
-
-    def tolerance(self) -> Tolerance:
-        return Tolerance(max_abs=1e-4, rtol=1e-4)
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        from fxforge.ir.graph import linear_sites
-        from fxforge.passes.adapters.common import LayerInit, add_adapter_to_site
-
-        merged = gm.meta.get(MERGED, {})
-        if not merged:
-            raise PassError("unmerge_adapters: this graph has no merged adapters to restore (merge with "
-                            "merge_adapters(keep=True) first)", pass_name=self.name)
-        records = adapter_records(gm)
-        sites = {s.node.name: s for s in linear_sites(gm, include_lm_head=True)}
-        skipped, count = [], 0
-        for path, record in list(merged.items()):
-            method = get_method(record["method"])
-            values = record["values"]
-            weight = get_attr(gm, record["weight"])
-            base = method.unmerged_weight(weight.detach().float(), {k: v.float() for k, v in values.items()},
-                                          record["scale"])
-            site = sites.get(record["node"])
-            if base is None or site is None:
-                skipped.append((path, "the merge of this method is not invertible" if base is None
-                                else "its merged linear is no longer in the graph"))
-                continue
-            trainable = {k: v for k, v in values.items() if k in record["trainable"]}
-            frozen = {k: v for k, v in values.items() if k not in record["trainable"]}
-            init = LayerInit(trainable=trainable, frozen=frozen, rank=record["rank"], scale=record["scale"],
-                             base_weight=base.to(weight.dtype))
-            records[path] = add_adapter_to_site(gm, site, method, init, record["alpha"], record["options"])
-            del merged[path]
-            count += 1
-        freeze_all_but_adapters(gm)
-        return PassResult(gm, sites=count, skipped=skipped)

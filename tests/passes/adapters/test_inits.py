@@ -10,7 +10,8 @@ from fxforge.adapters_io import load_adapters, save_adapters
 from fxforge.errors import PassError
 from fxforge.ir.verify import run_graph
 from fxforge.passes.adapters.common import adapter_records, known_methods
-from fxforge.passes.adapters.merge_adapters import MergeAdapters, UnmergeAdapters
+from fxforge.passes.adapters.merge_adapters import MergeAdapters
+from fxforge.passes.adapters.unmerge_adapters import UnmergeAdapters
 from fxforge.passes.adapters.sorsa import sorsa_regularizer
 from fxforge.passes.base import PassContext, PipelineReport, run_pass
 

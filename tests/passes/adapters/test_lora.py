@@ -8,7 +8,8 @@ from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import summarize
 from fxforge.ir.verify import run_graph
 from fxforge.passes.adapters.add_adapters import AddAdapters
-from fxforge.passes.adapters.merge_adapters import MergeAdapters, UnmergeAdapters
+from fxforge.passes.adapters.merge_adapters import MergeAdapters
+from fxforge.passes.adapters.unmerge_adapters import UnmergeAdapters
 from fxforge.passes.base import PassContext, Pipeline, run_pass
 
 LORA = torch.ops.fxforge.lora_linear.default
