@@ -162,7 +162,8 @@ def medusa_loss(head_logits: torch.Tensor, ids: torch.Tensor, decay: float = LOS
 
 
 @torch.no_grad()
-def head_accuracy(gm: Any, rows: torch.Tensor, ranks: int = 10) -> tuple[list[float], list[float], list[list[float]], int]:
+def head_accuracy(gm: Any, rows: torch.Tensor,
+                  ranks: int = 10) -> tuple[list[float], list[float], list[list[float]], int]:
     """Held-out (top-1, top-5, per-rank accuracy, positions) of each head against the data."""
     heads = _head_logits(gm, rows)
     top1, top5, per_rank = [], [], []
@@ -453,5 +454,6 @@ def tree_from_report(report: HeadTrainingReport, num_nodes: int) -> MedusaTree:
     return tree_from_accuracies(report.rank_accuracy, num_nodes)
 
 
-__all__ = ["HeadTrainingReport", "MedusaResult", "decoder", "export_onnx", "generate", "greedy_generate", "head_accuracy",
-           "medusa_loss", "self_distill", "token_rows", "train_heads", "tree_from_report"]
+__all__ = ["HeadTrainingReport", "MedusaResult", "decoder", "export_onnx", "generate", "greedy_generate",
+           "head_accuracy", "medusa_loss", "self_distill", "split_backbone_and_heads", "split_heads_for_decoding",
+           "token_rows", "train_heads", "tree_from_report"]

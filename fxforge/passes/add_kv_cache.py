@@ -283,10 +283,7 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             f"pass '{pass_name}': could not tell how positions feed the model (arange nodes {leftover} "
             "are still used after rewiring the `unsqueeze(arange(L), 0)` position rows). Trace the "
             "model with position_ids as an input, or extend _rewire_positions.", pass_name=pass_name)
-    if rewired == 0 and not positions.users:
-        # A model without positional information (no rotary, no position embedding) is fine.
-        return 0
-    return rewired
+    return rewired  # 0 for a model without positional information: position_ids is then unused
 
 
 def _fake_mode_of(node: Node) -> tuple[Any, Any]:
