@@ -1,16 +1,12 @@
 """Pass `prune`: option validation, structure of the pruned graph (weights, reshape/expand/split
 sizes, GQA variants, round_to), match counts, and that pruned graphs run in the eager, ONNX and
 Triton backends and compose with fuse_attention and quantize."""
-import copy
-
 import pytest
 import torch
 
 from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, nodes_by_op
-from fxforge.ir.trace import flatten_inputs, trace
 from fxforge.ir.verify import Tolerance, compare_outputs, run_graph
-from fxforge.models import get_model
 from fxforge.passes.base import PassContext, PipelineReport, get_pass_class, run_pass
 from fxforge.passes.prune.prune import Prune
 
@@ -19,28 +15,14 @@ ATTN = "model.layers.{}.self_attn.{}_proj.weight"
 MLP = "model.layers.{}.mlp.{}_proj.weight"
 
 
-def _quiet(iterable, **_):
-    return iterable
-
-
-def _traced(name):
-    zm = get_model(name)
-    gm = trace(zm.model, zm.args, zm.kwargs, dynamic_shapes=zm.dynamic_shapes)
-    gm = run_pass(get_pass_class("canonicalize")(), gm, PassContext(), verify=False)
-    flat = tuple(flatten_inputs(gm, zm.args, zm.kwargs))
-    other = tuple(flatten_inputs(gm, *zm.make_inputs(batch=3, seq=7)))
-    ctx = PassContext(example_inputs=flat, calibration=[flat, other], progress=_quiet)
-    return gm, ctx, other
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return _traced("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return _traced("tiny-gpt2")
+def gpt2(tiny_gpt2):
+    return tiny_gpt2
 
 
 def _prune(setup, **options):

@@ -6,24 +6,15 @@ import torch
 
 from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, linear_sites
-from fxforge.ir.trace import flatten_inputs, trace
-from fxforge.models import get_model
-from fxforge.passes.base import PassContext, PipelineReport, get_pass_class, run_pass
+from fxforge.passes.base import PassContext, PipelineReport, run_pass
 from fxforge.passes.prune.sparsify import (MASKS_META, Sparsify, dsnot_refine, mask_n_m,
                                            mask_unstructured, reapply_masks)
 
 
-def _quiet(iterable, **_):
-    return iterable
-
-
 @pytest.fixture(scope="module")
-def llama():
-    zm = get_model("tiny-llama")
-    gm = trace(zm.model, zm.args, zm.kwargs, dynamic_shapes=zm.dynamic_shapes)
-    gm = run_pass(get_pass_class("canonicalize")(), gm, PassContext(), verify=False)
-    flat = tuple(flatten_inputs(gm, zm.args, zm.kwargs))
-    return gm, PassContext(example_inputs=flat, calibration=[flat], progress=_quiet)
+def llama(tiny_llama):
+    gm, ctx, _ = tiny_llama
+    return gm, ctx
 
 
 def _sparsify(setup, **options):
