@@ -133,17 +133,17 @@ def accuracy_minilm() -> dict:
             "eval_sentences": len(eval_sentences), "rows": rows}
 
 
-def accuracy_code_lm(variant: str) -> dict:
+def accuracy_code_lm(variant: str, eval_batches: int | None = None) -> dict:
     from fxforge.models.code_lm import load_code_lm, perplexity
     from fxforge.models.code_lm_data import token_stream, windows_evenly_spaced
 
     lm = load_code_lm(variant)
-    batches = lm.heldout_batches()
+    batches = lm.heldout_batches(max_batches=eval_batches)
     gm = trace(lm.model, (batches[0],), {})
     canonicalize(gm)
     seq = batches[0].shape[1]
     stream = token_stream(lm.tokenizer, lm.train_texts()[:200])
-    calibration = [(w,) for w in windows_evenly_spaced(stream, seq, 32).split(4)]
+    calibration = [(w,) for w in windows_evenly_spaced(stream, seq, 16).split(4)]
     # the largest of 128/64/32 dividing every layer's input width (small's MLP is 704 = 11·64 wide)
     group = next(g for g in (128, 64, 32) if all(s.in_features % g == 0 for s in linear_sites(gm)))
 
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--only", choices=("minilm", "code-lm"), help="one accuracy model only")
+    parser.add_argument("--eval-batches", type=int, default=None,
+                        help="code-lm held-out batches (default: the variant's, 16 for small)")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             result["minilm"] = accuracy_minilm()
         if args.only in (None, "code-lm"):
             print(f"\nAccuracy: code-lm ({args.variant})")
-            result["code_lm"] = accuracy_code_lm(args.variant)
+            result["code_lm"] = accuracy_code_lm(args.variant, args.eval_batches)
     if not args.skip_speed:
         result["speed"] = speed_table(args.hidden, args.layers, args.repeats, args.threads)
         print_speed(result["speed"])
