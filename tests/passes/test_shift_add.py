@@ -209,3 +209,16 @@ def test_composes_after_prune_and_with_fuse_attention(llama):
     assert all(w < 128 for p, w in widths.items() if p.endswith("down_proj"))
     cmp = compare_outputs(run_graph(gm, example), run_graph(out, example), ShiftAdd(bits=2).tolerance())
     assert cmp.ok, cmp.describe()
+
+
+def test_compiled_model_saves_and_loads(tmp_path):
+    import fxforge
+
+    zoo = get_model("mlp")
+    compiled = fxforge.compile(zoo.model, zoo.args, zoo.kwargs, passes="shift_add(bits=3,group_size=-1,iters=1)")
+    compiled.save(tmp_path / "sa")
+    loaded = fxforge.load(tmp_path / "sa")
+    args, kwargs = zoo.make_inputs(batch=3)
+    assert torch.equal(compiled(*args, **kwargs), loaded(*args, **kwargs))
+    packed = [b for name, b in loaded.graph_module.named_buffers() if name.endswith("sa_packed")]
+    assert len(packed) == 3 and all(b.dtype == torch.int32 for b in packed)
