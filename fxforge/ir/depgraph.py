@@ -28,7 +28,6 @@ prune pass skips them and lists them, instead of producing a broken graph.
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 from collections import deque
 from dataclasses import dataclass, field
