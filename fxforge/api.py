@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
-from fxforge.backends import get_backend
+from fxforge.backends import check_tolerance, get_backend
 from fxforge.errors import InputError, VerificationError
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
@@ -59,7 +59,7 @@ class CompiledModel:
     def __init__(self, graph_module: GraphModule, backend: str = "eager", *,
                  example_inputs: Sequence[Any] = (), report: CompileReport | None = None,
                  pipeline_spec: str = "", backend_options: dict[str, Any] | None = None,
-                 verify: bool = True, backend_tolerance: Tolerance = DEFAULT_BACKEND_TOLERANCE):
+                 verify: bool = True, backend_tolerance: Tolerance | None = None):
         self.graph_module = graph_module
         self.backend = backend
         self.example_inputs = tuple(example_inputs)
@@ -70,7 +70,8 @@ class CompiledModel:
         self._runner = get_backend(backend)(graph_module, self.example_inputs, **self.backend_options)
         self.report.backend_seconds = time.perf_counter() - start
         if verify and backend != "eager" and self.example_inputs:
-            self.report.backend_check = self._check_backend(backend_tolerance)
+            tolerance = backend_tolerance or check_tolerance(graph_module, backend, DEFAULT_BACKEND_TOLERANCE)
+            self.report.backend_check = self._check_backend(tolerance)
 
     # ------------------------------------------------------------------ calling
 
@@ -143,7 +144,7 @@ def compile(
     dynamic_shapes: Any = "auto",
     seed: int = 0,
     backend_options: dict[str, Any] | None = None,
-    backend_tolerance: Tolerance = DEFAULT_BACKEND_TOLERANCE,
+    backend_tolerance: Tolerance | None = None,
 ) -> CompiledModel:
     """Trace `model` on example inputs, run a pipeline of passes, and lower to a backend.
 
@@ -158,6 +159,9 @@ def compile(
         dynamic_shapes: "auto" (dynamic wherever the model allows), None, or torch.export's form.
         seed: for passes that draw random numbers.
         backend_options: e.g. {"threads": 2, "path": "model.onnx"} for the onnx backend.
+        backend_tolerance: how close the backend must come to eager on the example inputs;
+            None means 1e-4, loosened to what approximate lowerings in the graph declare
+            (e.g. MatMulNBits at accuracy level 4 quantizes activations to int8).
 
     Example:
         >>> compiled = fxforge.compile(model, (x,), passes="fuse_rms_norm", backend="onnx")

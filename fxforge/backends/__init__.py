@@ -7,9 +7,12 @@ a backend raises MissingLoweringError naming the op.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from torch.fx import GraphModule
+
+if TYPE_CHECKING:
+    from fxforge.ir.verify import Tolerance
 
 BACKENDS = {
     "eager": "fxforge.backends.eager",
@@ -28,6 +31,25 @@ def get_backend(name: str) -> Callable[..., Runner]:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend '{name}'. Known backends: {', '.join(BACKENDS)}")
     return importlib.import_module(BACKENDS[name]).prepare
+
+
+def check_tolerance(gm: GraphModule, backend: str, exact: "Tolerance") -> "Tolerance":
+    """The bound a backend's outputs must meet against eager for `gm`.
+
+    `exact` when every lowering in the graph is exact; otherwise the loosest of the bounds the
+    approximate lowerings declared (see `register_lowering(..., tolerance=...)`), so a model
+    with, say, MatMulNBits at accuracy level 4 is held to that op's documented error.
+    """
+    from fxforge.ir.ops import lowering_tolerance
+    from fxforge.ir.verify import Tolerance
+
+    declared = [t for t in (lowering_tolerance(backend, op) for op in fxforge_ops_in(gm)) if t]
+    if not declared:
+        return exact
+    rels = [t.max_rel for t in declared if t.max_rel is not None]
+    cosines = [t.min_cosine for t in declared if t.min_cosine is not None]
+    return Tolerance.lossy(max_rel=max(rels) if rels else None,
+                           min_cosine=min(cosines) if cosines else None)
 
 
 def fxforge_ops_in(gm: GraphModule) -> list[str]:

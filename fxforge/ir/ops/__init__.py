@@ -14,6 +14,7 @@ from fxforge.ir.ops.registry import (
     define_op,
     get_op,
     lowering_for,
+    lowering_tolerance,
     op_name_of,
     register_lowering,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "define_op",
     "get_op",
     "lowering_for",
+    "lowering_tolerance",
     "op_name_of",
     "register_lowering",
 ]

@@ -51,6 +51,10 @@ _OPS: dict[str, OpDef] = {}
 # Lowerings may be registered before the op module is imported (kernels and ONNX
 # translations live in their own packages), so they are keyed by name, not by OpDef.
 _LOWERINGS: dict[str, dict[str, Callable]] = {}
+# Lowerings that compute the op only approximately (e.g. MatMulNBits at accuracy_level 4
+# quantizes activations to int8) declare how far from the reference they may land, so the
+# backend check in compile() holds them to that bound instead of failing on a known trade-off.
+_LOWERING_TOLERANCES: dict[tuple[str, str], Any] = {}
 
 
 def define_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable:
@@ -70,11 +74,19 @@ def define_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable:
     return wrap
 
 
-def register_lowering(backend: str, op_name: str) -> Callable:
-    """Decorator: register `fn` as the `backend` implementation of `fxforge::<op_name>`."""
+def register_lowering(backend: str, op_name: str, *, tolerance: Any = None) -> Callable:
+    """Decorator: register `fn` as the `backend` implementation of `fxforge::<op_name>`.
+
+    `tolerance` (an `fxforge.ir.verify.Tolerance`) is for lowerings that are approximate by
+    design; say in the lowering why. Exact lowerings leave it None.
+    """
 
     def wrap(fn: Callable) -> Callable:
         _LOWERINGS.setdefault(op_name, {})[backend] = fn
+        if tolerance is not None:
+            _LOWERING_TOLERANCES[(backend, op_name)] = tolerance
+        else:
+            _LOWERING_TOLERANCES.pop((backend, op_name), None)
         return fn
 
     return wrap
@@ -105,6 +117,11 @@ def lowering_for(backend: str, op_name: str) -> Callable:
     if backend not in table:
         raise MissingLoweringError(backend, op_name, sorted(table))
     return table[backend]
+
+
+def lowering_tolerance(backend: str, op_name: str) -> Any:
+    """The Tolerance an approximate lowering declared, or None for an exact one."""
+    return _LOWERING_TOLERANCES.get((backend, op_name))
 
 
 def backends_lowering(op_name: str) -> list[str]:
