@@ -65,3 +65,19 @@ def test_exported_file_loads_in_a_plain_session(tmp_path):
     assert [i.name for i in session.get_inputs()] == [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     batch_dim = session.get_inputs()[0].shape[0]
     assert isinstance(batch_dim, str)  # symbolic: dynamic batch
+
+
+def test_non_spinning_session_gives_the_same_outputs(tmp_path):
+    zoo, gm = traced_zoo("mlp")
+    path = export_onnx(gm, list(zoo.args), tmp_path / "mlp.onnx")
+    runner = OnnxRunner(path, threads=2, spinning=False)
+    assert runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    torch.testing.assert_close(runner(*zoo.args)[0], OnnxRunner(path)(*zoo.args)[0], rtol=0, atol=0)
+
+
+def test_unknown_backend_option_lists_the_valid_ones():
+    from fxforge.backends.onnx.backend import prepare
+
+    zoo, gm = traced_zoo("mlp")
+    with pytest.raises(TypeError, match="valid: path, threads, spinning"):
+        prepare(gm, list(zoo.args), thread=2)
