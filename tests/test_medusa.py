@@ -10,7 +10,7 @@ from fxforge.ir.graph import get_attr
 from fxforge.passes.add_medusa_heads import AddMedusaHeads
 from fxforge.passes.base import PassContext, run_pass
 from fxforge.runtime.decoding import greedy_generate
-from runtime.fused_code_lm import example_ids, fused_model, tiny_code_lm
+from runtime.fused_code_lm import fused_graph, tiny_code_lm
 
 NUM_HEADS = 3
 NEW_TOKENS = 16
@@ -18,10 +18,9 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def fused():
-    """The tiny code-lm compiled with fused attention (traced once for the module)."""
-    model, pre = fused_model()
-    ids = example_ids(batch=2, seq=12)
-    return fxforge.compile(model, (ids,), passes=pre)
+    """The tiny code-lm with fused attention as an eager CompiledModel (traced once per session)."""
+    gm, ids = fused_graph()
+    return CompiledModel(gm, "eager", example_inputs=(ids,))
 
 
 def with_heads(fused, num_heads):

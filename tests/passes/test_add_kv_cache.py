@@ -10,8 +10,8 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
 from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
-from fxforge.passes.base import PassContext, get_pass_class, run_pass
-from runtime.fused_code_lm import example_ids, fused_model
+from fxforge.passes.base import PassContext, run_pass
+from runtime.fused_code_lm import fused_graph
 
 aten = torch.ops.aten
 
@@ -19,14 +19,9 @@ aten = torch.ops.aten
 @pytest.fixture(scope="module")
 def graphs():
     """(uncached fused graph, cached graph, example ids) for the tiny code-lm."""
-    model, pre = fused_model()
-    ids = example_ids(batch=2, seq=10)
-    gm = trace(model, (ids,))
-    canonicalize(gm)
-    ctx = PassContext(example_inputs=(ids,))
-    for name in pre:
-        gm = run_pass(get_pass_class(name)(), gm, ctx)
-    cached = run_pass(AddKvCache(), gm, ctx)
+    gm, ids = fused_graph()
+    ids = ids[:, :10]
+    cached = run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
     return gm, cached, ids
 
 

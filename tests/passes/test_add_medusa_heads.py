@@ -10,17 +10,15 @@ from fxforge.ir.graph import get_attr
 from fxforge.ir.trace import trace
 from fxforge.passes.add_medusa_heads import MEDUSA_META, AddMedusaHeads, find_lm_head, head_parameter_names
 from fxforge.passes.base import PassContext, Pipeline, run_pass
-from runtime.fused_code_lm import example_ids, tiny_code_lm
+from runtime.fused_code_lm import fused_graph
 
 aten = torch.ops.aten
 
 
 @pytest.fixture(scope="module")
 def lm_graph():
-    ids = example_ids(batch=2, seq=10)
-    gm = trace(tiny_code_lm().model, (ids,))
-    canonicalize(gm)
-    return gm, ids
+    gm, ids = fused_graph()
+    return gm, ids[:, :10]
 
 
 def _count(gm, target):

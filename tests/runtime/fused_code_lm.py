@@ -26,3 +26,27 @@ def fused_model():
 def example_ids(batch: int = 1, seq: int = 12) -> torch.Tensor:
     """Held-out token windows of the tiny code-lm, (batch, seq)."""
     return tiny_code_lm().heldout_batches(seq_len=seq, max_batches=1, batch_size=batch)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_graph():
+    from fxforge.ir.canonicalize import canonicalize
+    from fxforge.ir.trace import trace
+    from fxforge.passes.base import PassContext, get_pass_class, run_pass
+
+    model, passes = fused_model()
+    ids = example_ids(batch=2, seq=12)
+    gm = trace(model, (ids,))
+    canonicalize(gm)
+    for name in passes:
+        gm = run_pass(get_pass_class(name)(), gm, PassContext(example_inputs=(ids,)))
+    return gm, ids
+
+
+def fused_graph():
+    """(a copy of the tiny code-lm's canonical, attention-fused graph, its example ids (2, 12)).
+
+    Traced once per test session: tracing is the slow part of these tests.
+    """
+    gm, ids = _fused_graph()
+    return copy.deepcopy(gm), ids

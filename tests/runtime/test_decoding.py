@@ -3,24 +3,16 @@ import pytest
 import torch
 
 from fxforge.errors import InputError
-from fxforge.ir.canonicalize import canonicalize
-from fxforge.ir.trace import trace
 from fxforge.passes.add_kv_cache import AddKvCache
-from fxforge.passes.base import PassContext, get_pass_class, run_pass
+from fxforge.passes.base import PassContext, run_pass
 from fxforge.runtime.decoding import CachedLM, as_prompt, example_cached_inputs, greedy_generate
-from runtime.fused_code_lm import example_ids, fused_model
+from runtime.fused_code_lm import example_ids, fused_graph
 
 
 @pytest.fixture(scope="module")
 def graphs():
-    model, pre = fused_model()
-    ids = example_ids(batch=2, seq=8)
-    gm = trace(model, (ids,))
-    canonicalize(gm)
-    ctx = PassContext(example_inputs=(ids,))
-    for name in pre:
-        gm = run_pass(get_pass_class(name)(), gm, ctx)
-    return gm, run_pass(AddKvCache(), gm, ctx)
+    gm, ids = fused_graph()
+    return gm, run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
 
 
 def _uncached_greedy(gm, prompt, n):
