@@ -115,7 +115,7 @@ class AddAdapters(Pass):
                                                   f"(methods that adapt quantized layers: {', '.join(LOW_RANK_METHODS)})"))
             elif site.module_path in adapted:
                 skipped.append((site.module_path, "already has an adapter"))
-            elif method.changes_base_weight and len(site.node.args[1].users) > 1:
+            elif method.changes_base_weight and _weight_used_elsewhere(site, sites):
                 skipped.append((site.module_path, f"{self.method} rewrites the base weight, which is shared "
                                                   f"with other nodes (tied weights)"))
             else:
@@ -133,7 +133,11 @@ class AddAdapters(Pass):
         data = method.prepare(gm, kept, ctx, self)
         generator = torch.Generator().manual_seed(ctx.seed)
         count = 0
-        for site in kept:
+        groups: dict[str, list[LinearSite]] = {}
+        for site in kept:  # a module called twice: one adapter shared by its call sites, like its weight
+            groups.setdefault(site.module_path, []).append(site)
+        for group in groups.values():
+            site = group[0]
             weight = dequantized_weight(gm, site.node) if site.node.name in quantized else \
                 get_attr(gm, site.weight_name).detach()
             layer = LayerContext(site=site, weight=weight, rank=self.rank,
@@ -144,8 +148,8 @@ class AddAdapters(Pass):
                 skipped.append((site.module_path, f"{self.method} assigned this layer rank 0"))
                 continue
             options = {"bone_form": self.bone_form} if self.method == "bone" else {}
-            adapted[site.module_path] = add_adapter_to_site(gm, site, method, init, self.alpha, options)
-            count += 1
+            adapted[site.module_path] = add_adapter_to_site(gm, group, method, init, self.alpha, options)
+            count += len(group)
         trainable = freeze_all_but_adapters(gm)
         ranks = {path: rec["rank"] for path, rec in adapted.items() if rec["method"] == self.method}
         return PassResult(gm, sites=count, skipped=skipped,
@@ -167,6 +171,12 @@ class AddAdapters(Pass):
                             f"{self.exclude}, include_lm_head={self.include_lm_head}). Linear layers: "
                             f"{', '.join(paths[:12])}", pass_name=self.name)
         return sites
+
+
+def _weight_used_elsewhere(site: LinearSite, sites: list[LinearSite]) -> bool:
+    """Whether the weight feeds nodes other than this layer's linears (tied to an embedding, ...)."""
+    own = {s.node for s in sites if s.weight_name == site.weight_name}
+    return any(user not in own for user in site.node.args[1].users)
 
 
 def matches_any_path(paths: list[str], pattern: str) -> bool:

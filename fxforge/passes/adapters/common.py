@@ -146,40 +146,53 @@ def kaiming_uniform(rows: int, cols: int, generator: torch.Generator, dtype: tor
     return (torch.rand(rows, cols, generator=generator, dtype=torch.float32) * 2 - 1).mul_(bound).to(dtype)
 
 
-def add_adapter_to_site(gm: GraphModule, site: LinearSite, method: AdapterMethod, init: LayerInit,
-                        alpha: float, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Register the layer's adapter tensors, swap its linear for the method's op; return its record."""
+def add_adapter_to_site(gm: GraphModule, sites: LinearSite | list[LinearSite], method: AdapterMethod,
+                        init: LayerInit, alpha: float, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register a layer's adapter tensors, swap its linear(s) for the method's op; return its record.
+
+    `sites` are the call sites of one layer (a module called twice gives two linear nodes on one
+    weight): they share one adapter, as they share the weight.
+    """
+    sites = [sites] if isinstance(sites, LinearSite) else list(sites)
+    first = sites[0]
     if init.base_weight is not None:
-        set_attr(gm, site.weight_name, init.base_weight.to(get_attr(gm, site.weight_name).dtype), trainable=False)
+        set_attr(gm, first.weight_name, init.base_weight.to(get_attr(gm, first.weight_name).dtype), trainable=False)
     nodes: dict[str, Node] = {}
     names: dict[str, str] = {}
     for role, value in [*init.trainable.items(), *init.frozen.items()]:
-        node = add_attr(gm, f"{site.module_path}.{role}", value.contiguous(), buffer=False,
-                        trainable=role in init.trainable, before=site.node)
+        node = add_attr(gm, f"{first.module_path}.{role}", value.contiguous(), buffer=False,
+                        trainable=role in init.trainable, before=first.node)
         nodes[role], names[role] = node, node.target
-    target, args = method.emit(gm, site, nodes, init.scale)
     extra: dict[str, Any] = {}
-    if site.node.target == torch.ops.fxforge.linear_wq.default:  # QLoRA: the branch goes beside the int base
-        from fxforge.passes.adapters.quantized_base import emit_beside_quantized
+    new_names, base_names = [], []
+    for site in sites:
+        target, args = method.emit(gm, site, nodes, init.scale)
+        if site.node.target == torch.ops.fxforge.linear_wq.default:  # QLoRA: the branch goes beside the int base
+            from fxforge.passes.adapters.quantized_base import emit_beside_quantized
 
-        new = emit_beside_quantized(gm, site, args)
-        extra = {"quantized": True, "base_node": site.node.name}
-    else:
-        with gm.graph.inserting_before(site.node):
-            new = gm.graph.call_function(target, args)
-        new.meta.update({k: v for k, v in site.node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
-        site.node.replace_all_uses_with(new)
-        gm.graph.erase_node(site.node)
-    return {**extra,
+            new = emit_beside_quantized(gm, site, args)
+            extra["quantized"] = True
+            base_names.append(site.node.name)
+        else:
+            with gm.graph.inserting_before(site.node):
+                new = gm.graph.call_function(target, args)
+            new.meta.update({k: v for k, v in site.node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
+            site.node.replace_all_uses_with(new)
+            gm.graph.erase_node(site.node)
+        new_names.append(new.name)
+    if base_names:
+        extra["base_nodes"] = base_names
+    return {
+        **extra,
         "method": method.name,
         "rank": init.rank,
         "alpha": alpha,
         "scale": init.scale,
-        "weight": site.weight_name,
-        "bias": site.bias_name,
-        "node": new.name,
-        "in_features": site.in_features,
-        "out_features": site.out_features,
+        "weight": first.weight_name,
+        "bias": first.bias_name,
+        "nodes": new_names,
+        "in_features": first.in_features,
+        "out_features": first.out_features,
         "tensors": names,
         "trainable": sorted(init.trainable),
         "options": dict(options or {}),

@@ -40,19 +40,26 @@ def _node_named(gm: GraphModule, name: str) -> Node:
                     f"edited after add_adapters", pass_name="merge_adapters")
 
 
-def _merge_into_dequantized(gm: GraphModule, path: str, record: dict, method, node: Node) -> None:
-    """QLoRA layer: dequantize the int base, fold the update in, one float aten.linear replaces both."""
-    from fxforge.passes.adapters.quantized_base import dequantized_weight
-
-    base = _node_named(gm, record["base_node"])
-    tensors = {k: v.detach().float() for k, v in adapter_tensors(gm, record).items()}
-    weight = method.merged_weight(dequantized_weight(gm, base), tensors, record["scale"])
-    w_node = add_attr(gm, f"{path}.weight", weight, buffer=False, trainable=False, before=base)
+def _replace_with_linear(gm: GraphModule, node: Node, x: Node, weight: Node, bias: Node | None) -> Node:
+    """aten.linear(x, weight, bias) takes `node`'s place (metadata and users)."""
     with gm.graph.inserting_before(node):
-        linear = gm.graph.call_function(aten.linear.default, (base.args[0], w_node, base.args[4]))
+        linear = gm.graph.call_function(aten.linear.default, (x, weight, bias))
     linear.meta.update({k: v for k, v in node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
     node.replace_all_uses_with(linear)
     gm.graph.erase_node(node)
+    return linear
+
+
+def _merge_into_dequantized(gm: GraphModule, path: str, record: dict, method, nodes: list[Node],
+                            tensors: dict) -> None:
+    """QLoRA layer: dequantize the int base, fold the update in, one float aten.linear replaces both."""
+    from fxforge.passes.adapters.quantized_base import dequantized_weight
+
+    bases = [_node_named(gm, name) for name in record["base_nodes"]]
+    weight = method.merged_weight(dequantized_weight(gm, bases[0]), tensors, record["scale"])
+    w_node = add_attr(gm, f"{path}.weight", weight, buffer=False, trainable=False, before=bases[0])
+    for node, base in zip(nodes, bases):
+        _replace_with_linear(gm, node, base.args[0], w_node, base.args[4])
 
 
 @register_pass
@@ -73,25 +80,19 @@ class MergeAdapters(Pass):
         for path, record in list(records.items()):
             done.append(path)
             method = get_method(record["method"])
-            node = _node_named(gm, record["node"])
+            nodes = [_node_named(gm, name) for name in record["nodes"]]
+            tensors = {k: v.detach().float() for k, v in adapter_tensors(gm, record).items()}
             if record.get("quantized"):
-                _merge_into_dequantized(gm, path, record, method, node)
+                _merge_into_dequantized(gm, path, record, method, nodes, tensors)
                 del records[path]
                 continue
-            x, w_node, b_node = node.args[0], node.args[1], node.args[2]
-            tensors = adapter_tensors(gm, record)
             weight = get_attr(gm, record["weight"])
-            new_weight = method.merged_weight(weight.detach().float(), {k: v.detach().float() for k, v in tensors.items()},
-                                              record["scale"])
+            new_weight = method.merged_weight(weight.detach().float(), tensors, record["scale"])
             set_attr(gm, record["weight"], new_weight.to(weight.dtype), trainable=False)
-            with gm.graph.inserting_before(node):
-                linear = gm.graph.call_function(aten.linear.default, (x, w_node, b_node))
-            linear.meta.update({k: v for k, v in node.meta.items() if k in ("module_path", "nn_module_stack", "val")})
-            node.replace_all_uses_with(linear)
-            gm.graph.erase_node(node)
+            linears = [_replace_with_linear(gm, node, node.args[0], node.args[1], node.args[2]) for node in nodes]
             if self.keep:
-                merged[path] = {**record, "node": linear.name,
-                                "values": {k: v.detach().clone() for k, v in tensors.items()}}
+                merged[path] = {**record, "nodes": [n.name for n in linears],
+                                "values": {k: v.detach().clone() for k, v in adapter_tensors(gm, record).items()}}
             del records[path]
         erase_dead(gm)
         freeze_all_but_adapters(gm)

@@ -49,8 +49,8 @@ class UnmergeAdapters(Pass):
             weight = get_attr(gm, record["weight"])
             base = method.unmerged_weight(weight.detach().float(), {k: v.float() for k, v in values.items()},
                                           record["scale"])
-            site = sites.get(record["node"])
-            if base is None or site is None:
+            group = [sites.get(name) for name in record["nodes"]]
+            if base is None or None in group:
                 skipped.append((path, "the merge of this method is not invertible" if base is None
                                 else "its merged linear is no longer in the graph"))
                 continue
@@ -58,8 +58,8 @@ class UnmergeAdapters(Pass):
             frozen = {k: v for k, v in values.items() if k not in record["trainable"]}
             init = LayerInit(trainable=trainable, frozen=frozen, rank=record["rank"], scale=record["scale"],
                              base_weight=base.to(weight.dtype))
-            records[path] = add_adapter_to_site(gm, site, method, init, record["alpha"], record["options"])
+            records[path] = add_adapter_to_site(gm, group, method, init, record["alpha"], record["options"])
             del merged[path]
-            count += 1
+            count += len(group)
         freeze_all_but_adapters(gm)
         return PassResult(gm, sites=count, skipped=skipped)

@@ -118,3 +118,40 @@ def test_residual_methods_ship_their_base_weight(mlp, adapt, tmp_path):
         fresh.fc1.weight.mul_(0.5)  # a different residual: loading must replace it too
     load_adapters(fresh, path)
     torch.testing.assert_close(fresh(zoo.args[0])[0], trained(zoo.args[0])[0], atol=0, rtol=0)
+
+
+def test_a_module_called_twice_shares_one_adapter_and_tied_weights_are_left_alone():
+    from fxforge.ir.canonicalize import canonicalize
+    from fxforge.ir.trace import trace
+    from fxforge.passes.adapters.add_adapters import AddAdapters
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.twice = torch.nn.Linear(16, 16)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            y = self.head(self.twice(torch.relu(self.twice(x))))  # one weight, two linear nodes
+            return y + self.head.weight.mean()  # head's weight also feeds a non-linear node
+
+    x = torch.randn(3, 16)
+    gm = trace(Shared().eval(), (x,))
+    canonicalize(gm)
+    ctx = PassContext(example_inputs=(x,))
+    report = PipelineReport()
+    out = run_pass(AddAdapters(method="pissa", rank=2), gm, ctx, report=report)
+    assert report.records[0].sites == 2 and list(adapter_records(out)) == ["twice"]
+    assert len(adapter_records(out)["twice"]["nodes"]) == 2
+    assert report.records[0].skipped == [
+        ("head", "pissa rewrites the base weight, which is shared with other nodes (tied weights)")]
+    with torch.no_grad():
+        out.twice.lora_B.add_(0.05)
+    merged = run_pass(MergeAdapters(), out, ctx)
+    torch.testing.assert_close(merged(x)[0], out(x)[0], atol=1e-5, rtol=1e-5)
+    restored = run_pass(UnmergeAdapters(), merged, ctx)
+    assert len(adapter_records(restored)["twice"]["nodes"]) == 2
+    torch.testing.assert_close(restored(x)[0], out(x)[0], atol=1e-5, rtol=1e-5)
+    report = PipelineReport()
+    lora = run_pass(AddAdapters(method="lora", rank=2, exclude=("head",)), gm, ctx, report=report)
+    assert report.records[0].sites == 2 and list(adapter_records(lora)) == ["twice"]
