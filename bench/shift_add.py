@@ -99,7 +99,7 @@ def apply(gm, spec: str, example, calibration):
     return out, time.perf_counter() - start, note
 
 
-def bench_code_lm(variant: str, eval_batches: int, group: int) -> list[dict]:
+def bench_code_lm(variant: str, eval_batches: int, group: int, only: str, done=lambda rows: None) -> list[dict]:
     from fxforge.models.code_lm import load_code_lm, perplexity
 
     lm = load_code_lm(variant)
@@ -113,6 +113,8 @@ def bench_code_lm(variant: str, eval_batches: int, group: int) -> list[dict]:
     example = tuple(flatten_inputs(gm, (batches[0][:2, :64],), {}))
     rows = []
     for label, spec in configs(group):
+        if only not in label:
+            continue
         out, seconds, note = apply(gm, spec, example, calibration)
         if out is None:
             rows.append({"model": f"code-lm-{variant}", "method": label, "error": note})
@@ -123,12 +125,13 @@ def bench_code_lm(variant: str, eval_batches: int, group: int) -> list[dict]:
         rows.append({"model": f"code-lm-{variant}", "method": label, "spec": spec, "perplexity": ppl,
                      "bytes_per_row": size / n_rows, "bits_per_weight": 8 * size / n_weights,
                      "linear_bytes": size, "pass_seconds": seconds, "allocation": note})
+        done(rows)
         print(f"  {label:<40} ppl {ppl:8.3f}  {size / n_rows:8.1f} B/row  {8 * size / n_weights:5.2f} bits/w"
               f"  ({seconds:.0f}s)", flush=True)
     return rows
 
 
-def bench_minilm() -> list[dict]:
+def bench_minilm(only: str, done=lambda rows: None) -> list[dict]:
     from fxforge.models.minilm import load_minilm_encoder, minilm_sentences, tokenize
 
     encoder = load_minilm_encoder()
@@ -141,6 +144,8 @@ def bench_minilm() -> list[dict]:
     reference = run_graph(gm, flat)[0]
     rows = []
     for label, spec in configs(GROUP):
+        if only not in label:
+            continue
         out, seconds, note = apply(gm, spec, example, calibration)
         if out is None:
             rows.append({"model": "minilm", "method": label, "error": note})
@@ -153,6 +158,7 @@ def bench_minilm() -> list[dict]:
                      "cosine_min": float(cos.min()), "bytes_per_row": size / n_rows,
                      "bits_per_weight": 8 * size / n_weights, "linear_bytes": size, "pass_seconds": seconds,
                      "allocation": note})
+        done(rows)
         print(f"  {label:<40} cos {float(cos.mean()):.5f} (min {float(cos.min()):.5f})  {size / n_rows:8.1f} B/row"
               f"  {8 * size / n_weights:5.2f} bits/w  ({seconds:.0f}s)", flush=True)
     return rows
@@ -172,11 +178,11 @@ def host() -> dict:
 
 
 def save(path: Path, rows: list[dict], group: int, seconds: float) -> None:
-    """Write rows into `path`, replacing earlier rows of the same models (runs can be split by model)."""
-    models = {r["model"] for r in rows}
+    """Write rows into `path`, replacing earlier rows of the same model and method (runs can be split)."""
+    keys = {(r["model"], r["method"]) for r in rows}
     kept = []
     if path.exists():
-        kept = [r for r in json.loads(path.read_text()).get("rows", []) if r["model"] not in models]
+        kept = [r for r in json.loads(path.read_text()).get("rows", []) if (r["model"], r["method"]) not in keys]
     payload = {"host": host(), "group_size": group, "seconds_last_run": seconds, "rows": kept + rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -186,6 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="code-lm-tiny only, 2 eval batches")
     parser.add_argument("--models", default="code-lm,minilm", help="comma-separated subset of code-lm,minilm")
+    parser.add_argument("--only", default="", help="run only the rows whose label contains this text")
     options = parser.parse_args()
     os.environ.setdefault("FXFORGE_PROGRESS", "0")
     torch.manual_seed(0)
@@ -197,12 +204,11 @@ def main() -> None:
     rows: list[dict] = []
     if "code-lm" in models:
         print(f"code-lm ({'tiny' if options.quick else 'small'}): held-out perplexity", flush=True)
-        rows += bench_code_lm("tiny" if options.quick else "small", 2 if options.quick else 8, group)
-        save(path, rows, group, time.perf_counter() - start)
+        rows += bench_code_lm("tiny" if options.quick else "small", 2 if options.quick else 8, group, options.only,
+                              lambda r: save(path, rows + r, group, time.perf_counter() - start))
     if "minilm" in models:
         print("minilm: held-out embedding cosine to the float model", flush=True)
-        rows += bench_minilm()
-        save(path, rows, group, time.perf_counter() - start)
+        rows += bench_minilm(options.only, lambda r: save(path, rows + r, group, time.perf_counter() - start))
     print(f"wrote {path} ({time.perf_counter() - start:.0f}s)")
 
 

@@ -7,8 +7,9 @@ so the layer needs only additions (of ±x) and shifts (by the α's powers of two
 `bcq` fits the weights alone; `bcq_calibrated` also minimizes the output error on calibration
 inputs (H = XᵀX/n, GPTQ-style column loop with error feedback). `bit_budget` (an average of
 2-4 bits) gives each layer 2, 3 or 4 planes by measured sensitivity: the error each choice
-leaves (tr(ΔW·H·ΔWᵀ) with calibration data, ‖ΔW‖² without), upgrading first the layers whose
-error falls most per extra stored bit. The algorithm lives in `shift_add_bcq.py`.
+leaves under weight-only BCQ (tr(ΔW·H·ΔWᵀ) with calibration data, ‖ΔW‖² without), upgrading
+first the layers whose error falls most per extra stored bit; then each layer is quantized with
+`method` at its bits. The algorithm lives in `shift_add_bcq.py`.
 """
 from __future__ import annotations
 
@@ -153,20 +154,29 @@ class ShiftAdd(Pass):
         return PassResult(gm, sites=len(sites), notes=notes)
 
     def _allocate(self, gm: GraphModule, sites: list[LinearSite], hessians: dict, ctx: PassContext):
-        """Quantize every site at each budget choice; then upgrade greedily under the budget."""
-        options: dict[str, dict[int, tuple[BcqWeight, float]]] = {}
+        """Score each site at every budget choice, allocate greedily, then quantize at the chosen bits.
+
+        Sensitivity is the error the fast weight-only BCQ leaves, weighted by H when there is
+        calibration data: cheap, and the same allocation for both methods at one budget. Only
+        `bcq_calibrated` then re-quantizes each layer once at its allotted bits.
+        """
+        scored: dict[str, dict[int, tuple[BcqWeight, float]]] = {}
         for site in ctx.progress(sites, desc="shift_add sensitivity"):
             hessian = hessians.get(site.node.name)
             weight = get_attr(gm, site.weight_name)
-            options[site.node.name] = {}
+            scored[site.node.name] = {}
             for bits in BUDGET_CHOICES:
-                result = self._quantize(site, gm, bits, hessian)
-                options[site.node.name][bits] = (result, output_error(weight, result.dequantize(), hessian))
+                result = quantize_bcq(weight, bits, self._group(site), self.apot_terms, self.iters)
+                scored[site.node.name][bits] = (result, output_error(weight, result.dequantize(), hessian))
         sizes = {s.node.name: s.in_features * s.out_features for s in sites}
-        allocation = allocate_bits({n: {b: e for b, (_, e) in o.items()} for n, o in options.items()},
+        allocation = allocate_bits({n: {b: e for b, (_, e) in o.items()} for n, o in scored.items()},
                                    sizes, self.bit_budget)
-        by_path = {s.module_path: allocation[s.node.name] for s in sites}
-        return {n: options[n][b][0] for n, b in allocation.items()}, by_path
+        chosen = {}
+        for site in sites:
+            bits = allocation[site.node.name]
+            chosen[site.node.name] = (scored[site.node.name][bits][0] if self.method == "bcq"
+                                      else self._quantize(site, gm, bits, hessians.get(site.node.name)))
+        return chosen, {s.module_path: allocation[s.node.name] for s in sites}
 
 
 def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:
