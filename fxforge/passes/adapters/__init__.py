@@ -1,4 +1,13 @@
-"""Adapters: the LoRA family as graph passes (`add_adapters`, `merge_adapters`).
+"""Adapters: the LoRA family as graph passes.
 
-One file per method (lora.py, dora.py, pissa.py, ...), `common.py` for what they share.
+    compiled = fxforge.compile(model, args, passes="add_adapters(method=pissa,rank=8,targets=['q_proj','v_proj'])")
+    fxforge.train.fit(compiled, batches, loss_fn, steps=200, lr=1e-3)   # only adapter tensors train
+    save_adapters(compiled, "adapter.safetensors")                     # fxforge.adapters_io
+    merged = run_pass(MergeAdapters(), compiled.graph_module, ctx)      # plain linears again
+
+Passes: `add_adapters` (add_adapters.py), `merge_adapters` and `unmerge_adapters`.
+Methods, one file each: lora.py (lora, rslora), dora.py, pissa.py, olora.py, eva.py, lora_ga.py,
+lora_sb.py, bone.py (MiSS and Bone's block-affine form), svfit.py, sorsa.py, loldu.py.
+common.py holds the method interface, the graph edit they share and the adapter records;
+quantized_base.py puts LoRA branches beside quantized (`linear_wq`) layers, QLoRA style.
 """
