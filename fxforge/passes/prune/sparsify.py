@@ -7,9 +7,10 @@
 Scores: magnitude |W_ij| (unstructured: lowest of the whole layer); Wanda |W_ij|·‖X_j‖₂ (lowest
 of each output row); N:M keeps the N highest scores of every M consecutive inputs of a row.
 DSnoT (arXiv 2310.08915) starts from Wanda's mask and, per row, swaps one pruned weight back
-in and one kept weight out while that shrinks the expected reconstruction error
-ε = Σ_pruned W_ij·E[x_j] (at most `dsnot_cycles` swaps; swaps stay inside an M-block for N:M),
-so the sparsity and the pattern are unchanged.
+in and one kept weight out while that shrinks the reconstruction error: its mean
+ε = Σ_pruned W_ij·E[x_j], accepted only when ε² + Σ_pruned W_ij²·Var(x_j) drops too (at most
+`dsnot_cycles` swaps; swaps stay inside an M-block for N:M), so the sparsity and the pattern
+are unchanged.
 
 Weights are zeroed in place: the graph and its shapes are unchanged and no backend claims a
 speedup. The masks are recorded in `gm.meta["sparsity_masks"]` (weight name -> bool mask, True
@@ -68,39 +69,41 @@ def mask_n_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def dsnot_refine(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, scores: torch.Tensor,
+def dsnot_refine(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                  cycles: int, block: int | None = None) -> torch.Tensor:
-    """DSnoT: swap (grow one pruned, prune one kept) per row while |Σ_pruned W_ij·E[x_j]| shrinks.
+    """DSnoT: per row, swap one pruned weight in and one kept weight out while the error shrinks.
 
-    Grow: the pruned weight whose restoration brings ε closest to zero. Prune: among kept
-    weights (in the same M-block for N:M) whose removal pushes ε back towards zero, the one of
-    lowest Wanda score. A row stops when a swap would not reduce |ε|.
+    The pruned weights' output error per row is r = Σ_pruned W_ij·x_j; DSnoT drives its mean
+    ε = Σ_pruned W_ij·E[x_j] towards zero. We accept a swap only if it lowers E[r²] ≈
+    ε² + Σ_pruned W_ij²·Var(x_j) (channels taken as independent), so fixing the mean never buys
+    a larger variance. Grow: the pruned weight whose return lowers that objective most. Prune:
+    the kept weight (same M-block for N:M) whose removal raises it least. Rows stop
+    independently; the number of kept weights per row (and per block) never changes.
     """
     mask = mask.clone()
-    contrib = (weight * mean).double()  # W_ij·E[x_j]
+    w = weight.double()
+    contrib = w * mean.double()  # W_ij·E[x_j]
+    spread = w * w * var.double()  # W_ij²·Var(x_j)
     cols = torch.arange(weight.shape[1])
     active = torch.ones(weight.shape[0], dtype=torch.bool)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
     for _ in range(cycles):
-        eps = (contrib * ~mask).sum(1)
-        # grow: |eps - c_j| smallest among pruned j
-        grow_cost = torch.where(~mask, (eps[:, None] - contrib).abs(), inf)
-        grow = grow_cost.argmin(1)
-        eps_grown = eps - contrib.gather(1, grow[:, None]).squeeze(1)
-        # prune: kept j, not the grown one, whose contribution has the sign opposite to eps_grown
-        candidates = mask & (torch.sign(contrib) == -torch.sign(eps_grown)[:, None])
-        candidates &= cols[None, :] != grow[:, None]
+        eps = (contrib * ~mask).sum(1, keepdim=True)
+        grow_cost = torch.where(~mask, (eps - contrib).pow(2) - spread, inf)
+        grow = grow_cost.argmin(1, keepdim=True)
+        eps_grown = eps - contrib.gather(1, grow)
+        candidates = mask & (cols[None, :] != grow)
         if block is not None:
-            candidates &= (cols[None, :] // block) == (grow[:, None] // block)
-        prune = torch.where(candidates, scores.double(), inf).argmin(1)
-        has_candidate = candidates.any(1)
-        eps_new = eps_grown + contrib.gather(1, prune[:, None]).squeeze(1)
-        accept = active & has_candidate & (eps_new.abs() < eps.abs())
+            candidates &= (cols[None, :] // block) == (grow // block)
+        prune_cost = torch.where(candidates, (eps_grown + contrib).pow(2) + spread, inf)
+        prune = prune_cost.argmin(1, keepdim=True)
+        change = (prune_cost.gather(1, prune) - spread.gather(1, grow)) - eps.pow(2)
+        accept = active & candidates.any(1) & (change.squeeze(1) < -1e-12 * eps.squeeze(1).pow(2).clamp_min(1e-30))
         if not accept.any():
             break
         rows = accept.nonzero().squeeze(1)
-        mask[rows, grow[rows]] = True
-        mask[rows, prune[rows]] = False
+        mask[rows, grow[rows, 0]] = True
+        mask[rows, prune[rows, 0]] = False
         active = accept
     return mask
 
@@ -196,6 +199,6 @@ class Sparsify(Pass):
         else:
             mask = mask_unstructured(scores, self.sparsity, per_row=self.method != "magnitude")
         if self.method == "dsnot":
-            mask = dsnot_refine(weight, mask, stats.mean, scores, self.dsnot_cycles,
+            mask = dsnot_refine(weight, mask, stats.mean, stats.fluctuation, self.dsnot_cycles,
                                 block=n_m[1] if n_m else None)
         return mask
