@@ -17,6 +17,7 @@ accepted, assuming head guesses are right independently with the measured top-k 
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass
@@ -89,18 +90,14 @@ class MedusaTree:
 
     def attention_mask(self) -> torch.Tensor:
         """(N, N) bool: node i sees node j iff j is i or one of its ancestors."""
-        n = self.num_nodes
-        mask = torch.eye(n, dtype=torch.bool)
-        for i in range(1, n):
-            mask[i] |= mask[self.parents[i]]
-        return mask
+        return _tree_tensors(self)[0].clone()
 
     def inputs(self, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(position ids (1, N), tree mask (1, 1, N, past_len + N)) for one verification forward."""
-        positions = (torch.tensor(self.depths) + past_len)[None, :]
+        tree_mask, depths, _, _ = _tree_tensors(self)
         n = self.num_nodes
-        mask = torch.cat([torch.ones(n, past_len, dtype=torch.bool), self.attention_mask()], dim=1)
-        return positions, mask[None, None]
+        mask = torch.cat([torch.ones(n, past_len, dtype=torch.bool), tree_mask], dim=1)
+        return (depths + past_len)[None, :], mask[None, None]
 
     def candidates(self, root_token: int, head_logits: torch.Tensor) -> torch.Tensor:
         """(N,) tree tokens: the root, then each node's head guess of its rank.
@@ -110,9 +107,9 @@ class MedusaTree:
         if head_logits.shape[0] < self.depth:
             raise InputError(f"the tree is {self.depth} deep but only {head_logits.shape[0]} heads' logits "
                              "were given.")
-        top = [head_logits[d].topk(k).indices for d, k in enumerate(self.topk())]
-        tokens = [root_token] + [int(top[len(p) - 1][p[-1]]) for p in self.paths]
-        return torch.tensor(tokens, dtype=torch.long)
+        _, _, heads, ranks = _tree_tensors(self)
+        top = head_logits[: self.depth].topk(max(self.topk()), dim=-1).indices  # (depth, k)
+        return torch.cat([torch.tensor([root_token]), top[heads, ranks]])
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, inclusive."""
@@ -129,6 +126,19 @@ class MedusaTree:
     def candidate_paths(self, tree_tokens: torch.Tensor) -> list[list[int]]:
         """Every root-to-leaf token sequence (the candidates one forward verifies)."""
         return [[int(tree_tokens[i]) for i in self.path_to(leaf)] for leaf in self.leaves()]
+
+
+@functools.lru_cache(maxsize=64)
+def _tree_tensors(tree: MedusaTree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tree constants, computed once: (N, N) mask, depths, each node's head and rank."""
+    n = tree.num_nodes
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        mask[i] |= mask[tree.parents[i]]
+    depths = torch.tensor(tree.depths)
+    heads = torch.tensor([len(p) - 1 for p in tree.paths], dtype=torch.long)
+    ranks = torch.tensor([p[-1] for p in tree.paths], dtype=torch.long)
+    return mask, depths, heads, ranks
 
 
 @dataclass
