@@ -145,6 +145,9 @@ def _literal(raw: str) -> Any:
             return raw == "true"
         if raw in ("none", "null"):
             return None
+        if len(raw) >= 2 and raw[0] + raw[-1] in ("[]", "()"):
+            # a list of bare words, as written unquoted on a command line: targets=[q_proj,v_proj]
+            return [_literal(item) for item in split_top_level(raw[1:-1])]
         return raw  # a bare word: method=awq
 
 

@@ -86,6 +86,12 @@ def test_spec_parses_into_dataclass():
     assert [q.name for q in pipeline.passes] == ["canonicalize", "negate_twice", "fuse_rms_norm"]
 
 
+def test_unquoted_lists_parse_as_lists_of_words():
+    # What a shell user types: no quotes inside the brackets.
+    assert parse_pass("negate_twice(targets=[mlp.*,self_attn.*])").targets == ("mlp.*", "self_attn.*")
+    assert parse_pass("negate_twice(targets=(q_proj))").targets == ("q_proj",)
+
+
 def test_unknown_pass_lists_known_passes_and_close_matches():
     with pytest.raises(PassSpecError) as info:
         Pipeline("canonicalize,negate_twise")
