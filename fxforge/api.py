@@ -176,7 +176,8 @@ def compile(
     torch.manual_seed(seed)
     gm, pipeline_report = pipeline.run(gm, ctx, verify=verify)
     report = CompileReport(pipeline_report, backend, trace_seconds=trace_seconds)
-    return CompiledModel(gm, backend, example_inputs=example_inputs, report=report,
+    # ctx.example_inputs, not example_inputs: a pass may have changed the graph's inputs.
+    return CompiledModel(gm, backend, example_inputs=ctx.example_inputs, report=report,
                          pipeline_spec=pipeline.spec(), backend_options=backend_options,
                          verify=verify, backend_tolerance=backend_tolerance)
 

@@ -128,8 +128,11 @@ class AddKvCache(Pass):
             "dtype": str(attn_nodes[0].args[0].meta["val"].dtype).replace("torch.", ""),
             "num_inputs": len(names),
         }
+        original_ids = ctx.example_inputs[placeholders.index(ids)] if ctx.example_inputs else None
+        example = None if original_ids is None else _example_after(gm.meta[KV_META], original_ids)
         return PassResult(gm, sites=len(attn_nodes), notes={"position_sites": rewired,
-                                                            "inputs": names})
+                                                            "inputs": names},
+                          example_inputs=example)
 
     @staticmethod
     def _input_ids(placeholders: list[Node]) -> Node:
@@ -158,6 +161,23 @@ class AddKvCache(Pass):
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def _example_after(meta: dict, ids: torch.Tensor) -> tuple[Any, ...]:
+    """The cached graph's example inputs: the original ids after a random past one longer.
+
+    The past length differs from the new length (and from 1) so an export of the cached graph
+    keeps both dynamic instead of specializing them.
+    """
+    batch, length = ids.shape
+    past_len = length + 1
+    dtype = getattr(torch, meta["dtype"])
+    generator = torch.Generator().manual_seed(0)
+    past = []
+    for heads, key_dim, value_dim in meta["kv_shapes"]:
+        past.append(torch.randn(batch, heads, past_len, key_dim, dtype=dtype, generator=generator))
+        past.append(torch.randn(batch, heads, past_len, value_dim, dtype=dtype, generator=generator))
+    return tuple(cached_inputs(meta, ids, past_len, past))
 
 
 def empty_past(meta: dict, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:

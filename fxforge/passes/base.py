@@ -111,12 +111,17 @@ class PassResult:
     sites: how many places the pass rewrote (the match count reported and tested).
     skipped: (where, why) for every candidate it deliberately left alone.
     notes: anything else worth showing in the report (a chosen alpha, a rank allocation, ...).
+    example_inputs: only for passes that change the graph's inputs (e.g. add_kv_cache): flat
+        inputs the new graph takes, derived from ctx.example_inputs. Once the pass is verified
+        they replace ctx.example_inputs, so later passes verify, and the backend exports and
+        checks, on inputs the graph actually takes.
     """
 
     graph_module: GraphModule
     sites: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    example_inputs: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -306,7 +311,11 @@ class Pipeline:
 
 def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
              report: PipelineReport | None = None) -> GraphModule:
-    """Run one pass on a copy of `gm`, verify it, and append its record to `report`."""
+    """Run one pass on a copy of `gm`, verify it, and append its record to `report`.
+
+    A pass that changes the graph's inputs hands back new example inputs
+    (`PassResult.example_inputs`); they replace `ctx.example_inputs` once it is verified.
+    """
     before = summarize(gm)
     start = time.perf_counter()
     work = copy.deepcopy(gm)
@@ -334,6 +343,8 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
                 pass_name=p.name,
                 node=node,
             )
+    if result.example_inputs is not None:
+        ctx.example_inputs = tuple(result.example_inputs)  # only now: a rolled-back pass leaves ctx as it was
     elapsed = time.perf_counter() - start
     after = summarize(after_gm)
     if report is not None:

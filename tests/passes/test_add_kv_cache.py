@@ -10,7 +10,7 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
 from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.base import PassContext, Pipeline, run_pass
 from runtime.fused_code_lm import fused_graph
 
 aten = torch.ops.aten
@@ -147,3 +147,42 @@ def test_errors_name_the_problem_and_the_fix(graphs):
     _, cached, ids = graphs
     with pytest.raises(PassError, match="already has a KV cache"):
         run_pass(AddKvCache(), cached, PassContext())
+
+
+def test_later_passes_verify_on_the_inputs_the_cached_graph_takes(graphs):
+    gm, _, ids = graphs
+    ctx = PassContext(example_inputs=(ids,))
+    cached, report = Pipeline("add_kv_cache,quantize(bits=8,group_size=-1)").run(gm, ctx)
+    meta = cached.meta[KV_META]
+    assert len(ctx.example_inputs) == meta["num_inputs"] > 1
+    assert torch.equal(ctx.example_inputs[meta["input_ids"]], ids)
+    past_key = ctx.example_inputs[meta["past"][0][0]]
+    assert past_key.shape[2] == ids.shape[1] + 1  # a past length distinct from the new length
+    assert [r.name for r in report.records] == ["add_kv_cache", "quantize"]
+    assert report.records[1].sites > 0  # quantize ran and was verified on the cached inputs
+    assert len(cached(*ctx.example_inputs)) == len(cached.graph.output_node().args[0])
+
+
+def test_a_rolled_back_pass_leaves_the_example_inputs_alone(graphs):
+    gm, _, ids = graphs
+    ctx = PassContext(example_inputs=(ids,))
+    cached = run_pass(AddKvCache(), gm, ctx)
+    before = ctx.example_inputs
+    with pytest.raises(PassError, match="already has a KV cache"):
+        run_pass(AddKvCache(), cached, ctx)
+    assert ctx.example_inputs is before
+
+
+@pytest.mark.slow
+def test_compile_with_a_kv_cache_exports_and_checks_the_onnx_backend():
+    import fxforge
+    from runtime.fused_code_lm import example_ids, fused_model
+
+    model, passes = fused_model()
+    ids = example_ids(batch=2, seq=6)
+    compiled = fxforge.compile(model, (ids,), passes=",".join([*passes, "add_kv_cache"]), backend="onnx")
+    assert compiled.report.backend_check.ok  # ONNX ran the cached graph on its own inputs
+    meta = compiled.graph_module.meta[KV_META]
+    past = empty_past(meta, batch=2, dtype=torch.float32)
+    flat = cached_inputs(meta, ids, 0, past)
+    torch.testing.assert_close(compiled.run_flat(*flat)[0], compiled.graph_module(*flat)[0], atol=1e-4, rtol=1e-4)
