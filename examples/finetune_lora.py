@@ -7,8 +7,12 @@ stays frozen), and measure perplexity on the unseen last 20% before and after. T
 the base weights, the merged model is exported to ONNX and checked against the adapted model,
 and the adapter weights alone are saved (a few hundred KB).
 
-    python examples/finetune_lora.py                    # code-lm small, 300 steps (~10 min on 2 cores)
+    python examples/finetune_lora.py                    # code-lm small, 300 steps
     python examples/finetune_lora.py --variant tiny --steps 100
+
+Measured on a shared, heavily loaded 2-core machine: small, 120 steps (batch 8 x 128) took 22
+min; held-out perplexity 8.95 -> 7.16, merged model in ONNX Runtime within 1.1e-5 of the
+adapted model's logits. tiny, 80 steps (batch 4 x 64): perplexity 23.0 -> 19.5.
 """
 from __future__ import annotations
 
