@@ -1,13 +1,18 @@
 """CPU benchmark of pass `fuse_attention`: ONNX Runtime latency unfused vs fused.
 
-For each model (random weights, hidden 256, 4 heads, 2 layers, eager attention) the graph is
-traced once with a dynamic sequence length, exported to ONNX twice (as traced, and after
-`fuse_attention`, whose fxforge::attention ops become ONNX `Attention`), and both sessions are
-timed in one run, interleaved, on 2 ORT threads at sequence lengths 128 and 1024 (batch 1):
-median of several runs, ratio fused / unfused. OPT is called without an attention mask, so
-the pass proves its mask purely causal and emits is_causal=True; it is also exported with the
-causal `com.microsoft::GroupQueryAttention` lowering. Outputs of fused and unfused sessions are
-compared before any timing is reported. A second table times one attention alone: the ONNX
+Every architecture of issue 4: GPT-2, BERT, Llama (GQA), Mistral (GQA), Qwen2 (GQA), OPT,
+GPT-NeoX, Phi and ViT. For each model (random weights, hidden 256, 4 heads, 2 layers, eager
+attention) the graph is traced once with a dynamic sequence length, exported to ONNX twice (as
+traced, and after `fuse_attention`, whose fxforge::attention ops become ONNX `Attention`), and
+both sessions are timed in one run, interleaved, on 2 ORT threads at sequence lengths 128 and
+1024 (batch 1): median of several runs, ratio fused / unfused. OPT is called without an
+attention mask, so the pass proves its mask purely causal and emits is_causal=True; it is also
+exported with the causal `com.microsoft::GroupQueryAttention` lowering. ViT has no sequence
+axis: its position embeddings fix the image size, so it is traced once per length with a static
+image whose 4x4 patches number 128 (64x32 pixels) or 1024 (128x128), plus the CLS token, i.e.
+129 and 1025 tokens. Per model the script checks (and fails at the end otherwise) that the
+fused ONNX file holds Attention/GroupQueryAttention nodes, one per layer, while the unfused
+file holds none, and that fused and unfused outputs agree (max abs error <= MAX_ERROR). A second table times one attention alone: the ONNX
 `Attention` node against the MatMul/Softmax graph it replaces (with and without GQA, causal).
 
 Then a Triton-interpreter correctness check: the `triton` lowering of fxforge::attention
@@ -15,6 +20,7 @@ Then a Triton-interpreter correctness check: the `triton` lowering of fxforge::a
 masks, GQA), and a fused tiny Llama run end to end on the triton backend.
 
     python bench/attention.py            # prints a table, writes bench/results/attention_cpu.json
+    python bench/attention.py --only phi --only vit   # re-time some models, merge their rows
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,12 +45,18 @@ from torch.export import Dim  # noqa: E402
 LENGTHS = (128, 1024)
 THREADS = 2
 HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 4, 2, 2, 512
-RUNS = {128: 40, 1024: 9}
+RUNS = {128: 30, 1024: 7}  # timed runs per variant (after one warm-up); 9 models must fit in ~15 min
+MAX_ERROR = 1e-3  # fused vs unfused outputs, float32, layer-normed hidden states of magnitude ~1
+PATCH = 4
+VIT_IMAGE = {128: (64, 32), 1024: (128, 128)}  # (height, width): 16*8 and 32*32 patches of 4x4
+ATTENTION_OPS = ("Attention", "GroupQueryAttention", "MultiHeadAttention")
 RESULTS = Path(__file__).resolve().parent / "results" / "attention_cpu.json"
 
 
-def build(arch: str) -> torch.nn.Module:
-    """A random-weight transformers model sized so attention matters at length 1024."""
+def build(arch: str, seq: int | None = None) -> torch.nn.Module:
+    """A random-weight transformers model sized so attention matters at length 1024.
+
+    `seq` only matters for ViT, whose image size (so number of patches) is fixed by its config."""
     import transformers as T
 
     torch.manual_seed(0)
@@ -56,6 +69,18 @@ def build(arch: str) -> torch.nn.Module:
         model = T.LlamaModel(T.LlamaConfig(num_key_value_heads=KV_HEADS, **common))
     elif arch == "bert":
         model = T.BertModel(T.BertConfig(**common), add_pooling_layer=False)
+    elif arch == "mistral-gqa":  # default sliding window 4096 > every length timed: plain causal
+        model = T.MistralModel(T.MistralConfig(num_key_value_heads=KV_HEADS, **common))
+    elif arch == "qwen2-gqa":
+        model = T.Qwen2Model(T.Qwen2Config(num_key_value_heads=KV_HEADS, **common))
+    elif arch == "gpt-neox":
+        model = T.GPTNeoXModel(T.GPTNeoXConfig(**common))
+    elif arch == "phi":
+        model = T.PhiModel(T.PhiConfig(**common))
+    elif arch == "vit":
+        model = T.ViTModel(T.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                       intermediate_size=4 * HIDDEN, image_size=VIT_IMAGE[seq], patch_size=PATCH,
+                                       attn_implementation="eager"), add_pooling_layer=False)
     elif arch == "opt-causal":
         model = T.OPTModel(T.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                        num_attention_heads=HEADS, ffn_dim=4 * HIDDEN, max_position_embeddings=2048,
@@ -66,23 +91,36 @@ def build(arch: str) -> torch.nn.Module:
     return model.eval()
 
 
-MODELS = {  # name: inputs it is called with
+MODELS = {  # name: inputs it is called with (issue 4's order)
     "gpt2": ("input_ids", "attention_mask"),
-    "llama-gqa": ("input_ids", "attention_mask"),
     "bert": ("input_ids", "attention_mask"),
+    "llama-gqa": ("input_ids", "attention_mask"),
+    "mistral-gqa": ("input_ids", "attention_mask"),
+    "qwen2-gqa": ("input_ids", "attention_mask"),
     "opt-causal": ("input_ids",),
+    "gpt-neox": ("input_ids", "attention_mask"),
+    "phi": ("input_ids", "attention_mask"),
+    "vit": ("pixel_values",),
 }
+STATIC = {"vit"}  # traced and exported once per length (no dynamic sequence axis)
+
+
+def tokens(arch: str, seq: int) -> int:
+    """Sequence length the attention actually sees (ViT: patches + CLS)."""
+    return seq + 1 if arch == "vit" else seq
 
 
 def inputs(names: tuple[str, ...], seq: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seq)
+    if names == ("pixel_values",):
+        return {"pixel_values": torch.randn(1, 3, *VIT_IMAGE[seq], generator=gen)}
     made = {"input_ids": torch.randint(3, VOCAB, (1, seq), generator=gen),
             "attention_mask": torch.ones(1, seq, dtype=torch.long)}
     return {n: made[n] for n in names}
 
 
-def export_variants(arch: str, workdir: Path) -> tuple[dict, dict]:
-    """{variant: OnnxRunner} and facts about the fused graph for one model."""
+def export_variants(arch: str, workdir: Path, seq_static: int | None = None) -> tuple[dict, dict]:
+    """{variant: OnnxRunner} and facts about the fused graph for one model (ViT: for one length)."""
     from fxforge.backends.onnx.backend import export_onnx
     from fxforge.backends.onnx.lowerings.attention import causal_attention_operator
     from fxforge.ir.canonicalize import canonicalize
@@ -91,9 +129,13 @@ def export_variants(arch: str, workdir: Path) -> tuple[dict, dict]:
     from fxforge.passes.fuse_attention import FuseAttention
 
     names = MODELS[arch]
-    example = inputs(names, 64)
-    seq = Dim("seq", min=2, max=2048)
-    gm = trace(build(arch), (), example, dynamic_shapes={n: {1: seq} for n in names})
+    if seq_static is not None:
+        example = inputs(names, seq_static)
+        gm = trace(build(arch, seq_static), (), example)
+    else:
+        example = inputs(names, 64)
+        seq = Dim("seq", min=2, max=2048)
+        gm = trace(build(arch), (), example, dynamic_shapes={n: {1: seq} for n in names})
     canonicalize(gm)
     flat = tuple(example.values())
     report = PipelineReport()
@@ -103,12 +145,13 @@ def export_variants(arch: str, workdir: Path) -> tuple[dict, dict]:
              "is_causal": [bool(n.args[4]) for n in ops], "masked": [n.args[3] is not None for n in ops],
              "num_kv_groups": [n.args[6] for n in ops]}
     runners, facts["onnx_ops"] = {}, {}
+    tag = arch if seq_static is None else f"{arch}-{seq_static}"
     for variant, graph in (("unfused", gm), ("fused", fused)):
-        path = export_onnx(graph, flat, workdir / f"{arch}-{variant}.onnx")
+        path = export_onnx(graph, flat, workdir / f"{tag}-{variant}.onnx")
         runners[variant], facts["onnx_ops"][variant] = session(path), attention_ops_in(path)
     if all(facts["is_causal"]) and not any(facts["masked"]):
         with causal_attention_operator("GroupQueryAttention"):
-            path = export_onnx(fused, flat, workdir / f"{arch}-fused-gqa.onnx")
+            path = export_onnx(fused, flat, workdir / f"{tag}-fused-gqa.onnx")
         runners["fused-GQA"], facts["onnx_ops"]["fused-GQA"] = session(path), attention_ops_in(path)
     return runners, facts
 
@@ -287,38 +330,90 @@ def host() -> dict:
             "note": "shared machine: other jobs ran concurrently, so absolute times are noisy"}
 
 
-def main() -> None:
-    torch.set_num_threads(THREADS)
+def structure_problems(arch: str, facts: dict) -> list[str]:
+    """Fused file: one Attention/GroupQueryAttention node per layer; unfused file: none."""
+    problems = []
+    for variant, counts in facts["onnx_ops"].items():
+        fused_nodes = sum(counts.get(op, 0) for op in ATTENTION_OPS)
+        if variant == "unfused" and fused_nodes:
+            problems.append(f"{arch}: unfused ONNX holds {counts}")
+        if variant != "unfused" and fused_nodes != LAYERS:
+            problems.append(f"{arch}: {variant} ONNX holds {counts}, want {LAYERS} attention nodes")
+    if facts["sites"] != LAYERS:
+        problems.append(f"{arch}: fuse_attention fused {facts['sites']} sites, want {LAYERS} ({facts['skipped']})")
+    return problems
+
+
+def bench_model(arch: str, workdir: Path, problems: list[str]) -> list[dict]:
     rows = []
+    built = {None: export_variants(arch, workdir)} if arch not in STATIC else {}
+    for seq in LENGTHS:
+        if arch in STATIC:
+            built = {seq: export_variants(arch, workdir, seq)}
+        runners, facts = next(iter(built.values()))
+        if seq == LENGTHS[0] or arch in STATIC:
+            problems += structure_problems(arch, facts)
+            print(f"{arch:<11} ONNX attention nodes: " + ", ".join(f"{v} {c}" for v, c in facts["onnx_ops"].items()),
+                  flush=True)
+        flat = tuple(inputs(MODELS[arch], seq).values())
+        ref = runners["unfused"](*flat)[0]
+        errors = {name: (r(*flat)[0] - ref).abs().max().item() for name, r in runners.items() if name != "unfused"}
+        for name, err in errors.items():
+            if not err <= MAX_ERROR:
+                problems.append(f"{arch} seq {seq} {name}: max abs error {err:.1e} > {MAX_ERROR:.0e}")
+        times = time_interleaved(runners, flat, RUNS[seq])
+        for name in runners:
+            if name == "unfused":
+                continue
+            rows.append({"model": arch, "seq": seq, "tokens": tokens(arch, seq), "variant": name,
+                         "unfused_ms": times["unfused"], "fused_ms": times[name],
+                         "ratio": times[name] / times["unfused"], "max_abs_error": errors[name], **facts})
+            print(f"{arch:<11} seq {tokens(arch, seq):>5}  {name:<9} unfused {times['unfused']:8.2f} ms  "
+                  f"fused {times[name]:8.2f} ms  ratio {times[name] / times['unfused']:.2f}  "
+                  f"err {errors[name]:.1e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    only = [a for flag, a in zip(sys.argv[1:], sys.argv[2:]) if flag == "--only"]
+    unknown = [a for a in only if a not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {list(MODELS)}")
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    rows, problems = [], []
     with tempfile.TemporaryDirectory(prefix="fxforge-bench-attention-") as tmp:
-        for arch in MODELS:
-            runners, facts = export_variants(arch, Path(tmp))
-            for seq in LENGTHS:
-                flat = tuple(inputs(MODELS[arch], seq).values())
-                ref = runners["unfused"](*flat)[0]
-                errors = {name: (r(*flat)[0] - ref).abs().max().item() for name, r in runners.items() if name != "unfused"}
-                times = time_interleaved(runners, flat, RUNS[seq])
-                for name in runners:
-                    if name == "unfused":
-                        continue
-                    rows.append({"model": arch, "seq": seq, "variant": name, "unfused_ms": times["unfused"],
-                                 "fused_ms": times[name], "ratio": times[name] / times["unfused"],
-                                 "max_abs_error": errors[name], **facts})
-                    print(f"{arch:<11} seq {seq:>5}  {name:<9} unfused {times['unfused']:8.2f} ms  "
-                          f"fused {times[name]:8.2f} ms  ratio {times[name] / times['unfused']:.2f}  "
-                          f"err {errors[name]:.1e}", flush=True)
-    micro = attention_op_microbench()
-    kernels = check_triton_kernels()
-    backend = check_triton_backend()
+        for arch in only or MODELS:
+            try:
+                rows += bench_model(arch, Path(tmp), problems)
+            except Exception as exc:  # keep the other models' rows; reported and failed below
+                problems.append(f"{arch}: {type(exc).__name__}: {exc}")
+                print(f"{arch}: FAILED {type(exc).__name__}: {exc}", flush=True)
+    if only and RESULTS.exists():  # re-timed rows replace theirs, the rest of the file is kept
+        previous = json.loads(RESULTS.read_text())
+        keep = [r for r in previous["latency"] if r["model"] not in only]
+        order = list(MODELS)
+        rows = sorted(keep + rows, key=lambda r: (order.index(r["model"]), r["seq"]))
+        micro, kernels = previous["attention_op_alone"], previous["triton_interpreter"][:-1]
+        backend = previous["triton_interpreter"][-1]
+    else:
+        micro = attention_op_microbench()
+        kernels = check_triton_kernels()
+        backend = check_triton_backend()
     print()
-    header = f"{'model':<11}{'seq':>6}  {'variant':<10}{'unfused ms':>11}{'fused ms':>10}{'ratio':>7}{'max err':>10}  fused ops"
+    header = (f"{'model':<12}{'seq':>6}  {'variant':<10}{'unfused ms':>11}{'fused ms':>10}{'ratio':>7}{'max err':>10}"
+              f"  fused ops")
     print(header)
     print("-" * len(header))
     for r in rows:
-        kind = "causal" if all(r["is_causal"]) else "mask"
-        groups = f", {r['num_kv_groups'][0]} kv groups" if r["num_kv_groups"][0] > 1 else ""
-        print(f"{r['model']:<11}{r['seq']:>6}  {r['variant']:<10}{r['unfused_ms']:>11.2f}{r['fused_ms']:>10.2f}"
-              f"{r['ratio']:>7.2f}{r['max_abs_error']:>10.1e}  {r['sites']} ({kind}{groups})")
+        kind = "causal" if all(r["is_causal"]) else "mask" if any(r["masked"]) else "no mask"
+        groups = f", {r['num_kv_groups'][0]} kv groups" if r["num_kv_groups"] and r["num_kv_groups"][0] > 1 else ""
+        nodes = ", ".join(f"{k} {v}" for k, v in r["onnx_ops"][r["variant"]].items() if k in ATTENTION_OPS)
+        print(f"{r['model']:<12}{r.get('tokens', r['seq']):>6}  {r['variant']:<10}{r['unfused_ms']:>11.2f}"
+              f"{r['fused_ms']:>10.2f}{r['ratio']:>7.2f}{r['max_abs_error']:>10.1e}  {r['sites']} ({kind}{groups}); "
+              f"ONNX {nodes}")
+    print("  (vit: 128 or 1024 patches of 4x4 + CLS token = 129 / 1025 tokens; unfused ONNX files hold no "
+          "Attention/GroupQueryAttention node)")
     print("\nOne attention alone (ORT Attention-23 node vs the MatMul/Softmax graph it replaces):")
     for r in micro:
         print(f"  L={r['length']:<5} kv heads {r['kv_heads']}  {r['kind']:<7} unfused {r['unfused_ms']:8.3f} ms  "
@@ -328,10 +423,15 @@ def main() -> None:
         print(f"  {c.get('case', c.get('model')):<45} max abs error {c['max_abs_error']:.1e}  {'ok' if c['ok'] else 'FAIL'}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"host": host(), "config": {
-        "hidden": HIDDEN, "heads": HEADS, "kv_heads_llama": KV_HEADS, "layers": LAYERS, "batch": 1,
-        "lengths": LENGTHS, "runs": RUNS, "statistic": "median, variants interleaved"},
-        "latency": rows, "attention_op_alone": micro, "triton_interpreter": kernels + [backend]}, indent=2))
-    print(f"\nwrote {RESULTS}")
+        "hidden": HIDDEN, "heads": HEADS, "kv_heads_gqa": KV_HEADS, "layers": LAYERS, "batch": 1,
+        "lengths": LENGTHS, "runs": RUNS, "statistic": "median, variants interleaved", "max_error": MAX_ERROR,
+        "vit": {"patch": PATCH, "image_hw": VIT_IMAGE, "tokens": {s: tokens("vit", s) for s in LENGTHS}}},
+        "latency": rows, "attention_op_alone": micro, "triton_interpreter": kernels + [backend],
+        "checks_failed": problems}, indent=2))
+    print(f"\nwrote {RESULTS}  ({time.perf_counter() - start:.0f} s)")
+    if problems:
+        raise SystemExit("checks failed:\n  " + "\n  ".join(problems))
+    print("checks ok: fused and unfused outputs agree; fused ONNX files hold attention nodes, unfused none")
 
 
 if __name__ == "__main__":
