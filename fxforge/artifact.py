@@ -36,6 +36,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 INPUTS = "inputs.safetensors"
 GRAPH = "graph.json"
+META_TENSORS = "meta_tensors.safetensors"  # tensors inside pass metadata (merged adapters, masks)
 FORMAT_VERSION = 1
 
 
@@ -48,6 +49,10 @@ def save_artifact(compiled: "CompiledModel", directory: Path) -> Path:
     inputs = {f"input_{i}": x.contiguous() for i, x in enumerate(compiled.example_inputs)}
     save_file(inputs, str(directory / INPUTS))
     (directory / GRAPH).write_text(json.dumps(graph_to_json(gm.graph)))
+    meta_tensors: dict[str, torch.Tensor] = {}
+    graph_meta = _pass_meta(gm, meta_tensors)
+    if meta_tensors:
+        save_file(meta_tensors, str(directory / META_TENSORS))
     params = dict(gm.named_parameters(remove_duplicate=False))
     manifest = {
         "format": FORMAT_VERSION,
@@ -59,12 +64,14 @@ def save_artifact(compiled: "CompiledModel", directory: Path) -> Path:
         "in_spec": pytree.treespec_dumps(gm.meta[IN_SPEC]) if gm.meta.get(IN_SPEC) else None,
         "out_spec": pytree.treespec_dumps(gm.meta[OUT_SPEC]) if gm.meta.get(OUT_SPEC) else None,
         "input_names": gm.meta.get(INPUT_NAMES),
+        "graph_meta": graph_meta,
         "tensors": {name: {"parameter": name in params,
                            "requires_grad": bool(params[name].requires_grad) if name in params else False,
                            "alias_of": aliases.get(name)}
                     for name in tensors},
         "report": compiled.report.pipeline.to_dict(),
-        "files": {name: _sha256(directory / name) for name in (WEIGHTS, INPUTS, GRAPH)},
+        "files": {name: _sha256(directory / name)
+                  for name in (WEIGHTS, INPUTS, GRAPH, *([META_TENSORS] if meta_tensors else []))},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return directory
@@ -86,6 +93,7 @@ def load_artifact(directory: str | Path, backend: str | None = None, **backend_o
         graph = graph_from_json(json.loads((directory / GRAPH).read_text()))
         weights = load_file(str(directory / WEIGHTS))
         inputs_file = load_file(str(directory / INPUTS))
+        meta_tensors = load_file(str(directory / META_TENSORS)) if META_TENSORS in manifest["files"] else {}
     except Exception as exc:
         raise ArtifactError(f"artifact {directory} could not be read: {type(exc).__name__}: {exc}") from exc
     gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
@@ -101,8 +109,51 @@ def load_artifact(directory: str | Path, backend: str | None = None, **backend_o
     if manifest.get("out_spec"):
         gm.meta[OUT_SPEC] = pytree.treespec_loads(manifest["out_spec"])
     gm.meta[INPUT_NAMES] = manifest.get("input_names")
+    gm.meta.update(_decode_meta(manifest.get("graph_meta") or {}, meta_tensors))
     return CompiledModel(gm, backend or manifest["backend"], example_inputs=example_inputs,
                          pipeline_spec=manifest["pipeline"], backend_options=backend_options)
+
+
+def _pass_meta(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The `gm.meta` entries passes leave for later passes and runtimes (keys starting
+    "fxforge_": KV-cache and Medusa layouts, adapter records, sparsity masks), as JSON with
+    their tensors moved into `tensors`. Anything else in them is an error naming the key: a
+    model must not silently lose it on load."""
+    saved = {}
+    for key, value in gm.meta.items():
+        if not str(key).startswith("fxforge_") or key in (IN_SPEC, OUT_SPEC, INPUT_NAMES):
+            continue  # the I/O specs are saved in their own manifest fields
+        try:
+            saved[key] = _encode_meta(value, tensors, key)
+        except TypeError as exc:
+            raise ArtifactError(f"cannot save graph metadata '{key}': {exc}. Passes must keep "
+                                "gm.meta['fxforge_*'] entries to JSON values and tensors.") from exc
+    return saved
+
+
+def _encode_meta(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{path} has non-string keys")
+        return {k: _encode_meta(v, tensors, f"{path}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):  # tuples come back as lists
+        return [_encode_meta(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{path} holds a {type(value).__name__}, which is neither JSON nor a tensor")
+
+
+def _decode_meta(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _decode_meta(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_meta(v, tensors) for v in value]
+    return value
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

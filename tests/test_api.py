@@ -66,6 +66,26 @@ def test_save_and_load_round_trip(tmp_path, llama, compiled_llama):
     assert ops.count("fxforge.rms_norm.default") == 5
 
 
+def test_pass_metadata_survives_save_and_load(tmp_path):
+    # Runtimes (KV-cached decoding, Medusa) read layouts passes leave in gm.meta["fxforge_*"].
+    mlp = get_model("mlp")
+    compiled = fxforge.compile(mlp.model, mlp.args)
+    layout = {"past": [[1, 2]], "kv_shapes": [[2, 16, 16]], "dtype": "float32"}
+    compiled.graph_module.meta["fxforge_layout"] = layout
+    compiled.graph_module.meta["private_scratch"] = object()  # not a pass contract: not saved
+    compiled.save(tmp_path / "a")
+    loaded = fxforge.load(tmp_path / "a")
+    assert loaded.graph_module.meta["fxforge_layout"] == layout
+    assert "private_scratch" not in loaded.graph_module.meta
+    compiled.graph_module.meta["fxforge_masks"] = {"fc1.weight": torch.rand(4, 3) > 0.5}
+    compiled.save(tmp_path / "c")
+    masks = fxforge.load(tmp_path / "c").graph_module.meta["fxforge_masks"]
+    assert torch.equal(masks["fc1.weight"], compiled.graph_module.meta["fxforge_masks"]["fc1.weight"])
+    compiled.graph_module.meta["fxforge_bad"] = {"when": object()}
+    with pytest.raises(ArtifactError, match="graph metadata 'fxforge_bad'"):
+        compiled.save(tmp_path / "b")
+
+
 def test_loading_a_missing_directory(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         fxforge.load(tmp_path / "nowhere")

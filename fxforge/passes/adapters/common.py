@@ -199,6 +199,22 @@ def add_adapter_to_site(gm: GraphModule, sites: LinearSite | list[LinearSite], m
     }
 
 
+def recorded_nodes(gm: GraphModule, names: list[str], weight_name: str, is_member: Any) -> list[Node] | None:
+    """The nodes a record names, or None when they cannot all be found.
+
+    Names are the fast path; a re-traced graph (`fxforge.load` re-exports the saved graph)
+    renames nodes, so the fallback is the nodes reading the record's weight for which
+    `is_member(node)` holds, in graph order — the weight's attribute name survives a re-trace.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    found = [by_name.get(name) for name in names]
+    if None not in found and all(is_member(n) for n in found):
+        return found
+    readers = [n for n in gm.graph.nodes if n.op == "call_function" and is_member(n)
+               and any(isinstance(a, Node) and a.op == "get_attr" and a.target == weight_name for a in n.args)]
+    return readers if len(readers) == len(names) else None
+
+
 def adapter_records(gm: GraphModule) -> dict[str, dict[str, Any]]:
     """{module_path: record} of the adapters in `gm` (empty if none)."""
     return gm.meta.setdefault(ADAPTERS, {})

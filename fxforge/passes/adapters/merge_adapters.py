@@ -19,12 +19,14 @@ from torch.fx import GraphModule, Node
 
 from fxforge.errors import PassError
 from fxforge.ir.graph import add_attr, erase_dead, get_attr, set_attr
+from fxforge.ir.ops import op_name_of
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.adapters.common import (
     adapter_records,
     adapter_tensors,
     freeze_all_but_adapters,
     get_method,
+    recorded_nodes,
 )
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 
@@ -32,12 +34,18 @@ aten = torch.ops.aten
 MERGED = "fxforge_merged_adapters"  # gm.meta key: {module_path: record + "values": {role: tensor}}
 
 
-def _node_named(gm: GraphModule, name: str) -> Node:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return node
-    raise PassError(f"the adapter node '{name}' recorded in the graph's metadata is missing; the graph was "
-                    f"edited after add_adapters", pass_name="merge_adapters")
+def _adapter_nodes(gm: GraphModule, record: dict) -> list[Node]:
+    if record.get("quantized"):  # the branch sits beside the integer base: names only
+        by_name = {n.name: n for n in gm.graph.nodes}
+        nodes = [by_name.get(name) for name in record["nodes"]]
+        nodes = None if None in nodes else nodes
+    else:
+        nodes = recorded_nodes(gm, record["nodes"], record["weight"],
+                               lambda n: op_name_of(n.target) is not None)  # the adapter op (bone has two forms)
+    if nodes is None:
+        raise PassError(f"the adapter nodes {record['nodes']} recorded in the graph's metadata are missing; "
+                        f"the graph was edited after add_adapters", pass_name="merge_adapters")
+    return nodes
 
 
 def _replace_with_linear(gm: GraphModule, node: Node, x: Node, weight: Node, bias: Node | None) -> Node:
@@ -55,7 +63,11 @@ def _merge_into_dequantized(gm: GraphModule, path: str, record: dict, method, no
     """QLoRA layer: dequantize the int base, fold the update in, one float aten.linear replaces both."""
     from fxforge.passes.adapters.quantized_base import dequantized_weight
 
-    bases = [_node_named(gm, name) for name in record["base_nodes"]]
+    by_name = {n.name: n for n in gm.graph.nodes}
+    bases = [by_name[name] for name in record["base_nodes"] if name in by_name]
+    if len(bases) != len(record["base_nodes"]):
+        raise PassError(f"the quantized base nodes {record['base_nodes']} recorded in the graph's metadata are "
+                        "missing; the graph was edited after add_adapters", pass_name="merge_adapters")
     weight = method.merged_weight(dequantized_weight(gm, bases[0]), tensors, record["scale"])
     w_node = add_attr(gm, f"{path}.weight", weight, buffer=False, trainable=False, before=bases[0])
     for node, base in zip(nodes, bases):
@@ -80,7 +92,7 @@ class MergeAdapters(Pass):
         for path, record in list(records.items()):
             done.append(path)
             method = get_method(record["method"])
-            nodes = [_node_named(gm, name) for name in record["nodes"]]
+            nodes = _adapter_nodes(gm, record)
             tensors = {k: v.detach().float() for k, v in adapter_tensors(gm, record).items()}
             if record.get("quantized"):
                 _merge_into_dequantized(gm, path, record, method, nodes, tensors)

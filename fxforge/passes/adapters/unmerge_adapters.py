@@ -20,6 +20,7 @@ from fxforge.passes.adapters.common import (
     adapter_records,
     freeze_all_but_adapters,
     get_method,
+    recorded_nodes,
 )
 from fxforge.passes.adapters.merge_adapters import MERGED
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
@@ -49,7 +50,8 @@ class UnmergeAdapters(Pass):
             weight = get_attr(gm, record["weight"])
             base = method.unmerged_weight(weight.detach().float(), {k: v.float() for k, v in values.items()},
                                           record["scale"])
-            group = [sites.get(name) for name in record["nodes"]]
+            nodes = recorded_nodes(gm, record["nodes"], record["weight"], lambda n: n.name in sites)
+            group = [sites[n.name] for n in nodes] if nodes else [None]
             if base is None or None in group:
                 skipped.append((path, "the merge of this method is not invertible" if base is None
                                 else "its merged linear is no longer in the graph"))

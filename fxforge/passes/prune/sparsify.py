@@ -13,7 +13,7 @@ in and one kept weight out while that shrinks the reconstruction error: its mean
 are unchanged.
 
 Weights are zeroed in place: the graph and its shapes are unchanged and no backend claims a
-speedup. The masks are recorded in `gm.meta["sparsity_masks"]` (weight name -> bool mask, True
+speedup. The masks are recorded in `gm.meta["fxforge_sparsity_masks"]` (weight name -> bool mask, True
 = kept) so later passes or fine-tuning can keep them (`reapply_masks(gm)`).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fxforge.ir.verify import Tolerance
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.prune.capture import ChannelStats, capture_input_stats
 
-MASKS_META = "sparsity_masks"
+MASKS_META = "fxforge_sparsity_masks"  # "fxforge_": saved with the artifact
 METHODS = ("magnitude", "wanda", "dsnot")
 
 

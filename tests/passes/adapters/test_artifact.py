@@ -1,0 +1,28 @@
+"""Adapted, merged and sparsified models keep their pass metadata through save/load."""
+import torch
+
+import fxforge
+from fxforge.adapters_io import save_adapters
+from fxforge.models import get_model
+from fxforge.passes.base import PassContext, Pipeline
+
+
+def test_adapted_model_saves_loads_and_still_merges(tmp_path):
+    mlp = get_model("mlp")
+    compiled = fxforge.compile(mlp.model, mlp.args, passes="add_adapters(method=lora,rank=4,targets=[fc1,fc2])")
+    for p in compiled.trainable_parameters():  # non-zero B so merging changes the weights
+        torch.nn.init.normal_(p, std=0.1)
+    compiled.save(tmp_path / "adapted")
+    loaded = fxforge.load(tmp_path / "adapted")
+    torch.testing.assert_close(loaded(*mlp.args), compiled(*mlp.args), rtol=0, atol=0)
+    assert len(loaded.trainable_parameters()) == len(compiled.trainable_parameters()) == 4
+    assert save_adapters(loaded, tmp_path / "adapters.safetensors").is_file()  # finds the records
+
+    merged, report = Pipeline("merge_adapters(keep=True)").run(loaded.graph_module, PassContext(example_inputs=mlp.args))
+    assert report.records[0].sites == 2
+    merged_model = fxforge.CompiledModel(merged, example_inputs=mlp.args)
+    merged_model.save(tmp_path / "merged")
+    reloaded = fxforge.load(tmp_path / "merged").graph_module
+    unmerged, report = Pipeline("unmerge_adapters").run(reloaded, PassContext(example_inputs=mlp.args))
+    assert report.records[0].sites == 2  # the merged adapter tensors came back with the artifact
+    torch.testing.assert_close(unmerged(*mlp.args)[0], compiled(*mlp.args), atol=1e-5, rtol=1e-5)
