@@ -145,6 +145,7 @@ def compile(
     seed: int = 0,
     backend_options: dict[str, Any] | None = None,
     backend_tolerance: Tolerance | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> CompiledModel:
     """Trace `model` on example inputs, run a pipeline of passes, and lower to a backend.
 
@@ -162,6 +163,8 @@ def compile(
         backend_tolerance: how close the backend must come to eager on the example inputs;
             None means 1e-4, loosened to what approximate lowerings in the graph declare
             (e.g. MatMulNBits at accuracy level 4 quantizes activations to int8).
+        extras: values passes read from `PassContext.extras`, e.g. {"loss_fn": fn} for
+            LoRA-GA / LoRA-SB (fn(outputs, flat_inputs) -> scalar loss).
 
     Example:
         >>> compiled = fxforge.compile(model, (x,), passes="fuse_rms_norm", backend="onnx")
@@ -172,7 +175,8 @@ def compile(
     trace_seconds = time.perf_counter() - start
     example_inputs = tuple(flatten_inputs(gm, args if isinstance(args, tuple) else (args,), kwargs))
     pipeline = _with_canonicalize(passes)
-    ctx = PassContext(example_inputs=example_inputs, calibration=calibration, seed=seed)
+    ctx = PassContext(example_inputs=example_inputs, calibration=calibration, seed=seed,
+                      extras=dict(extras or {}))
     torch.manual_seed(seed)
     gm, pipeline_report = pipeline.run(gm, ctx, verify=verify)
     report = CompileReport(pipeline_report, backend, trace_seconds=trace_seconds)

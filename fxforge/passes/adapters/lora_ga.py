@@ -50,7 +50,7 @@ class LoraGa(AdapterMethod):
         loss_fn = ctx.extras.get("loss_fn") or default_loss(gm)
         if loss_fn is None:
             raise PassError("add_adapters(method='lora_ga') needs a loss to take gradients of: pass "
-                            "PassContext(extras={'loss_fn': fn}) with fn(outputs, flat_inputs) -> scalar "
+                            "fxforge.compile(..., extras={'loss_fn': fn}) (or PassContext(extras=...)) with fn(outputs, flat_inputs) -> scalar "
                             "(the default, next-token cross-entropy, needs an input named input_ids)",
                             pass_name="add_adapters")
         weights = {s.module_path: get_attr(gm, s.weight_name) for s in sites}

@@ -26,3 +26,19 @@ def test_adapted_model_saves_loads_and_still_merges(tmp_path):
     unmerged, report = Pipeline("unmerge_adapters").run(reloaded, PassContext(example_inputs=mlp.args))
     assert report.records[0].sites == 2  # the merged adapter tensors came back with the artifact
     torch.testing.assert_close(unmerged(*mlp.args)[0], compiled(*mlp.args), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_hands_extras_to_passes():
+    # LoRA-GA takes gradients of the user's loss: compile(extras={"loss_fn": ...}) reaches it.
+    mlp = get_model("mlp")
+    calls = []
+
+    def loss_fn(outputs, inputs):
+        calls.append(1)
+        return outputs[0].square().mean()
+
+    batches = [torch.randn(4, 32) for _ in range(2)]
+    compiled = fxforge.compile(mlp.model, mlp.args, passes="add_adapters(method=lora_ga,rank=2,targets=[fc1])",
+                               calibration=batches, extras={"loss_fn": loss_fn})
+    assert calls, "the pass never called the loss given through compile()"
+    assert compiled.report.pipeline.records[-1].sites == 1
