@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,19 +26,10 @@ from fxforge.api import CompiledModel
 from fxforge.models.code_lm import load_code_lm
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
 from fxforge.passes.base import PassContext, run_pass
+from _host import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "adapters_cpu.json"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_ms(fn, repeats: int) -> float:

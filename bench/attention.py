@@ -32,7 +32,6 @@ os.environ.setdefault("FXFORGE_PROGRESS", "0")
 
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -41,6 +40,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch.export import Dim  # noqa: E402
+from _host import host_info  # bench/ is on sys.path when a script runs
 
 LENGTHS = (128, 1024)
 THREADS = 2
@@ -315,19 +315,7 @@ def check_triton_backend() -> dict:
 
 
 def host() -> dict:
-    import onnxruntime
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "host": platform.node(), "logical_cpus": os.cpu_count(), "ort_threads": THREADS,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-            "note": "shared machine: other jobs ran concurrently, so absolute times are noisy"}
+    return host_info(ort_threads=THREADS, note="shared machine: other jobs ran concurrently, so absolute times are noisy")
 
 
 def structure_problems(arch: str, facts: dict) -> list[str]:

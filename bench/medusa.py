@@ -24,19 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from _host import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"model name\s*:\s*(.+)", text)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

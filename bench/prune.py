@@ -35,18 +35,9 @@ from fxforge.models.code_lm_data import token_stream, windows_evenly_spaced
 from fxforge.passes.base import PassContext, PipelineReport, get_pass_class, run_pass
 from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import Sparsify
+from _host import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _quiet(iterable, **_):

@@ -22,7 +22,6 @@ Prints tables and writes bench/results/quantize_<host>.json (CPU named inside).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -41,6 +40,7 @@ from fxforge.ir.graph import linear_sites, summarize
 from fxforge.ir.trace import trace
 from fxforge.ir.verify import run_graph
 from fxforge.passes.base import Pass, PassContext, get_pass_class, registered_passes, run_pass
+from _host import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("rtn", "awq", "gptq", "easyquant")
@@ -48,16 +48,6 @@ METHODS = ("rtn", "awq", "gptq", "easyquant")
 
 def _quiet(iterable=None, **_: Any):
     return iterable
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pass_rows(group_size: int) -> list[tuple[str, Callable[[], Pass]]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from fxforge.ir.ops.registry import op_name_of
 from fxforge.ir.trace import flatten_inputs, trace
 from fxforge.ir.verify import run_graph
 from fxforge.passes.base import PassContext, Pipeline, get_pass_class, run_pass
+from _host import host_info  # bench/ is on sys.path when a script runs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GROUP = 64
@@ -165,16 +165,7 @@ def bench_minilm(only: str, done=lambda rows: None) -> list[dict]:
 
 
 def host() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return host_info(torch_threads=torch.get_num_threads())
 
 
 def save(path: Path, rows: list[dict], group: int, seconds: float) -> None:
