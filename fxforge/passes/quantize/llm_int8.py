@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule
 
-from fxforge.ir.graph import add_attr, replace_with_call
+from fxforge.ir.graph import replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
-from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
-from fxforge.passes.quantize.quantize_dynamic import quantize_weight_int8
+from fxforge.passes.quantize.common import bias_node, check_option, select_sites
+from fxforge.passes.quantize.quantize_dynamic import int8_weight_attrs
 
 
 @register_pass
@@ -41,8 +41,6 @@ class LlmInt8(Pass):
         op = get_op("linear_int8_mixed").overload
         sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
         for site in sites:
-            codes, scale = quantize_weight_int8(weight_of(gm, site))
-            qweight = add_attr(gm, f"{site.module_path}.qweight", codes, buffer=True, before=site.node)
-            wscale = add_attr(gm, f"{site.module_path}.wscale", scale, buffer=True, before=site.node)
-            replace_with_call(gm, site.node, op, (site.input, qweight, wscale, bias_node(site), float(self.threshold)))
+            replace_with_call(gm, site.node, op, (site.input, *int8_weight_attrs(gm, site), bias_node(site),
+                                                  float(self.threshold)))
         return PassResult(gm, sites=len(sites))

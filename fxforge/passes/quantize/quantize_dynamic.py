@@ -12,15 +12,23 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from fxforge.ir.graph import add_attr, replace_with_call
+from fxforge.ir.graph import LinearSite, add_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.common import bias_node, select_sites, weight_of
 
 INT8_MAX = 127
+
+
+def int8_weight_attrs(gm: GraphModule, site: LinearSite) -> tuple[Node, Node]:
+    """Store `site`'s weight as int8 codes + per-row scales (buffers); their get_attr nodes."""
+    codes, scale = quantize_weight_int8(weight_of(gm, site))
+    qweight = add_attr(gm, f"{site.module_path}.qweight", codes, buffer=True, before=site.node)
+    wscale = add_attr(gm, f"{site.module_path}.wscale", scale, buffer=True, before=site.node)
+    return qweight, wscale
 
 
 def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,8 +57,5 @@ class QuantizeDynamic(Pass):
         op = get_op("linear_w8a8").overload
         sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
         for site in sites:
-            codes, scale = quantize_weight_int8(weight_of(gm, site))
-            qweight = add_attr(gm, f"{site.module_path}.qweight", codes, buffer=True, before=site.node)
-            wscale = add_attr(gm, f"{site.module_path}.wscale", scale, buffer=True, before=site.node)
-            replace_with_call(gm, site.node, op, (site.input, qweight, wscale, bias_node(site)))
+            replace_with_call(gm, site.node, op, (site.input, *int8_weight_attrs(gm, site), bias_node(site)))
         return PassResult(gm, sites=len(sites))
