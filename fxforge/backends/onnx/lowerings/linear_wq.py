@@ -103,11 +103,12 @@ def linear_wq_onnx(x, qweight, scales, zeros, bias, bits: int, group_size: int):
     n_blocks = k // group_size
     b = op.Reshape(qweight, op.Constant(value_ints=[n, n_blocks, group_size * bits // 8]))
     # MatMulNBits on CPU takes float32 or float16 activations; bf16 goes through float32.
-    a = op.Cast(x, to=FLOAT.dtype) if x.dtype == BFLOAT16.dtype else x
+    compute_dtype = FLOAT.dtype if x.dtype == BFLOAT16.dtype else x.dtype
+    a = op.Cast(x, to=compute_dtype) if x.dtype == BFLOAT16.dtype else x
     y = _MATMUL_NBITS(
         a,
         b,
-        op.Cast(scales, to=int(a.dtype)),  # static target type: constant-foldable (see above)
+        op.Cast(scales, to=int(compute_dtype)),  # static target type: constant-foldable (see above)
         _pack_zero_points(zeros, bits, n, n_blocks),
         K=k,
         N=n,
