@@ -15,6 +15,8 @@ float as a sparse add, ranges optimized by gradient descent). Codes of 3 bits ar
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 from torch.fx import GraphModule
@@ -95,6 +97,8 @@ class Quantize(Pass):
         if self.method in CALIBRATED_METHODS:
             require_batches(ctx, self.name, self.method, sites)
             stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches)
+            if self.method == "gptq":
+                _warn_rank_deficient(sites, stats, self.damp, notes)
         if self.method == "awq":
             from fxforge.passes.quantize.awq import apply_awq_scales
 
@@ -142,3 +146,21 @@ def _is_query_or_key(site: LinearSite) -> bool:
 
 
 __all__ = ["Quantize", "METHODS", "aten"]
+
+
+def _warn_rank_deficient(sites, stats: dict, damp: float, notes: dict) -> None:
+    """GPTQ with fewer calibration rows than input features has a singular Hessian and fits
+    the calibration set instead of the layer: on minilm at 2 bits with 190 tokens (< 384
+    features) held-out cosine fell to 0.10 at damp=0.01 versus 0.36 for RTN, and rose to 0.46
+    / 0.54 at damp=0.1 / 0.5. Say so rather than return a quietly worse model."""
+    short = [(site.module_path, stats[site.node.name].rows, site.in_features) for site in sites
+             if stats[site.node.name].rows < site.in_features]
+    if not short:
+        return
+    notes["rank_deficient_layers"] = len(short)
+    path, rows, features = short[0]
+    warnings.warn(
+        f"quantize(method='gptq'): {len(short)} layer(s) saw fewer calibration tokens than input features "
+        f"(e.g. {path}: {rows} < {features}), so their Hessian is singular and GPTQ will overfit the "
+        f"calibration set. Give more calibration data (hundreds of thousands of tokens is standard) or "
+        f"raise damp (now {damp}; 0.1 or more).", stacklevel=2)

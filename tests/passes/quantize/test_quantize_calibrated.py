@@ -91,3 +91,18 @@ def test_beats_rtn_on_held_out_inputs(model, method):
     assert sum(1 for n in better.graph.nodes if n.target == torch.ops.fxforge.linear_wq.default) == \
         (14 if name == "tiny-llama" else 8)
     assert relative_error(ref, run_graph(better, held_out)[0]) < relative_error(ref, run_graph(rtn, held_out)[0])
+
+
+def test_gptq_warns_when_calibration_has_fewer_tokens_than_features():
+    _, gm = traced_zoo("mlp")  # fc1 takes 32 features, fc2/fc3 64
+    few = [torch.randn(2, 32)]  # 2 rows: every Hessian is singular
+    ctx = PassContext(example_inputs=(torch.randn(4, 32),), calibration=few)
+    with pytest.warns(UserWarning, match=r"fewer calibration tokens than input features .*raise damp"):
+        result = run_pass(Quantize(bits=4, group_size=16, method="gptq"), gm, ctx, verify=False)
+    assert result is not None
+    enough = [torch.randn(64, 32) for _ in range(2)]  # 128 rows > 64 features
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error", UserWarning)
+        run_pass(Quantize(bits=4, group_size=16, method="gptq"), gm, PassContext(example_inputs=ctx.example_inputs,
+                                                                                  calibration=enough), verify=False)
