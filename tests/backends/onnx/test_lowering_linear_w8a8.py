@@ -5,11 +5,10 @@ ORT's per-tensor DynamicQuantizeLinear/DynamicQuantizeMatMul were not used), so 
 compared at float32 rounding tolerance.
 """
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from testing_utils import export_op_module, run_ort
 
-from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 
 
 class W8A8Linear(torch.nn.Module):
@@ -24,24 +23,10 @@ class W8A8Linear(torch.nn.Module):
         return torch.ops.fxforge.linear_w8a8(x, self.qweight, self.wscale, self.bias)
 
 
-def _export(module, example, path):
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.onnx.export(
-        module, (example,), dynamo=True, custom_translation_table=translation_table(),
-        opset_version=OPSET_VERSION, dynamic_shapes=({0: batch},), verbose=False,
-    )
-    program.save(str(path))
-    return onnx.load(str(path)), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _run(session, x):
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-
-
 @pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float16, False)])
 def test_matches_reference(tmp_path, dtype, bias):
     module = W8A8Linear(n=24, k=80, bias=bias, dtype=dtype)
-    model, session = _export(module, torch.randn(2, 3, 80, dtype=dtype), tmp_path / "m.onnx")
+    model, session = export_op_module(module, torch.randn(2, 3, 80, dtype=dtype), tmp_path / "m.onnx")
     assert "MatMulInteger" in {node.op_type for node in model.graph.node}
     # The weight is stored once, one byte an element (shifted to uint8, transposed): 1/4 of fp32.
     sizes = [onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer]
@@ -50,7 +35,7 @@ def test_matches_reference(tmp_path, dtype, bias):
         x = torch.randn(batch, 3, 80, dtype=dtype)
         x[0, 0] = 0  # an all-zero token takes the zero-scale guard
         x[1, 1, :4] = torch.tensor([127.0, 0.5, 1.5, 2.5], dtype=dtype)  # ties round to even
-        got, expected = _run(session, x), module(x)
+        got, expected = run_ort(session, x), module(x)
         assert got.shape == (batch, 3, 24) and got.dtype == dtype
         tol = 1e-6 if dtype == torch.float32 else 1e-3
         torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)

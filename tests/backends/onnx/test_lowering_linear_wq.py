@@ -1,11 +1,10 @@
 """fxforge::linear_wq exported to com.microsoft::MatMulNBits and run by ONNX Runtime."""
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from testing_utils import export_op_module, run_ort
 
 import fxforge.backends.onnx.lowerings.linear_wq as wq_lowering
-from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 from fxforge.ir.ops.linear_wq import dequantize_wq, pack_bits
 
 
@@ -24,20 +23,6 @@ class QuantLinear(torch.nn.Module):
         return torch.ops.fxforge.linear_wq(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size)
 
 
-def _export(module, example, path):
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.onnx.export(
-        module, (example,), dynamo=True, custom_translation_table=translation_table(),
-        opset_version=OPSET_VERSION, dynamic_shapes=({0: batch},), verbose=False,
-    )
-    program.save(str(path))
-    return onnx.load(str(path)), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _run(session, x):
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-
-
 @pytest.mark.parametrize(
     "bits,group_size,dtype,bias",
     [(4, 32, torch.float32, True), (8, 16, torch.float16, False), (2, 32, torch.float32, False)],
@@ -45,14 +30,14 @@ def _run(session, x):
 def test_matches_reference_at_accuracy_level_0(tmp_path, monkeypatch, bits, group_size, dtype, bias):
     monkeypatch.setattr(wq_lowering, "ACCURACY_LEVEL", 0)  # float compute: tight comparison
     module = QuantLinear(n=24, k=96, bits=bits, group_size=group_size, bias=bias, dtype=dtype)
-    model, session = _export(module, torch.randn(2, 3, 96, dtype=dtype), tmp_path / "m.onnx")
+    model, session = export_op_module(module, torch.randn(2, 3, 96, dtype=dtype), tmp_path / "m.onnx")
     (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert node.domain == "com.microsoft"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == {"K": 96, "N": 24, "bits": bits, "block_size": group_size, "accuracy_level": 0}
     for batch in (2, 5):  # the second size exercises the dynamic batch dimension
         x = torch.randn(batch, 3, 96, dtype=dtype)
-        got, expected = _run(session, x), module(x)
+        got, expected = run_ort(session, x), module(x)
         assert got.shape == (batch, 3, 24) and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol * expected.abs().max().item())
@@ -61,7 +46,7 @@ def test_matches_reference_at_accuracy_level_0(tmp_path, monkeypatch, bits, grou
 def test_default_export_is_4_bit_and_within_activation_quantization_bound(tmp_path):
     k, n, g = 512, 64, 128
     module = QuantLinear(n=n, k=k, bits=4, group_size=g, bias=False)
-    model, session = _export(module, torch.randn(3, k), tmp_path / "m.onnx")
+    model, session = export_op_module(module, torch.randn(3, k), tmp_path / "m.onnx")
     (node,) = [nd for nd in model.graph.node if nd.op_type == "MatMulNBits"]
     assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "accuracy_level")) == 4
 
@@ -79,7 +64,7 @@ def test_default_export_is_4_bit_and_within_activation_quantization_bound(tmp_pa
     # At accuracy_level 4 ORT rounds each block of activations to int8 (error <= max|x_blk|/254
     # per element), so |y - ref| <= sum over blocks of max|x_blk|/254 * sum_k |ŵ[n, k]|.
     x = torch.randn(7, k)
-    got, expected = _run(session, x), module(x)
+    got, expected = run_ort(session, x), module(x)
     w = dequantize_wq(module.qweight, module.scales, module.zeros, 4, g, k).abs()
     step = x.abs().reshape(7, k // g, g).amax(-1) / 254  # (tokens, blocks)
     bound = step @ w.reshape(n, k // g, g).sum(-1).T + 1e-4
@@ -99,9 +84,9 @@ def test_bfloat16_activations_go_through_float32(tmp_path, monkeypatch):
             return self.inner(x.to(torch.bfloat16)).to(torch.float32)
 
     module = Bf16()
-    _, session = _export(module, torch.randn(2, 64), tmp_path / "m.onnx")
+    _, session = export_op_module(module, torch.randn(2, 64), tmp_path / "m.onnx")
     x = torch.randn(4, 64)
-    torch.testing.assert_close(_run(session, x), module(x), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(run_ort(session, x), module(x), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("group_size", [24, 8])

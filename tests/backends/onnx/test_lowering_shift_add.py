@@ -3,9 +3,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from testing_utils import export_op_module, run_ort
 
 import fxforge
-from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 from fxforge.ir.ops.shift_add_linear import pack_signs, round_to_apot
 from fxforge.ir.trace import flatten_inputs
 from fxforge.ir.verify import run_graph
@@ -27,21 +27,6 @@ class ShiftAddLinear(torch.nn.Module):
         return torch.ops.fxforge.shift_add_linear(x, self.packed, self.exps, self.signs, self.bias, self.group_size)
 
 
-def _export(module, example, path):
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.onnx.export(
-        module, (example,), dynamo=True, custom_translation_table=translation_table(),
-        opset_version=OPSET_VERSION, dynamic_shapes=({0: batch},), verbose=False,
-        optimize=False,  # as fxforge's ONNX backend exports: no constant folding of the packed form
-    )
-    program.save(str(path))
-    return onnx.load(str(path)), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _run(session, x):
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-
-
 # K=40 leaves padding bits in the last int32 word; K=96 spans three full words.
 @pytest.mark.parametrize("k,q,group_size,dtype,bias", [
     (96, 3, 32, torch.float32, True),
@@ -50,12 +35,12 @@ def _run(session, x):
 ])
 def test_matches_reference(tmp_path, k, q, group_size, dtype, bias):
     module = ShiftAddLinear(n=24, k=k, q=q, group_size=group_size, bias=bias, dtype=dtype)
-    model, session = _export(module, torch.randn(2, 3, k, dtype=dtype), tmp_path / "m.onnx")
+    model, session = export_op_module(module, torch.randn(2, 3, k, dtype=dtype), tmp_path / "m.onnx")
     op_types = {nd.op_type for nd in model.graph.node}
     assert "MatMul" in op_types and all(nd.domain in ("", "ai.onnx") for nd in model.graph.node)
     for batch in (2, 5):  # the second size exercises the dynamic batch dimension
         x = torch.randn(batch, 3, k, dtype=dtype)
-        got, expected = _run(session, x), module(x)
+        got, expected = run_ort(session, x), module(x)
         assert got.shape == (batch, 3, 24) and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 1e-3
         torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol * expected.abs().max().item())
@@ -63,7 +48,7 @@ def test_matches_reference(tmp_path, k, q, group_size, dtype, bias):
 
 def test_file_stores_the_packed_form(tmp_path):
     n, k, q = 64, 256, 2
-    model, _ = _export(ShiftAddLinear(n=n, k=k, q=q, group_size=128, bias=False), torch.randn(1, k), tmp_path / "m.onnx")
+    model, _ = export_op_module(ShiftAddLinear(n=n, k=k, q=q, group_size=128, bias=False), torch.randn(1, k), tmp_path / "m.onnx")
     sizes = {init.name: onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer}
     # packed signs are q bits per weight; exponents and term signs are tiny; no float weight is stored
     assert n * k * q // 8 in sizes.values()
