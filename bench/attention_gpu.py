@@ -15,13 +15,10 @@ number. Prints a table and writes bench/results/attention_gpu_<gpu name>.json.
 from __future__ import annotations
 
 import json
-import os
-import re
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _gpu import check_close, require_cuda, results_path  # bench/ is on sys.path when a script runs
 
 FORWARD_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 FORWARD_TOKENS = 16384
@@ -29,24 +26,11 @@ HIDDEN = 2048
 HEAD_DIMS = (64, 128)
 DECODE_LENGTHS = (4096, 8192, 16384, 32768)
 DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM = 32, 8, 128
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _require_cuda() -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("bench/attention_gpu.py: TRITON_INTERPRET=1 is set; unset it to time real GPU kernels.")
-    if not torch.cuda.is_available():
-        sys.exit(
-            "bench/attention_gpu.py: no CUDA device found (torch.cuda.is_available() is False). "
-            "Run it on a machine with an NVIDIA GPU and a CUDA build of torch."
-        )
 
-
-def _check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    err = (got.float() - expected.float()).abs().max().item()
-    if not err <= 2e-2:
-        raise SystemExit(f"bench/attention_gpu.py: {name} disagrees with torch SDPA (max abs error {err:.3g}).")
-
+def _checked(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    check_close("bench/attention_gpu.py", name, got, expected, atol=2e-2, reference="torch SDPA")
 
 def _sdpa_flash(q, k, v, is_causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -67,7 +51,7 @@ def bench_forward(do_bench) -> list[dict]:
             for is_causal in (False, True):
                 name = f"forward d={head_dim} L={length} causal={is_causal}"
                 # The first call autotunes; its result is checked before anything is timed.
-                _check(name, flash_attention_forward(q, k, v, None, is_causal, None, 1), _sdpa_flash(q, k, v, is_causal))
+                _checked(name, flash_attention_forward(q, k, v, None, is_causal, None, 1), _sdpa_flash(q, k, v, is_causal))
                 triton_ms = do_bench(lambda: flash_attention_forward(q, k, v, None, is_causal, None, 1))
                 sdpa_ms = do_bench(lambda: _sdpa_flash(q, k, v, is_causal))
                 flops = attention_flops(batch, heads, length, length, head_dim, is_causal)
@@ -91,7 +75,7 @@ def bench_decode(do_bench) -> list[dict]:
         k, v = (torch.randn(1, DECODE_KV_HEADS, length, DECODE_HEAD_DIM, device="cuda", dtype=torch.float16)
                 for _ in range(2))
         expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        _check(f"decode L={length}", decode_attention(q, k, v, None, None, groups), expected)
+        _checked(f"decode L={length}", decode_attention(q, k, v, None, None, groups), expected)
         triton_ms = do_bench(lambda: decode_attention(q, k, v, None, None, groups))
         sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         kv_bytes = 2 * k.numel() * k.element_size()
@@ -117,7 +101,7 @@ def _print_tables(forward: list[dict], decode: list[dict]) -> None:
 
 
 def main() -> None:
-    _require_cuda()
+    require_cuda("bench/attention_gpu.py")
     import triton.testing
 
     torch.manual_seed(0)
@@ -125,8 +109,7 @@ def main() -> None:
     forward = bench_forward(triton.testing.do_bench)
     decode = bench_decode(triton.testing.do_bench)
     _print_tables(forward, decode)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"attention_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.json"
+    path = results_path("attention_gpu", gpu)
     payload = {
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "dtype": "float16",
         "forward": forward, "decode": decode,

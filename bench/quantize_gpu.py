@@ -13,47 +13,21 @@ reference first, so a fast wrong kernel cannot produce a number.
 from __future__ import annotations
 
 import json
-import os
-import re
-import sys
-from pathlib import Path
 
 import torch
+from _gpu import check_close, int4_operands, require_cuda, results_path  # bench/ is on sys.path
 
 BATCHES = (1, 16, 128)
 SIZES = (4096, 8192)
 GROUP_SIZE = 128
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _require_cuda() -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("bench/quantize_gpu.py: TRITON_INTERPRET=1 is set; unset it to time real GPU kernels.")
-    if not torch.cuda.is_available():
-        sys.exit(
-            "bench/quantize_gpu.py: no CUDA device found (torch.cuda.is_available() is False). "
-            "Run it on a machine with an NVIDIA GPU and a CUDA build of torch."
-        )
 
-
-def _int4_operands(n: int, k: int, device: str):
-    from fxforge.ir.ops.linear_wq import pack_bits
-
-    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
-    scales = (torch.rand(n, k // GROUP_SIZE, device=device) * 0.01).to(torch.float16)
-    zeros = torch.randint(0, 16, (n, k // GROUP_SIZE), dtype=torch.uint8, device=device)
-    return pack_bits(q, 4), scales, zeros
-
-
-def _check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    err = (got.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
-    if not err <= 2e-2 * scale + 1e-3:
-        raise SystemExit(f"bench/quantize_gpu.py: {name} disagrees with its reference (max abs error {err:.3g}).")
-
+def _checked(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    check_close("bench/quantize_gpu.py", name, got, expected, atol=1e-3, rtol=2e-2)
 
 def main() -> None:
-    _require_cuda()
+    require_cuda("bench/quantize_gpu.py")
     import triton.testing
 
     from fxforge.kernels.w8a8_gemm import linear_w8a8_triton
@@ -66,15 +40,15 @@ def main() -> None:
     for size in SIZES:
         n = k = size
         weight = (torch.randn(n, k, device=device) * 0.02).to(torch.float16)
-        qweight4, scales4, zeros4 = _int4_operands(n, k, device)
+        qweight4, scales4, zeros4 = int4_operands(n, k, GROUP_SIZE, device)
         qweight8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
         wscale8 = torch.rand(n, device=device) * 1e-3
         for batch in BATCHES:
             x = torch.randn(batch, k, device=device, dtype=torch.float16)
             # Correctness first (the reference runs on the GPU tensors too).
-            _check("int4", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
+            _checked("int4", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
                    torch.ops.fxforge.linear_wq(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE))
-            _check("w8a8", linear_w8a8_triton(x, qweight8, wscale8, None),
+            _checked("w8a8", linear_w8a8_triton(x, qweight8, wscale8, None),
                    torch.ops.fxforge.linear_w8a8(x, qweight8, wscale8, None))
             times = {
                 "fp16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight)),
@@ -91,8 +65,7 @@ def main() -> None:
                 f"w8a8 {row['w8a8_ms']:.4f} ms ({row['fp16_ms'] / row['w8a8_ms']:.2f}x)",
                 flush=True,
             )
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"quantize_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.json"
+    path = results_path("quantize_gpu", gpu)
     payload = {
         "gpu": gpu,
         "torch": torch.__version__,

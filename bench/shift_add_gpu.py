@@ -16,30 +16,20 @@ Target (issue 8): the LUT kernel faster than fp16 at batch 1.
 from __future__ import annotations
 
 import json
-import os
-import re
-import sys
-from pathlib import Path
 
 import torch
+from _gpu import check_close, int4_operands, require_cuda, results_path  # bench/ is on sys.path
 
 SIZES = (4096, 8192)
 BATCH = 1
 GROUP_SIZE = 128
 PLANES = 3
 TERMS = 3
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _require_cuda() -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("bench/shift_add_gpu.py: TRITON_INTERPRET=1 is set; unset it to time real GPU kernels.")
-    if not torch.cuda.is_available():
-        sys.exit(
-            "bench/shift_add_gpu.py: no CUDA device found (torch.cuda.is_available() is False). "
-            "Run it on a machine with an NVIDIA GPU and a CUDA build of torch."
-        )
 
+def _checked(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    check_close("bench/shift_add_gpu.py", name, got, expected, atol=1e-3, rtol=2e-2)
 
 def _shift_add_operands(n: int, k: int, device: str):
     from fxforge.ir.ops.shift_add_linear import pack_signs, round_to_apot
@@ -49,24 +39,8 @@ def _shift_add_operands(n: int, k: int, device: str):
     return pack_signs(planes), exps, signs
 
 
-def _int4_operands(n: int, k: int, device: str):
-    from fxforge.ir.ops.linear_wq import pack_bits
-
-    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
-    scales = (torch.rand(n, k // GROUP_SIZE, device=device) * 0.01).to(torch.float16)
-    zeros = torch.randint(0, 16, (n, k // GROUP_SIZE), dtype=torch.uint8, device=device)
-    return pack_bits(q, 4), scales, zeros
-
-
-def _check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    err = (got.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
-    if not err <= 2e-2 * scale + 1e-3:
-        raise SystemExit(f"bench/shift_add_gpu.py: {name} disagrees with its reference (max abs error {err:.3g}).")
-
-
 def main() -> None:
-    _require_cuda()
+    require_cuda("bench/shift_add_gpu.py")
     import triton
     import triton.testing
 
@@ -81,13 +55,13 @@ def main() -> None:
         n = k = size
         weight = (torch.randn(n, k, device=device) * 0.02).to(torch.float16)
         packed, exps, signs = _shift_add_operands(n, k, device)
-        qweight4, scales4, zeros4 = _int4_operands(n, k, device)
+        qweight4, scales4, zeros4 = int4_operands(n, k, GROUP_SIZE, device)
         x = torch.randn(BATCH, k, device=device, dtype=torch.float16)
         reference = torch.ops.fxforge.shift_add_linear(x, packed, exps, signs, None, GROUP_SIZE)
         for exponent_add in (True, False):
-            _check("shift_add_lut", shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE,
+            _checked("shift_add_lut", shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE,
                                                              exponent_add=exponent_add), reference)
-        _check("int4", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
+        _checked("int4", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
                torch.ops.fxforge.linear_wq(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE))
         times = {
             "fp16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight)),
@@ -105,8 +79,7 @@ def main() -> None:
             f"lut-mul {row['lut_mul_ms']:.4f} ms ({row['fp16_ms'] / row['lut_mul_ms']:.2f}x fp16)",
             flush=True,
         )
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"shift_add_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.json"
+    path = results_path("shift_add_gpu", gpu)
     payload = {
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "group_size": GROUP_SIZE, "planes": PLANES, "terms": TERMS,
