@@ -129,7 +129,9 @@ class AddKvCache(Pass):
             "num_inputs": len(names),
         }
         original_ids = ctx.example_inputs[placeholders.index(ids)] if ctx.example_inputs else None
-        example = None if original_ids is None else _example_after(gm.meta[KV_META], original_ids)
+        # the original ids after a past one longer: lengths differ, so exports stay dynamic
+        example = None if original_ids is None else random_past_inputs(gm.meta[KV_META], original_ids,
+                                                                        original_ids.shape[1] + 1)
         return PassResult(gm, sites=len(attn_nodes), notes={"position_sites": rewired,
                                                             "inputs": names},
                           example_inputs=example)
@@ -163,14 +165,13 @@ class AddKvCache(Pass):
 # --------------------------------------------------------------------------- inputs
 
 
-def _example_after(meta: dict, ids: torch.Tensor) -> tuple[Any, ...]:
-    """The cached graph's example inputs: the original ids after a random past one longer.
+def random_past_inputs(meta: dict, ids: torch.Tensor, past_len: int) -> tuple[Any, ...]:
+    """Flat cached-graph inputs: new tokens `ids` after a random past of `past_len` positions.
 
-    The past length differs from the new length (and from 1) so an export of the cached graph
-    keeps both dynamic instead of specializing them.
+    For export and verification: with batch, past and new lengths distinct (and above 1) an
+    export keeps every cache dimension dynamic instead of specializing it.
     """
-    batch, length = ids.shape
-    past_len = length + 1
+    batch = ids.shape[0]
     dtype = getattr(torch, meta["dtype"])
     generator = torch.Generator().manual_seed(0)
     past = []

@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 
 from fxforge.backends import get_backend
 from fxforge.errors import InputError
-from fxforge.passes.add_kv_cache import KV_META, cached_inputs, causal_tree_mask, empty_past
+from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past, random_past_inputs
 from fxforge.passes.add_medusa_heads import MEDUSA_META
 
 
@@ -119,19 +119,9 @@ def with_kv_cache(graph_module: GraphModule) -> GraphModule:
 
 def example_cached_inputs(graph_module: GraphModule, batch: int = 2, past_len: int = 3,
                           new_len: int = 4) -> list[Any]:
-    """Example flat inputs for exporting a cached graph (batch 2, past 3, 4 new tokens).
-
-    Sizes are distinct and above 1 so torch.export keeps batch, past and new lengths dynamic
-    rather than specializing them to constants.
-    """
-    layout = graph_module.meta[KV_META]
-    dtype = getattr(torch, layout["dtype"])
-    past = []
-    for heads, key_dim, value_dim in layout["kv_shapes"]:
-        past.append(torch.randn(batch, heads, past_len, key_dim, dtype=dtype))
-        past.append(torch.randn(batch, heads, past_len, value_dim, dtype=dtype))
+    """Example flat inputs for exporting a cached graph (batch 2, past 3, 4 new tokens)."""
     ids = torch.zeros(batch, new_len, dtype=torch.long)
-    return cached_inputs(layout, ids, past_len, past, tree_mask=causal_tree_mask(batch, new_len, past_len))
+    return list(random_past_inputs(graph_module.meta[KV_META], ids, past_len))
 
 
 @dataclass
