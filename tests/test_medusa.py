@@ -97,6 +97,28 @@ def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_eager(trained, 
     assert sum(accepted) / len(accepted) > 1.2
 
 
+def test_tree_attention_on_the_eager_path_without_fused_attention(trained, prompts):
+    """No fuse_attention: the tree mask replaces the model's own causal mask (eager attention ops)
+    and decoding is still exactly plain greedy, step for step as on the fused graph."""
+    from fxforge.ir.graph import set_attr
+    from fxforge.passes.add_kv_cache import KV_META
+
+    compiled, _, _ = trained
+    gm, ids = fused_graph(fused=False)
+    unfused = with_heads(CompiledModel(gm, "eager", example_inputs=(ids,)), NUM_HEADS)
+    for name, value in compiled.graph_module.named_parameters():
+        if name.startswith("medusa"):
+            set_attr(unfused.graph_module, name, value.detach().clone())
+    lm = medusa.decoder(unfused, "eager")
+    assert lm.layout["attention"] == "eager"
+    for prompt in prompts[:10]:
+        plain = greedy_generate(lm, prompt, NEW_TOKENS)
+        fast = medusa.generate(unfused, prompt, NEW_TOKENS)
+        reference = medusa.generate(compiled, prompt, NEW_TOKENS)
+        assert fast.tokens == plain.tokens == reference.tokens
+        assert fast.accepted_per_step == reference.accepted_per_step
+
+
 @pytest.mark.slow
 def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_onnx(trained, prompts):
     compiled, _, _ = trained

@@ -1,4 +1,4 @@
-"""Pass `add_kv_cache`: a fused-attention causal LM graph -> the same graph with a KV cache.
+"""Pass `add_kv_cache`: a causal LM graph -> the same graph with a KV cache.
 
     inputs:  input_ids (B, L)            the new tokens only
              position_ids (B, L)         their positions (prefix length + offset, or tree depths)
@@ -10,7 +10,9 @@
 Each `fxforge::attention(q, k, v, mask, causal, ...)` becomes
 `fxforge::attention(q, cat(past_k, k), cat(past_v, v), tree_mask, True, ...)`: the op's causal
 triangle is bottom-right aligned, so new queries see the whole past, and the tree mask narrows
-that to a token's ancestors for Medusa tree verification. The rotary (or learned) position
+that to a token's ancestors for Medusa tree verification. Attention that was not fused keeps
+its own matmuls and softmax: the cache is attached before the key transpose and GQA repetition
+and the tree mask replaces the model's causal mask (`kv_cache_sites.EagerSite`). The rotary (or learned) position
 computation, which the traced graph derives from `arange(L)`, is rewired to read `position_ids`.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
 
@@ -31,6 +33,7 @@ from fxforge.ir.ops import get_op
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.kv_cache_sites import FusedSite, eager_sites
 
 aten = torch.ops.aten
 KV_META = "fxforge_kv_cache"
@@ -55,23 +58,23 @@ class AddKvCache(Pass):
         if KV_META in gm.meta:
             raise PassError("pass 'add_kv_cache': the graph already has a KV cache; run it once.",
                             pass_name=self.name)
-        attention = get_op("attention").overload
-        attn_nodes = list(nodes_by_op(gm, attention))
-        if not attn_nodes:
-            raise PassError(
-                "pass 'add_kv_cache' found no fxforge::attention node. It caches the key/value inputs "
-                "of fused attention: run `fuse_attention` before it (e.g. passes=\"fuse_attention,"
-                "add_kv_cache\").", pass_name=self.name)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ids = self._input_ids(placeholders)
-        for node in attn_nodes:
-            _check_mask_is_causal_only(node, ids, self.name)
+        attention = get_op("attention").overload
+        fused = list(nodes_by_op(gm, attention))
+        # Fused attention takes the tree mask as an argument; attention left unfused (not run
+        # through fuse_attention, or unprovable there) is cached in place, with its own ops.
+        sites = [FusedSite.of(n, self.name) for n in fused] if fused else eager_sites(gm.graph, self.name)
+        if not sites:
+            raise PassError(
+                "pass 'add_kv_cache' found no attention to cache: neither an fxforge::attention node nor "
+                "a softmax(Q·Kᵀ + mask) @ V subgraph. Is this a transformer decoder?", pass_name=self.name)
 
         graph = gm.graph
         batch, seq = ids.meta["val"].shape
         mode, shape_env = _fake_mode_of(ids)
         past_len = _new_symint(shape_env, "past_len", 7)
-        total_len = _new_symint(shape_env, "total_len", 11)
+        total_len = past_len + seq  # the tree mask covers the past and the new tokens
         last = placeholders[-1]
 
         def new_input(name: str, fake: Any) -> Node:
@@ -86,24 +89,22 @@ class AddKvCache(Pass):
             positions = new_input("position_ids", torch.empty(batch, seq, dtype=torch.long))
             tree_mask = new_input("tree_mask", torch.empty(batch, 1, seq, total_len, dtype=torch.bool))
         past, present, kv_shapes = [], [], []
-        for i, node in enumerate(attn_nodes):
-            q, k, v, _mask, _causal, scale, groups = _attention_args(node)
-            k, v, groups = _unrepeat_kv(k, v, groups)  # cache Hkv heads, not their GQA copies
-            k_val, v_val = k.meta["val"], v.meta["val"]
+        for i, site in enumerate(sites):
+            k_val, v_val = site.k.meta["val"], site.v.meta["val"]
             with mode:
                 past_k = new_input(f"past_key_{i}", torch.empty(batch, k_val.shape[1], past_len,
                                                                   k_val.shape[3], dtype=k_val.dtype))
                 past_v = new_input(f"past_value_{i}", torch.empty(batch, v_val.shape[1], past_len,
                                                                     v_val.shape[3], dtype=v_val.dtype))
-            with graph.inserting_before(node):
-                full_k = graph.call_function(aten.cat.default, ([past_k, k], 2))
-                full_v = graph.call_function(aten.cat.default, ([past_v, v], 2))
-            for new in (full_k, full_v):
-                new.meta["module_path"] = node.meta.get("module_path", "")
-            node.args = (q, full_k, full_v, tree_mask, True, scale, groups)
-            node.kwargs = {}
+            full = []
+            for new, old in ((past_k, site.k), (past_v, site.v)):
+                with graph.inserting_after(old):
+                    node = graph.call_function(aten.cat.default, ([new, old], 2))
+                node.meta["module_path"] = old.meta.get("module_path", "")
+                full.append(node)
+            site.rewire(graph, full[0], full[1], tree_mask)
             past.append((past_k, past_v))
-            present.append((full_k, full_v))
+            present.append(tuple(full))
             kv_shapes.append((int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])))
 
         erase_dead(gm)  # the old causal-mask construction is now unused
@@ -125,15 +126,16 @@ class AddKvCache(Pass):
             "present": [[len(outputs) + 2 * i, len(outputs) + 2 * i + 1] for i in range(len(present))],
             "logits_output": 0,
             "kv_shapes": kv_shapes,  # (kv heads, key head dim, value head dim) per layer
-            "dtype": str(attn_nodes[0].args[0].meta["val"].dtype).replace("torch.", ""),
+            "dtype": str(sites[0].dtype).replace("torch.", ""),
+            "attention": "fused" if fused else "eager",
             "num_inputs": len(names),
         }
         original_ids = ctx.example_inputs[placeholders.index(ids)] if ctx.example_inputs else None
         # the original ids after a past one longer: lengths differ, so exports stay dynamic
         example = None if original_ids is None else random_past_inputs(gm.meta[KV_META], original_ids,
                                                                         original_ids.shape[1] + 1)
-        return PassResult(gm, sites=len(attn_nodes), notes={"position_sites": rewired,
-                                                            "inputs": names},
+        return PassResult(gm, sites=len(sites), notes={"position_sites": rewired, "inputs": names,
+                                                       "attention": "fused" if fused else "eager"},
                           example_inputs=example)
 
     @staticmethod
@@ -218,70 +220,6 @@ def cached_inputs(meta: dict, ids: torch.Tensor, past_len: int, past: Sequence[t
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _attention_args(node: Node) -> tuple:
-    names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups")
-    values = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
-    return tuple(values)
-
-
-def _skip_identity_slices(node: Node) -> Node:
-    while (isinstance(node, Node) and node.target == aten.slice.Tensor and len(node.args) >= 4
-           and node.args[2] == 0 and isinstance(node.args[3], int) and node.args[3] >= 2**62):
-        node = node.args[0]
-    return node
-
-
-def _repeat_kv_source(x: Node) -> tuple[Node, int] | None:
-    """(y, g) if x = reshape(expand(unsqueeze(y, 2), [B, H, g, L, D]), [B, H*g, L, D]) (HF repeat_kv)."""
-    if not (isinstance(x, Node) and x.target in (aten.reshape.default, aten.view.default)):
-        return None
-    expand = _skip_identity_slices(x.args[0])
-    if not (isinstance(expand, Node) and expand.target == aten.expand.default and len(expand.args[1]) == 5):
-        return None
-    unsqueeze = _skip_identity_slices(expand.args[0])
-    if not (isinstance(unsqueeze, Node) and unsqueeze.target == aten.unsqueeze.default and unsqueeze.args[1] == 2):
-        return None
-    source = _skip_identity_slices(unsqueeze.args[0])
-    groups = expand.args[1][2]
-    val = source.meta.get("val") if isinstance(source, Node) else None
-    if not isinstance(groups, int) or not isinstance(val, torch.Tensor) or val.dim() != 4:
-        return None
-    return source, groups
-
-
-def _unrepeat_kv(k: Node, v: Node, groups: int) -> tuple[Node, Node, int]:
-    """Let the attention op do GQA itself when K and V arrive repeated by the same factor."""
-    k_src, v_src = _repeat_kv_source(k), _repeat_kv_source(v)
-    if k_src is None or v_src is None or k_src[1] != v_src[1]:
-        return k, v, groups
-    return k_src[0], v_src[0], groups * k_src[1]
-
-
-def _check_mask_is_causal_only(node: Node, ids: Node, pass_name: str) -> None:
-    """The cache replaces the attention's mask: refuse one computed from input *values*."""
-    _q, _k, _v, mask, causal, _scale, _groups = _attention_args(node)
-    if not isinstance(mask, Node):
-        if not causal:
-            raise PassError(
-                f"pass '{pass_name}': attention '{node.name}' ({node.meta.get('module_path', '')}) is not "
-                "causal; a KV cache applies to causal decoders only.", pass_name=pass_name, node=node.name)
-        return
-    stack, seen = [mask], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            raise PassError(
-                f"pass '{pass_name}': the mask of attention '{node.name}' depends on input "
-                f"'{current.name}'. The cached graph builds its own causal/tree mask and cannot keep a "
-                "padding mask: trace the model with input_ids only.", pass_name=pass_name, node=node.name)
-        if current.target == aten.sym_size.int:
-            continue  # shapes of the inputs are fine: a causal mask is built from the length
-        stack.extend(n for n in current.all_input_nodes)
 
 
 def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: str) -> int:

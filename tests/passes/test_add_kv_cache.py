@@ -16,13 +16,24 @@ from runtime.fused_code_lm import fused_graph
 aten = torch.ops.aten
 
 
-@pytest.fixture(scope="module")
-def graphs():
-    """(uncached fused graph, cached graph, example ids) for the tiny code-lm."""
-    gm, ids = fused_graph()
+def _cached(fused: bool):
+    gm, ids = fused_graph(fused=fused)
     ids = ids[:, :10]
     cached = run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
     return gm, cached, ids
+
+
+@pytest.fixture(scope="module", params=["fused", "eager"])
+def graphs(request):
+    """(uncached graph, cached graph, example ids) for the tiny code-lm, with its attention fused
+    (the cache goes into fxforge::attention) or as the model wrote it (the eager path)."""
+    return _cached(fused=request.param == "fused")
+
+
+@pytest.fixture(scope="module")
+def fused_graphs():
+    """`graphs` with fused attention only, for tests of the fused graph's structure."""
+    return _cached(fused=True)
 
 
 def _run(cached, ids, past_len, past, positions=None, mask=None):
@@ -31,8 +42,8 @@ def _run(cached, ids, past_len, past, positions=None, mask=None):
     return out[0], [out[i] for pair in meta["present"] for i in pair]
 
 
-def test_structure_inputs_outputs_and_attention_arguments(graphs):
-    gm, cached, _ = graphs
+def test_structure_inputs_outputs_and_attention_arguments(fused_graphs):
+    gm, cached, _ = fused_graphs
     names = [n.name for n in cached.graph.nodes if n.op == "placeholder"]
     assert names == ["input_ids", "position_ids", "tree_mask", "past_key_0", "past_value_0",
                      "past_key_1", "past_value_1"]
@@ -95,15 +106,43 @@ def test_tree_mask_gives_each_branch_the_logits_of_its_own_sequence(graphs):
     assert present[0].shape[2] == 6 + 3
 
 
+def test_eager_attention_structure():
+    """Unfused attention keeps its ops: the cache enters before repeat_kv, the tree mask replaces
+    the causal mask, and the GQA expand/reshape sizes follow the cached length."""
+    gm, ids = fused_graph(fused=False)
+    result = Pipeline("add_kv_cache").run(gm, PassContext(example_inputs=(ids[:, :10],)))
+    cached, report = result
+    assert report.records[0].sites == 2 and report.records[0].notes["attention"] == "eager"
+    assert not any(n.target == get_op("attention").overload for n in cached.graph.nodes)
+    placeholders = {n.name: n for n in cached.graph.nodes if n.op == "placeholder"}
+    cats = [n for n in cached.graph.nodes if n.target == aten.cat.default
+            and n.args[0][0].name.startswith("past_")]
+    assert [c.args[0][0].name for c in cats] == ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    # cached heads are the 2 kv heads; the repetition to 4 query heads comes after the cache and
+    # its expand sizes read the cached length
+    expands = [n for n in cached.graph.nodes if n.target == aten.expand.default]
+    assert len(expands) == 4
+    for expand in expands:
+        length = expand.args[1][3]
+        assert length.target == aten.sym_size.int and length.args[0] in cats
+    softmaxes = [n for n in cached.graph.nodes if n.target == aten.softmax.int]
+    for softmax in softmaxes:
+        mask_add = softmax.args[0]
+        assert mask_add.target == aten.add.Tensor
+        fill = mask_add.args[1]
+        assert fill.target == aten.masked_fill.Scalar
+        assert placeholders["tree_mask"] in fill.args[1].all_input_nodes
+    assert cached.meta[KV_META]["kv_shapes"] == [(2, 16, 16), (2, 16, 16)]
+
+
 def test_verify_compares_cached_with_uncached(graphs):
     gm, cached, ids = graphs
     ctx = PassContext(example_inputs=(ids,))
     assert AddKvCache().verify(gm, cached, ctx).ok
     broken = copy.deepcopy(cached)
-    for node in broken.graph.nodes:  # attend to the new tokens only: cached decoding goes wrong
-        if node.target == get_op("attention").overload:
-            k, v = node.args[1], node.args[2]
-            node.args = (node.args[0], k.args[0][1], v.args[0][1], None, True, *node.args[5:])
+    for node in broken.graph.nodes:  # new keys before the past ones: the masks see the wrong keys
+        if node.target == aten.cat.default and node.args[0][0].name.startswith("past_"):
+            node.args = (node.args[0][::-1], 2)
     broken.recompile()
     assert not AddKvCache().verify(gm, broken, ctx).ok
 
@@ -124,6 +163,39 @@ class _PlainAttentionLM(nn.Module):
         return self.lm_head(out[:, 0])
 
 
+class _EagerAttentionLM(nn.Module):
+    """Hand-written eager attention with a tanh soft-cap (which fuse_attention cannot prove)."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, causal: bool = True):
+        super().__init__()
+        self.causal = causal
+        self.embed = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lm_head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.embed(ids)).unsqueeze(1).chunk(3, dim=-1)
+        scores = torch.tanh(q @ k.transpose(-2, -1) / 4.0) * 4.0
+        if self.causal:
+            n = ids.shape[1]
+            visible = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
+            scores = scores.masked_fill(~visible, float("-inf"))
+        return self.lm_head((scores.softmax(-1) @ v)[:, 0])
+
+
+def test_soft_capped_attention_is_cached_on_the_eager_path():
+    model = _EagerAttentionLM()
+    ids = torch.randint(0, 32, (2, 7))
+    gm = trace(model, (ids,))
+    canonicalize(gm)
+    cached, report = Pipeline("fuse_attention,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
+    assert report.records[0].sites == 0 and report.records[0].skipped  # the soft-cap is not fusable
+    assert report.records[1].sites == 1 and report.records[1].notes["attention"] == "eager"
+    logits, past = _run(cached, ids[:, :4], 0, empty_past(cached.meta[KV_META], 2, torch.float32))
+    step, _ = _run(cached, ids[:, 4:], 4, past)
+    torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
+
+
 def test_model_without_positions_is_cached_too():
     model = _PlainAttentionLM()
     ids = torch.randint(0, 32, (2, 6))
@@ -135,16 +207,19 @@ def test_model_without_positions_is_cached_too():
     torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
 
 
-def test_errors_name_the_problem_and_the_fix(graphs):
+def test_errors_name_the_problem_and_the_fix(fused_graphs):
     model = _PlainAttentionLM()
     ids = torch.randint(0, 32, (2, 6))
     padded = trace(model, (ids, torch.ones(2, 6)))
     with pytest.raises(PassError, match="token ids alone"):
         run_pass(AddKvCache(), padded, PassContext(example_inputs=(ids, torch.ones(2, 6))))
-    unfused = trace(nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8)), (ids % 8,))
-    with pytest.raises(PassError, match="no fxforge::attention.*run `fuse_attention`"):
-        run_pass(AddKvCache(), unfused, PassContext(example_inputs=(ids % 8,)))
-    _, cached, ids = graphs
+    no_attention = trace(nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8)), (ids % 8,))
+    with pytest.raises(PassError, match="found no attention to cache.*softmax"):
+        run_pass(AddKvCache(), no_attention, PassContext(example_inputs=(ids % 8,)))
+    bidirectional = trace(_EagerAttentionLM(causal=False), (ids,))
+    with pytest.raises(PassError, match="has no mask, so it is not causal"):
+        run_pass(AddKvCache(), bidirectional, PassContext(example_inputs=(ids,)))
+    _, cached, ids = fused_graphs
     with pytest.raises(PassError, match="already has a KV cache"):
         run_pass(AddKvCache(), cached, PassContext())
 

@@ -29,7 +29,7 @@ def example_ids(batch: int = 1, seq: int = 12) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_graph():
+def _graph(fused: bool):
     from fxforge.ir.canonicalize import canonicalize
     from fxforge.ir.trace import trace
     from fxforge.passes.base import PassContext, get_pass_class, run_pass
@@ -38,15 +38,16 @@ def _fused_graph():
     ids = example_ids(batch=2, seq=12)
     gm = trace(model, (ids,))
     canonicalize(gm)
-    for name in passes:
+    for name in passes if fused else []:
         gm = run_pass(get_pass_class(name)(), gm, PassContext(example_inputs=(ids,)))
     return gm, ids
 
 
-def fused_graph():
+def fused_graph(fused: bool = True):
     """(a copy of the tiny code-lm's canonical, attention-fused graph, its example ids (2, 12)).
 
+    `fused=False`: the same graph with its attention as the model wrote it (eager ops).
     Traced once per test session: tracing is the slow part of these tests.
     """
-    gm, ids = _fused_graph()
+    gm, ids = _graph(fused)
     return copy.deepcopy(gm), ids

@@ -1,0 +1,245 @@
+"""Where `add_kv_cache` attaches the cache: fused `fxforge::attention` nodes or eager attention.
+
+A site knows its current (un-repeated) key and value nodes, (B, Hkv, L, D), and how to make the
+attention read the full keys/values `cat(past, new)` and a tree mask instead. Two kinds:
+
+- `FusedSite`: an `fxforge::attention` node; the tree mask goes in its mask argument and its
+  causal triangle is bottom-right aligned, so new queries see the whole past.
+- `EagerSite`: attention left as the model wrote it (the graph was not fused, or a subgraph
+  `fuse_attention` could not prove, e.g. a tanh soft-cap), anchored at a softmax that weights
+  values:  softmax(modifiers(Q @ Kᵀ) + mask) @ V. The keys are cached before the transpose and
+  the GQA head repetition (whose expand/reshape sizes are rewritten to the cached length), and
+  the model's causal mask is replaced by the tree mask in the form it was used (additive,
+  `where` condition, or `masked_fill` condition). The model's own matmuls and softmax stay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from fxforge.errors import PassError
+from fxforge.passes.attention_rules import (
+    SOFTMAX_TARGETS, MaskMatch, apply_rules, fake, mask_candidates, peel_repeat_kv, peel_scales,
+    skip_identities,
+)
+
+aten = torch.ops.aten
+_MATMULS = (aten.matmul.default,)
+# Element-wise score modifiers a cache does not care about (Gemma-style soft-capping).
+_SCORE_PASS_THROUGH = (aten.tanh.default,)
+
+
+def _attention_args(node: Node) -> tuple:
+    names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups")
+    values = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
+    return tuple(values)
+
+
+def mask_sources_placeholder(mask: Node) -> Node | None:
+    """The graph input a mask's values are computed from, if any (shapes of inputs do not count)."""
+    stack, seen = [mask], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return current
+        if current.target == aten.sym_size.int:
+            continue  # a causal mask is built from the input's length, not its values
+        stack.extend(current.all_input_nodes)
+    return None
+
+
+def _require_causal_only(mask: Node, attention: Node, pass_name: str) -> None:
+    source = mask_sources_placeholder(mask)
+    if source is not None:
+        raise PassError(
+            f"pass '{pass_name}': the mask of attention '{attention.name}' depends on input "
+            f"'{source.name}'. The cached graph builds its own causal/tree mask and cannot keep a "
+            "padding mask: trace the model with input_ids only.", pass_name=pass_name, node=attention.name)
+
+
+def _unrepeat(x: Node) -> tuple[Node, int, list[tuple[Node, int]]]:
+    """(un-repeated K or V, groups, [(node, index of its length in the size list)]) for GQA
+    repetition `reshape(expand(unsqueeze(x, 2), [B, Hkv, g, L, D]), [B, H, L, D])`.
+
+    The size lists hold the traced length L: once x is the cached K/V they must say P + L.
+    """
+    source, groups = peel_repeat_kv(x)
+    if groups == 1 or not isinstance(source, Node):
+        return x, 1, []
+    reshape = skip_identities(x)
+    if reshape.target == aten.repeat_interleave.self_int:
+        return source, groups, []
+    expand = skip_identities(reshape.args[0])
+    return source, groups, [(expand, 3), (reshape, 2)]
+
+
+# --------------------------------------------------------------------------- fused
+
+
+@dataclass
+class FusedSite:
+    """One `fxforge::attention` node."""
+
+    node: Node
+    k: Node
+    v: Node
+    groups: int
+
+    @classmethod
+    def of(cls, node: Node, pass_name: str) -> "FusedSite":
+        _q, k, v, mask, causal, _scale, groups = _attention_args(node)
+        if isinstance(mask, Node):
+            _require_causal_only(mask, node, pass_name)
+        elif not causal:
+            raise PassError(
+                f"pass '{pass_name}': attention '{node.name}' ({node.meta.get('module_path', '')}) is not "
+                "causal; a KV cache applies to causal decoders only.", pass_name=pass_name, node=node.name)
+        # Cache Hkv heads, not their GQA copies: the op repeats them itself.
+        k_source, k_groups = peel_repeat_kv(k)
+        v_source, v_groups = peel_repeat_kv(v)
+        if k_groups == v_groups > 1 and isinstance(k_source, Node) and isinstance(v_source, Node):
+            k, v, groups = k_source, v_source, groups * k_groups
+        return cls(node, k, v, groups)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.node.args[0].meta["val"].dtype
+
+    def rewire(self, graph: Graph, full_k: Node, full_v: Node, tree_mask: Node) -> None:
+        q, _k, _v, _mask, _causal, scale, _groups = _attention_args(self.node)
+        self.node.args = (q, full_k, full_v, tree_mask, True, scale, self.groups)
+        self.node.kwargs = {}
+
+
+# --------------------------------------------------------------------------- eager
+
+
+@dataclass
+class EagerSite:
+    """One unfused attention: its score and value matmuls, mask use and K/V sources."""
+
+    softmax: Node
+    scores: Node                      # Q @ Kᵀ
+    key_transpose: Node               # Kᵀ = transpose(K_repeated, -2, -1)
+    value_matmul: Node                # P @ V
+    mask: MaskMatch
+    k: Node
+    v: Node
+    k_sizes: list[tuple[Node, int]]
+    v_sizes: list[tuple[Node, int]]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return fake(self.scores).dtype
+
+    def rewire(self, graph: Graph, full_k: Node, full_v: Node, tree_mask: Node) -> None:
+        for old, full, sizes in ((self.k, full_k, self.k_sizes), (self.v, full_v, self.v_sizes)):
+            old.replace_all_uses_with(full, delete_user_cb=lambda user, full=full: user is not full)
+            if sizes:
+                with graph.inserting_after(full):
+                    length = graph.call_function(aten.sym_size.int, (full, 2))
+                for node, index in sizes:
+                    shape = list(node.args[1])
+                    shape[index] = length
+                    node.args = (node.args[0], shape, *node.args[2:])
+        self._replace_mask(graph, tree_mask)
+
+    def _replace_mask(self, graph: Graph, tree_mask: Node) -> None:
+        node = self.mask.node
+        with graph.inserting_before(node):
+            if node.target == aten.add.Tensor:
+                # additive: 0 where visible, the dtype's lowest value elsewhere (as HF builds it)
+                zeros = graph.call_function(aten.zeros_like.default, (tree_mask,), {"dtype": self.dtype})
+                hidden = graph.call_function(aten.logical_not.default, (tree_mask,))
+                additive = graph.call_function(aten.masked_fill.Scalar,
+                                               (zeros, hidden, torch.finfo(self.dtype).min))
+                node.args = tuple(additive if a is self.mask.mask else a for a in node.args)
+            elif node.target in (aten.where.self, aten.where.ScalarOther):
+                node.args = (tree_mask, *node.args[1:])
+            else:  # masked_fill(scores, hidden, value)
+                hidden = graph.call_function(aten.logical_not.default, (tree_mask,))
+                node.args = (node.args[0], hidden, *node.args[2:])
+
+
+def _walk_to_scores(node: object) -> tuple[Node, list[MaskMatch]] | None:
+    """(Q @ Kᵀ, masks on the way) walking up from a softmax input, None if it is not one."""
+    node, _, _ = peel_scales(node)
+    if isinstance(node, Node) and node.target in _MATMULS:
+        return node, []
+    if isinstance(node, Node) and node.target in _SCORE_PASS_THROUGH:
+        return _walk_to_scores(node.args[0])
+    if not isinstance(node, Node):
+        return None
+    for candidate in mask_candidates(node):
+        found = _walk_to_scores(candidate.scores)
+        if found is not None:
+            return found[0], found[1] + [candidate]
+    return None
+
+
+def _mask_operand(match: MaskMatch) -> Node:
+    """The mask as the graph feeds it to the masking node (before any rewriting into op form)."""
+    node = match.node
+    if node.target == aten.add.Tensor:
+        return match.mask
+    return node.args[0] if node.target in (aten.where.self, aten.where.ScalarOther) else node.args[1]
+
+
+def _key_transpose(scores: Node) -> Node | None:
+    kt, _, _ = peel_scales(scores.args[1])
+    if isinstance(kt, Node) and kt.target == aten.transpose.int and \
+            sorted(int(d) % 4 for d in kt.args[1:3]) == [2, 3]:
+        return kt
+    return None
+
+
+def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
+    """Every softmax-weighted value matmul in `graph`, read as a cacheable attention.
+
+    Raises PassError naming the softmax when an attention cannot be cached: its keys are not
+    `K.transpose(-2, -1)`, it has no mask (not causal), several masks, or a padding mask.
+    """
+    from fxforge.passes.fuse_attention import Skip, _value_matmul
+
+    sites = []
+    for softmax in [n for n in graph.nodes if n.op == "call_function" and n.target in SOFTMAX_TARGETS]:
+        try:
+            pv = _value_matmul(softmax)
+        except Skip as e:
+            raise PassError(f"pass '{pass_name}': cannot cache attention at softmax '{softmax.name}': {e}",
+                            pass_name=pass_name, node=softmax.name) from e
+        if pv is None:
+            continue  # a softmax that weights no values (a router, a classifier)
+        where = f"attention at softmax '{softmax.name}' ({softmax.meta.get('module_path', '')})"
+        found = _walk_to_scores(softmax.args[0])
+        if found is None:
+            raise PassError(f"pass '{pass_name}': {where}: could not find the Q·Kᵀ matmul above the softmax "
+                            "through scales, soft-caps and masks.", pass_name=pass_name, node=softmax.name)
+        scores, masks = found
+        if not masks:
+            raise PassError(f"pass '{pass_name}': {where} has no mask, so it is not causal; a KV cache "
+                            "applies to causal decoders only.", pass_name=pass_name, node=softmax.name)
+        if len(masks) > 1:
+            raise PassError(f"pass '{pass_name}': {where} applies {len(masks)} masks; the cache can "
+                            "replace only one.", pass_name=pass_name, node=softmax.name)
+        _require_causal_only(_mask_operand(masks[0]), softmax, pass_name)
+        kt = _key_transpose(scores)
+        if kt is None:
+            raise PassError(f"pass '{pass_name}': {where}: the keys reach Q·Kᵀ as "
+                            f"'{scores.args[1].name}', not as K.transpose(-2, -1); run `fuse_attention` "
+                            "first, whose op caches any key layout.", pass_name=pass_name, node=softmax.name)
+        k, k_groups, k_sizes = _unrepeat(kt.args[0])
+        v, v_groups, v_sizes = _unrepeat(pv.args[1])
+        if k_groups != v_groups:
+            k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
+        sites.append(EagerSite(softmax=softmax, scores=scores, key_transpose=kt, value_matmul=pv,
+                               mask=masks[0], k=k, v=v, k_sizes=k_sizes, v_sizes=v_sizes))
+    return sites
+
+
+__all__ = ["EagerSite", "FusedSite", "eager_sites", "mask_sources_placeholder"]
