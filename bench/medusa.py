@@ -33,12 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="small", choices=("small", "tiny"))
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--train-seq-len", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=600)
+    p.add_argument("--train-seq-len", type=int, default=96)
     p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--distill-sequences", type=int, default=128)
-    p.add_argument("--data", choices=("self", "train"), default="self",
-                   help="self-distillation (default) or the code-lm's train split texts")
+    p.add_argument("--distill-sequences", type=int, default=384)
+    p.add_argument("--distill-prompt-len", type=int, default=32)
+    p.add_argument("--data", choices=("distill", "self", "train"), default="distill",
+                   help="distill: greedy continuations of prompts cut from the code-lm's train split "
+                        "(default); self: of prompts sampled from the model; train: the train texts")
     p.add_argument("--tree-nodes", type=int, nargs="+", default=[8, 16, 32, 63],
                    help="tree sizes to build from measured accuracies; the best is reported")
     p.add_argument("--prompts", type=int, default=10)
@@ -88,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     plain_graph = with_kv_cache(fxforge.compile(lm.model, (example,), passes="fuse_attention").graph_module)
 
     data = None if args.data == "self" else lm.train_texts()
+    distill = {"self_distill": args.data != "train", "self_distill_sequences": args.distill_sequences}
+    if args.data == "distill":
+        distill["prompt_len"] = args.distill_prompt_len
     report = medusa.train_heads(compiled, data, tokenizer=lm.tokenizer, steps=args.train_steps,
-                                seq_len=args.train_seq_len, batch_size=args.train_batch, lr=2e-3,
-                                self_distill_sequences=args.distill_sequences)
+                                seq_len=args.train_seq_len, batch_size=args.train_batch, lr=2e-3, **distill)
     print(report)
     heldout = lm.heldout_batches(seq_len=128, max_batches=4, batch_size=4)
     stdlib_acc = [medusa.head_accuracy(compiled.graph_module, b) for b in heldout]

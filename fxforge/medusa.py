@@ -68,7 +68,8 @@ class HeadTrainingReport:
 def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | None = None, *,
                 tokenizer: Any = None, heldout: Sequence[str] | Sequence[torch.Tensor] | None = None,
                 steps: int = 200, lr: float = 1e-3, batch_size: int = 8, seq_len: int = 64,
-                decay: float = LOSS_DECAY, self_distill_sequences: int = 64, prompt_len: int = 4,
+                decay: float = LOSS_DECAY, self_distill: bool | None = None,
+                self_distill_sequences: int = 64, prompt_len: int = 4,
                 seed: int = 0, progress: bool = True) -> HeadTrainingReport:
     """Train the Medusa heads of `compiled` (Medusa-1: backbone frozen) and measure them.
 
@@ -78,8 +79,13 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
             token tensors ((L,) or (B, L)), or None for self-distillation.
         heldout: data in the same form for the accuracy report; default: the last 10% of rows.
         steps, lr, batch_size, seq_len: the AdamW loop. decay: λ in Σ_k λ^k·CE_k.
-        self_distill_sequences, prompt_len: without data, this many sequences of seq_len tokens
-            are generated: prompt_len sampled tokens, then the base model's greedy continuation.
+        self_distill: train on the base model's own greedy continuations (what decoding will
+            have to guess) rather than on `data`'s text. Default: only when there is no data.
+            With data, its windows are the prompts (as Medusa's self-distillation continues
+            real prompts); without, prompts are sampled from the model.
+        self_distill_sequences, prompt_len: self-distillation generates this many sequences of
+            seq_len tokens: a prompt of prompt_len tokens, then the greedy continuation. The loss
+            and the accuracies count only targets in the continuation.
 
     Returns a HeadTrainingReport (per-head held-out top-1/top-5 accuracy, losses).
     """
@@ -90,14 +96,23 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
                          f"(= {meta['num_heads'] + 2}); got steps={steps}, batch_size={batch_size}, "
                          f"seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
-    if data is None:
-        rows = self_distill(gm, self_distill_sequences, seq_len, prompt_len, generator, progress)
-        source = "self-distillation"
+    self_distill = data is None if self_distill is None else self_distill
+    if self_distill and not 0 < prompt_len < seq_len - 1:
+        raise InputError(f"train_heads: prompt_len must be in [1, seq_len - 2] for self-distillation; got "
+                         f"prompt_len={prompt_len}, seq_len={seq_len}")
+    target_start = prompt_len if self_distill else 0
+    if self_distill:
+        prompts = None if data is None else _prompt_windows(token_rows(data, tokenizer, prompt_len),
+                                                            self_distill_sequences, generator)
+        rows = self_distill_rows(gm, self_distill_sequences, seq_len, prompt_len, generator, progress,
+                                 prompts=prompts)
+        source = "self-distillation" + ("" if data is None else " from data prompts")
     else:
         rows = token_rows(data, tokenizer, seq_len)
         source = "data"
     if heldout is not None:
         held = token_rows(heldout, tokenizer, seq_len)
+        target_start_held = 0
         train = rows
     else:
         cut = max(1, rows.shape[0] // 10)
@@ -105,6 +120,7 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
             raise InputError("train_heads needs at least 2 sequences of seq_len tokens (one is held out); "
                              "give more data or a smaller seq_len.")
         train, held = rows[:-cut], rows[-cut:]
+        target_start_held = target_start
 
     names = head_parameter_names(gm)
     params = [p for n, p in gm.named_parameters() if n in names]
@@ -132,7 +148,7 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
     for _ in bar:
         pick = torch.randint(0, train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
         with torch.enable_grad():
-            loss = medusa_loss(forward_heads(pick), train[pick], decay)
+            loss = medusa_loss(forward_heads(pick), train[pick], decay, target_start)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
@@ -141,29 +157,39 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - start
-    top1, top5, ranks, positions = head_accuracy(gm, held)
+    top1, top5, ranks, positions = head_accuracy(gm, held, target_start=target_start_held)
     _invalidate(compiled)
     return HeadTrainingReport(steps=steps, seconds=seconds, source=source, losses=losses, top1=top1, top5=top5,
                               rank_accuracy=ranks, heldout_positions=positions)
 
 
-def medusa_loss(head_logits: torch.Tensor, ids: torch.Tensor, decay: float = LOSS_DECAY) -> torch.Tensor:
-    """Σ_k decay^k · CE(head k at t, token t+1+k), heads k = 1..K. head_logits: (K, B, L, V)."""
+def _target_span(length: int, shift: int, target_start: int) -> tuple[int, int]:
+    """Positions t whose target t + shift is in [target_start, length): (first t, last t + 1)."""
+    return max(0, target_start - shift), length - shift
+
+
+def medusa_loss(head_logits: torch.Tensor, ids: torch.Tensor, decay: float = LOSS_DECAY,
+                target_start: int = 0) -> torch.Tensor:
+    """Σ_k decay^k · CE(head k at t, token t+1+k), heads k = 1..K. head_logits: (K, B, L, V).
+
+    target_start: count only targets at positions >= it (self-distillation: the continuation).
+    """
     total = head_logits.new_zeros(())
     length = ids.shape[1]
     for k in range(head_logits.shape[0]):
         shift = k + 2  # head k+1 predicts token t + 1 + (k + 1)
-        if length <= shift:
+        first, end = _target_span(length, shift, target_start)
+        if end <= first:
             break
-        logits = head_logits[k, :, : length - shift]
+        logits = head_logits[k, :, first:end]
         total = total + decay ** (k + 1) * F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), ids[:, shift:].reshape(-1))
+            logits.reshape(-1, logits.shape[-1]).float(), ids[:, first + shift:].reshape(-1))
     return total
 
 
 @torch.no_grad()
-def head_accuracy(gm: Any, rows: torch.Tensor,
-                  ranks: int = 10) -> tuple[list[float], list[float], list[list[float]], int]:
+def head_accuracy(gm: Any, rows: torch.Tensor, ranks: int = 10,
+                  target_start: int = 0) -> tuple[list[float], list[float], list[list[float]], int]:
     """Held-out (top-1, top-5, per-rank accuracy, positions) of each head against the data."""
     heads = _head_logits(gm, rows)
     top1, top5, per_rank = [], [], []
@@ -171,8 +197,9 @@ def head_accuracy(gm: Any, rows: torch.Tensor,
     positions = 0
     for k in range(heads.shape[0]):
         shift = k + 2
-        logits = heads[k, :, : length - shift]
-        target = rows[:, shift:]
+        first, end = _target_span(length, shift, target_start)
+        logits = heads[k, :, first:end]
+        target = rows[:, first + shift:]
         order = logits.topk(max(ranks, 5), dim=-1).indices
         hit = order == target[..., None]
         top1.append(float(hit[..., 0].float().mean()))
@@ -203,17 +230,29 @@ def token_rows(data: Sequence[str] | Sequence[torch.Tensor], tokenizer: Any, seq
     return torch.stack(windows)
 
 
+def _prompt_windows(windows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct windows of `windows` (all of them if there are fewer), in random order."""
+    return windows[torch.randperm(windows.shape[0], generator=generator)[:count]]
+
+
 @torch.no_grad()
-def self_distill(gm: Any, count: int, seq_len: int, prompt_len: int, generator: torch.Generator,
-                 progress: bool = True) -> torch.Tensor:
-    """`count` sequences: prompt_len tokens sampled from the model, then its greedy continuation."""
+def self_distill_rows(gm: Any, count: int, seq_len: int, prompt_len: int, generator: torch.Generator,
+                      progress: bool = True, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    """Sequences of seq_len tokens: a prompt of prompt_len tokens, then the model's greedy continuation.
+
+    prompts: (N, prompt_len) real prompts; None: `count` prompts sampled from the model itself.
+    """
     cached = with_kv_cache(gm)
     lm = CachedLM(cached, cached)
-    vocab = gm.meta[MEDUSA_META]["vocab_size"]
-    ids = torch.randint(0, vocab, (count, 1), generator=generator)
+    if prompts is None:
+        vocab = gm.meta[MEDUSA_META]["vocab_size"]
+        ids = torch.randint(0, vocab, (count, 1), generator=generator)
+    else:
+        ids = prompts
+    count = ids.shape[0]
     out = lm.forward(ids, lm.empty_past(count), 0)
-    past, length = out.present, 1
-    bar = default_progress(range(seq_len - 1), desc="self-distill", **({} if progress else {"disable": True}))
+    past, length = out.present, ids.shape[1]
+    bar = default_progress(range(seq_len - length), desc="self-distill", **({} if progress else {"disable": True}))
     for _ in bar:
         logits = out.logits[:, -1].float()
         if length < prompt_len:  # sampled prefix: diverse starting points
@@ -455,5 +494,5 @@ def tree_from_report(report: HeadTrainingReport, num_nodes: int) -> MedusaTree:
 
 
 __all__ = ["HeadTrainingReport", "MedusaResult", "decoder", "export_onnx", "generate", "greedy_generate",
-           "head_accuracy", "medusa_loss", "self_distill", "split_backbone_and_heads", "split_heads_for_decoding",
+           "head_accuracy", "medusa_loss", "self_distill_rows", "split_backbone_and_heads", "split_heads_for_decoding",
            "token_rows", "train_heads", "tree_from_report"]

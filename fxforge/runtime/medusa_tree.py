@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from fxforge.errors import InputError
@@ -90,14 +91,14 @@ class MedusaTree:
 
     def attention_mask(self) -> torch.Tensor:
         """(N, N) bool: node i sees node j iff j is i or one of its ancestors."""
-        return _tree_tensors(self)[0].clone()
+        return self._constants.mask.clone()
 
     def inputs(self, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(position ids (1, N), tree mask (1, 1, N, past_len + N)) for one verification forward."""
-        tree_mask, depths, _, _ = _tree_tensors(self)
-        n = self.num_nodes
-        mask = torch.cat([torch.ones(n, past_len, dtype=torch.bool), tree_mask], dim=1)
-        return (depths + past_len)[None, :], mask[None, None]
+        constants, n = self._constants, self.num_nodes
+        mask = torch.ones(1, 1, n, past_len + n, dtype=torch.bool)
+        mask[0, 0, :, past_len:] = constants.mask
+        return (constants.depths + past_len)[None, :], mask
 
     def candidates(self, root_token: int, head_logits: torch.Tensor) -> torch.Tensor:
         """(N,) tree tokens: the root, then each node's head guess of its rank.
@@ -107,9 +108,23 @@ class MedusaTree:
         if head_logits.shape[0] < self.depth:
             raise InputError(f"the tree is {self.depth} deep but only {head_logits.shape[0]} heads' logits "
                              "were given.")
-        _, _, heads, ranks = _tree_tensors(self)
-        top = head_logits[: self.depth].topk(max(self.topk()), dim=-1).indices  # (depth, k)
-        return torch.cat([torch.tensor([root_token]), top[heads, ranks]])
+        constants = self._constants
+        top = head_logits[: self.depth].topk(constants.max_rank, dim=-1).indices.reshape(-1).tolist()
+        # a few nodes: Python lists beat three small tensor ops, and this runs every step
+        return torch.tensor([root_token] + [top[i] for i in constants.guess_index])
+
+    @functools.cached_property
+    def _constants(self) -> "_TreeConstants":
+        # Computed once per tree: decoding asks for them every step.
+        n = self.num_nodes
+        mask = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):
+            mask[i] |= mask[self.parents[i]]
+        max_rank = max(self.topk())
+        heads = torch.tensor([len(p) - 1 for p in self.paths], dtype=torch.long)
+        ranks = torch.tensor([p[-1] for p in self.paths], dtype=torch.long)
+        return _TreeConstants(mask=mask, depths=torch.tensor(self.depths), max_rank=max_rank,
+                              guess_index=(heads * max_rank + ranks).tolist())
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, inclusive."""
@@ -128,17 +143,12 @@ class MedusaTree:
         return [[int(tree_tokens[i]) for i in self.path_to(leaf)] for leaf in self.leaves()]
 
 
-@functools.lru_cache(maxsize=64)
-def _tree_tensors(tree: MedusaTree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-tree constants, computed once: (N, N) mask, depths, each node's head and rank."""
-    n = tree.num_nodes
-    mask = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        mask[i] |= mask[tree.parents[i]]
-    depths = torch.tensor(tree.depths)
-    heads = torch.tensor([len(p) - 1 for p in tree.paths], dtype=torch.long)
-    ranks = torch.tensor([p[-1] for p in tree.paths], dtype=torch.long)
-    return mask, depths, heads, ranks
+@dataclass(frozen=True)
+class _TreeConstants:
+    mask: torch.Tensor         # (N, N) bool, ancestors and self
+    depths: torch.Tensor       # (N,) long
+    max_rank: int              # guesses taken from each head (its top-k)
+    guess_index: list[int]     # index of each non-root node's guess in the flat (depth, k) top-k
 
 
 @dataclass
@@ -205,8 +215,12 @@ def typical_accept(tree: MedusaTree, tree_tokens: torch.Tensor, logits: torch.Te
 
 def compact_kv(present: Sequence[torch.Tensor], past_len: int, path: Sequence[int]) -> list[torch.Tensor]:
     """Keep the cached prefix and the accepted path's entries, in path order, drop the rest."""
-    keep = torch.cat([torch.arange(past_len), past_len + torch.tensor(list(path), dtype=torch.long)])
-    return [t.index_select(2, keep) for t in present]
+    keep = np.concatenate([np.arange(past_len), past_len + np.asarray(path, dtype=np.int64)])
+    if all(t.device.type == "cpu" and not t.requires_grad for t in present):
+        # numpy's take costs half of index_select per call here, and this runs every step
+        return [torch.from_numpy(np.take(t.numpy(), keep, axis=2)) for t in present]
+    index = torch.from_numpy(keep)
+    return [t.index_select(2, index.to(t.device)) for t in present]
 
 
 # --------------------------------------------------------------------------- tree construction
