@@ -72,6 +72,41 @@ def test_training_on_texts_improves_held_out_accuracy(fused):
     assert report.top1 == pytest.approx(medusa.head_accuracy(compiled.graph_module, heldout)[0])
 
 
+def test_self_distillation_from_data_prompts_continues_them_greedily(fused, monkeypatch):
+    lm = tiny_code_lm()
+    compiled = with_heads(fused, 2)
+    seen = {}
+    original = medusa.self_distill_rows
+
+    def spy(*args, **kwargs):
+        seen["rows"] = original(*args, **kwargs)
+        seen["prompts"] = kwargs["prompts"]
+        return seen["rows"]
+
+    monkeypatch.setattr(medusa, "self_distill_rows", spy)
+    report = medusa.train_heads(compiled, lm.train_texts()[:4], tokenizer=lm.tokenizer, self_distill=True,
+                                self_distill_sequences=12, prompt_len=8, seq_len=20, steps=5, progress=False)
+    assert report.source == "self-distillation from data prompts"
+    rows, prompts = seen["rows"], seen["prompts"]
+    assert rows.shape == (12, 20) and torch.equal(rows[:, :8], prompts)  # real prompts, kept
+    # the rest is the model's own greedy continuation
+    logits = compiled.graph_module(rows)[0]
+    assert torch.equal(logits[:, 7:-1].argmax(-1), rows[:, 8:])
+    # accuracies count continuation targets only: (20 - 8) per row for head 1 on 1 held-out row
+    assert report.heldout_positions == 1 * (20 - 8)
+
+
+def test_loss_ignores_targets_before_target_start():
+    ids = torch.randint(0, 50, (2, 12))
+    logits = torch.randn(2, 2, 12, 50)
+    base = medusa.medusa_loss(logits, ids, target_start=6)
+    changed = logits.clone()
+    changed[0, :, :6 - 2] = torch.randn(2, 4, 50)  # head 1 at t < 4 predicts targets t + 2 < 6
+    changed[1, :, :6 - 3] = torch.randn(2, 3, 50)  # head 2 at t < 3 predicts targets t + 3 < 6
+    assert medusa.medusa_loss(changed, ids, target_start=6) == pytest.approx(float(base))
+    assert medusa.medusa_loss(changed, ids) != pytest.approx(float(medusa.medusa_loss(logits, ids)))
+
+
 def test_training_split_reproduces_the_whole_graph(trained, prompts):
     compiled, _, _ = trained
     gm = compiled.graph_module
