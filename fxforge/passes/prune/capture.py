@@ -3,7 +3,7 @@
 One pass over the calibration batches with an FX interpreter; for every requested linear node
 it accumulates, per input channel j, the token count, Σx_j and Σx_j² in float64. From those:
 mean x̄_j, fluctuation (population variance) F_j = E[x_j²] - x̄_j², and the L2 norm ‖X_j‖₂
-that Wanda uses.
+that Wanda uses. On request also Σ x xᵀ (in × in), for methods that need channel correlations.
 """
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ class ChannelStats:
     count: int
     total: torch.Tensor  # Σ x_j   (in,) float64
     total_sq: torch.Tensor  # Σ x_j² (in,) float64
+    gram: torch.Tensor | None = None  # Σ x xᵀ (in, in) float64, when asked for
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[x xᵀ] (in, in) float64; needs capture with `second_moment=True`."""
+        if self.gram is None:
+            raise ValueError("these statistics were captured without second_moment=True")
+        return self.gram / max(self.count, 1)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -37,9 +45,10 @@ class ChannelStats:
 
 
 class _Capture(torch.fx.Interpreter):
-    def __init__(self, gm: GraphModule, nodes: Sequence[Node]):
+    def __init__(self, gm: GraphModule, nodes: Sequence[Node], second_moment: bool):
         super().__init__(gm, garbage_collect_values=True)
         self.watch = {n.name for n in nodes}
+        self.second_moment = second_moment
         self.stats: dict[str, ChannelStats] = {}
 
     def run_node(self, n: Node) -> Any:
@@ -48,8 +57,12 @@ class _Capture(torch.fx.Interpreter):
             flat = x.detach().reshape(-1, x.shape[-1]).double()
             s = self.stats.get(n.name)
             if s is None:
-                s = self.stats[n.name] = ChannelStats(0, torch.zeros(flat.shape[1], dtype=torch.float64),
-                                                      torch.zeros(flat.shape[1], dtype=torch.float64))
+                width = flat.shape[1]
+                gram = torch.zeros(width, width, dtype=torch.float64) if self.second_moment else None
+                s = self.stats[n.name] = ChannelStats(0, torch.zeros(width, dtype=torch.float64),
+                                                      torch.zeros(width, dtype=torch.float64), gram)
+            if s.gram is not None:
+                s.gram += flat.T @ flat
             s.count += flat.shape[0]
             s.total += flat.sum(0)
             s.total_sq += (flat * flat).sum(0)
@@ -57,13 +70,15 @@ class _Capture(torch.fx.Interpreter):
 
 
 def capture_input_stats(gm: GraphModule, nodes: Sequence[Node], batches: Iterable[Sequence[Any]],
-                        progress: Any = None) -> dict[str, ChannelStats]:
+                        progress: Any = None, second_moment: bool = False) -> dict[str, ChannelStats]:
     """Statistics of the first argument of each node in `nodes`, keyed by node name.
+
+    second_moment: also accumulate Σ x xᵀ (`ChannelStats.second_moment`).
 
     `batches` yields the graph's flat inputs (`PassContext.calibration_batches(gm)`). Raises
     ValueError when it yields nothing, since every statistic would be empty.
     """
-    capture = _Capture(gm, nodes)
+    capture = _Capture(gm, nodes, second_moment)
     seen = 0
     iterable = progress(batches, desc="calibration") if progress else batches
     with torch.no_grad():
