@@ -12,8 +12,9 @@ Each `fxforge::attention(q, k, v, mask, causal, ...)` becomes
 triangle is bottom-right aligned, so new queries see the whole past, and the tree mask narrows
 that to a token's ancestors for Medusa tree verification. Attention that was not fused keeps
 its own matmuls and softmax: the cache is attached before the key transpose and GQA repetition
-and the tree mask replaces the model's causal mask (`kv_cache_sites.EagerSite`). The rotary (or learned) position
-computation, which the traced graph derives from `arange(L)`, is rewired to read `position_ids`.
+and the tree mask replaces the model's causal mask (`kv_cache_sites.EagerSite`). The rotary (or
+learned) position computation, which the traced graph derives from `arange(L)`, is rewired to
+read `position_ids`.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
 
 The input/output layout is recorded in `gm.meta[KV_META]` for `fxforge.runtime.decoding`.
