@@ -73,7 +73,7 @@ class Skip(Exception):
 
 def match_softmax(softmax: Node) -> AttentionMatch | None:
     """The attention `softmax` anchors, None if it is no attention; raises Skip with a reason."""
-    pv = _value_matmul(softmax)
+    pv = value_matmul(softmax)
     if pv is None:
         return None  # a softmax that does not weight values (a router, a classifier head)
     scores_in = apply_rules(SOFTMAX_RULES, softmax)
@@ -90,7 +90,7 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
     ), tuple(fake(qk).shape), groups_k, groups_v)
 
 
-def _value_matmul(softmax: Node) -> Node | None:
+def value_matmul(softmax: Node) -> Node | None:
     """The matmul P @ V that the probabilities feed (through same-dtype casts), else None."""
     node = softmax
     while True:

@@ -21,9 +21,10 @@ from torch.fx import Graph, Node
 
 from fxforge.errors import PassError
 from fxforge.passes.attention_rules import (
-    SOFTMAX_TARGETS, MaskMatch, apply_rules, fake, mask_candidates, peel_repeat_kv, peel_scales,
+    SOFTMAX_TARGETS, MaskMatch, fake, mask_candidates, peel_repeat_kv, peel_scales,
     skip_identities,
 )
+from fxforge.passes.fuse_attention import Skip, value_matmul
 
 aten = torch.ops.aten
 _MATMULS = (aten.matmul.default,)
@@ -204,12 +205,10 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
     Raises PassError naming the softmax when an attention cannot be cached: its keys are not
     `K.transpose(-2, -1)`, it has no mask (not causal), several masks, or a padding mask.
     """
-    from fxforge.passes.fuse_attention import Skip, _value_matmul
-
     sites = []
     for softmax in [n for n in graph.nodes if n.op == "call_function" and n.target in SOFTMAX_TARGETS]:
         try:
-            pv = _value_matmul(softmax)
+            pv = value_matmul(softmax)
         except Skip as e:
             raise PassError(f"pass '{pass_name}': cannot cache attention at softmax '{softmax.name}': {e}",
                             pass_name=pass_name, node=softmax.name) from e
