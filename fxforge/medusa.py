@@ -1,19 +1,22 @@
 """Medusa for compiled models: train the heads (Medusa-1), then decode with tree attention.
 
     compiled = fxforge.compile(lm, (ids,), passes="fuse_attention,add_medusa_heads(num_heads=4)")
-    report = fxforge.medusa.train_heads(compiled, texts, tokenizer=tok)   # or None: self-distill
+    report = fxforge.medusa.train_heads(compiled, texts, tokenizer=tok, self_distill=True)
     print(report)                                 # per-head top-1 / top-5 on held-out data
     out = fxforge.medusa.generate(compiled, prompt_ids, 64)        # == plain greedy's tokens
     out.tokens, out.mean_accepted, out.tokens_per_second
 
 Training: the backbone is frozen; the loss is Σ_k λ^k·CE_k with λ = 0.8, head k at position t
-predicting token t+1+k. Without data the heads learn from the base model's own greedy
-continuations of short sampled prefixes (self-distillation), so they learn to predict what
-the model will generate — which is what acceptance rewards.
+predicting token t+1+k. Self-distillation (the default without data, or `self_distill=True`)
+trains on the base model's own greedy continuations of prompts — windows of the data, or short
+prefixes sampled from the model — so the heads learn to predict what the model will generate,
+which is what acceptance rewards. Real prompts transfer best to real prompts (bench/medusa.py).
 
-Decoding: `generate` adds a KV cache to the graph (`add_kv_cache`), lowers it to the backend,
-then each step builds the candidate tree from the heads' top-k, verifies it in one forward
-with the tree mask and accepts greedily (exactly plain greedy's output) or typically.
+Decoding: `generate` adds a KV cache to the graph (`add_kv_cache`; fused attention takes the
+tree mask as its mask argument, unfused attention gets it in place of the causal mask), lowers
+it to the backend, then each step builds the candidate tree from the heads' top-k, verifies it
+in one forward with the tree mask and accepts greedily (exactly plain greedy's output) or
+typically.
 """
 from __future__ import annotations
 
