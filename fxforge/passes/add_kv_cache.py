@@ -62,10 +62,14 @@ class AddKvCache(Pass):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ids = self._input_ids(placeholders)
         attention = get_op("attention").overload
-        fused = list(nodes_by_op(gm, attention))
         # Fused attention takes the tree mask as an argument; attention left unfused (not run
         # through fuse_attention, or unprovable there) is cached in place, with its own ops.
-        sites = [FusedSite.of(n, self.name) for n in fused] if fused else eager_sites(gm.graph, self.name)
+        # A graph may hold both; layers are numbered in graph order either way.
+        fused = [FusedSite.of(n, self.name) for n in nodes_by_op(gm, attention)]
+        eager = eager_sites(gm.graph, self.name)
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        sites = sorted(fused + eager, key=lambda site: order[site.anchor])
+        kind = "mixed" if fused and eager else "fused" if fused else "eager"
         if not sites:
             raise PassError(
                 "pass 'add_kv_cache' found no attention to cache: neither an fxforge::attention node nor "
@@ -128,7 +132,7 @@ class AddKvCache(Pass):
             "logits_output": 0,
             "kv_shapes": kv_shapes,  # (kv heads, key head dim, value head dim) per layer
             "dtype": str(sites[0].dtype).replace("torch.", ""),
-            "attention": "fused" if fused else "eager",
+            "attention": kind,  # which sites were cached: "fused", "eager" or "mixed"
             "num_inputs": len(names),
         }
         original_ids = ctx.example_inputs[placeholders.index(ids)] if ctx.example_inputs else None
@@ -136,7 +140,7 @@ class AddKvCache(Pass):
         example = None if original_ids is None else random_past_inputs(gm.meta[KV_META], original_ids,
                                                                         original_ids.shape[1] + 1)
         return PassResult(gm, sites=len(sites), notes={"position_sites": rewired, "inputs": names,
-                                                       "attention": "fused" if fused else "eager"},
+                                                       "attention": kind},
                           example_inputs=example)
 
     @staticmethod

@@ -108,6 +108,11 @@ class FusedSite:
         return cls(node, k, v, groups)
 
     @property
+    def anchor(self) -> Node:
+        """The node that places this attention in the graph (for layer order)."""
+        return self.node
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.node.args[0].meta["val"].dtype
 
@@ -133,6 +138,11 @@ class EagerSite:
     v: Node
     k_sizes: list[tuple[Node, int]]
     v_sizes: list[tuple[Node, int]]
+
+    @property
+    def anchor(self) -> Node:
+        """The node that places this attention in the graph (for layer order)."""
+        return self.softmax
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,8 +222,9 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         except Skip as e:
             raise PassError(f"pass '{pass_name}': cannot cache attention at softmax '{softmax.name}': {e}",
                             pass_name=pass_name, node=softmax.name) from e
-        if pv is None:
-            continue  # a softmax that weights no values (a router, a classifier)
+        scores_val = fake(softmax.args[0])
+        if pv is None or scores_val is None or scores_val.dim() != 4:
+            continue  # a softmax that weights no values (a router, a classifier), or not over 4-D scores
         where = f"attention at softmax '{softmax.name}' ({softmax.meta.get('module_path', '')})"
         found = _walk_to_scores(softmax.args[0])
         if found is None:

@@ -174,13 +174,30 @@ class _EagerAttentionLM(nn.Module):
         self.lm_head = nn.Linear(dim, vocab)
 
     def forward(self, ids):
-        q, k, v = self.qkv(self.embed(ids)).unsqueeze(1).chunk(3, dim=-1)
-        scores = torch.tanh(q @ k.transpose(-2, -1) / 4.0) * 4.0
+        return self.lm_head(self.attend(self.embed(ids), self.qkv, soft_cap=True))
+
+    def attend(self, x, qkv, soft_cap):
+        q, k, v = qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        scores = q @ k.transpose(-2, -1) / 4.0
+        if soft_cap:
+            scores = torch.tanh(scores) * 4.0
         if self.causal:
-            n = ids.shape[1]
-            visible = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
+            n = x.shape[1]
+            visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~visible, float("-inf"))
-        return self.lm_head((scores.softmax(-1) @ v)[:, 0])
+        return x + (scores.softmax(-1) @ v)[:, 0]
+
+
+class _MixedAttentionLM(_EagerAttentionLM):
+    """Layer 1 plain causal attention (fusable), layer 2 soft-capped (stays eager)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv2 = nn.Linear(16, 48)
+
+    def forward(self, ids):
+        x = self.attend(self.embed(ids), self.qkv, soft_cap=False)
+        return self.lm_head(self.attend(x, self.qkv2, soft_cap=True))
 
 
 def test_soft_capped_attention_is_cached_on_the_eager_path():
@@ -191,6 +208,21 @@ def test_soft_capped_attention_is_cached_on_the_eager_path():
     cached, report = Pipeline("fuse_attention,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
     assert report.records[0].sites == 0 and report.records[0].skipped  # the soft-cap is not fusable
     assert report.records[1].sites == 1 and report.records[1].notes["attention"] == "eager"
+    logits, past = _run(cached, ids[:, :4], 0, empty_past(cached.meta[KV_META], 2, torch.float32))
+    step, _ = _run(cached, ids[:, 4:], 4, past)
+    torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_and_unfused_layers_in_one_graph_are_all_cached_in_layer_order():
+    model = _MixedAttentionLM()
+    ids = torch.randint(0, 32, (2, 7))
+    gm = trace(model, (ids,))
+    canonicalize(gm)
+    cached, report = Pipeline("fuse_attention,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
+    assert report.records[0].sites == 1 and len(report.records[0].skipped) == 1
+    assert report.records[1].sites == 2 and report.records[1].notes["attention"] == "mixed"
+    attention = [n for n in cached.graph.nodes if n.target == get_op("attention").overload]
+    assert attention[0].args[1].args[0][0].name == "past_key_0"  # the fused layer comes first
     logits, past = _run(cached, ids[:, :4], 0, empty_past(cached.meta[KV_META], 2, torch.float32))
     step, _ = _run(cached, ids[:, 4:], 4, past)
     torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
