@@ -42,6 +42,13 @@ def _run(cached, ids, past_len, past, positions=None, mask=None):
     return out[0], [out[i] for pair in meta["present"] for i in pair]
 
 
+def _assert_prefill_then_step_matches(cached, model, ids):
+    """A prefill of 4 tokens then one cached step over the rest gives the model's own logits."""
+    logits, past = _run(cached, ids[:, :4], 0, empty_past(cached.meta[KV_META], ids.shape[0], torch.float32))
+    step, _ = _run(cached, ids[:, 4:], 4, past)
+    torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
+
+
 def test_structure_inputs_outputs_and_attention_arguments(fused_graphs):
     gm, cached, _ = fused_graphs
     names = [n.name for n in cached.graph.nodes if n.op == "placeholder"]
@@ -208,9 +215,7 @@ def test_soft_capped_attention_is_cached_on_the_eager_path():
     cached, report = Pipeline("fuse_attention,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
     assert report.records[0].sites == 0 and report.records[0].skipped  # the soft-cap is not fusable
     assert report.records[1].sites == 1 and report.records[1].notes["attention"] == "eager"
-    logits, past = _run(cached, ids[:, :4], 0, empty_past(cached.meta[KV_META], 2, torch.float32))
-    step, _ = _run(cached, ids[:, 4:], 4, past)
-    torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
+    _assert_prefill_then_step_matches(cached, model, ids)
 
 
 def test_fused_and_unfused_layers_in_one_graph_are_all_cached_in_layer_order():
@@ -223,9 +228,7 @@ def test_fused_and_unfused_layers_in_one_graph_are_all_cached_in_layer_order():
     assert report.records[1].sites == 2 and report.records[1].notes["attention"] == "mixed"
     attention = [n for n in cached.graph.nodes if n.target == get_op("attention").overload]
     assert attention[0].args[1].args[0][0].name == "past_key_0"  # the fused layer comes first
-    logits, past = _run(cached, ids[:, :4], 0, empty_past(cached.meta[KV_META], 2, torch.float32))
-    step, _ = _run(cached, ids[:, 4:], 4, past)
-    torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
+    _assert_prefill_then_step_matches(cached, model, ids)
 
 
 def test_model_without_positions_is_cached_too():
@@ -234,9 +237,7 @@ def test_model_without_positions_is_cached_too():
     gm = trace(model, (ids,))
     canonicalize(gm)
     result_gm = run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
-    logits, past = _run(result_gm, ids[:, :4], 0, empty_past(result_gm.meta[KV_META], 2, torch.float32))
-    step, _ = _run(result_gm, ids[:, 4:], 4, past)
-    torch.testing.assert_close(torch.cat([logits, step], 1), model(ids), atol=1e-5, rtol=1e-5)
+    _assert_prefill_then_step_matches(result_gm, model, ids)
 
 
 def test_errors_name_the_problem_and_the_fix(fused_graphs):
