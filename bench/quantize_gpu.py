@@ -22,9 +22,9 @@ SIZES = (4096, 8192)
 GROUP_SIZE = 128
 
 
-
 def _checked(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
     check_close("bench/quantize_gpu.py", name, got, expected, atol=1e-3, rtol=2e-2)
+
 
 def main() -> None:
     require_cuda("bench/quantize_gpu.py")

@@ -27,9 +27,9 @@ PLANES = 3
 TERMS = 3
 
 
-
 def _checked(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
     check_close("bench/shift_add_gpu.py", name, got, expected, atol=1e-3, rtol=2e-2)
+
 
 def _shift_add_operands(n: int, k: int, device: str):
     from fxforge.ir.ops.shift_add_linear import pack_signs, round_to_apot

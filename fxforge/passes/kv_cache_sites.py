@@ -127,12 +127,10 @@ class FusedSite:
 
 @dataclass
 class EagerSite:
-    """One unfused attention: its score and value matmuls, mask use and K/V sources."""
+    """One unfused attention: its softmax, score matmul, mask use and K/V sources."""
 
     softmax: Node
     scores: Node                      # Q @ Kᵀ
-    key_transpose: Node               # Kᵀ = transpose(K_repeated, -2, -1)
-    value_matmul: Node                # P @ V
     mask: MaskMatch
     k: Node
     v: Node
@@ -247,8 +245,8 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         v, v_groups, v_sizes = _unrepeat(pv.args[1])
         if k_groups != v_groups:
             k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
-        sites.append(EagerSite(softmax=softmax, scores=scores, key_transpose=kt, value_matmul=pv,
-                               mask=masks[0], k=k, v=v, k_sizes=k_sizes, v_sizes=v_sizes))
+        sites.append(EagerSite(softmax=softmax, scores=scores, mask=masks[0], k=k, v=v,
+                               k_sizes=k_sizes, v_sizes=v_sizes))
     return sites
 
 

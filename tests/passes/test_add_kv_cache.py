@@ -42,6 +42,13 @@ def _run(cached, ids, past_len, past, positions=None, mask=None):
     return out[0], [out[i] for pair in meta["present"] for i in pair]
 
 
+def _fuse_and_cache(model, ids):
+    """(cached graph, pipeline report) of `fuse_attention,add_kv_cache` on a hand-written model."""
+    gm = trace(model, (ids,))
+    canonicalize(gm)
+    return Pipeline("fuse_attention,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
+
+
 def _assert_prefill_then_step_matches(cached, model, ids):
     """A prefill of 4 tokens then one cached step over the rest gives the model's own logits."""
     logits, past = _run(cached, ids[:, :4], 0, empty_past(cached.meta[KV_META], ids.shape[0], torch.float32))
@@ -210,9 +217,7 @@ class _MixedAttentionLM(_EagerAttentionLM):
 def test_soft_capped_attention_is_cached_on_the_eager_path():
     model = _EagerAttentionLM()
     ids = torch.randint(0, 32, (2, 7))
-    gm = trace(model, (ids,))
-    canonicalize(gm)
-    cached, report = Pipeline("fuse_attention,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
+    cached, report = _fuse_and_cache(model, ids)
     assert report.records[0].sites == 0 and report.records[0].skipped  # the soft-cap is not fusable
     assert report.records[1].sites == 1 and report.records[1].notes["attention"] == "eager"
     _assert_prefill_then_step_matches(cached, model, ids)
@@ -221,9 +226,7 @@ def test_soft_capped_attention_is_cached_on_the_eager_path():
 def test_fused_and_unfused_layers_in_one_graph_are_all_cached_in_layer_order():
     model = _MixedAttentionLM()
     ids = torch.randint(0, 32, (2, 7))
-    gm = trace(model, (ids,))
-    canonicalize(gm)
-    cached, report = Pipeline("fuse_attention,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
+    cached, report = _fuse_and_cache(model, ids)
     assert report.records[0].sites == 1 and len(report.records[0].skipped) == 1
     assert report.records[1].sites == 2 and report.records[1].notes["attention"] == "mixed"
     attention = [n for n in cached.graph.nodes if n.target == get_op("attention").overload]

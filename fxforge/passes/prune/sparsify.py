@@ -95,15 +95,15 @@ def dsnot_refine(weight: torch.Tensor, mask: torch.Tensor, second_moment: torch.
     g = (w * ~mask) @ c  # C r for every row (C is symmetric)
     active = torch.ones(weight.shape[0], dtype=torch.bool)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
-    grow_gain = w * w * diag
+    own_term = w * w * diag  # W_ij²·C_jj: a weight's error on its own
     for _ in range(cycles):
-        grow_cost = torch.where(~mask, grow_gain - 2 * w * g, inf)
+        grow_cost = torch.where(~mask, own_term - 2 * w * g, inf)
         grow = grow_cost.argmin(1)
         g_grown = g - w[rows, grow, None] * c[grow]
         candidates = mask.clone()
         if block is not None:
             candidates &= (cols[None, :] // block) == (grow[:, None] // block)
-        prune_cost = torch.where(candidates, grow_gain + 2 * w * g_grown, inf)
+        prune_cost = torch.where(candidates, own_term + 2 * w * g_grown, inf)
         prune = prune_cost.argmin(1)
         change = grow_cost[rows, grow] + prune_cost[rows, prune]
         error = (w * ~mask * g).sum(1)

@@ -4,23 +4,18 @@ import copy
 
 import pytest
 import torch
-from testing_utils import traced_zoo
+from testing_utils import export_op_module, run_ort
+
 
 from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, linear_sites
 from fxforge.ir.ops.linear_bitdelta import pack_signs, unpack_signs
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.base import run_pass
 from fxforge.passes.quantize.bitdelta import BitDelta, delta_state, load_delta
 from fxforge.passes.quantize.common import relative_error
 
 OP = torch.ops.fxforge.linear_bitdelta.default
-
-
-@pytest.fixture(scope="module")
-def llama():
-    zoo, gm = traced_zoo("tiny-llama")
-    return gm, PassContext(example_inputs=tuple(zoo.kwargs.values()))
 
 
 def _fine_tune(gm, seed, scale=0.004):
@@ -41,10 +36,6 @@ def test_sign_packing_round_trips():
 
 
 def test_op_eager_and_onnx(tmp_path):
-    import onnxruntime as ort
-
-    from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
-
     class Delta(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -58,12 +49,8 @@ def test_op_eager_and_onnx(tmp_path):
     module, x = Delta(), torch.randn(2, 16)
     expected = x @ (module.base + 0.05 * unpack_signs(module.signs, 16)).T
     torch.testing.assert_close(module(x), expected)
-    program = torch.onnx.export(module, (x,), dynamo=True, custom_translation_table=translation_table(),
-                                opset_version=OPSET_VERSION, optimize=False, verbose=False)
-    program.save(str(tmp_path / "d.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-5)
+    _, session = export_op_module(module, x, tmp_path / "d.onnx")
+    torch.testing.assert_close(run_ort(session, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_pass_compresses_fine_tune_and_one_base_serves_two_deltas(llama):

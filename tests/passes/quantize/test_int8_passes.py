@@ -3,23 +3,16 @@ ONNX Runtime, and both passes' structure, numerics and match counts on tiny-llam
 import pytest
 import torch
 import torch.nn.functional as F
-from testing_utils import traced_zoo
 
 from fxforge.ir.graph import get_attr
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.base import run_pass
 from fxforge.passes.quantize.common import relative_error
 from fxforge.passes.quantize.llm_int8 import LlmInt8
 from fxforge.passes.quantize.quantize_dynamic import QuantizeDynamic, quantize_weight_int8
 
 W8A8 = torch.ops.fxforge.linear_w8a8.default
 MIXED = torch.ops.fxforge.linear_int8_mixed.default
-
-
-@pytest.fixture(scope="module")
-def llama():
-    zoo, gm = traced_zoo("tiny-llama")
-    return gm, PassContext(example_inputs=tuple(zoo.kwargs.values()))
 
 
 def _inputs_with_outliers(k=64):

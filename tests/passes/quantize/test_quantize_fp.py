@@ -2,7 +2,7 @@
 LLM-FP4's scale search, and the pass on tiny-llama."""
 import pytest
 import torch
-from testing_utils import traced_zoo
+from testing_utils import export_op_module, run_ort, traced_zoo
 
 from fxforge.ir.ops.linear_fp import E2M1_VALUES, decode, encode
 from fxforge.ir.ops.linear_wq import pack_bits
@@ -39,19 +39,11 @@ class _FpLinear(torch.nn.Module):
 @pytest.mark.parametrize("fmt,act_fmt,bound", [("e4m3", "", 0.05), ("e5m2", "", 0.1), ("e2m1", "", 0.2),
                                                ("e2m1", "e4m3", 0.2)])
 def test_op_eager_and_onnx(tmp_path, fmt, act_fmt, bound):
-    import onnxruntime as ort
-
-    from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
-
     module, x = _FpLinear(fmt, act_fmt), torch.randn(2, 3, 64)
     expected = module(x)
     assert 0 < relative_error(x @ module.w.T + module.bias, expected) < bound
-    program = torch.onnx.export(module, (x,), dynamo=True, custom_translation_table=translation_table(),
-                                opset_version=OPSET_VERSION, optimize=False, verbose=False)
-    program.save(str(tmp_path / "fp.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "fp.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-5)
+    _, session = export_op_module(module, x, tmp_path / "fp.onnx")
+    torch.testing.assert_close(run_ort(session, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_llm_fp4_search_lowers_output_error():

@@ -22,12 +22,6 @@ WQ_IC = torch.ops.fxforge.linear_wq_ic.default
 
 
 @pytest.fixture(scope="module")
-def llama():
-    zoo, gm = traced_zoo("tiny-llama")
-    return gm, PassContext(example_inputs=tuple(zoo.kwargs.values()))
-
-
-@pytest.fixture(scope="module")
 def gpt2():
     zoo, gm = traced_zoo("tiny-gpt2")
     return gm, PassContext(example_inputs=tuple(zoo.kwargs.values()))
