@@ -35,8 +35,9 @@ from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past
 from fxforge.passes.add_medusa_heads import MEDUSA_META, head_parameter_names
 from fxforge.passes.base import default_progress
 from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate, with_kv_cache
+from fxforge.runtime.greedy_verify import add_greedy_verification
 from fxforge.runtime.medusa_tree import (
-    MedusaTree, compact_kv, default_tree, greedy_accept, tree_from_accuracies, typical_accept,
+    Acceptance, MedusaTree, compact_kv, default_tree, greedy_accept, tree_from_accuracies, typical_accept,
 )
 
 LOSS_DECAY = 0.8
@@ -290,6 +291,9 @@ def split_backbone_and_heads(gm: Any) -> tuple[Any, Any] | None:
             (node.op == "call_function" and str(node.meta.get("module_path", "")).startswith(prefix))
         if not is_head:
             continue
+        for inp in node.all_input_nodes:
+            if inp not in value_map and inp.op == "get_attr":  # a backbone weight the heads share
+                value_map[inp] = graph.node_copy(inp)
         if any(inp not in value_map for inp in node.all_input_nodes):
             return None
         value_map[node] = graph.node_copy(node, lambda n: value_map[n])
@@ -339,21 +343,29 @@ def _medusa_meta(gm: Any) -> dict:
 
 
 def decoder(compiled: Any, backend: str | None = None, *, split_heads: bool = True,
-            **backend_options: Any) -> CachedLM:
+            greedy_in_graph: bool = False, **backend_options: Any) -> CachedLM:
     """The KV-cached Medusa decoder of `compiled` on `backend` (built once, then reused).
 
     split_heads: run the heads apart, on the one position a step needs them at (the last
     accepted node), instead of on every tree node inside the graph: a step then costs the
     backbone over the tree plus K heads on one vector. Same tokens either way.
+    greedy_in_graph: the graph itself accepts the tree greedily and runs the heads at the
+    accepted node (`runtime.greedy_verify`): one call per step and no logits walked in Python.
+    Greedy decoding only; `generate(mode="greedy")` uses it by default.
     """
     backend = backend or compiled.backend
     cache = compiled.__dict__.setdefault(_DECODERS, {})
-    key = (backend, split_heads, tuple(sorted(backend_options.items())))
+    key = (backend, split_heads, greedy_in_graph, tuple(sorted(backend_options.items())))
     if key not in cache:
         cached = with_kv_cache(compiled.graph_module)
-        split = split_heads_for_decoding(cached) if split_heads else None
+        split = split_heads_for_decoding(cached) if split_heads or greedy_in_graph else None
         if split is None:
+            if greedy_in_graph:
+                raise InputError("greedy_in_graph needs the Medusa heads apart from the backbone, but a later "
+                                 "pass rewrote them; decode with greedy_in_graph=False.")
             cache[key] = CachedLM.prepare(cached, backend, **backend_options)
+        elif greedy_in_graph:
+            cache[key] = CachedLM.prepare(add_greedy_verification(*split), backend, **backend_options)
         else:
             main, heads = split
             hidden_size = main.meta[MEDUSA_META]["hidden_size"]
@@ -440,9 +452,12 @@ def generate(compiled: Any, prompt_ids: torch.Tensor | Sequence[int], max_new_to
         raise InputError("mode='typical' needs temperature > 0 (e.g. 0.7); use mode='greedy' for temperature 0.")
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    lm = lm or decoder(compiled, backend)
+    lm = lm or decoder(compiled, backend, greedy_in_graph=mode == "greedy")
     if not lm.num_heads:
         raise InputError("generate needs a model with Medusa heads: add the `add_medusa_heads` pass.")
+    if lm.verifies_in_graph and mode != "greedy":
+        raise InputError("this decoder accepts greedily inside its graph; for mode='typical' pass "
+                         "lm=fxforge.medusa.decoder(compiled, backend) (greedy_in_graph=False).")
     if tree is None:
         tree = default_tree(lm.num_heads)
     elif not isinstance(tree, MedusaTree):
@@ -461,23 +476,31 @@ def generate(compiled: Any, prompt_ids: torch.Tensor | Sequence[int], max_new_to
     start = time.perf_counter()
     out = lm.forward(prompt, lm.empty_past(1), 0)
     past, past_len = out.present, prompt.shape[1]
-    root, heads = pick(out.logits[0, -1]), lm.heads_at(out, -1)
+    if lm.verifies_in_graph:  # with no parents given, the graph accepts the whole prompt
+        root, heads = out.next_token, out.head_logits[:, 0, 0]
+    else:
+        root, heads = pick(out.logits[0, -1]), lm.heads_at(out, -1)
     tokens: list[int] = []
     accepted, proposed, forwards = [], [], 1
     while len(tokens) < max_new_tokens:
         tree_tokens = tree.candidates(root, heads)
         positions, mask = tree.inputs(past_len)
-        out = lm.forward(tree_tokens[None], past, past_len, positions, mask)
-        forwards += 1
-        logits = out.logits[0]
-        if mode == "greedy":
-            result = greedy_accept(tree, tree_tokens, logits)
+        if lm.verifies_in_graph:
+            out = lm.forward(tree_tokens[None], past, past_len, positions, mask, tree.parent_index())
+            result = Acceptance(path=tree.path_to(out.accepted_node), next_token=out.next_token)
+            heads = out.head_logits[:, 0, 0]
         else:
-            result = typical_accept(tree, tree_tokens, logits, temperature, epsilon, delta, generator)
+            out = lm.forward(tree_tokens[None], past, past_len, positions, mask)
+            logits = out.logits[0]
+            if mode == "greedy":
+                result = greedy_accept(tree, tree_tokens, logits)
+            else:
+                result = typical_accept(tree, tree_tokens, logits, temperature, epsilon, delta, generator)
+            heads = lm.heads_at(out, result.path[-1])
+        forwards += 1
         emitted = tree_tokens[result.path].tolist()
         past = compact_kv(out.present, past_len, result.path)
         past_len += len(result.path)
-        heads = lm.heads_at(out, result.path[-1])
         root = result.next_token
         accepted.append(len(emitted))
         proposed.append(tree.depth)

@@ -205,10 +205,13 @@ def causal_tree_mask(batch: int, new_len: int, past_len: int) -> torch.Tensor:
 
 
 def cached_inputs(meta: dict, ids: torch.Tensor, past_len: int, past: Sequence[torch.Tensor],
-                  positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None) -> list[Any]:
+                  positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
+                  tree_parents: torch.Tensor | None = None) -> list[Any]:
     """The cached graph's flat inputs for new tokens `ids` after `past_len` cached ones.
 
-    Defaults: consecutive positions and a causal mask (plain decoding / prefill).
+    Defaults: consecutive positions and a causal mask (plain decoding / prefill). Graphs that
+    verify a Medusa tree in-graph (`runtime.greedy_verify`) also take the tree's parent
+    indices; by default none (-1): every token counts as accepted.
     """
     batch, length = ids.shape
     if positions is None:
@@ -221,6 +224,8 @@ def cached_inputs(meta: dict, ids: torch.Tensor, past_len: int, past: Sequence[t
     flat[meta["tree_mask"]] = tree_mask
     for (k_index, v_index), k, v in zip(meta["past"], past[0::2], past[1::2]):
         flat[k_index], flat[v_index] = k, v
+    if "tree_parents" in meta:
+        flat[meta["tree_parents"]] = torch.full((length,), -1) if tree_parents is None else tree_parents
     return flat
 
 

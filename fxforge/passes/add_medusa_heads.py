@@ -1,11 +1,15 @@
 """Pass `add_medusa_heads`: extra decoding heads that guess tokens t+2 .. t+1+K (Medusa-1).
 
     h = input of the LM head                                  (the final hidden state)
-    head_k(h) = W_k · ResBlock^n(h),  ResBlock(x) = x + SiLU(W1·x + b1)
+    head_k(h) = W_k · ResBlock_k^n(h),  ResBlock(x) = x + SiLU(W1·x + b1)
     outputs: (...original outputs..., stack([head_1(h), ..., head_K(h)]))   # (K, B, L, V)
 
 W1 and b1 start at zero and W_k is a copy of the LM head, so a fresh head reproduces the base
-logits exactly (the check `verify` makes). Head parameters are trainable; every other parameter
+logits exactly (the check `verify` makes). With `share_lm_head=True` every W_k *is* the frozen LM
+head (as EAGLE reuses it): the heads train their ResBlocks only and run as one projection of the
+K stacked ResBlock outputs, so decoding reads one vocab matrix per step instead of K — on a CPU,
+where those reads are most of a head's cost, that matters more than the accuracy a head's own
+projection adds (bench/medusa.py measures both). Head parameters are trainable; every other parameter
 is frozen (Medusa-1 trains the heads only: `fxforge.medusa.train_heads`). Where the heads' output
 sits and how many there are is recorded in `gm.meta[MEDUSA_META]` for the runtime.
 """
@@ -18,7 +22,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxforge.errors import PassError
-from fxforge.ir.graph import add_attr, get_attr, is_lm_head, linear_sites
+from fxforge.ir.graph import add_attr, attr_node, get_attr, is_lm_head, linear_sites
 from fxforge.ir.verify import Comparison, compare_outputs, compare_tensors, run_graph
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 
@@ -90,6 +94,7 @@ class AddMedusaHeads(Pass):
     name = "add_medusa_heads"
     num_heads: int = 4
     num_layers: int = 1
+    share_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
@@ -110,7 +115,7 @@ class AddMedusaHeads(Pass):
         hidden = head.node.args[0]
         graph = gm.graph
         output = graph.output_node()
-        head_logits = []
+        head_inputs = []
         with graph.inserting_before(output):
             for k in range(self.num_heads):
                 x = hidden
@@ -123,17 +128,17 @@ class AddMedusaHeads(Pass):
                     lin = _call(graph, aten.linear.default, (x, w, b), f"{HEADS_PREFIX}.{k}.{j}")
                     act = _call(graph, aten.silu.default, (lin,), f"{HEADS_PREFIX}.{k}.{j}")
                     x = _call(graph, aten.add.Tensor, (x, act), f"{HEADS_PREFIX}.{k}.{j}")
-                proj = f"{HEADS_PREFIX}.{k}.{self.num_layers}"
-                w = add_attr(gm, f"{proj}.weight", lm_weight.detach().clone(), buffer=False,
-                             trainable=True, before=output)
-                b = None if lm_bias is None else add_attr(gm, f"{proj}.bias", lm_bias.detach().clone(),
-                                                          buffer=False, trainable=True, before=output)
-                head_logits.append(_call(graph, aten.linear.default, (x, w, b), proj))
-            stacked = _call(graph, aten.stack.default, (head_logits, 0), HEADS_PREFIX)
+                head_inputs.append(x)
+            if self.share_lm_head:
+                stacked = self._shared_projection(gm, head, head_inputs)
+            else:
+                head_logits = [self._own_projection(gm, k, x, lm_weight, lm_bias)
+                               for k, x in enumerate(head_inputs)]
+                stacked = _call(graph, aten.stack.default, (head_logits, 0), HEADS_PREFIX)
         outputs = tuple(output.args[0])
         output.args = (outputs + (stacked,),)
         gm.meta[MEDUSA_META] = {
-            "num_heads": self.num_heads, "num_layers": self.num_layers,
+            "num_heads": self.num_heads, "num_layers": self.num_layers, "share_lm_head": self.share_lm_head,
             "logits_output": head.output_index, "heads_output": len(outputs),
             "hidden_size": head.hidden_size, "vocab_size": head.vocab_size,
             "lm_head": head.weight_name, "prefix": HEADS_PREFIX, "hidden_node": hidden.name,
@@ -141,6 +146,24 @@ class AddMedusaHeads(Pass):
         return PassResult(gm, sites=self.num_heads, notes={
             "lm_head": head.weight_name, "heads_output": len(outputs),
             "trainable_parameters": sum(p.numel() for p in gm.parameters() if p.requires_grad)})
+
+    def _own_projection(self, gm: GraphModule, k: int, x: Node, lm_weight: torch.Tensor,
+                        lm_bias: torch.Tensor | None) -> Node:
+        """Head k's vocab projection: a trainable copy of the LM head."""
+        output = gm.graph.output_node()
+        proj = f"{HEADS_PREFIX}.{k}.{self.num_layers}"
+        w = add_attr(gm, f"{proj}.weight", lm_weight.detach().clone(), buffer=False, trainable=True, before=output)
+        b = None if lm_bias is None else add_attr(gm, f"{proj}.bias", lm_bias.detach().clone(), buffer=False,
+                                                  trainable=True, before=output)
+        return _call(gm.graph, aten.linear.default, (x, w, b), proj)
+
+    def _shared_projection(self, gm: GraphModule, head: LmHead, head_inputs: list[Node]) -> Node:
+        """All heads through the LM head itself: stack the K inputs, one linear -> (K, ..., V)."""
+        graph = gm.graph
+        stacked = _call(graph, aten.stack.default, (head_inputs, 0), HEADS_PREFIX)
+        w = attr_node(gm, head.weight_name)
+        b = attr_node(gm, head.bias_name) if head.bias_name else None
+        return _call(graph, aten.linear.default, (stacked, w, b), HEADS_PREFIX)
 
     def verify(self, before: GraphModule, after: GraphModule, ctx: PassContext) -> Comparison:
         """Original outputs unchanged, and fresh heads reproduce the base logits exactly."""

@@ -33,6 +33,8 @@ class StepOutput:
     head_logits: torch.Tensor | None     # (K, B, L, V) when the graph computes Medusa heads
     present: list[torch.Tensor]          # flat [k0, v0, k1, v1, ...], (B, Hkv, P + L, D)
     hidden: torch.Tensor | None = None   # (B, L, d) when the heads run separately (`heads_at`)
+    accepted_node: int | None = None     # in-graph greedy verification: the deepest accepted node,
+    next_token: int | None = None        # the base model's token after it; head_logits: (K, 1, 1, V) there
 
 
 class CachedLM:
@@ -77,18 +79,30 @@ class CachedLM:
     def empty_past(self, batch: int = 1) -> list[torch.Tensor]:
         return empty_past(self.layout, batch, self.dtype)
 
+    @property
+    def verifies_in_graph(self) -> bool:
+        """True when the graph accepts Medusa trees greedily itself (`runtime.greedy_verify`)."""
+        return bool(self.medusa and "accept" in self.medusa)
+
     def forward(self, ids: torch.Tensor, past: Sequence[torch.Tensor], past_len: int,
-                positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None) -> StepOutput:
+                positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
+                tree_parents: torch.Tensor | None = None) -> StepOutput:
         """Run new tokens `ids` (B, L) after `past_len` cached positions.
 
         Positions default to past_len .. past_len + L - 1 and the mask to causal over the new
-        tokens; Medusa passes tree positions (past_len + depth) and its tree mask.
+        tokens; Medusa passes tree positions (past_len + depth), its tree mask and, to a graph
+        that verifies in-graph, the tree's parent indices.
         """
-        flat = cached_inputs(self.layout, ids, past_len, past, positions, tree_mask)
+        flat = cached_inputs(self.layout, ids, past_len, past, positions, tree_mask, tree_parents)
         with torch.no_grad():
             out = list(self.runner(*flat))
         present = [out[i] for pair in self.layout["present"] for i in pair]
         logits = out[self.layout["logits_output"]]
+        if self.verifies_in_graph:
+            accept = self.medusa["accept"]
+            return StepOutput(logits=logits, head_logits=out[self.medusa["heads_output"]], present=present,
+                              accepted_node=int(out[accept["best_output"]][0]),
+                              next_token=int(out[accept["next_token_output"]][0]))
         if self.medusa and "hidden_output" in self.medusa:
             return StepOutput(logits=logits, head_logits=None, present=present,
                               hidden=out[self.medusa["hidden_output"]])

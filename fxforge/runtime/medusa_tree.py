@@ -100,6 +100,10 @@ class MedusaTree:
         mask[0, 0, :, past_len:] = constants.mask
         return (constants.depths + past_len)[None, :], mask
 
+    def parent_index(self) -> torch.Tensor:
+        """(N,) int64: each node's parent, -1 for the root (input of in-graph verification)."""
+        return self._constants.parents
+
     def candidates(self, root_token: int, head_logits: torch.Tensor) -> torch.Tensor:
         """(N,) tree tokens: the root, then each node's head guess of its rank.
 
@@ -124,7 +128,8 @@ class MedusaTree:
         heads = torch.tensor([len(p) - 1 for p in self.paths], dtype=torch.long)
         ranks = torch.tensor([p[-1] for p in self.paths], dtype=torch.long)
         return _TreeConstants(mask=mask, depths=torch.tensor(self.depths), max_rank=max_rank,
-                              guess_index=(heads * max_rank + ranks).tolist())
+                              guess_index=(heads * max_rank + ranks).tolist(),
+                              parents=torch.tensor(self.parents, dtype=torch.long))
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, inclusive."""
@@ -149,6 +154,7 @@ class _TreeConstants:
     depths: torch.Tensor       # (N,) long
     max_rank: int              # guesses taken from each head (its top-k)
     guess_index: list[int]     # index of each non-root node's guess in the flat (depth, k) top-k
+    parents: torch.Tensor      # (N,) long, -1 for the root
 
 
 @dataclass

@@ -110,3 +110,41 @@ def test_heads_on_a_quantized_backbone_read_its_hidden_states(lm_graph):
     # fresh heads reproduce the *quantized* model's logits: they read its hidden state
     torch.testing.assert_close(heads[0], q_logits, rtol=0, atol=0)
     torch.testing.assert_close(q_logits, quantized(ids)[0], rtol=0, atol=0)
+
+
+def test_heads_sharing_the_lm_head_train_resblocks_only_and_project_once(lm_graph):
+    gm, ids = lm_graph
+    pipeline = Pipeline([AddMedusaHeads(num_heads=3, num_layers=2, share_lm_head=True)])
+    out_gm, rep = pipeline.run(copy.deepcopy(gm), PassContext(example_inputs=(ids,)))
+    assert rep["add_medusa_heads"].sites == 3
+    # 3 heads x 2 ResBlocks, then ONE vocab projection of the stacked ResBlock outputs
+    assert _count(out_gm, aten.linear.default) - _count(gm, aten.linear.default) == 3 * 2 + 1
+    projection = out_gm.graph.output_node().args[0][1]
+    assert projection.target == aten.linear.default and projection.args[0].target == aten.stack.default
+    assert projection.args[1].target == "lm_head.weight"  # the LM head itself, not a copy
+    assert out_gm.meta[MEDUSA_META]["share_lm_head"] is True
+    names = head_parameter_names(out_gm)
+    assert len(names) == 3 * 2 * 2 and all(".linear." in n for n in names)  # ResBlock weights and biases
+    assert {n for n, p in out_gm.named_parameters() if p.requires_grad} == set(names)
+    logits, heads = out_gm(ids)
+    assert heads.shape == (3, *logits.shape)
+    for k in range(3):  # fresh ResBlocks are identities: every head reproduces the base logits
+        torch.testing.assert_close(heads[k], logits, rtol=0, atol=0)
+
+
+def test_shared_lm_head_heads_split_from_the_backbone_and_train(lm_graph):
+    import fxforge.medusa as medusa
+    from fxforge.api import CompiledModel
+
+    gm, ids = lm_graph
+    with_heads = run_pass(AddMedusaHeads(num_heads=2, share_lm_head=True), gm, PassContext(example_inputs=(ids,)))
+    backbone, heads = medusa.split_backbone_and_heads(with_heads)
+    torch.testing.assert_close(heads(backbone(ids)[0])[0], with_heads(ids)[1], rtol=0, atol=0)
+    assert get_attr(heads, "lm_head.weight") is get_attr(with_heads, "lm_head.weight")
+    lm_head = get_attr(with_heads, "lm_head.weight").clone()
+    compiled = CompiledModel(with_heads, "eager", example_inputs=(ids,))
+    report = medusa.train_heads(compiled, None, steps=60, lr=3e-3, seq_len=24, batch_size=8,
+                                self_distill_sequences=24, progress=False)
+    assert sum(report.losses[-10:]) < sum(report.losses[:10])
+    assert torch.equal(get_attr(with_heads, "lm_head.weight"), lm_head)  # the shared projection stays frozen
+    assert get_attr(with_heads, "medusa_heads.0.0.linear.weight").abs().sum() > 0

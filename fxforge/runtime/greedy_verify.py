@@ -1,0 +1,114 @@
+"""Greedy Medusa verification inside the graph: one call returns the accepted node and its heads.
+
+Split decoding (`fxforge.medusa.decoder`) runs, per step, the backbone over the tree, then in
+Python the argmax of every node's logits and the walk along the tree, then a second call for
+the heads at the accepted node. On a CPU those extras cost a third of a step. This module
+appends them to the cached graph itself, as TensorRT-LLM does for Medusa on GPUs:
+
+    pred[i]    = argmax(logits[i])                         the base model's next token after node i
+    match[j]   = ids[j] == pred[parent[j]]  or  parent[j] < 0     (the root always matches)
+    ok[i]      = match[j] for every ancestor j of i        (ancestors: the tree mask's last N columns)
+    best       = argmax(ok ? position + 1 : -1)            the deepest accepted node, first on ties
+    outputs    : best, pred[best] (the next root), heads(hidden[best])   (K, 1, 1, V)
+
+which is `medusa_tree.greedy_accept` exactly (nodes come in depth order, argmax keeps the first
+of equal depths). With every parent < 0 (`tree_parents` left at its default) all nodes are
+accepted and `best` is the last one: a prefill's heads are the ones at the prompt's end.
+Only batch row 0 is verified: Medusa decodes one sequence.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.fx import Graph, GraphModule, Node
+
+from fxforge.ir.graph import erase_dead, finalize, get_attr, has_attr, set_attr
+from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
+from fxforge.passes.add_kv_cache import KV_META
+from fxforge.passes.add_medusa_heads import MEDUSA_META
+
+aten = torch.ops.aten
+ACCEPT_META = "accept"  # key in gm.meta[MEDUSA_META]: where the acceptance outputs are
+
+
+def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModule:
+    """A copy of `main` that verifies a tree greedily and runs `heads` at the accepted node.
+
+    main: a cached graph whose Medusa heads output was replaced by the hidden state
+    (`medusa.split_heads_for_decoding`); heads: hidden (B, L, d) -> (K, B, L, V).
+    The copy takes one more input, `tree_parents` (N,) int64 (-1 for the root); its heads
+    output holds the heads' logits at the accepted node, (K, 1, 1, V), and two outputs are
+    appended: the accepted node's index and the next token, both (1,) int64.
+    """
+    gm = copy.deepcopy(main)
+    graph = gm.graph
+    layout, medusa_meta = gm.meta[KV_META], gm.meta[MEDUSA_META]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    ids, positions, mask = (placeholders[layout[key]] for key in ("input_ids", "position_ids", "tree_mask"))
+    past_key = placeholders[layout["past"][0][0]]
+    output = graph.output_node()
+    outputs = list(output.args[0])
+    logits, hidden = outputs[layout["logits_output"]], outputs[medusa_meta["hidden_output"]]
+
+    with graph.inserting_after(placeholders[-1]):
+        parents = graph.placeholder("tree_parents")
+    ids_val = ids.meta["val"]
+    with ids_val.fake_mode:
+        parents.meta["val"] = torch.empty(ids_val.shape[1], dtype=torch.long)
+
+    def call(target: Any, *args: Any) -> Node:
+        return graph.call_function(target, args)
+
+    with graph.inserting_before(output):
+        pred = call(aten.argmax.default, call(aten.select.int, logits, 0, 0), -1)               # (N,)
+        parent_pred = call(aten.index_select.default, pred, 0, call(aten.clamp.default, parents, 0))
+        match = call(aten.logical_or.default, call(aten.eq.Tensor, call(aten.select.int, ids, 0, 0), parent_pred),
+                     call(aten.lt.Scalar, parents, 0))
+        past_len = call(aten.sym_size.int, past_key, 2)
+        tree_rows = call(aten.select.int, call(aten.select.int, mask, 0, 0), 0, 0)            # (N, P + N)
+        ancestors = call(aten.slice.Tensor, tree_rows, 1, past_len, 2 ** 62)                 # (N, N)
+        failed = call(aten.logical_and.default, ancestors, call(aten.logical_not.default, match))
+        ok = call(aten.logical_not.default, call(aten.any.dim, failed, 1))
+        depth_score = call(aten.add.Tensor, call(aten.select.int, positions, 0, 0), 1)
+        best = call(aten.unsqueeze.default, call(aten.argmax.default, call(aten.where.ScalarOther, ok, depth_score, -1)),
+                    0)                                                                       # (1,)
+        next_token = call(aten.index_select.default, pred, 0, best)
+        best_hidden = call(aten.index_select.default, call(aten.select.int, hidden, 0, 0), 0, best)  # (1, d)
+        head_logits = _inline(gm, heads, call(aten.unsqueeze.default, best_hidden, 0))    # (K, 1, 1, V)
+
+    outputs[medusa_meta["hidden_output"]] = head_logits
+    output.args = (tuple(outputs) + (best, next_token),)
+    erase_dead(gm)
+    names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    gm.meta[INPUT_NAMES] = names
+    gm.meta[IN_SPEC] = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
+    gm.meta[KV_META] = {**layout, "tree_parents": names.index(parents.name), "num_inputs": len(names)}
+    meta = {k: v for k, v in medusa_meta.items() if k != "hidden_output"}
+    gm.meta[MEDUSA_META] = {**meta, "heads_output": medusa_meta["hidden_output"],
+                            ACCEPT_META: {"best_output": len(outputs), "next_token_output": len(outputs) + 1}}
+    return finalize(gm)
+
+
+def _inline(gm: GraphModule, sub: GraphModule, argument: Node) -> Node:
+    """Copy `sub`'s nodes into `gm` (its one placeholder := argument); return its single output.
+
+    The weights `sub` reads are shared into `gm` under the same names (they are the heads'
+    parameters, which the split removed from the main graph, or the LM head both use).
+    """
+    graph, env = gm.graph, {}
+    for node in sub.graph.nodes:
+        if node.op == "get_attr" and not has_attr(gm, node.target):
+            set_attr(gm, node.target, get_attr(sub, node.target))
+        if node.op == "placeholder":
+            env[node] = argument
+        elif node.op == "output":
+            return env[node.args[0][0]]
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    raise ValueError("the heads graph has no output")
+
+
+__all__ = ["ACCEPT_META", "add_greedy_verification"]
