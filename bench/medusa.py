@@ -6,9 +6,10 @@ files, builds a tree from the measured accuracies, then decodes prompts cut from
 files with plain greedy and with greedy Medusa on the eager and ONNX backends: mean accepted
 tokens per step and wall-clock tokens/second of each. Every Medusa output is checked against
 plain greedy's (they must be identical). Typical acceptance (temperature > 0) is run too and its
-acceptance rate reported. Prints a table; writes bench/results/medusa_cpu_<host>.json.
+acceptance rate reported. Prints a table; writes bench/results/medusa_cpu_<host>[_own_heads].json.
 
-    python bench/medusa.py                      # code-lm small, 4 heads, eager + onnx
+    python bench/medusa.py                      # code-lm small, 4 heads sharing the LM head, eager + onnx
+    python bench/medusa.py --own-projections --head-layers 1 --train-steps 600   # Medusa-1's own heads
     python bench/medusa.py --variant tiny --train-steps 60 --prompts 4   # a quick smoke run
 """
 from __future__ import annotations
@@ -33,23 +34,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="small", choices=("small", "tiny"))
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--train-steps", type=int, default=600)
+    p.add_argument("--head-layers", type=int, default=2, help="ResBlocks per head")
+    p.add_argument("--own-projections", action="store_true",
+                   help="each head gets its own vocab projection (a trained copy of the LM head) instead of "
+                        "sharing the frozen LM head; reads 4x more weights per step")
+    p.add_argument("--train-steps", type=int, default=1500)
     p.add_argument("--train-seq-len", type=int, default=96)
     p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--distill-sequences", type=int, default=384)
+    p.add_argument("--distill-sequences", type=int, default=1024)
     p.add_argument("--distill-prompt-len", type=int, default=32)
     p.add_argument("--data", choices=("distill", "self", "train"), default="distill",
                    help="distill: greedy continuations of prompts cut from the code-lm's train split "
                         "(default); self: of prompts sampled from the model; train: the train texts")
-    p.add_argument("--tree-nodes", type=int, nargs="+", default=[8, 16, 32, 63],
-                   help="tree sizes to build from measured accuracies; the best is reported")
+    p.add_argument("--tree-nodes", type=int, nargs="+", default=[5, 7, 11],
+                   help="guesses per tree (the root comes on top) to build from measured accuracies; the best "
+                        "is reported")
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--backends", default="eager,onnx")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--typical-tree-nodes", type=int, default=16)
+    p.add_argument("--typical-tree-nodes", type=int, default=11)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -84,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_code_lm(args.variant)
     example = lm.heldout_batches(seq_len=16, max_batches=1, batch_size=2)[0]
     t0 = time.perf_counter()
-    compiled = fxforge.compile(lm.model, (example,), passes=f"fuse_attention,add_medusa_heads(num_heads={args.heads})")
+    heads = f"num_heads={args.heads},num_layers={args.head_layers},share_lm_head={not args.own_projections}"
+    compiled = fxforge.compile(lm.model, (example,), passes=f"fuse_attention,add_medusa_heads({heads})")
     compile_seconds = time.perf_counter() - t0
     # The baseline runs the model without heads: plain decoding should not pay for them.
     plain_graph = with_kv_cache(fxforge.compile(lm.model, (example,), passes="fuse_attention").graph_module)
@@ -109,18 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     for backend in [b for b in args.backends.split(",") if b]:
         options = {"threads": args.threads} if backend == "onnx" else {}
         t0 = time.perf_counter()
-        dec = medusa.decoder(compiled, backend, **options)
+        # greedy: the graph verifies the tree and runs the heads itself; typical: heads apart
+        dec = medusa.decoder(compiled, backend, greedy_in_graph=True, **options)
+        typical_dec = medusa.decoder(compiled, backend, **options)
         prepare_seconds = time.perf_counter() - t0
         base = CachedLM.prepare(plain_graph, backend, **options)
         greedy_generate(base, prompts[0], 8)  # warm-up (ORT session, allocator)
         medusa.generate(compiled, prompts[0], 8, lm=dec)
+        medusa.generate(compiled, prompts[0], 8, lm=typical_dec, mode="typical", temperature=args.temperature)
         trees = {n: medusa.tree_from_report(report, n) for n in args.tree_nodes}
         typical_tree = trees[args.typical_tree_nodes] if args.typical_tree_nodes in trees else \
             medusa.tree_from_report(report, args.typical_tree_nodes)
         methods = {"greedy": lambda p, n: greedy_generate(base, p, n)}
         for nodes, tree in trees.items():
             methods[f"tree{nodes}"] = lambda p, n, tree=tree: medusa.generate(compiled, p, n, tree=tree, lm=dec)
-        methods["typical"] = lambda p, n: medusa.generate(compiled, p, n, tree=typical_tree, lm=dec,
+        methods["typical"] = lambda p, n: medusa.generate(compiled, p, n, tree=typical_tree, lm=typical_dec,
                                                           mode="typical", temperature=args.temperature, seed=0)
         stats = run_interleaved(methods, prompts, args.new_tokens)
         plain = stats["greedy"]
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "python": platform.python_version(), "torch": torch.__version__}
     record = {
         "benchmark": "medusa", "host": host, "variant": args.variant, "heads": args.heads,
+        "head_layers": args.head_layers, "share_lm_head": not args.own_projections,
         "compile_seconds": compile_seconds,
         "training": {"steps": report.steps, "seconds": report.seconds, "source": report.source,
                      "first_loss": report.losses[0] if report.losses else None,
@@ -169,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     safe_host = re.sub(r"[^A-Za-z0-9_.-]", "_", host["hostname"])
-    path = Path(args.out) if args.out else RESULTS_DIR / f"medusa_cpu_{safe_host}.json"
+    suffix = "_own_heads" if args.own_projections else ""
+    path = Path(args.out) if args.out else RESULTS_DIR / f"medusa_cpu_{safe_host}{suffix}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
     return 0

@@ -498,7 +498,8 @@ def generate(compiled: Any, prompt_ids: torch.Tensor | Sequence[int], max_new_to
                 result = typical_accept(tree, tree_tokens, logits, temperature, epsilon, delta, generator)
             heads = lm.heads_at(out, result.path[-1])
         forwards += 1
-        emitted = tree_tokens[result.path].tolist()
+        node_tokens = tree_tokens.tolist()
+        emitted = [node_tokens[i] for i in result.path]
         past = compact_kv(out.present, past_len, result.path)
         past_len += len(result.path)
         root = result.next_token
