@@ -16,7 +16,14 @@ Decoding: `generate` adds a KV cache to the graph (`add_kv_cache`; fused attenti
 tree mask as its mask argument, unfused attention gets it in place of the causal mask), lowers
 it to the backend, then each step builds the candidate tree from the heads' top-k, verifies it
 in one forward with the tree mask and accepts greedily (exactly plain greedy's output) or
-typically.
+typically. Greedy decoders verify inside the graph (`runtime.greedy_verify`): the same call
+returns the accepted node, the next token and the heads' logits there. Typical decoders get
+the logits of every node back and run the heads apart, on the node they accept.
+
+Speed on a CPU (bench/medusa.py): a step costs the tree forward plus what surrounds it, and
+verifying N tokens is not free there (the linears turn compute-bound), so small trees (6-8
+nodes), heads that share the LM head (`add_medusa_heads(share_lm_head=True)`: one vocab matrix
+read per step, not K) and in-graph verification are what make the accepted tokens pay.
 """
 from __future__ import annotations
 
