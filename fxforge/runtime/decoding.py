@@ -23,6 +23,7 @@ from fxforge.backends import get_backend
 from fxforge.errors import InputError
 from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past, random_past_inputs
 from fxforge.passes.add_medusa_heads import MEDUSA_META
+from fxforge.runtime.greedy_verify import ACCEPT_META
 
 
 @dataclass
@@ -82,7 +83,7 @@ class CachedLM:
     @property
     def verifies_in_graph(self) -> bool:
         """True when the graph accepts Medusa trees greedily itself (`runtime.greedy_verify`)."""
-        return bool(self.medusa and "accept" in self.medusa)
+        return bool(self.medusa and ACCEPT_META in self.medusa)
 
     def forward(self, ids: torch.Tensor, past: Sequence[torch.Tensor], past_len: int,
                 positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
@@ -99,7 +100,7 @@ class CachedLM:
         present = [out[i] for pair in self.layout["present"] for i in pair]
         logits = out[self.layout["logits_output"]]
         if self.verifies_in_graph:
-            accept = self.medusa["accept"]
+            accept = self.medusa[ACCEPT_META]
             return StepOutput(logits=logits, head_logits=out[self.medusa["heads_output"]], present=present,
                               accepted_node=int(out[accept["best_output"]][0]),
                               next_token=int(out[accept["next_token_output"]][0]))

@@ -32,6 +32,7 @@ from fxforge.passes.add_medusa_heads import MEDUSA_META
 
 aten = torch.ops.aten
 ACCEPT_META = "accept"  # key in gm.meta[MEDUSA_META]: where the acceptance outputs are
+_TO_THE_END = 2 ** 62  # a slice end past any length (exported as INT64's range end)
 
 
 def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModule:
@@ -69,12 +70,12 @@ def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModul
                      call(aten.lt.Scalar, parents, 0))
         past_len = call(aten.sym_size.int, past_key, 2)
         tree_rows = call(aten.select.int, call(aten.select.int, mask, 0, 0), 0, 0)            # (N, P + N)
-        ancestors = call(aten.slice.Tensor, tree_rows, 1, past_len, 2 ** 62)                 # (N, N)
+        ancestors = call(aten.slice.Tensor, tree_rows, 1, past_len, _TO_THE_END)            # (N, N)
         failed = call(aten.logical_and.default, ancestors, call(aten.logical_not.default, match))
         ok = call(aten.logical_not.default, call(aten.any.dim, failed, 1))
         depth_score = call(aten.add.Tensor, call(aten.select.int, positions, 0, 0), 1)
-        best = call(aten.unsqueeze.default, call(aten.argmax.default, call(aten.where.ScalarOther, ok, depth_score, -1)),
-                    0)                                                                       # (1,)
+        score = call(aten.where.ScalarOther, ok, depth_score, -1)
+        best = call(aten.unsqueeze.default, call(aten.argmax.default, score), 0)             # (1,)
         next_token = call(aten.index_select.default, pred, 0, best)
         best_hidden = call(aten.index_select.default, call(aten.select.int, hidden, 0, 0), 0, best)  # (1, d)
         head_logits = _inline(gm, heads, call(aten.unsqueeze.default, best_hidden, 0))    # (K, 1, 1, V)

@@ -8,7 +8,7 @@ from fxforge.errors import InputError
 from fxforge.passes.add_medusa_heads import MEDUSA_META, AddMedusaHeads
 from fxforge.passes.base import PassContext, run_pass
 from fxforge.runtime.decoding import CachedLM, greedy_generate, with_kv_cache
-from fxforge.runtime.greedy_verify import add_greedy_verification
+from fxforge.runtime.greedy_verify import ACCEPT_META, add_greedy_verification
 from fxforge.runtime.medusa_tree import MedusaTree, greedy_accept
 from runtime.fused_code_lm import example_ids, fused_graph
 
@@ -39,7 +39,7 @@ def test_graph_takes_tree_parents_and_returns_accepted_node_next_token_and_its_h
     gm = verifying.graph_module
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert names[-1] == "tree_parents" and verifying.layout["tree_parents"] == len(names) - 1
-    accept = gm.meta[MEDUSA_META]["accept"]
+    accept = gm.meta[MEDUSA_META][ACCEPT_META]
     outputs = gm.graph.output_node().args[0]
     assert accept == {"best_output": len(outputs) - 2, "next_token_output": len(outputs) - 1}
     assert not split.verifies_in_graph and verifying.verifies_in_graph
