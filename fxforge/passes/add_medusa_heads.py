@@ -89,7 +89,7 @@ def _output_index(node: Node, outputs: list[Any]) -> int | None:
 @register_pass
 @dataclass(frozen=True)
 class AddMedusaHeads(Pass):
-    """Add `num_heads` Medusa heads (each `num_layers` ResBlocks + a vocab projection)."""
+    """Add `num_heads` Medusa heads (each `num_layers` ResBlocks + its own or the shared LM-head projection)."""
 
     name = "add_medusa_heads"
     num_heads: int = 4
@@ -102,6 +102,8 @@ class AddMedusaHeads(Pass):
         if not isinstance(self.num_layers, int) or self.num_layers < 0:
             raise ValueError(f"add_medusa_heads: num_layers must be an integer >= 0 (ResBlocks per head), "
                              f"got {self.num_layers!r}")
+        if not isinstance(self.share_lm_head, bool):
+            raise ValueError(f"add_medusa_heads: share_lm_head must be True or False, got {self.share_lm_head!r}")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         if MEDUSA_META in gm.meta:

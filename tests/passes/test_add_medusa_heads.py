@@ -75,6 +75,9 @@ def test_pipeline_string_and_options():
         AddMedusaHeads(num_heads=0)
     with pytest.raises(ValueError, match="num_layers"):
         AddMedusaHeads(num_layers=-1)
+    assert Pipeline("add_medusa_heads(share_lm_head=True)").passes[0].share_lm_head is True
+    with pytest.raises(ValueError, match="share_lm_head must be True or False"):
+        AddMedusaHeads(share_lm_head="yes")
 
 
 def test_graph_without_lm_head_is_refused_saying_what_was_looked_for():
