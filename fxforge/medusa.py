@@ -22,8 +22,8 @@ the logits of every node back and run the heads apart, on the node they accept.
 
 Speed on a CPU (bench/medusa.py): a step costs the tree forward plus what surrounds it, and
 verifying N tokens is not free there (the linears turn compute-bound), so small trees (6-8
-nodes), heads that share the LM head (`add_medusa_heads(share_lm_head=True)`: one vocab matrix
-read per step, not K) and in-graph verification are what make the accepted tokens pay.
+nodes) and in-graph verification (which took ONNX from 1.2x to 1.55x plain greedy) are what
+make the accepted tokens pay.
 """
 from __future__ import annotations
 
