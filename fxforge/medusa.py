@@ -365,14 +365,11 @@ def decoder(compiled: Any, backend: str | None = None, *, split_heads: bool = Tr
     key = (backend, split_heads, greedy_in_graph, tuple(sorted(backend_options.items())))
     if key not in cache:
         cached = with_kv_cache(compiled.graph_module)
-        split = split_heads_for_decoding(cached) if split_heads or greedy_in_graph else None
-        if split is None:
-            if greedy_in_graph:
-                raise InputError("greedy_in_graph needs the Medusa heads apart from the backbone, but a later "
-                                 "pass rewrote them; decode with greedy_in_graph=False.")
+        split = None if greedy_in_graph or not split_heads else split_heads_for_decoding(cached)
+        if greedy_in_graph:
+            cache[key] = CachedLM.prepare(_greedy_verifying(cached, "decode"), backend, **backend_options)
+        elif split is None:
             cache[key] = CachedLM.prepare(cached, backend, **backend_options)
-        elif greedy_in_graph:
-            cache[key] = CachedLM.prepare(add_greedy_verification(*split), backend, **backend_options)
         else:
             main, heads = split
             hidden_size = main.meta[MEDUSA_META]["hidden_size"]
@@ -406,17 +403,31 @@ def split_heads_for_decoding(cached: Any) -> tuple[Any, Any] | None:
     return main, heads
 
 
-def export_onnx(compiled: Any, path: str | Path) -> Path:
+def export_onnx(compiled: Any, path: str | Path, *, greedy_in_graph: bool = False) -> Path:
     """Write the KV-cached model with its heads as ONNX.
 
     Inputs: input_ids, position_ids, tree_mask, past_key_i/past_value_i; outputs: logits, head
     logits (K, B, L, V), present_key_i/present_value_i. Batch, new and past lengths are dynamic.
+    greedy_in_graph: the graph `decoder(..., greedy_in_graph=True)` runs instead: one more input,
+    tree_parents (N,); head logits (K, 1, 1, V) at the accepted node; two more outputs, the
+    accepted node and the next token (`runtime.greedy_verify`).
     """
     from fxforge.backends.onnx.backend import export_onnx as export_graph
     from fxforge.runtime.decoding import example_cached_inputs
 
     gm = with_kv_cache(compiled.graph_module)
+    if greedy_in_graph:
+        gm = _greedy_verifying(gm, "export")
     return export_graph(gm, example_cached_inputs(gm), path)
+
+
+def _greedy_verifying(cached: Any, action: str) -> Any:
+    """`cached` with greedy verification and the heads inside (`runtime.greedy_verify`)."""
+    split = split_heads_for_decoding(cached)
+    if split is None:
+        raise InputError(f"greedy_in_graph needs the Medusa heads apart from the backbone, but a later pass "
+                         f"rewrote them; {action} with greedy_in_graph=False.")
+    return add_greedy_verification(*split)
 
 
 def _invalidate(compiled: Any) -> None:

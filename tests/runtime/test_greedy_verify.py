@@ -101,3 +101,22 @@ def test_typical_mode_refuses_a_greedy_verifying_decoder(compiled):
     verifying = medusa.decoder(compiled, greedy_in_graph=True)
     with pytest.raises(InputError, match="accepts greedily inside its graph.*greedy_in_graph=False"):
         medusa.generate(compiled, example_ids(batch=1, seq=6)[0], 4, mode="typical", temperature=0.7, lm=verifying)
+
+
+@pytest.mark.slow
+def test_export_onnx_of_the_verifying_graph_runs_in_onnx_runtime(compiled, lms, tmp_path):
+    from fxforge.backends.onnx.backend import OnnxRunner
+
+    _, verifying = lms
+    path = medusa.export_onnx(compiled, tmp_path / "verify.onnx", greedy_in_graph=True)
+    runner = OnnxRunner(path)
+    assert runner.input_names[-1] == "tree_parents" and runner.input_names[0] == "input_ids"
+    onnx_lm = CachedLM(verifying.graph_module, runner, "onnx")
+    prompt = example_ids(batch=1, seq=10)
+    prefill = verifying.forward(prompt, verifying.empty_past(1), 0)
+    tokens = torch.tensor([[prefill.next_token] + [int(t) for t in prompt[0, :TREE.num_nodes - 1]]])
+    positions, mask = TREE.inputs(prompt.shape[1])
+    got = onnx_lm.forward(tokens, prefill.present, prompt.shape[1], positions, mask, TREE.parent_index())
+    ref = verifying.forward(tokens, prefill.present, prompt.shape[1], positions, mask, TREE.parent_index())
+    assert (got.accepted_node, got.next_token) == (ref.accepted_node, ref.next_token)
+    torch.testing.assert_close(got.head_logits, ref.head_logits, atol=1e-4, rtol=1e-4)
