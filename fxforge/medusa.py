@@ -365,19 +365,23 @@ def decoder(compiled: Any, backend: str | None = None, *, split_heads: bool = Tr
     key = (backend, split_heads, greedy_in_graph, tuple(sorted(backend_options.items())))
     if key not in cache:
         cached = with_kv_cache(compiled.graph_module)
-        split = None if greedy_in_graph or not split_heads else split_heads_for_decoding(cached)
+        split = split_heads_for_decoding(cached) if split_heads and not greedy_in_graph else None
         if greedy_in_graph:
             cache[key] = CachedLM.prepare(_greedy_verifying(cached, "decode"), backend, **backend_options)
-        elif split is None:
+        elif split is not None:
+            cache[key] = _heads_apart(*split, backend, backend_options)
+        else:  # heads on every node, inside the graph (or not separable)
             cache[key] = CachedLM.prepare(cached, backend, **backend_options)
-        else:
-            main, heads = split
-            hidden_size = main.meta[MEDUSA_META]["hidden_size"]
-            example = [torch.zeros(1, 1, hidden_size, dtype=torch.float32)]
-            heads_runner = get_backend(backend)(heads, example, **backend_options)
-            lm = CachedLM.prepare(main, backend, **backend_options)
-            cache[key] = CachedLM(main, lm.runner, backend, heads_runner=heads_runner)
     return cache[key]
+
+
+def _heads_apart(main: Any, heads: Any, backend: str, backend_options: dict) -> CachedLM:
+    """A decoder running `main` (hidden state out) and, on the positions asked, `heads`."""
+    hidden_size = main.meta[MEDUSA_META]["hidden_size"]
+    example = [torch.zeros(1, 1, hidden_size, dtype=torch.float32)]
+    heads_runner = get_backend(backend)(heads, example, **backend_options)
+    lm = CachedLM.prepare(main, backend, **backend_options)
+    return CachedLM(main, lm.runner, backend, heads_runner=heads_runner)
 
 
 def split_heads_for_decoding(cached: Any) -> tuple[Any, Any] | None:
