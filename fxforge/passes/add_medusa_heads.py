@@ -10,9 +10,10 @@ head (as EAGLE reuses it): the heads train their ResBlocks only and run as one p
 K stacked ResBlock outputs, so decoding reads one vocab matrix per step instead of K. On code-lm
 (bench/medusa.py, 1500 steps) shared heads with 2 ResBlocks reach top-1 0.76/0.68/0.63/0.58 against
 0.78/0.69/0.64/0.59 for own projections, train in 3/4 of the time, and decode at about the same
-speed (1.59x vs 1.55x plain greedy on ONNX, 1.61x vs 1.58x eager). Head parameters are trainable; every other parameter
-is frozen (Medusa-1 trains the heads only: `fxforge.medusa.train_heads`). Where the heads' output
-sits and how many there are is recorded in `gm.meta[MEDUSA_META]` for the runtime.
+speed (1.59x vs 1.55x plain greedy on ONNX, 1.61x vs 1.58x eager).
+Head parameters are trainable; every other parameter is frozen (Medusa-1 trains the heads only:
+`fxforge.medusa.train_heads`). Where the heads' output sits and how many there are is recorded
+in `gm.meta[MEDUSA_META]` for the runtime.
 """
 from __future__ import annotations
 

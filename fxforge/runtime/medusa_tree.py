@@ -98,7 +98,7 @@ class MedusaTree:
         constants, n = self._constants, self.num_nodes
         # numpy: a third of the cost of the same two small torch ops, and this runs every step
         mask = np.ones((1, 1, n, past_len + n), dtype=bool)
-        mask[0, 0, :, past_len:] = constants.mask_np
+        mask[0, 0, :, past_len:] = constants.mask.numpy()
         return torch.from_numpy(constants.depths_np[None, :] + past_len), torch.from_numpy(mask)
 
     def parent_index(self) -> torch.Tensor:
@@ -128,8 +128,7 @@ class MedusaTree:
         max_rank = max(self.topk())
         heads = torch.tensor([len(p) - 1 for p in self.paths], dtype=torch.long)
         ranks = torch.tensor([p[-1] for p in self.paths], dtype=torch.long)
-        return _TreeConstants(mask=mask, mask_np=mask.numpy(), depths_np=np.asarray(self.depths, dtype=np.int64),
-                              max_rank=max_rank,
+        return _TreeConstants(mask=mask, depths_np=np.asarray(self.depths, dtype=np.int64), max_rank=max_rank,
                               guess_index=(heads * max_rank + ranks).tolist(),
                               parents=torch.tensor(self.parents, dtype=torch.long))
 
@@ -153,7 +152,6 @@ class MedusaTree:
 @dataclass(frozen=True)
 class _TreeConstants:
     mask: torch.Tensor         # (N, N) bool, ancestors and self
-    mask_np: np.ndarray        # the same, as numpy (shares memory)
     depths_np: np.ndarray      # (N,) int64
     max_rank: int              # guesses taken from each head (its top-k)
     guess_index: list[int]     # index of each non-root node's guess in the flat (depth, k) top-k
