@@ -11,6 +11,9 @@ import fxforge.ir.ops  # noqa: F401  (registers every fxforge:: op)
 from fxforge.api import CompiledModel, compile, load
 from fxforge.errors import (
     ArtifactError,
+    BackendError,
+    CalibrationError,
+    CLIUsageError,
     FxforgeError,
     InputError,
     MissingLoweringError,
@@ -26,7 +29,7 @@ from fxforge.passes.base import Pass, PassContext, PassResult, Pipeline, registe
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "Pass",
+    "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "Pass",
     "PassContext", "PassError", "PassResult", "PassSpecError", "Pipeline", "Tolerance", "TraceError",
     "VerificationError", "compile", "load", "register_pass", "registered_passes", "trace",
 ]

@@ -51,3 +51,23 @@ class InputError(FxforgeError, ValueError):
 
 class ArtifactError(FxforgeError):
     """A saved artifact directory is missing, incomplete or corrupted."""
+
+
+class CalibrationError(FxforgeError, ValueError):
+    """Calibration data is missing, empty, exhausted, wrongly shaped or not finite.
+
+    The message names the pass (and the batch, where one is at fault) and what to pass instead.
+    """
+
+    def __init__(self, message: str, *, pass_name: str | None = None, batch: int | None = None):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.batch = batch
+
+
+class BackendError(FxforgeError, ValueError):
+    """A backend was named that does not exist, or was given options or dtypes it cannot take."""
+
+
+class CLIUsageError(FxforgeError):
+    """A command-line argument is invalid (the CLI prints one line and exits with status 2)."""
