@@ -1,12 +1,19 @@
 """What the GPU benchmarks share: refusing to run without a GPU, checking a kernel against its
-reference before timing it (a fast wrong kernel must not produce a number), test operands, and
-where results go."""
+reference before timing it (a fast wrong kernel must not produce a number), test operands, the
+timer, and where results go.
+
+Each GPU script exposes `run(timer, device, quick=..., smoke=...)` functions that
+bench/gpu_suite.py imports: `timer` is triton.testing.do_bench on a GPU (`gpu_timer()`), or
+`single_call_ms` in the suite's CPU smoke mode (TRITON_INTERPRET=1, one call, no timing claim).
+"""
 from __future__ import annotations
 
 import os
 import re
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,9 +29,25 @@ def require_cuda(script: str) -> None:
                  "Run it on a machine with an NVIDIA GPU and a CUDA build of torch.")
 
 
+def gpu_timer() -> Callable[[Callable[[], object]], float]:
+    """triton.testing.do_bench: mean milliseconds per call on the GPU."""
+    import triton.testing
+
+    return triton.testing.do_bench
+
+
+def single_call_ms(fn: Callable[[], object]) -> float:
+    """The smoke mode's stand-in for do_bench: calls fn once; the milliseconds it returns are no measurement."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def check_close(script: str, name: str, got: torch.Tensor, expected: torch.Tensor, *,
                 atol: float, rtol: float = 0.0, reference: str = "its reference") -> None:
-    """Exit naming the kernel if max|got - expected| > atol + rtol·max|expected|."""
+    """Exit naming the kernel if max|got - expected| > atol + rtol·max|expected| (or either is non-finite)."""
+    if got.shape != expected.shape:
+        raise SystemExit(f"{script}: {name} returned shape {tuple(got.shape)}, {reference} {tuple(expected.shape)}.")
     err = (got.float() - expected.float()).abs().max().item()
     scale = expected.float().abs().max().item()
     if not err <= atol + rtol * scale:

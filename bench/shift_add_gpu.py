@@ -9,7 +9,8 @@ and 8192x8192 layers:
   lut-mul    the same kernel applying them as float multiplies (EXPONENT_ADD=False)
 Every kernel's output is checked against its op's reference first, so a fast wrong kernel
 cannot produce a number. Prints a table; writes bench/results/shift_add_gpu_<gpu name>.json.
-Target (issue 8): the LUT kernel faster than fp16 at batch 1.
+Target (issue 8): the LUT kernel faster than fp16 at batch 1. bench/gpu_suite.py runs the same
+measurement through `run`.
 
     python bench/shift_add_gpu.py          # needs a CUDA GPU (written for an H100)
 """
@@ -18,9 +19,11 @@ from __future__ import annotations
 import json
 
 import torch
-from _gpu import check_close, int4_operands, require_cuda, results_path  # bench/ is on sys.path
+from _gpu import check_close, gpu_timer, int4_operands, require_cuda, results_path  # bench/ is on sys.path
 
 SIZES = (4096, 8192)
+QUICK_SIZES = (4096,)
+SMOKE_SIZES = (128,)
 BATCH = 1
 GROUP_SIZE = 128
 PLANES = 3
@@ -39,19 +42,14 @@ def _shift_add_operands(n: int, k: int, device: str):
     return pack_signs(planes), exps, signs
 
 
-def main() -> None:
-    require_cuda("bench/shift_add_gpu.py")
-    import triton
-    import triton.testing
-
+def run(timer, device: str = "cuda", *, quick: bool = False, smoke: bool = False) -> list[dict]:
+    """Rows {n, k, batch, fp16_ms, int4_ms, lut_shift_ms, lut_mul_ms}; every kernel checked first."""
     from fxforge.kernels.shift_add_lut import shift_add_linear_triton
     from fxforge.kernels.wq_gemm import linear_wq_triton
 
-    device = "cuda"
-    gpu = torch.cuda.get_device_name()
     torch.manual_seed(0)
     rows = []
-    for size in SIZES:
+    for size in SMOKE_SIZES if smoke else QUICK_SIZES if quick else SIZES:
         n = k = size
         weight = (torch.randn(n, k, device=device) * 0.02).to(torch.float16)
         packed, exps, signs = _shift_add_operands(n, k, device)
@@ -59,26 +57,41 @@ def main() -> None:
         x = torch.randn(BATCH, k, device=device, dtype=torch.float16)
         reference = torch.ops.fxforge.shift_add_linear(x, packed, exps, signs, None, GROUP_SIZE)
         for exponent_add in (True, False):
-            _checked("shift_add_lut", shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE,
-                                                             exponent_add=exponent_add), reference)
-        _checked("int4", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
-               torch.ops.fxforge.linear_wq(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE))
+            _checked(f"shift_add_lut {n}x{k} exponent_add={exponent_add}",
+                     shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE, exponent_add=exponent_add),
+                     reference)
+        _checked(f"int4 {n}x{k}", linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE),
+                 torch.ops.fxforge.linear_wq(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE))
         times = {
-            "fp16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight)),
-            "int4": triton.testing.do_bench(lambda: linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE)),
-            "lut_shift": triton.testing.do_bench(
+            "fp16": timer(lambda: torch.nn.functional.linear(x, weight)),
+            "int4": timer(lambda: linear_wq_triton(x, qweight4, scales4, zeros4, None, 4, GROUP_SIZE)),
+            "lut_shift": timer(
                 lambda: shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE, exponent_add=True)),
-            "lut_mul": triton.testing.do_bench(
+            "lut_mul": timer(
                 lambda: shift_add_linear_triton(x, packed, exps, signs, None, GROUP_SIZE, exponent_add=False)),
         }
-        row = {"n": n, "k": k, "batch": BATCH, **{f"{name}_ms": ms for name, ms in times.items()}}
-        rows.append(row)
+        rows.append({"n": n, "k": k, "batch": BATCH, **{f"{name}_ms": ms for name, ms in times.items()}})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    for row in rows:
         print(
-            f"{n:>5}x{k:<5} batch {BATCH}  fp16 {row['fp16_ms']:.4f} ms  int4 {row['int4_ms']:.4f} ms  "
+            f"{row['n']:>5}x{row['k']:<5} batch {row['batch']}  fp16 {row['fp16_ms']:.4f} ms  "
+            f"int4 {row['int4_ms']:.4f} ms  "
             f"lut-shift {row['lut_shift_ms']:.4f} ms ({row['fp16_ms'] / row['lut_shift_ms']:.2f}x fp16)  "
             f"lut-mul {row['lut_mul_ms']:.4f} ms ({row['fp16_ms'] / row['lut_mul_ms']:.2f}x fp16)",
             flush=True,
         )
+
+
+def main() -> None:
+    require_cuda("bench/shift_add_gpu.py")
+    import triton
+
+    gpu = torch.cuda.get_device_name()
+    rows = run(gpu_timer(), "cuda")
+    print_table(rows)
     path = results_path("shift_add_gpu", gpu)
     payload = {
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
