@@ -33,6 +33,8 @@ class Member:
     out_features: int
     key: Key                  # members fuse only with members of an equal key
     record: str | None = None  # the key of its adapter record in gm.meta, if it has one
+    # not part of the key: a missing bias fuses as zeros of the others' dtype
+    bias_dtype: str | None = None
 
 
 @dataclass
@@ -113,7 +115,8 @@ def _member(gm: GraphModule, node: Node, readers: Counter, records: dict[str, st
             return (f"its adapter record holds tensors that are not operands of {kind} "
                     f"({sorted(set(roles) - stored)}), which a fused record could not name")
     return Member(node=node, layout=layout, path=module_path(node), out_features=int(val.shape[-1]),
-                  key=_key(gm, node, layout, record), record=record)
+                  key=_key(gm, node, layout, record), record=record,
+                  bias_dtype=str(get_attr(gm, bias.target).dtype) if bias is not None else None)
 
 
 def _key(gm: GraphModule, node: Node, layout: Layout, record: str | None) -> Key:
@@ -123,17 +126,10 @@ def _key(gm: GraphModule, node: Node, layout: Layout, record: str | None) -> Key
     key += [(arg_name(target, i), arg(node, i)) for i in layout.options]
     for i in layout.shared:
         key.append((arg_name(target, i), tuple(get_attr(gm, arg(node, i).target).flatten().tolist())))
-    first_dtype = None
     for i, axis in layout.rows.items():
         tensor = get_attr(gm, arg(node, i).target)
-        first_dtype = first_dtype or tensor.dtype
         off_axis = tuple(s for d, s in enumerate(tensor.shape) if d != axis)
         key.append((f"{arg_name(target, i)} dtype and off-axis shape", (str(tensor.dtype), off_axis)))
-    if layout.bias is not None:
-        bias = arg(node, layout.bias)
-        # a missing bias becomes zeros of the weight's dtype, so it fuses with biases of that dtype
-        dtype = get_attr(gm, bias.target).dtype if bias is not None else first_dtype
-        key.append(("bias dtype", str(dtype)))
     if layout.low_rank is not None:
         lora_a, lora_b = (get_attr(gm, arg(node, i).target) for i in layout.low_rank[:2])
         key.append(("A/B dtypes", (str(lora_a.dtype), str(lora_b.dtype))))
@@ -148,24 +144,42 @@ def _key(gm: GraphModule, node: Node, layout: Layout, record: str | None) -> Key
 
 
 def _bucket(members: list[Member], min_group: int, plan: Plan) -> None:
-    """Split one input group by key: buckets of `min_group` or more fuse, the rest are skipped."""
-    if not members:
-        return
-    buckets: dict[Key, list[Member]] = defaultdict(list)
+    """Split one input group by kind, then by key: buckets of `min_group` or more fuse; every
+    other member is skipped with the reason, except an op that only pairs with another kind of
+    its own layer (EasyQuant's linear_sparse outliers beside their linear_wq)."""
+    by_kind: dict[str, list[Member]] = defaultdict(list)
     for member in members:
-        buckets[member.key].append(member)
-    for key, bucket in buckets.items():
-        if len(bucket) >= min_group:
-            plan.groups.append(bucket)
-            continue
-        others = [b for k, b in buckets.items() if k != key]
-        for member in bucket:
-            if others:
-                why = _difference(member, max(others, key=len)[0])
-            else:
-                why = (f"only {len(bucket)} compatible linears read this input, fewer than "
-                       f"min_group={min_group}")
-            plan.skipped.append((member.path, why))
+        by_kind[dict(member.key)["kind"]].append(member)
+    for kind, same_kind in by_kind.items():
+        buckets: dict[Key, list[Member]] = defaultdict(list)
+        for member in same_kind:
+            buckets[member.key].append(member)
+        for key, bucket in buckets.items():
+            mixed_bias = _bias_dtypes(bucket)
+            if len(bucket) >= min_group and len(mixed_bias) <= 1:
+                plan.groups.append(bucket)
+                continue
+            others = [b for k, b in buckets.items() if k != key]
+            strangers = [m for m in members if dict(m.key)["kind"] != kind]
+            for member in bucket:
+                if len(mixed_bias) > 1:
+                    why = f"the biases of its group differ in dtype ({sorted(mixed_bias)}); a fused bias needs one"
+                elif others:
+                    why = _difference(member, max(others, key=len)[0])
+                elif len(bucket) > 1 or not strangers:
+                    why = (f"only {len(bucket)} compatible linears read this input, fewer than "
+                           f"min_group={min_group}")
+                elif all(m.path == member.path for m in strangers):
+                    continue  # one layer computed by two ops: not a projection group
+                else:
+                    other = next(m for m in strangers if m.path != member.path)
+                    why = (f"shares its input with {other.path}, which is {dict(other.key)['kind']}, not {kind}: "
+                           f"kinds fuse only with their own")
+                plan.skipped.append((member.path, why))
+
+
+def _bias_dtypes(bucket: list[Member]) -> set[str]:
+    return {m.bias_dtype for m in bucket if m.bias_dtype is not None}
 
 
 def _difference(member: Member, other: Member) -> str:
