@@ -187,7 +187,7 @@ def _difference(member: Member, other: Member) -> str:
     mine, theirs = dict(member.key), dict(other.key)
     diffs = [f"{what} {mine.get(what)!r} vs {theirs.get(what)!r}"
              for what in dict.fromkeys([*mine, *theirs]) if mine.get(what) != theirs.get(what)]
-    return (f"shares its input with {other.path} but cannot fuse with it exactly: "
+    return (f"{mine['kind']} shares its input with {other.path} but cannot fuse with it exactly: "
             + "; ".join(diffs))
 
 

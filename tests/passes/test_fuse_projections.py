@@ -123,7 +123,9 @@ def test_min_group_and_targets(llama):
     assert record.sites == 4 and all("v_proj" not in p for p in record.notes["fused"])
 
 
-def test_bad_min_group_is_rejected():
+def test_options_parse_and_bad_min_group_is_rejected():
+    assert Pipeline("fuse_projections(targets=[mlp.*],min_group=3)").passes[0] \
+        == FuseProjections(targets=("mlp.*",), min_group=3)
     with pytest.raises(ValueError, match="min_group"):
         FuseProjections(min_group=1)
 
@@ -291,3 +293,44 @@ def test_every_linear_kind_fuses_exactly(block, spec, op):
     # each group: n member calls out; the fused call, a split and n getitems in
     assert sum(summarize(out).ops.values()) - sum(summarize(before).ops.values()) == 2 * record.sites
     assert _max_error(before, out, ctx.example_inputs) <= EXACT
+
+
+def test_bitdelta_with_differing_alphas_is_skipped_naming_the_op(block):
+    # one α per matrix: the op cannot keep the members' α apart, so they stay unfused
+    from fxforge.passes.quantize.bitdelta import BitDelta
+
+    gm, ctx = block
+    base = {name: value - 0.01 * torch.randn_like(value) for name, value in gm.state_dict().items()}
+    delta = run_pass(BitDelta(base=base), gm, ctx)
+    out, record = _fuse(delta, ctx)
+    assert record.sites == 0
+    assert sorted(path for path, _ in record.skipped) == ["k", "q", "v"]
+    assert all(why.startswith("fxforge::linear_bitdelta") and "alpha" in why for _, why in record.skipped)
+
+
+def test_medusa_heads_first_blocks_fuse(llama):
+    _, gm, ctx = llama
+    medusa = _perturb(run_pass(Pipeline("add_medusa_heads(num_heads=3,num_layers=1)").passes[0], gm, ctx))
+    out, record = _fuse(medusa, ctx)
+    assert record.sites == 4 + 1  # the three heads' ResBlocks read the final hidden state
+    heads = [p for p in record.notes["fused"] if p.startswith("medusa_heads")]
+    assert len(heads) == 1 and len(record.notes["fused"][heads[0]]) == 3
+    assert _max_error(medusa, out, ctx.example_inputs) <= EXACT
+
+
+def test_fused_adapters_save_load_and_ship(block, tmp_path):
+    # the artifact and the adapter file name the fused layer; both round-trip
+    import fxforge
+    from fxforge.adapters_io import load_adapters, save_adapters
+
+    _, ctx = block
+    torch.manual_seed(0)
+    model = Block().eval()
+    compiled = fxforge.compile(model, ctx.example_inputs, passes="add_adapters(method=lora,rank=4),fuse_projections")
+    _perturb(compiled.graph_module)
+    compiled.save(tmp_path / "model")
+    loaded = fxforge.load(tmp_path / "model")
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(loaded(x), compiled(x), atol=0, rtol=0)
+    save_adapters(compiled, tmp_path / "adapters.safetensors")
+    assert "fused_q_k_v" in load_adapters(fxforge.load(tmp_path / "model"), tmp_path / "adapters.safetensors")
