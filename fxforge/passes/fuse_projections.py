@@ -9,8 +9,14 @@ decode on bandwidth-bound CPUs and GPUs pays for. Every linear kind of the IR fu
 own kind: plain, int-n weight-only (packed codes, scales and zeros concatenate), W8A8,
 LLM.int8, FP8/FP4, shift-add, BitDelta, sparse (COO and `sparsify`'s masked weights), and the
 adapters (LoRA/DoRA: A stacked, B block-diagonal; Bone, MiSS); `projection_kinds` says how
-each concatenates and why it stays exact. Members of different kinds or options, computed or
-shared tensors, and QLoRA bases stay apart, each reported in `skipped` with its reason.
+each concatenates and why it stays exact. What stays apart, each reported in `skipped` with
+its reason: members of different kinds or options (int-n group sizes or bits, FP formats,
+BitDelta's one-α-per-matrix unless the α's are equal), factors computed in the graph (LoRA-SB,
+SVFit, SORSA, LoLDU: nothing stored to concatenate), tensors read by other nodes too (tied
+weights would be copied), and QLoRA bases (merge_adapters finds them by node name).
+
+Biases: members without one contribute zeros to the fused bias, so q/k/v fuse in models that
+bias only some projections; adding an exact 0 changes no output, and the cost is a few floats.
 
 Exact: the default tolerance holds (every output row computes what its member computed).
 The fused graph is meant for inference: training it afterwards would also train the zero

@@ -126,6 +126,8 @@ def test_min_group_and_targets(llama):
 def test_options_parse_and_bad_min_group_is_rejected():
     assert Pipeline("fuse_projections(targets=[mlp.*],min_group=3)").passes[0] \
         == FuseProjections(targets=("mlp.*",), min_group=3)
+    p = FuseProjections(exclude=("v_proj",), min_group=3)
+    assert Pipeline(p.spec()).passes[0] == p
     with pytest.raises(ValueError, match="min_group"):
         FuseProjections(min_group=1)
 
