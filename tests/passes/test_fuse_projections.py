@@ -158,6 +158,26 @@ def test_mismatched_group_sizes_are_skipped_with_the_reason(llama):
     assert _max_error(mixed, out, ctx.example_inputs) <= EXACT
 
 
+def test_different_packed_layouts_are_skipped_as_other_kinds(llama):
+    _, gm, ctx = llama
+    mixed, _ = Pipeline("quantize(bits=4,group_size=16,group_axis=out,targets=('q_proj',)),"
+                        "quantize(bits=4,group_size=32,targets=('k_proj','v_proj'))").run(gm, ctx)
+    out, record = _fuse(mixed, ctx, targets=("self_attn.*",))
+    assert record.sites == 2  # k/v per layer
+    why = dict(record.skipped)["model.layers.1.self_attn.q_proj"]
+    assert "fxforge::linear_wq_ic" in why and "kinds fuse only with their own" in why
+    assert _max_error(mixed, out, ctx.example_inputs) <= EXACT
+
+
+def test_composes_with_fuse_attention(llama, llama_fused):
+    _, gm, ctx = llama
+    out, _ = llama_fused
+    report = PipelineReport()
+    attention = run_pass(Pipeline("fuse_attention").passes[0], out, ctx, report=report)
+    assert report.records[-1].sites == 2  # the split q/k/v still feed a provable attention
+    assert _max_error(gm, attention, ctx.example_inputs) <= 1e-5
+
+
 def test_lora_fuses_with_stacked_a_and_block_diagonal_b(llama):
     _, gm, ctx = llama
     adapted = _perturb(run_pass(Pipeline("add_adapters(method=lora,rank=4)").passes[0], gm, ctx))
