@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from fxforge.ir.graph import add_attr, get_attr
+from fxforge.ir.graph import add_attr, delete_attr, get_attr
 from fxforge.passes.projection_groups import ADAPTERS_META, Member
 from fxforge.passes.projection_kinds import Layout, arg
 
@@ -49,10 +49,11 @@ def fuse_group(gm: GraphModule, members: list[Member]) -> Node:
     args: list[Any] = [arg(first, i) for i in range(arity)]
     renamed: dict[int, str] = {}  # argument index -> the fused attribute's name
 
-    def store(index: int, value: Tensor) -> None:
-        original = arg(first, index).target
-        node = add_attr(gm, f"{path}.{original.rsplit('.', 1)[-1]}", value.contiguous(),
-                        **_kind_of(gm, original), before=first)
+    def store(index: int, value: Tensor, like: str | None = None) -> None:
+        """Register `value` as the fused operand `index`, named and kinded like attribute `like`."""
+        like = like or arg(first, index).target
+        node = add_attr(gm, f"{path}.{like.rsplit('.', 1)[-1]}", value.contiguous(), **_kind_of(gm, like),
+                        before=first)
         args[index] = node
         renamed[index] = node.target
 
@@ -60,13 +61,9 @@ def fuse_group(gm: GraphModule, members: list[Member]) -> Node:
         store(index, torch.cat([_tensor(gm, m.node, index) for m in members], dim=axis))
     if layout.bias is not None:
         bias = _fused_bias(gm, members, layout)
-        if bias is not None:
-            holder = next(m.node for m in members if arg(m.node, layout.bias) is not None)
-            original = arg(holder, layout.bias).target
-            node = add_attr(gm, f"{path}.{original.rsplit('.', 1)[-1]}", bias, **_kind_of(gm, original),
-                            before=first)
-            args[layout.bias] = node
-            renamed[layout.bias] = node.target
+        if bias is not None:  # named after the first member that has one
+            store(layout.bias, bias, like=next(arg(m.node, layout.bias).target for m in members
+                                                 if arg(m.node, layout.bias) is not None))
     if layout.low_rank is not None:
         a_index, b_index, s_index = layout.low_rank
         lora_a, lora_b, scale = _fused_low_rank(gm, members, layout.low_rank)
@@ -91,6 +88,7 @@ def fuse_group(gm: GraphModule, members: list[Member]) -> Node:
                                        (fused, [m.out_features for m in members], -1))
     split.meta["module_path"] = path
     anchor = split
+    operands = [a for m in members for a in m.node.args if isinstance(a, Node) and a.op == "get_attr"]
     for i, member in enumerate(members):
         with gm.graph.inserting_after(anchor):
             part = gm.graph.call_function(operator.getitem, (split, i))
@@ -100,7 +98,17 @@ def fuse_group(gm: GraphModule, members: list[Member]) -> Node:
         member.node.replace_all_uses_with(part)
         gm.graph.erase_node(member.node)
         anchor = part
+    _drop_unread(gm, operands)
     return fused
+
+
+def _drop_unread(gm: GraphModule, operands: list[Node]) -> None:
+    """Delete the members' tensors now, not at the end of the pass: the weights stay one copy
+    plus one group while the pass runs (a member's tensor is read by it alone; plan_groups checked)."""
+    for node in dict.fromkeys(operands):
+        if not node.users:
+            gm.graph.erase_node(node)
+            delete_attr(gm, node.target)
 
 
 def _tensor(gm: GraphModule, node: Node, index: int) -> Tensor:
