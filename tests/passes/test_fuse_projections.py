@@ -317,6 +317,15 @@ def test_bitdelta_with_differing_alphas_is_skipped_naming_the_op(block):
     assert record.sites == 0
     assert sorted(path for path, _ in record.skipped) == ["k", "q", "v"]
     assert all(why.startswith("fxforge::linear_bitdelta") and "alpha" in why for _, why in record.skipped)
+    from fxforge.ir.graph import set_attr
+
+    alphas = [n.args[3].target for n in delta.graph.nodes if n.target == torch.ops.fxforge.linear_bitdelta.default
+              and n.args[3].target.split(".")[0] in "qkv"]
+    for name in alphas:  # with one α the members fuse, α shared
+        set_attr(delta, name, torch.tensor([0.02]))
+    out, record = _fuse(delta, ctx)
+    assert record.sites == 1 and record.skipped == []
+    assert _max_error(delta, out, ctx.example_inputs) <= EXACT
 
 
 def test_medusa_heads_first_blocks_fuse(llama):
