@@ -56,9 +56,10 @@ _OP_NAME = re.compile(r"torch\.ops\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0
 
 # Names the code FX generates already binds (its globals and `self`), plus keywords and
 # builtins: a node called `torch` or `self` would shadow them and change what the code does.
-RESERVED_NAMES = frozenset(
-    set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins))
-    | {"self", "torch", "operator", "math", "inf", "nan", "NoneType", "device", "fx_pytree", "pytree"})
+# Globals and builtins FX's generated code itself refers to: not even an input may shadow them.
+CODEGEN_NAMES = frozenset({"self", "torch", "operator", "math", "inf", "nan", "NoneType", "device",
+                           "fx_pytree", "pytree", "getattr", "slice", "tuple", "list", "dict"})
+RESERVED_NAMES = frozenset(set(keyword.kwlist) | set(dir(builtins)) | CODEGEN_NAMES)
 
 # Every attribute an empty GraphModule already has (forward, training, graph, code, ...): a
 # tensor or submodule under such a name would replace the module's own machinery.
@@ -121,14 +122,18 @@ def resolve_target(name: Any, *, what: str) -> Callable[..., Any]:
     return resolved
 
 
-def check_node_name(name: Any, *, what: str) -> str:
-    """`name` if it can be a variable of FX's generated code; ArtifactError otherwise."""
+def check_node_name(name: Any, *, what: str, allow_builtins: bool = False) -> str:
+    """`name` if it can be a variable of FX's generated code; ArtifactError otherwise.
+
+    `allow_builtins`: for placeholder targets, which become parameters of forward() (FX names
+    nn.Sequential's input `input`); the names the generated code relies on stay refused."""
     if not isinstance(name, str):
         raise ArtifactError(f"{what} must be a string, got {type(name).__name__}")
     if not IDENTIFIER.fullmatch(name) or len(name) > 256:
         raise ArtifactError(f"{what} {_short(name)} is not a plain identifier (letters, digits, "
                             f"underscores, not starting with a digit)")
-    if name in RESERVED_NAMES or name.startswith("__"):
+    reserved = CODEGEN_NAMES | set(keyword.kwlist) if allow_builtins else RESERVED_NAMES
+    if name in reserved or name.startswith("__"):
         raise ArtifactError(f"{what} {name!r} is reserved (a keyword, builtin, dunder or a name the "
                             f"generated code uses)")
     return name

@@ -53,7 +53,9 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
             target: Any = target_name(node.target)
         elif node.op == "get_attr":
             target = check_attr_path(node.target, what=f"{where}: get_attr target")
-        elif node.op in ("placeholder", "output"):
+        elif node.op == "placeholder":
+            target = check_node_name(node.target, what=f"{where}: placeholder target", allow_builtins=True)
+        elif node.op == "output":
             target = node.target
         else:
             raise ArtifactError(f"cannot save {where}: {node.op} nodes are not part of fxforge's IR "
@@ -64,7 +66,8 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
             "target": target,
             "args": _encode(node.args, where),
             "kwargs": _encode(dict(node.kwargs), where),
-            "module_path": str(node.meta.get("module_path", "")),
+            # informative only; loading refuses control characters, so they are not written
+            "module_path": path if (path := str(node.meta.get("module_path", ""))).isprintable() else "",
         })
     return {"format": FORMAT, "nodes": nodes}
 
@@ -155,7 +158,8 @@ def _add_node(graph: Graph, env: dict[str, Node], index: int, item: Any,
         raise ArtifactError(f"{where}: the graph must end with exactly one output node (op {_short(op)})")
     if op == "placeholder":
         # FX writes the target into the signature of forward() and the name into its body
-        target = check_node_name(item.get("target", name), what=f"{where}: placeholder target")
+        target = check_node_name(item.get("target", name), what=f"{where}: placeholder target",
+                                 allow_builtins=True)
         if args or kwargs:
             raise ArtifactError(f"{where}: a placeholder takes no arguments (no default values)")
         node = graph.create_node("placeholder", target, name=name)
