@@ -61,9 +61,11 @@ CODEGEN_NAMES = frozenset({"self", "torch", "operator", "math", "inf", "nan", "N
                            "fx_pytree", "pytree", "getattr", "slice", "tuple", "list", "dict"})
 RESERVED_NAMES = frozenset(set(keyword.kwlist) | set(dir(builtins)) | CODEGEN_NAMES)
 
-# Every attribute an empty GraphModule already has (forward, training, graph, code, ...): a
-# tensor or submodule under such a name would replace the module's own machinery.
-_MODULE_ATTRIBUTES = frozenset(dir(torch.fx.GraphModule(nn.Module(), torch.fx.Graph())))
+# Every attribute a module already has (forward, training, ...; at the top, the GraphModule's
+# graph, code, meta too): a tensor or submodule under such a name would replace the module's
+# own machinery.
+_MODULE_ATTRIBUTES = frozenset(dir(nn.Module()))
+_GRAPH_MODULE_ATTRIBUTES = frozenset(dir(torch.fx.GraphModule(nn.Module(), torch.fx.Graph())))
 
 
 def target_name(target: Any) -> str:
@@ -158,8 +160,9 @@ def check_attr_path(path: Any, *, what: str) -> str:
     """`path` if it is a safe attribute path of the graph module ("layers.0.weight"):
     a dotted name none of whose atoms is a keyword or an attribute every module already has."""
     check_dotted_name(path, what=what)
-    for atom in path.split("."):
-        if atom in _MODULE_ATTRIBUTES or keyword.iskeyword(atom):
+    for depth, atom in enumerate(path.split(".")):
+        taken = _GRAPH_MODULE_ATTRIBUTES if depth == 0 else _MODULE_ATTRIBUTES
+        if atom in taken or keyword.iskeyword(atom):
             raise ArtifactError(f"{what} {path!r} uses the reserved name {atom!r} (a keyword or an "
                                 f"attribute every module already has)")
     return path
