@@ -331,6 +331,9 @@ PAYLOADS = [
     "torch.ops.aten.add.Tensor", "fc1.weight", "fc1.__class__", "x", "", "collections.defaultdict",
     _defaultdict_spec("os"), ENUM_SPEC, "1", "nan", "float32", "../graph.json",
 ]
+DANGEROUS = ["builtins.exec", "builtins.eval", "builtins.compile", "os.system", "subprocess.run",
+             "torch.load", "runpy.run_path", "code.InteractiveInterpreter.runsource",
+             "torch.ops.aten.save.default"]
 OTHER_VALUES = [None, 0, -1, 2**70, 1.5, True, [], {}, [EXPR], {"node": "x"}, {"__tensor__": "x"}]
 
 
@@ -374,9 +377,15 @@ def test_mutated_artifacts_never_run_code(good_artifact, sentinel_dir, tmp_path_
     payloads = [p.replace("SENTINEL", str(sentinel)) for p in PAYLOADS]
     art = tmp_path_factory.mktemp("mutant") / "artifact"
     shutil.copytree(good_artifact, art)
-    name = data.draw(st.sampled_from(["graph.json", "manifest.json"]), label="file")
+    name = data.draw(st.sampled_from(["graph.json", "graph.json", "manifest.json"]), label="file")
     doc = json.loads((art / name).read_text())
-    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+    if name == "graph.json" and data.draw(st.booleans(), label="inject a call"):
+        # a call node pointed at a code-running function with code that creates the sentinel
+        calls = [n for n in doc["nodes"] if n["op"] == "call_function"]
+        node = data.draw(st.sampled_from(calls), label="node")
+        node["target"] = data.draw(st.sampled_from(DANGEROUS), label="target")
+        node["args"] = {"tuple": [data.draw(st.sampled_from(payloads[:3]), label="code")]}
+    for _ in range(data.draw(st.integers(0 if name == "graph.json" else 1, 3), label="mutations")):
         paths = _paths(doc)
         path = data.draw(st.sampled_from(paths), label="path")
         action = data.draw(st.sampled_from(["replace", "replace", "retype", "delete", "rename"]), label="action")
@@ -385,7 +394,7 @@ def test_mutated_artifacts_never_run_code(good_artifact, sentinel_dir, tmp_path_
             continue
         doc = _mutate(doc, path, action, new)
     (art / name).write_text(json.dumps(doc))
-    if name == "graph.json" and data.draw(st.booleans(), label="rehash"):
+    if name == "graph.json" and data.draw(st.sampled_from([True, True, True, False]), label="rehash"):
         manifest = json.loads((art / "manifest.json").read_text())
         manifest["files"]["graph.json"] = _sha(art / "graph.json")
         (art / "manifest.json").write_text(json.dumps(manifest))
