@@ -54,9 +54,9 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ATOM = re.compile(r"[A-Za-z0-9_]+")  # one step of a dotted path: "layers.0.weight" has three
 _OP_NAME = re.compile(r"torch\.ops\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 
-# Names the code FX generates already binds (its globals and `self`), plus keywords and
-# builtins: a node called `torch` or `self` would shadow them and change what the code does.
-# Globals and builtins FX's generated code itself refers to: not even an input may shadow them.
+# Names FX's generated code itself refers to (its globals, `self`, the builtins it calls): a
+# node or input called `torch` or `self` would shadow them and change what the code does. Node
+# names also avoid every keyword and builtin, as FX's own namer does.
 CODEGEN_NAMES = frozenset({"self", "torch", "operator", "math", "inf", "nan", "NoneType", "device",
                            "fx_pytree", "pytree", "getattr", "slice", "tuple", "list", "dict"})
 RESERVED_NAMES = frozenset(set(keyword.kwlist) | set(dir(builtins)) | CODEGEN_NAMES)
