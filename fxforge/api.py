@@ -120,16 +120,34 @@ class CompiledModel:
     # ------------------------------------------------------------------ export, save
 
     def export_onnx(self, path: str | Path) -> Path:
-        """Write the compiled graph as an ONNX model ONNX Runtime can load."""
+        """Write the compiled graph as an ONNX model ONNX Runtime can load.
+
+        All or nothing: the file (and its external data, if any) is written next to `path`
+        under a temporary name and renamed into place, so an existing file survives a failed
+        or killed export.
+        """
+        from fxforge.atomic import atomic_file
         from fxforge.backends.onnx.backend import export_onnx
 
-        return export_onnx(self.graph_module, self.example_inputs, path)
+        path = Path(path)
+        if path.is_dir():
+            from fxforge.errors import ArtifactError
 
-    def save(self, directory: str | Path) -> Path:
-        """Save graph, weights (safetensors), example inputs and a manifest to `directory`."""
+            raise ArtifactError(f"cannot write ONNX to {path}: it is a directory. Name a file, "
+                                f"e.g. {path / 'model.onnx'}.")
+        with atomic_file(path) as staging:
+            export_onnx(self.graph_module, self.example_inputs, staging)
+        return path
+
+    def save(self, directory: str | Path, *, onnx: bool = False) -> Path:
+        """Save graph, weights (safetensors), example inputs and a manifest to `directory`.
+
+        All or nothing: a previous artifact there is replaced only once the new one is
+        complete. `onnx=True` also exports `model.onnx` into the artifact.
+        """
         from fxforge.artifact import save_artifact
 
-        return save_artifact(self, Path(directory))
+        return save_artifact(self, Path(directory), onnx=onnx)
 
 
 def compile(

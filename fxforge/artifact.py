@@ -2,20 +2,45 @@
 
     out/
       manifest.json          fxforge/torch versions, pipeline, backend, input/output specs,
-                             which tensors are parameters, and a sha256 of every file
+                             which tensors are parameters, and a sha256 of every other file
       weights.safetensors    every parameter and buffer of the graph
       inputs.safetensors     the flat example inputs (used to rebuild shape metadata on load)
       graph.json             the graph: nodes, targets, arguments (fxforge/ir/serialize.py)
+      meta_tensors.safetensors   (if any) tensors inside pass metadata (merged adapters, masks)
+      model.onnx[.data]      (if saved with onnx=True) the graph exported for ONNX Runtime
 
-Loading checks every file against the manifest before reading it, then re-traces the graph on
-the saved example inputs so the loaded IR has the same metadata a fresh compile would. Nothing
-is pickled, so loading an artifact runs no code from it.
+Threat model: what load trusts, what it refuses
+-----------------------------------------------
+An artifact may come from someone else. Loading it must never run code from it; the worst a
+hostile artifact can do is describe a wrong (or uselessly large) model.
+
+* Nothing is pickled: tensors are safetensors, everything else is JSON.
+* The graph becomes Python source when FX builds a GraphModule, so every string that source is
+  made from is checked first (`fxforge.ir.allowlist`): call targets must be aten/prims/fxforge
+  ops found in `torch.ops` (minus file- and console-touching ones) or a handful of pure
+  functions (`operator.getitem`, symbolic-shape arithmetic); node names are plain identifiers
+  that are not keywords, builtins or dunders; attribute paths and keyword names are dotted
+  identifiers. Anything else is an ArtifactError naming the node, raised before any source
+  exists.
+* Input/output structures are decoded without torch's `treespec_loads` (which imports modules
+  named in the file); only containers already registered in the process are built.
+* Every manifest field is checked by type; every file in the directory must be listed in the
+  manifest with its sha256, and every listed file must be there.
+
+The hashes detect corruption and accidental edits, not a malicious author: the hash lives in
+the manifest, which the author also writes. Safety comes from the allowlists, the identifier
+checks and safetensors. Out of scope: denial of service (a graph that allocates huge tensors or
+runs long), and the numbers a hostile model computes.
+
+Writes are all-or-nothing (`fxforge.atomic`): everything is validated in memory, written into a
+temporary sibling directory, flushed, then swapped with the previous artifact in one rename.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +49,10 @@ import torch.utils._pytree as pytree
 from safetensors.torch import load_file, save_file
 
 import fxforge
+from fxforge.artifact_manifest import FORMAT_VERSION, Manifest, load_treespec, parse_manifest
+from fxforge.atomic import BACKUP, atomic_directory, stale_siblings
 from fxforge.errors import ArtifactError
+from fxforge.ir.allowlist import check_attr_path, check_dotted_name
 from fxforge.ir.graph import get_attr, params_and_buffers, set_attr
 from fxforge.ir.serialize import graph_from_json, graph_to_json
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES, OUT_SPEC, trace
@@ -37,22 +65,86 @@ WEIGHTS = "weights.safetensors"
 INPUTS = "inputs.safetensors"
 GRAPH = "graph.json"
 META_TENSORS = "meta_tensors.safetensors"  # tensors inside pass metadata (merged adapters, masks)
-FORMAT_VERSION = 1
+ONNX = "model.onnx"
+ONNX_DATA = "model.onnx.data"  # ONNX external data, written for models above 2 GB
+REQUIRED_FILES = frozenset({WEIGHTS, INPUTS, GRAPH})
+LISTED_FILES = REQUIRED_FILES | {META_TENSORS, ONNX, ONNX_DATA}
+_SPEC_KEYS = (IN_SPEC, OUT_SPEC, INPUT_NAMES)  # saved in their own manifest fields
+
+__all__ = ["FORMAT_VERSION", "save_artifact", "load_artifact"]
 
 
-def save_artifact(compiled: "CompiledModel", directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+# ------------------------------------------------------------------------------------ saving
+
+
+@dataclass
+class _Plan:
+    """Everything a save writes, built and validated in memory before the first byte."""
+
+    weights: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
+    meta_tensors: dict[str, torch.Tensor]
+    graph_json: str
+    manifest: dict[str, Any]
+
+
+def save_artifact(compiled: "CompiledModel", directory: str | Path, *, onnx: bool = False) -> Path:
+    """Write `compiled` to `directory`, replacing a previous artifact there all at once.
+
+    `onnx=True` also exports `model.onnx` into the artifact (listed and hashed like the rest).
+    Raises ArtifactError, with nothing written, when the model cannot be saved (metadata that
+    is not JSON, a call target outside the allowlist) or `directory` is not an artifact's place.
+    """
+    directory = Path(directory)
+    _check_target(directory)
+    plan = _plan(compiled)
+    if onnx:
+        from fxforge.backends.onnx.backend import check_lowerable
+
+        check_lowerable(compiled.graph_module)  # refuse before writing, not halfway through
+    with atomic_directory(directory) as staging:
+        save_file(plan.weights, str(staging / WEIGHTS))
+        save_file(plan.inputs, str(staging / INPUTS))
+        if plan.meta_tensors:
+            save_file(plan.meta_tensors, str(staging / META_TENSORS))
+        (staging / GRAPH).write_text(plan.graph_json)
+        if onnx:
+            from fxforge.backends.onnx.backend import export_onnx
+
+            export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX)
+        files = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
+        (staging / MANIFEST).write_text(json.dumps({**plan.manifest, "files": files}, indent=2))
+    return directory
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ArtifactError(f"cannot save to {directory}: it is a file. Name a directory instead.")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
+        raise ArtifactError(f"refusing to replace {directory}: it holds files but no fxforge artifact "
+                            f"({MANIFEST} is missing). Save to a new or empty directory.")
+
+
+def _plan(compiled: "CompiledModel") -> _Plan:
     gm = compiled.graph_module
+    graph_json = json.dumps(graph_to_json(gm.graph))
     tensors = params_and_buffers(gm)
+    for name in tensors:
+        check_attr_path(name, what="cannot save: tensor name")
     unique, aliases = _dedupe(tensors)
-    save_file({k: v.detach().contiguous() for k, v in unique.items()}, str(directory / WEIGHTS))
-    inputs = {f"input_{i}": x.contiguous() for i, x in enumerate(compiled.example_inputs)}
-    save_file(inputs, str(directory / INPUTS))
-    (directory / GRAPH).write_text(json.dumps(graph_to_json(gm.graph)))
     meta_tensors: dict[str, torch.Tensor] = {}
     graph_meta = _pass_meta(gm, meta_tensors)
-    if meta_tensors:
-        save_file(meta_tensors, str(directory / META_TENSORS))
+    specs = {}
+    for field, key in (("in_spec", IN_SPEC), ("out_spec", OUT_SPEC)):
+        specs[field] = pytree.treespec_dumps(gm.meta[key]) if gm.meta.get(key) else None
+        if specs[field] is not None:
+            try:
+                load_treespec(specs[field], field=field)
+            except ArtifactError as exc:
+                raise ArtifactError(f"cannot save: the model's {exc}; return tuples, lists or dicts") from None
+    input_names = gm.meta.get(INPUT_NAMES)
+    for i, name in enumerate(input_names or ()):
+        check_dotted_name(name, what=f"cannot save: input name #{i}")
     params = dict(gm.named_parameters(remove_duplicate=False))
     manifest = {
         "format": FORMAT_VERSION,
@@ -61,57 +153,20 @@ def save_artifact(compiled: "CompiledModel", directory: Path) -> Path:
         "python": platform.python_version(),
         "pipeline": compiled.pipeline_spec,
         "backend": compiled.backend,
-        "in_spec": pytree.treespec_dumps(gm.meta[IN_SPEC]) if gm.meta.get(IN_SPEC) else None,
-        "out_spec": pytree.treespec_dumps(gm.meta[OUT_SPEC]) if gm.meta.get(OUT_SPEC) else None,
-        "input_names": gm.meta.get(INPUT_NAMES),
+        **specs,
+        "input_names": list(input_names) if input_names is not None else None,
         "graph_meta": graph_meta,
         "tensors": {name: {"parameter": name in params,
                            "requires_grad": bool(params[name].requires_grad) if name in params else False,
                            "alias_of": aliases.get(name)}
                     for name in tensors},
-        "report": compiled.report.pipeline.to_dict(),
-        "files": {name: _sha256(directory / name)
-                  for name in (WEIGHTS, INPUTS, GRAPH, *([META_TENSORS] if meta_tensors else []))},
+        # The report is informative only; default=str keeps odd values from failing a save.
+        "report": json.loads(json.dumps(compiled.report.pipeline.to_dict(), default=str)),
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    return directory
-
-
-def load_artifact(directory: str | Path, backend: str | None = None, **backend_options: Any) -> "CompiledModel":
-    from fxforge.api import CompiledModel
-
-    directory = Path(directory)
-    manifest = _read_manifest(directory)
-    for name, digest in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise ArtifactError(f"artifact {directory} is incomplete: {name} is missing. Re-save it with CompiledModel.save().")
-        if _sha256(path) != digest:
-            raise ArtifactError(f"artifact {directory} is corrupted: {name} does not match its checksum "
-                                f"in {MANIFEST}. Re-save it with CompiledModel.save().")
-    try:
-        graph = graph_from_json(json.loads((directory / GRAPH).read_text()))
-        weights = load_file(str(directory / WEIGHTS))
-        inputs_file = load_file(str(directory / INPUTS))
-        meta_tensors = load_file(str(directory / META_TENSORS)) if META_TENSORS in manifest["files"] else {}
-    except Exception as exc:
-        raise ArtifactError(f"artifact {directory} could not be read: {type(exc).__name__}: {exc}") from exc
-    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
-    for name, info in manifest["tensors"].items():
-        value = weights[info["alias_of"] or name]
-        set_attr(gm, name, value, buffer=not info["parameter"], trainable=info["requires_grad"])
-    gm = torch.fx.GraphModule(gm, graph, class_name="FxforgeGraph")
-    example_inputs = tuple(inputs_file[f"input_{i}"] for i in range(len(inputs_file)))
-    gm = trace(gm, example_inputs)  # rebuilds node.meta["val"] with the same dynamic dims
-    _restore_requires_grad(gm, manifest)
-    if manifest.get("in_spec"):
-        gm.meta[IN_SPEC] = pytree.treespec_loads(manifest["in_spec"])
-    if manifest.get("out_spec"):
-        gm.meta[OUT_SPEC] = pytree.treespec_loads(manifest["out_spec"])
-    gm.meta[INPUT_NAMES] = manifest.get("input_names")
-    gm.meta.update(_decode_meta(manifest.get("graph_meta") or {}, meta_tensors))
-    return CompiledModel(gm, backend or manifest["backend"], example_inputs=example_inputs,
-                         pipeline_spec=manifest["pipeline"], backend_options=backend_options)
+    json.dumps(manifest)  # graph_meta holds JSON values only (checked): fail here, not mid-write
+    return _Plan(weights={k: v.detach().contiguous() for k, v in unique.items()},
+                 inputs={f"input_{i}": x.contiguous() for i, x in enumerate(compiled.example_inputs)},
+                 meta_tensors=meta_tensors, graph_json=graph_json, manifest=manifest)
 
 
 def _pass_meta(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -121,11 +176,11 @@ def _pass_meta(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> di
     model must not silently lose it on load."""
     saved = {}
     for key, value in gm.meta.items():
-        if not str(key).startswith("fxforge_") or key in (IN_SPEC, OUT_SPEC, INPUT_NAMES):
-            continue  # the I/O specs are saved in their own manifest fields
+        if not str(key).startswith("fxforge_") or key in _SPEC_KEYS:
+            continue
         try:
             saved[key] = _encode_meta(value, tensors, key)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ArtifactError(f"cannot save graph metadata '{key}': {exc}. Passes must keep "
                                 "gm.meta['fxforge_*'] entries to JSON values and tensors.") from exc
     return saved
@@ -138,6 +193,8 @@ def _encode_meta(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise TypeError(f"{path} has non-string keys")
+        if "__tensor__" in value:
+            raise ValueError(f"{path} uses the reserved key '__tensor__'")
         return {k: _encode_meta(v, tensors, f"{path}/{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):  # tuples come back as lists
         return [_encode_meta(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
@@ -146,36 +203,135 @@ def _encode_meta(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any
     raise TypeError(f"{path} holds a {type(value).__name__}, which is neither JSON nor a tensor")
 
 
-def _decode_meta(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__tensor__"}:
-            return tensors[value["__tensor__"]]
-        return {k: _decode_meta(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode_meta(v, tensors) for v in value]
-    return value
+# ----------------------------------------------------------------------------------- loading
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def load_artifact(directory: str | Path, backend: str | None = None, **backend_options: Any) -> "CompiledModel":
+    """Load an artifact written by `save_artifact`, checking everything before using it.
+
+    Raises ArtifactError naming the file, field or node at fault; see the module docstring for
+    what is trusted. `backend` overrides the backend the artifact was saved with.
+    """
+    from fxforge.api import CompiledModel
+
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    _check_files(directory, manifest)
+    graph = graph_from_json(_read_json(directory / GRAPH), tensor_names=manifest.tensors)
+    weights, example_inputs, meta_tensors = _read_tensors(directory, manifest, graph)
+    graph_meta = _decode_meta(manifest.graph_meta, meta_tensors, "graph_meta", 0)
+    try:
+        gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+        for name, info in manifest.tensors.items():
+            set_attr(gm, name, weights[info.alias_of or name], buffer=not info.parameter,
+                     trainable=info.requires_grad)
+        gm = torch.fx.GraphModule(gm, graph, class_name="FxforgeGraph")  # FX generates code here
+        gm = trace(gm, example_inputs)  # rebuilds node.meta["val"] with the same dynamic dims
+        _restore_requires_grad(gm, manifest)
+    except Exception as exc:  # the checked data still describes a graph that does not run
+        raise ArtifactError(f"artifact {directory} describes a graph that cannot be rebuilt: "
+                            f"{type(exc).__name__}: {exc}. Re-save it with CompiledModel.save().") from exc
+    if manifest.in_spec:
+        gm.meta[IN_SPEC] = load_treespec(manifest.in_spec, field="in_spec")
+    if manifest.out_spec:
+        gm.meta[OUT_SPEC] = load_treespec(manifest.out_spec, field="out_spec")
+    gm.meta[INPUT_NAMES] = manifest.input_names
+    gm.meta.update(graph_meta)
+    return CompiledModel(gm, backend or manifest.backend, example_inputs=example_inputs,
+                         pipeline_spec=manifest.pipeline, backend_options=backend_options)
+
+
+def _read_manifest(directory: Path) -> Manifest:
     if not directory.is_dir():
+        backups = stale_siblings(directory, BACKUP)
+        if backups and not directory.exists():
+            raise ArtifactError(f"no artifact at {directory}: a save there was interrupted, and the "
+                                f"previous artifact is at {backups[0]}. Rename it to {directory.name}.")
         raise ArtifactError(f"no artifact at {directory}: the directory does not exist")
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory} is not an fxforge artifact: {MANIFEST} is missing")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is corrupted: {exc}") from exc
-    if manifest.get("format") != FORMAT_VERSION or "files" not in manifest or "tensors" not in manifest:
-        raise ArtifactError(f"{path} is not a format-{FORMAT_VERSION} fxforge manifest")
-    return manifest
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ArtifactError(f"{path} is corrupted: {exc}") from None
+    from fxforge.backends import BACKENDS
+
+    return parse_manifest(data, allowed_files=LISTED_FILES, backends=frozenset(BACKENDS))
 
 
-def _restore_requires_grad(gm: torch.fx.GraphModule, manifest: dict[str, Any]) -> None:
-    for name, info in manifest["tensors"].items():
-        if info["parameter"]:
+def _check_files(directory: Path, manifest: Manifest) -> None:
+    """Every file but the manifest is listed and matches its hash; every listed file exists."""
+    missing = sorted(REQUIRED_FILES - set(manifest.files))
+    if missing:
+        raise ArtifactError(f"artifact {directory} is incomplete: its manifest does not list {missing[0]}. "
+                            f"Re-save it with CompiledModel.save().")
+    unlisted = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST and p.name not in manifest.files)
+    if unlisted:
+        raise ArtifactError(f"artifact {directory} holds files its manifest does not list: "
+                            f"{', '.join(unlisted)}. An artifact is written whole by CompiledModel.save(); "
+                            f"remove them or re-save it.")
+    for name, digest in manifest.files.items():
+        path = directory / name
+        if path.is_symlink():
+            raise ArtifactError(f"artifact {directory}: {name} is a symbolic link; artifacts hold plain files")
+        if not path.is_file():
+            raise ArtifactError(f"artifact {directory} is incomplete: {name} is missing. "
+                                f"Re-save it with CompiledModel.save().")
+        if _sha256(path) != digest:
+            raise ArtifactError(f"artifact {directory} is corrupted: {name} does not match its checksum "
+                                f"in {MANIFEST}. Re-save it with CompiledModel.save().")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is corrupted: {exc}") from None
+
+
+def _read_tensors(directory: Path, manifest: Manifest, graph: torch.fx.Graph
+                  ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    def read(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(directory / name))
+        except Exception as exc:  # safetensors raises its own error type for a malformed file
+            raise ArtifactError(f"artifact {directory}: {name} could not be read: {exc}") from None
+
+    weights, inputs = read(WEIGHTS), read(INPUTS)
+    meta_tensors = read(META_TENSORS) if META_TENSORS in manifest.files else {}
+    stored = {name for name, info in manifest.tensors.items() if info.alias_of is None}
+    if set(weights) != stored:
+        diff = sorted(set(weights) ^ stored)
+        raise ArtifactError(f"artifact {directory}: {WEIGHTS} and the manifest's 'tensors' disagree "
+                            f"about {diff[:3]}. Re-save it with CompiledModel.save().")
+    placeholders = sum(1 for n in graph.nodes if n.op == "placeholder")
+    if set(inputs) != {f"input_{i}" for i in range(placeholders)}:
+        raise ArtifactError(f"artifact {directory}: {INPUTS} must hold input_0..input_{placeholders - 1}, "
+                            f"one example per graph input")
+    return weights, tuple(inputs[f"input_{i}"] for i in range(placeholders)), meta_tensors
+
+
+def _decode_meta(value: Any, tensors: dict[str, torch.Tensor], where: str, depth: int) -> Any:
+    if depth > 64:
+        raise ArtifactError(f"manifest field '{where}' is nested too deeply")
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            key = value["__tensor__"]
+            if set(value) != {"__tensor__"} or not isinstance(key, str) or key not in tensors:
+                raise ArtifactError(f"manifest field '{where}' refers to a tensor {META_TENSORS} does not hold")
+            return tensors[key]
+        return {k: _decode_meta(v, tensors, f"{where}/{k}", depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_meta(v, tensors, f"{where}/{i}", depth + 1) for i, v in enumerate(value)]
+    return value
+
+
+def _restore_requires_grad(gm: torch.fx.GraphModule, manifest: Manifest) -> None:
+    for name, info in manifest.tensors.items():
+        if info.parameter:
             try:
-                get_attr(gm, name).requires_grad_(info["requires_grad"])
+                get_attr(gm, name).requires_grad_(info.requires_grad)
             except AttributeError:
                 pass  # an unused tensor the re-trace dropped
 

@@ -60,10 +60,9 @@ def cmd_compile(ns: argparse.Namespace) -> int:
     compiled = fxforge.compile(model, args, kwargs, passes=ns.passes, backend=ns.backend)
     print(compiled.report)
     out = Path(ns.output)
-    compiled.save(out)
+    compiled.save(out, onnx=ns.backend == "onnx")  # model.onnx inside, listed in the manifest
     if ns.backend == "onnx":
-        onnx_path = compiled.export_onnx(out / "model.onnx")
-        print(f"wrote {onnx_path}")
+        print(f"wrote {out / 'model.onnx'}")
     print(f"saved to {out}")
     return 0
 
@@ -79,7 +78,9 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         print("\n".join(f"zoo:{name}" for name in list_models()))
         return 0
     path = Path(ns.target)
-    if path.is_dir() and (path / "manifest.json").is_file():
+    # Any directory that is not a Hugging Face model is read as an artifact, through the same
+    # checked loader as fxforge.load (so a broken one is an ArtifactError, not a guess).
+    if path.is_dir() and not (path / "config.json").is_file():
         import fxforge
 
         compiled = fxforge.load(path, backend="eager")

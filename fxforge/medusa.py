@@ -416,13 +416,16 @@ def export_onnx(compiled: Any, path: str | Path, *, greedy_in_graph: bool = Fals
     tree_parents (N,); head logits (K, 1, 1, V) at the accepted node; two more outputs, the
     accepted node and the next token (`runtime.greedy_verify`).
     """
+    from fxforge.atomic import atomic_file
     from fxforge.backends.onnx.backend import export_onnx as export_graph
     from fxforge.runtime.decoding import example_cached_inputs
 
     gm = with_kv_cache(compiled.graph_module)
     if greedy_in_graph:
         gm = _greedy_verifying(gm, "export")
-    return export_graph(gm, example_cached_inputs(gm), path)
+    with atomic_file(Path(path)) as staging:  # all or nothing, like CompiledModel.export_onnx
+        export_graph(gm, example_cached_inputs(gm), staging)
+    return Path(path)
 
 
 def _greedy_verifying(cached: Any, action: str) -> Any:
