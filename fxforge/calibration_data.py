@@ -116,6 +116,7 @@ def missing_calibration(pass_name: str, method: str | None = None, what: str | N
 
 
 def empty_calibration(pass_name: str | None, method: str | None) -> PassCalibrationError:
+    """The error for calibration that was given but holds nothing (often a drained generator)."""
     return PassCalibrationError(
         f"{calibration_label(pass_name, method)} got no calibration batches: the calibration iterable is empty "
         f"(or a generator already consumed, e.g. by an earlier compile); {_HOW}.", pass_name=pass_name)
@@ -166,7 +167,8 @@ def as_flat_inputs(gm: GraphModule, item: Any, names: Sequence[str] | None = Non
     if isinstance(item, Mapping):
         missing = [n for n in names if n not in item]
         if missing:
-            raise ValueError(f"lacks input(s) {missing}; the graph takes {names} (keys given: {sorted(map(str, item))})")
+            given = sorted(map(str, item))
+            raise ValueError(f"lacks input(s) {missing}; the graph takes {names} (keys given: {given})")
         return [item[n] for n in names]
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
         return flatten_inputs(gm, item[0], item[1])
@@ -218,7 +220,8 @@ class _InputSpec:
             if isinstance(size, int):
                 if size != got:
                     return (f"dimension {axis} must be {size} (shape like {_shape_text(want)}), got shape "
-                            f"{tuple(value.shape)}; a size that was static when traced cannot vary")
+                            f"{tuple(value.shape)}; a size that was static when traced cannot vary (trace with "
+                            f"dynamic_shapes, or calibrate at this size)")
                 continue
             key = str(size)
             seen = symbols.setdefault(key, (got, f"{self.name} dimension {axis}"))

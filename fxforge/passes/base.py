@@ -71,6 +71,7 @@ class PassContext:
                             hint: str = "") -> CalibrationData:
         """The calibration data, or a CalibrationError naming the pass (and `method`) when there
         is none or it is empty. Call it before doing any work, so a pass fails first thing."""
+        self.calibration = CalibrationData.wrap(self.calibration)  # in case it was assigned after construction
         if self.calibration is None:
             raise missing_calibration(pass_name, method, what, hint)
         if not self.calibration.read(1):
@@ -86,6 +87,7 @@ class PassContext:
         `pass_name`, missing or empty calibration is an error; without it (callers for whom data
         is optional), missing calibration yields nothing.
         """
+        self.calibration = CalibrationData.wrap(self.calibration)  # in case it was assigned after construction
         return checked_batches(gm, self.calibration, limit, pass_name=pass_name, method=method)
 
 
