@@ -90,7 +90,20 @@ class CalibrationData:
             yield self._items[i]
             i += 1
 
-    def __bool__(self) -> bool:
+    def __getitem__(self, index: int | slice) -> Any:
+        """Item(s) by position, like a list (a negative index or a slice reads the whole source)."""
+        if isinstance(index, int) and index >= 0:
+            self._fill(index + 1)
+        else:
+            self._fill(None)
+        return self._items[index]
+
+    def __len__(self) -> int:
+        """How many items there are: reads the whole source."""
+        self._fill(None)
+        return len(self._items)
+
+    def __bool__(self) -> bool:  # without reading more than one item
         return bool(self.read(1))
 
     def __repr__(self) -> str:
