@@ -5,21 +5,25 @@
 
 The file holds each adapted layer's tensors under "<module path>.<role>" and, in the
 safetensors metadata, the method, rank, alpha, scale and shapes of every layer. Loading checks
-all of it against the graph first (same layers adapted, same method and rank, same shapes) and
-changes nothing when anything disagrees. Residual methods (PiSSA, OLoRA, LoRA-GA, SORSA, LoLDU)
+all of it against the graph first (same layers adapted, same method and rank; every tensor
+present, none unknown, same shape, same dtype, finite) and changes nothing when anything
+disagrees. Saving writes a temporary sibling and renames it into place. Residual methods (PiSSA, OLoRA, LoRA-GA, SORSA, LoLDU)
 also store their residual base weight, without which their adapters mean something else.
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fxforge.errors import FxforgeError
+from fxforge.finite_checks import nonfinite_problem
 from fxforge.ir.graph import get_attr, set_attr
 from fxforge.passes.adapters.common import adapter_records, freeze_all_but_adapters, get_method
 
@@ -36,7 +40,12 @@ def _graph_module(compiled: Any) -> torch.fx.GraphModule:
 
 
 def save_adapters(compiled: Any, path: str | Path) -> Path:
-    """Write the adapter tensors of `compiled` (a CompiledModel or GraphModule) to `path`."""
+    """Write the adapter tensors of `compiled` (a CompiledModel or GraphModule) to `path`.
+
+    All or nothing: every tensor is checked first (a NaN/inf adapter is refused, since loading
+    it would be refused too), then the file is written to a temporary sibling and renamed into
+    place, so a crash or error mid-write leaves any previous file at `path` as it was.
+    """
     gm = _graph_module(compiled)
     records = adapter_records(gm)
     if not records:
@@ -45,9 +54,7 @@ def save_adapters(compiled: Any, path: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     for module_path, record in sorted(records.items()):
-        roles = dict(record["tensors"])
-        if get_method(record["method"]).changes_base_weight:
-            roles[BASE_WEIGHT_ROLE] = record["weight"]
+        roles = _roles(record, with_base=get_method(record["method"]).changes_base_weight)
         for role, name in roles.items():
             tensors[f"{module_path}.{role}"] = get_attr(gm, name).detach().contiguous().cpu()
         layers[module_path] = {
@@ -55,45 +62,135 @@ def save_adapters(compiled: Any, path: str | Path) -> Path:
             "scale": record["scale"], "options": record["options"],
             "shapes": {role: list(get_attr(gm, name).shape) for role, name in roles.items()},
         }
+    bad = [f"{key} {problem}" for key, t in tensors.items() if (problem := nonfinite_problem(t))]
+    if bad:
+        raise FxforgeError("save_adapters: refusing to write non-finite adapter tensors (nothing was written):\n  - "
+                           + "\n  - ".join(bad) + "\nThe adapters diverged in training; fix them before saving.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     methods = sorted({layer["method"] for layer in layers.values()})
     metadata = {"format": FORMAT, "methods": ",".join(methods), "layers": json.dumps(layers)}
-    save_file(tensors, str(path), metadata=metadata)
+    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary sibling of `path`, then rename it over `path` (atomic on POSIX
+    and Windows); the sibling is removed if anything fails, so `path` is either old or new."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # the bytes are on disk before the name points at them
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_adapters(compiled: Any, path: str | Path) -> list[str]:
     """Load adapter tensors saved by `save_adapters` into `compiled`; return the layers loaded.
 
-    Raises AdapterLoadError, naming the layer and the difference, when the file's layers,
-    methods, ranks or shapes differ from the graph's adapters; the graph is then unchanged.
+    All or nothing: the whole file is read and checked before the first parameter changes, and
+    AdapterLoadError lists every problem: layers, methods, ranks or roles that differ from the
+    graph's adapters, tensors missing from or unknown to the file, shapes, dtypes and NaN/inf.
+
+    Dtype rule: each tensor must have exactly the dtype of the parameter it replaces. No cast
+    is applied, not even a widening one: a float16 or int8 file loaded into a float32 model
+    is a different model from the one the adapters were trained against (or not an adapter at
+    all), so it is refused with the dtypes named; cast the file or compile in its dtype.
     """
     gm = _graph_module(compiled)
     path = Path(path)
-    if not path.is_file():
-        raise AdapterLoadError(f"load_adapters: no file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise AdapterLoadError(f"load_adapters: {path} is not an fxforge adapter file (format "
-                                   f"{metadata.get('format')!r}, expected {FORMAT!r}); save it with save_adapters()")
-        layers = json.loads(metadata["layers"])
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    layers, tensors = _read(path)
     records = adapter_records(gm)
     _check(records, layers, gm, path)
-    for module_path, layer in layers.items():
-        record = records[module_path]
-        names = dict(record["tensors"])
-        if BASE_WEIGHT_ROLE in layer["shapes"]:
-            names[BASE_WEIGHT_ROLE] = record["weight"]
-        for role, name in names.items():
-            current = get_attr(gm, name)
-            set_attr(gm, name, tensors[f"{module_path}.{role}"].to(current.dtype), trainable=current.requires_grad)
+    targets = _check_tensors(records, layers, tensors, gm, path)
+    old = {name: get_attr(gm, name) for name in targets}
+    try:
+        for name, value in targets.items():
+            set_attr(gm, name, value, trainable=old[name].requires_grad)
+    except BaseException:  # set_attr does not fail on a checked name; if it ever does, undo
+        for name, value in old.items():
+            set_attr(gm, name, value, trainable=value.requires_grad)
+        raise
     freeze_all_but_adapters(gm)
     if hasattr(gm, "recompile"):
         gm.recompile()
     return sorted(layers)
+
+
+def _roles(record: dict[str, Any], with_base: bool) -> dict[str, str]:
+    """role -> graph attribute name of one adapted layer (its base weight too, when asked)."""
+    roles = dict(record["tensors"])
+    if with_base:
+        roles[BASE_WEIGHT_ROLE] = record["weight"]
+    return roles
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(layers metadata, every tensor) of an adapter file, or AdapterLoadError saying why not."""
+    if not path.is_file():
+        raise AdapterLoadError(f"load_adapters: no file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise AdapterLoadError(
+                    f"load_adapters: {path} is not an fxforge adapter file (format {metadata.get('format')!r}, "
+                    f"expected {FORMAT!r}); save it with save_adapters()")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except AdapterLoadError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types (and OSError) for bad bytes
+        raise AdapterLoadError(f"load_adapters: {path} is not a readable safetensors file "
+                               f"({type(exc).__name__}: {exc}); save adapters with save_adapters()") from None
+    try:
+        layers = json.loads(metadata["layers"])
+        if not isinstance(layers, dict) or not all(isinstance(v, dict) and isinstance(v.get("shapes"), dict)
+                                                   for v in layers.values()):
+            raise ValueError("expected {module path: {method, rank, shapes, ...}}")
+    except (KeyError, ValueError) as exc:
+        raise AdapterLoadError(f"load_adapters: {path} has malformed 'layers' metadata ({exc}); "
+                               f"save it again with save_adapters()") from None
+    return layers, tensors
+
+
+def _check_tensors(records: dict[str, Any], layers: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   gm: torch.fx.GraphModule, path: Path) -> dict[str, torch.Tensor]:
+    """{graph attribute: tensor to load}, once every tensor has the right name, shape, dtype and
+    finite values; otherwise one AdapterLoadError listing all that is wrong."""
+    targets: dict[str, torch.Tensor] = {}
+    problems = []
+    expected: set[str] = set()
+    for module_path in layers:
+        record = records[module_path]
+        # the graph decides which tensors a layer needs: a residual method's file must carry its base weight
+        with_base = get_method(record["method"]).changes_base_weight
+        for role, name in _roles(record, with_base).items():
+            key = f"{module_path}.{role}"
+            expected.add(key)
+            if key not in tensors:
+                problems.append(f"{key}: missing from the file")
+                continue
+            have, given = get_attr(gm, name), tensors[key]
+            if tuple(given.shape) != tuple(have.shape):
+                problems.append(f"{key}: shape {tuple(given.shape)} in the file but {tuple(have.shape)} in the graph")
+            elif given.dtype != have.dtype:
+                problems.append(f"{key}: dtype {given.dtype} in the file but {have.dtype} in the graph (no cast is "
+                                f"applied: save the adapters from a model of dtype {have.dtype})")
+            elif problem := nonfinite_problem(given):
+                problems.append(f"{key}: {problem}")
+            else:
+                targets[name] = given
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        problems.append(f"tensors in the file that no adapter of the graph takes: {', '.join(unknown)}")
+    if problems:
+        raise AdapterLoadError(f"load_adapters: {path} cannot be loaded (nothing was changed):\n  - "
+                               + "\n  - ".join(problems))
+    return targets
 
 
 def _check(records: dict[str, Any], layers: dict[str, Any], gm: torch.fx.GraphModule, path: Path) -> None:
@@ -108,11 +205,9 @@ def _check(records: dict[str, Any], layers: dict[str, Any], gm: torch.fx.GraphMo
     for module_path in sorted(set(layers) & set(records)):
         layer, record = layers[module_path], records[module_path]
         for key in ("method", "rank"):
-            if layer[key] != record[key]:
-                problems.append(f"{module_path}: {key} is {layer[key]!r} in the file but {record[key]!r} in the graph")
-        names = dict(record["tensors"])
-        if BASE_WEIGHT_ROLE in layer["shapes"]:
-            names[BASE_WEIGHT_ROLE] = record["weight"]
+            if layer.get(key) != record[key]:
+                problems.append(f"{module_path}: {key} is {layer.get(key)!r} in the file but {record[key]!r} in the graph")
+        names = _roles(record, with_base=BASE_WEIGHT_ROLE in layer["shapes"])
         for role, shape in layer["shapes"].items():
             if role not in names:
                 problems.append(f"{module_path}: the graph's adapter has no tensor '{role}'")

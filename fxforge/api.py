@@ -21,7 +21,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxforge.backends import check_tolerance, get_backend
+from fxforge.calibration_data import CalibrationData
 from fxforge.errors import InputError, VerificationError
+from fxforge.finite_checks import check_finite_inputs, check_finite_model
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
 from fxforge.ir.verify import Comparison, Tolerance, compare_outputs, run_graph
@@ -173,7 +175,9 @@ def compile(
         passes: a pipeline string ("quantize(bits=4),fuse_attention"), a list of passes or a
             Pipeline. `canonicalize` runs first unless the pipeline starts with it.
         backend: "eager", "onnx", "triton" or "inductor".
-        calibration: an iterable of model inputs for data-driven passes (AWQ, GPTQ, EVA, ...).
+        calibration: an iterable of model inputs for data-driven passes (AWQ, GPTQ, EVA, ...);
+            generators too. Read once and shared by every pass; each batch is checked against
+            the traced inputs (CalibrationError names the pass, the batch and the input).
         verify: check every pass against the graph before it, and the backend against eager.
         dynamic_shapes: "auto" (dynamic wherever the model allows), None, or torch.export's form.
         seed: for passes that draw random numbers.
@@ -189,6 +193,10 @@ def compile(
         >>> y = compiled(x)
     """
     start = time.perf_counter()
+    # NaN/inf weights or inputs would otherwise surface as canonicalize "changing the outputs"
+    check_finite_model(model)
+    check_finite_inputs(args, kwargs)
+    calibration = CalibrationData.wrap(calibration)  # read once, shared by every pass; type checked now
     gm = trace(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     trace_seconds = time.perf_counter() - start
     example_inputs = tuple(flatten_inputs(gm, args if isinstance(args, tuple) else (args,), kwargs))

@@ -20,13 +20,14 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 import torch
 from torch.fx import GraphModule
 
+from fxforge.calibration_data import (CalibrationData, as_flat_inputs, checked_batches, empty_calibration,
+                                      missing_calibration)
 from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import finalize, format_bytes, summarize
-from fxforge.ir.trace import INPUT_NAMES, flatten_inputs
 from fxforge.ir.verify import Comparison, Tolerance, compare_outputs, first_divergent_node, run_graph
 
 __all__ = ["Pass", "PassContext", "PassResult", "Pipeline", "PipelineReport", "PassRecord",
-           "Tolerance", "register_pass", "registered_passes", "get_pass_class"]
+           "Tolerance", "register_pass", "registered_passes", "get_pass_class", "as_flat_inputs"]
 
 
 # --------------------------------------------------------------------------- context
@@ -47,9 +48,11 @@ class PassContext:
     """What a pass may read besides the graph.
 
     example_inputs: the flat inputs the graph takes (used for verification).
-    calibration: an iterable of model inputs for data-driven passes. Each item is a tensor
-        (the first input), a tuple of positional inputs, a dict keyed by input name, or an
-        (args, kwargs) pair. Use `calibration_batches(gm)` to get them in the graph's flat form.
+    calibration: an iterable of model inputs for data-driven passes, generators included. Each
+        item is a tensor (the first input), a tuple of positional inputs, a dict keyed by input
+        name, or an (args, kwargs) pair. It is wrapped in a `CalibrationData` that reads the
+        source once and caches it, so every pass sees the same batches. Passes read it only
+        through `calibration_batches(gm, limit, pass_name=...)`, which checks every batch.
     seed: for any randomness a pass uses (initializations, sampling).
     progress: a tqdm-like factory: `ctx.progress(iterable, desc=..., total=...)`.
     """
@@ -60,45 +63,32 @@ class PassContext:
     progress: Callable[..., Any] = default_progress
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def require_calibration(self, pass_name: str, what: str = "calibration data") -> Iterable[Any]:
+    def __post_init__(self) -> None:
+        # read once, here: a generator shared by two calibrated passes must feed both
+        self.calibration = CalibrationData.wrap(self.calibration)
+
+    def require_calibration(self, pass_name: str, what: str | None = None, *, method: str | None = None,
+                            hint: str = "") -> CalibrationData:
+        """The calibration data, or a CalibrationError naming the pass (and `method`) when there
+        is none or it is empty. Call it before doing any work, so a pass fails first thing."""
+        self.calibration = CalibrationData.wrap(self.calibration)  # in case it was assigned after construction
         if self.calibration is None:
-            raise PassError(
-                f"pass '{pass_name}' needs {what}. Pass calibration=<iterable of model inputs> "
-                f"to fxforge.compile (or PassContext(calibration=...)).",
-                pass_name=pass_name,
-            )
+            raise missing_calibration(pass_name, method, what, hint)
+        if not self.calibration.read(1):
+            raise empty_calibration(pass_name, method)
         return self.calibration
 
-    def calibration_batches(self, gm: GraphModule, limit: int | None = None) -> Iterator[list[Any]]:
-        """Calibration items in the flat positional form `gm` takes, at most `limit` of them."""
-        if self.calibration is None:
-            return iter(())
-        return _flat_batches(gm, self.calibration, limit)
+    def calibration_batches(self, gm: GraphModule, limit: int | None = None, *, pass_name: str | None = None,
+                            method: str | None = None) -> Iterator[list[Any]]:
+        """Calibration items in the flat positional form `gm` takes, at most `limit` of them.
 
-
-def _flat_batches(gm: GraphModule, items: Iterable[Any], limit: int | None) -> Iterator[list[Any]]:
-    names = gm.meta.get(INPUT_NAMES) or [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, item in enumerate(items):
-        if limit is not None and i >= limit:
-            return
-        yield as_flat_inputs(gm, item, names)
-
-
-def as_flat_inputs(gm: GraphModule, item: Any, names: Sequence[str] | None = None) -> list[Any]:
-    """One model input (tensor, tuple, name->tensor dict or (args, kwargs)) as the graph's flat inputs."""
-    names = names or gm.meta.get(INPUT_NAMES) or [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    if isinstance(item, torch.Tensor):
-        return [item]
-    if isinstance(item, dict):
-        missing = [n for n in names if n not in item]
-        if missing:
-            raise ValueError(f"calibration item lacks inputs {missing}; the graph takes {list(names)}")
-        return [item[n] for n in names]
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
-        return flatten_inputs(gm, item[0], item[1])
-    if isinstance(item, (tuple, list)):
-        return list(item)
-    raise TypeError(f"unsupported calibration item of type {type(item).__name__}")
+        Each is checked against `gm`'s inputs (type, rank, sizes, dtype, vocabulary, finite
+        values) and a CalibrationError names the pass, the batch and the input at fault. With
+        `pass_name`, missing or empty calibration is an error; without it (callers for whom data
+        is optional), missing calibration yields nothing.
+        """
+        self.calibration = CalibrationData.wrap(self.calibration)  # in case it was assigned after construction
+        return checked_batches(gm, self.calibration, limit, pass_name=pass_name, method=method)
 
 
 # --------------------------------------------------------------------------- passes

@@ -117,10 +117,11 @@ class ShiftAdd(Pass):
         self._check_sites(sites)
         hessians = {}
         if self.method == "bcq_calibrated":
-            ctx.require_calibration(self.name, "calibration data for method='bcq_calibrated'")
+            ctx.require_calibration(self.name, method=self.method)
         if sites and ctx.calibration is not None and (self.method == "bcq_calibrated" or self.bit_budget):
             # the quantize package's capture: H = XᵀX/n of each layer's input on the float graph
-            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches, rows_per_batch=0)
+            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches, rows_per_batch=0,
+                                          pass_name=self.name, method=self.method)
             if any(s.rows == 0 for s in stats.values()):
                 raise PassError("pass 'shift_add': the calibration data yielded no batches; pass at least one "
                                 "model input as calibration", pass_name=self.name)

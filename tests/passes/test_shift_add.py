@@ -180,13 +180,13 @@ def test_group_size_not_dividing_layer_leaves_model_untouched(gpt2):
 
 def test_calibrated_without_data_is_a_clear_error(gpt2):
     gm, example, _ = gpt2
-    with pytest.raises(PassError, match="needs calibration data for method='bcq_calibrated'"):
+    with pytest.raises(PassError, match=r"\(method='bcq_calibrated'\) needs calibration data"):
         run_pass(ShiftAdd(group_size=32, method="bcq_calibrated"), copy.deepcopy(gm), PassContext(example_inputs=example))
 
 
 def test_empty_calibration_is_a_clear_error(gpt2):
     gm, example, _ = gpt2
-    with pytest.raises(PassError, match="yielded no batches"):
+    with pytest.raises(PassError, match="got no calibration batches"):
         run_pass(ShiftAdd(group_size=32, method="bcq_calibrated"), gm, PassContext(example_inputs=example, calibration=[]))
 
 

@@ -1,15 +1,18 @@
 """Backend `onnx`: torch.onnx.export(dynamo=True) with fxforge's translation table, then ORT.
 
 `export_onnx` writes the file; `prepare` exports to a temporary file (or `path`), opens an
-`onnxruntime.InferenceSession` and returns a runner taking the graph's flat inputs. Dimensions
+`onnxruntime.InferenceSession` and returns a runner taking the graph's flat inputs; a temporary
+file is removed as soon as the session holds the model. Dimensions
 that are symbolic in the graph (batch, sequence) stay dynamic in the ONNX model.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,7 +96,7 @@ class OnnxRunner:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.path = Path(path)
+        self.path: Path | None = Path(path)  # None once a temporary file has been removed
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -122,8 +125,30 @@ def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | 
     if options:
         raise TypeError(f"unknown options for the onnx backend: {sorted(options)} "
                         "(valid: path, threads, spinning)")
-    if path is None:
-        directory = tempfile.mkdtemp(prefix="fxforge-onnx-")
-        path = Path(directory) / "model.onnx"
-    export_onnx(gm, example_inputs, path)
-    return OnnxRunner(path, threads=threads, spinning=spinning)
+    if path is not None:  # the user asked to keep the file: it is theirs
+        export_onnx(gm, example_inputs, path)
+        return OnnxRunner(path, threads=threads, spinning=spinning)
+    return _prepare_from_temp(gm, example_inputs, threads=threads, spinning=spinning)
+
+
+def _prepare_from_temp(gm: GraphModule, example_inputs: Sequence[Any], **runner_options: Any) -> OnnxRunner:
+    """Export into a private temp dir, open the session, and leave nothing behind.
+
+    The session holds the model once created (ORT reads the file and its external data in, or
+    maps them, and a mapping outlives the unlinked file on POSIX), so the directory is removed
+    at once: a 1B model no longer leaves 4 GB in /tmp per compile, and a failed export leaves
+    nothing either. Where the files cannot be removed while the session uses them (Windows),
+    the directory goes when the runner is garbage collected, or at interpreter exit.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="fxforge-onnx-"))
+    runner = None
+    try:
+        export_onnx(gm, example_inputs, directory / "model.onnx")
+        runner = OnnxRunner(directory / "model.onnx", **runner_options)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists() and runner is not None:
+            weakref.finalize(runner, shutil.rmtree, str(directory), True)
+    if not directory.exists():
+        runner.path = None  # the file is gone: the session is all there is
+    return runner

@@ -75,7 +75,7 @@ class Eva(AdapterMethod):
     name = "eva"
 
     def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any) -> dict[str, Any]:
-        ctx.require_calibration("add_adapters", "calibration data for method='eva'")
+        ctx.require_calibration("add_adapters", method=self.name)
         moments = {s.module_path: _Moments(torch.zeros(s.in_features, dtype=torch.float64),
                                            torch.zeros(s.in_features, s.in_features, dtype=torch.float64))
                    for s in sites}
@@ -83,7 +83,8 @@ class Eva(AdapterMethod):
                    for s in sites}
         previous: dict[str, Tensor | None] = {path: None for path in moments}
         converged: set[str] = set()
-        batches = ctx.progress(ctx.calibration_batches(gm, options.calibration_limit), desc="eva: layer inputs",
+        batches = ctx.progress(ctx.calibration_batches(gm, options.calibration_limit, pass_name="add_adapters",
+                                                         method=self.name), desc="eva: layer inputs",
                                total=options.calibration_limit)
         seen = 0
         for flat in batches:
@@ -96,9 +97,6 @@ class Eva(AdapterMethod):
                 previous[path] = components
             if len(converged) == len(moments):
                 break  # every layer's top directions are stable: more data would not move them
-        if seen == 0:
-            raise PassError("add_adapters(method='eva'): the calibration data yielded no batches",
-                            pass_name="add_adapters")
         pcas = {path: m.pca() for path, m in moments.items()}
         ranks = redistribute_ranks({p: pcas[p][1][:offered[p]] for p in pcas}, options.rank * len(sites))
         return {path: {"components": pcas[path][0], "rank": ranks[path], "converged": path in converged,

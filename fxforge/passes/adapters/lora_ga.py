@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.fx import GraphModule
 
 from fxforge.errors import PassError
@@ -46,38 +47,7 @@ class LoraGa(AdapterMethod):
         return min(in_features, out_features) // 2
 
     def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any) -> dict[str, Any]:
-        ctx.require_calibration("add_adapters", "calibration batches for method='lora_ga'")
-        loss_fn = ctx.extras.get("loss_fn") or default_loss(gm)
-        if loss_fn is None:
-            raise PassError("add_adapters(method='lora_ga') needs a loss to take gradients of: pass "
-                            "fxforge.compile(..., extras={'loss_fn': fn}) (or PassContext(extras=...)) with fn(outputs, flat_inputs) -> scalar "
-                            "(the default, next-token cross-entropy, needs an input named input_ids)",
-                            pass_name="add_adapters")
-        weights = {s.module_path: get_attr(gm, s.weight_name) for s in sites}
-        flags = {name: p.requires_grad for name, p in gm.named_parameters()}
-        grads = {path: torch.zeros_like(w, dtype=torch.float32) for path, w in weights.items()}
-        batches = 0
-        try:
-            for p in gm.parameters():
-                p.requires_grad_(False)
-            for w in weights.values():
-                w.requires_grad_(True)
-            for flat in ctx.progress(ctx.calibration_batches(gm, options.ga_batches), desc="lora_ga: gradients",
-                                     total=options.ga_batches):
-                with torch.enable_grad():
-                    outputs = gm(*flat)
-                    loss = loss_fn(list(outputs), list(flat))
-                    found = torch.autograd.grad(loss, list(weights.values()))
-                for path, g in zip(weights, found):
-                    grads[path] += g.float()
-                batches += 1
-        finally:
-            for name, p in gm.named_parameters():
-                p.requires_grad_(flags.get(name, False))
-        if batches == 0:
-            raise PassError("add_adapters(method='lora_ga'): the calibration data yielded no batches",
-                            pass_name="add_adapters")
-        return {path: g / batches for path, g in grads.items()}
+        return averaged_gradients(gm, sites, ctx, options, self.name)
 
     def init(self, layer: LayerContext) -> LayerInit:
         r, scale = layer.rank, self.scale(layer.rank, layer.alpha)
@@ -89,3 +59,40 @@ class LoraGa(AdapterMethod):
         dtype = layer.weight.dtype
         return LayerInit(trainable={"lora_A": a.to(dtype), "lora_B": b.to(dtype)}, rank=r, scale=scale,
                          base_weight=(weight - scale * (b @ a)).to(dtype))
+
+
+def averaged_gradients(gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any,
+                       method: str) -> dict[str, Tensor]:
+    """{module path: mean ∂loss/∂W over the calibration batches} (LoRA-GA, LoRA-SB).
+
+    `method` names the adapter method in errors (missing/empty/bad calibration, no loss).
+    """
+    ctx.require_calibration("add_adapters", method=method)
+    loss_fn = ctx.extras.get("loss_fn") or default_loss(gm)
+    if loss_fn is None:
+        raise PassError(f"add_adapters(method='{method}') needs a loss to take gradients of: pass "
+                        "fxforge.compile(..., extras={'loss_fn': fn}) (or PassContext(extras=...)) with fn(outputs, flat_inputs) -> scalar "
+                        "(the default, next-token cross-entropy, needs an input named input_ids)",
+                        pass_name="add_adapters")
+    weights = {s.module_path: get_attr(gm, s.weight_name) for s in sites}
+    flags = {name: p.requires_grad for name, p in gm.named_parameters()}
+    grads = {path: torch.zeros_like(w, dtype=torch.float32) for path, w in weights.items()}
+    batches = 0
+    try:
+        for p in gm.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        data = ctx.calibration_batches(gm, options.ga_batches, pass_name="add_adapters", method=method)
+        for flat in ctx.progress(data, desc=f"{method}: gradients", total=options.ga_batches):
+            with torch.enable_grad():
+                outputs = gm(*flat)
+                loss = loss_fn(list(outputs), list(flat))
+                found = torch.autograd.grad(loss, list(weights.values()))
+            for path, g in zip(weights, found):
+                grads[path] += g.float()
+            batches += 1
+    finally:
+        for name, p in gm.named_parameters():
+            p.requires_grad_(flags.get(name, False))
+    return {path: g / batches for path, g in grads.items()}

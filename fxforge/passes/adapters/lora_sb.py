@@ -25,7 +25,7 @@ from fxforge.passes.adapters.common import (
     call_before,
     register_method,
 )
-from fxforge.passes.adapters.lora_ga import LoraGa, default_loss
+from fxforge.passes.adapters.lora_ga import averaged_gradients, default_loss
 
 aten = torch.ops.aten
 
@@ -37,7 +37,7 @@ class LoraSb(AdapterMethod):
     def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any) -> dict[str, Any]:
         if ctx.calibration is None or (ctx.extras.get("loss_fn") is None and default_loss(gm) is None):
             return {}  # no data: LoRA-XS's SVD of W
-        return LoraGa().prepare(gm, sites, ctx, options)
+        return averaged_gradients(gm, sites, ctx, options, self.name)
 
     def init(self, layer: LayerContext) -> LayerInit:
         r = layer.rank

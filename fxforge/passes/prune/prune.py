@@ -153,11 +153,12 @@ class Prune(Pass):
         return chosen, skipped
 
     def _calibrate(self, gm: GraphModule, groups: list[Group], ctx: PassContext) -> dict:
-        ctx.require_calibration(self.name)
+        ctx.require_calibration(self.name, method=self.method)
         by_weight = linear_nodes_by_weight(gm)
         names = {m.name for g in groups for m in g.members if m.name in by_weight}
         nodes = [by_weight[n][0] for n in sorted(names)]
-        stats = capture_input_stats(gm, nodes, ctx.calibration_batches(gm, self.calibration_batches),
+        batches = ctx.calibration_batches(gm, self.calibration_batches, pass_name=self.name, method=self.method)
+        stats = capture_input_stats(gm, nodes, batches,
                                     progress=ctx.progress)
         return {n: stats[by_weight[n][0].name] for n in names if by_weight[n][0].name in stats}
 

@@ -194,9 +194,10 @@ class Sparsify(Pass):
         return PassResult(gm, sites=len(sites), skipped=skipped, notes=notes)
 
     def _calibrate(self, gm: GraphModule, sites: list[LinearSite], ctx: PassContext) -> dict[str, ChannelStats]:
-        ctx.require_calibration(self.name)
+        ctx.require_calibration(self.name, method=self.method)
         return capture_input_stats(gm, [s.node for s in sites],
-                                   ctx.calibration_batches(gm, self.calibration_batches),
+                                   ctx.calibration_batches(gm, self.calibration_batches, pass_name=self.name,
+                                                           method=self.method),
                                    progress=ctx.progress, second_moment=self.method == "dsnot")
 
     def _mask(self, weight: torch.Tensor, stats: ChannelStats | None, n_m: tuple[int, int] | None) -> torch.Tensor:

@@ -96,7 +96,8 @@ class Quantize(Pass):
         stats = {}
         if self.method in CALIBRATED_METHODS:
             require_batches(ctx, self.name, self.method, sites)
-            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches)
+            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches,
+                                          pass_name=self.name, method=self.method)
             if self.method == "gptq":
                 _warn_rank_deficient(sites, stats, self.damp, notes)
         if self.method == "awq":

@@ -181,7 +181,9 @@ class BitDelta(Pass):
             replace_with_call(gm, site.node, op, (site.input, base_node, signs, alpha_node, bias_node(site)))
         notes: dict[str, Any] = {}
         if self.distill_steps and sites:
-            batches = list(ctx.calibration_batches(gm)) or [list(ctx.example_inputs)]
+            # calibration is optional here (the example inputs do), but given data must be good data
+            batches = (list(ctx.calibration_batches(gm, pass_name=self.name)) if ctx.calibration is not None
+                       else [list(ctx.example_inputs)])
             losses = distill_alphas(fine_graph, gm, batches, self.distill_steps, self.lr)
             notes["distill_loss"] = (losses[0], losses[-1])
         return PassResult(gm, sites=len(sites), notes=notes)

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 
-from fxforge.errors import PassError
 from fxforge.ir.graph import LinearSite
 from fxforge.passes.base import PassContext
 
@@ -65,22 +64,21 @@ class _Capture(Interpreter):
 
 
 def require_batches(ctx: PassContext, pass_name: str, method: str, sites: Iterable[LinearSite]) -> None:
-    """A PassError naming the layers and the fix when calibration data is missing."""
-    if ctx.calibration is not None:
-        return
+    """A CalibrationError naming the layers and the fix when calibration data is missing or empty."""
     names = [s.module_path for s in sites]
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    raise PassError(
-        f"pass '{pass_name}' with method '{method}' needs calibration data to quantize layer(s) {shown}, "
-        f"and none was given. Pass calibration=<iterable of model inputs> to fxforge.compile (or "
-        f"PassContext(calibration=...)), or use a data-free method (rtn, easyquant). The model was not changed.",
-        pass_name=pass_name,
-    )
+    ctx.require_calibration(
+        pass_name, f"calibration data to quantize layer(s) {shown}", method=method,
+        hint=" Or use a data-free method (rtn, easyquant). The model was not changed.")
 
 
 def capture_linear_inputs(gm: GraphModule, ctx: PassContext, sites: Iterable[LinearSite], *,
-                          max_batches: int = 128, rows_per_batch: int = 256) -> dict[str, LinearInputStats]:
-    """{linear node name: LinearInputStats} over at most `max_batches` calibration items."""
+                          max_batches: int = 128, rows_per_batch: int = 256, pass_name: str | None = None,
+                          method: str | None = None) -> dict[str, LinearInputStats]:
+    """{linear node name: LinearInputStats} over at most `max_batches` calibration items.
+
+    `pass_name`/`method` name the reader in CalibrationErrors (missing, empty or bad batches).
+    """
     stats = {}
     for site in sites:
         k = site.in_features
@@ -88,7 +86,7 @@ def capture_linear_inputs(gm: GraphModule, ctx: PassContext, sites: Iterable[Lin
                                                  abs_sum=torch.zeros(k, dtype=torch.float64))
     generator = torch.Generator().manual_seed(ctx.seed)
     capture = _Capture(gm, stats, rows_per_batch, generator)
-    batches = list(ctx.calibration_batches(gm, max_batches))
+    batches = list(ctx.calibration_batches(gm, max_batches, pass_name=pass_name, method=method))
     with torch.no_grad():
         for flat in ctx.progress(batches, desc="calibration", total=len(batches)):
             capture.run(*flat)

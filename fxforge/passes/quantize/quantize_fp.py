@@ -88,7 +88,9 @@ class QuantizeFp(Pass):
                                 f"pack two a byte, so use fmt='e4m3' or exclude=['{s.module_path}']. The model was "
                                 f"not changed.", pass_name=self.name)
         searching = self.search and ctx.calibration is not None
-        stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches) if searching else {}
+        stats = {}
+        if searching:  # given calibration must be usable; search=False is how to go without it
+            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches, pass_name=self.name)
         for site in ctx.progress(sites, desc="quantize_fp", total=len(sites)):
             w = weight_of(gm, site).float()
             g = groups[site.node.name]

@@ -80,7 +80,7 @@ def test_redistribute_ranks_follows_explained_variance():
 
 def test_eva_without_calibration_is_a_clear_error(mlp, adapt):
     zoo, gm = mlp
-    with pytest.raises(PassError, match="needs calibration data for method='eva'"):
+    with pytest.raises(PassError, match=r"\(method='eva'\) needs calibration data"):
         adapt(gm, zoo.args, method="eva", rank=4, targets=TARGETS)
 
 

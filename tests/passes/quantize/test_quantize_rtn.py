@@ -210,7 +210,7 @@ def test_bad_options_fail_at_construction(options, match):
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_calibration_methods_need_data(llama, method):
     gm, ctx = llama
-    with pytest.raises(PassError, match=rf"'{method}' needs calibration data.*model.layers.0.self_attn.q_proj"):
+    with pytest.raises(PassError, match=rf"'{method}'\) needs calibration data.*model.layers.0.self_attn.q_proj"):
         run_pass(Quantize(bits=4, group_size=32, method=method), gm, ctx)
 
 
