@@ -30,21 +30,26 @@ def strides(prefix, dims):
     return {f"stride_{prefix}{d}": "i32" for d in dims}
 
 cases = []  # (label, kernel, signature, constexprs, warps, stages)
-wq_common = {"x_ptr": "*fp16", "qweight_ptr": "*u8", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "bias_ptr": "*fp16"}
-for c in wq_gemm._GEMM_CONFIGS:
-    cases.append((f"wq_gemm {c.kwargs}", wq_gemm.wq_gemm_kernel,
-                  {**wq_common, "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                   "stride_qn": "i32", "stride_gn": "i32", "stride_om": "i32", "BITS": "constexpr",
-                   "GROUP_SIZE": "constexpr", "HAS_BIAS": "constexpr", "DOT_DTYPE": "constexpr",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-                  {"BITS": 4, "GROUP_SIZE": 128, "HAS_BIAS": False, "DOT_DTYPE": tl.float16, **c.kwargs},
-                  c.num_warps, c.num_stages))
+wq_common = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "bias_ptr": "*fp16",
+             "out_ptr": "*fp16"}
 for c in wq_gemm._GEMV_CONFIGS:
     cases.append((f"wq_gemv {c.kwargs}", wq_gemm.wq_gemv_kernel,
-                  {**wq_common, "out_ptr": "*fp32", "N": "i32", "K": "i32", "stride_qn": "i32", "stride_gn": "i32",
-                   "BITS": "constexpr", "GROUP_SIZE": "constexpr", "HAS_BIAS": "constexpr",
-                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr"},
-                  {"BITS": 4, "GROUP_SIZE": 128, "HAS_BIAS": False, **c.kwargs}, c.num_warps, c.num_stages))
+                  {**wq_common, "N": "i32", "K": "i32", "K_UNITS": "i32", "stride_qn": "i32", "stride_gn": "i32",
+                   "BITS": "constexpr", "GROUP_SIZE": "constexpr", "HAS_BIAS": "constexpr", "UNIT_BITS": "constexpr",
+                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "STAGES": "constexpr"},
+                  {"BITS": 4, "GROUP_SIZE": 128, "HAS_BIAS": False, "UNIT_BITS": 32, **c.kwargs},
+                  c.num_warps, c.num_stages))
+for label, kernel, configs in (("wq_small_m", wq_gemm.wq_small_m_kernel, wq_gemm._SMALL_M_CONFIGS),
+                               ("wq_gemm", wq_gemm.wq_gemm_kernel, wq_gemm._GEMM_CONFIGS)):
+    for c in configs:
+        cases.append((f"{label} {c.kwargs}", kernel,
+                      {**wq_common, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                       "stride_qn": "i32", "stride_gn": "i32", "stride_om": "i32", "BITS": "constexpr",
+                       "GROUP_SIZE": "constexpr", "HAS_BIAS": "constexpr", "DOT_DTYPE": "constexpr",
+                       "UNIT_BITS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                      {"BITS": 4, "GROUP_SIZE": 128, "HAS_BIAS": False, "DOT_DTYPE": tl.float16, "UNIT_BITS": 32,
+                       **c.kwargs},
+                      c.num_warps, c.num_stages))
 for c in w8a8_gemm._GEMM_CONFIGS:
     cases.append((f"w8a8_gemm {c.kwargs}", w8a8_gemm.w8a8_gemm_kernel,
                   {"x8_ptr": "*i8", "w_ptr": "*i8", "x_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
