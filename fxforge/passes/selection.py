@@ -49,6 +49,10 @@ def select_linear_sites(gm: GraphModule, pass_name: str, targets: str | Sequence
     (float, LM head, or already rewritten by an earlier pass).
     """
     targets, exclude = patterns_of(targets), patterns_of(exclude) or ()
+    if targets == ():  # once meant "all" to some passes and "none" to others: ask for the intent
+        raise PassError(f"pass '{pass_name}': targets is empty, which selects no layer. Leave targets out "
+                        f"(None) for every linear layer, or list patterns such as ['q_proj', 'v_proj'].",
+                        pass_name=pass_name)
     every = linear_sites(gm, include_lm_head=True)
     rewritten = rewritten_linear_layers(gm)
     known = [s.module_path for s in every] + list(rewritten)

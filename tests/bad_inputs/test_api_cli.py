@@ -181,6 +181,7 @@ TRACE_AND_PASS_CASES = {
                                      "could not trace MLP"),
     "quantize targets match nothing": (compile_mlp(passes="quantize(targets=[nope])"), PassError,
                                        "targets pattern 'nope' matches no linear layer. Available: fc1, fc2, fc3"),
+    "quantize targets empty": (compile_mlp(passes="quantize(targets=[])"), PassError, "targets is empty"),
     "quantize target misspelt": (compile_mlp(passes="quantize(targets=[fc_1])"), PassError,
                                  "Close matches: fc1"),
     "quantize exclude matches nothing": (compile_mlp(passes="quantize(group_size=-1,exclude=[fc9])"), PassError,
