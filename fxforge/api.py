@@ -62,7 +62,7 @@ class CompiledModel:
     def __init__(self, graph_module: GraphModule, backend: str = "eager", *,
                  example_inputs: Sequence[Any] = (), report: CompileReport | None = None,
                  pipeline_spec: str = "", backend_options: dict[str, Any] | None = None,
-                 verify: bool = True, backend_tolerance: Tolerance | None = None):
+                 verify: bool = True, backend_tolerance: Tolerance | float | None = None):
         backend = resolve_backend(backend)
         self.graph_module = graph_module
         self.backend = backend
@@ -168,6 +168,11 @@ def compile(
             means |backend - eager| <= t + t·|eager| elementwise.
         extras: values passes read from `PassContext.extras`, e.g. {"loss_fn": fn} for
             LoRA-GA / LoRA-SB (fn(outputs, flat_inputs) -> scalar loss).
+
+    Raises (each an FxforgeError naming the problem and the fix):
+        BackendError / PassSpecError for a bad backend, option, tolerance or pipeline, before
+        anything is traced; TraceError when the model or its example inputs cannot be captured;
+        PassError when a pass cannot apply or fails verification (rolled back).
 
     Example:
         >>> compiled = fxforge.compile(model, (x,), passes="fuse_rms_norm", backend="onnx")
