@@ -108,6 +108,6 @@ def _suggest(pattern: str, available: Sequence[str], what: str) -> str:
     close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
     if close:
         return f"Close matches: {', '.join(close)}."
-    shown = list(dict.fromkeys(available))
+    shown = list(dict.fromkeys(p or "<model>" for p in available))  # the root module has no path
     more = f" ... ({len(shown)} in all)" if len(shown) > 12 else ""
     return f"Available: {', '.join(shown[:12])}{more}."
