@@ -89,7 +89,9 @@ class InputSignature:
         if not problems:  # same names and counts: something nested (a tuple, a dict) differs
             got = pytree.tree_flatten((tuple(args), dict(kwargs)))[1]
             problems.append(f"expected {self.in_spec}, got {got}")
-        return f"{head}: {'; '.join(problems)}. Call it as when compiled: compiled({call})"
+        expected = "; ".join(describe(self))
+        return (f"{head}: {'; '.join(problems)}. Call it as when compiled: compiled({call})"
+                + (f", with {expected}" if expected else ""))
 
     # ------------------------------------------------------------------ values
 

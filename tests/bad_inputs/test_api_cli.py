@@ -293,6 +293,7 @@ CALL_CASES = {
     "negative token ids": (_llama_call(input_ids=lambda ids: ids * 0 - 1), "token id -1"),
     "vocabulary range named": (_llama_call(input_ids=lambda ids: ids + 1000), "[0, 255]"),
     "missing mask": (_llama_call(attention_mask=None), "missing keyword input(s) 'attention_mask'"),
+    "missing input shows the expected shapes": (_llama_call(attention_mask=None), "torch.int64, ids < 256"),
     "float token ids": (_llama_call(input_ids=lambda ids: ids.float()), "must be torch.int64, got torch.float32"),
     "ids positionally": (lambda z: z.compiled_llama(z.llama_kwargs["input_ids"], z.llama_kwargs["attention_mask"]),
                          "it takes 0 positional input(s), got 2"),
