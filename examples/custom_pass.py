@@ -13,8 +13,9 @@ from torch.fx import GraphModule
 
 import fxforge
 from fxforge import Pass, PassContext, PassResult, register_pass
-from fxforge.ir.graph import get_attr, linear_sites, set_attr
+from fxforge.ir.graph import get_attr, set_attr
 from fxforge.models import get_model
+from fxforge.passes.selection import select_linear_sites
 
 aten = torch.ops.aten
 
@@ -33,8 +34,9 @@ class ScaleLinears(Pass):
             raise ValueError("scale must be non-zero")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        sites = linear_sites(gm, targets=self.targets)
-        for site in sites:
+        # a pattern matching no layer is an error; layers an earlier pass rewrote are `skipped`
+        selection = select_linear_sites(gm, self.name, targets=self.targets)
+        for site in selection.sites:
             set_attr(gm, site.weight_name, get_attr(gm, site.weight_name) * self.scale)
             if site.bias_name:
                 set_attr(gm, site.bias_name, get_attr(gm, site.bias_name) * self.scale)
@@ -42,7 +44,7 @@ class ScaleLinears(Pass):
                 undo = gm.graph.call_function(aten.mul.Tensor, (site.node, 1.0 / self.scale))
             # every reader of the linear now reads the rescaled value (except `undo` itself)
             site.node.replace_all_uses_with(undo, delete_user_cb=lambda user: user is not undo)
-        return PassResult(gm, sites=len(sites))
+        return PassResult(gm, sites=len(selection.sites), skipped=selection.skipped)
 
 
 def main() -> None:

@@ -11,9 +11,10 @@ The user's model is never mutated: tracing copies every parameter.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -21,13 +22,15 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxforge.backends import check_tolerance, get_backend
+from fxforge.backends.validate import as_tolerance, check_backend_options, check_dtypes, resolve_backend
 from fxforge.calibration_data import CalibrationData
-from fxforge.errors import InputError, VerificationError
+from fxforge.errors import BackendError, FxforgeError, InputError, PassSpecError, TraceError, VerificationError
 from fxforge.finite_checks import check_finite_inputs, check_finite_model
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
 from fxforge.ir.verify import Comparison, Tolerance, compare_outputs, run_graph
 from fxforge.passes.base import Pass, PassContext, Pipeline, PipelineReport
+from fxforge.runtime.input_signature import InputSignature
 
 DEFAULT_BACKEND_TOLERANCE = Tolerance(max_abs=1e-4, rtol=1e-4)
 
@@ -61,19 +64,26 @@ class CompiledModel:
     def __init__(self, graph_module: GraphModule, backend: str = "eager", *,
                  example_inputs: Sequence[Any] = (), report: CompileReport | None = None,
                  pipeline_spec: str = "", backend_options: dict[str, Any] | None = None,
-                 verify: bool = True, backend_tolerance: Tolerance | None = None):
+                 verify: bool = True, backend_tolerance: Tolerance | float | None = None):
+        backend = resolve_backend(backend)
         self.graph_module = graph_module
         self.backend = backend
         self.example_inputs = tuple(example_inputs)
         self.pipeline_spec = pipeline_spec
-        self.backend_options = dict(backend_options or {})
+        self.backend_options = check_backend_options(backend, backend_options)
+        backend_tolerance = as_tolerance(backend_tolerance)
         self.report = report or CompileReport(PipelineReport(), backend)
+        check_dtypes(backend, graph_module, self.example_inputs)
+        # ONNX Runtime copies inputs to host memory itself, so only the others pin the device.
+        self._signature = InputSignature(graph_module, check_device=backend != "onnx")
         start = time.perf_counter()
-        self._runner = get_backend(backend)(graph_module, self.example_inputs, **self.backend_options)
+        with _backend_errors(backend, "preparing the model"):
+            self._runner = get_backend(backend)(graph_module, self.example_inputs, **self.backend_options)
         self.report.backend_seconds = time.perf_counter() - start
         if verify and backend != "eager" and self.example_inputs:
             tolerance = backend_tolerance or check_tolerance(graph_module, backend, DEFAULT_BACKEND_TOLERANCE)
-            self.report.backend_check = self._check_backend(tolerance)
+            with _backend_errors(backend, "checking it against eager on the example inputs"):
+                self.report.backend_check = self._check_backend(tolerance)
 
     # ------------------------------------------------------------------ calling
 
@@ -86,16 +96,8 @@ class CompiledModel:
         return self._runner(*flat_inputs)
 
     def _flat_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
-        try:
-            flat = flatten_inputs(self.graph_module, args, kwargs)
-        except TypeError as exc:
-            raise InputError(str(exc)) from exc
-        placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
-        if len(flat) != len(placeholders):
-            raise InputError(f"the compiled model takes {len(placeholders)} inputs, got {len(flat)}")
-        for node, value in zip(placeholders, flat):
-            _check_input(node, value)
-        return flat
+        """Flat inputs checked against the traced shapes, dtypes and vocabulary before any run."""
+        return self._signature.check(args, kwargs)
 
     def _check_backend(self, tol: Tolerance) -> Comparison:
         ref = run_graph(self.graph_module, self.example_inputs)
@@ -164,7 +166,7 @@ def compile(
     dynamic_shapes: Any = "auto",
     seed: int = 0,
     backend_options: dict[str, Any] | None = None,
-    backend_tolerance: Tolerance | None = None,
+    backend_tolerance: Tolerance | float | None = None,
     extras: dict[str, Any] | None = None,
 ) -> CompiledModel:
     """Trace `model` on example inputs, run a pipeline of passes, and lower to a backend.
@@ -174,7 +176,7 @@ def compile(
         args, kwargs: example inputs, exactly as you call the model.
         passes: a pipeline string ("quantize(bits=4),fuse_attention"), a list of passes or a
             Pipeline. `canonicalize` runs first unless the pipeline starts with it.
-        backend: "eager", "onnx", "triton" or "inductor".
+        backend: "eager", "onnx", "triton" or "inductor" (case-insensitive).
         calibration: an iterable of model inputs for data-driven passes (AWQ, GPTQ, EVA, ...);
             generators too. Read once and shared by every pass; each batch is checked against
             the traced inputs (CalibrationError names the pass, the batch and the input).
@@ -184,14 +186,26 @@ def compile(
         backend_options: e.g. {"threads": 2, "path": "model.onnx"} for the onnx backend.
         backend_tolerance: how close the backend must come to eager on the example inputs;
             None means 1e-4, loosened to what approximate lowerings in the graph declare
-            (e.g. MatMulNBits at accuracy level 4 quantizes activations to int8).
+            (e.g. MatMulNBits at accuracy level 4 quantizes activations to int8). A float t
+            means |backend - eager| <= t + t·|eager| elementwise.
         extras: values passes read from `PassContext.extras`, e.g. {"loss_fn": fn} for
             LoRA-GA / LoRA-SB (fn(outputs, flat_inputs) -> scalar loss).
+
+    Raises (each an FxforgeError naming the problem and the fix):
+        BackendError / PassSpecError for a bad backend, option, tolerance or pipeline, before
+        anything is traced; TraceError when the model or its example inputs cannot be captured;
+        PassError when a pass cannot apply or fails verification (rolled back).
 
     Example:
         >>> compiled = fxforge.compile(model, (x,), passes="fuse_rms_norm", backend="onnx")
         >>> y = compiled(x)
     """
+    # Every argument is checked before tracing: a typo must not cost a whole pipeline run.
+    backend = resolve_backend(backend)
+    backend_options = check_backend_options(backend, backend_options)
+    backend_tolerance = as_tolerance(backend_tolerance)
+    pipeline = _with_canonicalize(passes)
+    _check_model(model, backend, args, kwargs)
     start = time.perf_counter()
     # NaN/inf weights or inputs would otherwise surface as canonicalize "changing the outputs"
     check_finite_model(model)
@@ -200,7 +214,6 @@ def compile(
     gm = trace(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     trace_seconds = time.perf_counter() - start
     example_inputs = tuple(flatten_inputs(gm, args if isinstance(args, tuple) else (args,), kwargs))
-    pipeline = _with_canonicalize(passes)
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, seed=seed,
                       extras=dict(extras or {}))
     torch.manual_seed(seed)
@@ -212,8 +225,8 @@ def compile(
                          verify=verify, backend_tolerance=backend_tolerance)
 
 
-def _with_canonicalize(passes: str | Sequence[Pass | str] | Pipeline | None) -> Pipeline:
-    pipeline = passes if isinstance(passes, Pipeline) else Pipeline(passes or ())
+def _with_canonicalize(passes: str | Pass | Sequence[Pass | str] | Pipeline | None) -> Pipeline:
+    pipeline = passes if isinstance(passes, Pipeline) else Pipeline(_pass_list(passes))
     if not pipeline.passes or pipeline.passes[0].name != "canonicalize":
         from fxforge.passes.canonicalize import Canonicalize
 
@@ -221,27 +234,50 @@ def _with_canonicalize(passes: str | Sequence[Pass | str] | Pipeline | None) -> 
     return pipeline
 
 
-def _check_input(node: torch.fx.Node, value: Any) -> None:
-    expected = node.meta.get("val")
-    if not isinstance(expected, torch.Tensor):
-        return
-    if not isinstance(value, torch.Tensor):
-        raise InputError(f"input '{node.name}' must be a tensor, got {type(value).__name__}")
-    if value.dim() != expected.dim():
-        raise InputError(
-            f"input '{node.name}' must have rank {expected.dim()} (shape like {_shape_text(expected)}), "
-            f"got shape {tuple(value.shape)}")
-    if value.dtype != expected.dtype:
-        raise InputError(f"input '{node.name}' must be {expected.dtype}, got {value.dtype}; "
-                         f"convert it with .to({expected.dtype})")
-    for i, (want, got) in enumerate(zip(expected.shape, value.shape)):
-        if isinstance(want, int) and want != got:
-            raise InputError(f"input '{node.name}' dimension {i} must be {want} (it was static when "
-                             f"compiled), got {got}; compile with dynamic_shapes to vary it")
+def _pass_list(passes: Any) -> str | list[Pass | str]:
+    """`passes=` as Pipeline() takes it; a PassSpecError naming what was given otherwise."""
+    if passes is None:
+        return []
+    if isinstance(passes, (str, Pass)):
+        return passes if isinstance(passes, str) else [passes]
+    if not isinstance(passes, (list, tuple)):
+        raise PassSpecError(f"passes must be a pipeline string (\"quantize(bits=4),fuse_attention\"), a list "
+                            f"of passes or pass specs, or a Pipeline; got {type(passes).__name__}")
+    for item in passes:
+        if isinstance(item, type) and issubclass(item, Pass):
+            raise PassSpecError(f"passes holds the class {item.__name__}, not a pass: instantiate it "
+                                f"({item.__name__}() or {item.__name__}(option=...)) or write its name "
+                                f"'{item.name}'")
+        if not isinstance(item, (str, Pass)):
+            raise PassSpecError(f"pipeline items must be fxforge passes or pass specs such as "
+                                f"'quantize(bits=4)', got {item!r} ({type(item).__name__})")
+    return list(passes)
 
 
-def _shape_text(val: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) if isinstance(s, int) else "*" for s in val.shape) + ")"
+def _check_model(model: Any, backend: str, args: Any, kwargs: Any) -> None:
+    """What trace() cannot say well: a non-Module, non-dict kwargs, or a dtype the backend refuses."""
+    if not isinstance(model, nn.Module):
+        hint = " (call it: a model instance, not its class)" if isinstance(model, type) else ""
+        raise TraceError(f"fxforge.compile needs a torch.nn.Module, got {type(model).__name__}{hint}; "
+                         f"wrap a plain function in an nn.Module whose forward calls it")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TraceError(f"kwargs must be a dict of keyword inputs (name -> tensor), got {type(kwargs).__name__}")
+    flat = pytree.tree_leaves(((args if isinstance(args, tuple) else (args,)), dict(kwargs or {})))
+    check_dtypes(backend, model, flat)
+
+
+@contextmanager
+def _backend_errors(backend: str, doing: str) -> Iterator[None]:
+    """Re-raise anything but an FxforgeError from a backend as a BackendError naming the backend."""
+    try:
+        yield
+    except FxforgeError:
+        raise
+    except Exception as exc:
+        raise BackendError(
+            f"backend '{backend}' failed while {doing}: {type(exc).__name__}: {str(exc).strip()[:500]}. "
+            f"The graph itself runs on backend='eager'; use it, or compile with another backend"
+        ) from exc
 
 
 def load(directory: str | Path, backend: str | None = None, **backend_options: Any) -> CompiledModel:

@@ -7,16 +7,23 @@
 
 MODEL is a zoo name (`zoo:tiny-llama`), a local Hugging Face model directory, or
 `package.module:factory` (a function returning a model, or (model, args[, kwargs])).
+
+Arguments are checked before anything is compiled (the factory imports and is callable, the
+output path is not a file, the backend and pipeline are valid). Every error a user can cause
+prints one line, `fxforge: error: ...`, and exits with status 2; `--debug` adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+
+from fxforge.errors import CLIUsageError, FxforgeError
 
 
 def resolve_model(spec: str, seq: int = 16) -> tuple[torch.nn.Module, tuple, dict]:
@@ -30,16 +37,69 @@ def resolve_model(spec: str, seq: int = 16) -> tuple[torch.nn.Module, tuple, dic
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_directory(path, seq)
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
+        return _call_factory(spec, resolve_factory(spec))
+    raise CLIUsageError(f"cannot interpret MODEL {spec!r}: use zoo:NAME (see `fxforge inspect zoo:`), a "
+                        f"Hugging Face model directory, or package.module:factory")
+
+
+def resolve_factory(spec: str) -> Callable[[], Any]:
+    """`package.module:factory` -> the callable, or a CLIUsageError saying which part is wrong."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CLIUsageError(f"MODEL {spec!r} must be package.module:factory, with both parts")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or anything the module raises while importing
+        raise CLIUsageError(f"MODEL {spec!r}: cannot import module '{module_name}' "
+                            f"({type(exc).__name__}: {exc}); check the name and that it is on "
+                            f"PYTHONPATH") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise CLIUsageError(f"MODEL {spec!r}: module '{module_name}' has no attribute '{attr}'")
+    if not callable(factory):
+        raise CLIUsageError(f"MODEL {spec!r}: '{attr}' is a {type(factory).__name__}, not a function; "
+                            f"it must return (model, args) or (model, args, kwargs)")
+    return factory
+
+
+def _call_factory(spec: str, factory: Callable[[], Any]) -> tuple[torch.nn.Module, tuple, dict]:
+    try:
         made = factory()
-        if isinstance(made, torch.nn.Module):
-            raise SystemExit(f"{spec} returned a model without example inputs; return (model, args) "
-                             f"or (model, args, kwargs) so fxforge can trace it")
-        model, args, *rest = made
-        return model, tuple(args), dict(rest[0]) if rest else {}
-    raise SystemExit(f"cannot interpret MODEL {spec!r}: use zoo:NAME (see `fxforge inspect zoo:`), a "
-                     f"Hugging Face model directory, or package.module:factory")
+    except Exception as exc:
+        raise CLIUsageError(f"MODEL {spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(made, torch.nn.Module):
+        raise CLIUsageError(f"{spec} returned a model without example inputs; return (model, args) "
+                            f"or (model, args, kwargs) so fxforge can trace it")
+    if not (isinstance(made, (tuple, list)) and len(made) in (2, 3) and isinstance(made[0], torch.nn.Module)
+            and (len(made) == 2 or isinstance(made[2], dict))):
+        raise CLIUsageError(f"{spec} must return (model, args) or (model, args, kwargs) with model an "
+                            f"nn.Module and kwargs a dict; got {type(made).__name__}")
+    model, args, *rest = made
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    return model, args, dict(rest[0]) if rest else {}
+
+
+def check_compile_arguments(ns: argparse.Namespace) -> None:
+    """Everything `compile` can check before building the model: a mistake must not cost a compile."""
+    from fxforge.backends.validate import resolve_backend
+    from fxforge.passes.base import Pipeline
+
+    out = Path(ns.output)
+    if out.exists() and not out.is_dir():
+        raise CLIUsageError(f"output {str(out)!r} is an existing file; -o names the artifact directory to "
+                            f"write: pick a new path")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CLIUsageError(f"output {str(out)!r} cannot be created: {str(blocking)!r} is a file")
+    ns.backend = resolve_backend(ns.backend)
+    Pipeline(ns.passes or "")  # PassSpecError for an unknown pass, option or value
+    if ns.model.startswith("zoo:"):
+        from fxforge.models import list_models
+
+        if ns.model[4:] not in list_models():
+            raise CLIUsageError(f"unknown zoo model {ns.model[4:]!r}; known: {', '.join(list_models())}")
+    elif ":" in ns.model and not Path(ns.model).is_dir():
+        resolve_factory(ns.model)
 
 
 def _load_hf_directory(path: Path, seq: int) -> tuple[torch.nn.Module, tuple, dict]:
@@ -56,6 +116,7 @@ def _load_hf_directory(path: Path, seq: int) -> tuple[torch.nn.Module, tuple, di
 def cmd_compile(ns: argparse.Namespace) -> int:
     import fxforge
 
+    check_compile_arguments(ns)
     model, args, kwargs = resolve_model(ns.model)
     compiled = fxforge.compile(model, args, kwargs, passes=ns.passes, backend=ns.backend)
     print(compiled.report)
@@ -122,24 +183,31 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxforge", description="Compile PyTorch models through composable passes.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    # --debug after the command too; SUPPRESS keeps a subcommand from resetting the top-level flag
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="trace, run passes, lower, and save an artifact")
+    p = sub.add_parser("compile", help="trace, run passes, lower, and save an artifact", parents=[debug])
     p.add_argument("model", help="zoo:NAME, a Hugging Face model directory, or package.module:factory")
     p.add_argument("--passes", default="", help='pipeline, e.g. "quantize(bits=4,group_size=128),fuse_attention"')
-    p.add_argument("--backend", default="eager", choices=["eager", "onnx", "triton", "inductor"])
+    # checked (case-insensitively) by check_compile_arguments, not argparse's `choices`, so a typo
+    # gets the same message as in the Python API
+    p.add_argument("--backend", default="eager", help="eager | onnx | triton | inductor")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("inspect", help="summarize a model's graph or a saved artifact (zoo: lists the zoo)")
+    p = sub.add_parser("inspect", help="summarize a model's graph or a saved artifact (zoo: lists the zoo)",
+                       parents=[debug])
     p.add_argument("target", help="MODEL or artifact DIR")
     p.add_argument("--max-sites", type=int, default=20)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("passes", help="list every registered pass with its options")
+    p = sub.add_parser("passes", help="list every registered pass with its options", parents=[debug])
     p.set_defaults(func=cmd_passes)
 
-    p = sub.add_parser("export", help="export a saved artifact to ONNX")
+    p = sub.add_parser("export", help="export a saved artifact to ONNX", parents=[debug])
     p.add_argument("artifact")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_export)
@@ -147,14 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fxforge.errors import FxforgeError
-
+    """Run one command; 0 on success, 2 for an error the user can fix (one line on stderr)."""
     ns = build_parser().parse_args(argv)
+    debug = getattr(ns, "debug", False)
     try:
         return ns.func(ns)
     except FxforgeError as exc:
-        print(f"fxforge: error: {exc}", file=sys.stderr)
-        return 2
+        return _report(exc, debug, status=2)
+    except KeyboardInterrupt:
+        print("fxforge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, in fxforge or in the user's model: still one line unless --debug
+        return _report(exc, debug, status=1, hint=" (unexpected: rerun with --debug for the traceback)")
+
+
+def _report(exc: BaseException, debug: bool, status: int, hint: str = "") -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    prefix = "" if isinstance(exc, FxforgeError) else f"{type(exc).__name__}: "
+    print(f"fxforge: error: {prefix}{text}{hint}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

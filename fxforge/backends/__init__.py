@@ -27,10 +27,10 @@ class Runner(Protocol):
 
 
 def get_backend(name: str) -> Callable[..., Runner]:
-    """The `prepare` function of backend `name`."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend '{name}'. Known backends: {', '.join(BACKENDS)}")
-    return importlib.import_module(BACKENDS[name]).prepare
+    """The `prepare` function of backend `name` (case-insensitive); BackendError if there is none."""
+    from fxforge.backends.validate import resolve_backend
+
+    return importlib.import_module(BACKENDS[resolve_backend(name)]).prepare
 
 
 def check_tolerance(gm: GraphModule, backend: str, exact: "Tolerance") -> "Tolerance":

@@ -110,7 +110,14 @@ def auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
     # torch.export matches dynamic_shapes to forward()'s bound parameters, in order (a tuple
     # works for *args/**kwargs signatures too, where a dict keyed by name does not).
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as exc:  # before torch.export sees them: say so in forward()'s own terms
+        model = module.m if isinstance(module, _TransformersAdapter) else module
+        raise TraceError(
+            f"the example inputs do not match {type(model).__name__}.forward"
+            f"{inspect.signature(model.forward)}: {exc}. Pass args/kwargs exactly as you call the model"
+        ) from exc
     return tuple(pytree.tree_map(mark, value, is_leaf=lambda x: x is None)
                  for value in bound.arguments.values())
 

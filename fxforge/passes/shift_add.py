@@ -19,13 +19,14 @@ from typing import Literal
 from torch.fx import GraphModule
 
 from fxforge.errors import PassError
-from fxforge.ir.graph import LinearSite, add_attr, get_attr, linear_sites, replace_with_call
+from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.shift_add_linear import stored_bits_per_weight
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.shift_add_bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
 from fxforge.passes.quantize.calibration import capture_linear_inputs
+from fxforge.passes.selection import select_linear_sites
 
 BUDGET_CHOICES = (2, 3, 4)
 # Output cosine to the float model the pass must keep on the example inputs, by the fewest
@@ -113,7 +114,8 @@ class ShiftAdd(Pass):
         return quantize_bcq(weight, bits, g, self.apot_terms, self.iters)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        sites = linear_sites(gm, targets=self.targets, exclude=self.exclude)
+        selection = select_linear_sites(gm, self.name, self.targets, self.exclude)
+        sites = selection.sites
         self._check_sites(sites)
         hessians = {}
         if self.method == "bcq_calibrated":
@@ -152,7 +154,7 @@ class ShiftAdd(Pass):
                 for s in sites)
             notes["avg_planes"] = sum(s.in_features * s.out_features * chosen[s.node.name].bits for s in sites) / total
             notes["stored_bits_per_weight"] = stored / total
-        return PassResult(gm, sites=len(sites), notes=notes)
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes)
 
     def _allocate(self, gm: GraphModule, sites: list[LinearSite], hessians: dict, ctx: PassContext):
         """Score each site at every budget choice, allocate greedily, then quantize at the chosen bits.

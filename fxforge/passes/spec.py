@@ -58,7 +58,11 @@ def parse_pass(item: str) -> Pass:
             if not eq:
                 raise PassSpecError(f"option {assignment!r} of pass '{name}' must be written key=value. "
                                     f"{describe_options(cls)}")
-            options[key.strip()] = _literal(raw.strip())
+            key = key.strip()
+            if key in options:  # last-wins would silently drop what the user wrote first
+                raise PassSpecError(f"option '{key}' of pass '{name}' is given twice in {item!r}; "
+                                    f"keep one {key}=... ")
+            options[key] = _literal(raw.strip())
     return make_pass(cls, options)
 
 
@@ -72,7 +76,9 @@ def make_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
         options[key] = coerce(value, hints[key], f"option '{key}' of pass '{cls.name}'", cls)
     try:
         return cls(**options)
-    except (TypeError, ValueError) as exc:
+    except PassSpecError:
+        raise
+    except Exception as exc:  # __post_init__ checks meet values of any type: all are the user's to fix
         raise PassSpecError(f"pass '{cls.name}': {exc}. {describe_options(cls)}") from exc
 
 
@@ -140,7 +146,9 @@ def coerce(value: Any, tp: Any, what: str, cls: type[Pass]) -> Any:
 def _literal(raw: str) -> Any:
     try:
         return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    # TypeError: an unhashable dict key or set item ({[1]: 2}); RecursionError/MemoryError: absurd
+    # nesting. None of them is a value any option takes: treat the text as a bare word.
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         if raw in ("true", "false"):
             return raw == "true"
         if raw in ("none", "null"):

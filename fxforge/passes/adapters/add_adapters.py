@@ -44,6 +44,7 @@ from fxforge.passes.adapters.quantized_base import (
     quantized_sites,
 )
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.selection import require_matches
 
 
 @register_pass
@@ -164,6 +165,7 @@ class AddAdapters(Pass):
             if not matches_any_path(paths, pattern):
                 raise PassError(f"add_adapters: target pattern '{pattern}' matches no linear layer. "
                                 f"{_close_matches(pattern, paths)}", pass_name=self.name)
+        require_matches(self.name, "exclude", self.exclude or (), paths)  # a typo would adapt a kept layer
         sites = [s for s in candidates if self.targets is None or matches_any(s.module_path, self.targets)]
         sites = [s for s in sites if not matches_any(s.module_path, self.exclude)]
         if not sites and not adapter_records(gm):

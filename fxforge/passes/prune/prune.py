@@ -30,6 +30,7 @@ from fxforge.passes.prune import flap, magnitude, wanda_sp
 from fxforge.passes.prune.capture import capture_input_stats
 from fxforge.passes.prune.scoring import Candidate, select_units, unit_multiple
 from fxforge.passes.prune.surgery import apply_pruning, linear_nodes_by_weight
+from fxforge.passes.selection import require_matches
 
 METHODS: dict[str, ModuleType] = {"flap": flap, "magnitude": magnitude, "wanda_sp": wanda_sp}
 STRUCTURES = ("heads", "query_heads", "head_dim", "channels", "hidden")
@@ -150,6 +151,9 @@ class Prune(Pass):
                     f"prune: target(s) {missing} match no {'/'.join(self.structures)} group. "
                     f"Groups of those kinds live at: {', '.join(known) or 'nowhere'}. "
                     f"Use fxforge.ir.depgraph.groups(gm) to list every group.", pass_name="prune")
+        if self.exclude:  # a typo in exclude would prune a structure the user meant to keep
+            known = sorted({group_path(g) for g in all_groups if g.kind in self.structures})
+            require_matches(self.name, "exclude", self.exclude, known, what=f"{'/'.join(self.structures)} group")
         return chosen, skipped
 
     def _calibrate(self, gm: GraphModule, groups: list[Group], ctx: PassContext) -> dict:

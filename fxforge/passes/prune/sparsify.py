@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from fxforge.ir.graph import LinearSite, get_attr, linear_sites, set_attr
+from fxforge.ir.graph import LinearSite, get_attr, set_attr
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.prune.capture import ChannelStats, capture_input_stats
+from fxforge.passes.selection import select_linear_sites
 
 MASKS_META = "fxforge_sparsity_masks"  # "fxforge_": saved with the artifact
 METHODS = ("magnitude", "wanda", "dsnot")
@@ -171,12 +172,12 @@ class Sparsify(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         n_m = parse_pattern(self.pattern)
-        sites = linear_sites(gm, self.targets, self.exclude, self.include_lm_head)
-        skipped = []
+        selection = select_linear_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        sites, skipped = selection.sites, list(selection.skipped)
         if n_m is not None:
             fits = [s for s in sites if s.in_features % n_m[1] == 0]
-            skipped = [(s.module_path, f"{s.in_features} inputs are not a multiple of M={n_m[1]}")
-                       for s in sites if s not in fits]
+            skipped += [(s.module_path, f"{s.in_features} inputs are not a multiple of M={n_m[1]}")
+                        for s in sites if s not in fits]
             sites = fits
         stats = self._calibrate(gm, sites, ctx) if self.method != "magnitude" else {}
         masks = dict(gm.meta.get(MASKS_META, {}))

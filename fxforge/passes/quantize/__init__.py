@@ -90,7 +90,8 @@ class Quantize(Pass):
         return spec
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        sites = selection.sites
         specs = {s.node.name: self.spec_for(s) for s in sites}  # every layer checked before any change
         notes: dict = {"method": self.method, "layers": len(sites)}
         stats = {}
@@ -120,7 +121,7 @@ class Quantize(Pass):
                 extra_sites.append(site.module_path)
         if extra_sites:
             notes["sparse_outlier_layers"] = len(extra_sites)
-        return PassResult(gm, sites=len(sites), notes=notes)
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes)
 
     def _quantize_matrix(self, matrix, spec: QuantSpec, site: LinearSite, stats: dict):
         if self.method == "rtn":

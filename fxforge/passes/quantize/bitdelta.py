@@ -158,7 +158,8 @@ class BitDelta(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         state = base_state_dict(self.base)
-        sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        sites = selection.sites
         bases = {}
         for site in sites:  # every layer checked before any change
             fine = weight_of(gm, site)
@@ -186,4 +187,4 @@ class BitDelta(Pass):
                        else [list(ctx.example_inputs)])
             losses = distill_alphas(fine_graph, gm, batches, self.distill_steps, self.lr)
             notes["distill_loss"] = (losses[0], losses[-1])
-        return PassResult(gm, sites=len(sites), notes=notes)
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes)

@@ -14,19 +14,22 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from fxforge.errors import PassError
-from fxforge.ir.graph import LinearSite, add_attr, get_attr, linear_sites, replace_with_call
+from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.linear_wq import pack_bits
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec
+from fxforge.passes.selection import Selection, select_linear_sites
 
 GROUP_AXES = ("in", "out")
 
 
 def select_sites(gm: GraphModule, pass_name: str, targets: Sequence[str] | None, exclude: Sequence[str],
-                 include_lm_head: bool) -> list[LinearSite]:
-    """Linear sites the pass rewrites; embeddings are never linear sites, so they stay float."""
-    return linear_sites(gm, targets=list(targets) if targets else None, exclude=list(exclude),
-                        include_lm_head=include_lm_head)
+                 include_lm_head: bool) -> Selection:
+    """Linear sites the pass rewrites, and why matching layers are left alone (see passes.selection).
+
+    Embeddings are never linear sites, so they stay float; a pattern matching nothing is a PassError.
+    """
+    return select_linear_sites(gm, pass_name, targets, exclude, include_lm_head)
 
 
 def check_option(condition: bool, message: str) -> None:

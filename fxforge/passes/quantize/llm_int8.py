@@ -39,8 +39,9 @@ class LlmInt8(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_int8_mixed").overload
-        sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        sites = selection.sites
         for site in sites:
             replace_with_call(gm, site.node, op, (site.input, *int8_weight_attrs(gm, site), bias_node(site),
                                                   float(self.threshold)))
-        return PassResult(gm, sites=len(sites))
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped)

@@ -55,7 +55,8 @@ class QuantizeDynamic(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_w8a8").overload
-        sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        sites = selection.sites
         for site in sites:
             replace_with_call(gm, site.node, op, (site.input, *int8_weight_attrs(gm, site), bias_node(site)))
-        return PassResult(gm, sites=len(sites))
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped)

@@ -80,7 +80,8 @@ class QuantizeFp(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_fp").overload
-        sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        sites = selection.sites
         groups = {s.node.name: resolve_group_size(self.name, s, self.group_size, "in") for s in sites}
         for s in sites:
             if self.fmt == "e2m1" and s.in_features % 2:
@@ -109,4 +110,4 @@ class QuantizeFp(Pass):
                                    before=site.node)
             replace_with_call(gm, site.node, op, (site.input, codes_node, scales_node, bias_node(site), self.fmt, g,
                                                   self.act_fmt))
-        return PassResult(gm, sites=len(sites), notes={"fmt": self.fmt, "searched": searching})
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes={"fmt": self.fmt, "searched": searching})
