@@ -146,6 +146,7 @@ def compile(
     backend_options: dict[str, Any] | None = None,
     backend_tolerance: Tolerance | None = None,
     extras: dict[str, Any] | None = None,
+    max_loss: float | dict[str, float] | None = None,
 ) -> CompiledModel:
     """Trace `model` on example inputs, run a pipeline of passes, and lower to a backend.
 
@@ -156,7 +157,14 @@ def compile(
             Pipeline. `canonicalize` runs first unless the pipeline starts with it.
         backend: "eager", "onnx", "triton" or "inductor".
         calibration: an iterable of model inputs for data-driven passes (AWQ, GPTQ, EVA, ...).
-        verify: check every pass against the graph before it, and the backend against eager.
+        verify: check every pass against what it claims to compute (the graph before it for
+            exact passes, its semantics for lossy ones, e.g. quantize = the graph with the
+            dequantized weights) at the example inputs and a second shape, measure each pass's
+            loss, and check the backend against eager.
+        max_loss: bound on every pass's loss against the graph before it: a number (relative L2
+            error of any output) or a dict over "max_abs", "rel_l2", "min_cosine". Default None:
+            loss is measured and reported (`compiled.report`), never bounded. A pass's own
+            `max_loss=` option takes precedence.
         dynamic_shapes: "auto" (dynamic wherever the model allows), None, or torch.export's form.
         seed: for passes that draw random numbers.
         backend_options: e.g. {"threads": 2, "path": "model.onnx"} for the onnx backend.
@@ -178,7 +186,7 @@ def compile(
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, seed=seed,
                       extras=dict(extras or {}))
     torch.manual_seed(seed)
-    gm, pipeline_report = pipeline.run(gm, ctx, verify=verify)
+    gm, pipeline_report = pipeline.run(gm, ctx, verify=verify, max_loss=max_loss)
     report = CompileReport(pipeline_report, backend, trace_seconds=trace_seconds)
     # ctx.example_inputs, not example_inputs: a pass may have changed the graph's inputs.
     return CompiledModel(gm, backend, example_inputs=ctx.example_inputs, report=report,
