@@ -24,7 +24,7 @@ from fxforge.backends import check_tolerance, get_backend
 from fxforge.errors import InputError, VerificationError
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
-from fxforge.ir.verify import Comparison, Tolerance, compare_outputs, run_graph
+from fxforge.ir.verify import Comparison, LossBound, Tolerance, compare_outputs, run_graph
 from fxforge.passes.base import Pass, PassContext, Pipeline, PipelineReport
 
 DEFAULT_BACKEND_TOLERANCE = Tolerance(max_abs=1e-4, rtol=1e-4)
@@ -178,6 +178,7 @@ def compile(
         >>> compiled = fxforge.compile(model, (x,), passes="fuse_rms_norm", backend="onnx")
         >>> y = compiled(x)
     """
+    LossBound.parse(max_loss)  # a malformed bound fails here, before tracing
     start = time.perf_counter()
     gm = trace(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     trace_seconds = time.perf_counter() - start

@@ -16,6 +16,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.fx import GraphModule
 
+from fxforge.errors import PassSpecError
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -157,26 +159,28 @@ class LossBound:
 
     @staticmethod
     def parse(value: "LossBound | float | dict[str, float] | None") -> "LossBound | None":
-        """None -> no bound; a number -> a bound on rel_l2; a dict -> per metric (LOSS_METRICS)."""
+        """None -> no bound; a number -> a bound on rel_l2; a dict -> per metric (LOSS_METRICS).
+
+        Anything else is a PassSpecError (a ValueError) naming the accepted forms."""
         if value is None or isinstance(value, LossBound):
             return value
         if isinstance(value, bool):
-            raise ValueError(f"max_loss must be a number (bound on relative L2 error) or a dict over "
+            raise PassSpecError(f"max_loss must be a number (bound on relative L2 error) or a dict over "
                              f"{LOSS_METRICS}, got {value!r}")
         if isinstance(value, (int, float)):
             value = {"rel_l2": float(value)}
         if not isinstance(value, dict):
-            raise ValueError(f"max_loss must be a number (bound on relative L2 error) or a dict over "
+            raise PassSpecError(f"max_loss must be a number (bound on relative L2 error) or a dict over "
                              f"{LOSS_METRICS}, got {type(value).__name__}")
         unknown = sorted(set(value) - set(LOSS_METRICS))
         if unknown:
-            raise ValueError(f"max_loss: unknown metric(s) {unknown}; use {LOSS_METRICS}, e.g. "
+            raise PassSpecError(f"max_loss: unknown metric(s) {unknown}; use {LOSS_METRICS}, e.g. "
                              f"{{'rel_l2': 0.3, 'min_cosine': 0.95}}")
         for key, bound in value.items():
             if isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound):
-                raise ValueError(f"max_loss: {key} must be a number, got {bound!r}")
+                raise PassSpecError(f"max_loss: {key} must be a number, got {bound!r}")
             if key != "min_cosine" and bound < 0:
-                raise ValueError(f"max_loss: {key} must be >= 0, got {bound!r}")
+                raise PassSpecError(f"max_loss: {key} must be >= 0, got {bound!r}")
         return LossBound(**{k: float(v) for k, v in value.items()})
 
     def violation(self, loss: OutputError) -> str | None:

@@ -393,8 +393,8 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
 
     try:  # a malformed bound is an error before any work, not after the pass ran
         bound = p.loss_bound() or LossBound.parse(max_loss)
-    except ValueError as exc:
-        raise PassError(f"pass '{p.spec()}': {exc}", pass_name=p.name) from exc
+    except PassSpecError as exc:
+        raise PassSpecError(f"pass '{p.spec()}': {exc}") from exc
     before = summarize(gm)
     start = time.perf_counter()
     work = copy.deepcopy(gm)

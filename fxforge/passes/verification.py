@@ -67,7 +67,12 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
     """Check `after` (the pass's result) as the module docstring says; PassError if it fails."""
     verification = Verification()
     unverified = result.semantics.unverified if result.semantics is not None else ""
-    reference = None if unverified else p.semantics(before, result, ctx)
+    try:
+        reference = None if unverified else p.semantics(before, result, ctx)
+    except Exception as exc:  # a claim naming a tensor the graph before lacks, a claim of the wrong shape...
+        raise PassError(f"pass '{p.spec()}' declared semantics that cannot be built on the graph before it "
+                        f"({type(exc).__name__}: {exc}); this is a bug in the pass. It was rolled back; the input "
+                        f"graph is unchanged.", pass_name=p.name) from exc
     if reference is not None:
         verification.against = "semantics"
     if unverified:
@@ -127,7 +132,6 @@ def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: 
             check = p.verify(before, after, at_shape)
             return ShapeCheck(shapes, check, _loss_of(check), p.tolerance())
         outputs_after = run_graph(after, inputs)
-        expected = run_graph(reference, inputs) if reference is not None else outputs_before
     except PassError:
         raise
     except Exception as exc:
@@ -135,6 +139,13 @@ def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: 
             f"pass '{p.spec()}' produced a graph that fails on inputs of shape {shapes} (the graph before runs "
             f"them) and was rolled back: {type(exc).__name__}: {exc}. The input graph is unchanged.",
             pass_name=p.name) from exc
+    try:
+        expected = run_graph(reference, inputs) if reference is not None else outputs_before
+    except Exception as exc:
+        raise PassError(
+            f"pass '{p.spec()}' declared semantics whose reference graph fails on inputs of shape {shapes}: "
+            f"{type(exc).__name__}: {exc}; this is a bug in the pass. It was rolled back; the input graph is "
+            f"unchanged.", pass_name=p.name) from exc
     loss = measure_loss(outputs_before, outputs_after)
     if not exact:  # the pass said why its claim cannot be checked; the loss is still measured
         return ShapeCheck(shapes, loss, loss, Tolerance(max_abs=None))
