@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from fxforge.ir.graph import get_attr, set_attr
 from fxforge.passes.base import PassContext, PassResult
-from fxforge.passes.prune import Prune
+from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import MASKS_META, Sparsify
 from fxforge.passes.quantize import Quantize
 

@@ -81,10 +81,10 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
     second = second_shape_inputs(before, ctx.example_inputs)
     if second is None:
         verification.note = "static graph: verified at the example inputs only"
-    if unverified:
-        verification.note = "; ".join(filter(None, [unverified, verification.note]))
     else:
         shapes.append(second)
+    if unverified:
+        verification.note = "; ".join(filter(None, [unverified, verification.note]))
     try:
         for index, inputs in enumerate(shapes):
             try:

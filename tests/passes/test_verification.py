@@ -19,7 +19,7 @@ from fxforge.ir.reference import Semantics, reference_graph
 from fxforge.ir.shapes import second_shape_inputs
 from fxforge.ir.verify import run_graph
 from fxforge.passes.base import PassContext, Pipeline, PipelineReport, get_pass_class, run_pass
-from fxforge.passes.prune import Prune
+from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import Sparsify
 from fxforge.passes.quantize import Quantize
 from fxforge.passes.quantize.quantize_dynamic import QuantizeDynamic
