@@ -109,7 +109,7 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
                 raise PassError(
                     f"pass '{p.spec()}' lost more than max_loss allows and was rolled back: output {loss.index} has "
                     f"{exceeded} against the graph before (bound: {bound}; measured over "
-                    f"{', '.join(c.shapes for c in verification.checks)}). Raise max_loss, or choose a less lossy "
+                    f"{' and '.join(c.shapes for c in verification.checks)}). Raise max_loss, or choose a less lossy "
                     f"setting (more bits, a smaller ratio, fewer targets). The input graph is unchanged.",
                     pass_name=p.name)
     return verification
