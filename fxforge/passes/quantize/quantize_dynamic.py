@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite, add_attr, replace_with_call
 from fxforge.ir.ops import get_op
-from fxforge.ir.reference import LinearFn, Semantics
+from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.common import bias_node, select_sites, weight_of
 
