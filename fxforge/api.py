@@ -24,11 +24,11 @@ from torch.fx import GraphModule
 from fxforge.backends import check_tolerance, get_backend
 from fxforge.backends.validate import as_tolerance, check_backend_options, check_dtypes, resolve_backend
 from fxforge.calibration_data import CalibrationData
-from fxforge.errors import BackendError, FxforgeError, InputError, PassSpecError, TraceError, VerificationError
+from fxforge.errors import BackendError, FxforgeError, PassSpecError, TraceError, VerificationError
 from fxforge.finite_checks import check_finite_inputs, check_finite_model
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
-from fxforge.ir.verify import Comparison, Tolerance, compare_outputs, run_graph
+from fxforge.ir.verify import Comparison, LossBound, Tolerance, compare_outputs, run_graph
 from fxforge.passes.base import Pass, PassContext, Pipeline, PipelineReport
 from fxforge.runtime.input_signature import InputSignature
 
@@ -168,6 +168,7 @@ def compile(
     backend_options: dict[str, Any] | None = None,
     backend_tolerance: Tolerance | float | None = None,
     extras: dict[str, Any] | None = None,
+    max_loss: float | dict[str, float] | None = None,
 ) -> CompiledModel:
     """Trace `model` on example inputs, run a pipeline of passes, and lower to a backend.
 
@@ -180,7 +181,14 @@ def compile(
         calibration: an iterable of model inputs for data-driven passes (AWQ, GPTQ, EVA, ...);
             generators too. Read once and shared by every pass; each batch is checked against
             the traced inputs (CalibrationError names the pass, the batch and the input).
-        verify: check every pass against the graph before it, and the backend against eager.
+        verify: check every pass against what it claims to compute (the graph before it for
+            exact passes, its semantics for lossy ones, e.g. quantize = the graph with the
+            dequantized weights) at the example inputs and a second shape, measure each pass's
+            loss, and check the backend against eager.
+        max_loss: bound on every pass's loss against the graph before it: a number (relative L2
+            error of any output) or a dict over "max_abs", "rel_l2", "min_cosine". Default None:
+            loss is measured and reported (`compiled.report`), never bounded. A pass's own
+            `max_loss=` option takes precedence.
         dynamic_shapes: "auto" (dynamic wherever the model allows), None, or torch.export's form.
         seed: for passes that draw random numbers.
         backend_options: e.g. {"threads": 2, "path": "model.onnx"} for the onnx backend.
@@ -204,6 +212,7 @@ def compile(
     backend = resolve_backend(backend)
     backend_options = check_backend_options(backend, backend_options)
     backend_tolerance = as_tolerance(backend_tolerance)
+    LossBound.parse(max_loss)
     pipeline = _with_canonicalize(passes)
     _check_model(model, backend, args, kwargs)
     start = time.perf_counter()
@@ -217,7 +226,7 @@ def compile(
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, seed=seed,
                       extras=dict(extras or {}))
     torch.manual_seed(seed)
-    gm, pipeline_report = pipeline.run(gm, ctx, verify=verify)
+    gm, pipeline_report = pipeline.run(gm, ctx, verify=verify, max_loss=max_loss)
     report = CompileReport(pipeline_report, backend, trace_seconds=trace_seconds)
     # ctx.example_inputs, not example_inputs: a pass may have changed the graph's inputs.
     return CompiledModel(gm, backend, example_inputs=ctx.example_inputs, report=report,

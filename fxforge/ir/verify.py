@@ -2,7 +2,9 @@
 
 The pipeline uses these after every pass; backends use them to check a lowered model against
 eager. A `Tolerance` states what "agree" means for a pass: exact passes keep tight absolute
-bounds; lossy passes (quantization, pruning) declare a relative error or cosine bound.
+bounds; lossy passes (quantization, pruning) are checked tightly against their own semantics
+(`fxforge.ir.reference`), and their loss against the graph before is measured (`measure_loss`)
+and bounded only where the user asks (`LossBound`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Any, Sequence
 import torch
 import torch.utils._pytree as pytree
 from torch.fx import GraphModule
+
+from fxforge.errors import PassSpecError
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,95 @@ def compare_outputs(ref: Sequence[Any], got: Sequence[Any], tol: Tolerance,
             return comparison
         comparison.outputs.append(compare_tensors(r, g, tol, i))
     return comparison
+
+
+def low_precision_tolerance(tol: Tolerance, dtype: torch.dtype) -> Tolerance:
+    """`tol` for outputs of a 16-bit dtype compared with a reference computed differently.
+
+    fp32 references agree with fxforge ops to rounding (~1e-7), but a bf16/fp16 reference
+    rounds its weights and products to 16 bits where the op accumulates in fp32: they differ by
+    a few units of the dtype's epsilon, relative. 8 eps (bf16: 6%, fp16: 0.8%) of relative L2
+    still rejects a misplaced group or layer, whose error is of the size of the weights.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return tol
+    return Tolerance(max_abs=None, max_rel=8 * torch.finfo(dtype).eps)
+
+
+LOSS_METRICS = ("max_abs", "rel_l2", "min_cosine")
+
+
+@dataclass(frozen=True)
+class LossBound:
+    """A user's bound on how far a pass may move the outputs (loss, not bugs); unset = no bound.
+
+    max_abs: max |after - before| over any output element.
+    rel_l2: ‖after - before‖₂ / ‖before‖₂ per output.
+    min_cosine: cosine(after, before) per output, at least.
+    """
+
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    min_cosine: float | None = None
+
+    @staticmethod
+    def parse(value: "LossBound | float | dict[str, float] | None") -> "LossBound | None":
+        """None -> no bound; a number -> a bound on rel_l2; a dict -> per metric (LOSS_METRICS).
+
+        Anything else is a PassSpecError (a ValueError) naming the accepted forms."""
+        if value is None or isinstance(value, LossBound):
+            return value
+        if isinstance(value, bool):
+            raise PassSpecError(f"max_loss must be a number (bound on relative L2 error) or a dict over "
+                             f"{LOSS_METRICS}, got {value!r}")
+        if isinstance(value, (int, float)):
+            value = {"rel_l2": float(value)}
+        if not isinstance(value, dict):
+            raise PassSpecError(f"max_loss must be a number (bound on relative L2 error) or a dict over "
+                             f"{LOSS_METRICS}, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(LOSS_METRICS))
+        if unknown:
+            raise PassSpecError(f"max_loss: unknown metric(s) {unknown}; use {LOSS_METRICS}, e.g. "
+                             f"{{'rel_l2': 0.3, 'min_cosine': 0.95}}")
+        for key, bound in value.items():
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound):
+                raise PassSpecError(f"max_loss: {key} must be a number, got {bound!r}")
+            if key != "min_cosine" and bound < 0:
+                raise PassSpecError(f"max_loss: {key} must be >= 0, got {bound!r}")
+        return LossBound(**{k: float(v) for k, v in value.items()})
+
+    def violation(self, loss: OutputError) -> str | None:
+        """'rel_l2 = 0.41 > 0.3' for the first metric of `loss` beyond this bound, else None."""
+        if self.max_abs is not None and not loss.max_abs <= self.max_abs:
+            return f"max_abs = {loss.max_abs:.4g} > {self.max_abs:g}"
+        if self.rel_l2 is not None and not loss.rel_l2 <= self.rel_l2:
+            return f"rel_l2 = {loss.rel_l2:.4g} > {self.rel_l2:g}"
+        if self.min_cosine is not None and not loss.cosine >= self.min_cosine:
+            return f"cosine = {loss.cosine:.6f} < {self.min_cosine:g}"
+        return None
+
+    def __str__(self) -> str:
+        parts = [f"{k} <= {v:g}" for k, v in (("max_abs", self.max_abs), ("rel_l2", self.rel_l2)) if v is not None]
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine:g}")
+        return ", ".join(parts) or "no bound"
+
+
+def measure_loss(before: Sequence[Any], after: Sequence[Any]) -> Comparison:
+    """Per-output max abs, relative L2 and cosine of `after` against `before`; nothing bounded."""
+    return compare_outputs(before, after, Tolerance(max_abs=None))
+
+
+def worst_loss(comparisons: Sequence[Comparison]) -> list[OutputError]:
+    """Per output index, the worst of several measurements (e.g. at two shapes)."""
+    worst: dict[int, OutputError] = {}
+    for comparison in comparisons:
+        for o in comparison.outputs:
+            w = worst.get(o.index)
+            worst[o.index] = o if w is None else OutputError(
+                index=o.index, max_abs=max(w.max_abs, o.max_abs), rel_l2=max(w.rel_l2, o.rel_l2),
+                cosine=min(w.cosine, o.cosine), ok=w.ok and o.ok, reason=w.reason if not w.ok else o.reason)
+    return [worst[i] for i in sorted(worst)]
 
 
 class _Recorder(torch.fx.Interpreter):

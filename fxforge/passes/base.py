@@ -2,10 +2,12 @@
 
 A pass is a frozen dataclass whose fields are its options; its `name` equals its file name and
 is how pipelines refer to it (`"quantize(bits=4,group_size=128)"`). `Pipeline` runs passes one
-at a time, each on a copy of the graph, and checks the copy against the graph before it on the
-example inputs within the tolerance the pass declares. A pass that raises or fails the check
-is rolled back: the error names the pass, the output with the largest error and the first
-node whose value diverged. Read `fxforge/passes/README.md` before writing a pass.
+at a time, each on a copy of the graph, and verifies each result (`passes/verification.py`):
+against what the pass claims to compute (the graph before for exact passes, the pass's
+`Semantics` for lossy ones) at the example inputs and at a second shape, and measures its loss
+against the graph before. A pass that raises or fails the check is rolled back: the error
+names the pass, the output with the largest error and the first node whose value diverged.
+Read `fxforge/passes/README.md` before writing a pass.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from fxforge.calibration_data import (CalibrationData, as_flat_inputs, checked_b
                                       missing_calibration)
 from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import finalize, format_bytes, summarize
-from fxforge.ir.verify import Comparison, Tolerance, compare_outputs, first_divergent_node, run_graph
+from fxforge.ir.reference import Semantics, reference_graph
+from fxforge.ir.verify import Comparison, LossBound, OutputError, Tolerance, compare_outputs, run_graph
 
 __all__ = ["Pass", "PassContext", "PassResult", "Pipeline", "PipelineReport", "PassRecord",
-           "Tolerance", "register_pass", "registered_passes", "get_pass_class", "as_flat_inputs"]
+           "Semantics", "Tolerance", "register_pass", "registered_passes", "get_pass_class", "as_flat_inputs"]
 
 
 # --------------------------------------------------------------------------- context
@@ -105,6 +108,9 @@ class PassResult:
         inputs the new graph takes, derived from ctx.example_inputs. Once the pass is verified
         they replace ctx.example_inputs, so later passes verify, and the backend exports and
         checks, on inputs the graph actually takes.
+    semantics: for lossy passes, what the result claims to compute as edits of the graph before
+        (dequantized or masked weights, ...); verification builds that reference and holds the
+        result to it exactly. None: the pass claims to be exact (or overrides `semantics`).
     """
 
     graph_module: GraphModule
@@ -112,6 +118,7 @@ class PassResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
     example_inputs: tuple[Any, ...] | None = None
+    semantics: Semantics | None = None
 
 
 @dataclass(frozen=True)
@@ -121,11 +128,19 @@ class Pass:
     Override:
         run(gm, ctx) -> PassResult      rewrite `gm` (it is already a private copy) in place
                                         or return a new GraphModule.
-        tolerance() -> Tolerance        how far outputs may move (exact passes keep the default).
+        tolerance() -> Tolerance        how closely the result must match what the pass claims
+                                        (the graph before, or its semantics); default 1e-5.
+        semantics(before, result, ctx)  lossy passes: the graph the result claims to equal;
+                                        the default builds it from `result.semantics`.
         verify(before, after, ctx)      only if the pass changes the graph's inputs/outputs.
+
+    Every pass also takes `max_loss=` (keyword only): a bound on its loss against the graph
+    before, a number (relative L2 error) or a dict over ("max_abs", "rel_l2", "min_cosine").
+    Default None: no bound (the loss is measured and reported), or compile's `max_loss`.
     """
 
     name: ClassVar[str] = ""
+    max_loss: float | dict[str, float] | None = field(default=None, kw_only=True, compare=False)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -133,8 +148,26 @@ class Pass:
     def tolerance(self) -> Tolerance:
         return Tolerance()
 
+    def semantics(self, before: GraphModule, result: PassResult, ctx: PassContext) -> GraphModule | None:
+        """The graph this pass's result claims to compute, or None for "the graph before" (exact).
+
+        The default builds it from `result.semantics` (`fxforge.ir.reference.reference_graph`):
+        `before` sharing its tensors, with the claimed tensors swapped in.
+        """
+        if not result.semantics:
+            return None
+        return reference_graph(before, result.semantics)
+
+    def loss_bound(self) -> LossBound | None:
+        """This pass's own bound on its loss (`max_loss=`), or None to use compile's."""
+        return LossBound.parse(self.max_loss)
+
     def verify(self, before: GraphModule, after: GraphModule, ctx: PassContext) -> Comparison:
-        """Compare outputs of the graphs on the example inputs (extra outputs of `after` ignored)."""
+        """Compare outputs of the graphs on the example inputs (extra outputs of `after` ignored).
+
+        The pipeline calls this only where a pass overrides it (passes that change the graph's
+        inputs or outputs); otherwise `passes/verification.py` compares against the semantics.
+        """
         ref = run_graph(before, ctx.example_inputs)
         got = run_graph(after, ctx.example_inputs)
         return compare_outputs(ref, got, self.tolerance())
@@ -219,7 +252,17 @@ def _load_builtin_and_plugin_passes() -> None:
 
 @dataclass
 class PassRecord:
-    """One row of the pipeline report."""
+    """One row of the pipeline report.
+
+    max_error: the largest max abs change of any output against the graph before (the loss).
+    loss: per output, its loss against the graph before (max_abs, rel_l2, cosine), the worst
+        over the verified shapes; empty when verification was off.
+    check_error: the largest max abs difference from what the pass claims (its bug check).
+    verified_against: "graph before" (exact passes), "semantics" (lossy ones) or "" (not verified).
+    verified_shapes: the input shapes verification ran at ("2x16, 2x16").
+    verification_note: e.g. "static graph: verified at the example inputs only".
+    verify_seconds: the part of `seconds` spent verifying.
+    """
 
     name: str
     spec: str
@@ -232,6 +275,22 @@ class PassRecord:
     max_error: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    loss: list[OutputError] = field(default_factory=list)
+    check_error: float = 0.0
+    verified_against: str = ""
+    verified_shapes: list[str] = field(default_factory=list)
+    verification_note: str = ""
+    verify_seconds: float = 0.0
+
+    @property
+    def rel_l2(self) -> float:
+        """The largest relative L2 loss of any output (0 when not verified)."""
+        return max((o.rel_l2 for o in self.loss), default=0.0)
+
+    @property
+    def cosine(self) -> float:
+        """The lowest cosine of any output to the graph before (1 when not verified)."""
+        return min((o.cosine for o in self.loss), default=1.0)
 
 
 @dataclass
@@ -239,14 +298,18 @@ class PipelineReport:
     records: list[PassRecord] = field(default_factory=list)
 
     def __str__(self) -> str:
-        header = f"{'pass':<28}{'time':>8}{'nodes':>14}{'param bytes':>24}{'sites':>7}{'max err':>11}"
+        header = (f"{'pass':<28}{'time':>8}{'nodes':>14}{'param bytes':>24}{'sites':>7}"
+                  f"{'loss: max abs':>15}{'rel L2':>10}{'cosine':>10}{'vs claim':>10}")
         lines = [header, "-" * len(header)]
         for r in self.records:
             lines.append(
                 f"{r.spec[:27]:<28}{r.seconds:>7.2f}s{r.nodes_before:>6} → {r.nodes_after:<5}"
                 f"{format_bytes(r.bytes_before):>11} → {format_bytes(r.bytes_after):<10}"
-                f"{r.sites:>7}{r.max_error:>11.2e}"
+                f"{r.sites:>7}{r.max_error:>15.2e}{r.rel_l2:>10.2e}{r.cosine:>10.6f}{r.check_error:>10.1e}"
             )
+            if r.verified_against:
+                lines.append(f"    verified against {r.verified_against} at {' and '.join(r.verified_shapes)}"
+                             + (f" ({r.verification_note})" if r.verification_note else ""))
             for where, why in r.skipped[:10]:
                 lines.append(f"    skipped {where}: {why}")
             if len(r.skipped) > 10:
@@ -288,24 +351,40 @@ class Pipeline:
         return ",".join(p.spec() for p in self.passes)
 
     def run(self, gm: GraphModule, ctx: PassContext, verify: bool = True,
-            report: PipelineReport | None = None) -> tuple[GraphModule, PipelineReport]:
-        """Run every pass on a copy of `gm` (never mutated); return the result and the report."""
+            report: PipelineReport | None = None,
+            max_loss: LossBound | float | dict[str, float] | None = None) -> tuple[GraphModule, PipelineReport]:
+        """Run every pass on a copy of `gm` (never mutated); return the result and the report.
+
+        max_loss bounds every pass's loss against the graph before it (a pass's own `max_loss`
+        wins); None: loss is measured and reported, not bounded.
+        """
         report = report if report is not None else PipelineReport()
+        bound = LossBound.parse(max_loss)
         dump_dir = os.environ.get("FXFORGE_DUMP")
         for index, p in enumerate(self.passes):
-            gm = run_pass(p, gm, ctx, verify=verify, report=report)
+            gm = run_pass(p, gm, ctx, verify=verify, report=report, max_loss=bound)
             if dump_dir:
                 _dump(gm, Path(dump_dir), len(report.records), p)
         return gm, report
 
 
 def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
-             report: PipelineReport | None = None) -> GraphModule:
+             report: PipelineReport | None = None,
+             max_loss: LossBound | float | dict[str, float] | None = None) -> GraphModule:
     """Run one pass on a copy of `gm`, verify it, and append its record to `report`.
 
+    Verification (`passes/verification.py`): the result must match what the pass claims within
+    `p.tolerance()` at the example inputs and at a second shape; its loss against `gm` is
+    measured, and bounded by `p.max_loss`, else `max_loss`, when set.
     A pass that changes the graph's inputs hands back new example inputs
     (`PassResult.example_inputs`); they replace `ctx.example_inputs` once it is verified.
     """
+    from fxforge.passes.verification import Verification, verify_pass
+
+    try:  # a malformed bound is an error before any work, not after the pass ran
+        bound = p.loss_bound() or LossBound.parse(max_loss)
+    except PassSpecError as exc:
+        raise PassSpecError(f"pass '{p.spec()}': {exc}") from exc
     before = summarize(gm)
     start = time.perf_counter()
     work = copy.deepcopy(gm)
@@ -320,19 +399,12 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
             f"pass '{p.spec()}' failed and was rolled back: {type(exc).__name__}: {exc}",
             pass_name=p.name,
         ) from exc
-    max_error = 0.0
+    verification, verify_seconds = Verification(), 0.0
     if verify and ctx.example_inputs:
-        comparison = p.verify(gm, after_gm, ctx)
-        max_error = comparison.max_error
-        if not comparison.ok:
-            node = first_divergent_node(gm, after_gm, ctx.example_inputs, p.tolerance())
-            where = f"; first diverging node: '{node}'" if node else ""
-            raise PassError(
-                f"pass '{p.spec()}' changed the model's outputs beyond its tolerance and was rolled "
-                f"back: {comparison.describe()}{where}. The input graph is unchanged.",
-                pass_name=p.name,
-                node=node,
-            )
+        verify_start = time.perf_counter()
+        verification = verify_pass(p, gm, after_gm, result, ctx, max_loss=bound)
+        verify_seconds = time.perf_counter() - verify_start
+    result.semantics = None  # the claimed tensors die with the check, not with the report
     if result.example_inputs is not None:
         ctx.example_inputs = tuple(result.example_inputs)  # only now: a rolled-back pass leaves ctx as it was
     elapsed = time.perf_counter() - start
@@ -342,7 +414,12 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
             name=p.name, spec=p.spec(), seconds=elapsed,
             nodes_before=before.nodes, nodes_after=after.nodes,
             bytes_before=before.total_param_bytes, bytes_after=after.total_param_bytes,
-            sites=result.sites, max_error=max_error, skipped=list(result.skipped), notes=dict(result.notes),
+            sites=result.sites, max_error=max((o.max_abs for o in verification.loss), default=0.0),
+            skipped=list(result.skipped), notes=dict(result.notes), loss=verification.loss,
+            check_error=verification.check_error,
+            verified_against=verification.against if verification.checks else "",
+            verified_shapes=[c.shapes for c in verification.checks],
+            verification_note=verification.note, verify_seconds=verify_seconds,
         ))
     return after_gm
 

@@ -10,6 +10,9 @@ inputs (H = XᵀX/n, GPTQ-style column loop with error feedback). `bit_budget` (
 leaves under weight-only BCQ (tr(ΔW·H·ΔWᵀ) with calibration data, ‖ΔW‖² without), upgrading
 first the layers whose error falls most per extra stored bit; then each layer is quantized with
 `method` at its bits. The algorithm lives in `shift_add_bcq.py`.
+
+Semantics (verified exactly): the graph before with each rewritten weight replaced by the BCQ
+weight Σ_p α_p·B_p the fit chose (`BcqWeight.dequantize`, from the unpacked planes).
 """
 from __future__ import annotations
 
@@ -22,17 +25,18 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.shift_add_linear import stored_bits_per_weight
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.shift_add_bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
 from fxforge.passes.quantize.calibration import capture_linear_inputs
 from fxforge.passes.selection import select_linear_sites
 
 BUDGET_CHOICES = (2, 3, 4)
-# Output cosine to the float model the pass must keep on the example inputs, by the fewest
-# planes any layer gets: tiny random-init zoo models lose more than trained ones, so these are
-# floors that catch a broken rewrite, not quality targets (the bench measures quality).
-_MIN_COSINE = {1: 0.3, 2: 0.8, 3: 0.9, 4: 0.95}
+# Output cosine to the float model the tests expect on the example inputs, by the fewest planes
+# any layer gets: tiny random-init zoo models lose more than trained ones, so these are floors
+# of honest loss, not quality targets (the bench measures quality). Verification no longer uses
+# them: it checks the result against its semantics; pass max_loss={"min_cosine": ...} to bound.
+MIN_COSINE = {1: 0.3, 2: 0.8, 3: 0.9, 4: 0.95}
 
 
 @register_pass
@@ -82,9 +86,10 @@ class ShiftAdd(Pass):
         if self.iters < 0 or self.calibration_batches < 1:
             raise ValueError("shift_add: iters must be >= 0 and calibration_batches >= 1")
 
-    def tolerance(self) -> Tolerance:
+    def expected_cosine(self) -> float:
+        """The output cosine floor (MIN_COSINE) of this setting on the tiny zoo models."""
         fewest = BUDGET_CHOICES[0] if self.bit_budget is not None else self.bits
-        return Tolerance.lossy(min_cosine=_MIN_COSINE.get(fewest, 0.95))
+        return MIN_COSINE.get(fewest, 0.95)
 
     def _group(self, site: LinearSite) -> int:
         return site.in_features if self.group_size == -1 else self.group_size
@@ -138,8 +143,10 @@ class ShiftAdd(Pass):
             chosen, allocation = self._allocate(gm, sites, hessians, ctx)
             notes["bits"] = allocation
         op = get_op("shift_add_linear").overload
+        semantics = Semantics()
         for site in sites:
             result = chosen[site.node.name]
+            semantics.replace_weight(site.weight_name, result.dequantize())
             base = site.module_path or site.weight_name
             packed = add_attr(gm, f"{base}.sa_packed", result.packed(), buffer=True, before=site.node)
             exps = add_attr(gm, f"{base}.sa_exps", result.exps, buffer=True, before=site.node)
@@ -154,7 +161,7 @@ class ShiftAdd(Pass):
                 for s in sites)
             notes["avg_planes"] = sum(s.in_features * s.out_features * chosen[s.node.name].bits for s in sites) / total
             notes["stored_bits_per_weight"] = stored / total
-        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes)
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes, semantics=semantics)
 
     def _allocate(self, gm: GraphModule, sites: list[LinearSite], hessians: dict, ctx: PassContext):
         """Score each site at every budget choice, allocate greedily, then quantize at the chosen bits.

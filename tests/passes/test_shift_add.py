@@ -8,7 +8,7 @@ from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import get_attr, linear_sites
 from fxforge.ir.ops.shift_add_linear import check_invariants, dequantize_shift_add
 from fxforge.ir.trace import flatten_inputs, trace
-from fxforge.ir.verify import compare_outputs, run_graph
+from fxforge.ir.verify import Tolerance, compare_outputs, run_graph
 from fxforge.models import get_model
 from fxforge.passes.base import PassContext, Pipeline, get_pass_class, run_pass
 from fxforge.passes.shift_add import ShiftAdd, allocate_bits
@@ -68,7 +68,9 @@ def test_structure_match_count_and_invariants(model, request):
         assert node.meta["module_path"]
     # the input graph is untouched
     assert not _shift_add_nodes(gm)
-    cmp = compare_outputs(run_graph(gm, example), run_graph(out, example), ShiftAdd(bits=3).tolerance())
+    # loss floor of honest 3-plane BCQ on a random-init model (the pipeline checks bugs, not this)
+    cmp = compare_outputs(run_graph(gm, example), run_graph(out, example),
+                          Tolerance.lossy(min_cosine=ShiftAdd(bits=3).expected_cosine()))
     assert cmp.ok, cmp.describe()
 
 
@@ -92,7 +94,7 @@ def test_more_bits_and_calibration_reduce_error(llama):
                  "shift_add(bits=2,group_size=32,iters=3,method='bcq_calibrated')"]:
         ctx = PassContext(example_inputs=example, calibration=calibration)
         out, _ = Pipeline(spec).run(gm, ctx)
-        errors[spec] = compare_outputs(ref, run_graph(out, example), ShiftAdd().tolerance()).outputs[0].rel_l2
+        errors[spec] = compare_outputs(ref, run_graph(out, example), Tolerance(max_abs=None)).outputs[0].rel_l2
     two, four, calibrated = errors.values()
     assert four < two
     assert calibrated < two
@@ -207,7 +209,8 @@ def test_composes_after_prune_and_with_fuse_attention(llama):
     widths = {n.meta["module_path"]: n.args[0].meta["val"].shape[-1] for n in _shift_add_nodes(out)}
     # shift_add quantized the pruned MLP: down_proj reads fewer than the original 128 channels
     assert all(w < 128 for p, w in widths.items() if p.endswith("down_proj"))
-    cmp = compare_outputs(run_graph(gm, example), run_graph(out, example), ShiftAdd(bits=2).tolerance())
+    cmp = compare_outputs(run_graph(gm, example), run_graph(out, example),
+                          Tolerance.lossy(min_cosine=ShiftAdd(bits=2).expected_cosine()))
     assert cmp.ok, cmp.describe()
 
 

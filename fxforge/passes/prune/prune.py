@@ -11,6 +11,10 @@ whose module path matches `targets`; the method scores their units; `scoring.sel
 picks what goes; FLAP adds compensation biases; `surgery.apply_pruning` slices the weights and
 rewrites reshape/split sizes so the graph runs at the new widths. Groups the analysis could not
 prove (or that reach the model's inputs/outputs) are skipped and listed in the report.
+
+Semantics (verified exactly): the graph before with the removed heads/channels zeroed and
+FLAP's compensation added to the biases (`prune/semantics.py`). The loss is measured and
+reported, not bounded (`max_loss=` bounds it).
 """
 from __future__ import annotations
 
@@ -24,11 +28,12 @@ from torch.fx import GraphModule
 from fxforge.errors import PassError
 from fxforge.ir.depgraph import Group, analyze
 from fxforge.ir.graph import add_attr, get_attr, matches_any, set_attr
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.verify import LossBound
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.prune import flap, magnitude, wanda_sp
 from fxforge.passes.prune.capture import capture_input_stats
 from fxforge.passes.prune.scoring import Candidate, select_units, unit_multiple
+from fxforge.passes.prune.semantics import zeroed_semantics
 from fxforge.passes.prune.surgery import apply_pruning, linear_nodes_by_weight
 from fxforge.passes.selection import require_matches
 
@@ -50,7 +55,7 @@ class Prune(Pass):
     allocation: "auto" (the method's own: FLAP global, others uniform), "global" or "uniform".
     bias_compensation: FLAP's b += W[:, pruned]·x̄[pruned] (flap only).
     calibration_batches: how many calibration items to read (flap, wanda_sp).
-    max_rel_error: the verification bound on the outputs' relative L2 change.
+    max_rel_error: deprecated spelling of max_loss={"rel_l2": ...}; None (default): no bound.
     """
 
     name = "prune"
@@ -63,7 +68,7 @@ class Prune(Pass):
     allocation: str = "auto"
     bias_compensation: bool = True
     calibration_batches: int = 16
-    max_rel_error: float = 1.0
+    max_rel_error: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,8 +90,10 @@ class Prune(Pass):
             raise ValueError(f"prune: allocation must be 'auto', 'global' or 'uniform', got "
                              f"{self.allocation!r}")
 
-    def tolerance(self) -> Tolerance:
-        return Tolerance.lossy(max_rel=self.max_rel_error)
+    def loss_bound(self) -> LossBound | None:
+        if self.max_rel_error is not None and self.max_loss is None:
+            return LossBound(rel_l2=self.max_rel_error)
+        return super().loss_bound()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         method = METHODS[self.method]
@@ -112,6 +119,8 @@ class Prune(Pass):
                     deltas[name] = deltas.get(name, 0) + delta
         params_before = sum(t.numel() for t in gm.parameters())
         pruned = {by_id[gid].leaf: set(units) for gid, units in removed.items()}
+        semantics = zeroed_semantics(gm, analysis, pruned, deltas,
+                                     {by_id[gid].kind for gid, units in removed.items() if units})
         changes = apply_pruning(gm, analysis, pruned)
         _add_biases(gm, analysis, pruned, deltas)
         params_after = sum(t.numel() for t in gm.parameters())
@@ -122,7 +131,7 @@ class Prune(Pass):
                  "removed_fraction_of_model": 1 - params_after / max(params_before, 1),
                  "widths": widths, "size_rewrites": changes["size_rewrites"],
                  "compensated": sorted(deltas)}
-        return PassResult(gm, sites=len(removed), skipped=skipped, notes=notes)
+        return PassResult(gm, sites=len(removed), skipped=skipped, notes=notes, semantics=semantics)
 
     def _candidate_groups(self, all_groups: list[Group]) -> tuple[list[Group], list[tuple[str, str]]]:
         skipped = []

@@ -15,6 +15,9 @@ where the paper uses a mean/variance proxy (see `dsnot_refine` for why).
 Weights are zeroed in place: the graph and its shapes are unchanged and no backend claims a
 speedup. The masks are recorded in `gm.meta["fxforge_sparsity_masks"]` (weight name -> bool mask, True
 = kept) so later passes or fine-tuning can keep them (`reapply_masks(gm)`).
+
+Semantics (verified exactly): the graph before with each weight times its recorded mask. The
+loss is measured and reported, not bounded (`max_loss=` bounds it).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import torch
 from torch.fx import GraphModule
 
 from fxforge.ir.graph import LinearSite, get_attr, set_attr
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.reference import Semantics
+from fxforge.ir.verify import LossBound
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.prune.capture import ChannelStats, capture_input_stats
 from fxforge.passes.selection import select_linear_sites
@@ -139,7 +143,7 @@ class Sparsify(Pass):
     pattern: "unstructured" or "N:M" (e.g. "2:4").
     targets / exclude / include_lm_head: which linear layers (module-path patterns).
     calibration_batches: calibration items read (wanda, dsnot). dsnot_cycles: swaps per row.
-    max_rel_error: the verification bound on the outputs' relative L2 change.
+    max_rel_error: deprecated spelling of max_loss={"rel_l2": ...}; None (default): no bound.
     """
 
     name = "sparsify"
@@ -151,7 +155,7 @@ class Sparsify(Pass):
     include_lm_head: bool = False
     calibration_batches: int = 16
     dsnot_cycles: int = 50
-    max_rel_error: float = 1.0
+    max_rel_error: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -167,8 +171,10 @@ class Sparsify(Pass):
             if isinstance(value, (str, list)):
                 object.__setattr__(self, field_name, (value,) if isinstance(value, str) else tuple(value))
 
-    def tolerance(self) -> Tolerance:
-        return Tolerance.lossy(max_rel=self.max_rel_error)
+    def loss_bound(self) -> LossBound | None:
+        if self.max_rel_error is not None and self.max_loss is None:
+            return LossBound(rel_l2=self.max_rel_error)
+        return super().loss_bound()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         n_m = parse_pattern(self.pattern)
@@ -182,9 +188,11 @@ class Sparsify(Pass):
         stats = self._calibrate(gm, sites, ctx) if self.method != "magnitude" else {}
         masks = dict(gm.meta.get(MASKS_META, {}))
         zeroed = total = 0
+        semantics = Semantics()
         for site in sites:
             weight = get_attr(gm, site.weight_name)
             mask = self._mask(weight.detach().float(), stats.get(site.node.name), n_m)
+            semantics.replace_weight(site.weight_name, weight.detach().masked_fill(~mask, 0))
             set_attr(gm, site.weight_name, weight.detach() * mask.to(weight.dtype))
             masks[site.weight_name] = mask
             zeroed += int((~mask).sum())
@@ -192,7 +200,7 @@ class Sparsify(Pass):
         gm.meta[MASKS_META] = masks
         notes = {"method": self.method, "pattern": self.pattern,
                  "sparsity": zeroed / total if total else 0.0, "layers": len(sites)}
-        return PassResult(gm, sites=len(sites), skipped=skipped, notes=notes)
+        return PassResult(gm, sites=len(sites), skipped=skipped, notes=notes, semantics=semantics)
 
     def _calibrate(self, gm: GraphModule, sites: list[LinearSite], ctx: PassContext) -> dict[str, ChannelStats]:
         ctx.require_calibration(self.name, method=self.method)

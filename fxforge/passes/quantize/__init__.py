@@ -12,6 +12,11 @@ float as a sparse add, ranges optimized by gradient descent). Codes of 3 bits ar
 4-bit containers, 5-7 bits in 8-bit ones. Symmetric quantization uses the fixed zero point
 2^(bits-1), so both variants share one storage format. The sibling passes (`llm_int8`,
 `quantize_fp`, `quantize_dynamic`, `bitdelta`) live next to this file.
+
+Semantics (what verification holds the result to, exactly): the graph before with each
+rewritten linear's weight replaced by the dequantized weight the method chose, ŵ = (q - z)·s
+from the unpacked codes (plus EasyQuant's float outliers), and for AWQ the producers it
+rescaled by 1/s. The loss against the float graph is measured and reported, not bounded.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from fxforge.ir.graph import LinearSite, aten
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.calibration import capture_linear_inputs, require_batches
 from fxforge.passes.quantize.common import (
@@ -33,10 +38,6 @@ from fxforge.passes.quantize.rtn import QuantSpec, quantize_weight_rtn
 
 METHODS = ("rtn", "awq", "gptq", "easyquant")
 CALIBRATED_METHODS = ("awq", "gptq")
-
-# Relative L2 error of the logits each bit width keeps on the tiny zoo models with RTN (the
-# worst method), with headroom: the bound the pipeline verifies against.
-_MAX_REL_ERROR = {2: 1.2, 3: 0.6, 4: 0.3, 5: 0.15, 6: 0.08, 7: 0.05, 8: 0.03}
 
 
 @register_pass
@@ -79,9 +80,6 @@ class Quantize(Pass):
         check_option(self.block_size > 0 and self.awq_grid > 0 and self.range_steps >= 0 and self.outlier_sigma > 0,
                      "quantize: block_size, awq_grid and outlier_sigma must be positive, range_steps >= 0")
 
-    def tolerance(self) -> Tolerance:
-        return Tolerance.lossy(max_rel=_MAX_REL_ERROR[self.bits])
-
     def spec_for(self, site: LinearSite) -> QuantSpec:
         """The layer's QuantSpec; a PassError naming the layer when the options cannot apply to it."""
         group = resolve_group_size(self.name, site, self.group_size, self.group_axis)
@@ -94,6 +92,7 @@ class Quantize(Pass):
         sites = selection.sites
         specs = {s.node.name: self.spec_for(s) for s in sites}  # every layer checked before any change
         notes: dict = {"method": self.method, "layers": len(sites)}
+        semantics = Semantics()
         stats = {}
         if self.method in CALIBRATED_METHODS:
             require_batches(ctx, self.name, self.method, sites)
@@ -104,7 +103,7 @@ class Quantize(Pass):
         if self.method == "awq":
             from fxforge.passes.quantize.awq import apply_awq_scales
 
-            notes["awq"] = apply_awq_scales(gm, sites, specs, stats, self)
+            notes["awq"] = apply_awq_scales(gm, sites, specs, stats, self, semantics)
         extra_sites: list = []
         for site in ctx.progress(sites, desc=f"quantize ({self.method})", total=len(sites)):
             spec = specs[site.node.name]
@@ -113,6 +112,7 @@ class Quantize(Pass):
             if isinstance(qm, tuple):  # easyquant: (codes, sparse outliers)
                 qm, outliers = qm
                 notes["outlier_weights"] = notes.get("outlier_weights", 0) + int(outliers.values.numel())
+            semantics.replace_weight(site.weight_name, claimed_weight(qm, outliers, self.group_axis))
             new = emit_weight_only(gm, site, qm, spec, self.group_axis)
             if outliers is not None:
                 from fxforge.passes.quantize.easyquant import emit_outliers
@@ -121,7 +121,7 @@ class Quantize(Pass):
                 extra_sites.append(site.module_path)
         if extra_sites:
             notes["sparse_outlier_layers"] = len(extra_sites)
-        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes)
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes, semantics=semantics)
 
     def _quantize_matrix(self, matrix, spec: QuantSpec, site: LinearSite, stats: dict):
         if self.method == "rtn":
@@ -139,6 +139,16 @@ class Quantize(Pass):
         from fxforge.passes.quantize.easyquant import quantize_weight_easyquant
 
         return quantize_weight_easyquant(matrix, spec, sigma=self.outlier_sigma, steps=self.range_steps)
+
+
+def claimed_weight(qm, outliers, group_axis: str):
+    """ŵ (out, in) a quantized layer claims to compute with: the chosen codes dequantized
+    (`QuantizedMatrix.dequantize`, from the unpacked codes, so a packing bug cannot hide),
+    plus EasyQuant's float outliers, in the weight's orientation."""
+    dense = qm.dequantize()
+    if outliers is not None and outliers.values.numel():
+        dense = dense.index_put((outliers.rows, outliers.cols), outliers.values.to(dense.dtype), accumulate=True)
+    return dense if group_axis == "in" else dense.T.contiguous()
 
 
 def _is_query_or_key(site: LinearSite) -> bool:

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite, aten, get_attr
+from fxforge.ir.reference import Semantics
 from fxforge.passes.quantize.calibration import LinearInputStats
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, quantize_matrix
 
@@ -72,8 +73,12 @@ def find_producer(gm: GraphModule, x: Node, members: set[Node]) -> list[tuple[st
 
 
 def apply_awq_scales(gm: GraphModule, sites: list[LinearSite], specs: dict[str, QuantSpec],
-                     stats: dict[str, LinearInputStats], options: Any) -> dict[str, Any]:
-    """Search and fold AWQ scales for every group of sites sharing an input; returns a report."""
+                     stats: dict[str, LinearInputStats], options: Any,
+                     semantics: Semantics | None = None) -> dict[str, Any]:
+    """Search and fold AWQ scales for every group of sites sharing an input; returns a report.
+
+    Each producer divided by s is recorded in `semantics` (the result claims to compute with
+    the rescaled producer; the scaled weights are recorded when they are quantized)."""
     groups: dict[Node, list[LinearSite]] = defaultdict(list)
     for site in sites:
         groups[site.input].append(site)
@@ -91,6 +96,8 @@ def apply_awq_scales(gm: GraphModule, sites: list[LinearSite], specs: dict[str, 
         for name, kind in producer:
             target = get_attr(gm, name).data
             target.div_((scale[:, None] if kind == "rows" else scale).to(target.dtype))
+            if semantics is not None:
+                semantics.replace_weight(name, target.clone())
         alphas[members[0].module_path] = alpha
         folded += 1
     return {"groups_scaled": folded, "alphas": alphas, "no_foldable_producer": skipped}

@@ -11,6 +11,9 @@ The base weight keeps the original parameter name, the delta lives in `<layer>.d
 fine-tune's delta and `load_delta(gm, state)` swaps it in. With `distill_steps` > 0 the α's
 are distilled (AdamW, lr 1e-4): MSE between the fine-tuned graph's and the compressed graph's
 outputs on the calibration inputs (or the example inputs when none are given).
+
+Semantics (verified exactly): the graph before with each rewritten weight replaced by
+W_base + α·sign(Δ) (sign +1 where Δ > 0, else -1; α after distillation), from the unpacked signs.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call, set_attr
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.linear_bitdelta import bitdelta_weight, pack_signs
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
 
@@ -152,10 +155,6 @@ class BitDelta(Pass):
             if k != "base" and v != self.__dataclass_fields__[k].default]
         return f"{self.name}({','.join(opts)})"
 
-    def tolerance(self) -> Tolerance:
-        # a 1-bit delta: the output moves by about the delta's own effect; bounded, not small
-        return Tolerance.lossy(max_rel=0.5)
-
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         state = base_state_dict(self.base)
         selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
@@ -170,6 +169,7 @@ class BitDelta(Pass):
                                 f"was not changed.", pass_name=self.name)
         fine_graph = copy.deepcopy(gm) if self.distill_steps else None
         op = get_op("linear_bitdelta").overload
+        claims: dict[str, tuple[Tensor, Tensor, str]] = {}  # weight -> (base, ±1 int8, α attribute)
         for site in sites:
             fine, base = weight_of(gm, site), bases[site.node.name]
             delta = fine.float() - base.float()
@@ -180,6 +180,7 @@ class BitDelta(Pass):
             alpha_node = add_attr(gm, f"{site.module_path}.delta_alpha", alpha.to(fine.dtype), buffer=True,
                                   before=site.node)
             replace_with_call(gm, site.node, op, (site.input, base_node, signs, alpha_node, bias_node(site)))
+            claims[site.weight_name] = (base, torch.where(delta > 0, 1, -1).to(torch.int8), alpha_node.target)
         notes: dict[str, Any] = {}
         if self.distill_steps and sites:
             # calibration is optional here (the example inputs do), but given data must be good data
@@ -187,4 +188,8 @@ class BitDelta(Pass):
                        else [list(ctx.example_inputs)])
             losses = distill_alphas(fine_graph, gm, batches, self.distill_steps, self.lr)
             notes["distill_loss"] = (losses[0], losses[-1])
-        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes)
+        semantics = Semantics()
+        for weight_name, (base, sign, alpha_name) in claims.items():  # α read after distillation
+            alpha = get_attr(gm, alpha_name).to(torch.float32).reshape(())
+            semantics.replace_weight(weight_name, base.to(torch.float32) + alpha * sign.to(torch.float32))
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes, semantics=semantics)

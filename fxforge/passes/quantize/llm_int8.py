@@ -5,6 +5,9 @@
 Weights are int8 per output row (absmax); at run time input columns with any |x| ≥ threshold
 (6.0 by default) multiply in float against the dequantized int8 weight columns, the rest go
 through int8×int8→int32 with per-token scales (fxforge/ir/ops/linear_int8_mixed.py).
+
+Semantics (verified exactly): linear_int8_mixed's reference on the codes and scales chosen
+here, in place of each rewritten linear of the graph before (see `quantize_dynamic`).
 """
 from __future__ import annotations
 
@@ -14,10 +17,14 @@ from torch.fx import GraphModule
 
 from fxforge.ir.graph import replace_with_call
 from fxforge.ir.ops import get_op
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.common import bias_node, check_option, select_sites
-from fxforge.passes.quantize.quantize_dynamic import int8_weight_attrs
+from fxforge.passes.quantize.quantize_dynamic import Int8Claim, int8_weight_attrs
+
+
+class MixedInt8Claim(Int8Claim):
+    op_name = "linear_int8_mixed"
 
 
 @register_pass
@@ -34,14 +41,12 @@ class LlmInt8(Pass):
     def __post_init__(self) -> None:
         check_option(self.threshold > 0, f"llm_int8: threshold={self.threshold} must be positive (default 6.0)")
 
-    def tolerance(self) -> Tolerance:
-        return Tolerance.lossy(max_rel=0.05)
-
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_int8_mixed").overload
         selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
         sites = selection.sites
+        semantics = Semantics()
         for site in sites:
-            replace_with_call(gm, site.node, op, (site.input, *int8_weight_attrs(gm, site), bias_node(site),
-                                                  float(self.threshold)))
-        return PassResult(gm, sites=len(sites), skipped=selection.skipped)
+            attrs = int8_weight_attrs(gm, site, semantics, MixedInt8Claim, float(self.threshold))
+            replace_with_call(gm, site.node, op, (site.input, *attrs, bias_node(site), float(self.threshold)))
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped, semantics=semantics)

@@ -8,6 +8,10 @@ With calibration data (and `search`), LLM-FP4's exponent-bias search runs per ou
 the channel's max is taken from b0·linspace(0.01, 1.2, search_points), b0 = its absmax, and the
 candidate with the lowest layer-output L2 error on calibration rows wins (a different maximum
 is the same as a different exponent bias for these formats).
+
+Semantics (verified exactly): the graph before with each rewritten linear's weight replaced by
+decode(codes)·scale from the unpacked codes; with `act_fmt`, that linear also rounds its input
+per token to FP8 at run time, as the op does.
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ from torch.fx import GraphModule
 from fxforge.errors import PassError
 from fxforge.ir.graph import add_attr, replace_with_call
 from fxforge.ir.ops import get_op
-from fxforge.ir.ops.linear_fp import FORMAT_MAX, FP8_DTYPES, decode, encode
+import torch.nn.functional as F
+
+from fxforge.ir.ops.linear_fp import FORMAT_MAX, FP8_DTYPES, decode, encode, round_activations
 from fxforge.ir.ops.linear_wq import pack_bits
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.calibration import capture_linear_inputs
 from fxforge.passes.quantize.common import bias_node, check_option, resolve_group_size, select_sites, weight_of
@@ -51,6 +57,17 @@ def search_channel_scales(weight: Tensor, group_size: int, fmt: str, x: Tensor, 
     return absmax * best_ratio[:, None, None] / FORMAT_MAX[fmt]
 
 
+class FpActivationClaim:
+    """fn(x, bias): x rounded per token to `act_fmt`, times the claimed weight ŵ, in float32."""
+
+    def __init__(self, weight: Tensor, act_fmt: str):
+        self.weight, self.act_fmt = weight, act_fmt
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        x32 = round_activations(x.to(torch.float32), self.act_fmt)
+        return F.linear(x32, self.weight, None if bias is None else bias.to(torch.float32)).to(x.dtype)
+
+
 @register_pass
 @dataclass(frozen=True)
 class QuantizeFp(Pass):
@@ -75,9 +92,6 @@ class QuantizeFp(Pass):
                      f"quantize_fp: group_size={self.group_size} must be positive or -1 (per channel)")
         check_option(self.search_points >= 2, "quantize_fp: search_points must be at least 2")
 
-    def tolerance(self) -> Tolerance:
-        return Tolerance.lossy(max_rel=0.35 if self.fmt == "e2m1" else 0.1)
-
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_fp").overload
         selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
@@ -92,6 +106,7 @@ class QuantizeFp(Pass):
         stats = {}
         if searching:  # given calibration must be usable; search=False is how to go without it
             stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches, pass_name=self.name)
+        semantics = Semantics()
         for site in ctx.progress(sites, desc="quantize_fp", total=len(sites)):
             w = weight_of(gm, site).float()
             g = groups[site.node.name]
@@ -103,6 +118,11 @@ class QuantizeFp(Pass):
             else:
                 scale = grouped.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FORMAT_MAX[self.fmt]
             codes = encode(grouped / scale, self.fmt).reshape(n, k)
+            claimed = (decode(codes, self.fmt).reshape(n, k // g, g) * scale.to(w.dtype).float()).reshape(n, k)
+            if self.act_fmt:
+                semantics.replace_linear(site.weight_name, FpActivationClaim(claimed, self.act_fmt))
+            else:
+                semantics.replace_weight(site.weight_name, claimed)
             if self.fmt == "e2m1":
                 codes = pack_bits(codes, 4)
             codes_node = add_attr(gm, f"{site.module_path}.fp_codes", codes, buffer=True, before=site.node)
@@ -110,4 +130,5 @@ class QuantizeFp(Pass):
                                    before=site.node)
             replace_with_call(gm, site.node, op, (site.input, codes_node, scales_node, bias_node(site), self.fmt, g,
                                                   self.act_fmt))
-        return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes={"fmt": self.fmt, "searched": searching})
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped,
+                          notes={"fmt": self.fmt, "searched": searching}, semantics=semantics)

@@ -1,0 +1,184 @@
+"""The check run after every pass: bugs against what the pass claims, loss against the graph before.
+
+For each verification shape (the example inputs, and a second batch/sequence length where the
+graph is dynamic, see `fxforge.ir.shapes`):
+
+1. **Bugs.** The result must equal what the pass claims to compute within `Pass.tolerance()`
+   (1e-5 by default): the graph before for exact passes; for lossy passes, the reference graph
+   of their `Semantics` (the graph before with dequantized / masked / zeroed weights, ...).
+2. **Loss.** Max abs, relative L2 and cosine of every output against the graph before are
+   measured and reported, whatever the pass. They are bounded only by a `LossBound` the user
+   gave (`max_loss=` on the pass or on compile); exceeding it rejects the pass.
+
+Cost: per shape the graph before and the result run once each, plus the reference for lossy
+passes; the reference shares every tensor of the graph before except those the pass replaced,
+and is dropped right after the check.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from fxforge.errors import PassError
+from fxforge.ir.shapes import describe_shapes, second_shape_inputs
+from fxforge.ir.verify import (
+    Comparison, LossBound, OutputError, Tolerance, compare_outputs, first_divergent_node, low_precision_tolerance,
+    measure_loss, run_graph, worst_loss,
+)
+
+if TYPE_CHECKING:
+    from fxforge.passes.base import Pass, PassContext, PassResult
+
+
+@dataclass
+class ShapeCheck:
+    """The verification at one input shape."""
+
+    shapes: str            # "5x12, 5x12"
+    check: Comparison      # result vs what the pass claims (bugs)
+    loss: Comparison       # result vs the graph before (loss)
+    tolerance: Tolerance   # the bound `check` used
+
+
+@dataclass
+class Verification:
+    """Everything verification found for one pass; `loss` is the worst per output over shapes."""
+
+    checks: list[ShapeCheck] = field(default_factory=list)
+    against: str = "graph before"        # or "semantics": what the bug check compared with
+    note: str = ""                       # e.g. why only one shape was verified
+
+    @property
+    def loss(self) -> list[OutputError]:
+        return worst_loss([c.loss for c in self.checks])
+
+    @property
+    def check_error(self) -> float:
+        """Largest max abs difference from what the pass claims, over shapes."""
+        return max((c.check.max_error for c in self.checks), default=0.0)
+
+
+def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "PassResult",
+                ctx: "PassContext", max_loss: LossBound | None = None) -> Verification:
+    """Check `after` (the pass's result) as the module docstring says; PassError if it fails."""
+    verification = Verification()
+    unverified = result.semantics.unverified if result.semantics is not None else ""
+    try:
+        reference = None if unverified else p.semantics(before, result, ctx)
+    except Exception as exc:  # a claim naming a tensor the graph before lacks, a claim of the wrong shape...
+        raise PassError(f"pass '{p.spec()}' declared semantics that cannot be built on the graph before it "
+                        f"({type(exc).__name__}: {exc}); this is a bug in the pass. It was rolled back; the input "
+                        f"graph is unchanged.", pass_name=p.name) from exc
+    if reference is not None:
+        verification.against = "semantics"
+    if unverified:
+        verification.against = "nothing (loss only)"
+    shapes = [tuple(ctx.example_inputs)]
+    second = second_shape_inputs(before, ctx.example_inputs)
+    if second is None:
+        verification.note = "static graph: verified at the example inputs only"
+    else:
+        shapes.append(second)
+    if unverified:
+        verification.note = "; ".join(filter(None, [unverified, verification.note]))
+    try:
+        for index, inputs in enumerate(shapes):
+            try:
+                check = _check_shape(p, before, after, reference, ctx, inputs, exact=not unverified)
+            except _BeforeFailed as exc:
+                if index == 0:
+                    raise exc.__cause__  # the graph before must run at its own example inputs
+                verification.note = f"second shape {describe_shapes(inputs)} skipped: the graph before fails there ({exc})"
+                continue
+            verification.checks.append(check)
+            if not check.check.ok:
+                expected = reference if reference is not None else before
+                node = first_divergent_node(expected, after, inputs, check.tolerance)
+                raise PassError(_bug_message(p, verification.against, check, node), pass_name=p.name, node=node)
+    finally:
+        del reference  # the claimed weights: freed as soon as the check is done
+    bound = max_loss  # run_pass resolved it: the pass's own max_loss, else compile's
+    if bound is not None:
+        for loss in verification.loss:
+            exceeded = bound.violation(loss)
+            if exceeded:
+                raise PassError(
+                    f"pass '{p.spec()}' lost more than max_loss allows and was rolled back: output {loss.index} has "
+                    f"{exceeded} against the graph before (bound: {bound}; measured over "
+                    f"{' and '.join(c.shapes for c in verification.checks)}). Raise max_loss, or choose a less lossy "
+                    f"setting (more bits, a smaller ratio, fewer targets). The input graph is unchanged.",
+                    pass_name=p.name)
+    return verification
+
+
+class _BeforeFailed(Exception):
+    """The graph before the pass cannot run these inputs (then they cannot verify anything)."""
+
+
+def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: GraphModule | None,
+                 ctx: "PassContext", inputs: Sequence[Any], exact: bool = True) -> ShapeCheck:
+    shapes = describe_shapes(inputs)
+    at_shape = dataclasses.replace(ctx, example_inputs=tuple(inputs))
+    try:
+        outputs_before = run_graph(before, inputs)
+    except Exception as exc:
+        raise _BeforeFailed(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        if _overrides_verify(p):  # passes that change the graph's inputs or outputs compare their own way
+            check = p.verify(before, after, at_shape)
+            return ShapeCheck(shapes, check, _loss_of(check), p.tolerance())
+        outputs_after = run_graph(after, inputs)
+    except PassError:
+        raise
+    except Exception as exc:
+        raise PassError(
+            f"pass '{p.spec()}' produced a graph that fails on inputs of shape {shapes} (the graph before runs "
+            f"them) and was rolled back: {type(exc).__name__}: {exc}. The input graph is unchanged.",
+            pass_name=p.name) from exc
+    try:
+        expected = run_graph(reference, inputs) if reference is not None else outputs_before
+    except Exception as exc:
+        raise PassError(
+            f"pass '{p.spec()}' declared semantics whose reference graph fails on inputs of shape {shapes}: "
+            f"{type(exc).__name__}: {exc}; this is a bug in the pass. It was rolled back; the input graph is "
+            f"unchanged.", pass_name=p.name) from exc
+    loss = measure_loss(outputs_before, outputs_after)
+    if not exact:  # the pass said why its claim cannot be checked; the loss is still measured
+        return ShapeCheck(shapes, loss, loss, Tolerance(max_abs=None))
+    tol = _tolerance(p, outputs_before, reference)
+    return ShapeCheck(shapes, compare_outputs(expected, outputs_after, tol), loss, tol)
+
+
+def _overrides_verify(p: "Pass") -> bool:
+    from fxforge.passes.base import Pass
+
+    return type(p).verify is not Pass.verify
+
+
+def _loss_of(check: Comparison) -> Comparison:
+    """A custom verify compares equivalent quantities of before and after: its errors are the loss."""
+    return Comparison(outputs=[dataclasses.replace(o, ok=True) for o in check.outputs], structural=check.structural)
+
+
+def _tolerance(p: "Pass", outputs: Sequence[Any], reference: GraphModule | None) -> Tolerance:
+    """The pass's tolerance; against a semantics reference, widened for 16-bit outputs."""
+    tol = p.tolerance()
+    if reference is None:
+        return tol
+    dtype = next((o.dtype for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()), torch.float32)
+    return low_precision_tolerance(tol, dtype)
+
+
+def _bug_message(p: "Pass", against: str, check: ShapeCheck, node: str | None) -> str:
+    what = ("what it claims to compute (its semantics: the graph before with the weights it chose)"
+            if against == "semantics" else "the graph before (it claims to be exact)")
+    where = f"; first diverging node: '{node}'" if node else ""
+    return (f"pass '{p.spec()}' does not compute {what} at input shape {check.shapes} and was rolled back: "
+            f"{check.check.describe()}{where}. This is a bug in the pass, not loss. The input graph is unchanged.")
+
+
+__all__ = ["Verification", "ShapeCheck", "verify_pass"]
