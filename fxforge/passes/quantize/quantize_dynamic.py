@@ -1,10 +1,11 @@
-"""Pass `quantize_dynamic`: W8A8 int8 with per-token dynamic activation scales.
+"""Pass `quantize_dynamic`: W8A8, int8 weights per channel, 8-bit activations quantized at run time.
 
-    aten.linear(x, W, b) -> fxforge.linear_w8a8(x, W8, s_w, b)
+    aten.linear(x, W, b) -> fxforge.linear_w8a8(x, W8, s_w, b, act_scale)
     s_w[n] = max|W[n, :]| / 127,  W8 = clamp(round(W / s_w), -127, 127)   (per output channel)
 
-Activations are quantized per token when the op runs (see fxforge/ir/ops/linear_w8a8.py);
-ONNX lowers it to MatMulInteger, Triton to the int8 tl.dot GEMM.
+Activations are quantized when the op runs, per tensor (asymmetric uint8) or per token
+(symmetric int8): see fxforge/ir/ops/linear_w8a8.py. ONNX lowers them to ORT's integer GEMMs
+(DynamicQuantizeMatMul / MatMulIntegerToFloat), Triton to the int8 tl.dot GEMM.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite, add_attr, replace_with_call
 from fxforge.ir.ops import get_op
+from fxforge.ir.ops.linear_w8a8 import ACT_SCALES
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
-from fxforge.passes.quantize.common import bias_node, select_sites, weight_of
+from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
 
 INT8_MAX = 127
 
@@ -43,12 +45,22 @@ def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 @register_pass
 @dataclass(frozen=True)
 class QuantizeDynamic(Pass):
-    """W8A8: int8 weights per channel, int8 activations per token, int32 accumulation."""
+    """W8A8: int8 weights per channel, 8-bit activations per tensor or per token, int32 accumulation.
+
+    `act_scale`: "tensor" (default) quantizes each linear's whole input with one asymmetric
+    uint8 scale, exactly ORT's DynamicQuantizeMatMul; "token" gives every token its own
+    symmetric int8 scale. DEFAULT_TRADE states what the default trades, as measured.
+    """
 
     name = "quantize_dynamic"
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     include_lm_head: bool = False
+    act_scale: str = "tensor"
+
+    def __post_init__(self) -> None:
+        check_option(self.act_scale in ACT_SCALES,
+                     f"quantize_dynamic: act_scale must be one of {ACT_SCALES}, got {self.act_scale!r}")
 
     def tolerance(self) -> Tolerance:
         return Tolerance.lossy(max_rel=0.05)
@@ -57,5 +69,6 @@ class QuantizeDynamic(Pass):
         op = get_op("linear_w8a8").overload
         sites = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
         for site in sites:
-            replace_with_call(gm, site.node, op, (site.input, *int8_weight_attrs(gm, site), bias_node(site)))
+            args = (site.input, *int8_weight_attrs(gm, site), bias_node(site), self.act_scale)
+            replace_with_call(gm, site.node, op, args)
         return PassResult(gm, sites=len(sites))
