@@ -6,7 +6,10 @@ Rows (every linear quantized, LM head included, as ORT's tool does):
 * fp32: fxforge's fp32 export;
 * fxforge W8A8 act_scale="tensor" / "token" (`quantize_dynamic(include_lm_head=True, ...)`);
 * ORT `onnxruntime.quantization.quantize_dynamic` (its defaults: QInt8 weights, per-tensor
-  weight scale) applied to the same fp32 export.
+  weight scale; it also stores the embedding table as uint8) applied to the same fp32 export:
+  the peer a user would pick;
+* ORT `quantize_dynamic(op_types_to_quantize=["MatMul"], per_channel=True)`: the peer with
+  fxforge's quantization scheme (linears only, per-channel weights), for an equal-terms check.
 Shapes: prefill = one 128-token forward; decode = a 1-token forward (no KV cache: this times
 the weight-streaming GEMVs of a decode step, not attention over a cache). Batch 1.
 Timing: all sessions of one thread count are open together and run in interleaved rounds
@@ -73,9 +76,12 @@ def export_rows(layers: int, vocab: int, workdir: Path) -> dict[str, Path]:
                              verify=False)
         paths[f"fxforge w8a8 {act_scale}"] = export_onnx(quantized, (example,), workdir / f"w8a8_{act_scale}.onnx")
         del quantized
-    ort_path = workdir / "ort_quantize_dynamic.onnx"
-    quantize_dynamic(fold_constants(paths["fp32"], workdir / "fp32_folded.onnx"), ort_path, weight_type=QuantType.QInt8)
-    paths["ORT quantize_dynamic"] = ort_path
+    folded = fold_constants(paths["fp32"], workdir / "fp32_folded.onnx")
+    paths["ORT quantize_dynamic"] = workdir / "ort_quantize_dynamic.onnx"
+    quantize_dynamic(folded, paths["ORT quantize_dynamic"], weight_type=QuantType.QInt8)
+    paths["ORT q_dyn MatMul per-ch"] = workdir / "ort_quantize_dynamic_matmul_per_channel.onnx"
+    quantize_dynamic(folded, paths["ORT q_dyn MatMul per-ch"], weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True)
     return paths
 
 
@@ -176,6 +182,19 @@ def print_table(result: dict) -> None:
               f"{r['file_mib']:>10.0f}  {r['ops']}")
 
 
+def verdict(result: dict) -> dict[str, Any]:
+    """Issue 17's W8A8 bar: each fxforge row's prefill time / ORT quantize_dynamic's (<= 1 passes), per
+    thread count, and whether its logits error is no larger."""
+    peer = "ORT quantize_dynamic"
+    out: dict[str, Any] = {}
+    for name in (n for n in result["rows"] if n.startswith("fxforge")):
+        ratios = {t: rows[name]["prefill_ms"] / rows[peer]["prefill_ms"] for t, rows in result["timings"].items()}
+        error_ok = result["rows"][name]["rel_l2"] <= result["rows"][peer]["rel_l2"]
+        out[name] = {"prefill_vs_peer": ratios, "error_no_larger": error_ok,
+                     "passes": error_ok and all(r <= 1.0 for r in ratios.values())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -209,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         row["peak_rss_mib"] = peak_rss_mib(path)
         row["file_mib"] = sum(p.stat().st_size for p in workdir.glob(path.name + "*")) / 2**20
         row["ops"] = op_counts(path)
+    result["verdict"] = verdict(result)
     print_table(result)
+    for name, v in result["verdict"].items():
+        ratios = ", ".join(f"{r:.2f}x at {t} thread(s)" for t, r in v["prefill_vs_peer"].items())
+        print(f"  {name}: prefill {ratios} of ORT quantize_dynamic; error no larger: {v['error_no_larger']}"
+              f" -> {'PASS' if v['passes'] else 'FAIL'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")
