@@ -13,7 +13,7 @@ Rows (every linear quantized, LM head included, as ORT's tool does):
 Shapes: prefill = one 128-token forward; decode = a 1-token forward (no KV cache: this times
 the weight-streaming GEMVs of a decode step, not attention over a cache). Batch 1.
 Timing: all sessions of one thread count are open together and run in interleaved rounds
-(each round runs every row once per shape), median per row; idle threads do not spin, which
+(each round runs every row once per shape, starting one row later each round), median per row; idle threads do not spin, which
 is steadier on a shared machine. Error vs fp32 logits: relative L2 and top-1 agreement over
 the prefill's 128 positions (same random prompt for every row). Peak RSS: a fresh process
 per row opens the session and runs one prefill (VmHWM, includes Python + ORT).
@@ -55,8 +55,15 @@ def build_model(layers: int, vocab: int) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+ROW_FILES = {"fp32": "fp32.onnx", "fxforge w8a8 tensor": "w8a8_tensor.onnx", "fxforge w8a8 token": "w8a8_token.onnx",
+             "ORT quantize_dynamic": "ort_quantize_dynamic.onnx",
+             "ORT q_dyn MatMul per-ch": "ort_quantize_dynamic_matmul_per_channel.onnx"}
+
+
 def export_rows(layers: int, vocab: int, workdir: Path) -> dict[str, Path]:
-    """{row label: ONNX path} for every row, all from one traced graph."""
+    """{row label: ONNX path} for every row, all from one traced graph (reused if `workdir` holds them)."""
+    if all((workdir / f).exists() for f in ROW_FILES.values()):
+        return {name: workdir / f for name, f in ROW_FILES.items()}
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from fxforge.backends.onnx.backend import export_onnx
@@ -130,9 +137,13 @@ def time_rows(paths: dict[str, Path], threads: int, rounds: int, prompts: dict[s
     name_of_input = {name: s.get_inputs()[0].name for name, s in sessions.items()}
     logits = {name: s.run(None, {name_of_input[name]: prompts["prefill"]})[0] for name, s in sessions.items()}
     times: dict[tuple[str, str], list[float]] = {}
-    for _ in range(rounds):
+    names = list(sessions)
+    for round_ in range(rounds):
+        # Rotate the order each round so no row always follows the same one (cache, clocks).
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
         for shape, ids in prompts.items():
-            for name, session in sessions.items():
+            for name in order:
+                session = sessions[name]
                 start = time.perf_counter()
                 session.run(None, {name_of_input[name]: ids})
                 times.setdefault((name, shape), []).append(time.perf_counter() - start)
@@ -202,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=RESULTS / "w8a8_cpu.json")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the ONNX files here; a folder from an earlier run (same --layers/--vocab) is reused")
     args = parser.parse_args(argv)
     os.environ.setdefault("FXFORGE_PROGRESS", "0")
     torch.set_num_threads(2)
-    workdir = Path(tempfile.mkdtemp(prefix="fxforge_w8a8_"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fxforge_w8a8_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     paths = export_rows(args.layers, args.vocab, workdir)
     rng = np.random.default_rng(0)
     prompts = {"prefill": rng.integers(0, args.vocab, (1, PREFILL), dtype=np.int64),
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"Llama, TinyLlama shapes (hidden 2048, intermediate 5632, 32/4 heads), {args.layers} layers, "
                  f"vocab {args.vocab}, random weights",
         "shapes": {"prefill": f"1 x {PREFILL} tokens", "decode": f"1 x {DECODE} token, no KV cache"},
-        "rounds": args.rounds, "timings": {}, "rows": {}}
+        "rounds": args.rounds, "load_average_at_start": os.getloadavg(), "timings": {}, "rows": {}}
     for threads in args.threads:
         timed = time_rows(paths, threads, args.rounds, prompts)
         result["timings"][str(threads)] = {name: {k: v for k, v in r.items() if k != "logits"} for name, r in timed.items()}
@@ -228,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         row["peak_rss_mib"] = peak_rss_mib(path)
         row["file_mib"] = sum(p.stat().st_size for p in workdir.glob(path.name + "*")) / 2**20
         row["ops"] = op_counts(path)
+    result["load_average_at_end"] = os.getloadavg()  # other users of the machine: timings' noise
     result["verdict"] = verdict(result)
     print_table(result)
     for name, v in result["verdict"].items():

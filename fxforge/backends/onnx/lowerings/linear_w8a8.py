@@ -5,12 +5,14 @@ quantizes x to uint8 with one (scale, zero point) per tensor, multiplies uint8 x
 int32 accumulation and applies scale·wscale[n] and the bias in the GEMM's output stage.
 
 act_scale="token": the symmetric per-row codes are formed in standard ops (`_int8_codes`,
-bit-identical to the reference), shifted to uint8 (+128, zero point 128), and `com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, s_x, wscale, 128)` runs the same
-uint8 x int8 kernel. A non-scalar A scale makes ORT compute the GEMM with A scale 1 and then
-multiply the output by s_x (broadcast), which would scale the bias too: so the bias is a
-separate Add, and the result is (acc·wscale[n])·s_x[m] + bias, the reference's order. s_x
-keeps x's rank (…, M, 1) even at M = 1, so ORT never takes it for a scalar (a scalar A scale
-takes the other path: acc·(s_x·wscale[n]), rounded differently).
+bit-identical to the reference), shifted to uint8 (+128, zero point 128), and
+`com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, s_x, wscale, 128)` runs the same uint8 x int8
+kernel. A non-scalar A scale makes ORT compute the GEMM with A scale 1 and then multiply the
+output by s_x (broadcast), which would scale the bias too: so the bias is a separate Add, and
+the result is (acc·wscale[n])·s_x[m] + bias, the reference's order. s_x keeps x's rank
+(…, M, 1) even at M = 1, so ORT never takes it for a scalar; only a 1-D x (one (K,) vector)
+gives a 1-element s_x, which ORT folds into the column scales: acc·(s_x·wscale[n]), within an
+ulp of the reference rather than bit-identical.
 
 The weight is consumed as an int8 (K, N) initializer with per-column float32 scales: the
 Transpose of the (N, K) buffer written here is folded at export (backends/onnx/fold_weights.py),
