@@ -61,9 +61,8 @@ ROW_FILES = {"fp32": "fp32.onnx", "fxforge w8a8 tensor": "w8a8_tensor.onnx", "fx
 
 
 def export_rows(layers: int, vocab: int, workdir: Path) -> dict[str, Path]:
-    """{row label: ONNX path} for every row, all from one traced graph (reused if `workdir` holds them)."""
-    if all((workdir / f).exists() for f in ROW_FILES.values()):
-        return {name: workdir / f for name, f in ROW_FILES.items()}
+    """{row label: ONNX path} for every row, all from one traced graph; files already in `workdir`
+    (from an earlier run with the same --layers/--vocab) are reused."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from fxforge.backends.onnx.backend import export_onnx
@@ -71,24 +70,28 @@ def export_rows(layers: int, vocab: int, workdir: Path) -> dict[str, Path]:
     from fxforge.ir.trace import trace
     from fxforge.passes.base import PassContext, get_pass_class, run_pass
 
-    model = build_model(layers, vocab)
-    example = torch.randint(0, vocab, (1, 8))
-    gm = trace(model, (example,), {})
-    canonicalize(gm)
-    del model
-    ctx = PassContext(example_inputs=(example,), progress=lambda it=None, **_: it)
-    paths = {"fp32": export_onnx(gm, (example,), workdir / "fp32.onnx")}
-    for act_scale in ("tensor", "token"):
-        quantized = run_pass(get_pass_class("quantize_dynamic")(include_lm_head=True, act_scale=act_scale), gm, ctx,
-                             verify=False)
-        paths[f"fxforge w8a8 {act_scale}"] = export_onnx(quantized, (example,), workdir / f"w8a8_{act_scale}.onnx")
-        del quantized
-    folded = fold_constants(paths["fp32"], workdir / "fp32_folded.onnx")
-    paths["ORT quantize_dynamic"] = workdir / "ort_quantize_dynamic.onnx"
-    quantize_dynamic(folded, paths["ORT quantize_dynamic"], weight_type=QuantType.QInt8)
-    paths["ORT q_dyn MatMul per-ch"] = workdir / "ort_quantize_dynamic_matmul_per_channel.onnx"
-    quantize_dynamic(folded, paths["ORT q_dyn MatMul per-ch"], weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True)
+    paths = {name: workdir / f for name, f in ROW_FILES.items()}
+    missing = {name for name, path in paths.items() if not path.exists()}
+    if missing - {"ORT quantize_dynamic", "ORT q_dyn MatMul per-ch"}:
+        model = build_model(layers, vocab)
+        example = torch.randint(0, vocab, (1, 8))
+        gm = trace(model, (example,), {})
+        canonicalize(gm)
+        del model
+        ctx = PassContext(example_inputs=(example,), progress=lambda it=None, **_: it)
+        if "fp32" in missing:
+            export_onnx(gm, (example,), paths["fp32"])
+        for act_scale in ("tensor", "token"):
+            if f"fxforge w8a8 {act_scale}" in missing:
+                quantized = run_pass(get_pass_class("quantize_dynamic")(include_lm_head=True, act_scale=act_scale), gm,
+                                     ctx, verify=False)
+                export_onnx(quantized, (example,), paths[f"fxforge w8a8 {act_scale}"])
+                del quantized
+    if missing & {"ORT quantize_dynamic", "ORT q_dyn MatMul per-ch"}:
+        folded = fold_constants(paths["fp32"], workdir / "fp32_folded.onnx")
+        quantize_dynamic(folded, paths["ORT quantize_dynamic"], weight_type=QuantType.QInt8)
+        quantize_dynamic(folded, paths["ORT q_dyn MatMul per-ch"], weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], per_channel=True)
     return paths
 
 

@@ -5,8 +5,8 @@ channel with float32 scales `wscale` (N,). Activations are quantized when the op
 of two ways (`act_scale`), each defined as ONNX Runtime's integer kernels compute it, so the
 ONNX lowering is bit-identical to this reference (and the Triton kernels are too):
 
-"tensor" (ORT `com.microsoft::DynamicQuantizeMatMul`): one asymmetric uint8 scale for the
-whole tensor, as ONNX `DynamicQuantizeLinear` defines it:
+"tensor" (ORT `DynamicQuantizeLinear` + `com.microsoft::MatMulIntegerToFloat`, which is what
+ORT's `DynamicQuantizeMatMul` runs): one asymmetric uint8 scale for the whole tensor:
 
     lo = min(min(x), 0),  hi = max(max(x), 0)
     s  = (hi - lo) / 255          (1 when hi == lo)
