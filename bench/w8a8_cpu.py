@@ -123,7 +123,7 @@ def op_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def open_session(path: Path, threads: int):
+def ort_options(threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -131,7 +131,13 @@ def open_session(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def open_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), ort_options(threads), providers=["CPUExecutionProvider"])
 
 
 def time_rows(paths: dict[str, Path], threads: int, rounds: int, prompts: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -154,6 +160,25 @@ def time_rows(paths: dict[str, Path], threads: int, rounds: int, prompts: dict[s
                    **{f"{shape}_ms": 1000 * statistics.median(times[(name, shape)]) for shape in prompts},
                    **{f"{shape}_ms_all": [round(1000 * t, 2) for t in times[(name, shape)]] for shape in prompts}}
             for name in sessions}
+
+
+def profile_ops(path: Path, ids: np.ndarray, runs: int = 5) -> dict[str, float]:
+    """ORT's own profiler (enable_profiling), 1 thread: mean ms per run spent in each op type, top 8."""
+    options = ort_options(threads=1)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = __import__("onnxruntime").InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {session.get_inputs()[0].name: ids})
+    trace_file = Path(session.end_profiling())
+    per_op: dict[str, float] = {}
+    for event in json.loads(trace_file.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1000 / runs
+    trace_file.unlink()
+    top = dict(sorted(per_op.items(), key=lambda kv: -kv[1])[:8])
+    return {"total_kernel_ms": sum(per_op.values()), **top}
 
 
 def errors(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -216,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=RESULTS / "w8a8_cpu.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the prefill of the fxforge tensor row and ORT's (1 thread, per op type)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the ONNX files here; a folder from an earlier run (same --layers/--vocab) is reused")
     args = parser.parse_args(argv)
@@ -245,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         row["peak_rss_mib"] = peak_rss_mib(path)
         row["file_mib"] = sum(p.stat().st_size for p in workdir.glob(path.name + "*")) / 2**20
         row["ops"] = op_counts(path)
+    if args.profile:
+        result["profile_prefill_1_thread_ms"] = {name: profile_ops(paths[name], prompts["prefill"])
+                                                 for name in ("fxforge w8a8 tensor", "ORT quantize_dynamic")}
+        for name, ops in result["profile_prefill_1_thread_ms"].items():
+            print(f"\n  ORT profile, prefill, 1 thread, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in ops.items()))
     result["load_average_at_end"] = os.getloadavg()  # other users of the machine: timings' noise
     result["verdict"] = verdict(result)
     print_table(result)
