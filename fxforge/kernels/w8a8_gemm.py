@@ -32,6 +32,8 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=8, num_stages=3),
 ]
+
+
 @triton.autotune(configs=autotune_configs(_GEMM_CONFIGS), key=["M", "N", "K"])
 @triton.jit
 def w8a8_gemm_kernel(

@@ -79,7 +79,8 @@ def test_registered_as_triton_lowering_and_checks_shapes():
         linear_w8a8_triton(torch.randn(2, 8), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None)
     with pytest.raises(ValueError, match="act_scale must be one of"):
         linear_w8a8_triton(torch.randn(2, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None, "row")
-    assert linear_w8a8_triton(torch.zeros(0, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None).shape == (0, 4)
+    empty = linear_w8a8_triton(torch.zeros(0, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None)
+    assert empty.shape == (0, 4)
 
 
 _COMPILE_SCRIPT = textwrap.dedent(

@@ -91,7 +91,9 @@ def _int_product(codes: Tensor, qweight: Tensor) -> Tensor:
 
 
 @define_op("linear_w8a8")
-def linear_w8a8(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act_scale: str = "tensor") -> Tensor:
+def linear_w8a8(
+    x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act_scale: str = "tensor"
+) -> Tensor:
     """Reference: 8-bit activations (per tensor or per token), exact integer matmul, float32 rescale."""
     check_w8a8_args(x.shape[-1], qweight, wscale, bias, act_scale)
     w32 = wscale.to(torch.float32)

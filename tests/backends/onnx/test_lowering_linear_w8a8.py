@@ -76,7 +76,8 @@ def test_matches_reference(tmp_path, act_scale, dtype, bias):
 
 @pytest.mark.parametrize("act_scale", ["tensor", "token"])
 def test_weight_is_one_int8_initializer(tmp_path, act_scale):
-    model, session = export_op_module(W8A8Linear(24, 80, act_scale=act_scale), torch.randn(2, 3, 80), tmp_path / "m.onnx")
+    module = W8A8Linear(24, 80, act_scale=act_scale)
+    model, _ = export_op_module(module, torch.randn(2, 3, 80), tmp_path / "m.onnx")
     int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert [tuple(i.dims) for i in int8] == [(80, 24)]  # stored once, (K, N), one byte an element
     # ...and the GEMM reads it directly: no Transpose left to run or fold.

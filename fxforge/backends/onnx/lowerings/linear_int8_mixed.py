@@ -8,7 +8,7 @@ that would pay off at <1% outliers).
 """
 from __future__ import annotations
 
-from onnxscript import FLOAT, UINT8
+from onnxscript import FLOAT
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.lowerings._int8_codes import (
