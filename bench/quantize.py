@@ -179,7 +179,7 @@ def speed_table(hidden: int, layers: int, repeats: int, threads: int) -> dict:
     linear_params = sum(s.in_features * s.out_features for s in linear_sites(gm))
     variants = {"fp32": gm,
                 "int4 g128 (rtn, MatMulNBits)": run_pass(get_pass_class("quantize")(bits=4, group_size=128), gm, ctx, verify=False),
-                "w8a8 dynamic (MatMulInteger)": run_pass(get_pass_class("quantize_dynamic")(), gm, ctx, verify=False)}
+                "w8a8 dynamic (DynamicQuantizeMatMul)": run_pass(get_pass_class("quantize_dynamic")(), gm, ctx, verify=False)}
     workdir = Path(tempfile.mkdtemp(prefix="fxforge_qbench_"))
     runners, info = {}, {}
     for name, g in variants.items():

@@ -3,7 +3,7 @@
 Times, in one run on one GPU with triton.testing.do_bench:
   fp16    torch.nn.functional.linear with an fp16 weight (cuBLAS), the baseline
   int4    fxforge::linear_wq Triton kernel, 4-bit weights, group 128 (GEMV path at batch 1)
-  w8a8    fxforge::linear_w8a8 Triton kernels (per-token quantization + int8 GEMM)
+  w8a8    fxforge::linear_w8a8 Triton kernels (default per-tensor quantization + int8 GEMM)
 at batch 1, 16 and 128 on 4096x4096 and 8192x8192 layers; prints a table and writes
 bench/results/quantize_gpu_<gpu name>.json. Each kernel's output is checked against the op's
 reference first, so a fast wrong kernel cannot produce a number. bench/gpu_suite.py runs the

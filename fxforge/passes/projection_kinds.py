@@ -9,7 +9,7 @@ tensor along its output axis; the rest of the op must be the same for all member
     aten.linear          W (0), b                               -
     linear_wq            qweight, scales, zeros (0), bias       bits, group_size
     linear_wq_ic         qweight, scales, zeros (1), bias       bits, group_size
-    linear_w8a8          qweight, wscale (0), bias              - (x's scale is per token)
+    linear_w8a8          qweight, wscale (0), bias              act_scale (x's scale: per tensor or token)
     linear_int8_mixed    qweight, wscale (0), bias              threshold (outliers depend on x only)
     linear_fp            codes, scales (0), bias                fmt, group_size, act_fmt
     shift_add_linear     packed, exps, signs (0), bias          group_size (and q, T by shape)
@@ -68,7 +68,7 @@ LAYOUTS: dict[Any, Layout] = {
     aten.linear.default: Layout(rows={1: 0}, bias=2),
     fx_ops.linear_wq.default: Layout(rows={1: 0, 2: 0, 3: 0}, bias=4, options=(5, 6)),
     fx_ops.linear_wq_ic.default: Layout(rows={1: 1, 2: 1, 3: 1}, bias=4, options=(5, 6)),
-    fx_ops.linear_w8a8.default: Layout(rows={1: 0, 2: 0}, bias=3),
+    fx_ops.linear_w8a8.default: Layout(rows={1: 0, 2: 0}, bias=3, options=(4,)),
     fx_ops.linear_int8_mixed.default: Layout(rows={1: 0, 2: 0}, bias=3, options=(4,)),
     fx_ops.linear_fp.default: Layout(rows={1: 0, 2: 0}, bias=3, options=(4, 5, 6)),
     fx_ops.shift_add_linear.default: Layout(rows={1: 0, 2: 0, 3: 0}, bias=4, options=(5,)),
@@ -94,7 +94,12 @@ def arg_name(target: Any, index: int) -> str:
 
 
 def arg(node: Node, index: int) -> Any:
-    """Argument `index` of `node`, positional or by its schema name (None when absent)."""
+    """Argument `index` of `node`: positional, by its schema name, else the schema's default
+    (so a fused op spells out an option such as linear_w8a8's act_scale its members left implicit)."""
     if index < len(node.args):
         return node.args[index]
-    return node.kwargs.get(arg_name(node.target, index))
+    name = arg_name(node.target, index)
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema_arg = node.target._schema.arguments[index]
+    return schema_arg.default_value if schema_arg.has_default_value() else None

@@ -1,4 +1,4 @@
-"""Triton linear_w8a8 kernels (per-token quantization + int8 GEMM) against the op's reference.
+"""Triton linear_w8a8 kernels (per-token / per-tensor quantization + int8 GEMM) against the op's reference.
 
 Runs under TRITON_INTERPRET=1 (tests/conftest.py); the Hopper compile check runs in an
 interpreter-free subprocess (see tests/kernels/test_wq_gemm.py for why).
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from fxforge.ir.ops import lowering_for
-from fxforge.ir.ops.linear_w8a8 import quantize_per_token
-from fxforge.kernels.w8a8_gemm import linear_w8a8_triton, quantize_per_token_triton
+from fxforge.ir.ops.linear_w8a8 import quantize_per_tensor, quantize_per_token
+from fxforge.kernels.w8a8_gemm import linear_w8a8_triton
+from fxforge.kernels.w8a8_quantize import quantize_per_tensor_triton, quantize_per_token_triton
 
 reference = torch.ops.fxforge.linear_w8a8
 
@@ -34,25 +35,39 @@ def test_quantization_is_bit_identical_to_reference():
     assert torch.equal(scale, ref_scale.flatten())
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.3, -5.0])
+def test_per_tensor_quantization_is_bit_identical_to_reference(shift):
+    # Shifted inputs move the zero point; the grid values land on .5 ties after the division.
+    x = _inputs(5, 1500, torch.float32) + shift
+    x[1, :64] = torch.round(x[1, :64] * 8) / 8
+    a8, scale, zero_point = quantize_per_tensor_triton(x)
+    q, ref_scale, ref_zp = quantize_per_tensor(x)
+    assert torch.equal(scale, ref_scale) and torch.equal(zero_point, ref_zp)
+    assert a8.dtype == torch.int8 and torch.equal(a8.to(torch.int32) + 128, q.to(torch.int32))
+
+
+@pytest.mark.parametrize("act_scale", ["tensor", "token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m", [1, 3, 33])
 @pytest.mark.parametrize("k", [80, 96])
-def test_matches_reference_exactly(dtype, m, k):
+def test_matches_reference_exactly(dtype, m, k, act_scale):
     # Integer product and float32 epilogue in the reference's order: bit-identical results.
     n, bias = 40, (m + k) % 2 == 1
     w, wscale = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01
+    w[0] = 127  # Σ_k W8 large: the per-tensor zero-point correction matters
     b = torch.randn(n).to(dtype) if bias else None
-    x = _inputs(m, k, dtype)
-    got = linear_w8a8_triton(x, w, wscale, b)
+    x = _inputs(m, k, dtype) + (0.7 if m % 2 else 0.0)  # off-centre: zero point far from 128
+    got = linear_w8a8_triton(x, w, wscale, b, act_scale)
     assert got.dtype == dtype and got.shape == (m, n)
-    assert torch.equal(got, reference(x, w, wscale, b))
+    assert torch.equal(got, reference(x, w, wscale, b, act_scale))
 
 
-def test_bf16_and_leading_dims():
+@pytest.mark.parametrize("act_scale", ["tensor", "token"])
+def test_bf16_and_leading_dims(act_scale):
     w, wscale, b = torch.randint(-127, 128, (24, 64), dtype=torch.int8), torch.rand(24), torch.randn(24)
     x = torch.randn(2, 3, 64).to(torch.bfloat16)
-    got = linear_w8a8_triton(x, w, wscale, b.to(torch.bfloat16))
-    expected = reference(x, w, wscale, b.to(torch.bfloat16))
+    got = linear_w8a8_triton(x, w, wscale, b.to(torch.bfloat16), act_scale)
+    expected = reference(x, w, wscale, b.to(torch.bfloat16), act_scale)
     assert got.shape == (2, 3, 24) and got.dtype == torch.bfloat16
     # The interpreter's float32 -> bf16 store may differ from torch's by one bf16 ulp (2^-8).
     torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
@@ -62,12 +77,17 @@ def test_registered_as_triton_lowering_and_checks_shapes():
     assert lowering_for("triton", "linear_w8a8") is linear_w8a8_triton
     with pytest.raises(ValueError, match="qweight has K=16 but x has K=8"):
         linear_w8a8_triton(torch.randn(2, 8), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None)
+    with pytest.raises(ValueError, match="act_scale must be one of"):
+        linear_w8a8_triton(torch.randn(2, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None, "row")
+    empty = linear_w8a8_triton(torch.zeros(0, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None)
+    assert empty.shape == (0, 4)
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     from fxforge.kernels._common import compile_for_hopper
-    from fxforge.kernels.w8a8_gemm import quantize_rows_kernel, w8a8_gemm_kernel
+    from fxforge.kernels.w8a8_gemm import w8a8_gemm_kernel
+    from fxforge.kernels.w8a8_quantize import quantize_rows_kernel, quantize_tensor_kernel
     for dt in ("fp16", "bf16"):
         compile_for_hopper(
             quantize_rows_kernel,
@@ -75,15 +95,24 @@ _COMPILE_SCRIPT = textwrap.dedent(
              "stride_qm": "i32", "BLOCK_K": "constexpr"},
             {"BLOCK_K": 1024}, num_warps=4, num_stages=2,
         )
-        gemm = compile_for_hopper(
-            w8a8_gemm_kernel,
-            {"x8_ptr": "*i8", "w_ptr": "*i8", "x_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-             "bias_ptr": "*" + dt, "out_ptr": "*" + dt, "M": "i32", "N": "i32", "K": "i32",
-             "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32", "HAS_BIAS": "constexpr",
-             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-            {"HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2,
+        compile_for_hopper(
+            quantize_tensor_kernel,
+            {"x_ptr": "*" + dt, "a8_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*fp32", "numel": "i32",
+             "BLOCK": "constexpr"},
+            {"BLOCK": 1024}, num_warps=4, num_stages=2,
         )
-        assert "wgmma" in gemm.asm["ptx"] and ".s8" in gemm.asm["ptx"], "int8 tensor-core MMA expected"
+        for per_token in (True, False):
+            gemm = compile_for_hopper(
+                w8a8_gemm_kernel,
+                {"x8_ptr": "*i8", "w_ptr": "*i8", "x_scale_ptr": "*fp32", "x_zp_ptr": "*fp32",
+                 "w_scale_ptr": "*fp32", "bias_ptr": "*" + dt, "out_ptr": "*" + dt, "M": "i32", "N": "i32",
+                 "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
+                 "PER_TOKEN": "constexpr", "HAS_BIAS": "constexpr",
+                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                {"PER_TOKEN": per_token, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64},
+                num_warps=4, num_stages=2,
+            )
+            assert "wgmma" in gemm.asm["ptx"] and ".s8" in gemm.asm["ptx"], "int8 tensor-core MMA expected"
         print(dt, "ok")
     """
 )

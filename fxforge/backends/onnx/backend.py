@@ -22,6 +22,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from fxforge.backends import fxforge_ops_in
+from fxforge.backends.onnx.fold_weights import fold_weight_transposes
 from fxforge.errors import MissingLoweringError
 from fxforge.ir.ops import backends_lowering, get_op
 
@@ -74,6 +75,7 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
             optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
             verbose=False,
         )
+    fold_weight_transposes(program.model)  # 8-bit weights stored as their kernels read them
     total_bytes = sum(p.numel() * p.element_size() for p in gm.parameters()) + \
         sum(b.numel() * b.element_size() for b in gm.buffers())
     program.save(str(path), external_data=total_bytes > 1.8 * 2**30)

@@ -1,15 +1,28 @@
-"""`fxforge::linear_w8a8`: W8A8 dynamic quantized linear (int8 weights and activations).
+"""`fxforge::linear_w8a8`: W8A8 dynamic quantized linear (int8 weights, 8-bit activations).
 
 Emitted by the `quantize_dynamic` pass. The weight is int8 (N, K), symmetric per output
-channel with float32 scales `wscale` (N,). Activations are quantized per token when the op
-runs:
+channel with float32 scales `wscale` (N,). Activations are quantized when the op runs, in one
+of two ways (`act_scale`), each defined as ONNX Runtime's integer kernels compute it, so the
+ONNX lowering is bit-identical to this reference (and the Triton kernels are too):
 
-    s_x  = max|x_row| / 127            (a zero row gets s_x = 1, so it quantizes to zeros)
-    x8   = clamp(round(x / s_x), -127, 127)       round half to even, like torch.round
-    y    = (x8 @ qweightᵀ as int32) * s_x * wscale + bias, in x's dtype
+"tensor" (ORT `DynamicQuantizeLinear` + `com.microsoft::MatMulIntegerToFloat`, which is what
+ORT's `DynamicQuantizeMatMul` runs): one asymmetric uint8 scale for the whole tensor:
 
-The reference forms the integer product exactly (float64 holds every int32 sum exactly) and
-applies the scales in float32, as the Triton kernel's epilogue does.
+    lo = min(min(x), 0),  hi = max(max(x), 0)
+    s  = (hi - lo) / 255          (1 when hi == lo)
+    zp = round(clamp(-(lo / s), 0, 255))
+    q  = clamp(round(x / s) + zp, 0, 255)                   round half to even throughout
+    y  = float(Σ_k (q - zp)·W8) * (s * wscale[n]) + bias     each float32 op rounded in turn
+
+"token" (ORT `com.microsoft::MatMulIntegerToFloat` with a per-row A scale): one symmetric int8
+scale per token:
+
+    s_m = max|x_m| / 127          (1 for a zero row)
+    q   = clamp(round(x / s_m), -127, 127)
+    y   = (float(Σ_k q·W8) * wscale[n]) * s_m + bias         ORT's order: column scale first
+
+The integer product is exact (float64 holds every int32 sum here exactly); x is quantized in
+float32 and the result is cast back to x's dtype.
 """
 from __future__ import annotations
 
@@ -21,6 +34,8 @@ from torch import Tensor
 from fxforge.ir.ops.registry import define_op
 
 INT8_MAX = 127
+UINT8_MAX = 255
+ACT_SCALES = ("tensor", "token")
 
 
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,8 +48,30 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     return x8, scale
 
 
-def check_w8a8_args(k: int, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor]) -> None:
+def per_tensor_params(x32: Tensor) -> tuple[Tensor, Tensor]:
+    """DynamicQuantizeLinear's (scale, zero point) of a non-empty float32 x: 0-d float32 tensors.
+
+    Plain tensor ops on x's device, so the Triton launcher reuses them as they are.
+    """
+    lo = torch.clamp(x32.amin(), max=0.0)  # the range always includes 0
+    hi = torch.clamp(x32.amax(), min=0.0)
+    scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / UINT8_MAX)
+    zero_point = torch.round(torch.clamp(-(lo / scale), 0, UINT8_MAX))
+    return scale, zero_point
+
+
+def quantize_per_tensor(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric uint8 quantization of the whole x: (q uint8, scale, zero point), as ORT does."""
+    x32 = x.to(torch.float32)
+    scale, zero_point = per_tensor_params(x32)
+    q = torch.clamp(torch.round(x32 / scale) + zero_point, 0, UINT8_MAX).to(torch.uint8)
+    return q, scale, zero_point
+
+
+def check_w8a8_args(k: int, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act_scale: str = "tensor") -> None:
     """Raise a ValueError naming the problem if the weight tensors do not fit x's K."""
+    if act_scale not in ACT_SCALES:
+        raise ValueError(f"fxforge::linear_w8a8: act_scale must be one of {ACT_SCALES}, got {act_scale!r}")
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(
             f"fxforge::linear_w8a8: qweight must be 2-D int8 (N, K), got {qweight.dtype} {tuple(qweight.shape)}"
@@ -48,19 +85,32 @@ def check_w8a8_args(k: int, qweight: Tensor, wscale: Tensor, bias: Optional[Tens
         raise ValueError(f"fxforge::linear_w8a8: bias has shape {tuple(bias.shape)}, expected ({n},)")
 
 
+def _int_product(codes: Tensor, qweight: Tensor) -> Tensor:
+    """Σ_k codes·W8 as float32, exact in float64 first (|sum| < 2^31), then rounded once."""
+    return (codes.to(torch.float64) @ qweight.to(torch.float64).T).to(torch.int32).to(torch.float32)
+
+
 @define_op("linear_w8a8")
-def linear_w8a8(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Reference: per-token int8 quantization, exact integer matmul, float32 rescale."""
-    check_w8a8_args(x.shape[-1], qweight, wscale, bias)
-    x8, scale = quantize_per_token(x)
-    acc = (x8.to(torch.float64) @ qweight.to(torch.float64).T).to(torch.int32)
-    y = acc.to(torch.float32) * scale * wscale.to(torch.float32)
+def linear_w8a8(
+    x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act_scale: str = "tensor"
+) -> Tensor:
+    """Reference: 8-bit activations (per tensor or per token), exact integer matmul, float32 rescale."""
+    check_w8a8_args(x.shape[-1], qweight, wscale, bias, act_scale)
+    w32 = wscale.to(torch.float32)
+    if x.numel() == 0:
+        y = x.new_zeros((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+    elif act_scale == "tensor":
+        q, scale, zero_point = quantize_per_tensor(x)
+        y = _int_product(q.to(torch.float64) - zero_point.to(torch.float64), qweight) * (scale * w32)
+    else:
+        x8, scale = quantize_per_token(x)
+        y = (_int_product(x8, qweight) * w32) * scale
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
 
 
 @linear_w8a8.register_fake
-def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    check_w8a8_args(x.shape[-1], qweight, wscale, bias)
+def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act_scale: str = "tensor") -> Tensor:
+    check_w8a8_args(x.shape[-1], qweight, wscale, bias, act_scale)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))

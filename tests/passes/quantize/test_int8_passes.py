@@ -43,7 +43,7 @@ def test_mixed_op_keeps_outlier_columns_in_float():
     expected = (x8 @ codes.double().T.float()) * x_scale * scale + (x * outliers) @ (codes * scale[:, None]).T + b
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-4)
     reference = F.linear(x, w, b)
-    w8a8 = torch.ops.fxforge.linear_w8a8(x, codes, scale, b)
+    w8a8 = torch.ops.fxforge.linear_w8a8(x, codes, scale, b, "token")  # the same per-token quantizer
     assert relative_error(reference, mixed) < 0.6 * relative_error(reference, w8a8)
     # no column above the threshold: exactly W8A8
     torch.testing.assert_close(torch.ops.fxforge.linear_int8_mixed(x, codes, scale, b, 1e6), w8a8)
@@ -93,3 +93,18 @@ def test_pass_on_llama(llama, pass_, target):
 def test_llm_int8_rejects_bad_threshold():
     with pytest.raises(ValueError, match="threshold"):
         LlmInt8(threshold=0.0)
+
+
+@pytest.mark.parametrize("act_scale", ["tensor", "token"])
+def test_quantize_dynamic_act_scale_reaches_every_node(llama, act_scale):
+    gm, ctx = llama
+    q = run_pass(QuantizeDynamic(act_scale=act_scale), gm, ctx)
+    nodes = [n for n in q.graph.nodes if n.target == W8A8]
+    assert len(nodes) == 14 and {n.args[4] for n in nodes} == {act_scale}
+    ref, got = run_graph(gm, ctx.example_inputs)[0], run_graph(q, ctx.example_inputs)[0]
+    assert 0 < relative_error(ref, got) < 0.03
+
+
+def test_quantize_dynamic_rejects_bad_act_scale():
+    with pytest.raises(ValueError, match="act_scale must be one of"):
+        QuantizeDynamic(act_scale="row")

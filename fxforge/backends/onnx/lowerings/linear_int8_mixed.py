@@ -1,18 +1,18 @@
 """fxforge::linear_int8_mixed -> standard ONNX ops: outlier mask, MatMulInteger, float MatMul.
 
-The int8 part reuses linear_w8a8's lowering (per-token symmetric codes shifted to uint8 so
-MatMulInteger is exact on every CPU); the outlier part multiplies the masked activations by the
+The int8 part uses the per-token symmetric codes of `_int8_codes` (shifted to uint8; uint8 x
+uint8 MatMulInteger is exact on every CPU); the outlier part multiplies the masked activations by the
 dequantized weight, which ORT constant-folds at session start (so it is a float32 MatMul over
 all K: correct, not fast; the mask changes per call, and ONNX has no sparse column gather-matmul
 that would pay off at <1% outliers).
 """
 from __future__ import annotations
 
-from onnxscript import FLOAT, UINT8
+from onnxscript import FLOAT
 
 from fxforge.backends.onnx.lowerings import opset as op
-from fxforge.backends.onnx.lowerings.linear_w8a8 import (
-    UINT8_ZERO_POINT, _quantize_per_token_uint8, _scalar, _weight_as_uint8_transposed,
+from fxforge.backends.onnx.lowerings._int8_codes import (
+    UINT8_ZERO_POINT, quantize_per_token_uint8, scalar, weight_as_uint8_transposed,
 )
 from fxforge.ir.ops import register_lowering
 
@@ -29,9 +29,9 @@ def linear_int8_mixed_onnx(x, qweight, wscale, bias, threshold: float):
     zero = op.Constant(value_float=0.0)
     x_out = op.Where(is_outlier, x32, zero)
     x_in = op.Where(is_outlier, zero, x32)
-    x_u8, x_scale = _quantize_per_token_uint8(x_in)
-    zero_point = op.Constant(value=_scalar(UINT8_ZERO_POINT, np.uint8))
-    acc = op.MatMulInteger(x_u8, _weight_as_uint8_transposed(qweight), zero_point, zero_point)
+    x_u8, x_scale = quantize_per_token_uint8(x_in)
+    zero_point = op.Constant(value=scalar(UINT8_ZERO_POINT, np.uint8))
+    acc = op.MatMulInteger(x_u8, weight_as_uint8_transposed(qweight), zero_point, zero_point)
     w_scale = op.Cast(wscale, to=FLOAT.dtype)
     y = op.Mul(op.Mul(op.Cast(acc, to=FLOAT.dtype), x_scale), w_scale)
     dequantized_t = op.Transpose(op.Mul(op.Cast(qweight, to=FLOAT.dtype), op.Unsqueeze(w_scale, op.Constant(value_ints=[1]))),

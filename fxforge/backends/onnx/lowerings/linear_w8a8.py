@@ -1,62 +1,90 @@
-"""fxforge::linear_w8a8 -> per-token int8 quantization in standard ops + MatMulInteger.
+"""fxforge::linear_w8a8 -> ONNX Runtime's integer GEMM kernels (VNNI / AVX512-VNNI / AMX on x86).
 
-The reference quantizes activations per token, symmetric, round half to even; ONNX's Round
-is half to even too, so the quantization below is bit-identical to the reference and so is
-the int32 product: the exported model matches the reference to float32 rounding.
+Both modes end in `com.microsoft::MatMulIntegerToFloat`, ORT's uint8 x int8 MLAS GEMM.
 
-Why not ORT's own dynamic quantization (measured on ORT 1.32, this AVX2 CPU, 2048x2048):
-`DynamicQuantizeLinear` + `MatMulInteger` and `com.microsoft::DynamicQuantizeMatMul` both
-quantize activations asymmetric uint8 with ONE scale per tensor (a token with a large range
-coarsens every other token), and their uint8 x int8 kernel saturates int16 pair sums on CPUs
-without VNNI when weights use the full [-127, 127] range: 10-14% max relative error against
-the reference, even at batch 1. MatMulInteger with both operands uint8 has no such
-saturation, so activations and weights are shifted by +128 with zero points 128:
-(x8+128 - 128)·(w8+128 - 128) = x8·w8 exactly. Cost: 1.9 ms at batch 1, 10.3 ms at 16 tokens
-(fp32 MatMul 1.3 / 31 ms).
+act_scale="tensor": `DynamicQuantizeLinear(x)` -> (x_u8, s, zp), one scale and zero point per
+tensor, then `com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, s, wscale, zp, -, bias)`: uint8 x
+int8 with int32 accumulation, s·wscale[n] and the bias applied in the GEMM's output stage.
+ORT's DynamicQuantizeMatMul computes exactly this (same quantizer functions, same GEMM call),
+but in one node per linear; split, ORT's common-subexpression elimination merges the identical
+DynamicQuantizeLinear nodes of linears sharing an input (q/k/v, gate/up), as in the graphs ORT's
+own quantize_dynamic writes: measured 9% faster on a q/k/v group at 128 tokens, same at 1 token,
+bit-identical outputs.
+
+act_scale="token": the symmetric per-row codes are formed in standard ops (`_int8_codes`,
+bit-identical to the reference), shifted to uint8 (+128, zero point 128), and
+`com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, s_x, wscale, 128)` runs the same uint8 x int8
+GEMM. A non-scalar A scale makes ORT compute the GEMM with A scale 1 and then multiply the
+output by s_x (broadcast), which would scale the bias too: so the bias is a separate Add, and
+the result is (acc·wscale[n])·s_x[m] + bias, the reference's order. s_x keeps x's rank
+(…, M, 1) even at M = 1, so ORT never takes it for a scalar; only a 1-D x (one (K,) vector)
+gives a 1-element s_x, which ORT folds into the column scales: acc·(s_x·wscale[n]), within an
+ulp of the reference rather than bit-identical.
+
+The weight is consumed as an int8 (K, N) initializer with per-column float32 scales: the
+Transpose of the (N, K) buffer written here is folded at export (backends/onnx/fold_weights.py),
+and the GEMM pre-packs the constant B once when the session opens (MatMulIntegerBase::PrePack).
+
+Why not the previous lowering (uint8 x uint8 MatMulInteger, both operands shifted by 128):
+MLAS has no VNNI kernel for u8u8; it was 2.5x slower than ORT's own quantize_dynamic at
+128-token prefill. Host requirement for exactness: on x86 CPUs without VNNI, ORT's u8s8 kernel
+(`vpmaddubsw`) saturates int16 pair sums, as ORT documents for its own quantize_dynamic (an
+earlier measurement here: 10-14% error on full-range weights); with VNNI (`vpdpbusd`, AVX-VNNI,
+AMX; this project's bench host) and on Arm (`udot`/`sdot`) the product is exact, and the
+ONNX model matches the reference bit for bit.
 """
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnxscript import FLOAT, INT32, UINT8
+from onnx.defs import OpSchema
+from onnxscript import FLOAT
+from onnxscript.values import Op
 
+from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
+from fxforge.backends.onnx.lowerings._int8_codes import UINT8_ZERO_POINT, quantize_per_token_uint8, scalar
 from fxforge.ir.ops import register_lowering
 
-INT8_MAX = 127.0
-UINT8_ZERO_POINT = 128
+
+def _matmul_integer_to_float_schema() -> OpSchema:
+    """com.microsoft::MatMulIntegerToFloat (the onnx package ships no contrib schemas)."""
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        "MatMulIntegerToFloat",
+        "com.microsoft",
+        1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("a_scale", "T3"), param("b_scale", "T3"),
+                param("a_zero_point", "T1", param_option=optional), param("b_zero_point", "T2", param_option=optional),
+                param("bias", "T3", param_option=optional)],
+        outputs=[param("Y", "T3")],
+        type_constraints=[("T1", ["tensor(uint8)"], "activations"), ("T2", ["tensor(int8)"], "weight"),
+                          ("T3", ["tensor(float)"], "scales, output")],
+    )
 
 
-def _quantize_per_token_uint8(x32):
-    """Per-row symmetric int8 codes, returned shifted to uint8 (+128), and the row scales."""
-    absmax = op.ReduceMax(op.Abs(x32), op.Constant(value_ints=[-1]), keepdims=1)
-    scale = op.Div(absmax, op.Constant(value_float=INT8_MAX))
-    # A zero row would divide by zero; scale 1 quantizes it to zeros, as the reference does.
-    scale = op.Where(op.Equal(scale, op.Constant(value_float=0.0)), op.Constant(value_float=1.0), scale)
-    codes = op.Clip(op.Round(op.Div(x32, scale)), op.Constant(value_float=-INT8_MAX), op.Constant(value_float=INT8_MAX))
-    shifted = op.Add(codes, op.Constant(value_float=float(UINT8_ZERO_POINT)))
-    return op.Cast(shifted, to=UINT8.dtype), scale
+_MATMUL_INTEGER_TO_FLOAT = Op(msft, "MatMulIntegerToFloat", _matmul_integer_to_float_schema())
 
 
-def _weight_as_uint8_transposed(qweight):
-    """int8 (N, K) -> uint8 (K, N) shifted by +128 (constant-folded at export or session start)."""
-    shifted = op.Add(op.Cast(qweight, to=INT32.dtype), op.Constant(value=_scalar(UINT8_ZERO_POINT, np.int32)))
-    return op.Transpose(op.Cast(shifted, to=UINT8.dtype), perm=[1, 0])
+def _as_float(value):
+    """value as float32; no node when it already is, so initializers reach the op directly."""
+    return value if value.dtype == FLOAT.dtype else op.Cast(value, to=FLOAT.dtype)
 
 
 @register_lowering("onnx", "linear_w8a8")
-def linear_w8a8_onnx(x, qweight, wscale, bias):
-    # qweight's int8 dtype and shapes were checked by the op's fake impl at trace time.
-    x32 = op.Cast(x, to=FLOAT.dtype)
-    x_u8, x_scale = _quantize_per_token_uint8(x32)
-    zero_point = op.Constant(value=_scalar(UINT8_ZERO_POINT, np.uint8))
-    acc = op.MatMulInteger(x_u8, _weight_as_uint8_transposed(qweight), zero_point, zero_point)
-    y = op.Mul(op.Mul(op.Cast(acc, to=FLOAT.dtype), x_scale), op.Cast(wscale, to=FLOAT.dtype))
-    if bias is not None:
-        y = op.Add(y, op.Cast(bias, to=FLOAT.dtype))
-    return op.CastLike(y, x)
-
-
-def _scalar(value: int, dtype: type) -> onnx.TensorProto:
-    """A 0-d tensor of an exact integer type (op.Constant(value_int=...) is always int64)."""
-    return onnx.numpy_helper.from_array(np.array(value, dtype=dtype))
+def linear_w8a8_onnx(x, qweight, wscale, bias, act_scale: str = "tensor"):
+    # qweight's int8 dtype, the shapes and act_scale were checked by the op's fake impl at trace time.
+    x32 = _as_float(x)
+    w_kn = op.Transpose(qweight, perm=[1, 0])  # folded into a (K, N) initializer at export (fold_weights.py)
+    w_scale = _as_float(wscale)
+    b32 = _as_float(bias) if bias is not None else None
+    if act_scale == "tensor":
+        x_u8, x_scale, x_zero_point = op.DynamicQuantizeLinear(x32)
+        y = _MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, x_scale, w_scale, x_zero_point, None, b32)
+    else:
+        x_u8, x_scale = quantize_per_token_uint8(x32)
+        zero_point = op.Constant(value=scalar(UINT8_ZERO_POINT, np.uint8))
+        y = _MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, x_scale, w_scale, zero_point)
+        if b32 is not None:
+            y = op.Add(y, b32)
+    return y if x.dtype == FLOAT.dtype else op.Cast(y, to=x.dtype)
