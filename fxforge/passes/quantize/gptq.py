@@ -48,6 +48,48 @@ def block_bounds(k: int, group_size: int, block_size: int, groups_along_columns:
             for g0 in range(0, k, group_size) for s in range(g0, g0 + group_size, block_size)]
 
 
+class _InputGroups:
+    """Rounding of one column of W when groups run along the input channels (group_axis="in").
+
+    A group's (scale, zero) are taken from its g columns when its first column is reached and
+    then serve its g columns; the codes are clamp(round(w/s), low−z, qmax−z) + z, which equals
+    rtn.quantize_codes' clamp(round(w/s)+z, low, qmax) exactly (z is a small integer), and the
+    dequantized value is the unshifted integer times s.
+    """
+
+    def __init__(self, spec: QuantSpec, scales: Tensor, zeros: Tensor):
+        self.spec, self.scales, self.zeros = spec, scales, zeros  # (K/g, N), filled group by group
+        self.scale = self.zero = self.low = self.high = None
+
+    def start_group(self, index: int, group_columns: Tensor) -> None:
+        """`group_columns` is (g, N): the group's columns as they stand now."""
+        scale, zero = qparams(group_columns.T.contiguous(), self.spec)  # contiguous: reduce along a row
+        self.scale, self.zero = scale[:, 0], zero[:, 0]
+        low = 1.0 if self.spec.sym else 0.0
+        self.low, self.high = low - self.zero, self.spec.qmax - self.zero
+        self.scales[index], self.zeros[index] = self.scale, self.zero
+
+    def round(self, column: Tensor, codes_out: Tensor) -> Tensor:
+        """Write the column's codes to `codes_out`; return its dequantized values (a new tensor)."""
+        level = torch.div(column, self.scale).round_()
+        torch.clamp(level, self.low, self.high, out=level)
+        torch.add(level, self.zero, out=codes_out)
+        return level.mul_(self.scale)
+
+
+def _round_output_groups(spec: QuantSpec, column: Tensor, codes_out: Tensor, scale_out: Tensor,
+                         zero_out: Tensor) -> Tensor:
+    """Rounding of one column when groups run along the output channels (group_axis="out"): the
+    column's own groups of N/g rows get their parameters now. Returns the dequantized column."""
+    chunks = column.reshape(-1, spec.group_size)
+    scale, zero = qparams(chunks, spec)
+    q = quantize_codes(chunks, scale, zero, spec)
+    codes_out.copy_(q.reshape(-1))
+    scale_out.copy_(scale[:, 0])
+    zero_out.copy_(zero[:, 0])
+    return ((q - zero) * scale).reshape(-1)
+
+
 def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group_axis: str = "in", *,
                          damp: float = 0.01, block_size: int = 128) -> QuantizedMatrix:
     """GPTQ codes for `matrix` (W (N, K) for group_axis="in", Wᵀ (K, N) for "out"); hessian is (K, K)."""
@@ -58,41 +100,31 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group
     g = spec.group_size
     upper, dead = inverse_hessian_factor(hessian, damp)
     wt[dead] = 0.0
+    diag = upper.diagonal().tolist()
     codes = torch.empty(k, n)
     scales = torch.zeros(k // g, n) if per_row else torch.zeros(k, n // g)  # per_row: transposed at the end
     zeros = torch.zeros_like(scales)
-    errors = torch.empty(max(b - a for a, b in block_bounds(k, g, block_size, per_row)), n)
-    diag = upper.diagonal().tolist()
-    group: tuple[Tensor, Tensor] | None = None
-    for start, stop in block_bounds(k, g, block_size, per_row):
+    groups = _InputGroups(spec, scales, zeros) if per_row else None
+    bounds = block_bounds(k, g, block_size, per_row)
+    errors = torch.empty(max(stop - start for start, stop in bounds), n)  # the block's scaled errors, row by row
+    for start, stop in bounds:
         block_err = errors[: stop - start]
         for sub in range(start, stop, SUB_BLOCK):
             sub_stop = min(sub + SUB_BLOCK, stop)
             for col in range(sub, sub_stop):
                 column = wt[col]
-                if per_row:
-                    if col % g == 0:  # the group's range, from weights already corrected by earlier columns
-                        scale, zero = qparams(wt[col:col + g].T, spec)
-                        group = scale[:, 0], zero[:, 0]
-                        scales[col // g], zeros[col // g] = group
-                    scale, zero = group
-                    q = quantize_codes(column, scale, zero, spec)
-                    dequant = (q - zero) * scale
+                if groups is None:
+                    dequant = _round_output_groups(spec, column, codes[col], scales[col], zeros[col])
                 else:
-                    chunks = column.reshape(n // g, g)
-                    scale, zero = qparams(chunks, spec)
-                    q = quantize_codes(chunks, scale, zero, spec)
-                    dequant = ((q - zero) * scale).reshape(n)
-                    q = q.reshape(n)
-                    scales[col], zeros[col] = scale[:, 0], zero[:, 0]
-                codes[col] = q
-                err = block_err[col - start]
-                torch.div(column - dequant, diag[col], out=err)
+                    if col % g == 0:  # the group's range, from weights already corrected by earlier columns
+                        groups.start_group(col // g, wt[col:col + g])
+                    dequant = groups.round(column, codes[col])
+                err = torch.sub(column, dequant, out=block_err[col - start]).div_(diag[col])
                 if col + 1 < sub_stop:  # within the sub-block: a rank-1 update of a few rows
                     wt[col + 1:sub_stop].addr_(upper[col, col + 1:sub_stop], err, alpha=-1.0)
             if sub_stop < stop:  # the sub-block's errors reach the rest of the block
-                wt[sub_stop:stop].addmm_(upper[sub:sub_stop, sub_stop:stop].T, block_err[sub - start:sub_stop - start],
-                                         alpha=-1.0)
+                wt[sub_stop:stop].addmm_(upper[sub:sub_stop, sub_stop:stop].T,
+                                         block_err[sub - start:sub_stop - start], alpha=-1.0)
         if stop < k:  # the lazy batch update: the block's errors reach every later column at once
             wt[stop:].addmm_(upper[start:stop, stop:].T, block_err, alpha=-1.0)
     oriented = codes.T if per_row else codes
