@@ -5,8 +5,8 @@ layer's calibration inputs, so the layer *output* error stays small rather than 
 Standard choices: 1% damping of the mean diagonal, dead inputs (H_jj = 0) zeroed, the upper
 Cholesky factor U of H⁻¹ (hessian.py), lazy batch updates in blocks of `block_size` columns.
 Group parameters (group_axis="in") are computed from the already-updated weights when a group
-starts; a block never straddles a group start (blocks hold whole groups, or a group is cut into
-blocks that begin where it begins), so the group's weights are up to date at that moment. With
+starts; blocks hold whole groups, or cut one group into pieces the first of which begins where
+the group begins, so at that moment every column of the group carries all earlier errors. With
 group_axis="out" (per-IC) each column's parameters come from that column's groups of output
 rows when it is quantized. Calibration inputs come from the float model (all layers at once).
 

@@ -11,8 +11,9 @@ features is still positive definite.
 U is obtained from ONE Cholesky factorization: with P the reversal permutation, if
 P·H·P = L·Lᵀ then H⁻¹ = (P·L⁻ᵀ·P)(P·L⁻¹·P) and P·L⁻¹·P is upper triangular with a positive
 diagonal, hence the (unique) factor U. That replaces the textbook chol → cholesky_inverse →
-chol (three K³/3-size factorizations) by one factorization and one triangular solve, and it
-stays accurate in float32 (the error grows with √cond(H), not cond(H), as no H⁻¹ is formed).
+chol (factorize, invert, factorize again) by one factorization and one triangular solve, and it
+is accurate enough in float32: no H⁻¹ is formed, only L⁻¹, whose condition number is √cond(H).
+(A blocked triangular inverse with fewer flops measured no faster through torch's solvers.)
 """
 from __future__ import annotations
 
