@@ -139,9 +139,9 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group
                          damp: float = 0.01, block_size: int = 128) -> QuantizedMatrix:
     """GPTQ codes for `matrix` (W (N, K) for group_axis="in", Wᵀ (K, N) for "out"); hessian is (K, K)."""
     per_row = group_axis == "in"
-    # wt is Wᵀ (K, N), a private float32 copy the algorithm updates in place.
-    wt = (matrix.T if per_row else matrix).to(torch.float32).contiguous().clone()
-    k, n = wt.shape
+    source = matrix.T if per_row else matrix
+    k, n = source.shape
+    wt = torch.empty(k, n).copy_(source)  # Wᵀ (K, N): a private float32 copy, updated in place
     g = spec.group_size
     upper, dead = inverse_hessian_factor(hessian, damp)
     wt[dead] = 0.0

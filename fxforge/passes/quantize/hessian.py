@@ -42,7 +42,9 @@ def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01, *,
     docstring), float64 costs about twice as long.
     """
     h, dead = damped_hessian(hessian, damp, dtype)
+    k, device = h.shape[0], h.device
     lower = torch.linalg.cholesky(h.flip(0, 1))
-    eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
-    upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-    return upper.to(torch.float32), dead
+    del h  # K×K temporaries are dropped as soon as used: at K = 5632 each is 127 MiB in float32
+    lower_inverse = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=dtype, device=device), upper=False)
+    del lower
+    return lower_inverse.flip(0, 1).to(torch.float32), dead
