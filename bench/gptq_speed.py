@@ -110,7 +110,7 @@ def main() -> None:
         rows.append({"linear": name, "shape": [n, k], "reference_s": old, "fast_s": new, "speedup": old / new,
                      "reference_error": err_old, "fast_error": err_new, "error_ratio": err_new / err_old,
                      "reference_runs_s": times["reference"][name], "fast_runs_s": times["fast"][name]})
-    per_layer = {impl: [sum(times[impl][name][r] for name, *_ in linears) for r in range(args.rounds)] for impl in impls}
+    per_layer = {impl: [sum(runs[r] for runs in times[impl].values()) for r in range(args.rounds)] for impl in impls}
     layer = {"reference_s": statistics.median(per_layer["reference"]), "fast_s": statistics.median(per_layer["fast"]),
              "reference_runs_s": per_layer["reference"], "fast_runs_s": per_layer["fast"]}
     layer["speedup"] = layer["reference_s"] / layer["fast_s"]
