@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fxforge.ir.ops.shift_add_linear import apot_value, pack_signs, round_to_apot
+from fxforge.passes.quantize.hessian import inverse_hessian_factor
 
 _CHUNK_ELEMENTS = 1 << 22  # bound the (elements × 2^q) distance tensor of the codebook search
 
@@ -141,20 +142,6 @@ def quantize_bcq(weight: Tensor, bits: int, group_size: int, terms: int, iters: 
     return _to_bcq_weight(codes, exps, signs, n, k, group_size)
 
 
-def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """(upper Cholesky factor of H⁻¹, mask of dead input columns) for H = XᵀX/n + damp·mean(diag)·I.
-
-    Columns no calibration input ever touched (diag 0) get a unit diagonal; their weights are
-    irrelevant to the output, which the caller may zero.
-    """
-    h = hessian.detach().to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32), dead
-
-
 def quantize_bcq_calibrated(weight: Tensor, hessian: Tensor, bits: int, group_size: int, terms: int,
                             iters: int = 10, damp: float = 0.01) -> BcqWeight:
     """BCQ minimizing the layer's output error on calibration inputs (GPTQ-style column loop).
@@ -166,7 +153,7 @@ def quantize_bcq_calibrated(weight: Tensor, hessian: Tensor, bits: int, group_si
     """
     n, k = weight.shape
     w = weight.detach().to(torch.float32).clone()
-    hinv, dead = inverse_hessian_factor(hessian, damp)
+    hinv, dead = inverse_hessian_factor(hessian, damp, dtype=torch.float64)  # float64: as before this helper was shared
     w[:, dead] = 0.0
     patterns = sign_patterns(bits, w.device)
     planes = torch.empty(bits, n, k, dtype=torch.int8, device=w.device)
