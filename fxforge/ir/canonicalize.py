@@ -4,6 +4,7 @@ After `canonicalize(gm)`:
 - every linear layer is `aten.linear(x, W, b)` with W an (out, in) parameter, whether it came
   from nn.Linear, GPT-2's Conv1D (`addmm` with an (in, out) weight), or `mm`/`matmul` with a
   parameter;
+- `baddbmm(bias, a, b, beta, alpha)` (ALiBi position biases) is `bias·beta + bmm(a, b)·alpha`;
 - eval-mode dropout and export's tensor-metadata assertions are gone;
 - dead code and unused parameters are removed, and `node.meta["val"]` is valid.
 
@@ -101,6 +102,36 @@ def _mm(gm: GraphModule, node: Node) -> bool:
     return weight is not None and _to_linear(gm, node, x, weight, None)
 
 
+def _baddbmm(gm: GraphModule, node: Node) -> bool:
+    # baddbmm(bias, a, b, beta=β, alpha=α) -> bias·β + bmm(a, b)·α     (β == 0: bmm(a, b)·α)
+    # Why: ATen's baddbmm kernel wants concrete sizes, so fake propagation with a symbolic
+    # batch or length fails ("SymIntArrayRef expected to contain only concrete integers");
+    # spelled as bmm + add it propagates, and fuse_attention sees scores plus an additive bias.
+    bias, a, b = node.args[:3]
+    beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+    alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+    graph = gm.graph
+    created: list[Node] = []
+
+    def emit(target: object, args: tuple) -> Node:
+        with graph.inserting_before(node):
+            created.append(graph.call_function(target, args))
+        return created[-1]
+
+    scores = emit(aten.bmm.default, (a, b))
+    if alpha != 1:
+        scores = emit(aten.mul.Tensor, (scores, alpha))
+    if beta != 0:
+        if beta != 1:
+            bias = emit(aten.mul.Tensor, (bias, beta))
+        scores = emit(aten.add.Tensor, (bias, scores))
+    for new in created:  # the rewrite belongs to the layer the baddbmm came from
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("module_path", "nn_module_stack")})
+    node.replace_all_uses_with(scores)
+    graph.erase_node(node)
+    return True
+
+
 def _dropout(gm: GraphModule, node: Node) -> bool:
     # dropout(x, p, train=False) -> x
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
@@ -120,6 +151,7 @@ def _drop(gm: GraphModule, node: Node) -> bool:
 RULES: dict[object, Rewrite] = {
     aten.addmm.default: _addmm,
     aten.mm.default: _mm,
+    aten.baddbmm.default: _baddbmm,
     aten.matmul.default: _mm,
     aten.dropout.default: _dropout,
     aten.feature_dropout.default: _dropout,
