@@ -6,7 +6,9 @@ explicitly. Its `is_causal` is the top-left triangle, which equals the op's bott
 convention only when Lq == Lk. So is_causal=1 is used only when the two lengths are provably
 equal at export time (the same static size or the same symbolic dim); otherwise the
 bottom-right triangle is built in the graph (Range, LessOrEqual) and folded into the mask.
-Same when a user mask comes with is_causal, so one mask carries both.
+Same when a user mask comes with is_causal, so one mask carries both. An additive position
+bias (ALiBi) is ONNX Attention's additive `attn_mask`: it is folded into the mask (added to an
+additive one, Where-selected by a bool one) before the causal triangle is applied.
 
 Alternative for causal self-attention without a mask (the prompt pass of a decoder), where it
 was the fastest on CPU at long sequences: com.microsoft::GroupQueryAttention, on (B, L, H·D)
@@ -55,7 +57,7 @@ def causal_attention_operator(name: str) -> Iterator[None]:
 
 
 @register_lowering("onnx", "attention")
-def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int):
+def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int, bias=None):
     head_dim = q.shape[3]
     if scale is None and not isinstance(head_dim, int):
         raise ValueError(
@@ -63,6 +65,7 @@ def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num
             "1/sqrt(head_dim); export with a fixed head dim or pass scale explicitly."
         )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    attn_mask = _fold_bias(attn_mask, bias)
     square = _same_dim(q.shape[2], k.shape[2])
     if is_causal and attn_mask is None and square and _group_query_attention_applies(q, k, v):
         return _group_query_attention(q, k, v, scale)
@@ -81,6 +84,17 @@ def _same_dim(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return a == b
     return getattr(a, "value", None) is not None and a.value == getattr(b, "value", None)
+
+
+def _fold_bias(attn_mask, bias):
+    """The mask with the additive bias applied: Attention-23's additive attn_mask is where a bias goes."""
+    if bias is None:
+        return attn_mask
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == BOOL.dtype:
+        return op.Where(attn_mask, bias, op.CastLike(op.Constant(value_float=float("-inf")), bias))
+    return op.Add(attn_mask, bias)
 
 
 def _expand_to_lengths(q, k, attn_mask):
