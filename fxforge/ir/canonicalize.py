@@ -31,10 +31,10 @@ def _param_node(node: object) -> Node | None:
 
 
 def _transposed_param(node: object) -> Node | None:
-    """The get_attr node P if `node` is P.t() / P.transpose(0, 1) / P.permute(1, 0) of a 2-D P."""
+    """The get_attr node P if `node` is P.t() / P.T / P.transpose(0, 1) / P.permute(1, 0) of a 2-D P."""
     if not isinstance(node, Node) or node.op != "call_function":
         return None
-    if node.target == aten.t.default or (
+    if node.target in (aten.t.default, aten.numpy_T.default) or (  # numpy_T: Falcon's `x @ W.T`
         node.target == aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
     ) or (node.target == aten.permute.default and list(node.args[1]) == [1, 0]):
         param = _param_node(node.args[0])

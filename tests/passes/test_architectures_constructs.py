@@ -3,7 +3,8 @@
 
 Per family: canonicalize == eager; fuse_attention fuses every layer, exactly; the fused graph
 runs in ONNX Runtime within 1e-4 at two shapes; add_kv_cache decodes token by token to the
-uncached logits. One trace per family (module-scoped), shared by every test.
+uncached logits; prune(flap, 0.3) cuts parameters and the pruned graph runs in ONNX. One trace
+per family (module-scoped), shared by every test.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
 from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.base import PassContext, get_pass_class, run_pass
 from fxforge.passes.fuse_attention import FuseAttention
 
 aten = torch.ops.aten
@@ -93,3 +94,17 @@ def test_kv_cache_decodes_token_by_token_exactly(family):
     if FAMILIES[name].alibi:  # the bias was recomputed over the cached length, not dropped
         nodes = [n for n in cached.graph.nodes if n.target == ATTENTION]
         assert all(len(n.args) == 8 and n.args[7] is not None for n in nodes)
+
+
+def test_flap_prune_cuts_parameters_and_runs_in_onnx(family, tmp_path):
+    """prune(flap, 0.3) through fused projections: fewer parameters, and ONNX runs what eager runs."""
+    name, _model, ids, gm, _, _ = family
+    other = _ids(3, 7, seed=3)
+    ctx = PassContext(example_inputs=(ids,), calibration=[(ids,), (other,)], progress=lambda it, **_: it)
+    pruned = run_pass(get_pass_class("prune")(method="flap", ratio=0.3), gm, ctx)
+    count = lambda g: sum(p.numel() for p in g.parameters())  # noqa: E731
+    assert count(pruned) < 0.9 * count(gm)
+    runner = OnnxRunner(export_onnx(pruned, (ids,), tmp_path / f"{name}-pruned.onnx"), threads=1)
+    for batch, seq in SHAPES:
+        x = _ids(batch, seq, seed=4)
+        assert (runner(x)[0] - pruned(x)[0]).abs().max() <= 1e-4
