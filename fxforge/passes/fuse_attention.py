@@ -125,8 +125,26 @@ def value_matmul(softmax: Node) -> Node | None:
             pv = only_user(user)
             return pv if pv is not None and pv.target in BMMS and pv.args[0] is user else None
         if skip_identities(user) is not node:
+            _raise_if_weights_values(user)
             return None
         node = user
+
+
+def _raise_if_weights_values(user: Node, depth: int = 4) -> None:
+    """Skip (naming `user`) when the probabilities still reach a P·V matmul through it.
+
+    Without this, a softmax whose path to its value matmul passes an op the matcher does not
+    know would be left unfused with no reason given.
+    """
+    node = user
+    for _ in range(depth):
+        nxt = only_user(node)
+        if nxt is None:
+            return
+        if (nxt.target in _MATMULS or nxt.target in BMMS) and nxt.args[0] is node:
+            raise Skip(f"the attention probabilities reach P·V through {user.target} (node '{user.name}'), "
+                       f"which is neither a same-dtype cast, a same-shape view nor a head-merging view")
+        node = nxt
 
 
 def _probabilities_chain(softmax: Node, pv: Node) -> list[Node]:

@@ -108,3 +108,20 @@ def test_flap_prune_cuts_parameters_and_runs_in_onnx(family, tmp_path):
     for batch, seq in SHAPES:
         x = _ids(batch, seq, seed=4)
         assert (runner(x)[0] - pruned(x)[0]).abs().max() <= 1e-4
+
+
+class _ReweightedProbabilities(torch.nn.Module):
+    """softmax(Q·Kᵀ), transformed by an op the matcher cannot see through, then @ V."""
+
+    def forward(self, q, k, v):
+        probs = torch.softmax(q @ k.transpose(-1, -2), -1)
+        return (probs * 2.0).exp() @ v
+
+
+def test_an_unrecognized_op_before_the_value_product_is_reported_not_silent():
+    x = torch.randn(1, 2, 5, 8)
+    gm = trace(_ReweightedProbabilities(), (x, x, x))
+    canonicalize(gm)
+    result = FuseAttention().run(gm, PassContext(example_inputs=(x, x, x)))
+    assert result.sites == 0
+    assert len(result.skipped) == 1 and "reach P·V through aten.mul.Tensor" in result.skipped[0][1]
