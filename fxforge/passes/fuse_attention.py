@@ -15,6 +15,14 @@ proves a mask purely causal (then the mask is dropped). A softmax feeding a matm
 be proven equivalent (a tanh softcap, probabilities reused elsewhere, training dropout, ...) is
 left untouched and listed in `PassResult.skipped` with the reason: nothing is rewritten until
 the whole subgraph has matched. Exact: the default tolerance.
+
+The reasons a softmax that weights values is left unfused, each naming the node:
+- the softmax is not over the key axis of 4-D scores in their own dtype (an fp32 upcast);
+- an unrecognized score modifier sits between Q·Kᵀ and the softmax (a tanh soft-cap);
+- the probabilities reach P·V through an unrecognized op, or are used outside P·V;
+- an intermediate of the attention is used elsewhere; training-mode dropout;
+- q, k, v shapes, head counts or the mask/bias shape and dtype do not fit the op;
+- scores and value product use different head layouts (one head-merged, one not).
 """
 from __future__ import annotations
 
