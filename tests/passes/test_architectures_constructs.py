@@ -70,6 +70,7 @@ def test_fuse_attention_fuses_every_layer_exactly(family):
         torch.testing.assert_close(fused(ids)[0], logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # an ONNX export per family (~7 s each)
 def test_onnx_runs_the_fused_graph_within_tolerance(family, tmp_path):
     name, model, ids, _gm, _, fused = family
     runner = OnnxRunner(export_onnx(fused, (ids,), tmp_path / f"{name}.onnx"), threads=1)
@@ -96,6 +97,7 @@ def test_kv_cache_decodes_token_by_token_exactly(family):
         assert all(len(n.args) == 8 and n.args[7] is not None for n in nodes)
 
 
+@pytest.mark.slow  # calibration, pruning and an ONNX export per family (~10 s each)
 def test_flap_prune_cuts_parameters_and_runs_in_onnx(family, tmp_path):
     """prune(flap, 0.3) through fused projections: fewer parameters, and ONNX runs what eager runs."""
     name, _model, ids, gm, _, _ = family
