@@ -4,6 +4,7 @@ After `canonicalize(gm)`:
 - every linear layer is `aten.linear(x, W, b)` with W an (out, in) parameter, whether it came
   from nn.Linear, GPT-2's Conv1D (`addmm` with an (in, out) weight), or `mm`/`matmul` with a
   parameter;
+- `baddbmm(bias, a, b, beta, alpha)` (ALiBi position biases) is `bias·beta + bmm(a, b)·alpha`;
 - eval-mode dropout and export's tensor-metadata assertions are gone;
 - dead code and unused parameters are removed, and `node.meta["val"]` is valid.
 
@@ -30,10 +31,10 @@ def _param_node(node: object) -> Node | None:
 
 
 def _transposed_param(node: object) -> Node | None:
-    """The get_attr node P if `node` is P.t() / P.transpose(0, 1) / P.permute(1, 0) of a 2-D P."""
+    """The get_attr node P if `node` is P.t() / P.T / P.transpose(0, 1) / P.permute(1, 0) of a 2-D P."""
     if not isinstance(node, Node) or node.op != "call_function":
         return None
-    if node.target == aten.t.default or (
+    if node.target in (aten.t.default, aten.numpy_T.default) or (  # numpy_T: Falcon's `x @ W.T`
         node.target == aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
     ) or (node.target == aten.permute.default and list(node.args[1]) == [1, 0]):
         param = _param_node(node.args[0])
@@ -101,6 +102,36 @@ def _mm(gm: GraphModule, node: Node) -> bool:
     return weight is not None and _to_linear(gm, node, x, weight, None)
 
 
+def _baddbmm(gm: GraphModule, node: Node) -> bool:
+    # baddbmm(bias, a, b, beta=β, alpha=α) -> bias·β + bmm(a, b)·α     (β == 0: bmm(a, b)·α)
+    # Why: ATen's baddbmm kernel wants concrete sizes, so fake propagation with a symbolic
+    # batch or length fails ("SymIntArrayRef expected to contain only concrete integers");
+    # spelled as bmm + add it propagates, and fuse_attention sees scores plus an additive bias.
+    bias, a, b = node.args[:3]
+    beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+    alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+    graph = gm.graph
+    created: list[Node] = []
+
+    def emit(target: object, args: tuple) -> Node:
+        with graph.inserting_before(node):
+            created.append(graph.call_function(target, args))
+        return created[-1]
+
+    scores = emit(aten.bmm.default, (a, b))
+    if alpha != 1:
+        scores = emit(aten.mul.Tensor, (scores, alpha))
+    if beta != 0:
+        if beta != 1:
+            bias = emit(aten.mul.Tensor, (bias, beta))
+        scores = emit(aten.add.Tensor, (bias, scores))
+    for new in created:  # the rewrite belongs to the layer the baddbmm came from
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("module_path", "nn_module_stack")})
+    node.replace_all_uses_with(scores)
+    graph.erase_node(node)
+    return True
+
+
 def _dropout(gm: GraphModule, node: Node) -> bool:
     # dropout(x, p, train=False) -> x
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
@@ -120,6 +151,7 @@ def _drop(gm: GraphModule, node: Node) -> bool:
 RULES: dict[object, Rewrite] = {
     aten.addmm.default: _addmm,
     aten.mm.default: _mm,
+    aten.baddbmm.default: _baddbmm,
     aten.matmul.default: _mm,
     aten.dropout.default: _dropout,
     aten.feature_dropout.default: _dropout,

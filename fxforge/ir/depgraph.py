@@ -571,7 +571,8 @@ _RULES: dict[Any, Callable[..., None]] = {
     aten.expand.default: _expand,
     aten.slice.Tensor: _slice, aten.select.int: _select,
     aten.cat.default: _cat,
-    aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
+    # chunk(x, n, d) is split into n equal parts (GPT-NeoX / MPT split their fused QKV so)
+    aten.split.Tensor: _split, aten.split_with_sizes.default: _split, aten.chunk.default: _split,
     operator.getitem: _getitem,
     aten.layer_norm.default: _layer_norm, aten.native_layer_norm.default: _layer_norm,
     aten._native_batch_norm_legit_no_training.default: _batch_norm,

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxforge.ir.ops import register_lowering
-from fxforge.ir.ops.attention import check_attention_inputs, default_scale
+from fxforge.ir.ops.attention import check_attention_inputs, default_scale, fold_bias
 from fxforge.kernels._common import autotune_configs, interpreting
 
 LOG2E = 1.4426950408889634
@@ -222,14 +222,16 @@ def flash_attention_forward(
 
 @register_lowering("triton", "attention")
 def attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None, num_kv_groups: int
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None, num_kv_groups: int,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """`fxforge::attention` on Triton: split-KV decoding when Lq == 1, flash attention otherwise.
 
     With one query, causal is a no-op under the op's bottom-right convention (the query is
     the last position and sees every key), so the decode kernel ignores it.
     """
-    check_attention_inputs(q, k, v, attn_mask, num_kv_groups)
+    check_attention_inputs(q, k, v, attn_mask, num_kv_groups, bias)
+    attn_mask = fold_bias(attn_mask, bias)  # the kernels read one additive mask; a bias is one
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"fxforge Triton attention supports fp16, bf16 and fp32, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:

@@ -34,6 +34,7 @@ from fxforge.ir.ops import get_op
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.kv_cache_bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache_sites import FusedSite, eager_sites
 
 aten = torch.ops.aten
@@ -94,6 +95,7 @@ class AddKvCache(Pass):
             positions = new_input("position_ids", torch.empty(batch, seq, dtype=torch.long))
             tree_mask = new_input("tree_mask", torch.empty(batch, 1, seq, total_len, dtype=torch.bool))
         past, present, kv_shapes = [], [], []
+        biases = BiasExtender(graph, tree_mask, self.name)  # one copy of a bias shared by layers
         for i, site in enumerate(sites):
             k_val, v_val = site.k.meta["val"], site.v.meta["val"]
             with mode:
@@ -107,7 +109,7 @@ class AddKvCache(Pass):
                     node = graph.call_function(aten.cat.default, ([new, old], 2))
                 node.meta["module_path"] = old.meta.get("module_path", "")
                 full.append(node)
-            site.rewire(graph, full[0], full[1], tree_mask)
+            site.rewire(graph, full[0], full[1], tree_mask, biases)
             past.append((past_k, past_v))
             present.append(tuple(full))
             kv_shapes.append((int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])))
@@ -235,7 +237,9 @@ def cached_inputs(meta: dict, ids: torch.Tensor, past_len: int, past: Sequence[t
 def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: str) -> int:
     """Replace each `unsqueeze(arange(L) [+ 0], 0)` position row by the position_ids input."""
     rewired = 0
-    for arange in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES]:
+    # aranges of a recomputed position bias count key positions over the cache: not position rows
+    aranges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES]
+    for arange in [n for n in aranges if not n.meta.get(KV_BIAS_TAG)]:
         row = arange
         while len(row.users) == 1 and next(iter(row.users)).target in _ADD_OFFSET:
             row = next(iter(row.users))
@@ -246,13 +250,20 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             u.replace_all_uses_with(positions)
             rewired += 1
     erase_dead(gm)
-    leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES]
+    leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES
+                and not n.meta.get(KV_BIAS_TAG) and not _constant_length(n)]
     if leftover:
         raise PassError(
             f"pass '{pass_name}': could not tell how positions feed the model (arange nodes {leftover} "
             "are still used after rewiring the `unsqueeze(arange(L), 0)` position rows). Trace the "
             "model with position_ids as an input, or extend _rewire_positions.", pass_name=pass_name)
     return rewired  # 0 for a model without positional information: position_ids is then unused
+
+
+def _constant_length(arange: Node) -> bool:
+    """An arange of a fixed length (ALiBi's head slopes, arange(1, H + 1)) counts no positions."""
+    val = arange.meta.get("val")
+    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
 
 
 def _fake_mode_of(node: Node) -> tuple[Any, Any]:

@@ -120,10 +120,20 @@ def _full_slice(node: Node) -> Node | None:
     return src if all(same_size(a, b) for a, b in zip(before.shape, after.shape)) else None
 
 
+def _same_shape_view(node: Node) -> Node | None:
+    # x.view(x.shape) -> x   (Falcon re-views its scores and probabilities to the shape they have)
+    src = node.args[0]
+    before, after = fake(src), fake(node)
+    if before is None or after is None or before.dim() != after.dim():
+        return None
+    return src if all(same_size(a, b) for a, b in zip(before.shape, after.shape)) else None
+
+
 IDENTITY_RULES: RuleTable = [
     ((aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device), _same_dtype_cast),
     ((aten.contiguous.default, aten.clone.default, aten.alias.default), _copy),
     ((aten.slice.Tensor,), _full_slice),
+    ((aten.view.default, aten.reshape.default, aten._unsafe_view.default), _same_shape_view),
 ]
 
 
@@ -163,9 +173,11 @@ def _scale_div(node: Node) -> tuple[Node, float] | None:
     return a, 1.0 / c
 
 
+# In-place forms (`scores /= sqrt(d)` in Falcon) are the same value: the matcher's single-use
+# check guarantees no other reader sees the mutated input.
 SCALE_RULES: RuleTable = [
-    ((aten.mul.Tensor, aten.mul.Scalar), _scale_mul),
-    ((aten.div.Tensor, aten.div.Scalar), _scale_div),
+    ((aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar), _scale_mul),
+    ((aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar), _scale_div),
 ]
 
 

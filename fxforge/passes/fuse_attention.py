@@ -4,6 +4,8 @@
     softmax(where(b, S, -inf)) @ V                      -> attention(..., mask=b, ...)
     ... @ repeat_kv(K, g), ... @ repeat_kv(V, g)        -> attention(Q, K, V, ..., num_kv_groups=g)
     aten.scaled_dot_product_attention(q, k, v, m, ...)  -> attention(q, k, v, m, ...)
+    softmax((S + B)·c + M) @ V, B a position bias        -> attention(..., bias=B·c)   (ALiBi)
+    bmm over (B·H, L, D) viewed to 4-D around softmax   -> attention on unflattened q, k, v
 
 Anchored at each softmax: walk up through the mask and the scale factors to the score matmul
 Q·Kᵀ, and down (through same-dtype casts; eval dropout is already gone) to the value matmul.
@@ -13,6 +15,14 @@ proves a mask purely causal (then the mask is dropped). A softmax feeding a matm
 be proven equivalent (a tanh softcap, probabilities reused elsewhere, training dropout, ...) is
 left untouched and listed in `PassResult.skipped` with the reason: nothing is rewritten until
 the whole subgraph has matched. Exact: the default tolerance.
+
+The reasons a softmax that weights values is left unfused, each naming the node:
+- the softmax is not over the key axis of 4-D scores in their own dtype (an fp32 upcast);
+- an unrecognized score modifier sits between Q·Kᵀ and the softmax (a tanh soft-cap);
+- the probabilities reach P·V through an unrecognized op, or are used outside P·V;
+- an intermediate of the attention is used elsewhere; training-mode dropout;
+- q, k, v shapes, head counts or the mask/bias shape and dtype do not fit the op;
+- scores and value product use different head layouts (one head-merged, one not).
 """
 from __future__ import annotations
 
@@ -21,8 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from fxforge.ir.graph import nodes_by_op, replace_with_call
+from fxforge.ir.graph import erase_dead, nodes_by_op, replace_with_call
 from fxforge.ir.ops import get_op
+from fxforge.passes.attention_layout import (
+    BMMS, merge_heads_view, split_heads, split_heads_view, split_shape, untranspose_key_3d,
+)
 from fxforge.passes.attention_masks import classify_mask
 from fxforge.passes.attention_rules import (
     SOFTMAX_RULES,
@@ -62,6 +75,8 @@ class AttentionMatch:
     is_causal: bool
     scale: float | None
     num_kv_groups: int
+    bias: Value | None = None  # additive position bias (ALiBi), already times the scores' scale
+    merged_heads: int | None = None  # H when the model computes on (B·H, L, D): root is 3-D
 
 
 class Skip(Exception):
@@ -79,15 +94,25 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
     scores_in = apply_rules(SOFTMAX_RULES, softmax)
     if scores_in is None:
         raise Skip(f"softmax '{softmax.name}' is not over the key axis of 4-D scores in their own dtype")
-    qk, scale, mask, chain = _scores(scores_in)
-    _require_single_use(chain + _probabilities_chain(softmax, pv))
-    q, k, groups_k = _query_key(qk)
-    v, groups_v = peel_repeat_kv(pv.args[1])
-    scale_total = scale * q[1] * k[1]
+    found = _scores(scores_in)
+    heads = found.heads
+    if (pv.target in BMMS) != (heads is not None):
+        raise Skip(f"the scores and the value product of softmax '{softmax.name}' use different head layouts "
+                   f"(one head-merged (B·H, L, D), the other not)")
+    _require_single_use(found.chain + _probabilities_chain(softmax, pv))
+    if heads is None:
+        q, k, groups_k = _query_key(found.qk)
+        v, groups_v = peel_repeat_kv(pv.args[1])
+        scores_shape = tuple(fake(found.qk).shape)
+    else:  # head-merged: no GQA repetition in this layout (Bloom has none)
+        q, k, groups_k = _query_key_3d(found.qk, heads)
+        v, groups_v = split_heads(pv.args[1], heads), 1
+        scores_shape = split_shape(tuple(fake(found.qk).shape), heads)
+    scale_total = found.factor * q[1] * k[1]
     return _checked(AttentionMatch(
-        root=pv, q=q[0], k=k[0], v=v, mask=mask, is_causal=False, scale=scale_total,
-        num_kv_groups=1,
-    ), tuple(fake(qk).shape), groups_k, groups_v)
+        root=pv, q=q[0], k=k[0], v=v, mask=found.mask, is_causal=False, scale=scale_total,
+        num_kv_groups=1, bias=found.bias, merged_heads=heads,
+    ), scores_shape, groups_k, groups_v)
 
 
 def value_matmul(softmax: Node) -> Node | None:
@@ -104,45 +129,115 @@ def value_matmul(softmax: Node) -> Node | None:
             raise Skip(f"training-mode dropout '{user.name}' on the probabilities; put the model in eval()")
         if user.target in _MATMULS:
             return user if user.args[0] is node else None
+        if merge_heads_view(user) is not None:  # probs.view(B·H, Lq, Lk) @ v3 (Bloom)
+            pv = only_user(user)
+            return pv if pv is not None and pv.target in BMMS and pv.args[0] is user else None
         if skip_identities(user) is not node:
+            _raise_if_weights_values(user)
             return None
         node = user
+
+
+def _raise_if_weights_values(user: Node, depth: int = 4) -> None:
+    """Skip (naming `user`) when the probabilities still reach a P·V matmul through it.
+
+    Without this, a softmax whose path to its value matmul passes an op the matcher does not
+    know would be left unfused with no reason given.
+    """
+    node = user
+    for _ in range(depth):
+        nxt = only_user(node)
+        if nxt is None:
+            return
+        if (nxt.target in _MATMULS or nxt.target in BMMS) and nxt.args[0] is node:
+            raise Skip(f"the attention probabilities reach P·V through {user.target} (node '{user.name}'), "
+                       f"which is neither a same-dtype cast, a same-shape view nor a head-merging view")
+        node = nxt
 
 
 def _probabilities_chain(softmax: Node, pv: Node) -> list[Node]:
     """The same-dtype casts between the softmax and P·V (the softmax itself excluded)."""
     chain, node = [], pv.args[0]
-    while node is not softmax:
+    while node is not softmax:  # casts, and the merge-heads view of the head-merged layout
         chain.append(node)
         node = node.args[0]
     return chain
 
 
-def _scores(scores_in: Node) -> tuple[Node, float, Value | None, list[Node]]:
-    """(Q·Kᵀ matmul, scale on the scores, mask, nodes between them) for the softmax input."""
+@dataclass
+class _Scores:
+    """What sits between Q·Kᵀ and the softmax: scale, mask, position bias, head layout."""
+
+    qk: Node
+    factor: float
+    mask: Value | None
+    bias: Value | None
+    heads: int | None  # H when Q·Kᵀ is a head-merged (B·H, Lq, Lk) bmm
+    chain: list[Node]  # nodes the rewrite removes (each must have a single user)
+
+
+def _scores(scores_in: Node) -> _Scores:
+    """Read the softmax input as ((Q·Kᵀ)·scale + bias) + mask, in any order of scales and bias."""
     passed: list[Node] = []
     top = skip_identities(scores_in, passed)
     candidates = mask_candidates(top) + [MaskMatch(top, None, None)]  # type: ignore[arg-type]
-    stops = []
+    stops: list[object] = []
     for cand in candidates:
-        base, factor, walked = peel_scales(cand.scores)
-        if _is_score_matmul(base):
-            chain = passed + walked + [base] + ([cand.node] if cand.node is not None else [])
-            return base, factor, cand.mask, chain
-        stops.append(base)
+        found = _walk_scores(cand.scores, 1.0, None, stops)
+        if found is not None:
+            qk, factor, biases, heads, walked = found
+            bias = biases[0] if biases else None
+            for more in biases[1:]:
+                bias = Build(aten.add.Tensor, (bias, more))
+            chain = passed + walked + ([cand.node] if cand.node is not None else [])
+            return _Scores(qk, factor, cand.mask, bias, heads, chain)
     # name the node where the deepest reading stopped (the softmax input itself says little)
     stopped_at = next((s for s in stops if s is not top), top)
     where = stopped_at.target if isinstance(stopped_at, Node) else type(stopped_at).__name__
     name = stopped_at.name if isinstance(stopped_at, Node) else repr(stopped_at)
     raise Skip(f"unrecognized score modifier {where} (node '{name}') between Q·Kᵀ and softmax: "
-               f"only constant scales and one additive or boolean mask are provably equivalent")
+               f"only constant scales, additive position biases and one additive or boolean mask "
+               f"are provably equivalent")
 
 
-def _is_score_matmul(node: object) -> bool:
-    if not (isinstance(node, Node) and node.target in _MATMULS):
+def _walk_scores(node: object, factor: float, heads: int | None, stops: list[object]):
+    """(Q·Kᵀ, total scale, biases (each already scaled, 4-D), heads, nodes walked) or None.
+
+    Walking down from the softmax, a scale c multiplies everything below it; a bias B found
+    below scales c1..cn therefore enters the op as B·c1···cn, the scores' own scale is the
+    product of all of them. Past a split-heads view the operands are (B·H, ...) and are
+    unflattened into the op's layout.
+    """
+    base, f, walked = peel_scales(node)
+    factor *= f
+    if _is_score_matmul(base, heads):
+        return base, factor, [], heads, walked + [base]
+    split = split_heads_view(base) if heads is None else None
+    if split is not None:
+        found = _walk_scores(split[0], factor, split[1], stops)
+        return None if found is None else (*found[:4], walked + [base] + found[4])
+    if isinstance(base, Node) and base.target == aten.add.Tensor and base.kwargs.get("alpha", 1) == 1:
+        a, b = base.args[:2]
+        for scores, bias in ((a, b), (b, a)):
+            if not (isinstance(scores, Node) and isinstance(bias, Node)):
+                continue
+            found = _walk_scores(scores, factor, heads, stops)
+            if found is not None:
+                term: Value = bias if heads is None else split_heads(bias, heads)
+                if factor != 1.0:
+                    term = Build(aten.mul.Tensor, (term, factor))
+                return found[0], found[1], found[2] + [term], found[3], walked + [base] + found[4]
+    stops.append(base)
+    return None
+
+
+def _is_score_matmul(node: object, heads: int | None = None) -> bool:
+    """A 4-D matmul, or (head-merged layout) a 3-D bmm."""
+    targets, rank = (_MATMULS, 4) if heads is None else (BMMS, 3)
+    if not (isinstance(node, Node) and node.target in targets):
         return False
     vals = [fake(a) for a in node.args[:2]]
-    return all(v is not None and v.dim() == 4 for v in vals)
+    return all(v is not None and v.dim() == rank for v in vals)
 
 
 def _require_single_use(nodes: list[Node]) -> None:
@@ -170,6 +265,14 @@ def _query_key(qk: Node) -> tuple[tuple[Node, float], tuple[Value, float], int]:
     else:
         k_factor *= more
     return (q, q_factor), (k, k_factor), groups
+
+
+def _query_key_3d(qk: Node, heads: int) -> tuple[tuple[Value, float], tuple[Value, float], int]:
+    """((q, scale), (k, scale), 1) as 4-D recipes from a head-merged bmm(q3, k3ᵀ)."""
+    q, q_factor, _ = peel_scales(qk.args[0])
+    kt, k_factor, _ = peel_scales(qk.args[1])
+    k = untranspose_key_3d(kt)
+    return (split_heads(q, heads), q_factor), (split_heads(k, heads), k_factor), 1
 
 
 # --------------------------------------------------------------------------- SDPA spelling
@@ -210,7 +313,10 @@ def _shape(value: Value) -> tuple | None:
     if value.target == aten.transpose.int:
         src = _shape(value.args[0])
         return None if src is None else (*src[:-2], src[-1], src[-2])
-    return _shape(value.args[0])  # logical_not, zeros_like, masked_fill keep their input's shape
+    if value.target == aten.unflatten.int:
+        src = _shape(value.args[0])
+        return None if src is None else split_shape(src, value.args[2][1])
+    return _shape(value.args[0])  # logical_not, zeros_like, masked_fill, mul by a scale keep the shape
 
 
 def _mask_dtype(value: Value) -> torch.dtype | None:
@@ -242,8 +348,15 @@ def _checked(match: AttentionMatch, scores_shape, groups_k: int, groups_v: int) 
         raise Skip(f"{hq} query heads, {hk} key heads and {hv} value heads (repeat_kv groups {groups_k} "
                    f"and {groups_v}) are not one grouped-query layout")
     mask, is_causal = match.mask, match.is_causal
+    if match.bias is not None:
+        bias_shape, bias_dtype = _shape(match.bias), _mask_dtype(match.bias)
+        if bias_shape is None or bias_dtype != fake_dtype(match.q):
+            raise Skip(f"the additive score bias has dtype {bias_dtype}, not the scores' {fake_dtype(match.q)}")
+        if not broadcasts_to(bias_shape, scores_shape):
+            raise Skip(f"the additive score bias of shape {bias_shape} does not provably broadcast to the "
+                       f"scores {tuple(scores_shape)}")
     if isinstance(mask, (Node, Build)):
-        _check_mask(mask, scores_shape, fake(match.q).dtype)
+        _check_mask(mask, scores_shape, fake_dtype(match.q))
         verdict = classify_mask(mask, match.root.graph.owning_module, scores_shape[2], scores_shape[3])
         if verdict == "causal" and same_size(scores_shape[2], scores_shape[3]):
             mask, is_causal = None, True
@@ -251,7 +364,13 @@ def _checked(match: AttentionMatch, scores_shape, groups_k: int, groups_v: int) 
             mask = None
     elif mask is not None:
         raise Skip(f"attention mask {mask!r} is not a tensor")
-    return AttentionMatch(match.root, match.q, match.k, match.v, mask, is_causal, match.scale, hq // hk)
+    return AttentionMatch(match.root, match.q, match.k, match.v, mask, is_causal, match.scale, hq // hk,
+                          match.bias, match.merged_heads)
+
+
+def fake_dtype(value: Value) -> torch.dtype | None:
+    """The dtype of a node or of a recipe (a recipe keeps its first argument's dtype)."""
+    return _mask_dtype(value)
 
 
 def _check_mask(mask: Value, scores_shape, q_dtype: torch.dtype) -> None:
@@ -281,11 +400,25 @@ def _emit(gm: GraphModule, before: Node, value: object) -> object:
 
 def rewrite(gm: GraphModule, match: AttentionMatch) -> Node:
     """Replace `match.root` by one fxforge::attention call; the old subgraph is erased."""
-    k = _emit(gm, match.root, match.k)
-    v = _emit(gm, match.root, match.v)
-    mask = _emit(gm, match.root, match.mask)
-    args = (match.q, k, v, mask, match.is_causal, match.scale, match.num_kv_groups)
-    return replace_with_call(gm, match.root, get_op("attention").overload, args)
+    root = match.root
+    q = _emit(gm, root, match.q)
+    k = _emit(gm, root, match.k)
+    v = _emit(gm, root, match.v)
+    mask = _emit(gm, root, match.mask)
+    args = (q, k, v, mask, match.is_causal, match.scale, match.num_kv_groups)
+    if match.bias is not None:  # only then: graphs without a bias keep the 7-argument call
+        args += (_emit(gm, root, match.bias),)
+    op = get_op("attention").overload
+    if match.merged_heads is None:
+        return replace_with_call(gm, root, op, args)
+    with gm.graph.inserting_before(root):
+        node = gm.graph.call_function(op, args)
+        merged = gm.graph.call_function(aten.flatten.using_ints, (node, 0, 1))  # back to (B·H, L, Dv)
+    for new in (node, merged):
+        new.meta["module_path"] = root.meta.get("module_path", "")
+    root.replace_all_uses_with(merged)
+    erase_dead(gm)
+    return node
 
 
 def _where(node: Node) -> str:

@@ -25,6 +25,7 @@ from fxforge.passes.attention_rules import (
     skip_identities,
 )
 from fxforge.passes.fuse_attention import Skip, value_matmul
+from fxforge.passes.kv_cache_bias import BiasExtender
 
 aten = torch.ops.aten
 _MATMULS = (aten.matmul.default,)
@@ -32,9 +33,12 @@ _MATMULS = (aten.matmul.default,)
 _SCORE_PASS_THROUGH = (aten.tanh.default,)
 
 
+_ATTENTION_ARGS = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups", "bias")
+
+
 def _attention_args(node: Node) -> tuple:
-    names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups")
-    values = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
+    """The op's 8 arguments (bias None when the call leaves it out)."""
+    values = list(node.args) + [node.kwargs.get(n) for n in _ATTENTION_ARGS[len(node.args):]]
     return tuple(values)
 
 
@@ -90,10 +94,11 @@ class FusedSite:
     k: Node
     v: Node
     groups: int
+    pass_name: str = "add_kv_cache"
 
     @classmethod
     def of(cls, node: Node, pass_name: str) -> "FusedSite":
-        _q, k, v, mask, causal, _scale, groups = _attention_args(node)
+        _q, k, v, mask, causal, _scale, groups, _bias = _attention_args(node)
         if isinstance(mask, Node):
             _require_causal_only(mask, node, pass_name)
         elif not causal:
@@ -105,7 +110,7 @@ class FusedSite:
         v_source, v_groups = peel_repeat_kv(v)
         if k_groups == v_groups > 1 and isinstance(k_source, Node) and isinstance(v_source, Node):
             k, v, groups = k_source, v_source, groups * k_groups
-        return cls(node, k, v, groups)
+        return cls(node, k, v, groups, pass_name)
 
     @property
     def anchor(self) -> Node:
@@ -116,9 +121,14 @@ class FusedSite:
     def dtype(self) -> torch.dtype:
         return self.node.args[0].meta["val"].dtype
 
-    def rewire(self, graph: Graph, full_k: Node, full_v: Node, tree_mask: Node) -> None:
-        q, _k, _v, _mask, _causal, scale, _groups = _attention_args(self.node)
-        self.node.args = (q, full_k, full_v, tree_mask, True, scale, self.groups)
+    def rewire(self, graph: Graph, full_k: Node, full_v: Node, tree_mask: Node,
+               biases: BiasExtender | None = None) -> None:
+        q, _k, _v, _mask, _causal, scale, _groups, bias = _attention_args(self.node)
+        args = (q, full_k, full_v, tree_mask, True, scale, self.groups)
+        if isinstance(bias, Node):
+            biases = biases or BiasExtender(graph, tree_mask, self.pass_name)
+            args += (biases.extend(bias, self.node),)
+        self.node.args = args
         self.node.kwargs = {}
 
 
@@ -146,7 +156,8 @@ class EagerSite:
     def dtype(self) -> torch.dtype:
         return fake(self.scores).dtype
 
-    def rewire(self, graph: Graph, full_k: Node, full_v: Node, tree_mask: Node) -> None:
+    def rewire(self, graph: Graph, full_k: Node, full_v: Node, tree_mask: Node,
+               biases: BiasExtender | None = None) -> None:
         for old, full, sizes in ((self.k, full_k, self.k_sizes), (self.v, full_v, self.v_sizes)):
             old.replace_all_uses_with(full, delete_user_cb=lambda user, full=full: user is not full)
             if sizes:

@@ -71,3 +71,30 @@ def test_metadata_valid_after_canonicalize():
             val = node.meta["val"]
             weight = gm.get_parameter(node.args[1].target)
             assert val.shape[-1] == weight.shape[0]
+
+
+class PositionBiasedScores(torch.nn.Module):
+    """ALiBi-style scores as Bloom computes them: bias.baddbmm(q, kᵀ, beta, alpha)."""
+
+    def __init__(self, beta: float, alpha: float):
+        super().__init__()
+        self.beta, self.alpha = beta, alpha
+
+    def forward(self, q, k, bias):
+        return bias.baddbmm(q, k.transpose(1, 2), beta=self.beta, alpha=self.alpha)
+
+
+def test_baddbmm_with_dynamic_sizes_becomes_bmm_plus_bias():
+    # The baddbmm kernel wants concrete sizes: fake propagation of a dynamic-length trace failed.
+    q, k, bias = torch.randn(6, 5, 8), torch.randn(6, 5, 8), torch.randn(6, 1, 5)
+    for beta, alpha, expected in [(1.0, 0.25, ["aten.bmm", "aten.mul", "aten.add"]),
+                                  (0.5, 1.0, ["aten.bmm", "aten.mul", "aten.add"]),
+                                  (0.0, 0.25, ["aten.bmm", "aten.mul"])]:
+        model = PositionBiasedScores(beta, alpha)
+        gm = trace(model, (q, k, bias))
+        assert canonicalize(gm) >= 1
+        counts = ops(gm)
+        assert counts["aten.baddbmm"] == 0 and all(counts[name] >= 1 for name in expected)
+        for length in (5, 9):  # the trace length and another
+            q, k, bias = torch.randn(6, length, 8), torch.randn(6, length, 8), torch.randn(6, 1, length)
+            torch.testing.assert_close(gm(q, k, bias)[0], model(q, k, bias), atol=1e-6, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""`fxforge::attention(q, k, v, attn_mask, is_causal, scale, num_kv_groups)`: fused attention.
+"""`fxforge::attention(q, k, v, attn_mask, is_causal, scale, num_kv_groups, bias=None)`: fused attention.
 
 Emitted by the `fuse_attention` pass for every spelling of softmax(Q·Kᵀ·scale + mask)·V it
 matches; lowered to flash-attention Triton kernels (`fxforge/kernels/flash_attention.py`) and
@@ -16,6 +16,10 @@ Semantics (those of `torch.nn.functional.scaled_dot_product_attention`, made exp
   needs and what torch SDPA's own `is_causal` does *not* do (it stays top-left).
   is_causal and attn_mask may be given together: a key must pass both.
 - scale: None means 1/sqrt(D).
+- bias: None, or an additive position bias of q's dtype broadcasting to (B, Hq, Lq, Lk)
+  (ALiBi, relative-position buckets), added to the scaled scores: softmax(Q·Kᵀ·scale + bias)
+  with the mask applied on top. Kept apart from attn_mask because it is part of the model,
+  not of the visibility pattern: a KV cache replaces the mask but keeps (re-extends) the bias.
 - A query row that can see no key at all (fully masked) yields zeros, as torch SDPA does.
 """
 from __future__ import annotations
@@ -39,9 +43,11 @@ def attention(
     is_causal: bool,
     scale: Optional[float],
     num_kv_groups: int,
+    bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """Reference: torch SDPA on repeated K/V with the causal triangle folded into the mask."""
-    check_attention_inputs(q, k, v, attn_mask, num_kv_groups)
+    """Reference: torch SDPA on repeated K/V with the bias and causal triangle folded into the mask."""
+    check_attention_inputs(q, k, v, attn_mask, num_kv_groups, bias)
+    attn_mask = fold_bias(attn_mask, bias)
     if num_kv_groups > 1:
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
@@ -58,7 +64,7 @@ def attention(
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, is_causal, scale, num_kv_groups):
+def _(q, k, v, attn_mask, is_causal, scale, num_kv_groups, bias=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -74,7 +80,22 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, num_kv_groups: int) -> None:
+def fold_bias(attn_mask: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """One additive mask that applies `bias` and then `attn_mask` (for backends without a bias input).
+
+    bool mask: the bias where visible, -inf where hidden; additive mask: the sum.
+    """
+    if bias is None:
+        return attn_mask
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return torch.where(attn_mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
+    return attn_mask + bias
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, num_kv_groups: int,
+                           bias: Tensor | None = None) -> None:
     """Raise ValueError naming the problem when the inputs break the op's contract."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -94,6 +115,11 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | 
             f"{num_kv_groups}; need Hq divisible by Hkv and num_kv_groups == Hq // Hkv"
             + (f" (= {hq // hkv})" if hkv and hq % hkv == 0 else "") + "."
         )
+    target = (batch, hq, lq, lk)
+    if bias is not None:
+        if bias.dtype != q.dtype:
+            raise ValueError(f"fxforge::attention: bias has dtype {bias.dtype}; it must be q's dtype {q.dtype}.")
+        _check_broadcast("bias", bias, target)
     if attn_mask is None:
         return
     if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
@@ -101,14 +127,17 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | 
             f"fxforge::attention: attn_mask has dtype {attn_mask.dtype}; it must be torch.bool (True = attend) "
             f"or q's dtype {q.dtype} (an additive mask). Cast it with attn_mask.to({q.dtype})."
         )
-    target = (batch, hq, lq, lk)
+    _check_broadcast("attn_mask", attn_mask, target)
+
+
+def _check_broadcast(what: str, tensor: Tensor, target: tuple[int, ...]) -> None:
     try:
-        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
+        broadcast = torch.broadcast_shapes(tensor.shape, target)
     except RuntimeError:
         broadcast = None
     if broadcast != torch.Size(target):
         raise ValueError(
-            f"fxforge::attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            f"fxforge::attention: {what} of shape {tuple(tensor.shape)} does not broadcast to "
             f"(batch, q_heads, q_len, k_len) = {target}."
         )
 

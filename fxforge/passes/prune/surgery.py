@@ -21,7 +21,7 @@ aten = torch.ops.aten
 Pruned = dict[int, set[int]]  # atomic axis (Group.leaf) -> units to remove
 
 _SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}  # same (x, _, dim) args
 _LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 
 

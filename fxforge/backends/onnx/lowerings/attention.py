@@ -6,7 +6,9 @@ explicitly. Its `is_causal` is the top-left triangle, which equals the op's bott
 convention only when Lq == Lk. So is_causal=1 is used only when the two lengths are provably
 equal at export time (the same static size or the same symbolic dim); otherwise the
 bottom-right triangle is built in the graph (Range, LessOrEqual) and folded into the mask.
-Same when a user mask comes with is_causal, so one mask carries both.
+Same when a user mask comes with is_causal, so one mask carries both. An additive position
+bias (ALiBi) is ONNX Attention's additive `attn_mask`: it is folded into the mask (added to an
+additive one, Where-selected by a bool one) before the causal triangle is applied.
 
 Alternative for causal self-attention without a mask (the prompt pass of a decoder), where it
 was the fastest on CPU at long sequences: com.microsoft::GroupQueryAttention, on (B, L, H·D)
@@ -55,7 +57,7 @@ def causal_attention_operator(name: str) -> Iterator[None]:
 
 
 @register_lowering("onnx", "attention")
-def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int):
+def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int, bias=None):
     head_dim = q.shape[3]
     if scale is None and not isinstance(head_dim, int):
         raise ValueError(
@@ -63,17 +65,25 @@ def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num
             "1/sqrt(head_dim); export with a fixed head dim or pass scale explicitly."
         )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    folded = bias is not None  # then the mask is additive, and already (.., Lq, Lk)
+    if folded:
+        attn_mask = _fold_bias(None if attn_mask is None else _expand_to_lengths(q, k, attn_mask),
+                               _expand_to_lengths(q, k, bias), mask_is_bool=_is_bool(attn_mask))
     square = _same_dim(q.shape[2], k.shape[2])
     if is_causal and attn_mask is None and square and _group_query_attention_applies(q, k, v):
         return _group_query_attention(q, k, v, scale)
     native_causal = is_causal and square and attn_mask is None
     if is_causal and not native_causal:
-        attn_mask = _with_causal_triangle(q, k, attn_mask)
-    elif attn_mask is not None:
+        attn_mask = _with_causal_triangle(q, k, attn_mask, additive=folded)
+    elif attn_mask is not None and not folded:
         attn_mask = _expand_to_lengths(q, k, attn_mask)
     if attn_mask is None:
         return _ATTENTION(q, k, v, is_causal=int(native_causal), scale=scale)
     return _ATTENTION(q, k, v, attn_mask, is_causal=0, scale=scale)
+
+
+def _is_bool(value) -> bool:
+    return value is not None and value.dtype == BOOL.dtype
 
 
 def _same_dim(a, b) -> bool:
@@ -81,6 +91,18 @@ def _same_dim(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return a == b
     return getattr(a, "value", None) is not None and a.value == getattr(b, "value", None)
+
+
+def _fold_bias(attn_mask, bias, mask_is_bool: bool):
+    """The mask with the additive bias applied: Attention-23's additive attn_mask is where a bias goes.
+
+    (Expand's output may carry no dtype, so the caller says whether the mask was bool.)
+    """
+    if attn_mask is None:
+        return bias
+    if mask_is_bool:
+        return op.Where(attn_mask, bias, op.CastLike(op.Constant(value_float=float("-inf")), bias))
+    return op.Add(attn_mask, bias)
 
 
 def _expand_to_lengths(q, k, attn_mask):
@@ -98,8 +120,11 @@ def _expand_to_lengths(q, k, attn_mask):
     return op.Expand(attn_mask, target)
 
 
-def _with_causal_triangle(q, k, attn_mask):
-    """attn_mask AND (key j <= query i + Lk - Lq), computed from the run-time lengths."""
+def _with_causal_triangle(q, k, attn_mask, additive: bool = False):
+    """attn_mask AND (key j <= query i + Lk - Lq), computed from the run-time lengths.
+
+    `additive`: the mask is known to be additive (a folded bias, whose Add may carry no dtype).
+    """
     lq = op.Shape(q, start=2, end=3)
     lk = op.Shape(k, start=2, end=3)
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
@@ -108,7 +133,7 @@ def _with_causal_triangle(q, k, attn_mask):
     visible = op.LessOrEqual(cols, op.Add(rows, op.Sub(lk, lq)))  # (Lq, Lk) bool
     if attn_mask is None:
         return visible
-    if attn_mask.dtype == BOOL.dtype:
+    if not additive and attn_mask.dtype == BOOL.dtype:
         return op.And(attn_mask, visible)
     minus_inf = op.CastLike(op.Constant(value_float=float("-inf")), attn_mask)
     return op.Where(visible, attn_mask, minus_inf)
