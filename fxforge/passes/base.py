@@ -203,8 +203,30 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
         raise ValueError(f"a pass named '{cls.name}' is already registered ({existing.__module__}.{existing.__qualname__})")
+    _checked_options(cls)
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def _checked_options(cls: type[Pass]) -> None:
+    """Make `cls(...)` with a bad option raise PassSpecError, as the same pass in a pipeline
+    string does: `__post_init__` validates with ValueError/TypeError (see passes/README.md), and a
+    user building `Quantize(bits=99)` in Python deserves the same error class as on the CLI."""
+    post_init = cls.__dict__.get("__post_init__")
+    if post_init is None or getattr(post_init, "_fxforge_checked", False):
+        return
+
+    def checked_post_init(self: Pass) -> None:
+        try:
+            post_init(self)
+        except PassSpecError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise PassSpecError(str(exc)) from exc
+
+    checked_post_init._fxforge_checked = True  # type: ignore[attr-defined]
+    checked_post_init.__doc__ = post_init.__doc__
+    cls.__post_init__ = checked_post_init  # type: ignore[method-assign]
 
 
 def registered_passes() -> dict[str, type[Pass]]:

@@ -196,3 +196,13 @@ def test_register_pass_requires_frozen_dataclass():
 
     with pytest.raises(TypeError, match="frozen dataclass"):
         register_pass(NotADataclass)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("fxforge.passes.quantize", fromlist=["Quantize"]).Quantize(bits=99),
+    lambda: __import__("fxforge.passes.quantize", fromlist=["Quantize"]).Quantize(group_size=-7),
+    lambda: fxforge.Pipeline("quantize(bits=99)"),
+])
+def test_a_bad_option_is_a_pass_spec_error_in_python_and_in_strings(make):
+    with pytest.raises(fxforge.PassSpecError, match="bits|group_size"):
+        make()
