@@ -57,17 +57,22 @@ def test_4bit_rtn_compiles_with_verification_and_reports_its_loss(tinyllama):
 
 
 @pytest.mark.filterwarnings("ignore:quantize.method='gptq'.:UserWarning")  # few calibration tokens, on purpose
-def test_gptq_with_calibration_is_verified_against_its_dequantized_weights():
-    _, kwargs, _, _ = traced_tinyllama(128)  # half width: GPTQ's column loop dominates the test time
-    record = _record(Quantize(bits=4, method="gptq", damp=0.1), calibration=calibration_for(kwargs, 2), hidden=128)
-    assert record.verified_against == "semantics" and record.check_error <= 1e-5
+def test_gptq_compiles_with_verification_against_its_dequantized_weights(tinyllama):
+    model, kwargs = tinyllama
+    compiled = fxforge.compile(model, (), kwargs, passes="quantize(bits=4,method=gptq,damp=0.1)",
+                               calibration=calibration_for(kwargs, 2))
+    record = compiled.report["quantize"]
+    assert record.sites == 14 and record.verified_against == "semantics"
+    assert record.verified_shapes == SHAPES and record.check_error <= 1e-5
     assert record.rel_l2 > 0.0
 
 
-def test_w8a8_is_verified_against_its_activation_quantizing_semantics():
-    record = _record(QuantizeDynamic())
-    assert record.verified_against == "semantics" and record.verified_shapes == SHAPES
-    assert record.check_error <= 1e-5
+def test_w8a8_compiles_with_verification_against_its_activation_quantizing_semantics(tinyllama):
+    model, kwargs = tinyllama
+    compiled = fxforge.compile(model, (), kwargs, passes="quantize_dynamic")
+    record = compiled.report["quantize_dynamic"]
+    assert record.sites == 14 and record.verified_against == "semantics"
+    assert record.verified_shapes == SHAPES and record.check_error <= 1e-5
     assert 0 < record.rel_l2 < 0.1  # int8 activations and weights: small but real loss
 
 
