@@ -22,7 +22,6 @@ from fxforge.passes.base import PassContext, Pipeline, PipelineReport, get_pass_
 from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import Sparsify
 from fxforge.passes.quantize import Quantize
-from fxforge.passes.quantize.quantize_dynamic import QuantizeDynamic
 
 SHAPES = ["2x16, 2x16", "5x12, 5x12"]  # the example inputs, then the second shape
 
