@@ -53,8 +53,11 @@ def check_lowerable(gm: GraphModule) -> None:
 
 
 def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.PathLike,
-                input_names: Sequence[str] | None = None) -> Path:
-    """Export `gm` to an ONNX file at `path` (weights inline; external data above 2 GB)."""
+                input_names: Sequence[str] | None = None, optimize: bool = True) -> Path:
+    """Export `gm` to an ONNX file at `path` (weights inline; external data above 2 GB).
+
+    `optimize`: fold constants, pre-transpose weights, drop dead code and debug metadata
+    (`fxforge.backends.onnx.optimize`); False writes the exporter's raw graph."""
     from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 
     check_lowerable(gm)
@@ -74,6 +77,10 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
             optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
             verbose=False,
         )
+    if optimize:
+        from fxforge.backends.onnx.optimize import optimize_model
+
+        optimize_model(program.model)
     total_bytes = sum(p.numel() * p.element_size() for p in gm.parameters()) + \
         sum(b.numel() * b.element_size() for b in gm.buffers())
     program.save(str(path), external_data=total_bytes > 1.8 * 2**30)

@@ -1,0 +1,153 @@
+"""Post-export clean-up of the ONNX model: fold constants, drop dead code and debug metadata.
+
+`torch.onnx.export(dynamo=True, optimize=False)` writes a faithful but bloated graph: a
+2-layer tiny Llama has ~570 nodes (166 Constant, 68 Cast), every linear is
+`Transpose(W) -> MatMul` (so no MatMul has a constant weight and ORT's quantizers such as
+`MatMulNBitsQuantizer` skip them all), and about half the file is exporter debug metadata
+(stack traces, FX node text, the ExportedProgram signature). `optimize_model` fixes that, in
+place, on the exporter's `onnx_ir` model before it is saved:
+
+1. pre-transposes weights: `Transpose(initializer)` becomes a transposed initializer feeding
+   MatMul directly (our own step, see `fold_weight_transposes`);
+2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`: constant folding, its
+   basic rewrite rules, dead-code and unused-initializer removal, common subexpressions) but
+   not `onnxscript.rewriter.onnx_fusions`, which `torch.onnx.export(optimize=True)` adds and
+   which emits opset-23 RotaryEmbedding nodes that ONNX Runtime 1.32 rejects;
+3. strips debug metadata from nodes, values and the graph.
+
+Graph input and output names are unchanged (checked). ORT's graph fusions (SkipLayerNorm,
+attention, ...) are not written into the file: ORT applies them itself at session creation
+(`graph_optimization_level`), for whichever execution provider the user picks, so the file
+stays portable and standard-op-only apart from fxforge's own com.microsoft lowerings.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.optimizer
+
+logger = logging.getLogger(__name__)
+
+# Metadata keys written by the exporter and by the optimizer: debug information only (stack
+# traces, FX node text, the torch.export signature, folding provenance); nothing reads them.
+DEBUG_METADATA_PREFIXES = ("pkg.torch.", "pkg.onnxscript.")
+
+
+@dataclass(frozen=True)
+class OptimizeReport:
+    """What `optimize_model` did: node counts before/after and the seconds it took."""
+
+    nodes_before: int
+    nodes_after: int
+    transposes_folded: int
+    seconds: float
+
+
+def optimize_model(model: ir.Model) -> OptimizeReport:
+    """Optimize an exported ONNX model in place (see the module docstring); returns a report."""
+    start = time.perf_counter()
+    input_names = [v.name for v in model.graph.inputs]
+    output_names = [v.name for v in model.graph.outputs]
+    nodes_before = sum(1 for _ in model.graph.all_nodes())
+
+    folded = fold_weight_transposes(model.graph)
+    onnxscript.optimizer.optimize_ir(model)
+    strip_debug_metadata(model)
+
+    # The runner feeds inputs by position and users look outputs up by name: neither may move.
+    if [v.name for v in model.graph.inputs] != input_names or \
+            [v.name for v in model.graph.outputs] != output_names:
+        raise RuntimeError(
+            f"ONNX optimization renamed the graph's inputs/outputs: {input_names} -> "
+            f"{[v.name for v in model.graph.inputs]}, {output_names} -> "
+            f"{[v.name for v in model.graph.outputs]}; please report this as an fxforge bug")
+    report = OptimizeReport(nodes_before, sum(1 for _ in model.graph.all_nodes()), folded,
+                            time.perf_counter() - start)
+    logger.info("ONNX optimized: %d -> %d nodes (%d weight transposes folded) in %.2fs",
+                report.nodes_before, report.nodes_after, report.transposes_folded, report.seconds)
+    return report
+
+
+def fold_weight_transposes(graph: ir.Graph) -> int:
+    """Replace every `Transpose(initializer)` by a pre-transposed initializer; returns how many.
+
+    Why our own step rather than onnxscript's folder: the folder skips nodes whose input has
+    more than `input_size_limit` (8192) elements unless the weight has a single consumer, so a
+    tied embedding / LM head (GPT-2's `wte`, Gather + Transpose) kept its Transpose and its
+    MatMul had no constant weight. Raising the limit instead would also let it fold large
+    dequantization chains (int8/fp8 weights widened to fp32 in the file). And the folder
+    materializes each transposed weight in memory at once; here the transposition is a
+    `LazyTensor`, computed one tensor at a time when the model is saved (streamed to external
+    data for large models), so optimizing costs no extra copy of the weights.
+
+    A weight used only by the Transpose keeps its name (with the transposed shape); a shared
+    one (tied embeddings) stays for its other users and the transposed copy is a new
+    initializer: the file then stores that weight twice, as ORT's own session-time folding
+    would in memory anyway.
+    """
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = node.inputs[0]
+        if source is None or not source.is_initializer() or source.const_value is None:
+            continue
+        tensor = source.const_value
+        perm_attr = node.attributes.get("perm")
+        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else tuple(reversed(range(len(tensor.shape))))
+        shape = ir.Shape([tensor.shape[p] for p in perm])
+        transposed = ir.LazyTensor(_transposer(tensor, perm), dtype=tensor.dtype, shape=shape,
+                                   name=source.name)
+        if len(source.uses()) == 1:  # the Transpose is its only user: reuse the weight's name
+            source.const_value = transposed
+            source.shape = shape
+            new_value = source
+        else:
+            new_value = ir.Value(name=f"{source.name}.T", shape=shape, type=ir.TensorType(tensor.dtype),
+                                 const_value=transposed)
+            transposed.name = new_value.name
+            graph.register_initializer(new_value)
+        node.outputs[0].replace_all_uses_with(new_value)
+        if node.outputs[0].is_graph_output():  # keep the output name: an Identity carries it
+            continue
+        graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
+def _transposer(tensor: ir.TensorProtocol, perm: tuple[int, ...]):
+    """A closure giving `tensor` transposed by `perm`, as an ir.Tensor, when called."""
+
+    def transpose() -> ir.Tensor:
+        return ir.Tensor(np.ascontiguousarray(np.transpose(tensor.numpy(), perm)), dtype=tensor.dtype)
+
+    return transpose
+
+
+def strip_debug_metadata(model: ir.Model) -> None:
+    """Drop the exporter's and optimizer's debug metadata and doc strings, everywhere."""
+    scopes: list[ir.Graph | ir.Function] = [model.graph, *model.graph.subgraphs(), *model.functions.values()]
+    for scope in scopes:
+        _strip(scope)
+        for value in [*scope.inputs, *scope.outputs]:
+            _strip(value)
+        if isinstance(scope, ir.Graph):
+            for value in scope.initializers.values():
+                _strip(value)
+    for scope in [model.graph, *model.functions.values()]:
+        for node in scope.all_nodes():  # recurses into subgraphs
+            node.metadata_props.clear()  # node metadata is all exporter debug information
+            node.doc_string = None
+            for value in node.outputs:
+                _strip(value)
+
+
+def _strip(item: ir.Value | ir.Graph | ir.Function) -> None:
+    for key in [k for k in item.metadata_props if k.startswith(DEBUG_METADATA_PREFIXES)]:
+        del item.metadata_props[key]
+    if isinstance(item, ir.Value):
+        item.doc_string = None
