@@ -23,6 +23,7 @@ stays portable and standard-op-only apart from fxforge's own com.microsoft lower
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
     nodes_before = sum(1 for _ in model.graph.all_nodes())
 
     folded = fold_weight_transposes(model.graph)
-    onnxscript.optimizer.optimize_ir(model)
+    onnxscript.optimizer.optimize_ir(model, should_fold=keeps_storage_compact)
     strip_debug_metadata(model)
 
     # The runner feeds inputs by position and users look outputs up by name: neither may move.
@@ -70,6 +71,35 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
     logger.info("ONNX optimized: %d -> %d nodes (%d weight transposes folded) in %.2fs",
                 report.nodes_before, report.nodes_after, report.transposes_folded, report.seconds)
     return report
+
+
+# Below this many bytes a folded result is shape arithmetic or a small table: always worth it.
+SMALL_FOLD_BYTES = 1024
+
+
+def keeps_storage_compact(node: ir.Node) -> bool | None:
+    """onnxscript's `should_fold`: refuse folds that would store more bytes than they consume.
+
+    Lowerings of compressed weights (shift_add_linear's sign planes, MatMulNBits' zero-point
+    packing, fp8/int8 dequantization) keep the packed tensors in the file and rebuild from them
+    in the graph, for ONNX Runtime to fold at session start: the file stays compressed. The
+    folder's own limits count elements, not bytes, and allow small tensors anyway, so without
+    this it expanded such chains into float32 weights in the file. None: the folder's rules.
+    """
+    out_bytes = _nbytes(node.outputs[0]) if node.outputs else None
+    if out_bytes is None or out_bytes <= SMALL_FOLD_BYTES:
+        return None
+    in_bytes = sum(_nbytes(v) or 0 for v in node.inputs if v is not None and v.const_value is not None)
+    return False if out_bytes > in_bytes else None
+
+
+def _nbytes(value: ir.Value) -> int | None:
+    """Bytes of `value` from its static shape and type; None where either is unknown."""
+    if value.const_value is not None:
+        return value.const_value.nbytes
+    if value.shape is None or value.dtype is None or not value.shape.is_static():
+        return None
+    return int(math.prod(value.shape.numpy()) * value.dtype.itemsize)
 
 
 def fold_weight_transposes(graph: ir.Graph) -> int:
