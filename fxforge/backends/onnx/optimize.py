@@ -8,7 +8,8 @@
 place, on the exporter's `onnx_ir` model before it is saved:
 
 1. pre-transposes weights: `Transpose(initializer)` becomes a transposed initializer feeding
-   MatMul directly (our own step, see `fold_weight_transposes`);
+   MatMul directly (our own step, see `fold_weight_transposes`), and after step 2 a
+   `Gemm(transB=1)` on a weight becomes such a MatMul (`gemm_weights_to_matmul`);
 2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`: constant folding, its
    basic rewrite rules, dead-code and unused-initializer removal, common subexpressions) but
    not `onnxscript.rewriter.onnx_fusions`, which `torch.onnx.export(optimize=True)` adds and
@@ -40,11 +41,11 @@ DEBUG_METADATA_PREFIXES = ("pkg.torch.", "pkg.onnxscript.")
 
 @dataclass(frozen=True)
 class OptimizeReport:
-    """What `optimize_model` did: node counts before/after and the seconds it took."""
+    """What `optimize_model` did: node counts before/after, weights pre-transposed, seconds."""
 
     nodes_before: int
     nodes_after: int
-    transposes_folded: int
+    weights_pretransposed: int
     seconds: float
 
 
@@ -57,6 +58,7 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
 
     folded = fold_weight_transposes(model.graph)
     onnxscript.optimizer.optimize_ir(model, should_fold=keeps_storage_compact)
+    folded += gemm_weights_to_matmul(model.graph)  # after folding: a weight may reach Gemm only then
     strip_debug_metadata(model)
 
     # The runner feeds inputs by position and users look outputs up by name: neither may move.
@@ -68,8 +70,8 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
             f"{[v.name for v in model.graph.outputs]}; please report this as an fxforge bug")
     report = OptimizeReport(nodes_before, sum(1 for _ in model.graph.all_nodes()), folded,
                             time.perf_counter() - start)
-    logger.info("ONNX optimized: %d -> %d nodes (%d weight transposes folded) in %.2fs",
-                report.nodes_before, report.nodes_after, report.transposes_folded, report.seconds)
+    logger.info("ONNX optimized: %d -> %d nodes (%d weights pre-transposed for MatMul) in %.2fs",
+                report.nodes_before, report.nodes_after, report.weights_pretransposed, report.seconds)
     return report
 
 
@@ -114,39 +116,81 @@ def fold_weight_transposes(graph: ir.Graph) -> int:
     `LazyTensor`, computed one tensor at a time when the model is saved (streamed to external
     data for large models), so optimizing costs no extra copy of the weights.
 
-    A weight used only by the Transpose keeps its name (with the transposed shape); a shared
-    one (tied embeddings) stays for its other users and the transposed copy is a new
-    initializer: the file then stores that weight twice, as ORT's own session-time folding
-    would in memory anyway.
+    A shared weight (tied embeddings) is stored twice in the file, as it and transposed, as
+    ORT's own session-time folding would hold it in memory anyway.
     """
     folded = 0
     for node in list(graph):
         if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
             continue
         source = node.inputs[0]
-        if source is None or not source.is_initializer() or source.const_value is None:
+        if not _is_weight(source) or node.outputs[0].is_graph_output():
             continue
-        tensor = source.const_value
         perm_attr = node.attributes.get("perm")
-        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else tuple(reversed(range(len(tensor.shape))))
-        shape = ir.Shape([tensor.shape[p] for p in perm])
-        transposed = ir.LazyTensor(_transposer(tensor, perm), dtype=tensor.dtype, shape=shape,
-                                   name=source.name)
-        if len(source.uses()) == 1:  # the Transpose is its only user: reuse the weight's name
-            source.const_value = transposed
-            source.shape = shape
-            new_value = source
-        else:
-            new_value = ir.Value(name=f"{source.name}.T", shape=shape, type=ir.TensorType(tensor.dtype),
-                                 const_value=transposed)
-            transposed.name = new_value.name
-            graph.register_initializer(new_value)
-        node.outputs[0].replace_all_uses_with(new_value)
-        if node.outputs[0].is_graph_output():  # keep the output name: an Identity carries it
-            continue
+        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else None
+        node.outputs[0].replace_all_uses_with(_transposed(graph, source, perm))
         graph.remove(node, safe=True)
         folded += 1
     return folded
+
+
+def gemm_weights_to_matmul(graph: ir.Graph) -> int:
+    """`Gemm(A, W, C?, transB)` with a weight W -> `MatMul(A, W pre-transposed) (+ Add C)`.
+
+    The exporter lowers a linear on a 2-D input (GPT-2's Conv1D reshapes to 2-D) to Gemm with
+    transB=1. ORT's `MatMulNBitsQuantizer` only quantizes MatMul, so those linears stayed fp32;
+    as MatMul with a constant (K, N) weight they quantize like every other linear. ORT fuses
+    MatMul + Add back into Gemm at session start where that is faster. Only plain Gemms
+    (alpha = beta = 1, no transA) are rewritten. Returns how many.
+    """
+    rewritten = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or not _is_weight(node.inputs[1]):
+            continue
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        weight = _transposed(graph, node.inputs[1], None) if attrs.get("transB", 0) else node.inputs[1]
+        matmul = ir.node("MatMul", [node.inputs[0], weight], name=node.name)
+        new_nodes = [matmul]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            new_nodes.append(ir.node("Add", [matmul.outputs[0], node.inputs[2]], name=f"{node.name}_bias"))
+        result = new_nodes[-1].outputs[0]
+        result.shape, result.type = out.shape, out.type
+        graph.insert_before(node, new_nodes)
+        out.replace_all_uses_with(result)
+        graph.remove(node, safe=True)
+        result.name = out.name  # the old value is gone: keep its name for readers of the file
+        rewritten += 1
+    return rewritten
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and value.const_value is not None
+
+
+def _transposed(graph: ir.Graph, source: ir.Value, perm: tuple[int, ...] | None) -> ir.Value:
+    """An initializer holding `source` transposed by `perm` (default: reversed axes), lazily.
+
+    A weight with no other user than the node being rewritten keeps its name (with the
+    transposed shape); a shared one (tied embeddings) stays for its other users and the
+    transposed copy is a new initializer `<name>.T`.
+    """
+    tensor = source.const_value
+    perm = perm if perm is not None else tuple(reversed(range(len(tensor.shape))))
+    shape = ir.Shape([tensor.shape[p] for p in perm])
+    transposed = ir.LazyTensor(_transposer(tensor, perm), dtype=tensor.dtype, shape=shape, name=source.name)
+    if len(source.uses()) == 1:
+        source.const_value = transposed
+        source.shape = shape
+        return source
+    value = ir.Value(name=f"{source.name}.T", shape=shape, type=ir.TensorType(tensor.dtype), const_value=transposed)
+    transposed.name = value.name
+    graph.register_initializer(value)
+    return value
 
 
 def _transposer(tensor: ir.TensorProtocol, perm: tuple[int, ...]):
