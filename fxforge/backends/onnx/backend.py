@@ -77,13 +77,11 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
             optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
             verbose=False,
         )
-    if optimize:
-        from fxforge.backends.onnx.optimize import optimize_model
+    from fxforge.backends.onnx.optimize import initializer_bytes, optimize_model
 
+    if optimize:
         optimize_model(program.model)
-    total_bytes = sum(p.numel() * p.element_size() for p in gm.parameters()) + \
-        sum(b.numel() * b.element_size() for b in gm.buffers())
-    program.save(str(path), external_data=total_bytes > 1.8 * 2**30)
+    program.save(str(path), external_data=initializer_bytes(program.model) > 1.8 * 2**30)
     return path
 
 

@@ -4,6 +4,7 @@ quantizer can consume."""
 import collections
 
 import onnx
+import onnx_ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -12,6 +13,7 @@ from testing_utils import traced_zoo
 from torch import nn
 
 from fxforge.backends.onnx.backend import OnnxRunner, export_onnx
+from fxforge.backends.onnx.optimize import initializer_bytes
 from fxforge.ir.trace import flatten_inputs, trace
 
 ZOO = ["tiny-llama", "tiny-gpt2", "tiny-bert"]
@@ -118,6 +120,9 @@ def test_tied_and_large_weights_are_pretransposed_also_with_external_data(tmp_pa
     _assert_clean(proto, path)
     inits = _initializer_names(proto)
     assert sum(n.op_type in ("MatMul", "Gemm") and n.input[1] in inits for n in proto.graph.node) == 2
+    # The tied weight is stored twice now: what decides external data counts both copies.
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert initializer_bytes(onnx_ir.load(str(path))) >= param_bytes + model.embed.weight.numel() * 4
     with torch.no_grad():
         expected = model(ids)
     torch.testing.assert_close(OnnxRunner(path)(ids)[0], expected, atol=TOL, rtol=0)
