@@ -8,7 +8,7 @@
 place, on the exporter's `onnx_ir` model before it is saved:
 
 1. pre-transposes weights: `Transpose(initializer)` becomes a transposed initializer feeding
-   MatMul directly (our own step, see `fold_weight_transposes`), and after step 2 a
+   MatMul directly (our own step, see `fold_weight_layouts`; Reshape likewise), and after step 2 a
    `Gemm(transB=1)` on a weight becomes such a MatMul (`gemm_weights_to_matmul`);
 2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`: constant folding, its
    basic rewrite rules, dead-code and unused-initializer removal, common subexpressions) but
@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -56,8 +57,9 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
     output_names = [v.name for v in model.graph.outputs]
     nodes_before = sum(1 for _ in model.graph.all_nodes())
 
-    folded = fold_weight_transposes(model.graph)
+    folded = fold_weight_layouts(model.graph)
     onnxscript.optimizer.optimize_ir(model, should_fold=keeps_storage_compact)
+    folded += fold_weight_layouts(model.graph)  # Reshapes whose shape input was folded to a constant
     folded += gemm_weights_to_matmul(model.graph)  # on the cleaned graph: fewer nodes to walk
     strip_debug_metadata(model)
 
@@ -87,7 +89,10 @@ def keeps_storage_compact(node: ir.Node) -> bool | None:
     in the graph, for ONNX Runtime to fold at session start: the file stays compressed. The
     folder's own limits count elements, not bytes, and allow small tensors anyway, so without
     this it expanded such chains into float32 weights in the file. None: the folder's rules.
+    Transpose/Reshape of a weight: False, `fold_weight_layouts` does it (lazily, keeping names).
     """
+    if node.op_type in _LAYOUT_OPS and _is_weight(node.inputs[0]):
+        return False
     out_bytes = _nbytes(node.outputs[0]) if node.outputs else None
     if out_bytes is None or out_bytes <= SMALL_FOLD_BYTES:
         return None
@@ -104,34 +109,60 @@ def _nbytes(value: ir.Value) -> int | None:
     return int(math.prod(value.shape.numpy()) * value.dtype.itemsize)
 
 
-def fold_weight_transposes(graph: ir.Graph) -> int:
-    """Replace every `Transpose(initializer)` by a pre-transposed initializer; returns how many.
+_LAYOUT_OPS = ("Transpose", "Reshape")
+
+
+def fold_weight_layouts(graph: ir.Graph) -> int:
+    """Replace `Transpose(weight)` and `Reshape(weight, constant)` by a weight initializer
+    already in that layout; returns how many.
 
     Why our own step rather than onnxscript's folder: the folder skips nodes whose input has
     more than `input_size_limit` (8192) elements unless the weight has a single consumer, so a
     tied embedding / LM head (GPT-2's `wte`, Gather + Transpose) kept its Transpose and its
     MatMul had no constant weight. Raising the limit instead would also let it fold large
-    dequantization chains (int8/fp8 weights widened to fp32 in the file). And the folder
-    materializes each transposed weight in memory at once; here the transposition is a
-    `LazyTensor`, computed one tensor at a time when the model is saved (streamed to external
-    data for large models), so optimizing costs no extra copy of the weights.
+    dequantization chains (int8/fp8 weights widened to fp32 in the file). The folder also
+    renames what it folds (MatMulNBits' packed `...qweight` became `val_123`) and materializes
+    each result in memory at once; here the new layout is a `LazyTensor` under the weight's
+    own name, computed one tensor at a time when the model is saved (streamed to external data
+    for large models), so optimizing costs no extra copy of the weights.
 
     A shared weight (tied embeddings) is stored twice in the file, as it and transposed, as
     ORT's own session-time folding would hold it in memory anyway.
     """
     folded = 0
     for node in list(graph):
-        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in _LAYOUT_OPS or node.domain not in ("", "ai.onnx"):
             continue
         source = node.inputs[0]
         if not _is_weight(source) or node.outputs[0].is_graph_output():
             continue
-        perm_attr = node.attributes.get("perm")
-        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else None
-        node.outputs[0].replace_all_uses_with(_transposed(graph, source, perm))
+        if node.op_type == "Transpose":
+            perm_attr = node.attributes.get("perm")
+            new_value = _transposed(graph, source, tuple(perm_attr.as_ints()) if perm_attr is not None else None)
+        else:
+            shape = _reshape_target(node)
+            if shape is None:
+                continue
+            new_value = _relaid(graph, source, shape, lambda a, shape=shape: a.reshape(shape), "reshaped")
+        node.outputs[0].replace_all_uses_with(new_value)
         graph.remove(node, safe=True)
         folded += 1
     return folded
+
+
+def _reshape_target(node: ir.Node) -> tuple[int, ...] | None:
+    """The static output shape of `Reshape(weight, shape)`, or None where shape is not constant."""
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+        return None
+    source_shape = node.inputs[0].const_value.shape.numpy()
+    allow_zero = node.attributes.get("allowzero")
+    target = [int(d) for d in node.inputs[1].const_value.numpy().reshape(-1)]
+    if not (allow_zero is not None and allow_zero.as_int()):  # 0 copies the input's dimension
+        target = [source_shape[i] if d == 0 else d for i, d in enumerate(target)]
+    if -1 in target:
+        known = math.prod(d for d in target if d != -1)
+        target[target.index(-1)] = math.prod(source_shape) // known
+    return tuple(target)
 
 
 def gemm_weights_to_matmul(graph: ir.Graph) -> int:
@@ -173,33 +204,36 @@ def _is_weight(value: ir.Value | None) -> bool:
 
 
 def _transposed(graph: ir.Graph, source: ir.Value, perm: tuple[int, ...] | None) -> ir.Value:
-    """An initializer holding `source` transposed by `perm` (default: reversed axes), lazily.
+    """An initializer holding `source` transposed by `perm` (default: reversed axes), lazily."""
+    perm = perm if perm is not None else tuple(reversed(range(len(source.const_value.shape))))
+    shape = tuple(source.const_value.shape[p] for p in perm)
+    return _relaid(graph, source, shape, lambda a: np.transpose(a, perm), "T")
 
-    A weight with no other user than the node being rewritten keeps its name (with the
-    transposed shape); a shared one (tied embeddings) stays for its other users and the
-    transposed copy is a new initializer `<name>.T`.
+
+def _relaid(graph: ir.Graph, source: ir.Value, shape: tuple[int, ...],
+            relayout: Callable[[np.ndarray], np.ndarray], suffix: str) -> ir.Value:
+    """An initializer holding `relayout(source)` (of `shape`), computed lazily at save time.
+
+    A weight with no other user than the node being rewritten keeps its name (with the new
+    shape); a shared one (tied embeddings) stays for its other users and the new layout is a
+    new initializer `<name>.<suffix>`.
     """
     tensor = source.const_value
-    perm = perm if perm is not None else tuple(reversed(range(len(tensor.shape))))
-    shape = ir.Shape([tensor.shape[p] for p in perm])
-    transposed = ir.LazyTensor(_transposer(tensor, perm), dtype=tensor.dtype, shape=shape, name=source.name)
+
+    def compute() -> ir.Tensor:
+        return ir.Tensor(np.ascontiguousarray(relayout(tensor.numpy())), dtype=tensor.dtype)
+
+    new_shape = ir.Shape(shape)
+    lazy = ir.LazyTensor(compute, dtype=tensor.dtype, shape=new_shape, name=source.name)
     if len(source.uses()) == 1:
-        source.const_value = transposed
-        source.shape = shape
+        source.const_value = lazy
+        source.shape = new_shape
         return source
-    value = ir.Value(name=f"{source.name}.T", shape=shape, type=ir.TensorType(tensor.dtype), const_value=transposed)
-    transposed.name = value.name
+    value = ir.Value(name=f"{source.name}.{suffix}", shape=new_shape, type=ir.TensorType(tensor.dtype),
+                     const_value=lazy)
+    lazy.name = value.name
     graph.register_initializer(value)
     return value
-
-
-def _transposer(tensor: ir.TensorProtocol, perm: tuple[int, ...]):
-    """A closure giving `tensor` transposed by `perm`, as an ir.Tensor, when called."""
-
-    def transpose() -> ir.Tensor:
-        return ir.Tensor(np.ascontiguousarray(np.transpose(tensor.numpy(), perm)), dtype=tensor.dtype)
-
-    return transpose
 
 
 def initializer_bytes(model: ir.Model) -> int:
