@@ -54,8 +54,11 @@ def check_lowerable(gm: GraphModule) -> None:
 
 
 def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.PathLike,
-                input_names: Sequence[str] | None = None) -> Path:
-    """Export `gm` to an ONNX file at `path` (weights inline; external data above 2 GB)."""
+                input_names: Sequence[str] | None = None, optimize: bool = True) -> Path:
+    """Export `gm` to an ONNX file at `path` (weights inline; external data above 2 GB).
+
+    `optimize`: fold constants, pre-transpose weights, drop dead code and debug metadata
+    (`fxforge.backends.onnx.optimize`); False writes the exporter's raw graph."""
     from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 
     check_lowerable(gm)
@@ -75,10 +78,12 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
             optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
             verbose=False,
         )
+    from fxforge.backends.onnx.optimize import initializer_bytes, optimize_model
+
     fold_weight_transposes(program.model)  # 8-bit weights stored as their kernels read them
-    total_bytes = sum(p.numel() * p.element_size() for p in gm.parameters()) + \
-        sum(b.numel() * b.element_size() for b in gm.buffers())
-    program.save(str(path), external_data=total_bytes > 1.8 * 2**30)
+    if optimize:
+        optimize_model(program.model)
+    program.save(str(path), external_data=initializer_bytes(program.model) > 1.8 * 2**30)
     return path
 
 
