@@ -1,6 +1,6 @@
-"""fuse_projections: structure, exactness and match counts on Llama (GQA), BERT and GPT-2; every
-linear kind (int4, W8A8, LLM.int8, FP4, shift-add, LoRA, DoRA, Bone, MiSS, sparse) on a small
-q/k/v block; skips with reasons; ONNX; the user's model untouched."""
+"""fuse_projections: structure, exactness and match counts on Llama (GQA), BERT and GPT-2, in fp32,
+int4, LoRA and sparse; every linear kind (int4, W8A8, LLM.int8, FP4, shift-add, LoRA, DoRA, Bone,
+MiSS, sparse) on a small q/k/v block; skips with reasons; ONNX; the user's model untouched."""
 import pytest
 import torch
 from torch import nn
@@ -250,6 +250,47 @@ def test_onnx_runs_the_fused_int4_graph(llama):
     tolerance = lowering_tolerance("onnx", "linear_wq") or Tolerance(max_abs=1e-4, rtol=1e-4)
     comparison = compare_outputs(want, [g.logits if hasattr(g, "logits") else g for g in got], tolerance)
     assert comparison.ok, comparison.describe()
+
+
+# --------------------------------------------------------------------------- int4, LoRA, sparse on every zoo model
+
+
+@pytest.fixture(scope="module")
+def zoo_graph(llama):
+    """name -> (zoo, traced graph, context), each model traced once for this module."""
+    cache = {"tiny-llama": llama}
+
+    def get(name):
+        if name not in cache:
+            zoo, gm = traced_zoo(name)
+            cache[name] = zoo, gm, PassContext(example_inputs=tuple(zoo.kwargs.values()))
+        return cache[name]
+    return get
+
+
+ZOO_KINDS = {  # kind -> (pass spec, the linear op it leaves); LoRA's default targets: every linear but the LM head
+    "int4": ("quantize(bits=4,group_size=32)", "fxforge.linear_wq"),
+    "lora": ("add_adapters(method=lora,rank=4)", "fxforge.lora_linear"),
+    "sparse": ("sparsify(method=magnitude,sparsity=0.5)", "aten.linear"),
+}
+ZOO_SITES = {  # llama: q/k/v and gate/up per layer; bert: q/k/v per layer;
+    "tiny-llama": 2 * 2, "tiny-bert": 2, "tiny-gpt2": 0}  # gpt2: c_attn is already one fused q/k/v
+
+
+@pytest.mark.parametrize("kind", ZOO_KINDS)
+@pytest.mark.parametrize("model", ZOO_SITES)
+def test_int4_lora_and_sparse_fuse_exactly_on_every_zoo_model(zoo_graph, model, kind):
+    _, gm, ctx = zoo_graph(model)
+    spec, op = ZOO_KINDS[kind]
+    before = run_pass(Pipeline(spec).passes[0], gm, ctx)
+    if kind == "lora":
+        before = _perturb(before)  # B = 0 would make the adapters trivially exact
+    out, record = _fuse(before, ctx)
+    assert (record.sites, record.skipped) == (ZOO_SITES[model], [])
+    fused_away = sum(len(members) - 1 for members in record.notes["fused"].values())
+    assert _count(out, op) == _count(before, op) - fused_away  # gpt2: unchanged
+    assert len(_splits(out)) == record.sites
+    assert _max_error(before, out, ctx.example_inputs) <= EXACT
 
 
 # --------------------------------------------------------------------------- every linear kind, small block
