@@ -89,8 +89,11 @@ def _wait_for_background() -> str | None:
         code = "killed after waiting"
     seconds = time.perf_counter() - _background["start"]
     if code == 0:
+        _background["log"].unlink(missing_ok=True)
         return f"trained in a background process alongside the kernel sections ({seconds:.0f} s)"
-    tail = _background["log"].read_text()[-500:] if _background["log"].exists() else ""
+    log = _background["log"]
+    tail = log.read_text()[-500:] if log.exists() else ""
+    log.unlink(missing_ok=True)  # its tail is in the result; nothing stays in the temp dir
     return f"background training failed ({code}): {tail}; trained in-process instead"
 
 

@@ -254,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("FXFORGE_PROGRESS", "0")
     torch.set_num_threads(2)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fxforge_w8a8_"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    if args.workdir is None:  # ~1 GB of ONNX files: our own temp dir, removed however the run ends
+        with tempfile.TemporaryDirectory(prefix="fxforge_w8a8_") as tmp:
+            return run(args, Path(tmp))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return run(args, args.workdir)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    """Export (or reuse) every row's file in `workdir`, time them, print and write the results."""
     paths = export_rows(args.layers, args.vocab, workdir)
     rng = np.random.default_rng(0)
     prompts = {"prefill": rng.integers(0, args.vocab, (1, PREFILL), dtype=np.int64),

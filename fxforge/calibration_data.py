@@ -14,17 +14,17 @@ the model's outputs". The future block-by-block calibration engine reads through
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx import GraphModule
 
 from fxforge.errors import CalibrationError, PassError
 from fxforge.finite_checks import nonfinite_problem
-from fxforge.ir.graph import get_attr
 from fxforge.ir.trace import INPUT_NAMES, flatten_inputs
+from fxforge.runtime.input_signature import InputSignature, InputSpec, input_problem
 
 __all__ = ["CalibrationData", "PassCalibrationError", "calibration_label", "missing_calibration", "empty_calibration",
            "checked_batches", "check_batch", "as_flat_inputs", "input_names"]
@@ -156,7 +156,7 @@ def checked_batches(gm: GraphModule, data: CalibrationData | None, limit: int | 
 
 def _generate(gm: GraphModule, data: CalibrationData, limit: int | None, pass_name: str | None,
               method: str | None) -> Iterator[list[Any]]:
-    specs = _input_specs(gm)
+    specs = input_specs(gm)
     for i, item in enumerate(data):
         if limit is not None and i >= limit:
             return
@@ -192,93 +192,41 @@ def as_flat_inputs(gm: GraphModule, item: Any, names: Sequence[str] | None = Non
 
 
 def check_batch(gm: GraphModule, item: Any, index: int, *, pass_name: str | None = None,
-                method: str | None = None, specs: list[_InputSpec] | None = None) -> list[Any]:
-    """`item` as `gm`'s flat inputs, or a CalibrationError naming the pass, batch `index` and input."""
+                method: str | None = None, specs: list[InputSpec | None] | None = None) -> list[Any]:
+    """`item` as `gm`'s flat inputs, or a CalibrationError naming the pass, batch `index` and input.
+
+    Each input is checked as a call of the compiled model checks it (runtime.input_signature:
+    rank, static and linked sizes, dtype, vocabulary), and must be finite (-inf allowed: masks).
+    """
     where = f"{calibration_label(pass_name, method)}: calibration batch {index}"
 
     def fail(problem: str) -> PassCalibrationError:
         return PassCalibrationError(f"{where} {problem}", pass_name=pass_name, batch=index)
 
-    specs = specs if specs is not None else _input_specs(gm)
+    specs = specs if specs is not None else input_specs(gm)
+    names = [spec.name if spec is not None else name for spec, name in zip(specs, input_names(gm))]
     try:
-        flat = as_flat_inputs(gm, item, [s.name for s in specs])
+        flat = as_flat_inputs(gm, item, names)
     except (TypeError, ValueError) as exc:
         raise fail(str(exc)) from None
     if len(flat) != len(specs):
-        raise fail(f"has {len(flat)} input(s) but the model takes {len(specs)}: {[s.name for s in specs]}")
-    symbols: dict[str, tuple[int, str]] = {}
+        raise fail(f"has {len(flat)} input(s) but the model takes {len(specs)}: {names}")
+    bound: dict[str, tuple[int, str, int]] = {}
     for spec, value in zip(specs, flat):
-        problem = spec.problem(value, symbols)
+        if spec is None:
+            continue  # a non-tensor input (None, an int): nothing traced to compare against
+        problem = input_problem(spec, value, bound, check_device=False)
+        if problem is None:
+            problem = nonfinite_problem(value, allow_neg_inf=True)
         if problem:
             raise fail(f"input '{spec.name}' {problem}")
     return flat
 
 
-class _InputSpec:
-    """What one graph input accepts: its traced fake tensor and, for token ids, the vocabulary size."""
-
-    def __init__(self, name: str, node: Node, vocab: int | None):
-        self.name, self.val, self.vocab = name, node.meta.get("val"), vocab
-
-    def problem(self, value: Any, symbols: dict[str, tuple[int, str]]) -> str | None:
-        want = self.val
-        if not isinstance(want, torch.Tensor):
-            return None  # a non-tensor input (None, an int): nothing traced to compare against
-        if not isinstance(value, torch.Tensor):
-            return f"must be a tensor, got {type(value).__name__}"
-        if value.dim() != want.dim():
-            return f"must have rank {want.dim()} (shape like {_shape_text(want)}), got shape {tuple(value.shape)}"
-        for axis, (size, got) in enumerate(zip(want.shape, value.shape)):
-            size = _static(size)
-            if isinstance(size, int):
-                if size != got:
-                    return (f"dimension {axis} must be {size} (shape like {_shape_text(want)}), got shape "
-                            f"{tuple(value.shape)}; a size that was static when traced cannot vary (trace with "
-                            f"dynamic_shapes, or calibrate at this size)")
-                continue
-            key = str(size)
-            seen = symbols.setdefault(key, (got, f"{self.name} dimension {axis}"))
-            if seen[0] != got:
-                return (f"dimension {axis} is {got} but {seen[1]} is {seen[0]}; the model was traced with "
-                        f"these sizes equal")
-        if value.dtype != want.dtype:
-            return f"must be {want.dtype}, got {value.dtype}; convert it with .to({want.dtype})"
-        if self.vocab is not None and value.numel():
-            low, high = int(value.min()), int(value.max())
-            if low < 0 or high >= self.vocab:
-                return (f"holds token ids in [{low}, {high}] but the embedding has {self.vocab} rows "
-                        f"(valid ids 0..{self.vocab - 1})")
-        return nonfinite_problem(value, allow_neg_inf=True)
-
-
-def _input_specs(gm: GraphModule) -> list[_InputSpec]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def input_specs(gm: GraphModule) -> list[InputSpec | None]:
+    """The graph's inputs as the compiled model checks them, named as a user spells them in a dict."""
     names = input_names(gm)
-    if len(names) != len(placeholders):
-        names = [n.name for n in placeholders]
-    vocab = _vocab_sizes(gm)
-    return [_InputSpec(name, node, vocab.get(node)) for name, node in zip(names, placeholders)]
-
-
-def _vocab_sizes(gm: GraphModule) -> dict[Node, int]:
-    """{placeholder: rows of the embedding it indexes} for inputs fed straight into aten.embedding."""
-    sizes: dict[Node, int] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
-            continue
-        weight, ids = node.args[0], node.args[1]
-        if isinstance(ids, Node) and ids.op == "placeholder" and isinstance(weight, Node):
-            val = get_attr(gm, weight.target) if weight.op == "get_attr" else weight.meta.get("val")
-            rows = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == 2 else None
-            if isinstance(rows, int):
-                sizes[ids] = min(rows, sizes.get(ids, rows))
-    return sizes
-
-
-def _static(size: Any) -> Any:
-    """An int for a size fixed at trace time (export may hand back a SymInt that is a constant)."""
-    return int(size) if is_concrete_int(size) else size
-
-
-def _shape_text(val: torch.Tensor) -> str:
-    return "(" + ", ".join(str(_static(s)) if is_concrete_int(s) else "*" for s in val.shape) + ")"
+    specs = InputSignature(gm, check_device=False).inputs
+    if len(names) != len(specs):
+        return specs
+    return [dataclasses.replace(spec, name=name) if spec is not None else None for spec, name in zip(specs, names)]

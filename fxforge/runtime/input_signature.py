@@ -112,38 +112,48 @@ def _top_level(in_spec: pytree.TreeSpec) -> tuple[int, list[str]]:
 
 
 def _check_one(spec: InputSpec, value: Any, bound: dict[str, tuple[int, str, int]], check_device: bool) -> None:
+    problem = input_problem(spec, value, bound, check_device)
+    if problem is not None:
+        raise InputError(f"input '{spec.name}' {problem}")
+
+
+def input_problem(spec: InputSpec, value: Any, bound: dict[str, tuple[int, str, int]],
+                  check_device: bool = True) -> str | None:
+    """What is wrong with `value` as input `spec` (the text after "input 'name' "), or None.
+
+    `bound` maps each symbolic size to (size, input, dim) where it was first seen, so sizes that
+    were one symbol at trace time must agree across inputs. Shared by call-time checks and
+    calibration batches (fxforge.calibration_data), so both refuse the same inputs alike.
+    """
     name, want = spec.name, spec.shape_text()
     if not isinstance(value, torch.Tensor):
-        raise InputError(f"input '{name}' must be a tensor of shape {want} and dtype {spec.dtype}, "
-                         f"got {type(value).__name__}")
+        return f"must be a tensor of shape {want} and dtype {spec.dtype}, got {type(value).__name__}"
     got = tuple(value.shape)
     if value.dim() != len(spec.shape):
-        raise InputError(f"input '{name}' must have rank {len(spec.shape)} (shape {want}), got shape {got}")
+        return f"must have rank {len(spec.shape)} (shape {want}), got shape {got}"
     if value.dtype != spec.dtype:
-        raise InputError(f"input '{name}' must be {spec.dtype}, got {value.dtype}; "
-                         f"convert it with .to({spec.dtype})")
+        return f"must be {spec.dtype}, got {value.dtype}; convert it with .to({spec.dtype})"
     if check_device and value.device.type != spec.device.type:
-        raise InputError(f"input '{name}' must be on device '{spec.device}' (where the model was compiled), "
-                         f"got '{value.device}'; move it with .to('{spec.device}')")
+        return (f"must be on device '{spec.device}' (where the model was compiled), "
+                f"got '{value.device}'; move it with .to('{spec.device}')")
     for dim, (expected, size) in enumerate(zip(spec.shape, got)):
         if isinstance(expected, int) and expected != size:
-            raise InputError(f"input '{name}' must have shape {want}, got {got}: dimension {dim} was static "
-                             f"({expected}) when compiled; pass size {expected} there, or recompile with "
-                             f"example inputs of the size you need")
+            return (f"must have shape {want}, got {got}: dimension {dim} must be {expected}, as it was static "
+                    f"when compiled; pass size {expected} there, or recompile with example inputs of the "
+                    f"size you need")
         if isinstance(expected, str):
             first = bound.setdefault(expected, (size, name, dim))
             if first[0] != size:
-                raise InputError(
-                    f"input '{name}' must have shape {want}, got {got}: dimension {dim} ({expected}) must "
-                    f"equal dimension {first[2]} of '{first[1]}' (also {expected} when compiled), which is "
-                    f"{first[0]}")
+                return (f"must have shape {want}, got {got}: dimension {dim} ({expected}) must equal "
+                        f"dimension {first[2]} of '{first[1]}' (also {expected} when compiled), which is "
+                        f"{first[0]}")
     if spec.vocab_size is not None and value.numel():
-        low, high = torch.aminmax(value)
-        if int(low) < 0 or int(high) >= spec.vocab_size:
-            bad = int(high) if int(high) >= spec.vocab_size else int(low)
-            raise InputError(f"input '{name}' holds token id {bad}, outside the vocabulary: ids must be in "
-                             f"[0, {spec.vocab_size - 1}] (the embedding has {spec.vocab_size} rows); check "
-                             f"the tokenizer matches the model")
+        low, high = (int(v) for v in torch.aminmax(value))
+        if low < 0 or high >= spec.vocab_size:
+            return (f"holds token ids in [{low}, {high}], outside the vocabulary: ids must be in "
+                    f"[0, {spec.vocab_size - 1}] (the embedding has {spec.vocab_size} rows); check the "
+                    f"tokenizer matches the model")
+    return None
 
 
 def _input_spec(gm: GraphModule, node: Node) -> InputSpec | None:

@@ -277,7 +277,7 @@ def _llama_call(**changes: Any) -> Callable[[Zoo], Any]:
 
 
 CALL_CASES = {
-    "wrong feature size": (lambda z: z.compiled_mlp(z.x[:, :7]), "dimension 1 was static (32)"),
+    "wrong feature size": (lambda z: z.compiled_mlp(z.x[:, :7]), "dimension 1 must be 32, as it was static"),
     "expected shape shows symbols": (lambda z: z.compiled_mlp(z.x[:, :7]), "must have shape (s"),
     "wrong rank": (lambda z: z.compiled_mlp(z.x[None]), "input 'x' must have rank 2"),
     "wrong dtype": (lambda z: z.compiled_mlp(z.x.double()), "must be torch.float32, got torch.float64"),
@@ -290,7 +290,7 @@ CALL_CASES = {
                               "must equal dimension 1 of 'input_ids'"),
     "mask of another batch": (_llama_call(attention_mask=lambda m: m[:1]), "must equal dimension 0 of 'input_ids'"),
     "token ids out of vocabulary": (_llama_call(input_ids=lambda ids: ids + 1000), "outside the vocabulary"),
-    "negative token ids": (_llama_call(input_ids=lambda ids: ids * 0 - 1), "token id -1"),
+    "negative token ids": (_llama_call(input_ids=lambda ids: ids * 0 - 1), "token ids in [-1, -1]"),
     "vocabulary range named": (_llama_call(input_ids=lambda ids: ids + 1000), "[0, 255]"),
     "missing mask": (_llama_call(attention_mask=None), "missing keyword input(s) 'attention_mask'"),
     "missing input shows the expected shapes": (_llama_call(attention_mask=None), "torch.int64, ids < 256"),
