@@ -48,3 +48,23 @@ def run_ort(session, x):
     import torch
 
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def assert_onnx_matches_eager_at_shapes(runner, gm, zoo, shapes=((3, 9), (1, 21)), tol: float = 1e-4) -> None:
+    """`runner` (an OnnxRunner of `gm`) equals eager `gm` on the zoo model's inputs at each (batch, seq).
+
+    Neither default shape is an export size (2 or 4, 16), so fixed axes show up here."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from fxforge.ir.trace import flatten_inputs
+
+    for batch, seq in shapes:
+        args, kwargs = zoo.make_inputs(batch=batch, seq=seq)
+        inputs = flatten_inputs(gm, args, kwargs)
+        with torch.no_grad():
+            expected = pytree.tree_leaves(gm(*inputs))
+        got = runner(*inputs)
+        assert len(got) == len(expected)
+        for e, g in zip(expected, got):
+            assert g.shape == e.shape and (g - e).abs().max() <= tol, (batch, seq, (g - e).abs().max())

@@ -2,8 +2,7 @@
 import onnxruntime as ort
 import pytest
 import torch
-import torch.utils._pytree as pytree
-from testing_utils import traced_zoo
+from testing_utils import assert_onnx_matches_eager_at_shapes, traced_zoo
 
 from fxforge.backends.onnx.backend import OnnxRunner, export_onnx
 from fxforge.errors import MissingLoweringError
@@ -18,17 +17,7 @@ def test_zoo_model_runs_in_onnx_runtime_with_dynamic_axes(name, tmp_path):
     zoo, gm = traced_zoo(name)
     flat = flatten_inputs(gm, zoo.args, zoo.kwargs)
     path = export_onnx(gm, flat, tmp_path / "model.onnx")
-    runner = OnnxRunner(path, threads=2)
-    for batch, seq in [(3, 9), (1, 21)]:  # neither is the export size (2 or 4, 16)
-        args, kwargs = zoo.make_inputs(batch=batch, seq=seq)
-        inputs = flatten_inputs(gm, args, kwargs)
-        with torch.no_grad():
-            expected = pytree.tree_leaves(gm(*inputs))
-        got = runner(*inputs)
-        assert len(got) == len(expected)
-        for e, g in zip(expected, got):
-            assert g.shape == e.shape
-            assert (g - e).abs().max() <= 1e-4
+    assert_onnx_matches_eager_at_shapes(OnnxRunner(path, threads=2), gm, zoo)
 
 
 @define_op("test_only_square")

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from testing_utils import traced_zoo
+from testing_utils import assert_onnx_matches_eager_at_shapes, traced_zoo
 from torch import nn
 
 from fxforge.backends.onnx.backend import OnnxRunner, export_onnx
@@ -65,16 +65,7 @@ def test_optimized_export_is_clean_and_feeds_weights_to_matmul(exported):
 def test_optimized_export_matches_eager_at_other_shapes(exported):
     name, gm, path = exported
     zoo, _ = traced_zoo(name)
-    runner = OnnxRunner(path, threads=1)
-    for batch, seq in [(3, 9), (1, 21)]:
-        args, kwargs = zoo.make_inputs(batch=batch, seq=seq)
-        inputs = flatten_inputs(gm, args, kwargs)
-        with torch.no_grad():
-            expected = pytree.tree_leaves(gm(*inputs))
-        got = runner(*inputs)
-        assert len(got) == len(expected)
-        for e, g in zip(expected, got):
-            assert g.shape == e.shape and (g - e).abs().max() <= TOL
+    assert_onnx_matches_eager_at_shapes(OnnxRunner(path, threads=1), gm, zoo, tol=TOL)
 
 
 def test_optimization_shrinks_the_raw_export(tmp_path):
