@@ -68,10 +68,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     directory is there).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_siblings(target)
-    staging = sibling(target, TEMP)
-    staging.mkdir()
+    staging = _new_staging(target)
     try:
         yield staging
         _fsync_tree(staging)
@@ -88,10 +85,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     exit every file written there moves next to `target` (companions such as `model.onnx.data`
     first, `target` itself last), each with an atomic `os.replace`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_siblings(target)
-    staging = sibling(target, TEMP)
-    staging.mkdir()
+    staging = _new_staging(target)
     try:
         path = staging / target.name
         yield path
@@ -106,6 +100,15 @@ def atomic_file(target: Path) -> Iterator[Path]:
         _fsync_dir(target.parent)
     finally:
         _remove(staging)
+
+
+def _new_staging(target: Path) -> Path:
+    """An empty hidden sibling of `target` to write into (the parent made, stale leftovers cleaned)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_siblings(target)
+    staging = sibling(target, TEMP)
+    staging.mkdir()
+    return staging
 
 
 def _swap_in(staging: Path, target: Path) -> None:
