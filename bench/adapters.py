@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def main() -> None:
         onnx_models[name] = CompiledModel(gm, "onnx", example_inputs=adapted.example_inputs,
                                           backend_options={"path": str(workdir / f"{name}.onnx"),
                                                            "threads": args.threads})
+    shutil.rmtree(workdir, ignore_errors=True)  # the sessions hold the models: leave nothing in the temp dir
     # Interleaved: every round times each model once, so load from other processes on a shared
     # machine hits all of them alike; the median over rounds is reported.
     candidates = [("base", "eager", base), ("adapted", "eager", adapted), ("merged", "eager", merged)]

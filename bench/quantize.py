@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import shutil
 import tempfile
 import time
 import traceback
@@ -190,6 +191,7 @@ def speed_table(hidden: int, layers: int, repeats: int, threads: int) -> dict:
                       "linear_weight_bytes": linear_bytes}
         runners[name] = OnnxRunner(path, threads=threads)
         del g
+    shutil.rmtree(workdir, ignore_errors=True)  # the sessions hold the models: leave nothing in the temp dir
     inputs = {"1 token": torch.randint(0, 256, (1, 1)), "128 tokens": torch.randint(0, 256, (1, 128))}
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(repeats):  # interleaved, so load from other users hits every variant alike
