@@ -24,13 +24,15 @@ def traced_zoo(name: str, canonical: bool = True):
 
 
 def export_op_module(module, example, path):
-    """Export a one-op test module to ONNX exactly as fxforge's ONNX backend does (opset,
-    translation table, optimize=False, 8-bit weight transposes folded) with a dynamic batch; returns (onnx model, ORT session)."""
+    """Export a one-op test module to ONNX as fxforge's ONNX backend does (opset,
+    translation table, weight layouts folded as the backend folds them; the rest of its post-export
+    optimization is left out so the lowering's own nodes are what the test sees) with a dynamic
+    batch; returns (onnx model, ORT session)."""
     import onnx
     import onnxruntime as ort
     import torch
 
-    from fxforge.backends.onnx.fold_weights import fold_weight_transposes
+    from fxforge.backends.onnx.optimize import fold_weight_layouts
     from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -38,7 +40,7 @@ def export_op_module(module, example, path):
         module, (example,), dynamo=True, custom_translation_table=translation_table(),
         opset_version=OPSET_VERSION, dynamic_shapes=({0: batch},), verbose=False, optimize=False,
     )
-    fold_weight_transposes(program.model)
+    fold_weight_layouts(program.model.graph)
     program.save(str(path))
     return onnx.load(str(path)), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 

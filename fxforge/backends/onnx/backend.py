@@ -22,7 +22,6 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from fxforge.backends import fxforge_ops_in
-from fxforge.backends.onnx.fold_weights import fold_weight_transposes
 from fxforge.errors import MissingLoweringError
 from fxforge.ir.ops import backends_lowering, get_op
 
@@ -80,7 +79,6 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
         )
     from fxforge.backends.onnx.optimize import initializer_bytes, optimize_model
 
-    fold_weight_transposes(program.model)  # 8-bit weights stored as their kernels read them
     if optimize:
         optimize_model(program.model)
     program.save(str(path), external_data=initializer_bytes(program.model) > 1.8 * 2**30)

@@ -22,7 +22,7 @@ gives a 1-element s_x, which ORT folds into the column scales: acc·(s_x·wscale
 ulp of the reference rather than bit-identical.
 
 The weight is consumed as an int8 (K, N) initializer with per-column float32 scales: the
-Transpose of the (N, K) buffer written here is folded at export (backends/onnx/fold_weights.py),
+Transpose of the (N, K) buffer written here is folded at export (backends/onnx/optimize.py),
 and the GEMM pre-packs the constant B once when the session opens (MatMulIntegerBase::PrePack).
 
 Why not the previous lowering (uint8 x uint8 MatMulInteger, both operands shifted by 128):
@@ -75,7 +75,7 @@ def _as_float(value):
 def linear_w8a8_onnx(x, qweight, wscale, bias, act_scale: str = "tensor"):
     # qweight's int8 dtype, the shapes and act_scale were checked by the op's fake impl at trace time.
     x32 = _as_float(x)
-    w_kn = op.Transpose(qweight, perm=[1, 0])  # folded into a (K, N) initializer at export (fold_weights.py)
+    w_kn = op.Transpose(qweight, perm=[1, 0])  # folded into a (K, N) initializer at export (optimize.py)
     w_scale = _as_float(wscale)
     b32 = _as_float(bias) if bias is not None else None
     if act_scale == "tensor":
