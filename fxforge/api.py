@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 
 from fxforge.backends import check_tolerance, get_backend
 from fxforge.backends.validate import as_tolerance, check_backend_options, check_dtypes, resolve_backend
-from fxforge.calibration_data import CalibrationData
+from fxforge.calibration.data import CalibrationData
 from fxforge.errors import BackendError, FxforgeError, PassSpecError, TraceError, VerificationError
 from fxforge.finite_checks import check_finite_inputs, check_finite_model
 from fxforge.ir.graph import summarize

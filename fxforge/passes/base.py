@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 import torch
 from torch.fx import GraphModule
 
-from fxforge.calibration_data import (CalibrationData, as_flat_inputs, checked_batches, empty_calibration,
+from fxforge.calibration.data import (CalibrationData, as_flat_inputs, checked_batches, empty_calibration,
                                       missing_calibration)
 from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import finalize, format_bytes, summarize

@@ -123,7 +123,7 @@ def input_problem(spec: InputSpec, value: Any, bound: dict[str, tuple[int, str, 
 
     `bound` maps each symbolic size to (size, input, dim) where it was first seen, so sizes that
     were one symbol at trace time must agree across inputs. Shared by call-time checks and
-    calibration batches (fxforge.calibration_data), so both refuse the same inputs alike.
+    calibration batches (fxforge.calibration.data), so both refuse the same inputs alike.
     """
     name, want = spec.name, spec.shape_text()
     if not isinstance(value, torch.Tensor):
