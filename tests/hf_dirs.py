@@ -21,7 +21,7 @@ CORPUS = [
     "quantize the weights, prune the heads, fuse the attention",
     "one two three four five six seven eight nine ten",
 ]
-VOCAB = 256
+VOCAB = 384  # model vocab; tokenizers use at most this many ids (checked in build_model)
 
 FAMILIES = ("gpt2", "llama", "qwen2", "bert")
 
@@ -33,7 +33,7 @@ def _decoder_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
@@ -48,7 +48,7 @@ def _encoder_tokenizer() -> Any:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(CORPUS * 4, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=special,
+    tok.train_from_iterator(CORPUS * 4, trainers.WordPieceTrainer(vocab_size=320, special_tokens=special,
                                                                    show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
@@ -59,6 +59,12 @@ def _encoder_tokenizer() -> Any:
 
 def build_model(family: str) -> tuple[Any, Any]:
     """(model, tokenizer) of `family` with a tiny config and random weights (seeded)."""
+    model, tokenizer = _build(family)
+    assert len(tokenizer) <= VOCAB, f"tokenizer has {len(tokenizer)} ids, the model {VOCAB}"
+    return model, tokenizer
+
+
+def _build(family: str) -> tuple[Any, Any]:
     import transformers as tf
 
     torch.manual_seed(0)
