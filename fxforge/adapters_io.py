@@ -35,17 +35,33 @@ class AdapterLoadError(FxforgeError, ValueError):
     """An adapter file does not fit the graph it is loaded into (nothing was changed)."""
 
 
-def _graph_module(compiled: Any) -> torch.fx.GraphModule:
+def graph_module_of(compiled: Any) -> torch.fx.GraphModule:
+    """The GraphModule of a CompiledModel (or the GraphModule itself)."""
     return getattr(compiled, "graph_module", compiled)
 
 
-def save_adapters(compiled: Any, path: str | Path) -> Path:
+_graph_module = graph_module_of
+FORMATS = ("fxforge", "peft")
+
+
+def save_adapters(compiled: Any, path: str | Path, format: str = "fxforge") -> Path:
     """Write the adapter tensors of `compiled` (a CompiledModel or GraphModule) to `path`.
+
+    format: "fxforge" (default): one safetensors file at `path`, any adapter method;
+        "peft": `path` is a directory with adapter_config.json + adapter_model.safetensors that
+        Hugging Face PEFT loads (`PeftModel.from_pretrained(hf_model, path)`); LoRA, rsLoRA, EVA
+        and DoRA only (fxforge.adapters_peft says why the others have no PEFT form).
 
     All or nothing: every tensor is checked first (a NaN/inf adapter is refused, since loading
     it would be refused too), then the file is written to a temporary sibling and renamed into
     place, so a crash or error mid-write leaves any previous file at `path` as it was.
     """
+    if format not in FORMATS:
+        raise ValueError(f"save_adapters: format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    if format == "peft":
+        from fxforge.adapters_peft import save_peft
+
+        return save_peft(compiled, path)
     gm = _graph_module(compiled)
     records = adapter_records(gm)
     if not records:
@@ -92,6 +108,10 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 def load_adapters(compiled: Any, path: str | Path) -> list[str]:
     """Load adapter tensors saved by `save_adapters` into `compiled`; return the layers loaded.
 
+    `path` is an fxforge adapter file, or a PEFT adapter directory (it has adapter_config.json;
+    written by PEFT's save_pretrained or by save_adapters(format="peft")); naming the
+    directory's adapter_model.safetensors loads the directory too. See fxforge.adapters_peft.
+
     All or nothing: the whole file is read and checked before the first parameter changes, and
     AdapterLoadError lists every problem: layers, methods, ranks or roles that differ from the
     graph's adapters, tensors missing from or unknown to the file, shapes, dtypes and NaN/inf.
@@ -101,12 +121,27 @@ def load_adapters(compiled: Any, path: str | Path) -> list[str]:
     is a different model from the one the adapters were trained against (or not an adapter at
     all), so it is refused with the dtypes named; cast the file or compile in its dtype.
     """
-    gm = _graph_module(compiled)
+    from fxforge.adapters_peft import WEIGHTS_FILE, is_peft_dir, load_peft
+
     path = Path(path)
+    if path.is_dir() or (path.name == WEIGHTS_FILE and is_peft_dir(path.parent)):
+        directory = path if path.is_dir() else path.parent
+        if not is_peft_dir(directory):
+            raise AdapterLoadError(f"load_adapters: {directory} is a directory without adapter_config.json; "
+                                   f"name an fxforge adapter file or a PEFT adapter directory")
+        return load_peft(compiled, directory)
+    gm = _graph_module(compiled)
     layers, tensors = _read(path)
     records = adapter_records(gm)
     _check(records, layers, gm, path)
     targets = _check_tensors(records, layers, tensors, gm, path)
+    assign_adapter_tensors(gm, targets)
+    return sorted(layers)
+
+
+def assign_adapter_tensors(gm: torch.fx.GraphModule, targets: dict[str, torch.Tensor]) -> None:
+    """Put checked tensors in place of the graph attributes they name (all, or none on failure),
+    keeping each parameter's requires_grad; then exactly the adapters train."""
     old = {name: get_attr(gm, name) for name in targets}
     try:
         for name, value in targets.items():
@@ -118,7 +153,6 @@ def load_adapters(compiled: Any, path: str | Path) -> list[str]:
     freeze_all_but_adapters(gm)
     if hasattr(gm, "recompile"):
         gm.recompile()
-    return sorted(layers)
 
 
 def _roles(record: dict[str, Any], with_base: bool) -> dict[str, str]:

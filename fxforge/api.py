@@ -121,6 +121,20 @@ class CompiledModel:
     def __repr__(self) -> str:
         return f"CompiledModel(backend={self.backend!r}, passes={self.pipeline_spec!r})"
 
+    def merge_adapters(self, *, keep: bool = True, backend: str | None = None,
+                       backend_options: dict[str, Any] | None = None) -> "CompiledModel":
+        """A new CompiledModel with the adapters folded into the base weights (plain linears, so
+        it exports to ONNX and runs on every backend); this model keeps its adapters.
+
+        The merge is a verified pass (`merge_adapters`), recorded in the new model's report.
+        keep: let the `unmerge_adapters` pass restore the adapters later (invertible methods).
+        backend / backend_options: for the new model (default: this one's, minus an ONNX `path`).
+        Raises FxforgeError when the model has no adapters. See fxforge.adapters_merge.
+        """
+        from fxforge.adapters_merge import merge_adapters
+
+        return merge_adapters(self, keep=keep, backend=backend, backend_options=backend_options)
+
     # ------------------------------------------------------------------ export, save
 
     def export_onnx(self, path: str | Path) -> Path:
