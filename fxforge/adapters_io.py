@@ -127,8 +127,9 @@ def load_adapters(compiled: Any, path: str | Path) -> list[str]:
     if path.is_dir() or (path.name == WEIGHTS_FILE and is_peft_dir(path.parent)):
         directory = path if path.is_dir() else path.parent
         if not is_peft_dir(directory):
-            raise AdapterLoadError(f"load_adapters: {directory} is a directory without adapter_config.json; "
-                                   f"name an fxforge adapter file or a PEFT adapter directory")
+            raise AdapterLoadError(f"load_adapters: {directory} has no adapter_config.json, so it is no PEFT adapter "
+                                   f"directory (those hold adapter_config.json and adapter_model.safetensors); "
+                                   f"name a PEFT adapter directory or an fxforge adapter file")
         return load_peft(compiled, directory)
     gm = _graph_module(compiled)
     layers, tensors = _read(path)

@@ -27,7 +27,8 @@ def build(case: str):
         from fxforge.models import get_model
 
         zoo = get_model("mlp")
-        compiled = fxforge.compile(zoo.model, zoo.args, passes="add_adapters(rank=4,alpha=8,targets=['fc1','fc2'])")
+        compiled = fxforge.compile(zoo.model, zoo.args, passes="add_adapters(rank=4,alpha=8,targets=['fc1','fc2'])",
+                                  verify=False)  # the pass is verified in its own tests; this one is about fit
         with torch.no_grad():  # B = 0 at init: make both factors train from the first step
             for p in compiled.trainable_parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
@@ -46,7 +47,7 @@ def build(case: str):
 
         model, _ = build_model("llama")
         ids = torch.randint(0, 300, (BATCH, 12), generator=g)
-        compiled = fxforge.compile(model, (ids,), passes="add_medusa_heads(num_heads=2)")
+        compiled = fxforge.compile(model, (ids,), passes="add_medusa_heads(num_heads=2)", verify=False)
         batches = [(ids, ids) for ids in (torch.randint(0, 300, (BATCH, 12), generator=g) for _ in range(STEPS))]
         return compiled, batches, lambda outputs, ids: medusa_loss(outputs[1], ids)
     raise ValueError(case)
