@@ -26,11 +26,8 @@ import torch.nn.functional as F
 
 import fxforge
 from fxforge.adapters_io import save_adapters
-from fxforge.api import CompiledModel
 from fxforge.models.code_lm import load_code_lm, perplexity
 from fxforge.models.code_lm_data import read_sources, token_stream, windows_evenly_spaced
-from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, run_pass
 from fxforge.train import fit
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -104,9 +101,7 @@ def main() -> None:
     adapter_file = save_adapters(compiled, out / "adapter.safetensors")
     print(f"adapter weights: {adapter_file} ({adapter_file.stat().st_size / 1024:.0f} KiB)")
 
-    merged_graph = run_pass(MergeAdapters(), compiled.graph_module, PassContext(example_inputs=compiled.example_inputs))
-    merged = CompiledModel(merged_graph, "onnx", example_inputs=compiled.example_inputs,
-                           backend_options={"path": str(out / "merged.onnx")})
+    merged = compiled.merge_adapters(backend="onnx", backend_options={"path": str(out / "merged.onnx")})
     probe = eval_windows[:2]
     with torch.no_grad():
         adapted_logits = compiled(probe)

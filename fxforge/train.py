@@ -130,9 +130,14 @@ def data_parallel(compiled: Any) -> Callable[..., Any]:
     if getattr(compiled, "backend", "eager") != "eager":
         raise FxforgeError(f"fit: training runs on the eager graph; this model's backend is "
                            f"'{compiled.backend}'. Compile with backend='eager' to train, export afterwards.")
+    import inspect
+
     gm = compiled.graph_module
-    # Graph buffers (quantized codes, masks) never change: no need to broadcast them every step.
-    ddp = DistributedDataParallel(gm, broadcast_buffers=False)
+    # Graph buffers (quantized codes, masks) never change: synced once at the start, not every step
+    # (torch 2.13 renamed the option; older versions know only broadcast_buffers).
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    ddp = DistributedDataParallel(gm, **{sync: False})
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         flat = compiled._flat_inputs(args, kwargs)
