@@ -13,8 +13,10 @@ use_rslora), per layer through `rank_pattern` / `alpha_pattern` (regex keys, the
 orientation, so they map onto fxforge's canonical (out, in) layers unchanged.
 
 Which of fxforge's methods PEFT also has, with the same math and a file that is the whole
-adapter: lora, rslora, eva (saved as plain LoRA with per-layer rank/alpha patterns) and dora
-(`use_dora`). The others are refused by name (`NO_PEFT_FORMAT` says why for each).
+adapter: lora, rslora, eva (saved as plain LoRA with per-layer rank/alpha patterns), dora
+(`use_dora`) and bone (PEFT's MiSS tuner, peft_type "MISS": `.miss_block` is fxforge's miss_D
+(r, out) for bone_form="miss", init_weights=true, and bone_B (out/r, r, r) for bone_form="bat",
+init_weights="bat"). The others are refused by name (`NO_PEFT_FORMAT` says why for each).
 
 Loading reads JSON and safetensors only (nothing from the directory is executed), checks the
 config, every tensor's name, shape, dtype and finiteness and every layer's method, rank and
@@ -46,9 +48,11 @@ README_FILE = "README.md"  # PEFT's save_pretrained writes a model card; we may 
 KEY_PREFIX = "base_model.model."
 
 # fxforge role -> suffix of PEFT's tensor name after the module path
-PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+               "miss_D": "miss_block", "bone_B": "miss_block"}
 PLAIN_LORA = ("lora", "rslora", "eva")  # fxforge::lora_linear(x, W, b, A, B, s) on the untouched W
 DORA = "dora"
+MISS = "bone"  # PEFT's MiSS tuner; the record's tensor role says which form (miss_D or bone_B)
 
 NO_PEFT_FORMAT = {
     "pissa": "rewrites the base weight to W - s·B·A; a PEFT directory holds no base weight (PEFT re-derives "
@@ -60,7 +64,6 @@ NO_PEFT_FORMAT = {
     "loldu": "PEFT has no LoLDU tuner, and LoLDU rewrites the base weight",
     "svfit": "PEFT has no SVFit tuner, and SVFit rewrites the base weight",
     "lora_sb": "PEFT has no LoRA-SB tuner (its trainable r×r matrix between frozen factors)",
-    "bone": "PEFT's MiSS/Bone tuner is not written by fxforge yet",
 }
 
 # Config options that change what a PEFT LoRA adapter computes, and the value meaning "off".
@@ -78,6 +81,9 @@ _MUST_BE_OFF = {
     "arrow_config": "Arrow routing mixes several adapters",
 }
 # Options that describe the file or training only (dropout is off at inference).
+_NEUTRAL_MISS = {"peft_type", "r", "init_weights", "mini_r", "miss_dropout", "bias", "target_modules",
+                 "exclude_modules", "layers_to_transform", "layers_pattern", "inference_mode", "task_type",
+                 "base_model_name_or_path", "revision", "peft_version", "auto_mapping"}
 _NEUTRAL = {
     "peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "bias",
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
@@ -117,7 +123,8 @@ def save_peft(compiled: Any, directory: str | Path) -> Path:
     if bad:
         raise AdapterSaveError("save_adapters(format='peft'): refusing to write non-finite adapter tensors "
                                "(nothing was written):\n  - " + "\n  - ".join(bad))
-    config = peft_config(gm, records)
+    is_miss = _kind(next(iter(records.values()))) in ("MISS", "BAT")
+    config = miss_config(records) if is_miss else peft_config(gm, records)
     directory = Path(directory)
     _check_replaceable(directory)
     with atomic_directory(directory) as staging:
@@ -126,22 +133,41 @@ def save_peft(compiled: Any, directory: str | Path) -> Path:
     return directory
 
 
+def _kind(record: dict[str, Any]) -> str | None:
+    """PEFT's spelling of one adapted layer: "LORA", "DORA" (LoRA with use_dora), "MISS", "BAT"
+    (MiSS with init_weights="bat"), or None where PEFT has none."""
+    method = record["method"]
+    if method in PLAIN_LORA:
+        return "LORA"
+    if method == DORA:
+        return "DORA"
+    if method == MISS:
+        return "BAT" if "bone_B" in record["tensors"] else "MISS"
+    return None
+
+
 def _check_methods(records: dict[str, dict[str, Any]]) -> None:
-    """Refuse methods PEFT cannot express, and a DoRA/LoRA mix (one config has one use_dora)."""
+    """Refuse methods PEFT cannot express, fused layers, and mixes one PEFT config cannot hold."""
     problems = []
     for path, record in sorted(records.items()):
         method = record["method"]
-        if method in NO_PEFT_FORMAT:
+        if record.get("fused_from"):
+            problems.append(f"{path}: fused by fuse_projections from {', '.join(record['fused_from'])}; PEFT "
+                            f"adapts the separate layers: save the adapters before fuse_projections runs")
+        elif method in NO_PEFT_FORMAT:
             problems.append(f"{path}: method '{method}': {NO_PEFT_FORMAT[method]}")
-        elif method not in (*PLAIN_LORA, DORA):
+        elif _kind(record) is None:
             problems.append(f"{path}: method '{method}' has no PEFT counterpart known to fxforge")
-    kinds = {record["method"] == DORA for record in records.values()}
+    kinds = {_kind(record) for record in records.values()}
     if not problems and len(kinds) > 1:
-        problems.append("DoRA and non-DoRA layers in one model: a PEFT LoRA config has one use_dora flag")
+        problems.append(f"layers of different PEFT kinds in one model ({', '.join(sorted(kinds))}): one PEFT "
+                        f"config holds one kind (one peft_type, one use_dora, one MiSS form)")
+    if not problems and kinds <= {"MISS", "BAT"} and len({r["rank"] for r in records.values()}) > 1:
+        problems.append("MiSS layers of different ranks: PEFT's MissConfig has one r and no rank_pattern")
     if problems:
         raise AdapterSaveError(
             "save_adapters(format='peft'): these adapters have no PEFT form (nothing was written):\n  - "
-            + "\n  - ".join(problems) + f"\nPEFT-compatible methods: {', '.join((*PLAIN_LORA, DORA))}. "
+            + "\n  - ".join(problems) + f"\nPEFT-compatible methods: {', '.join((*PLAIN_LORA, DORA, MISS))}. "
             "Save them in fxforge's format (save_adapters(compiled, 'adapter.safetensors')), or fold them "
             "into the weights with compiled.merge_adapters() and save the model.")
 
@@ -173,6 +199,24 @@ def peft_config(gm: torch.fx.GraphModule, records: dict[str, dict[str, Any]]) ->
         "lora_dropout": 0.0,
         "modules_to_save": None,
         "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+
+
+def miss_config(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The adapter_config.json of PEFT's MiSS tuner for bone adapters (one form, one rank: checked)."""
+    record = next(iter(records.values()))
+    return {
+        "peft_type": "MISS",
+        "task_type": None,
+        "r": record["rank"],
+        "init_weights": "bat" if _kind(record) == "BAT" else True,
+        "mini_r": 1,
+        "miss_dropout": 0.0,
+        "target_modules": sorted(records),
+        "bias": "none",
+        "modules_to_save": None,
         "inference_mode": True,
         "base_model_name_or_path": None,
     }
@@ -244,24 +288,34 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterLoadError(f"load_adapters: {path} must hold a JSON object, got {type(config).__name__}")
     problems = []
-    if config.get("peft_type") != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}; fxforge reads PEFT's 'LORA' adapters "
-                        f"(with or without use_dora)")
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", "MISS"):
+        problems.append(f"peft_type is {peft_type!r}; fxforge reads PEFT's 'LORA' adapters (with or without "
+                        f"use_dora) and 'MISS' adapters (fxforge's bone method)")
+        raise AdapterLoadError(f"load_adapters: {path} cannot be loaded (nothing was changed):\n  - "
+                               + "\n  - ".join(problems))
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} trains the base layers' biases; fxforge adapters keep biases "
                         f"frozen (train with bias='none')")
-    init = config.get("init_lora_weights", True)
-    if init not in _BASE_KEEPING_INITS:
-        problems.append(f"init_lora_weights={init!r} rewrites the base weights when PEFT loads the adapter; "
-                        f"fxforge cannot reproduce that from the file (convert it to plain LoRA with PEFT's "
-                        f"path_initial_model_for_weight_conversion)")
+    if peft_type == "LORA":
+        init = config.get("init_lora_weights", True)
+        if init not in _BASE_KEEPING_INITS:
+            problems.append(f"init_lora_weights={init!r} rewrites the base weights when PEFT loads the adapter; "
+                            f"fxforge cannot reproduce that from the file (convert it to plain LoRA with PEFT's "
+                            f"path_initial_model_for_weight_conversion)")
+    elif config.get("init_weights", True) not in (True, False, "bat"):
+        problems.append(f"init_weights={config['init_weights']!r}: MiSS's 'mini' form (a block repeated along the "
+                        f"outputs) is not an fxforge form; fxforge has MiSS (init_weights=true) and Bat ('bat')")
     for key, why in _MUST_BE_OFF.items():
         if config.get(key):
             problems.append(f"{key}={config[key]!r}: not supported, {why}")
+    neutral = _NEUTRAL if peft_type == "LORA" else _NEUTRAL_MISS
     for key, value in sorted(config.items()):
-        if key not in _NEUTRAL and key not in _MUST_BE_OFF and value not in (None, False, {}, [], ""):
+        if key not in neutral and key not in _MUST_BE_OFF and value not in (None, False, {}, [], ""):
             problems.append(f"{key}={value!r}: an option fxforge does not know; it may change what the adapter "
                             f"computes")
+    if peft_type == "MISS":
+        config = {"lora_alpha": 1, **config}  # MiSS has no scaling: its layers' scale is 1
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
             problems.append(f"{key} must be a positive number, got {config.get(key)!r}")
@@ -289,11 +343,14 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _layers(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {fxforge role: tensor}} from PEFT's key names; unknown keys are an error."""
+    """{module path: {fxforge role: tensor}} from PEFT's key names; unknown keys are an error.
+    A MiSS block is named by its PEFT suffix; `_match` gives it the role the graph's record has."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in tensors.items():
         for role, suffix in PEFT_SUFFIX.items():
+            if role == "bone_B":
+                continue  # the same suffix as miss_D
             tail = "." + suffix
             # older PEFT versions name the magnitude `lora_magnitude_vector.weight`
             for ending in (tail, tail + ".weight") if role == "magnitude" else (tail,):
@@ -309,7 +366,7 @@ def _layers(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, dict
         raise AdapterLoadError(
             f"load_adapters: {directory / WEIGHTS_FILE} holds tensors that are not PEFT LoRA/DoRA layer tensors "
             f"({', '.join(sorted(unknown)[:6])}); expected '{KEY_PREFIX}<module>.lora_A.weight', "
-            f"'.lora_B.weight' and (DoRA) '.lora_magnitude_vector' (nothing was changed)")
+            f"'.lora_B.weight' and (DoRA) '.lora_magnitude_vector', or (MiSS) '.miss_block' (nothing was changed)")
     if not layers:
         raise AdapterLoadError(f"load_adapters: {directory / WEIGHTS_FILE} holds no adapter tensors")
     return layers
@@ -331,7 +388,9 @@ def _match(config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]], r
     """{graph attribute: tensor} once every layer and tensor fits the graph; else one error listing all."""
     dora = bool(config.get("use_dora"))
     rslora = bool(config.get("use_rslora"))
-    wanted = {DORA} if dora else set(PLAIN_LORA)
+    miss = config["peft_type"] == "MISS"
+    wanted = {"BAT" if config.get("init_weights") == "bat" else "MISS"} if miss else {"DORA" if dora else "LORA"}
+    spelled = {"LORA": "LoRA", "DORA": "DoRA", "MISS": "MiSS (bone_form='miss')", "BAT": "Bat (bone_form='bat')"}
     problems: list[str] = []
     targets: dict[str, torch.Tensor] = {}
     missing = sorted(set(layers) - set(records))
@@ -341,13 +400,18 @@ def _match(config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]], r
     if extra:
         problems.append(f"adapted layers of the graph missing from the directory: {', '.join(extra)}")
     for path in sorted(set(layers) & set(records)):
-        record, given = records[path], layers[path]
+        record, given = records[path], dict(layers[path])
         rank = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
         alpha = pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
         scale = alpha / (math.sqrt(rank) if rslora else rank) if isinstance(rank, int) and rank > 0 else None
-        if record["method"] not in wanted:
-            problems.append(f"{path}: the graph's adapter is '{record['method']}' but the directory holds "
-                            f"{'DoRA' if dora else 'LoRA'} (use_dora={dora})")
+        if miss:
+            scale = 1.0
+            if "bone_B" in record["tensors"] and "miss_D" in given:
+                given["bone_B"] = given.pop("miss_D")
+        if _kind(record) not in wanted:
+            problems.append(f"{path}: the graph's adapter is '{record['method']}'"
+                            f"{' (' + spelled[_kind(record)] + ')' if _kind(record) else ''} but the directory "
+                            f"holds {spelled[next(iter(wanted))]}")
             continue
         if rank != record["rank"]:
             problems.append(f"{path}: rank {rank} in the directory's config but {record['rank']} in the graph")
@@ -382,9 +446,12 @@ def _match(config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]], r
 
 
 def _suggested_pass(config: dict[str, Any], layers: dict[str, Any]) -> str:
-    method = DORA if config.get("use_dora") else ("rslora" if config.get("use_rslora") else "lora")
     targets = sorted(layers)
     shown = targets if len(targets) <= 4 else [*targets[:4], "..."]
+    if config["peft_type"] == "MISS":
+        form = "bat" if config.get("init_weights") == "bat" else "miss"
+        return f"passes=\"add_adapters(method=bone,bone_form={form},rank={config.get('r')},targets={shown})\""
+    method = DORA if config.get("use_dora") else ("rslora" if config.get("use_rslora") else "lora")
     return (f"passes=\"add_adapters(method={method},rank={config.get('r')},alpha={config.get('lora_alpha')},"
             f"targets={shown})\"" + (" (plus rank_pattern/alpha_pattern per layer)"
                                      if config.get("rank_pattern") or config.get("alpha_pattern") else ""))

@@ -135,6 +135,31 @@ def test_per_layer_ranks_and_rslora_round_trip_through_peft(tmp_path):
         torch.testing.assert_close(again(ids).logits, compiled(ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["miss", "bat"])
+def test_miss_adapters_both_ways(form, tmp_path):
+    """fxforge's bone method is PEFT's MiSS tuner (init_weights=True: MiSS, "bat": Bat)."""
+    model, ids = base("llama")
+    compiled = fxforge.compile(model, (ids,), verify=False,
+                               passes=f"add_adapters(method=bone,bone_form={form},rank={RANK},targets=['q_proj','v_proj'])")
+    config = peft.MissConfig(r=RANK, target_modules=TARGETS["llama"], init_weights="bat" if form == "bat" else True)
+    theirs = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    perturb([p for p in theirs.parameters() if p.requires_grad], seed=5)
+    theirs.save_pretrained(tmp_path / "peft")
+    load_adapters(compiled, tmp_path / "peft")
+    with torch.no_grad():
+        assert (theirs(ids).logits - model(ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(compiled(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+        perturb(compiled.trainable_parameters(), seed=6)
+        save_adapters(compiled, tmp_path / "ours", format="peft")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+        torch.testing.assert_close(again(ids).logits, compiled(ids), atol=1e-5, rtol=1e-5)
+    other = "miss" if form == "bat" else "bat"
+    wrong = fxforge.compile(model, (ids,), verify=False,
+                            passes=f"add_adapters(method=bone,bone_form={other},rank={RANK},targets=['q_proj','v_proj'])")
+    with pytest.raises(AdapterLoadError, match=f"bone_form='{other}'"):
+        load_adapters(wrong, tmp_path / "ours")
+
+
 def _edit_config(directory, **changes):
     path = directory / "adapter_config.json"
     config = json.loads(path.read_text())
@@ -190,7 +215,7 @@ def test_bad_directories_are_refused_and_change_nothing(case, tmp_path):
 def test_dora_directory_into_a_lora_graph_is_refused(tmp_path):
     compiled = compiled_with("llama", "lora")
     _, directory = peft_dir(tmp_path, method="dora")
-    with pytest.raises(AdapterLoadError, match="the graph's adapter is 'lora' but the directory holds DoRA"):
+    with pytest.raises(AdapterLoadError, match=r"the graph's adapter is 'lora' \(LoRA\) but the directory holds DoRA"):
         load_adapters(compiled, directory)
 
 
