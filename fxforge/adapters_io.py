@@ -44,13 +44,15 @@ _graph_module = graph_module_of
 FORMATS = ("fxforge", "peft")
 
 
-def save_adapters(compiled: Any, path: str | Path, format: str = "fxforge") -> Path:
+def save_adapters(compiled: Any, path: str | Path, format: str = "fxforge", *, base_model: Any = None) -> Path:
     """Write the adapter tensors of `compiled` (a CompiledModel or GraphModule) to `path`.
 
     format: "fxforge" (default): one safetensors file at `path`, any adapter method;
         "peft": `path` is a directory with adapter_config.json + adapter_model.safetensors that
-        Hugging Face PEFT loads (`PeftModel.from_pretrained(hf_model, path)`); LoRA, rsLoRA, EVA
-        and DoRA only (fxforge.adapters_peft says why the others have no PEFT form).
+        Hugging Face PEFT loads (`PeftModel.from_pretrained(hf_model, path)`): LoRA, rsLoRA, EVA,
+        DoRA and Bone/MiSS; PiSSA, OLoRA and LoRA-GA with `base_model=` (the model you compiled),
+        as LoRA of rank 2r relative to its weights. fxforge.adapters_peft says why the others
+        have no PEFT form.
 
     All or nothing: every tensor is checked first (a NaN/inf adapter is refused, since loading
     it would be refused too), then the file is written to a temporary sibling and renamed into
@@ -61,7 +63,10 @@ def save_adapters(compiled: Any, path: str | Path, format: str = "fxforge") -> P
     if format == "peft":
         from fxforge.adapters_peft import save_peft
 
-        return save_peft(compiled, path)
+        return save_peft(compiled, path, base_model)
+    if base_model is not None:
+        raise ValueError("save_adapters: base_model= is for format='peft' only (fxforge's format stores the "
+                         "residual base weights itself)")
     gm = _graph_module(compiled)
     records = adapter_records(gm)
     if not records:

@@ -14,9 +14,12 @@ orientation, so they map onto fxforge's canonical (out, in) layers unchanged.
 
 Which of fxforge's methods PEFT also has, with the same math and a file that is the whole
 adapter: lora, rslora, eva (saved as plain LoRA with per-layer rank/alpha patterns), dora
-(`use_dora`) and bone (PEFT's MiSS tuner, peft_type "MISS": `.miss_block` is fxforge's miss_D
+(`use_dora`), bone (PEFT's MiSS tuner, peft_type "MISS": `.miss_block` is fxforge's miss_D
 (r, out) for bone_form="miss", init_weights=true, and bone_B (out/r, r, r) for bone_form="bat",
-init_weights="bat"). The others are refused by name (`NO_PEFT_FORMAT` says why for each).
+init_weights="bat"), and pissa, olora, lora_ga, which rewrite the base weight: given the
+original model (`base_model=`) they are written as PEFT writes them for the original weights,
+plain LoRA of rank 2r (adapters_peft_residual.py). The others are refused by name
+(`NO_PEFT_FORMAT` says why for each). Loading reads LoRA, DoRA and MiSS directories.
 
 Loading reads JSON and safetensors only (nothing from the directory is executed), checks the
 config, every tensor's name, shape, dtype and finiteness and every layer's method, rank and
@@ -36,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fxforge.adapters_io import AdapterLoadError, assign_adapter_tensors, graph_module_of
+from fxforge.adapters_peft_residual import RESIDUAL_LORA, ResidualConversionError, residual_as_lora
 from fxforge.atomic import atomic_directory
 from fxforge.errors import FxforgeError
 from fxforge.finite_checks import nonfinite_problem
@@ -55,11 +59,6 @@ DORA = "dora"
 MISS = "bone"  # PEFT's MiSS tuner; the record's tensor role says which form (miss_D or bone_B)
 
 NO_PEFT_FORMAT = {
-    "pissa": "rewrites the base weight to W - s·B·A; a PEFT directory holds no base weight (PEFT re-derives "
-             "it from the base model at load), so it cannot carry these adapters exactly",
-    "olora": "rewrites the base weight to W - s·B·A (as pissa); a PEFT directory holds no base weight",
-    "lora_ga": "rewrites the base weight to W - s·B·A from calibration gradients; a PEFT directory holds "
-               "no base weight",
     "sorsa": "PEFT has no SORSA tuner, and SORSA rewrites the base weight",
     "loldu": "PEFT has no LoLDU tuner, and LoLDU rewrites the base weight",
     "svfit": "PEFT has no SVFit tuner, and SVFit rewrites the base weight",
@@ -102,8 +101,11 @@ class AdapterSaveError(FxforgeError, ValueError):
 # --------------------------------------------------------------------------- save
 
 
-def save_peft(compiled: Any, directory: str | Path) -> Path:
+def save_peft(compiled: Any, directory: str | Path, base_model: Any = None) -> Path:
     """Write `compiled`'s adapters as a PEFT LoRA directory; return it.
+
+    base_model: the model that was compiled; needed only for pissa, olora and lora_ga, whose
+    change from the original weights is written as plain LoRA of rank 2r (PEFT's conversion).
 
     The directory is assembled aside and swapped in atomically (fxforge.atomic). An existing
     directory is replaced only if it holds nothing but a previous PEFT adapter (config, weights,
@@ -114,11 +116,12 @@ def save_peft(compiled: Any, directory: str | Path) -> Path:
     if not records:
         raise AdapterSaveError("save_adapters(format='peft'): the model has no adapters; compile it with "
                                "passes='add_adapters(...)' (adapters that were merged are part of the base weights)")
-    _check_methods(records)
+    _check_methods(records, base_model)
+    records, values = _as_written(gm, records, base_model)
     tensors: dict[str, torch.Tensor] = {}
-    for path, record in sorted(records.items()):
-        for role, name in record["tensors"].items():
-            tensors[f"{KEY_PREFIX}{path}.{PEFT_SUFFIX[role]}"] = get_attr(gm, name).detach().contiguous().cpu()
+    for path, layer in sorted(values.items()):
+        for role, value in layer.items():
+            tensors[f"{KEY_PREFIX}{path}.{PEFT_SUFFIX[role]}"] = value.detach().contiguous().cpu()
     bad = [f"{key} {problem}" for key, t in tensors.items() if (problem := nonfinite_problem(t))]
     if bad:
         raise AdapterSaveError("save_adapters(format='peft'): refusing to write non-finite adapter tensors "
@@ -133,11 +136,33 @@ def save_peft(compiled: Any, directory: str | Path) -> Path:
     return directory
 
 
+def _as_written(gm: torch.fx.GraphModule, records: dict[str, dict[str, Any]], base_model: Any
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
+    """(records as PEFT will see them, {module path: {role: tensor}}): residual layers become plain
+    LoRA layers of their converted rank with scale 1; the others are written as they are."""
+    written, values, problems = {}, {}, []
+    for path, record in records.items():
+        if record["method"] not in RESIDUAL_LORA:
+            written[path] = record
+            values[path] = {role: get_attr(gm, name) for role, name in record["tensors"].items()}
+            continue
+        try:
+            values[path], rank = residual_as_lora(gm, path, record, base_model, _is_conv1d(gm, record))
+        except ResidualConversionError as exc:
+            problems.append(str(exc))
+            continue
+        written[path] = {**record, "method": "lora", "rank": rank, "scale": 1.0}
+    if problems:
+        raise AdapterSaveError("save_adapters(format='peft'): the residual adapters cannot be written relative "
+                               "to base_model (nothing was written):\n  - " + "\n  - ".join(problems))
+    return written, values
+
+
 def _kind(record: dict[str, Any]) -> str | None:
     """PEFT's spelling of one adapted layer: "LORA", "DORA" (LoRA with use_dora), "MISS", "BAT"
     (MiSS with init_weights="bat"), or None where PEFT has none."""
     method = record["method"]
-    if method in PLAIN_LORA:
+    if method in PLAIN_LORA or method in RESIDUAL_LORA:
         return "LORA"
     if method == DORA:
         return "DORA"
@@ -146,9 +171,16 @@ def _kind(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_methods(records: dict[str, dict[str, Any]]) -> None:
+def _check_methods(records: dict[str, dict[str, Any]], base_model: Any = None) -> None:
     """Refuse methods PEFT cannot express, fused layers, and mixes one PEFT config cannot hold."""
     problems = []
+    residual = sorted(path for path, record in records.items() if record["method"] in RESIDUAL_LORA)
+    if residual and base_model is None:
+        problems.append(f"{', '.join(residual[:4])}{' ...' if len(residual) > 4 else ''}: "
+                        f"{records[residual[0]]['method']} rewrote the base weight, and a PEFT directory is "
+                        f"loaded onto the original model: pass base_model=<the model you compiled> so the "
+                        f"whole change is written as LoRA of rank 2r (what PEFT's "
+                        f"path_initial_model_for_weight_conversion does)")
     for path, record in sorted(records.items()):
         method = record["method"]
         if record.get("fused_from"):
@@ -167,7 +199,8 @@ def _check_methods(records: dict[str, dict[str, Any]]) -> None:
     if problems:
         raise AdapterSaveError(
             "save_adapters(format='peft'): these adapters have no PEFT form (nothing was written):\n  - "
-            + "\n  - ".join(problems) + f"\nPEFT-compatible methods: {', '.join((*PLAIN_LORA, DORA, MISS))}. "
+            + "\n  - ".join(problems) + f"\nPEFT-compatible methods: {', '.join((*PLAIN_LORA, DORA, MISS))}, "
+            f"and with base_model= {', '.join(RESIDUAL_LORA)}. "
             "Save them in fxforge's format (save_adapters(compiled, 'adapter.safetensors')), or fold them "
             "into the weights with compiled.merge_adapters() and save the model.")
 

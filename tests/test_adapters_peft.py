@@ -219,10 +219,35 @@ def test_dora_directory_into_a_lora_graph_is_refused(tmp_path):
         load_adapters(compiled, directory)
 
 
+@pytest.mark.parametrize("family,method", [("llama", "pissa"), ("llama", "olora"), ("gpt2", "pissa")])
+def test_residual_methods_load_in_peft_relative_to_the_original_model(family, method, tmp_path):
+    """PiSSA/OLoRA rewrote W; written as PEFT's converted LoRA of rank 2r against the original W."""
+    model, ids = base(family)
+    compiled = fxforge.compile(model, (ids,), verify=False, passes=f"add_adapters(method={method},rank={RANK},"
+                                                                    f"alpha={ALPHA},targets={TARGETS[family]})")
+    perturb(compiled.trainable_parameters(), seed=7)
+    with pytest.raises(AdapterSaveError, match="pass base_model="):
+        save_adapters(compiled, tmp_path / "ours", format="peft")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    with pytest.raises(AdapterSaveError, match="not the model these adapters were compiled from"):
+        save_adapters(compiled, tmp_path / "ours", format="peft", base_model=other)
+    assert not (tmp_path / "ours").exists()
+    directory = save_adapters(compiled, tmp_path / "ours", format="peft", base_model=model)
+    assert json.loads((directory / "adapter_config.json").read_text())["r"] == 2 * RANK
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), directory).eval()
+    with torch.no_grad():
+        ours = compiled(ids)
+        assert (ours - model(ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
 def test_methods_without_a_peft_form_are_refused_before_writing(tmp_path):
     layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    compiled = fxforge.compile(layer, (torch.randn(2, 8),), passes="add_adapters(method=pissa,rank=2)", verify=False)
-    with pytest.raises(AdapterSaveError, match="method 'pissa': rewrites the base weight"):
+    compiled = fxforge.compile(layer, (torch.randn(2, 8),), passes="add_adapters(method=sorsa,rank=2)", verify=False)
+    with pytest.raises(AdapterSaveError, match="method 'sorsa': PEFT has no SORSA tuner"):
         save_adapters(compiled, tmp_path / "out", format="peft")
     assert not (tmp_path / "out").exists()
 
