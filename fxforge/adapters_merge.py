@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from fxforge.errors import FxforgeError
 from fxforge.passes.adapters.common import adapter_records
-from fxforge.passes.base import PassContext, Pipeline
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
 
 if TYPE_CHECKING:
     from fxforge.api import CompiledModel
