@@ -3,6 +3,9 @@ in one process for the reference: the model, the data and the loss are built her
 
     build(case) -> (compiled, batches, loss_fn)      # deterministic: every process builds the same
     worker(rank, world, init_file, case, out_dir)    # torch.multiprocessing.spawn target (gloo, CPU)
+
+Each worker trains twice from the same start: with `split_batches=True` (every rank given the
+full batches) and with the data sharded by the caller (each rank given only its half).
 """
 from __future__ import annotations
 
@@ -65,9 +68,19 @@ def worker(rank: int, world: int, init_file: str, case: str, out_dir: str) -> No
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         compiled, batches, loss_fn = build(case)
+        start = trainable_state(compiled)
         losses = train(compiled, batches, loss_fn, split_batches=True)
         state = trainable_state(compiled)
         state["__losses__"] = torch.tensor(losses, dtype=torch.float64)
+        # the other way to shard: the caller hands each rank its own half of every batch
+        half = BATCH // world
+        own = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in batches]
+        with torch.no_grad():  # the same start again
+            for name, p in compiled.graph_module.named_parameters():
+                if name in start:
+                    p.copy_(start[name])
+        train(compiled, own, loss_fn)
+        state.update({f"sharded:{name}": value for name, value in trainable_state(compiled).items()})
         save_file(state, str(Path(out_dir) / f"rank{rank}.safetensors"))
     finally:
         torch.distributed.destroy_process_group()

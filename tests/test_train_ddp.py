@@ -1,5 +1,6 @@
-"""`fit` under torch.distributed: 2 gloo processes on CPU, each training on half of every batch,
-end with the trainable tensors of single-process full-batch training (SGD), within 1e-5."""
+"""`fit` under torch.distributed: 2 gloo processes on CPU, each training on half of every batch
+(split by `fit(split_batches=True)` or handed over already split), end with the trainable
+tensors of single-process full-batch training (SGD), within 1e-5."""
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -20,10 +21,11 @@ def test_two_process_fit_equals_full_batch_fit(case, tmp_path):
     expected = trainable_state(compiled)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     for got in ranks:
-        assert set(got) - {"__losses__"} == set(expected)
+        assert set(got) == {"__losses__", *expected, *(f"sharded:{name}" for name in expected)}
         for name, value in expected.items():
             assert not torch.allclose(value, start[name]), f"{name} did not train"  # the check below can fail
-            torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+            for key in (name, f"sharded:{name}"):
+                torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
         # the reported loss is the mean over ranks: the full batch's loss
         torch.testing.assert_close(got["__losses__"], torch.tensor(losses, dtype=torch.float64), atol=1e-5,
                                    rtol=1e-5)
