@@ -146,6 +146,29 @@ def _check_hf_options(ns: argparse.Namespace) -> None:
         from fxforge.calibration.text import read_calibration_file
 
         ns.calibration_texts = read_calibration_file(ns.calibration)  # before the model loads
+    else:
+        calibrated = calibrated_passes(ns.passes)
+        if calibrated:
+            raise CLIUsageError(f"{calibrated[0]} needs calibration data: pass --calibration FILE (text, one "
+                                f"sample per line, or .jsonl with a \"text\" field)")
+
+
+def calibrated_passes(passes: str) -> list[str]:
+    """The passes of `passes` whose method declares it reads calibration data ("quantize (method=gptq)").
+
+    Read from the method registry (`Method.needs_calibration`), so a missing --calibration is
+    reported before the model loads; a pass that asks for data without declaring it still gets
+    the same message, from cmd_compile, once it asks.
+    """
+    from fxforge.passes.base import Pipeline
+    from fxforge.passes.methods import methods_of
+
+    found = []
+    for p in Pipeline(passes or "").passes:
+        method = methods_of(p.name).get(str(getattr(p, "method", "")))
+        if method is not None and method.needs_calibration:
+            found.append(f"{p.name} (method={method.name})")
+    return found
 
 
 def with_task_passes(passes: str, task_passes: Sequence[str]) -> str:
