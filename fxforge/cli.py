@@ -149,8 +149,17 @@ def _check_hf_options(ns: argparse.Namespace) -> None:
     else:
         calibrated = calibrated_passes(ns.passes)
         if calibrated:
-            raise CLIUsageError(f"{calibrated[0]} needs calibration data: pass --calibration FILE (text, one "
-                                f"sample per line, or .jsonl with a \"text\" field)")
+            raise missing_calibration_error(calibrated[0], ns.model)
+
+
+def missing_calibration_error(pass_label: str, model: str) -> CLIUsageError:
+    """What to do when a pass needs data and none was given: --calibration, where the CLI can tokenize."""
+    if is_hf_directory(model):
+        return CLIUsageError(f"{pass_label} needs calibration data: pass --calibration FILE (text, one sample "
+                             f"per line, or .jsonl with a \"text\" field)")
+    return CLIUsageError(f"{pass_label} needs calibration data; the CLI reads it (--calibration FILE) for Hugging "
+                         f"Face directories only, since it needs their tokenizer: compile {model} from Python "
+                         f"with fxforge.compile(..., calibration=[batch, ...])")
 
 
 def calibrated_passes(passes: str) -> list[str]:
@@ -220,9 +229,7 @@ def cmd_compile(ns: argparse.Namespace) -> int:
         compiled = fxforge.compile(model, args, kwargs, passes=passes, backend=ns.backend, calibration=calibration)
     except CalibrationError as exc:
         if calibration is None:  # the pass's own message speaks of Python's calibration=
-            raise CLIUsageError(f"{getattr(exc, 'pass_name', None) or 'a pass'} needs calibration data: pass "
-                                f"--calibration FILE (text, one sample per line, or .jsonl with a \"text\" "
-                                f"field)") from exc
+            raise missing_calibration_error(getattr(exc, "pass_name", None) or "a pass", ns.model) from exc
         raise
     print(compiled.report)
     out = Path(ns.output)

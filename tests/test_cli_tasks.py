@@ -204,6 +204,9 @@ def test_cli_errors_are_one_line(dirs, tmp_path, capsys):
         assert err.startswith("fxforge: error:") and err.count("\n") == 1 and message in err, err
     status, _, err = cli(capsys, "compile", "zoo:tiny-llama", "--task", "text-generation", "-o", tmp_path / "o")
     assert status == 2 and "need(s) a Hugging Face model directory" in err
+    status, _, err = cli(capsys, "compile", "zoo:tiny-llama", "--passes", "quantize(bits=4,method=gptq,group_size=32)",
+                         "-o", tmp_path / "o")
+    assert status == 2 and "for Hugging Face directories only" in err and "calibration=[batch, ...]" in err
     status, _, err = cli(capsys, "compile", tmp_path / "nothing", "-o", tmp_path / "o")
     assert status == 2 and "cannot interpret MODEL" in err
     assert not (tmp_path / "out").exists()
