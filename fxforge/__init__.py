@@ -17,6 +17,7 @@ from fxforge.errors import (
     FxforgeError,
     InputError,
     MissingLoweringError,
+    ModelDirectoryError,
     PassError,
     PassSpecError,
     TraceError,
@@ -24,6 +25,7 @@ from fxforge.errors import (
 )
 from fxforge.ir.trace import trace
 from fxforge.ir.verify import Tolerance
+from fxforge.models.hf import Pretrained, from_pretrained
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline
@@ -31,7 +33,7 @@ from fxforge.passes.registry import register_pass, registered_passes
 from fxforge.version import __version__
 
 __all__ = [
-    "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "Pass",
+    "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "ModelDirectoryError", "Pass",
     "PassContext", "PassError", "PassResult", "PassSpecError", "Pipeline", "Tolerance", "TraceError",
-    "VerificationError", "compile", "load", "register_pass", "registered_passes", "trace",
+    "Pretrained", "VerificationError", "compile", "from_pretrained", "load", "register_pass", "registered_passes", "trace",
 ]

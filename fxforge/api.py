@@ -161,16 +161,19 @@ class CompiledModel:
             export_onnx(self.graph_module, self.example_inputs, staging, options=self._onnx_options())
         return path
 
-    def save(self, directory: str | Path, *, onnx: bool = False) -> Path:
+    def save(self, directory: str | Path, *, onnx: bool = False,
+             companions: dict[str, Path | bytes] | None = None) -> Path:
         """Save graph, weights (safetensors), example inputs and a manifest to `directory`.
 
         All or nothing: a previous artifact there is replaced only once the new one is
-        complete. `onnx=True` also exports `model.onnx` into the artifact.
+        complete. `onnx=True` also exports `model.onnx` into the artifact. `companions`:
+        files saved alongside for runtimes, by name (`{"tokenizer.json": path}`; see
+        fxforge.artifact.COMPANION_FILES), e.g. `Pretrained.tokenizer_files()`.
         """
         contents = ArtifactContents(self.graph_module, self.example_inputs, pipeline_spec=self.pipeline_spec,
                                     backend=self.backend, report=self.report.pipeline.to_dict())
         return save_artifact(contents, Path(directory), onnx=onnx,
-                             onnx_options=self._onnx_options() if onnx else None)
+                             onnx_options=self._onnx_options() if onnx else None, companions=companions)
 
     def _onnx_options(self) -> Any:
         """The ONNX translation options this model was compiled with (defaults off the onnx backend),
