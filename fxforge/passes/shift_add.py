@@ -29,7 +29,7 @@ from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.shift_add_bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
 from fxforge.passes.quantize.calibration import capture_linear_inputs
-from fxforge.passes.selection import select_linear_sites
+from fxforge.passes.selection import LayerSelection
 
 BUDGET_CHOICES = (2, 3, 4)
 # Output cosine to the float model the tests expect on the example inputs, by the fewest planes
@@ -119,7 +119,7 @@ class ShiftAdd(Pass):
         return quantize_bcq(weight, bits, g, self.apot_terms, self.iters)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        selection = select_linear_sites(gm, self.name, self.targets, self.exclude)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         self._check_sites(sites)
         hessians = {}

@@ -31,9 +31,10 @@ from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.calibration import capture_linear_inputs, require_batches
 from fxforge.passes.quantize.common import (
-    GROUP_AXES, check_option, check_packable, emit_weight_only, orient, resolve_group_size, select_sites,
+    GROUP_AXES, check_option, check_packable, emit_weight_only, orient, resolve_group_size,
     weight_of,
 )
+from fxforge.passes.selection import LayerSelection
 from fxforge.passes.quantize.rtn import QuantSpec, quantize_weight_rtn
 
 METHODS = ("rtn", "awq", "gptq", "easyquant")
@@ -88,7 +89,7 @@ class Quantize(Pass):
         return spec
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         specs = {s.node.name: self.spec_for(s) for s in sites}  # every layer checked before any change
         notes: dict = {"method": self.method, "layers": len(sites)}

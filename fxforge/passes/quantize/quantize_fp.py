@@ -31,7 +31,8 @@ from fxforge.ir.ops.linear_wq import pack_bits
 from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.quantize.calibration import capture_linear_inputs
-from fxforge.passes.quantize.common import bias_node, check_option, resolve_group_size, select_sites, weight_of
+from fxforge.passes.quantize.common import bias_node, check_option, resolve_group_size, weight_of
+from fxforge.passes.selection import LayerSelection
 
 SEARCH_ROWS = 128  # calibration rows for the scale search (cost grows with rows x points)
 
@@ -94,7 +95,7 @@ class QuantizeFp(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_fp").overload
-        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         groups = {s.node.name: resolve_group_size(self.name, s, self.group_size, "in") for s in sites}
         for s in sites:
