@@ -77,9 +77,8 @@ class LayerSelection:
     def normalize_fields(options: object) -> None:
         """Rewrite a frozen pass's `targets`/`exclude` in the normal form (call in `__post_init__`),
         so `Pass(targets="q_proj") == Pass(targets=("q_proj",))` and a bad value fails at once."""
-        for option in ("targets", "exclude"):
-            value = getattr(options, option)
-            object.__setattr__(options, option, patterns_of(value, option))
+        object.__setattr__(options, "targets", patterns_of(getattr(options, "targets"), "targets"))
+        object.__setattr__(options, "exclude", patterns_of(getattr(options, "exclude"), "exclude") or ())
 
     def chooses(self, path: str) -> bool:
         """Whether a layer at module path `path` is selected (ignoring the LM-head rule)."""

@@ -27,8 +27,8 @@ from fxforge.passes.adapters.common import (
     LayerContext,
     LayerInit,
     record_site_inputs,
-    register_method,
 )
+from fxforge.passes.methods import register_method
 
 
 @dataclass
@@ -70,35 +70,53 @@ def redistribute_ranks(ratios: dict[str, Tensor], budget: int) -> dict[str, int]
     return {path: counts.get(path, 0) for path in ratios}
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Eva(AdapterMethod):
-    name = "eva"
+    """eva_rho: each layer offers round(rank·eva_rho) components (>= 1); eva_tau: the |cosine|
+    at which a layer's top components count as converged, in (0, 1]; calibration_limit: the
+    most calibration items read."""
 
-    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any) -> dict[str, Any]:
+    name = "eva"
+    needs_calibration = True
+    statistics = ("moments", "gram")
+    eva_rho: float = 2.0
+    eva_tau: float = 0.99
+    calibration_limit: int = 16
+
+    def __post_init__(self) -> None:
+        if self.eva_rho < 1.0:
+            raise ValueError(f"eva_rho must be >= 1 (a layer's rank may grow to rank·rho), got {self.eva_rho}")
+        if not 0.0 < self.eva_tau <= 1.0:
+            raise ValueError(f"eva_tau must be in (0, 1], got {self.eva_tau}")
+        if self.calibration_limit < 1:
+            raise ValueError(f"calibration_limit must be >= 1, got {self.calibration_limit}")
+
+    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, rank: int) -> dict[str, Any]:
         ctx.require_calibration("add_adapters", method=self.name)
         moments = {s.module_path: _Moments(torch.zeros(s.in_features, dtype=torch.float64),
                                            torch.zeros(s.in_features, s.in_features, dtype=torch.float64))
                    for s in sites}
-        offered = {s.module_path: min(round(options.rank * options.eva_rho), s.in_features, s.out_features)
+        offered = {s.module_path: min(round(rank * self.eva_rho), s.in_features, s.out_features)
                    for s in sites}
         previous: dict[str, Tensor | None] = {path: None for path in moments}
         converged: set[str] = set()
-        batches = ctx.progress(ctx.calibration_batches(gm, options.calibration_limit, pass_name="add_adapters",
+        batches = ctx.progress(ctx.calibration_batches(gm, self.calibration_limit, pass_name="add_adapters",
                                                          method=self.name), desc="eva: layer inputs",
-                               total=options.calibration_limit)
+                               total=self.calibration_limit)
         seen = 0
         for flat in batches:
             record_site_inputs(gm, sites, flat, lambda path, x: moments[path].add(x))
             seen += 1
             for path, m in moments.items():
                 components, _ = m.pca()
-                if pca_converged(previous[path], components, options.rank, options.eva_tau):
+                if pca_converged(previous[path], components, rank, self.eva_tau):
                     converged.add(path)
                 previous[path] = components
             if len(converged) == len(moments):
                 break  # every layer's top directions are stable: more data would not move them
         pcas = {path: m.pca() for path, m in moments.items()}
-        ranks = redistribute_ranks({p: pcas[p][1][:offered[p]] for p in pcas}, options.rank * len(sites))
+        ranks = redistribute_ranks({p: pcas[p][1][:offered[p]] for p in pcas}, rank * len(sites))
         return {path: {"components": pcas[path][0], "rank": ranks[path], "converged": path in converged,
                        "batches": seen} for path in pcas}
 

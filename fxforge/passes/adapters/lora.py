@@ -7,13 +7,16 @@ scaling keeps the update's magnitude from shrinking as r grows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, kaiming_uniform, register_method
+from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, kaiming_uniform
+from fxforge.passes.methods import register_method
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Lora(AdapterMethod):
     name = "lora"
 
@@ -25,7 +28,8 @@ class Lora(AdapterMethod):
                          scale=self.scale(layer.rank, layer.alpha))
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class RsLora(Lora):
     name = "rslora"
 
