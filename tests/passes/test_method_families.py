@@ -15,7 +15,8 @@ from testing_utils import traced_zoo
 
 from fxforge.errors import PassError, PassSpecError
 from fxforge.passes.adapters.add_adapters import AddAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.methods import Method, methods_of
 from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import Sparsify

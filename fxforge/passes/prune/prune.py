@@ -27,7 +27,9 @@ from torch.fx import GraphModule
 from fxforge.ir.depgraph import Group, analyze
 from fxforge.ir.graph import add_attr, get_attr, set_attr
 from fxforge.ir.verify import LossBound
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.methods import methods_of, pass_method
 from fxforge.passes.prune import flap, magnitude, wanda_sp  # noqa: F401  (register the methods)
 from fxforge.passes.prune.capture import capture_input_stats
