@@ -3,7 +3,14 @@
     data.py       CalibrationData: reads `calibration=` once, checks every batch against the
                   traced inputs (rank, sizes, dtype, vocabulary, finite values).
 
-The layer-by-layer engine (observers, block splitting, sequential capture) and the text
-helpers (`from_texts`) live next to it. Import what you need from the submodules; this
+    observers.py  Observer and InputStatistics: Gram Σxᵀx, abs-mean, moments (n, Σx, Σx²), row
+                  samples, in float32, one bundle per distinct input node, `all_reduce()` for
+                  torch.distributed.
+    blocks.py     split_blocks: the graph cut into prologue, its repeated blocks (by
+                  `module_path`, e.g. model.layers.N) and epilogue; the values crossing each cut.
+    engine.py     calibrate(gm, ctx, requests, rewrite_block=...): statistics block by block;
+                  each block rewritten by the method and re-run so later blocks see it; or, without
+                  rewrite_block, every block's statistics in one sweep.
+ Import what you need from the submodules; this
 package imports nothing heavy on its own.
 """

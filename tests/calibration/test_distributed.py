@@ -1,0 +1,40 @@
+"""Data-parallel calibration: 2 gloo processes, each on half the batches, equal 1 process on all."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import calibration_helpers as distributed_worker
+
+BATCHES = 4
+
+
+def spawn(tmp_path, mode: str) -> list[dict]:
+    init_file = tmp_path / "init"
+    mp.spawn(distributed_worker.run, args=(2, str(init_file), str(tmp_path), mode, BATCHES), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def single(mode: str) -> dict:
+    from testing_utils import traced_zoo
+
+    zoo, gm = traced_zoo("tiny-llama")
+    return distributed_worker.run_mode(gm, zoo, distributed_worker.batches_for(gm, zoo, BATCHES), mode)
+
+
+def relative(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_processes_sum_the_statistics_of_one(tmp_path):
+    ranks = spawn(tmp_path, "stats")
+    whole = single("stats")
+    assert set(ranks[0]) == set(whole)
+    for name, expected in whole.items():
+        for rank in ranks:  # every rank holds the statistics of all the data
+            assert rank[name]["rows"] == expected["rows"]
+            assert relative(rank[name]["gram"], expected["gram"]) <= 1e-5
+            assert relative(rank[name]["total"], expected["total"]) <= 1e-5
+        assert torch.equal(ranks[0][name]["gram"], ranks[1][name]["gram"])
