@@ -4,7 +4,6 @@
 prune.py      the `prune` pass: candidate groups, unit selection, compensation, surgery
 magnitude.py  flap.py  wanda_sp.py   one `prune` method class each (unit scores of a group)
 scoring.py    what the methods share: the PruneMethod base, standardization, selection
-capture.py    calibration statistics at the inputs of linear layers (mean, variance, norm)
 surgery.py    the physical rewrite: slice weights, rewrite reshape/split sizes in the graph
 sparsify.py   the `sparsify` pass (ratio or N:M; records masks)
 sparsify_methods.py   its method classes: magnitude, wanda, dsnot

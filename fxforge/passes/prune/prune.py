@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
+from fxforge.calibration.engine import calibrate
 from fxforge.ir.depgraph import Group, analyze
 from fxforge.ir.graph import add_attr, get_attr, set_attr
 from fxforge.ir.verify import LossBound
@@ -32,7 +33,6 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 from fxforge.passes.methods import methods_of, pass_method
 from fxforge.passes.prune import flap, magnitude, wanda_sp  # noqa: F401  (register the methods)
-from fxforge.passes.prune.capture import capture_input_stats
 from fxforge.passes.prune.scoring import Candidate, PruneMethod, select_units, unit_multiple
 from fxforge.passes.prune.semantics import zeroed_semantics
 from fxforge.passes.prune.surgery import apply_pruning, linear_nodes_by_weight
@@ -108,7 +108,7 @@ class Prune(Pass):
         groups, skipped = self._candidate_groups(analysis.groups)
         if self.ratio == 0 or not groups:
             return PassResult(gm, sites=0, skipped=skipped, notes={"method": self.method})
-        stats = self._calibrate(gm, groups, ctx, method.calibration_batches) if method.needs_calibration else {}
+        stats = self._calibrate(gm, groups, ctx, method) if method.needs_calibration else {}
         candidates = []
         for g in groups:
             scores = method.score_group(gm, g, stats)
@@ -157,15 +157,16 @@ class Prune(Pass):
             chosen.append(g)
         return chosen, skipped
 
-    def _calibrate(self, gm: GraphModule, groups: list[Group], ctx: PassContext, limit: int) -> dict:
+    def _calibrate(self, gm: GraphModule, groups: list[Group], ctx: PassContext, method: PruneMethod) -> dict:
+        """Weight name -> the statistics of its linear's input (`method.statistics`), every layer
+        in one sweep of the calibration engine: scores compete across layers ("global"
+        allocation), so all are needed before anything is removed."""
         ctx.require_calibration(self.name, method=self.method)
         by_weight = linear_nodes_by_weight(gm)
-        names = {m.name for g in groups for m in g.members if m.name in by_weight}
-        nodes = [by_weight[n][0] for n in sorted(names)]
-        batches = ctx.calibration_batches(gm, limit, pass_name=self.name, method=self.method)
-        stats = capture_input_stats(gm, nodes, batches,
-                                    progress=ctx.progress)
-        return {n: stats[by_weight[n][0].name] for n in names if by_weight[n][0].name in stats}
+        names = sorted({m.name for g in groups for m in g.members if m.name in by_weight})
+        result = calibrate(gm, ctx, {by_weight[n][0]: method.statistics for n in names}, pass_name=self.name,
+                           method=self.method, max_batches=method.calibration_batches)
+        return {n: result.statistics[by_weight[n][0].name] for n in names}
 
 
 def group_path(group: Group) -> str:

@@ -33,8 +33,9 @@ class PruneMethod(Method):
 
     allocation: how "auto" allocation spreads the ratio ("global": standardized scores compete
         across groups; "uniform": every group loses about the same fraction).
-    statistics: the pass captures per-input-channel statistics (`ChannelStats`: count, Σx, Σx²)
-        of every linear member when `needs_calibration` is set.
+    statistics: what the calibration engine observes at the input of every linear member when
+        `needs_calibration` is set (`fxforge.calibration.observers`); `score_group` and
+        `compensation` read them as `stats[weight name]` (an `InputStatistics`).
     """
 
     allocation: ClassVar[str] = "uniform"

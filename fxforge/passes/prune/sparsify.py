@@ -22,10 +22,13 @@ loss is measured and reported, not bounded (`max_loss=` bounds it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule
 
+from fxforge.calibration.engine import BlockCalibration, calibrate
+from fxforge.calibration.observers import InputStatistics
 from fxforge.ir.graph import LinearSite, get_attr, set_attr
 from fxforge.ir.reference import Semantics
 from fxforge.ir.verify import LossBound
@@ -33,7 +36,6 @@ from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 from fxforge.passes.methods import methods_of, pass_method
-from fxforge.passes.prune.capture import ChannelStats, capture_input_stats
 from fxforge.passes.prune.masks import mask_n_m, mask_unstructured, parse_pattern
 from fxforge.passes.prune.sparsify_methods import SparsifyMethod
 from fxforge.passes.selection import LayerSelection
@@ -107,33 +109,48 @@ class Sparsify(Pass):
             skipped += [(s.module_path, f"{s.in_features} inputs are not a multiple of M={n_m[1]}")
                         for s in sites if s not in fits]
             sites = fits
-        stats = self._calibrate(gm, sites, ctx, method) if method.needs_calibration else {}
         masks = dict(gm.meta.get(MASKS_META, {}))
-        zeroed = total = 0
         semantics = Semantics()
-        for site in sites:
+        counts = [0, 0]  # zeroed, total
+
+        def sparsify_site(site: LinearSite, stats: InputStatistics | None) -> None:
             weight = get_attr(gm, site.weight_name)
-            mask = _mask(method, weight.detach().float(), stats.get(site.node.name), n_m, self.sparsity)
+            mask = _mask(method, weight.detach().float(), stats, n_m, self.sparsity)
             semantics.replace_weight(site.weight_name, weight.detach().masked_fill(~mask, 0))
             set_attr(gm, site.weight_name, weight.detach() * mask.to(weight.dtype))
             masks[site.weight_name] = mask
-            zeroed += int((~mask).sum())
-            total += mask.numel()
+            counts[0] += int((~mask).sum())
+            counts[1] += mask.numel()
+
+        if method.needs_calibration:
+            self._calibrate_and_sparsify(gm, sites, ctx, method, sparsify_site)
+        else:
+            for site in sites:
+                sparsify_site(site, None)
         gm.meta[MASKS_META] = masks
         notes = {"method": self.method, "pattern": self.pattern,
-                 "sparsity": zeroed / total if total else 0.0, "layers": len(sites)}
+                 "sparsity": counts[0] / counts[1] if counts[1] else 0.0, "layers": len(sites)}
         return PassResult(gm, sites=len(sites), skipped=skipped, notes=notes, semantics=semantics)
 
-    def _calibrate(self, gm: GraphModule, sites: list[LinearSite], ctx: PassContext,
-                   method: SparsifyMethod) -> dict[str, ChannelStats]:
+    def _calibrate_and_sparsify(self, gm: GraphModule, sites: list[LinearSite], ctx: PassContext,
+                                method: SparsifyMethod,
+                                sparsify_site: Callable[[LinearSite, InputStatistics], None]) -> None:
+        """Block by block through the calibration engine: a block's layers get their masks from
+        its inputs' statistics, then the sparse block runs to feed the next one, so later
+        blocks are calibrated on what the earlier sparse ones compute (Wanda's sequential form)
+        and only one block's statistics (DSnoT: its E[x xᵀ]) are held at a time."""
         ctx.require_calibration(self.name, method=self.method)
-        return capture_input_stats(gm, [s.node for s in sites],
-                                   ctx.calibration_batches(gm, method.calibration_batches, pass_name=self.name,
-                                                           method=self.method),
-                                   progress=ctx.progress, second_moment=method.second_moment)
+        by_node = {site.node: site for site in sites}
+
+        def rewrite_block(block: BlockCalibration) -> None:
+            for node in block.nodes:
+                sparsify_site(by_node[node], block.stats(node))
+
+        calibrate(gm, ctx, {site.node: method.statistics for site in sites}, rewrite_block,
+                  pass_name=self.name, method=self.method, max_batches=method.calibration_batches)
 
 
-def _mask(method: SparsifyMethod, weight: torch.Tensor, stats: ChannelStats | None,
+def _mask(method: SparsifyMethod, weight: torch.Tensor, stats: InputStatistics | None,
           n_m: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
     """The keep-mask of one weight: the method's scores, the pattern, the method's refinement."""
     scores = method.scores(weight, stats)

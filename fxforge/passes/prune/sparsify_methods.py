@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
+from fxforge.calibration.observers import InputStatistics
 from fxforge.passes.methods import Method, register_method
-from fxforge.passes.prune.capture import ChannelStats
 from fxforge.passes.prune.masks import dsnot_refine
 from fxforge.passes.prune.scoring import check_calibration_batches
 
@@ -24,16 +24,16 @@ from fxforge.passes.prune.scoring import check_calibration_batches
 @dataclass(frozen=True)
 class SparsifyMethod(Method):
     """A `sparsify(method=...)` method. `per_row`: remove `sparsity` of each output row (else
-    of the whole layer) when unstructured. `second_moment`: the statistics include E[x xᵀ]."""
+    of the whole layer) when unstructured. `statistics`: what the calibration engine observes
+    at each layer's input (`stats` below), block by block."""
 
     per_row: ClassVar[bool] = True
-    second_moment: ClassVar[bool] = False
 
-    def scores(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> torch.Tensor:
         """(out, in) importance of each weight; higher = keep."""
         raise NotImplementedError
 
-    def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None,
+    def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats: InputStatistics | None,
                block: int | None) -> torch.Tensor:
         """The final keep-mask from the one chosen by score (`block`: M of an N:M pattern)."""
         return mask
@@ -47,7 +47,7 @@ class Magnitude(SparsifyMethod):
     name = "magnitude"
     per_row = False
 
-    def scores(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> torch.Tensor:
         return weight.abs()
 
 
@@ -64,7 +64,7 @@ class Wanda(SparsifyMethod):
     def __post_init__(self) -> None:
         check_calibration_batches(f"sparsify(method={self.name})", self.calibration_batches)
 
-    def scores(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> torch.Tensor:
         return weight.abs() * stats.norm[None, :]
 
 
@@ -75,7 +75,6 @@ class Dsnot(Wanda):
 
     name = "dsnot"
     statistics = ("moments", "gram")
-    second_moment = True
     dsnot_cycles: int = 50
 
     def __post_init__(self) -> None:
@@ -83,6 +82,6 @@ class Dsnot(Wanda):
         if not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 0:
             raise ValueError(f"sparsify: dsnot_cycles must be >= 0, got {self.dsnot_cycles}")
 
-    def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None,
+    def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats: InputStatistics | None,
                block: int | None) -> torch.Tensor:
-        return dsnot_refine(weight, mask, stats.second_moment, self.dsnot_cycles, block=block)
+        return dsnot_refine(weight, mask, stats.hessian, self.dsnot_cycles, block=block)
