@@ -107,3 +107,34 @@ def record_site_inputs_reference(gm: GraphModule, sites: list, flat_inputs: list
     watched = {site.node.name: site.module_path for site in sites}
     with torch.no_grad():
         _InputRecorder(gm, watched, callback).run(*flat_inputs)
+
+
+class _Moments:
+    """Running sum, scatter Σxᵀx and count of one layer's input rows (float64): EVA's old state."""
+
+    def __init__(self, width: int):
+        self.total = torch.zeros(width, dtype=torch.float64)
+        self.scatter = torch.zeros(width, width, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).double()
+        self.total += rows.sum(0)
+        self.scatter += rows.t() @ rows
+        self.count += rows.shape[0]
+
+    def pca(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / max(self.count, 1)
+        cov = self.scatter / max(self.count, 1) - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(cov)
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        return vectors.t(), values / values.sum().clamp_min(1e-30)
+
+
+def eva_pca_reference(gm: GraphModule, sites: list, batches: Iterable[Sequence[Any]]) -> dict[str, tuple]:
+    """{module path: (components, explained-variance ratios)} over every batch (EVA with eva_tau=1,
+    where no layer stops early), as the old interpreter-based EVA computed them."""
+    moments = {s.module_path: _Moments(s.in_features) for s in sites}
+    for flat in batches:
+        record_site_inputs_reference(gm, sites, list(flat), lambda path, x: moments[path].add(x))
+    return {path: m.pca() for path, m in moments.items()}

@@ -229,24 +229,3 @@ def freeze_all_but_adapters(gm: GraphModule) -> list[str]:
     for name, param in gm.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in trainable)
     return sorted(trainable)
-
-
-class _InputRecorder(torch.fx.Interpreter):
-    """Runs a graph and hands the input x of chosen linear nodes to a callback."""
-
-    def __init__(self, gm: GraphModule, watched: dict[str, str], callback: Any):
-        super().__init__(gm)
-        self.watched, self.callback = watched, callback
-
-    def run_node(self, n: Node) -> Any:
-        if n.name in self.watched:
-            x = self.fetch_args_kwargs_from_env(n)[0][0]
-            self.callback(self.watched[n.name], x.detach())
-        return super().run_node(n)
-
-
-def record_site_inputs(gm: GraphModule, sites: list[LinearSite], flat_inputs: list[Any], callback: Any) -> None:
-    """Run `gm` once; call `callback(module_path, x)` with the input of every site's linear."""
-    watched = {site.node.name: site.module_path for site in sites}
-    with torch.no_grad():
-        _InputRecorder(gm, watched, callback).run(*flat_inputs)
