@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch.fx import GraphModule
 
-from fxforge.errors import PassError, PassSpecError
+from fxforge.errors import FxforgeError, PassError, PassSpecError
 from fxforge.ir.graph import finalize, format_bytes, summarize
 from fxforge.ir.verify import LossBound, OutputError
 from fxforge.passes.base import Pass
@@ -169,9 +169,9 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
         with torch.no_grad():
             result = p.run(work, ctx)
         after_gm = finalize(result.graph_module)
-    except PassError:
-        raise
-    except Exception as exc:
+    except FxforgeError:
+        raise  # already says what went wrong and where (a PassError, a CalibrationError, ...)
+    except Exception as exc:  # a bug or an unforeseen input: name the pass that hit it
         raise PassError(
             f"pass '{p.spec()}' failed and was rolled back: {type(exc).__name__}: {exc}",
             pass_name=p.name,
