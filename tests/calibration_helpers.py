@@ -43,16 +43,19 @@ def calibrate_share(rank: int, world: int, mode: str, count: int) -> dict:
     """Calibrate tiny-llama on batches [rank·count/world, (rank+1)·count/world) of `count`."""
     from testing_utils import traced_zoo
 
-    zoo, gm = traced_zoo("tiny-llama")
-    every = batches_for(gm, zoo, count)
-    share = every[rank * count // world:(rank + 1) * count // world]
-    return run_mode(gm, zoo, share, mode)
+    results = {}
+    for one in (("stats", "gptq") if mode == "both" else (mode,)):
+        zoo, gm = traced_zoo("tiny-llama")  # a fresh copy each: gptq rewrites it
+        every = batches_for(gm, zoo, count)
+        share = every[rank * count // world:(rank + 1) * count // world]
+        results[one] = run_mode(gm, zoo, share, one)
+    return results if mode == "both" else results[mode]
 
 
 def run_mode(gm, zoo, batches, mode: str) -> dict:
     from fxforge.calibration.engine import calibrate
     from fxforge.ir.graph import linear_sites
-    from fxforge.passes.base import PassContext
+    from fxforge.passes.context import PassContext
 
     ctx = PassContext(example_inputs=tuple(zoo.kwargs.values()), calibration=batches,
                       progress=lambda it=None, **kw: it)

@@ -118,14 +118,6 @@ class LayerSelection:
         return Selection(sites, skipped)
 
 
-def select_linear_sites(gm: GraphModule, pass_name: str, targets: str | Sequence[str] | None = None,
-                        exclude: str | Sequence[str] | None = None,
-                        include_lm_head: bool = False) -> Selection:
-    """`LayerSelection(targets, exclude, include_lm_head).sites(gm, pass_name)`, for callers
-    holding the three values rather than a pass."""
-    return LayerSelection(targets, exclude, include_lm_head).sites(gm, pass_name)
-
-
 def require_matches(pass_name: str, option: str, patterns: Iterable[str], available: Sequence[str],
                     what: str = "linear layer", hint: str = "") -> None:
     """PassError unless every pattern matches at least one of `available` (module paths)."""

@@ -23,13 +23,20 @@ def single(mode: str) -> dict:
     return distributed_worker.run_mode(gm, zoo, distributed_worker.batches_for(gm, zoo, BATCHES), mode)
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both ranks' results of one 2-process run (statistics, then GPTQ), spawned once: it is slow."""
+    return spawn(tmp_path_factory.mktemp("dist"), "both")
+
+
 def relative(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_two_processes_sum_the_statistics_of_one(tmp_path):
-    ranks = spawn(tmp_path, "stats")
+def test_two_processes_sum_the_statistics_of_one(two_ranks):
+    ranks = [r["stats"] for r in two_ranks]
     whole = single("stats")
     assert set(ranks[0]) == set(whole)
     for name, expected in whole.items():
@@ -38,3 +45,17 @@ def test_two_processes_sum_the_statistics_of_one(tmp_path):
             assert relative(rank[name]["gram"], expected["gram"]) <= 1e-5
             assert relative(rank[name]["total"], expected["total"]) <= 1e-5
         assert torch.equal(ranks[0][name]["gram"], ranks[1][name]["gram"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_process_gptq_gives_the_codes_of_one_process(two_ranks):
+    ranks = [r["gptq"] for r in two_ranks]
+    whole = single("gptq")
+    assert whole["codes"] and len(whole["hessians"]) == 14  # 7 layers x 2 blocks
+    for rank in ranks:
+        assert set(rank["codes"]) == set(whole["codes"])
+        for name, codes in whole["codes"].items():
+            assert torch.equal(rank["codes"][name], codes), name
+        for i, hessian in whole["hessians"].items():  # block 1's Hessians come after block 0 was quantized
+            assert relative(rank["hessians"][i], hessian) <= 1e-5

@@ -10,7 +10,7 @@ from fxforge.calibration.blocks import is_computation, split_blocks
 from fxforge.calibration.engine import BoundaryStore, calibrate, run_segment
 from fxforge.calibration.observers import live_statistics
 from fxforge.ir.graph import get_attr, linear_sites
-from fxforge.passes.base import PassContext
+from fxforge.passes.context import PassContext
 
 MODELS = {"tiny-llama": ("model.layers", 2), "tiny-gpt2": ("transformer.h", 2), "tiny-bert": ("encoder.layer", 2)}
 

@@ -88,7 +88,7 @@ def test_option_of_another_method_is_refused(family, method, option, owners, val
 def test_the_owner_receives_its_option(family, option):
     owners, value = OWNERS[(family, option)]
     for owner in owners:
-        chosen = parse_pass(f"{family}(method={owner},{option}={value!r})").method_object
+        chosen = parse_pass(f"{family}(method={owner},{option}={value!r})").method_object()
         assert type(chosen) is methods_of(family)[owner]
         assert getattr(chosen, option) == value != getattr(type(chosen)(), option)  # the user's, not the default
 

@@ -90,9 +90,8 @@ class Prune(Pass):
         if self.allocation not in ("auto", "global", "uniform"):
             raise ValueError(f"prune: allocation must be 'auto', 'global' or 'uniform', got "
                              f"{self.allocation!r}")
-        self.method_object  # options of another method fail here, at construction
+        self.method_object()  # options of another method fail here, at construction
 
-    @property
     def method_object(self) -> PruneMethod:
         """The method object, built from the options that are its own."""
         return pass_method("prune", self)  # type: ignore[return-value]
@@ -103,7 +102,7 @@ class Prune(Pass):
         return super().loss_bound()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        method = self.method_object
+        method = self.method_object()
         analysis = analyze(gm)
         groups, skipped = self._candidate_groups(analysis.groups)
         if self.ratio == 0 or not groups:

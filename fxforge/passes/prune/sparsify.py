@@ -87,9 +87,8 @@ class Sparsify(Pass):
                              f"[0, 1), got {self.sparsity!r}")
         parse_pattern(self.pattern)
         LayerSelection.normalize_fields(self)
-        self.method_object  # options of another method fail here, at construction
+        self.method_object()  # options of another method fail here, at construction
 
-    @property
     def method_object(self) -> SparsifyMethod:
         """The method object, built from the options that are its own."""
         return pass_method("sparsify", self)  # type: ignore[return-value]
@@ -101,7 +100,7 @@ class Sparsify(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         n_m = parse_pattern(self.pattern)
-        method = self.method_object
+        method = self.method_object()
         selection = LayerSelection.of(self).sites(gm, self.name)
         sites, skipped = selection.sites, list(selection.skipped)
         if n_m is not None:

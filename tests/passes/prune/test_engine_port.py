@@ -39,7 +39,7 @@ def test_prune_statistics_scores_and_choices_match_the_old_capture(tiny_llama, m
     gm, ctx, _ = tiny_llama
     gm = copy.deepcopy(gm)
     pass_ = Prune(method=method, ratio=0.3)
-    chosen = pass_.method_object
+    chosen = pass_.method_object()
     groups, _ = pass_._candidate_groups(analyze(gm).groups)
     new = pass_._calibrate(gm, groups, ctx, chosen)
 
