@@ -12,6 +12,11 @@ in and one kept weight out while that shrinks the layer's reconstruction error (
 are unchanged. The error is measured exactly, rᵀ·E[x xᵀ]·r for the pruned weights r of a row,
 where the paper uses a mean/variance proxy (see `dsnot_refine` for why).
 
+Calibrated methods run through the calibration engine block by block (`fxforge.calibration`):
+a block's masks come from its inputs' statistics, then the sparse block produces the next
+block's inputs, as Wanda's reference implementation prunes layer by layer; one block's
+statistics are held at a time.
+
 Weights are zeroed in place: the graph and its shapes are unchanged and no backend claims a
 speedup. The masks are recorded in `gm.meta["fxforge_sparsity_masks"]` (weight name -> bool mask, True
 = kept) so later passes or fine-tuning can keep them (`reapply_masks(gm)`).
