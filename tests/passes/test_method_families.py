@@ -158,3 +158,10 @@ def test_empty_targets_asks_for_the_intent_in_every_pass(mlp, spec):
     zoo, gm = mlp
     with pytest.raises(PassError, match="targets is empty, which selects no layer"):
         run_pass(parse_pass(spec), copy.deepcopy(gm), PassContext(example_inputs=tuple(zoo.args)))
+
+
+def test_only_plain_low_rank_adapters_go_beside_a_quantized_base():
+    from fxforge.passes.adapters.common import quantized_capable_methods
+
+    # DoRA subclasses LoRA but reads the float weight's norm: the flag must not be inherited
+    assert quantized_capable_methods() == ["eva", "lora", "lora_sb", "rslora"]

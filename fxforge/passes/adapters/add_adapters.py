@@ -38,9 +38,9 @@ from fxforge.passes.adapters.common import (
     adapter_records,
     freeze_all_but_adapters,
     known_methods,
+    quantized_capable_methods,
 )
 from fxforge.passes.adapters.quantized_base import (
-    LOW_RANK_METHODS,
     dequantized_weight,
     ensure_linear_wq_input_grad,
     quantized_sites,
@@ -116,9 +116,9 @@ class AddAdapters(Pass):
         kept: list[LinearSite] = []
         quantized = {s.node.name for s in sites if s.node.target == torch.ops.fxforge.linear_wq.default}
         for site in sites:
-            if site.node.name in quantized and self.method not in LOW_RANK_METHODS:
+            if site.node.name in quantized and not method.adapts_quantized:
                 skipped.append((site.module_path, f"quantized layer: {self.method} needs the float base weight "
-                                                  f"(methods that adapt quantized layers: {', '.join(LOW_RANK_METHODS)})"))
+                                                  f"(methods that adapt quantized layers: {', '.join(quantized_capable_methods())})"))
             elif site.module_path in adapted:
                 skipped.append((site.module_path, "already has an adapter"))
             elif method.changes_base_weight and _weight_used_elsewhere(site, sites):

@@ -69,6 +69,7 @@ class AdapterMethod(Method):
     op_name: ClassVar[str] = "lora_linear"
     changes_base_weight: ClassVar[bool] = False  # residual methods rewrite W at init
     rounds_at_init: ClassVar[bool] = False       # the init is exact in real numbers only (DoRA's m/‖W‖)
+    adapts_quantized: ClassVar[bool] = False     # a plain low-rank update: can sit beside linear_wq (QLoRA)
     recorded_options: ClassVar[tuple[str, ...]] = ()
 
     def scale(self, rank: int, alpha: float) -> float:
@@ -113,6 +114,11 @@ def get_method(name: str) -> AdapterMethod:
 
 def known_methods() -> list[str]:
     return sorted(_registered())
+
+
+def quantized_capable_methods() -> list[str]:
+    """The methods whose branch can sit beside a quantized (`linear_wq`) base, QLoRA style."""
+    return sorted(name for name, cls in _registered().items() if cls.adapts_quantized)
 
 
 def _registered() -> dict[str, type[Method]]:

@@ -26,7 +26,8 @@ from fxforge.passes.methods import register_method
 class Dora(Lora):
     name = "dora"
     op_name = "dora_linear"
-    rounds_at_init = True  # m/‖W‖ is 1 only up to rounding (visibly so in bf16)
+    rounds_at_init = True
+    adapts_quantized = False  # DoRA's norm reads the float base weight  # m/‖W‖ is 1 only up to rounding (visibly so in bf16)
 
     def init(self, layer: LayerContext) -> LayerInit:
         init = super().init(layer)

@@ -100,6 +100,7 @@ class Eva(AdapterMethod):
 
     name = "eva"
     needs_calibration = True
+    adapts_quantized = True
     statistics = (EvaObserver.name,)  # the engine runs `self.observer(rank)`, an EvaObserver
     eva_rho: float = 2.0
     eva_tau: float = 0.99

@@ -19,6 +19,7 @@ from fxforge.passes.methods import register_method
 @dataclass(frozen=True)
 class Lora(AdapterMethod):
     name = "lora"
+    adapts_quantized = True
 
     def init(self, layer: LayerContext) -> LayerInit:
         out_features, in_features = layer.weight.shape

@@ -38,6 +38,7 @@ class LoraSb(AdapterMethod):
     or a loss, LoRA-XS's SVD of W is used instead)."""
 
     name = "lora_sb"
+    adapts_quantized = True
     ga_batches: int = 4
 
     def __post_init__(self) -> None:
