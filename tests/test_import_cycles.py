@@ -79,6 +79,26 @@ def import_graph(modules: dict[str, Path]) -> nx.DiGraph:
     return graph
 
 
+def _all_imports(path: Path) -> set[str]:
+    """Every module name an import statement anywhere in `path` names (functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_runtime_does_not_import_passes():
+    """Runtime code reads what passes leave in gm.meta through fxforge/runtime/meta_keys.py and
+    builds inputs with fxforge/runtime/cache_inputs.py; it never imports a pass, not even lazily."""
+    offenders = {name: sorted(n for n in _all_imports(path) if n.startswith("fxforge.passes"))
+                 for name, path in module_files().items() if name.startswith("fxforge.runtime")}
+    offenders = {name: found for name, found in offenders.items() if found}
+    assert not offenders, f"fxforge.runtime imports passes (move what it needs into fxforge/runtime/): {offenders}"
+
+
 def test_the_graph_sees_real_imports():
     """Guard against a parser that finds nothing (and so no cycle)."""
     graph = import_graph(module_files())
