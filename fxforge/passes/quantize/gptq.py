@@ -209,10 +209,8 @@ class Gptq(WeightQuantizer):
         return {"rank_deficient": short} if short else {}
 
     def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
-        from fxforge.passes.quantize import gptq  # through the module: tests may wrap the function
-
-        return QuantizedLayer(gptq.quantize_weight_gptq(matrix, spec, stats.hessian, group_axis, damp=self.damp,
-                                                        block_size=self.block_size))
+        return QuantizedLayer(quantize_weight_gptq(matrix, spec, stats.hessian, group_axis, damp=self.damp,
+                                                   block_size=self.block_size))
 
     def finish(self, notes: dict) -> None:
         """GPTQ with fewer calibration rows than input features has a singular Hessian and fits
