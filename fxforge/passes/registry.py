@@ -19,12 +19,12 @@ __all__ = ["BUILTIN_PASSES", "register_pass", "registered_passes", "get_pass_cla
 # name -> module whose import registers it; kept sorted by name
 BUILTIN_PASSES: dict[str, str] = {
     "add_adapters": "fxforge.passes.adapters.add_adapters",
-    "add_kv_cache": "fxforge.passes.add_kv_cache",
+    "add_kv_cache": "fxforge.passes.kv_cache.add_kv_cache",
     "add_medusa_heads": "fxforge.passes.add_medusa_heads",
     "bitdelta": "fxforge.passes.quantize.bitdelta",
     "canonicalize": "fxforge.passes.canonicalize",
-    "fuse_attention": "fxforge.passes.fuse_attention",
-    "fuse_projections": "fxforge.passes.fuse_projections",
+    "fuse_attention": "fxforge.passes.attention.fuse_attention",
+    "fuse_projections": "fxforge.passes.projections.fuse_projections",
     "fuse_rms_norm": "fxforge.passes.fuse_rms_norm",
     "llm_int8": "fxforge.passes.quantize.llm_int8",
     "merge_adapters": "fxforge.passes.adapters.merge_adapters",
@@ -32,7 +32,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize": "fxforge.passes.quantize",
     "quantize_dynamic": "fxforge.passes.quantize.quantize_dynamic",
     "quantize_fp": "fxforge.passes.quantize.quantize_fp",
-    "shift_add": "fxforge.passes.shift_add",
+    "shift_add": "fxforge.passes.quantize.shift_add",
     "sparsify": "fxforge.passes.prune.sparsify",
     "unmerge_adapters": "fxforge.passes.adapters.unmerge_adapters",
 }

@@ -71,8 +71,8 @@ def test_parsing_a_pipeline_imports_only_the_passes_it_names():
     assert "fxforge.passes.quantize" in after and "fxforge.passes.quantize" not in modules["before"]
     pass_modules = {m for m in BUILTIN_PASSES.values() if m in after}
     assert pass_modules == {"fxforge.passes.quantize"}, f"parsing 'quantize(bits=4)' imported {sorted(pass_modules)}"
-    others = sorted(m for m in after if m.startswith(("fxforge.passes.attention", "fxforge.passes.fuse_attention",
-                                                      "fxforge.passes.kv_cache", "fxforge.passes.add_kv_cache",
+    others = sorted(m for m in after if m.startswith(("fxforge.passes.attention", "fxforge.passes.attention.fuse_attention",
+                                                      "fxforge.passes.kv_cache", "fxforge.passes.kv_cache.add_kv_cache",
                                                       "fxforge.passes.prune", "fxforge.passes.adapters")))
     assert not others, f"parsing 'quantize(bits=4)' imported other families: {others}"
     assert "networkx" not in after
