@@ -61,8 +61,8 @@ def run_mode(gm, zoo, batches, mode: str) -> dict:
                       progress=lambda it=None, **kw: it)
     if mode == "stats":
         sites = linear_sites(gm)
-        result = calibrate(gm, ctx, {s.node: ("gram", "moments") for s in sites}, pass_name="test")
-        return {name: {"gram": s.gram, "total": s["moments"].total, "rows": s.rows}
+        result = calibrate(gm, ctx, {s.node: ("gram", "moments", "samples") for s in sites}, pass_name="test")
+        return {name: {"gram": s.gram, "total": s["moments"].total, "rows": s.rows, "samples": s.sample()}
                 for name, s in result.statistics.items()}
     from fxforge.passes.quantize import Quantize
 

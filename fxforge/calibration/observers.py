@@ -271,7 +271,7 @@ class InputStatistics:
         return self._get(name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.observers
+        return any(cls.name == name for cls in self.classes)
 
     @property
     def rows(self) -> int:

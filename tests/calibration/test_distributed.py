@@ -45,6 +45,12 @@ def test_two_processes_sum_the_statistics_of_one(two_ranks):
             assert relative(rank[name]["gram"], expected["gram"]) <= 1e-5
             assert relative(rank[name]["total"], expected["total"]) <= 1e-5
         assert torch.equal(ranks[0][name]["gram"], ranks[1][name]["gram"])
+        # samples are gathered, not summed: every rank holds every rank's rows
+        assert torch.equal(ranks[0][name]["samples"], ranks[1][name]["samples"])
+        assert ranks[0][name]["samples"].shape == expected["samples"].shape
+        if expected["samples"].shape[0] == expected["rows"]:  # every row kept: the same rows, drawn in another order
+            torch.testing.assert_close(ranks[0][name]["samples"].sum(1).sort().values,
+                                       expected["samples"].sum(1).sort().values)
 
 
 @pytest.mark.slow
