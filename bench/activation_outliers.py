@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from _host import host_info  # bench/ is on sys.path when a script runs
 
+from fxforge.calibration.engine import calibrate
 from fxforge.ir.graph import linear_sites
 from fxforge.ir.trace import trace
 from fxforge.models.code_lm import load_code_lm
@@ -25,7 +26,6 @@ from fxforge.models.code_lm_data import token_stream, windows_evenly_spaced
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import run_pass
 from fxforge.passes.registry import get_pass_class
-from fxforge.passes.prune.capture import capture_input_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     gm = trace(lm.model, (calibration[0][0],), {}, dynamic_shapes="auto")
     gm = run_pass(get_pass_class("canonicalize")(), gm, PassContext(), verify=False)
     sites = linear_sites(gm, None, None, False)
-    stats = capture_input_stats(gm, [s.node for s in sites], calibration)
+    ctx = PassContext(example_inputs=calibration[0], calibration=calibration)
+    stats = calibrate(gm, ctx, {s.node: ("moments",) for s in sites}, pass_name="activation_outliers").statistics
 
     rows = []
     for site in sites:

@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 from fxforge.errors import PassSpecError
 
-__all__ = ["Method", "register_method", "method_class", "methods_of", "method_options"]
+__all__ = ["Method", "register_method", "method_class", "methods_of", "method_options", "pass_method"]
 
 _METHODS: dict[str, dict[str, type["Method"]]] = {}
 
@@ -101,14 +101,28 @@ def method_options(family: str, method: str, options: Mapping[str, Any],
     cls = method_class(family, method)
     own = set(cls.option_names())
     defaults = defaults or {}
+    owners: dict[str, list[str]] = {}  # option -> the other methods declaring it (two may share one)
     for other_name, other in _METHODS.get(family, {}).items():
-        if other is cls:
-            continue
-        for key in other.option_names():
-            if key in own or key not in options:
-                continue
-            if key in defaults and options[key] != defaults[key]:
-                raise PassSpecError(
-                    f"{family}: option {key}={options[key]!r} belongs to method '{other_name}', not "
-                    f"'{method}'. Remove it, or use method={other_name}.")
+        if other is not cls:
+            for key in other.option_names():
+                if key not in own:
+                    owners.setdefault(key, []).append(other_name)
+    for key, names in owners.items():
+        if key in options and key in defaults and options[key] != defaults[key]:
+            belongs = (f"method '{names[0]}'" if len(names) == 1
+                       else "methods " + ", ".join(f"'{n}'" for n in names))
+            raise PassSpecError(
+                f"{family}: option {key}={options[key]!r} belongs to {belongs}, not "
+                f"'{method}'. Remove it, or use method={names[0]}.")
     return cls(**{key: options[key] for key in own if key in options})
+
+
+def pass_method(family: str, options: Any) -> Method:
+    """`method_options` for a pass dataclass: its `method` field names the method, its fields
+    are the options and their dataclass defaults tell which the user changed."""
+    fields = dataclasses.fields(options)
+    values = {f.name: getattr(options, f.name) for f in fields}
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    defaults.update({f.name: f.default_factory() for f in fields
+                     if f.default_factory is not dataclasses.MISSING})  # type: ignore[misc]
+    return method_options(family, values["method"], values, defaults)

@@ -201,11 +201,11 @@ TRACE_AND_PASS_CASES = {
     "add_adapters exclude": (compile_mlp(passes="add_adapters(method=lora,rank=2,exclude=[nope])"), PassError,
                              "pass 'add_adapters': exclude pattern 'nope'"),
     "add_adapters targets": (compile_mlp(passes="add_adapters(method=lora,rank=2,targets=[nope])"), PassError,
-                             "target pattern 'nope' matches no linear layer"),
+                             "pass 'add_adapters': targets pattern 'nope' matches no linear layer. Available: fc1, fc2, fc3"),
     "prune exclude": (compile_mlp(passes="prune(method=magnitude,exclude=[nope])"), PassError,
                       "pass 'prune': exclude pattern 'nope' matches no heads/channels group. Available: <model>, fc3"),
     "prune targets": (compile_mlp(passes="prune(method=magnitude,targets=[nope])"), PassError,
-                      "target(s) ['nope'] match no heads/channels group"),
+                      "pass 'prune': targets pattern 'nope' matches no heads/channels group. Available: <model>, fc3"),
     "group size that does not divide": (compile_mlp(passes="quantize(group_size=128)"), PassError,
                                         "group_size=-1 for one group per channel"),
 }

@@ -7,7 +7,9 @@
 
 Passes: `add_adapters` (add_adapters.py), `merge_adapters` and `unmerge_adapters`.
 Methods, one file each: lora.py (lora, rslora), dora.py, pissa.py, olora.py, eva.py, lora_ga.py,
-lora_sb.py, bone.py (MiSS and Bone's block-affine form), svfit.py, sorsa.py, loldu.py.
-common.py holds the method interface, the graph edit they share and the adapter records;
+lora_sb.py, bone.py (MiSS and Bone's block-affine form), svfit.py, sorsa.py, loldu.py; each is
+a frozen dataclass (its fields are its own options) registered in the "add_adapters" family of
+`fxforge.passes.methods`, and all_methods.py imports them all. common.py holds the method base
+class (`AdapterMethod`), the graph edit they share and the adapter records;
 quantized_base.py puts LoRA branches beside quantized (`linear_wq`) layers, QLoRA style.
 """

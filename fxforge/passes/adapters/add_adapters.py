@@ -27,18 +27,20 @@ import torch
 from torch.fx import GraphModule
 
 from fxforge.errors import PassError
-from fxforge.ir.graph import LinearSite, get_attr, linear_sites, matches_any
+from fxforge.ir.graph import LinearSite, get_attr, linear_sites
 from fxforge.ir.verify import Tolerance
+from fxforge.passes.adapters import all_methods  # noqa: F401  (every method registers itself)
 from fxforge.passes.adapters.common import (
+    FAMILY,
+    AdapterMethod,
     LayerContext,
     add_adapter_to_site,
     adapter_records,
     freeze_all_but_adapters,
-    get_method,
     known_methods,
+    quantized_capable_methods,
 )
 from fxforge.passes.adapters.quantized_base import (
-    LOW_RANK_METHODS,
     dequantized_weight,
     ensure_linear_wq_input_grad,
     quantized_sites,
@@ -46,7 +48,8 @@ from fxforge.passes.adapters.quantized_base import (
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
-from fxforge.passes.selection import require_matches
+from fxforge.passes.methods import pass_method
+from fxforge.passes.selection import LayerSelection
 
 
 @register_pass
@@ -54,11 +57,14 @@ from fxforge.passes.selection import require_matches
 class AddAdapters(Pass):
     """Add adapters of `method` with rank `rank` and scaling `alpha` to the layers `targets` match.
 
-    method: lora, rslora, dora, pissa, olora, eva, lora_ga, lora_sb, bone, svfit, sorsa, loldu.
+    method: lora, rslora, dora, pissa, olora, eva, lora_ga, lora_sb, bone, svfit, sorsa, loldu
+        (one class each, registered in the "add_adapters" family of fxforge.passes.methods).
     targets / exclude: module-path patterns (fnmatch, a bare name matches as a suffix);
         None targets every linear layer except the LM head.
+    The remaining options belong to one method each; setting one for another method is an error:
     eva_rho, eva_tau, calibration_limit: EVA's rank budget factor, convergence cosine, batches.
-    ga_batches, ga_gamma: LoRA-GA's gradient batches (from calibration) and stable-scale γ.
+    ga_batches: LoRA-GA's and LoRA-SB's gradient batches (from calibration); ga_gamma: LoRA-GA's
+        stable-scale γ.
     bone_form: "miss" (MiSS, the default) or "bat" (Bone's block-affine form).
     """
 
@@ -85,37 +91,34 @@ class AddAdapters(Pass):
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if self.eva_rho < 1.0:
-            raise ValueError(f"eva_rho must be >= 1 (a layer's rank may grow to rank·rho), got {self.eva_rho}")
-        if not 0.0 < self.eva_tau <= 1.0:
-            raise ValueError(f"eva_tau must be in (0, 1], got {self.eva_tau}")
-        if self.ga_batches < 1 or self.calibration_limit < 1:
-            raise ValueError("ga_batches and calibration_limit must be >= 1")
-        if isinstance(self.targets, str) or isinstance(self.exclude, str):
-            object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else self.targets)
-            object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else self.exclude)
+        LayerSelection.normalize_fields(self)
+        self.method_object()  # its own options are checked, options of another method refused
+
+    def method_object(self) -> AdapterMethod:
+        """The method object, built from the options that are its own."""
+        return pass_method(FAMILY, self)  # type: ignore[return-value]
 
     def tolerance(self) -> Tolerance:
         # Every init is exact in real numbers. Zero-update inits (B = 0, D = 0, R = 0)
         # change nothing but float rounding; residual ones (W - s·B·A) round W once more, which in
         # bf16 moves outputs by ~2⁻⁸ relative per rounding (measured 0.6% on a 2-layer MLP), so
         # they are held to a relative bound instead.
-        method = get_method(self.method)
+        method = self.method_object()
         if method.changes_base_weight or method.rounds_at_init:
             return Tolerance(max_abs=None, max_rel=2e-2, min_cosine=0.9995)
         return Tolerance(max_abs=1e-4, rtol=1e-4)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        method = get_method(self.method)
+        method = self.method_object()
         sites = self._sites(gm)
         skipped: list[tuple[str, str]] = []
         adapted = adapter_records(gm)
         kept: list[LinearSite] = []
         quantized = {s.node.name for s in sites if s.node.target == torch.ops.fxforge.linear_wq.default}
         for site in sites:
-            if site.node.name in quantized and self.method not in LOW_RANK_METHODS:
+            if site.node.name in quantized and not method.adapts_quantized:
                 skipped.append((site.module_path, f"quantized layer: {self.method} needs the float base weight "
-                                                  f"(methods that adapt quantized layers: {', '.join(LOW_RANK_METHODS)})"))
+                                                  f"(methods that adapt quantized layers: {', '.join(quantized_capable_methods())})"))
             elif site.module_path in adapted:
                 skipped.append((site.module_path, "already has an adapter"))
             elif method.changes_base_weight and _weight_used_elsewhere(site, sites):
@@ -133,7 +136,7 @@ class AddAdapters(Pass):
                     pass_name=self.name)
         if any(s.node.name in quantized for s in kept):
             ensure_linear_wq_input_grad()  # gradients must pass through the frozen int layers
-        data = method.prepare(gm, kept, ctx, self)
+        data = method.prepare(gm, kept, ctx, self.rank)
         generator = torch.Generator().manual_seed(ctx.seed)
         count = 0
         groups: dict[str, list[LinearSite]] = {}
@@ -144,13 +147,12 @@ class AddAdapters(Pass):
             weight = dequantized_weight(gm, site.node) if site.node.name in quantized else \
                 get_attr(gm, site.weight_name).detach()
             layer = LayerContext(site=site, weight=weight, rank=self.rank,
-                                 alpha=self.alpha, generator=generator, options=self,
-                                 data=data.get(site.module_path))
+                                 alpha=self.alpha, generator=generator, data=data.get(site.module_path))
             init = method.init(layer)
             if init.rank == 0:
                 skipped.append((site.module_path, f"{self.method} assigned this layer rank 0"))
                 continue
-            options = {"bone_form": self.bone_form} if self.method == "bone" else {}
+            options = {name: getattr(method, name) for name in method.recorded_options}
             adapted[site.module_path] = add_adapter_to_site(gm, group, method, init, self.alpha, options)
             count += len(group)
         trainable = freeze_all_but_adapters(gm)
@@ -163,13 +165,9 @@ class AddAdapters(Pass):
         every = linear_sites(gm, include_lm_head=True) + quantized_sites(gm, None, None)
         candidates = linear_sites(gm, include_lm_head=self.include_lm_head) + quantized_sites(gm, None, None)
         paths = [s.module_path for s in every] + list(adapter_records(gm))  # adapted layers count too
-        for pattern in self.targets or ():
-            if not matches_any_path(paths, pattern):
-                raise PassError(f"add_adapters: target pattern '{pattern}' matches no linear layer. "
-                                f"{_close_matches(pattern, paths)}", pass_name=self.name)
-        require_matches(self.name, "exclude", self.exclude or (), paths)  # a typo would adapt a kept layer
-        sites = [s for s in candidates if self.targets is None or matches_any(s.module_path, self.targets)]
-        sites = [s for s in sites if not matches_any(s.module_path, self.exclude)]
+        selection = LayerSelection.of(self)
+        selection.require_matches(self.name, paths)
+        sites = [s for s in candidates if selection.chooses(s.module_path)]
         if not sites and not adapter_records(gm):
             raise PassError(f"add_adapters: no linear layer to adapt (targets={self.targets}, exclude="
                             f"{self.exclude}, include_lm_head={self.include_lm_head}). Linear layers: "
@@ -181,16 +179,3 @@ def _weight_used_elsewhere(site: LinearSite, sites: list[LinearSite]) -> bool:
     """Whether the weight feeds nodes other than this layer's linears (tied to an embedding, ...)."""
     own = {s.node for s in sites if s.weight_name == site.weight_name}
     return any(user not in own for user in site.node.args[1].users)
-
-
-def matches_any_path(paths: list[str], pattern: str) -> bool:
-    return any(matches_any(path, [pattern]) for path in paths)
-
-
-def _close_matches(pattern: str, paths: list[str]) -> str:
-    """'Close matches: ...' over full paths and their last components, for a mistyped pattern."""
-    names = sorted({p.rsplit(".", 1)[-1] for p in paths} | set(paths))
-    close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
-    if close:
-        return f"Close matches: {', '.join(close)}."
-    return f"Linear layers are: {', '.join(paths[:12])}{' ...' if len(paths) > 12 else ''}."

@@ -10,7 +10,8 @@ W = (W' - B_i)·(I + B_i)⁻¹ block by block).
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,13 +21,23 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import LinearSite
 from fxforge.ir.ops.bone_linear import bone_weight
 from fxforge.ir.ops.miss_linear import miss_delta_weight
-from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, base_args, register_method
+from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, base_args
+from fxforge.passes.methods import register_method
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Bone(AdapterMethod):
+    """bone_form: "miss" (MiSS, one D shared by the input blocks) or "bat" (block-affine)."""
+
     name = "bone"
     op_name = "miss_linear"
+    recorded_options = ("bone_form",)
+    bone_form: Literal["miss", "bat"] = "miss"
+
+    def __post_init__(self) -> None:
+        if self.bone_form not in ("miss", "bat"):
+            raise ValueError(f"bone_form must be 'miss' or 'bat', got {self.bone_form!r}")
 
     def max_rank(self, in_features: int, out_features: int) -> int:
         return in_features
@@ -35,7 +46,7 @@ class Bone(AdapterMethod):
         r = layer.rank
         out_features, in_features = layer.weight.shape
         dtype = layer.weight.dtype
-        if layer.options.bone_form == "miss":
+        if self.bone_form == "miss":
             return LayerInit(trainable={"miss_D": torch.zeros(r, out_features, dtype=dtype)}, rank=r, scale=1.0)
         if out_features % r or in_features % r:
             raise PassError(

@@ -1,15 +1,18 @@
 """What every adapter method shares: the method interface, adding adapter tensors to the graph,
 marking which parameters train, and the record of adapters that merge/save/load read.
 
-A method (one file each: lora.py, pissa.py, ...) says three things about one linear layer:
-how to initialize its tensors (`init`), how to compute the adapted layer in the graph (`emit`,
-one fxforge op node whose first three arguments are the base x, W, b), and what the merged
-weight is (`merged_weight`). `add_adapter_to_site` does the graph edit the same way for all of
+A method (one file each: lora.py, pissa.py, ...) is a frozen dataclass registered with
+`@register_method("add_adapters")` (`fxforge.passes.methods`); its fields are its own options
+(EVA's eva_rho, LoRA-GA's ga_gamma, ...). It says three things about one linear layer: how to
+initialize its tensors (`init`), how to compute the adapted layer in the graph (`emit`, one
+fxforge op node whose first three arguments are the base x, W, b), and what the merged weight
+is (`merged_weight`). `add_adapter_to_site` does the graph edit the same way for all of
 them, and `gm.meta[ADAPTERS]` records, per adapted layer, the method, rank, scale and the
 attribute names of its tensors, so `merge_adapters` and `save_adapters` never guess.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,6 +22,9 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite, add_attr, get_attr, set_attr
+from fxforge.passes.methods import Method, methods_of
+
+FAMILY = "add_adapters"  # the methods' family in fxforge.passes.methods
 
 ADAPTERS = "fxforge_adapters"  # gm.meta key: {module_path: AdapterRecord as dict}
 
@@ -48,17 +54,23 @@ class LayerContext:
     rank: int
     alpha: float
     generator: torch.Generator
-    options: Any              # the AddAdapters pass (method-specific options live there)
     data: Any = None          # what `prepare` computed for this layer (EVA components, LoRA-GA gradient)
 
 
-class AdapterMethod:
-    """Base class of the adapter methods; subclasses are registered with `register_method`."""
+@dataclass(frozen=True)
+class AdapterMethod(Method):
+    """Base class of the adapter methods; subclasses are frozen dataclasses whose fields are
+    their options, registered with `@register_method("add_adapters")`.
 
-    name: ClassVar[str] = ""
+    recorded_options: options that shape the emitted graph, saved in the adapter record (so
+    `unmerge_adapters` and adapter files rebuild the same form).
+    """
+
     op_name: ClassVar[str] = "lora_linear"
     changes_base_weight: ClassVar[bool] = False  # residual methods rewrite W at init
     rounds_at_init: ClassVar[bool] = False       # the init is exact in real numbers only (DoRA's m/‖W‖)
+    adapts_quantized: ClassVar[bool] = False     # a plain low-rank update: can sit beside linear_wq (QLoRA)
+    recorded_options: ClassVar[tuple[str, ...]] = ()
 
     def scale(self, rank: int, alpha: float) -> float:
         """s in y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (LoRA: α/r)."""
@@ -68,8 +80,10 @@ class AdapterMethod:
         """The largest rank the layer allows."""
         return min(in_features, out_features)
 
-    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any) -> dict[str, Any]:
-        """Data-driven methods compute per-layer data here ({module_path: data}); others need none."""
+    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, rank: int) -> dict[str, Any]:
+        """Data-driven methods compute per-layer data here ({module_path: data}); others need none.
+
+        `ctx` is the PassContext; `rank` the rank asked for (EVA redistributes it)."""
         return {}
 
     def init(self, layer: LayerContext) -> LayerInit:  # pragma: no cover - abstract
@@ -89,37 +103,27 @@ class AdapterMethod:
         return merged - scale * (tensors["lora_B"] @ tensors["lora_A"])
 
 
-_METHODS: dict[str, AdapterMethod] = {}
-
-
-def register_method(cls: type[AdapterMethod]) -> type[AdapterMethod]:
-    """Class decorator: make `cls` available as `add_adapters(method=<cls.name>)`."""
-    if not cls.name:
-        raise TypeError(f"adapter method {cls.__name__} needs a `name`")
-    _METHODS[cls.name] = cls()
-    return cls
-
-
 def get_method(name: str) -> AdapterMethod:
-    _load_methods()
-    if name not in _METHODS:
-        raise ValueError(f"unknown adapter method '{name}'; known methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    """The method `name` with its default options (what merge, unmerge and adapter files need:
+    the merged weight and the emitted form do not depend on init options)."""
+    known = _registered()
+    if name not in known:
+        raise ValueError(f"unknown adapter method '{name}'; known methods: {', '.join(sorted(known))}")
+    return known[name]()  # type: ignore[return-value]
 
 
 def known_methods() -> list[str]:
-    _load_methods()
-    return sorted(_METHODS)
+    return sorted(_registered())
 
 
-def _load_methods() -> None:
-    import importlib
-    import pkgutil
+def quantized_capable_methods() -> list[str]:
+    """The methods whose branch can sit beside a quantized (`linear_wq`) base, QLoRA style."""
+    return sorted(name for name, cls in _registered().items() if cls.adapts_quantized)
 
-    import fxforge.passes.adapters as package
 
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{info.name}")
+def _registered() -> dict[str, type[Method]]:
+    importlib.import_module("fxforge.passes.adapters.all_methods")  # each method module registers itself
+    return methods_of(FAMILY)
 
 
 # --------------------------------------------------------------------------- graph edits
@@ -231,24 +235,3 @@ def freeze_all_but_adapters(gm: GraphModule) -> list[str]:
     for name, param in gm.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in trainable)
     return sorted(trainable)
-
-
-class _InputRecorder(torch.fx.Interpreter):
-    """Runs a graph and hands the input x of chosen linear nodes to a callback."""
-
-    def __init__(self, gm: GraphModule, watched: dict[str, str], callback: Any):
-        super().__init__(gm)
-        self.watched, self.callback = watched, callback
-
-    def run_node(self, n: Node) -> Any:
-        if n.name in self.watched:
-            x = self.fetch_args_kwargs_from_env(n)[0][0]
-            self.callback(self.watched[n.name], x.detach())
-        return super().run_node(n)
-
-
-def record_site_inputs(gm: GraphModule, sites: list[LinearSite], flat_inputs: list[Any], callback: Any) -> None:
-    """Run `gm` once; call `callback(module_path, x)` with the input of every site's linear."""
-    watched = {site.node.name: site.module_path for site in sites}
-    with torch.no_grad():
-        _InputRecorder(gm, watched, callback).run(*flat_inputs)

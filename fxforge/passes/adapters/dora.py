@@ -8,6 +8,7 @@ it cannot be undone without the pre-merge norm, so `unmerge_adapters` skips DoRA
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,16 +16,18 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite
-from fxforge.passes.adapters.common import base_args, register_method
-from fxforge.passes.adapters.common import LayerContext, LayerInit
+from fxforge.passes.adapters.common import LayerContext, LayerInit, base_args
 from fxforge.passes.adapters.lora import Lora
+from fxforge.passes.methods import register_method
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Dora(Lora):
     name = "dora"
     op_name = "dora_linear"
-    rounds_at_init = True  # m/‖W‖ is 1 only up to rounding (visibly so in bf16)
+    rounds_at_init = True
+    adapts_quantized = False  # DoRA's norm reads the float base weight  # m/‖W‖ is 1 only up to rounding (visibly so in bf16)
 
     def init(self, layer: LayerContext) -> LayerInit:
         init = super().init(layer)

@@ -10,6 +10,7 @@ unchanged up to rounding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,13 +25,14 @@ from fxforge.passes.adapters.common import (
     LayerInit,
     base_args,
     call_before,
-    register_method,
 )
+from fxforge.passes.methods import register_method
 
 aten = torch.ops.aten
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Loldu(AdapterMethod):
     name = "loldu"
     changes_base_weight = True

@@ -7,15 +7,19 @@ scaling keeps the update's magnitude from shrinking as r grows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, kaiming_uniform, register_method
+from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, kaiming_uniform
+from fxforge.passes.methods import register_method
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Lora(AdapterMethod):
     name = "lora"
+    adapts_quantized = True
 
     def init(self, layer: LayerContext) -> LayerInit:
         out_features, in_features = layer.weight.shape
@@ -25,7 +29,8 @@ class Lora(AdapterMethod):
                          scale=self.scale(layer.rank, layer.alpha))
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class RsLora(Lora):
     name = "rslora"
 

@@ -11,6 +11,7 @@ rank may be at most half the smaller weight dimension (2r singular vectors are u
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -21,7 +22,8 @@ from torch.fx import GraphModule
 from fxforge.errors import PassError
 from fxforge.ir.graph import LinearSite, get_attr
 from fxforge.ir.trace import INPUT_NAMES
-from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, register_method
+from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit
+from fxforge.passes.methods import register_method
 
 
 def default_loss(gm: GraphModule) -> Callable[[list, list], torch.Tensor] | None:
@@ -38,22 +40,34 @@ def default_loss(gm: GraphModule) -> Callable[[list, list], torch.Tensor] | None
     return causal_lm_loss
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class LoraGa(AdapterMethod):
+    """ga_batches: calibration batches the gradient is averaged over; ga_gamma: the stable
+    scale's γ (B = U[:, r:2r]·out^(1/4)/√γ)."""
+
     name = "lora_ga"
+    needs_calibration = True
     changes_base_weight = True
+    ga_batches: int = 4
+    ga_gamma: float = 16.0
+
+    def __post_init__(self) -> None:
+        check_ga_batches(self.ga_batches)
+        if not self.ga_gamma > 0:
+            raise ValueError(f"ga_gamma must be > 0, got {self.ga_gamma}")
 
     def max_rank(self, in_features: int, out_features: int) -> int:
         return min(in_features, out_features) // 2
 
-    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any) -> dict[str, Any]:
-        return averaged_gradients(gm, sites, ctx, options, self.name)
+    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, rank: int) -> dict[str, Any]:
+        return averaged_gradients(gm, sites, ctx, self.ga_batches, self.name)
 
     def init(self, layer: LayerContext) -> LayerInit:
         r, scale = layer.rank, self.scale(layer.rank, layer.alpha)
         weight = layer.weight.float()
         u, _, vh = torch.linalg.svd(layer.data, full_matrices=False)
-        stable = weight.shape[0] ** 0.25 / layer.options.ga_gamma ** 0.5
+        stable = weight.shape[0] ** 0.25 / self.ga_gamma ** 0.5
         a = vh[:r].contiguous()
         b = (u[:, r:2 * r] * stable).contiguous()
         dtype = layer.weight.dtype
@@ -61,9 +75,15 @@ class LoraGa(AdapterMethod):
                          base_weight=(weight - scale * (b @ a)).to(dtype))
 
 
-def averaged_gradients(gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any,
+def check_ga_batches(value: int) -> None:
+    """ValueError unless `value` (gradient batches of LoRA-GA / LoRA-SB) is >= 1."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"ga_batches must be >= 1, got {value!r}")
+
+
+def averaged_gradients(gm: GraphModule, sites: list[LinearSite], ctx: Any, limit: int,
                        method: str) -> dict[str, Tensor]:
-    """{module path: mean ∂loss/∂W over the calibration batches} (LoRA-GA, LoRA-SB).
+    """{module path: mean ∂loss/∂W over (at most `limit`) calibration batches} (LoRA-GA, LoRA-SB).
 
     `method` names the adapter method in errors (missing/empty/bad calibration, no loss).
     """
@@ -83,8 +103,8 @@ def averaged_gradients(gm: GraphModule, sites: list[LinearSite], ctx: Any, optio
             p.requires_grad_(False)
         for w in weights.values():
             w.requires_grad_(True)
-        data = ctx.calibration_batches(gm, options.ga_batches, pass_name="add_adapters", method=method)
-        for flat in ctx.progress(data, desc=f"{method}: gradients", total=options.ga_batches):
+        data = ctx.calibration_batches(gm, limit, pass_name="add_adapters", method=method)
+        for flat in ctx.progress(data, desc=f"{method}: gradients", total=limit):
             with torch.enable_grad():
                 outputs = gm(*flat)
                 loss = loss_fn(list(outputs), list(flat))

@@ -10,6 +10,7 @@ R·A is composed in the graph (aten.mm) in front of fxforge::lora_linear. Merge:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,21 +24,30 @@ from fxforge.passes.adapters.common import (
     LayerInit,
     base_args,
     call_before,
-    register_method,
 )
-from fxforge.passes.adapters.lora_ga import averaged_gradients, default_loss
+from fxforge.passes.adapters.lora_ga import averaged_gradients, check_ga_batches, default_loss
+from fxforge.passes.methods import register_method
 
 aten = torch.ops.aten
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class LoraSb(AdapterMethod):
-    name = "lora_sb"
+    """ga_batches: calibration batches the gradient is averaged over (without calibration data
+    or a loss, LoRA-XS's SVD of W is used instead)."""
 
-    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, options: Any) -> dict[str, Any]:
+    name = "lora_sb"
+    adapts_quantized = True
+    ga_batches: int = 4
+
+    def __post_init__(self) -> None:
+        check_ga_batches(self.ga_batches)
+
+    def prepare(self, gm: GraphModule, sites: list[LinearSite], ctx: Any, rank: int) -> dict[str, Any]:
         if ctx.calibration is None or (ctx.extras.get("loss_fn") is None and default_loss(gm) is None):
             return {}  # no data: LoRA-XS's SVD of W
-        return averaged_gradients(gm, sites, ctx, options, self.name)
+        return averaged_gradients(gm, sites, ctx, self.ga_batches, self.name)
 
     def init(self, layer: LayerContext) -> LayerInit:
         r = layer.rank

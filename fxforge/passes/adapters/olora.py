@@ -7,12 +7,15 @@ initial output unchanged up to rounding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 
-from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, register_method
+from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit
+from fxforge.passes.methods import register_method
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Olora(AdapterMethod):
     name = "olora"
     changes_base_weight = True

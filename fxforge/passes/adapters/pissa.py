@@ -7,12 +7,15 @@ unchanged up to rounding and training starts along W's dominant directions. Exac
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 
-from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, register_method
+from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit
+from fxforge.passes.methods import register_method
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Pissa(AdapterMethod):
     name = "pissa"
     changes_base_weight = True

@@ -5,7 +5,7 @@
 The integer base stays as the `quantize` pass left it (its kernels, its ONNX MatMulNBits); the
 branch is composed from aten ops (matmul with the transposed factor, so later passes do not
 mistake it for a linear layer) and an add, which are differentiable and export as MatMuls.
-Methods whose update is a plain low-rank product (lora, rslora, eva, lora_sb) can do this;
+Methods whose update is a plain low-rank product (lora, rslora, eva, lora_sb: `adapts_quantized`) can do this;
 methods that read or rewrite the float base weight cannot and skip quantized layers. Merging
 dequantizes the base and folds the update into a float linear (re-quantize afterwards if
 wanted): the merged model exports as plain linears.
@@ -26,7 +26,6 @@ from fxforge.ir.graph import LinearSite, get_attr, matches_any
 from fxforge.ir.ops.linear_wq import dequantize_wq
 
 aten = torch.ops.aten
-LOW_RANK_METHODS = ("lora", "rslora", "eva", "lora_sb")
 
 
 def quantized_sites(gm: GraphModule, targets: Any, exclude: Any) -> list[LinearSite]:

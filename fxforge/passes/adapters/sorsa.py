@@ -10,6 +10,7 @@ orthonormality regularizer ‖A·Aᵀ - I‖_F + ‖Bᵀ·B - I‖_F over every 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,11 +18,13 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite, get_attr
-from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, adapter_records, register_method
+from fxforge.passes.adapters.common import AdapterMethod, LayerContext, LayerInit, adapter_records
 from fxforge.passes.adapters.svfit import emit_scaled_rows, singular_triplets
+from fxforge.passes.methods import register_method
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Sorsa(AdapterMethod):
     name = "sorsa"
     changes_base_weight = True

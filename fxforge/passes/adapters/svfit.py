@@ -8,6 +8,7 @@ writes W_e + U_r·diag(σ)·V_rᵀ.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +22,8 @@ from fxforge.passes.adapters.common import (
     LayerInit,
     base_args,
     call_before,
-    register_method,
 )
+from fxforge.passes.methods import register_method
 
 aten = torch.ops.aten
 
@@ -42,7 +43,8 @@ def emit_scaled_rows(gm: GraphModule, site: LinearSite, values: Node, rows: Node
     return torch.ops.fxforge.lora_linear.default, (x, w, b, scaled, left, scale)
 
 
-@register_method
+@register_method("add_adapters")
+@dataclass(frozen=True)
 class Svfit(AdapterMethod):
     name = "svfit"
     changes_base_weight = True

@@ -20,26 +20,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 from torch.fx import GraphModule
 
-from fxforge.errors import PassError
+from fxforge.calibration.engine import calibrate
 from fxforge.ir.depgraph import Group, analyze
-from fxforge.ir.graph import add_attr, get_attr, matches_any, set_attr
+from fxforge.ir.graph import add_attr, get_attr, set_attr
 from fxforge.ir.verify import LossBound
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
-from fxforge.passes.prune import flap, magnitude, wanda_sp
-from fxforge.passes.prune.capture import capture_input_stats
-from fxforge.passes.prune.scoring import Candidate, select_units, unit_multiple
+from fxforge.passes.methods import methods_of, pass_method
+from fxforge.passes.prune import flap, magnitude, wanda_sp  # noqa: F401  (register the methods)
+from fxforge.passes.prune.scoring import Candidate, PruneMethod, select_units, unit_multiple
 from fxforge.passes.prune.semantics import zeroed_semantics
 from fxforge.passes.prune.surgery import apply_pruning, linear_nodes_by_weight
-from fxforge.passes.selection import require_matches
+from fxforge.passes.selection import LayerSelection
 
-METHODS: dict[str, ModuleType] = {"flap": flap, "magnitude": magnitude, "wanda_sp": wanda_sp}
 STRUCTURES = ("heads", "query_heads", "head_dim", "channels", "hidden")
 
 
@@ -48,15 +46,16 @@ STRUCTURES = ("heads", "query_heads", "head_dim", "channels", "hidden")
 class Prune(Pass):
     """Remove whole heads and channels; the pruned graph is smaller in every backend.
 
-    method: "flap" | "magnitude" | "wanda_sp".
+    method: "flap" | "magnitude" | "wanda_sp" (classes in flap.py, magnitude.py, wanda_sp.py;
+        an option of another method is an error).
     ratio: fraction of the candidate groups' parameters to remove, in [0, 1).
     targets / exclude: module-path patterns (fnmatch, suffix semantics) a group must match /
         must not match; a group's path is its members' common module ("model.layers.0.mlp").
     structures: group kinds to prune (see `Group.kind`).
     round_to: keep each pruned width a multiple of this (1 = no rounding).
     allocation: "auto" (the method's own: FLAP global, others uniform), "global" or "uniform".
-    bias_compensation: FLAP's b += W[:, pruned]·x̄[pruned] (flap only).
-    calibration_batches: how many calibration items to read (flap, wanda_sp).
+    bias_compensation: FLAP's b += W[:, pruned]·x̄[pruned] (flap's option).
+    calibration_batches: how many calibration items to read (flap's and wanda_sp's option).
     max_rel_error: deprecated spelling of max_loss={"rel_l2": ...}; None (default): no bound.
     """
 
@@ -73,15 +72,15 @@ class Prune(Pass):
     max_rel_error: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"prune: method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.method not in methods_of("prune"):
+            raise ValueError(f"prune: method must be one of {sorted(methods_of('prune'))}, got {self.method!r}")
         if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise ValueError(f"prune: ratio is the fraction of parameters to remove and must be in "
                              f"[0, 1), got {self.ratio!r}")
-        for field_name in ("targets", "exclude", "structures"):
-            value = getattr(self, field_name)
-            if isinstance(value, (str, list)):
-                object.__setattr__(self, field_name, (value,) if isinstance(value, str) else tuple(value))
+        LayerSelection.normalize_fields(self)
+        if isinstance(self.structures, (str, list)):
+            object.__setattr__(self, "structures",
+                               (self.structures,) if isinstance(self.structures, str) else tuple(self.structures))
         unknown = set(self.structures) - set(STRUCTURES)
         if unknown or not self.structures:
             raise ValueError(f"prune: structures must be a non-empty subset of {STRUCTURES}, got "
@@ -91,6 +90,11 @@ class Prune(Pass):
         if self.allocation not in ("auto", "global", "uniform"):
             raise ValueError(f"prune: allocation must be 'auto', 'global' or 'uniform', got "
                              f"{self.allocation!r}")
+        self.method_object()  # options of another method fail here, at construction
+
+    def method_object(self) -> PruneMethod:
+        """The method object, built from the options that are its own."""
+        return pass_method("prune", self)  # type: ignore[return-value]
 
     def loss_bound(self) -> LossBound | None:
         if self.max_rel_error is not None and self.max_loss is None:
@@ -98,12 +102,12 @@ class Prune(Pass):
         return super().loss_bound()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        method = METHODS[self.method]
+        method = self.method_object()
         analysis = analyze(gm)
         groups, skipped = self._candidate_groups(analysis.groups)
         if self.ratio == 0 or not groups:
             return PassResult(gm, sites=0, skipped=skipped, notes={"method": self.method})
-        stats = self._calibrate(gm, groups, ctx) if method.NEEDS_CALIBRATION else {}
+        stats = self._calibrate(gm, groups, ctx, method) if method.needs_calibration else {}
         candidates = []
         for g in groups:
             scores = method.score_group(gm, g, stats)
@@ -111,14 +115,13 @@ class Prune(Pass):
                 skipped.append((_label(g), scores))
                 continue
             candidates.append(Candidate(g, scores, unit_multiple(g, self.round_to)))
-        allocation = method.ALLOCATION if self.allocation == "auto" else self.allocation
+        allocation = method.allocation if self.allocation == "auto" else self.allocation
         removed = select_units(candidates, self.ratio, allocation)
         by_id = {g.id: g for g in groups}
         deltas: dict[str, torch.Tensor] = {}
-        if self.method == "flap" and self.bias_compensation:
-            for gid, units in removed.items():
-                for name, delta in flap.compensation(gm, by_id[gid], units, stats).items():
-                    deltas[name] = deltas.get(name, 0) + delta
+        for gid, units in removed.items():
+            for name, delta in method.compensation(gm, by_id[gid], units, stats).items():
+                deltas[name] = deltas.get(name, 0) + delta
         params_before = sum(t.numel() for t in gm.parameters())
         pruned = {by_id[gid].leaf: set(units) for gid, units in removed.items()}
         semantics = zeroed_semantics(gm, analysis, pruned, deltas,
@@ -136,46 +139,33 @@ class Prune(Pass):
         return PassResult(gm, sites=len(removed), skipped=skipped, notes=notes, semantics=semantics)
 
     def _candidate_groups(self, all_groups: list[Group]) -> tuple[list[Group], list[tuple[str, str]]]:
+        kinds = [g for g in all_groups if g.kind in self.structures]
+        selection = LayerSelection.of(self)
+        # a typo in targets prunes nothing, one in exclude a structure the user meant to keep
+        selection.require_matches(self.name, sorted({group_path(g) for g in kinds}),
+                                  what=f"{'/'.join(self.structures)} group",
+                                  hint=" fxforge.ir.depgraph.groups(gm) lists every group.")
         skipped = []
         chosen = []
-        matched_any_target = set()
-        for g in all_groups:
-            if g.kind not in self.structures:
-                continue
-            path = group_path(g)
-            if self.targets is not None:
-                hits = [p for p in self.targets if matches_any(path, [p])]
-                if not hits:
-                    continue
-                matched_any_target.update(hits)
-            if self.exclude and matches_any(path, self.exclude):
+        for g in kinds:
+            if not selection.chooses(group_path(g)):
                 continue
             if not g.prunable:
                 skipped.append((_label(g), g.blocked))
                 continue
             chosen.append(g)
-        if self.targets is not None:
-            missing = [t for t in self.targets if t not in matched_any_target]
-            if missing:
-                known = sorted({group_path(g) for g in all_groups if g.kind in self.structures})
-                raise PassError(
-                    f"prune: target(s) {missing} match no {'/'.join(self.structures)} group. "
-                    f"Groups of those kinds live at: {', '.join(known) or 'nowhere'}. "
-                    f"Use fxforge.ir.depgraph.groups(gm) to list every group.", pass_name="prune")
-        if self.exclude:  # a typo in exclude would prune a structure the user meant to keep
-            known = sorted({group_path(g) for g in all_groups if g.kind in self.structures})
-            require_matches(self.name, "exclude", self.exclude, known, what=f"{'/'.join(self.structures)} group")
         return chosen, skipped
 
-    def _calibrate(self, gm: GraphModule, groups: list[Group], ctx: PassContext) -> dict:
+    def _calibrate(self, gm: GraphModule, groups: list[Group], ctx: PassContext, method: PruneMethod) -> dict:
+        """Weight name -> the statistics of its linear's input (`method.statistics`), every layer
+        in one sweep of the calibration engine: scores compete across layers ("global"
+        allocation), so all are needed before anything is removed."""
         ctx.require_calibration(self.name, method=self.method)
         by_weight = linear_nodes_by_weight(gm)
-        names = {m.name for g in groups for m in g.members if m.name in by_weight}
-        nodes = [by_weight[n][0] for n in sorted(names)]
-        batches = ctx.calibration_batches(gm, self.calibration_batches, pass_name=self.name, method=self.method)
-        stats = capture_input_stats(gm, nodes, batches,
-                                    progress=ctx.progress)
-        return {n: stats[by_weight[n][0].name] for n in names if by_weight[n][0].name in stats}
+        names = sorted({m.name for g in groups for m in g.members if m.name in by_weight})
+        result = calibrate(gm, ctx, {by_weight[n][0]: method.statistics for n in names}, pass_name=self.name,
+                           method=self.method, max_batches=method.calibration_batches)
+        return {n: result.statistics[by_weight[n][0].name] for n in names}
 
 
 def group_path(group: Group) -> str:

@@ -18,10 +18,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from torch.fx import GraphModule
 
 from fxforge.ir.depgraph import Group
+from fxforge.passes.methods import Method
+
+
+@dataclass(frozen=True)
+class PruneMethod(Method):
+    """A `prune(method=...)` method: scores the units of a group; fields are its own options.
+
+    allocation: how "auto" allocation spreads the ratio ("global": standardized scores compete
+        across groups; "uniform": every group loses about the same fraction).
+    statistics: what the calibration engine observes at the input of every linear member when
+        `needs_calibration` is set (`fxforge.calibration.observers`); `score_group` and
+        `compensation` read them as `stats[weight name]` (an `InputStatistics`).
+    """
+
+    allocation: ClassVar[str] = "uniform"
+
+    def score_group(self, gm: GraphModule, group: Group, stats: dict[str, Any]) -> torch.Tensor | str:
+        """(units,) scores, higher = keep; or the reason the group cannot be scored."""
+        raise NotImplementedError
+
+    def compensation(self, gm: GraphModule, group: Group, removed: list[int],
+                     stats: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weight name -> bias delta making up for the removed units (none by default)."""
+        return {}
+
+
+def check_calibration_batches(method: str, value: int) -> None:
+    """ValueError unless `value` (how many calibration items a method reads) is a positive int."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{method}: calibration_batches must be a positive integer, got {value!r}")
 
 
 @dataclass

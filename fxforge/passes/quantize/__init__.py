@@ -8,7 +8,12 @@
 `method` picks how codes are chosen (TECHNIQUES.md, Quantization): `rtn` (round to nearest),
 `awq` (calibration: activation-aware scales folded into the producer, then clip search),
 `gptq` (calibration: Hessian-based error feedback), `easyquant` (data-free: outliers kept in
-float as a sparse add, ranges optimized by gradient descent). Codes of 3 bits are stored in
+float as a sparse add, ranges optimized by gradient descent). Each is one registered class
+(`method.py`; rtn.py, awq.py, gptq.py, easyquant.py) with its own options; the pass keeps every
+method's options for pipeline strings, and an option of another method is a PassSpecError.
+Calibrated methods run block by block through `fxforge.calibration.engine`: block i is
+calibrated on the outputs of blocks 0..i-1 already quantized, then quantized, and only its
+statistics are in memory. Codes of 3 bits are stored in
 4-bit containers, 5-7 bits in 8-bit ones. Symmetric quantization uses the fixed zero point
 2^(bits-1), so both variants share one storage format. The sibling passes (`llm_int8`,
 `quantize_fp`, `quantize_dynamic`, `bitdelta`) live next to this file.
@@ -20,26 +25,30 @@ rescaled by 1/s. The loss against the float graph is measured and reported, not 
 """
 from __future__ import annotations
 
-import warnings
-
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from torch.fx import GraphModule
 
+from fxforge.calibration.engine import BlockCalibration, calibrate
 from fxforge.ir.graph import LinearSite, aten
 from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
-from fxforge.passes.registry import register_pass
-from fxforge.passes.quantize.calibration import capture_linear_inputs, require_batches
+from fxforge.passes.methods import method_options, methods_of
+from fxforge.passes.quantize import awq as _awq, easyquant as _easyquant, gptq as _gptq  # noqa: F401 (register)
 from fxforge.passes.quantize.common import (
-    GROUP_AXES, check_option, check_packable, emit_weight_only, orient, resolve_group_size, select_sites,
+    GROUP_AXES, check_option, check_packable, emit_weight_only, orient, resolve_group_size,
     weight_of,
 )
-from fxforge.passes.quantize.rtn import QuantSpec, quantize_weight_rtn
+from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
+from fxforge.passes.quantize.rtn import QuantSpec
+from fxforge.passes.registry import register_pass
+from fxforge.passes.selection import LayerSelection
 
-METHODS = ("rtn", "awq", "gptq", "easyquant")
-CALIBRATED_METHODS = ("awq", "gptq")
+METHODS = tuple(methods_of(FAMILY))
+CALIBRATED_METHODS = tuple(name for name, cls in methods_of(FAMILY).items() if cls.needs_calibration)
 
 
 @register_pass
@@ -60,6 +69,7 @@ class Quantize(Pass):
     exclude: tuple[str, ...] = ()
     include_lm_head: bool = False
     calibration_batches: int = 128
+    # the methods' own options (each checked by its method class; one of another method is an error)
     # gptq
     damp: float = 0.01                 # fraction of mean diag(H) added to the diagonal
     block_size: int = 128              # columns per lazy-update block
@@ -77,10 +87,15 @@ class Quantize(Pass):
                      f"quantize: group_size={self.group_size!r} must be a positive integer or -1 (per channel)")
         check_option(self.group_axis in GROUP_AXES,
                      f"quantize: group_axis={self.group_axis!r} must be one of {GROUP_AXES}")
-        check_option(self.method in METHODS, f"quantize: method={self.method!r} must be one of {METHODS}")
-        check_option(0 <= self.damp < 1, f"quantize: damp={self.damp} must be in [0, 1)")
-        check_option(self.block_size > 0 and self.awq_grid > 0 and self.range_steps >= 0 and self.outlier_sigma > 0,
-                     "quantize: block_size, awq_grid and outlier_sigma must be positive, range_steps >= 0")
+        check_option(isinstance(self.calibration_batches, int) and self.calibration_batches > 0,
+                     f"quantize: calibration_batches={self.calibration_batches!r} must be a positive integer")
+        self.method_object()  # the method's own checks, and no option of another method
+
+    def method_object(self) -> WeightQuantizer:
+        """The chosen method with its options (PassSpecError for an unknown method or a foreign option)."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return method_options(FAMILY, self.method, options, defaults)
 
     def spec_for(self, site: LinearSite) -> QuantSpec:
         """The layer's QuantSpec; a PassError naming the layer when the options cannot apply to it."""
@@ -90,91 +105,85 @@ class Quantize(Pass):
         return spec
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        method = self.method_object()
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         specs = {s.node.name: self.spec_for(s) for s in sites}  # every layer checked before any change
         notes: dict = {"method": self.method, "layers": len(sites)}
         semantics = Semantics()
-        stats = {}
-        if self.method in CALIBRATED_METHODS:
+        if method.needs_calibration and sites:
             require_batches(ctx, self.name, self.method, sites)
-            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches,
-                                          pass_name=self.name, method=self.method)
-            if self.method == "gptq":
-                _warn_rank_deficient(sites, stats, self.damp, notes)
-        if self.method == "awq":
-            from fxforge.passes.quantize.awq import apply_awq_scales
+            by_node = {s.node: s for s in sites}
 
-            notes["awq"] = apply_awq_scales(gm, sites, specs, stats, self, semantics)
-        extra_sites: list = []
-        for site in ctx.progress(sites, desc=f"quantize ({self.method})", total=len(sites)):
-            spec = specs[site.node.name]
-            matrix = orient(weight_of(gm, site).float(), self.group_axis)
-            qm, outliers = self._quantize_matrix(matrix, spec, site, stats), None
-            if isinstance(qm, tuple):  # easyquant: (codes, sparse outliers)
-                qm, outliers = qm
-                notes["outlier_weights"] = notes.get("outlier_weights", 0) + int(outliers.values.numel())
-            semantics.replace_weight(site.weight_name, claimed_weight(qm, outliers, self.group_axis))
-            new = emit_weight_only(gm, site, qm, spec, self.group_axis)
-            if outliers is not None:
-                from fxforge.passes.quantize.easyquant import emit_outliers
+            def rewrite_block(block: BlockCalibration) -> None:
+                self._quantize_sites(gm, [by_node[n] for n in block.nodes], specs, block.statistics, method,
+                                     semantics, notes, ctx, block.name)
 
-                emit_outliers(gm, new, outliers, self.group_axis)
-                extra_sites.append(site.module_path)
-        if extra_sites:
-            notes["sparse_outlier_layers"] = len(extra_sites)
+            run = calibrate(gm, ctx, {s.node: method.statistics for s in sites}, rewrite_block,
+                            pass_name=self.name, method=self.method, max_batches=self.calibration_batches)
+            notes["calibration"] = {"batches": run.batches, "blocks": run.blocks, "offloaded": run.offloaded}
+        else:
+            self._quantize_sites(gm, sites, specs, {}, method, semantics, notes, ctx, "")
+        method.finish(notes)
         return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes, semantics=semantics)
 
-    def _quantize_matrix(self, matrix, spec: QuantSpec, site: LinearSite, stats: dict):
-        if self.method == "rtn":
-            return quantize_weight_rtn(matrix, spec)
-        if self.method == "gptq":
-            from fxforge.passes.quantize.gptq import quantize_weight_gptq
+    def _quantize_sites(self, gm: GraphModule, sites: list[LinearSite], specs: Mapping[str, QuantSpec],
+                        stats: Mapping[str, Any], method: WeightQuantizer, semantics: Semantics, notes: dict,
+                        ctx: PassContext, where: str) -> None:
+        """Quantize `sites` (one block, or every site for a data-free method) in place."""
+        _merge_notes(notes, method.prepare_block(gm, sites, specs, stats, self.group_axis, semantics))
+        desc = f"quantize ({self.method})" + (f" {where}" if where else "")
+        for site in ctx.progress(sites, desc=desc, total=len(sites)):
+            spec = specs[site.node.name]
+            matrix = orient(weight_of(gm, site).float(), self.group_axis)
+            layer = method.quantize(matrix, spec, site, stats.get(site.node.name), self.group_axis)
+            semantics.replace_weight(site.weight_name, claimed_weight(layer, self.group_axis))
+            new = emit_weight_only(gm, site, layer.matrix, spec, self.group_axis)
+            if layer.outliers is not None:
+                from fxforge.passes.quantize.easyquant import emit_outliers
 
-            return quantize_weight_gptq(matrix, spec, stats[site.node.name].hessian, self.group_axis,
-                                        damp=self.damp, block_size=self.block_size)
-        if self.method == "awq":
-            from fxforge.passes.quantize.awq import quantize_weight_awq
-
-            return quantize_weight_awq(matrix, spec, stats[site.node.name], self.group_axis,
-                                       clip_search=self.clip_search and not _is_query_or_key(site))
-        from fxforge.passes.quantize.easyquant import quantize_weight_easyquant
-
-        return quantize_weight_easyquant(matrix, spec, sigma=self.outlier_sigma, steps=self.range_steps)
+                emit_outliers(gm, new, layer.outliers, self.group_axis)
+                notes["outlier_weights"] = notes.get("outlier_weights", 0) + int(layer.outliers.values.numel())
+                notes["sparse_outlier_layers"] = notes.get("sparse_outlier_layers", 0) + 1
 
 
-def claimed_weight(qm, outliers, group_axis: str):
+def _merge_notes(notes: dict, more: dict) -> None:
+    """Add a block's notes to the pass's: lists extend, dicts update, the rest is replaced."""
+    for key, value in more.items():
+        if isinstance(value, list):
+            notes.setdefault(key, []).extend(value)
+        elif isinstance(value, dict) and isinstance(notes.get(key), dict):
+            for inner, item in value.items():
+                if isinstance(item, list):
+                    notes[key].setdefault(inner, []).extend(item)
+                elif isinstance(item, dict):
+                    notes[key].setdefault(inner, {}).update(item)
+                elif isinstance(item, int) and isinstance(notes[key].get(inner), int):
+                    notes[key][inner] += item
+                else:
+                    notes[key][inner] = item
+        else:
+            notes[key] = value
+
+
+def claimed_weight(layer: QuantizedLayer, group_axis: str):
     """ŵ (out, in) a quantized layer claims to compute with: the chosen codes dequantized
     (`QuantizedMatrix.dequantize`, from the unpacked codes, so a packing bug cannot hide),
     plus EasyQuant's float outliers, in the weight's orientation."""
-    dense = qm.dequantize()
+    dense = layer.matrix.dequantize()
+    outliers = layer.outliers
     if outliers is not None and outliers.values.numel():
         dense = dense.index_put((outliers.rows, outliers.cols), outliers.values.to(dense.dtype), accumulate=True)
     return dense if group_axis == "in" else dense.T.contiguous()
 
 
-def _is_query_or_key(site: LinearSite) -> bool:
-    """AWQ skips clip search on q/k: their error is amplified by the softmax, not seen in q·Wᵀ MSE."""
-    leaf = site.module_path.rsplit(".", 1)[-1]
-    return leaf in ("q_proj", "k_proj", "query", "key", "c_attn", "qkv_proj", "Wqkv")
+def require_batches(ctx: PassContext, pass_name: str, method: str, sites: list[LinearSite]) -> None:
+    """A CalibrationError naming the layers and the fix when calibration data is missing or empty."""
+    names = [s.module_path for s in sites]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    ctx.require_calibration(
+        pass_name, f"calibration data to quantize layer(s) {shown}", method=method,
+        hint=" Or use a data-free method (rtn, easyquant). The model was not changed.")
 
 
-__all__ = ["Quantize", "METHODS", "aten"]
-
-
-def _warn_rank_deficient(sites, stats: dict, damp: float, notes: dict) -> None:
-    """GPTQ with fewer calibration rows than input features has a singular Hessian and fits
-    the calibration set instead of the layer: on minilm at 2 bits with 190 tokens (< 384
-    features) held-out cosine fell to 0.10 at damp=0.01 versus 0.36 for RTN, and rose to 0.46
-    / 0.54 at damp=0.1 / 0.5. Say so rather than return a quietly worse model."""
-    short = [(site.module_path, stats[site.node.name].rows, site.in_features) for site in sites
-             if stats[site.node.name].rows < site.in_features]
-    if not short:
-        return
-    notes["rank_deficient_layers"] = len(short)
-    path, rows, features = short[0]
-    warnings.warn(
-        f"quantize(method='gptq'): {len(short)} layer(s) saw fewer calibration tokens than input features "
-        f"(e.g. {path}: {rows} < {features}), so their Hessian is singular and GPTQ will overfit the "
-        f"calibration set. Give more calibration data (hundreds of thousands of tokens is standard) or "
-        f"raise damp (now {damp}; 0.1 or more).", stacklevel=2)
+__all__ = ["Quantize", "METHODS", "CALIBRATED_METHODS", "aten"]

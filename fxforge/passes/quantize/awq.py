@@ -18,7 +18,8 @@ error (skipped for q/k, whose error the softmax amplifies in ways this proxy doe
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -26,7 +27,10 @@ from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite, aten, get_attr
 from fxforge.ir.reference import Semantics
-from fxforge.passes.quantize.calibration import LinearInputStats
+from fxforge.calibration.observers import InputStatistics
+from fxforge.passes.methods import register_method
+from fxforge.passes.quantize.common import check_option
+from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, quantize_matrix
 
 CLIP_SEARCH_ROWS = 512   # calibration rows used by the clip search (as the reference code does)
@@ -72,13 +76,15 @@ def find_producer(gm: GraphModule, x: Node, members: set[Node]) -> list[tuple[st
     return None
 
 
-def apply_awq_scales(gm: GraphModule, sites: list[LinearSite], specs: dict[str, QuantSpec],
-                     stats: dict[str, LinearInputStats], options: Any,
+def apply_awq_scales(gm: GraphModule, sites: list[LinearSite], specs: Mapping[str, QuantSpec],
+                     stats: Mapping[str, InputStatistics], grid: int, group_axis: str,
                      semantics: Semantics | None = None) -> dict[str, Any]:
     """Search and fold AWQ scales for every group of sites sharing an input; returns a report.
 
-    Each producer divided by s is recorded in `semantics` (the result claims to compute with
-    the rescaled producer; the scaled weights are recorded when they are quantized)."""
+    `grid`: alphas 0, 1/grid, ..., (grid-1)/grid. Each producer divided by s is recorded in
+    `semantics` (the result claims to compute with the rescaled producer; the scaled weights
+    are recorded when they are quantized). The group's shared input samples are divided by s
+    too, so the clip search sees the inputs the scaled weights will get."""
     groups: dict[Node, list[LinearSite]] = defaultdict(list)
     for site in sites:
         groups[site.input].append(site)
@@ -88,11 +94,11 @@ def apply_awq_scales(gm: GraphModule, sites: list[LinearSite], specs: dict[str, 
         if producer is None:
             skipped.append(members[0].module_path)
             continue
-        first = stats[members[0].node.name]
-        scale, alpha = _search_scale(gm, members, specs, first, options)
+        first = stats[members[0].node.name]  # members read one input: one InputStatistics
+        scale, alpha = _search_scale(gm, members, specs, first, grid, group_axis)
         for site in members:
             get_attr(gm, site.weight_name).data.mul_(scale.to(get_attr(gm, site.weight_name).dtype))
-            stats[site.node.name].samples = [rows / scale for rows in stats[site.node.name].samples]
+        first.scale_samples(scale)
         for name, kind in producer:
             target = get_attr(gm, name).data
             target.div_((scale[:, None] if kind == "rows" else scale).to(target.dtype))
@@ -103,18 +109,18 @@ def apply_awq_scales(gm: GraphModule, sites: list[LinearSite], specs: dict[str, 
     return {"groups_scaled": folded, "alphas": alphas, "no_foldable_producer": skipped}
 
 
-def _search_scale(gm: GraphModule, members: list[LinearSite], specs: dict[str, QuantSpec],
-                  stats: LinearInputStats, options: Any) -> tuple[Tensor, float]:
+def _search_scale(gm: GraphModule, members: list[LinearSite], specs: Mapping[str, QuantSpec],
+                  stats: InputStatistics, grid: int, group_axis: str) -> tuple[Tensor, float]:
     x = stats.sample()[:SCALE_SEARCH_ROWS]
     mean_abs = stats.mean_abs
     weights = [get_attr(gm, m.weight_name).detach().float() for m in members]
     reference = torch.cat([x @ w.T for w in weights], dim=-1)
     best = (float("inf"), torch.ones_like(mean_abs), 0.0)
-    for i in range(options.awq_grid):
-        alpha = i / options.awq_grid
+    for i in range(grid):
+        alpha = i / grid
         s = mean_abs.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        out = torch.cat([x @ (fake_quant_weight(w * s, specs[m.node.name], options.group_axis) / s).T
+        out = torch.cat([x @ (fake_quant_weight(w * s, specs[m.node.name], group_axis) / s).T
                          for w, m in zip(weights, members)], dim=-1)
         err = float((out - reference).pow(2).mean())
         if err < best[0]:
@@ -122,7 +128,7 @@ def _search_scale(gm: GraphModule, members: list[LinearSite], specs: dict[str, Q
     return best[1], best[2]
 
 
-def quantize_weight_awq(matrix: Tensor, spec: QuantSpec, stats: LinearInputStats, group_axis: str,
+def quantize_weight_awq(matrix: Tensor, spec: QuantSpec, stats: InputStatistics, group_axis: str,
                         clip_search: bool = True) -> QuantizedMatrix:
     """RTN of the (already scaled) matrix with AWQ's per-(row, group) clip search."""
     if not clip_search:
@@ -145,3 +151,39 @@ def quantize_weight_awq(matrix: Tensor, spec: QuantSpec, stats: LinearInputStats
         best_err = torch.where(better, err[..., None], best_err)
         best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
     return quantize_matrix(matrix, spec, best_clip)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+def is_query_or_key(site: LinearSite) -> bool:
+    """AWQ skips clip search on q/k: their error is amplified by the softmax, not seen in q·Wᵀ MSE."""
+    leaf = site.module_path.rsplit(".", 1)[-1]
+    return leaf in ("q_proj", "k_proj", "query", "key", "c_attn", "qkv_proj", "Wqkv")
+
+
+@register_method(FAMILY)
+@dataclass(frozen=True)
+class Awq(WeightQuantizer):
+    """quantize(method=awq): activation-aware scales folded into the producer, then clip search.
+
+    awq_grid: alphas 0, 1/grid, ..., (grid-1)/grid tried for the scales.
+    clip_search: search a clip ratio per output row and group (not on q/k).
+    """
+
+    name = "awq"
+    needs_calibration = True
+    statistics = ("abs_mean", "samples")
+    awq_grid: int = 20
+    clip_search: bool = True
+
+    def __post_init__(self) -> None:
+        check_option(isinstance(self.awq_grid, int) and self.awq_grid > 0,
+                     f"quantize: awq_grid={self.awq_grid!r} must be a positive integer")
+
+    def prepare_block(self, gm, sites, specs, stats, group_axis, semantics) -> dict:
+        return {"awq": apply_awq_scales(gm, sites, specs, stats, self.awq_grid, group_axis, semantics)}
+
+    def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
+        return QuantizedLayer(quantize_weight_awq(matrix, spec, stats, group_axis,
+                                                  clip_search=self.clip_search and not is_query_or_key(site)))

@@ -34,7 +34,8 @@ from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
-from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
+from fxforge.passes.quantize.common import bias_node, check_option, weight_of
+from fxforge.passes.selection import LayerSelection
 
 DELTA_SUFFIXES = (".delta_signs", ".delta_alpha")
 
@@ -159,7 +160,7 @@ class BitDelta(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         state = base_state_dict(self.base)
-        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         bases = {}
         for site in sites:  # every layer checked before any change

@@ -1,4 +1,4 @@
-"""What the quantization passes share: site selection, option checks, weight orientation and
+"""What the quantization passes share: option checks, weight orientation and
 the rewrite of one `aten.linear` into a packed weight-only op.
 
 Orientation: every integer method quantizes a matrix M in groups of consecutive columns.
@@ -6,8 +6,6 @@ group_axis="in" (the default) uses M = W (out, in), which is fxforge::linear_wq'
 group_axis="out" (per-IC grouping) uses M = Wᵀ (in, out), emitted as fxforge::linear_wq_ic.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -18,18 +16,8 @@ from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.linear_wq import pack_bits
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec
-from fxforge.passes.selection import Selection, select_linear_sites
 
 GROUP_AXES = ("in", "out")
-
-
-def select_sites(gm: GraphModule, pass_name: str, targets: Sequence[str] | None, exclude: Sequence[str],
-                 include_lm_head: bool) -> Selection:
-    """Linear sites the pass rewrites, and why matching layers are left alone (see passes.selection).
-
-    Embeddings are never linear sites, so they stay float; a pattern matching nothing is a PassError.
-    """
-    return select_linear_sites(gm, pass_name, targets, exclude, include_lm_head)
 
 
 def check_option(condition: bool, message: str) -> None:

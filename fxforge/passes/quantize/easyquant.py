@@ -18,6 +18,9 @@ from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import add_attr, aten
 from fxforge.ir.ops import get_op
+from fxforge.passes.methods import register_method
+from fxforge.passes.quantize.common import check_option
+from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
 from fxforge.passes.quantize.rtn import MIN_SCALE, QuantizedMatrix, QuantSpec, quantize_codes
 
 LEARNING_RATE = 5e-3
@@ -117,3 +120,29 @@ def emit_outliers(gm: GraphModule, quantized: Node, outliers: SparseOutliers, gr
     for node in (sparse, total):
         node.meta["module_path"] = quantized.meta.get("module_path", "")
     quantized.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total and user is not sparse)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@register_method(FAMILY)
+@dataclass(frozen=True)
+class EasyQuant(WeightQuantizer):
+    """quantize(method=easyquant), data-free.
+
+    outlier_sigma: weights beyond this many std of their row stay float (a sparse add).
+    range_steps: gradient steps of the range optimization (0: min/max of the normal weights).
+    """
+
+    name = "easyquant"
+    outlier_sigma: float = 3.0
+    range_steps: int = 100
+
+    def __post_init__(self) -> None:
+        check_option(self.outlier_sigma > 0, f"quantize: outlier_sigma={self.outlier_sigma} must be positive")
+        check_option(isinstance(self.range_steps, int) and self.range_steps >= 0,
+                     f"quantize: range_steps={self.range_steps!r} must be an integer >= 0")
+
+    def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
+        qm, outliers = quantize_weight_easyquant(matrix, spec, sigma=self.outlier_sigma, steps=self.range_steps)
+        return QuantizedLayer(qm, outliers)

@@ -8,7 +8,8 @@ Group parameters (group_axis="in") are computed from the already-updated weights
 starts; blocks hold whole groups, or cut one group into pieces the first of which begins where
 the group begins, so at that moment every column of the group carries all earlier errors. With
 group_axis="out" (per-IC) each column's parameters come from that column's groups of output
-rows when it is quantized. Calibration inputs come from the float model (all layers at once).
+rows when it is quantized. Calibration inputs of block i come from the model with blocks
+0..i-1 already quantized (fxforge.calibration.engine), as in the reference implementation.
 
 Where the time goes, and how it is kept small (fp32 on CPU):
 * The work is done on Wᵀ (K, N), so a column of W is a contiguous row: every per-column step
@@ -23,13 +24,18 @@ Where the time goes, and how it is kept small (fp32 on CPU):
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from fxforge.passes.methods import register_method
+from fxforge.passes.quantize.common import check_option
 from fxforge.passes.quantize.hessian import inverse_hessian_factor
+from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, qparams, quantize_codes
 
 SUB_BLOCK = 16  # columns per rank-1 stretch inside a block; the rest of the block gets a matmul
@@ -172,3 +178,52 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group
     return QuantizedMatrix(codes=oriented.contiguous().to(torch.uint8),
                            scales=(scales.T if per_row else scales).contiguous(),
                            zeros=(zeros.T if per_row else zeros).contiguous().to(torch.uint8), group_size=g)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@register_method(FAMILY)
+@dataclass(frozen=True)
+class Gptq(WeightQuantizer):
+    """quantize(method=gptq): error feedback weighted by the inverse Hessian of the layer's inputs.
+
+    damp: fraction of mean diag(H) added to the diagonal (0 ≤ damp < 1).
+    block_size: columns per lazy-update block.
+    """
+
+    name = "gptq"
+    needs_calibration = True
+    statistics = ("gram",)
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_option(0 <= self.damp < 1, f"quantize: damp={self.damp} must be in [0, 1)")
+        check_option(isinstance(self.block_size, int) and self.block_size > 0,
+                     f"quantize: block_size={self.block_size!r} must be a positive integer")
+
+    def prepare_block(self, gm, sites, specs, stats, group_axis, semantics) -> dict:
+        short = [(s.module_path, stats[s.node.name].rows, s.in_features) for s in sites
+                 if stats[s.node.name].rows < s.in_features]
+        return {"rank_deficient": short} if short else {}
+
+    def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
+        return QuantizedLayer(quantize_weight_gptq(matrix, spec, stats.hessian, group_axis, damp=self.damp,
+                                                   block_size=self.block_size))
+
+    def finish(self, notes: dict) -> None:
+        """GPTQ with fewer calibration rows than input features has a singular Hessian and fits
+        the calibration set instead of the layer: on minilm at 2 bits with 190 tokens (< 384
+        features) held-out cosine fell to 0.10 at damp=0.01 versus 0.36 for RTN, and rose to
+        0.46 / 0.54 at damp=0.1 / 0.5. Say so rather than return a quietly worse model."""
+        short = notes.pop("rank_deficient", [])
+        if not short:
+            return
+        notes["rank_deficient_layers"] = len(short)
+        path, rows, features = short[0]
+        warnings.warn(
+            f"quantize(method='gptq'): {len(short)} layer(s) saw fewer calibration tokens than input features "
+            f"(e.g. {path}: {rows} < {features}), so their Hessian is singular and GPTQ will overfit the "
+            f"calibration set. Give more calibration data (hundreds of thousands of tokens is standard) or "
+            f"raise damp (now {self.damp}; 0.1 or more).", stacklevel=4)

@@ -21,7 +21,8 @@ from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
-from fxforge.passes.quantize.common import bias_node, check_option, select_sites
+from fxforge.passes.quantize.common import bias_node, check_option
+from fxforge.passes.selection import LayerSelection
 from fxforge.passes.quantize.quantize_dynamic import Int8Claim, int8_weight_attrs
 
 
@@ -45,7 +46,7 @@ class LlmInt8(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_int8_mixed").overload
-        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         semantics = Semantics()
         for site in sites:

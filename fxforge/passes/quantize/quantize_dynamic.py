@@ -28,7 +28,8 @@ from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
-from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
+from fxforge.passes.quantize.common import bias_node, check_option, weight_of
+from fxforge.passes.selection import LayerSelection
 
 INT8_MAX = 127
 
@@ -101,7 +102,7 @@ class QuantizeDynamic(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_w8a8").overload
-        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         semantics = Semantics()
         for site in sites:

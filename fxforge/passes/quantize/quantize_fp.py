@@ -32,8 +32,9 @@ from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
-from fxforge.passes.quantize.calibration import capture_linear_inputs
-from fxforge.passes.quantize.common import bias_node, check_option, resolve_group_size, select_sites, weight_of
+from fxforge.calibration.engine import calibrate
+from fxforge.passes.quantize.common import bias_node, check_option, resolve_group_size, weight_of
+from fxforge.passes.selection import LayerSelection
 
 SEARCH_ROWS = 128  # calibration rows for the scale search (cost grows with rows x points)
 
@@ -96,7 +97,7 @@ class QuantizeFp(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         op = get_op("linear_fp").overload
-        selection = select_sites(gm, self.name, self.targets, self.exclude, self.include_lm_head)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         groups = {s.node.name: resolve_group_size(self.name, s, self.group_size, "in") for s in sites}
         for s in sites:
@@ -104,17 +105,29 @@ class QuantizeFp(Pass):
                 raise PassError(f"pass '{self.name}': layer '{s.module_path}' has {s.in_features} inputs; FP4 codes "
                                 f"pack two a byte, so use fmt='e4m3' or exclude=['{s.module_path}']. The model was "
                                 f"not changed.", pass_name=self.name)
-        searching = self.search and ctx.calibration is not None
-        stats = {}
-        if searching:  # given calibration must be usable; search=False is how to go without it
-            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches, pass_name=self.name)
+        searching = self.search and ctx.calibration is not None and bool(sites)
         semantics = Semantics()
-        for site in ctx.progress(sites, desc="quantize_fp", total=len(sites)):
+        if searching:  # given calibration must be usable; search=False is how to go without it
+            # block by block: each block's search sees the outputs of the blocks already in FP
+            by_node = {s.node: s for s in sites}
+            calibrate(gm, ctx, {s.node: ("samples",) for s in sites},
+                      lambda block: self._rewrite(gm, [by_node[n] for n in block.nodes], groups, op, semantics,
+                                                  block.statistics, ctx, block.name),
+                      pass_name=self.name, max_batches=self.calibration_batches, sample_rows=SEARCH_ROWS)
+        else:
+            self._rewrite(gm, sites, groups, op, semantics, {}, ctx, "")
+        return PassResult(gm, sites=len(sites), skipped=selection.skipped,
+                          notes={"fmt": self.fmt, "searched": searching}, semantics=semantics)
+
+    def _rewrite(self, gm: GraphModule, sites: list, groups: dict, op, semantics: Semantics, stats: dict,
+                 ctx: PassContext, where: str) -> None:
+        """Quantize `sites` (one block when searching) in place; `stats` holds their input samples."""
+        for site in ctx.progress(sites, desc="quantize_fp" + (f" {where}" if where else ""), total=len(sites)):
             w = weight_of(gm, site).float()
             g = groups[site.node.name]
             n, k = w.shape
             grouped = w.reshape(n, k // g, g)
-            if searching:
+            if site.node.name in stats:
                 scale = search_channel_scales(w, g, self.fmt, stats[site.node.name].sample()[:SEARCH_ROWS],
                                               self.search_points)
             else:
@@ -132,5 +145,3 @@ class QuantizeFp(Pass):
                                    before=site.node)
             replace_with_call(gm, site.node, op, (site.input, codes_node, scales_node, bias_node(site), self.fmt, g,
                                                   self.act_fmt))
-        return PassResult(gm, sites=len(sites), skipped=selection.skipped,
-                          notes={"fmt": self.fmt, "searched": searching}, semantics=semantics)

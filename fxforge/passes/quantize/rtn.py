@@ -97,3 +97,20 @@ def quantize_matrix(m: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Q
 def quantize_weight_rtn(m: Tensor, spec: QuantSpec) -> QuantizedMatrix:
     """The RTN baseline: each group's full range, rounded to nearest."""
     return quantize_matrix(m, spec)
+
+
+# --------------------------------------------------------------------------- the method
+
+from fxforge.passes.methods import register_method  # noqa: E402  (below the helpers the method uses)
+from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer  # noqa: E402
+
+
+@register_method(FAMILY)
+@dataclass(frozen=True)
+class Rtn(WeightQuantizer):
+    """quantize(method=rtn): round to nearest over each group's full range; no options, no data."""
+
+    name = "rtn"
+
+    def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
+        return QuantizedLayer(quantize_weight_rtn(matrix, spec))

@@ -19,8 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from torch import Tensor
+
 from torch.fx import GraphModule
 
+from fxforge.calibration.engine import BlockCalibration, calibrate
 from fxforge.errors import PassError
 from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
@@ -29,9 +32,9 @@ from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
+from fxforge.passes.methods import Method, method_options, methods_of, register_method
 from fxforge.passes.quantize.bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
-from fxforge.passes.quantize.calibration import capture_linear_inputs
-from fxforge.passes.selection import select_linear_sites
+from fxforge.passes.selection import LayerSelection
 
 BUDGET_CHOICES = (2, 3, 4)
 # Output cosine to the float model the tests expect on the example inputs, by the fewest planes
@@ -39,6 +42,33 @@ BUDGET_CHOICES = (2, 3, 4)
 # of honest loss, not quality targets (the bench measures quality). Verification no longer uses
 # them: it checks the result against its semantics; pass max_loss={"min_cosine": ...} to bound.
 MIN_COSINE = {1: 0.3, 2: 0.8, 3: 0.9, 4: 0.95}
+
+
+@register_method("shift_add")
+@dataclass(frozen=True)
+class Bcq(Method):
+    """shift_add(method=bcq): BCQ fitted to the weights alone (data-free)."""
+
+    name = "bcq"
+
+    def fit(self, weight: Tensor, hessian: Tensor | None, bits: int, group_size: int, terms: int,
+            iters: int) -> BcqWeight:
+        return quantize_bcq(weight, bits, group_size, terms, iters)
+
+
+@register_method("shift_add")
+@dataclass(frozen=True)
+class BcqCalibrated(Method):
+    """shift_add(method=bcq_calibrated): BCQ minimizing the output error on calibration inputs
+    (H = XᵀX/n of the layer's inputs, GPTQ-style error feedback); calibrated block by block."""
+
+    name = "bcq_calibrated"
+    needs_calibration = True
+    statistics = ("gram",)
+
+    def fit(self, weight: Tensor, hessian: Tensor | None, bits: int, group_size: int, terms: int,
+            iters: int) -> BcqWeight:
+        return quantize_bcq_calibrated(weight, hessian, bits, group_size, terms, iters)
 
 
 @register_pass
@@ -76,7 +106,7 @@ class ShiftAdd(Pass):
                 f"shift_add: group_size={self.group_size} must be a positive multiple of 8 (one lookup-table "
                 f"byte holds 8 signs) or -1 for whole rows"
             )
-        if self.method not in ("bcq", "bcq_calibrated"):
+        if self.method not in methods_of("shift_add"):
             raise ValueError(f"shift_add: method={self.method!r} is unknown; use 'bcq' or 'bcq_calibrated'")
         if not 1 <= self.apot_terms <= 8:
             raise ValueError(f"shift_add: apot_terms={self.apot_terms} is out of range; use 1 to 8")
@@ -113,48 +143,51 @@ class ShiftAdd(Pass):
                 node=site.node.name,
             )
 
+    def method_object(self) -> Bcq | BcqCalibrated:
+        return method_options("shift_add", self.method, {})
+
     def _quantize(self, site: LinearSite, gm: GraphModule, bits: int, hessian) -> BcqWeight:
         weight = get_attr(gm, site.weight_name)
-        g = self._group(site)
-        if self.method == "bcq_calibrated":
-            return quantize_bcq_calibrated(weight, hessian, bits, g, self.apot_terms, self.iters)
-        return quantize_bcq(weight, bits, g, self.apot_terms, self.iters)
+        return self.method_object().fit(weight, hessian, bits, self._group(site), self.apot_terms, self.iters)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        selection = select_linear_sites(gm, self.name, self.targets, self.exclude)
+        selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
         self._check_sites(sites)
-        hessians = {}
-        if self.method == "bcq_calibrated":
+        method = self.method_object()
+        if method.needs_calibration:
             ctx.require_calibration(self.name, method=self.method)
-        if sites and ctx.calibration is not None and (self.method == "bcq_calibrated" or self.bit_budget):
-            # the quantize package's capture: H = XᵀX/n of each layer's input on the float graph
-            stats = capture_linear_inputs(gm, ctx, sites, max_batches=self.calibration_batches, rows_per_batch=0,
-                                          pass_name=self.name, method=self.method)
-            if any(s.rows == 0 for s in stats.values()):
-                raise PassError("pass 'shift_add': the calibration data yielded no batches; pass at least one "
-                                "model input as calibration", pass_name=self.name)
-            hessians = {name: s.hessian for name, s in stats.items()}
-
+        calibrated = bool(sites) and ctx.calibration is not None and (method.needs_calibration or self.bit_budget)
+        requests = {s.node: ("gram",) for s in sites}
         chosen: dict[str, BcqWeight] = {}
         notes: dict = {}
-        if self.bit_budget is None:
-            for site in ctx.progress(sites, desc="shift_add"):
-                chosen[site.node.name] = self._quantize(site, gm, self.bits, hessians.get(site.node.name))
-        else:
-            chosen, allocation = self._allocate(gm, sites, hessians, ctx)
-            notes["bits"] = allocation
         op = get_op("shift_add_linear").overload
         semantics = Semantics()
-        for site in sites:
-            result = chosen[site.node.name]
-            semantics.replace_weight(site.weight_name, result.dequantize())
-            base = site.module_path or site.weight_name
-            packed = add_attr(gm, f"{base}.sa_packed", result.packed(), buffer=True, before=site.node)
-            exps = add_attr(gm, f"{base}.sa_exps", result.exps, buffer=True, before=site.node)
-            signs = add_attr(gm, f"{base}.sa_signs", result.signs, buffer=True, before=site.node)
-            bias = site.node.args[2] if len(site.node.args) > 2 else site.node.kwargs.get("bias")
-            replace_with_call(gm, site.node, op, (site.input, packed, exps, signs, bias, self._group(site)))
+        if self.bit_budget is not None:
+            hessians = {}
+            if calibrated:
+                # the allocation compares every layer's sensitivity: one sweep, nothing rewritten yet
+                run = calibrate(gm, ctx, requests, pass_name=self.name, method=self.method,
+                                max_batches=self.calibration_batches)
+                hessians = {name: self._hessian(stats) for name, stats in run.statistics.items()}
+            chosen, allocation = self._allocate(gm, sites, hessians, ctx)
+            notes["bits"] = allocation
+            self._emit(gm, sites, chosen, op, semantics)
+        elif calibrated:
+            by_node = {s.node: s for s in sites}
+
+            def rewrite_block(block: BlockCalibration) -> None:  # block i sees blocks < i already in BCQ
+                block_sites = [by_node[n] for n in block.nodes]
+                for site in ctx.progress(block_sites, desc=f"shift_add {block.name}"):
+                    chosen[site.node.name] = self._quantize(site, gm, self.bits, self._hessian(block.stats(site.node)))
+                self._emit(gm, block_sites, chosen, op, semantics)
+
+            calibrate(gm, ctx, requests, rewrite_block, pass_name=self.name, method=self.method,
+                      max_batches=self.calibration_batches)
+        else:
+            for site in ctx.progress(sites, desc="shift_add"):
+                chosen[site.node.name] = self._quantize(site, gm, self.bits, None)
+            self._emit(gm, sites, chosen, op, semantics)
         total = sum(s.in_features * s.out_features for s in sites)
         if total:
             stored = sum(
@@ -164,6 +197,25 @@ class ShiftAdd(Pass):
             notes["avg_planes"] = sum(s.in_features * s.out_features * chosen[s.node.name].bits for s in sites) / total
             notes["stored_bits_per_weight"] = stored / total
         return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes, semantics=semantics)
+
+    def _hessian(self, stats):
+        if stats.rows == 0:
+            raise PassError("pass 'shift_add': the calibration data yielded no batches; pass at least one "
+                            "model input as calibration", pass_name=self.name)
+        return stats.hessian
+
+    def _emit(self, gm: GraphModule, sites: list[LinearSite], chosen: dict[str, BcqWeight], op,
+              semantics: Semantics) -> None:
+        """Replace each site's linear by shift_add_linear on its chosen BCQ weight."""
+        for site in sites:
+            result = chosen[site.node.name]
+            semantics.replace_weight(site.weight_name, result.dequantize())
+            base = site.module_path or site.weight_name
+            packed = add_attr(gm, f"{base}.sa_packed", result.packed(), buffer=True, before=site.node)
+            exps = add_attr(gm, f"{base}.sa_exps", result.exps, buffer=True, before=site.node)
+            signs = add_attr(gm, f"{base}.sa_signs", result.signs, buffer=True, before=site.node)
+            bias = site.node.args[2] if len(site.node.args) > 2 else site.node.kwargs.get("bias")
+            replace_with_call(gm, site.node, op, (site.input, packed, exps, signs, bias, self._group(site)))
 
     def _allocate(self, gm: GraphModule, sites: list[LinearSite], hessians: dict, ctx: PassContext):
         """Score each site at every budget choice, allocate greedily, then quantize at the chosen bits.

@@ -52,7 +52,7 @@ def test_spec_string_round_trips():
 
 
 def test_target_matching_no_group_is_an_error(llama):
-    with pytest.raises(PassError, match="match no") as info:
+    with pytest.raises(PassError, match="matches no") as info:
         _prune(llama, method="magnitude", targets=("decoder.blocks.*",))
     assert "model.layers.0.mlp" in str(info.value)  # lists where groups are
 

@@ -8,8 +8,8 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, linear_sites
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import PipelineReport, run_pass
-from fxforge.passes.prune.sparsify import (MASKS_META, Sparsify, dsnot_refine, mask_n_m,
-                                           mask_unstructured, reapply_masks)
+from fxforge.passes.prune.masks import dsnot_refine, mask_n_m, mask_unstructured
+from fxforge.passes.prune.sparsify import MASKS_META, Sparsify, reapply_masks
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize import Quantize
 from fxforge.passes.quantize.awq import apply_awq_scales, quantize_weight_awq
-from fxforge.passes.quantize.calibration import LinearInputStats, capture_linear_inputs
+from fxforge.calibration.engine import calibrate
+from fxforge.calibration.observers import InputStatistics
 from fxforge.passes.quantize.common import relative_error
 from fxforge.passes.quantize.gptq import quantize_weight_gptq
 from fxforge.passes.quantize.rtn import QuantSpec, quantize_weight_rtn
@@ -59,7 +60,8 @@ def test_gptq_lowers_output_error(group_axis, group_size):
 def test_awq_clip_search_never_loses_to_rtn(group_axis):
     x, w = _correlated_inputs(), torch.randn(32, 64)
     w[0, 0] = 8.0  # an outlier the clip search should trade off
-    stats = LinearInputStats(gram=x.T.double() @ x.double(), rows=len(x), samples=[x], abs_sum=x.abs().sum(0).double())
+    stats = InputStatistics("x", ("samples", "abs_mean"), width=64, rows_per_batch=len(x))
+    stats.update(x)
     m, spec = (w if group_axis == "in" else w.T), QuantSpec(3, 16)
     as_w = (lambda t: t) if group_axis == "in" else (lambda t: t.T)
     awq = as_w(quantize_weight_awq(m, spec, stats, group_axis).dequantize())
@@ -71,10 +73,9 @@ def test_awq_scale_folding_keeps_the_float_graph_equivalent(model):
     name, gm, ctx, held_out = model
     work = copy.deepcopy(gm)
     sites = linear_sites(work)
-    stats = capture_linear_inputs(work, ctx, sites)
+    stats = calibrate(work, ctx, {s.node: ("abs_mean", "samples") for s in sites}).statistics  # nothing rewritten
     specs = {s.node.name: QuantSpec(3, 32) for s in sites}
-    options = Quantize(bits=3, group_size=32, method="awq")
-    report = apply_awq_scales(work, sites, specs, stats, options)
+    report = apply_awq_scales(work, sites, specs, stats, grid=20, group_axis="in")
     # llama: q/k/v <- input norm, gate/up <- post-attention norm, down <- up; gpt2: c_attn, c_fc <- ln
     assert report["groups_scaled"] == (6 if name == "tiny-llama" else 4)
     assert any(alpha > 0 for alpha in report["alphas"].values())  # some scale is not all ones

@@ -1,9 +1,7 @@
-"""Calibration statistics at the inputs of linear layers, shared by pruning and sparsity.
-
-One pass over the calibration batches with an FX interpreter; for every requested linear node
-it accumulates, per input channel j, the token count, Σx_j and Σx_j² in float64. From those:
-mean x̄_j, fluctuation (population variance) F_j = E[x_j²] - x̄_j², and the L2 norm ‖X_j‖₂
-that Wanda uses. On request also Σ x xᵀ (in × in), for methods that need channel correlations.
+"""The calibration captures of prune/sparsify (fxforge/passes/prune/capture.py) and EVA
+(fxforge/passes/adapters/common.py's _InputRecorder) up to issue 15, kept as the oracle the
+calibration engine's statistics are measured against (tests/passes/test_engine_port.py):
+float64 sums over the whole graph run by an FX interpreter, all layers at once.
 """
 from __future__ import annotations
 
@@ -69,7 +67,7 @@ class _Capture(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def capture_input_stats(gm: GraphModule, nodes: Sequence[Node], batches: Iterable[Sequence[Any]],
+def capture_input_stats_reference(gm: GraphModule, nodes: Sequence[Node], batches: Iterable[Sequence[Any]],
                         progress: Any = None, second_moment: bool = False) -> dict[str, ChannelStats]:
     """Statistics of the first argument of each node in `nodes`, keyed by node name.
 
@@ -88,3 +86,55 @@ def capture_input_stats(gm: GraphModule, nodes: Sequence[Node], batches: Iterabl
     if not seen:
         raise ValueError("no calibration batches: pass calibration=<iterable of model inputs>")
     return capture.stats
+
+
+class _InputRecorder(torch.fx.Interpreter):
+    """Runs a graph and hands the input x of chosen linear nodes to a callback."""
+
+    def __init__(self, gm: GraphModule, watched: dict[str, str], callback: Any):
+        super().__init__(gm)
+        self.watched, self.callback = watched, callback
+
+    def run_node(self, n: Node) -> Any:
+        if n.name in self.watched:
+            x = self.fetch_args_kwargs_from_env(n)[0][0]
+            self.callback(self.watched[n.name], x.detach())
+        return super().run_node(n)
+
+
+def record_site_inputs_reference(gm: GraphModule, sites: list, flat_inputs: list[Any], callback: Any) -> None:
+    """Run `gm` once; call `callback(module_path, x)` with the input of every site's linear."""
+    watched = {site.node.name: site.module_path for site in sites}
+    with torch.no_grad():
+        _InputRecorder(gm, watched, callback).run(*flat_inputs)
+
+
+class _Moments:
+    """Running sum, scatter Σxᵀx and count of one layer's input rows (float64): EVA's old state."""
+
+    def __init__(self, width: int):
+        self.total = torch.zeros(width, dtype=torch.float64)
+        self.scatter = torch.zeros(width, width, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).double()
+        self.total += rows.sum(0)
+        self.scatter += rows.t() @ rows
+        self.count += rows.shape[0]
+
+    def pca(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / max(self.count, 1)
+        cov = self.scatter / max(self.count, 1) - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(cov)
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        return vectors.t(), values / values.sum().clamp_min(1e-30)
+
+
+def eva_pca_reference(gm: GraphModule, sites: list, batches: Iterable[Sequence[Any]]) -> dict[str, tuple]:
+    """{module path: (components, explained-variance ratios)} over every batch (EVA with eva_tau=1,
+    where no layer stops early), as the old interpreter-based EVA computed them."""
+    moments = {s.module_path: _Moments(s.in_features) for s in sites}
+    for flat in batches:
+        record_site_inputs_reference(gm, sites, list(flat), lambda path, x: moments[path].add(x))
+    return {path: m.pca() for path, m in moments.items()}
