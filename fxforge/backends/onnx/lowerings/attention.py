@@ -33,6 +33,7 @@ from onnxscript.values import Op
 from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 CAUSAL_OPERATORS = ("Attention", "GroupQueryAttention")
 CAUSAL_OPERATOR = "Attention"
@@ -56,7 +57,7 @@ def causal_attention_operator(name: str) -> Iterator[None]:
         CAUSAL_OPERATOR = previous
 
 
-@register_lowering("onnx", "attention")
+@register_lowering("onnx", "attention", tolerance=FLOAT32_REORDERED)
 def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int, bias=None):
     head_dim = q.shape[3]
     if scale is None and not isinstance(head_dim, int):

@@ -28,7 +28,7 @@ from onnxscript.values import Op
 from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.verify import FLOAT32_REORDERED, Tolerance
 
 ACCURACY_LEVEL = 4
 # What compile()'s backend check allows at ACCURACY_LEVEL 4: ~0.5% per layer, compounding
@@ -95,7 +95,7 @@ def _pack_zero_points(zeros, bits: int, n: int, n_blocks: int):
     return op.Cast(packed, to=UINT8.dtype)
 
 
-@register_lowering("onnx", "linear_wq", tolerance=ACCURACY_LEVEL_4_TOLERANCE if ACCURACY_LEVEL else None)
+@register_lowering("onnx", "linear_wq", tolerance=ACCURACY_LEVEL_4_TOLERANCE if ACCURACY_LEVEL else FLOAT32_REORDERED)
 def linear_wq_onnx(x, qweight, scales, zeros, bias, bits: int, group_size: int):
     check_block_size(group_size)
     n = qweight.shape[0]
