@@ -127,7 +127,7 @@ def export_variants(arch: str, workdir: Path, seq_static: int | None = None) -> 
     from fxforge.ir.trace import trace
     from fxforge.passes.context import PassContext
     from fxforge.passes.pipeline import PipelineReport, run_pass
-    from fxforge.passes.fuse_attention import FuseAttention
+    from fxforge.passes.attention.fuse_attention import FuseAttention
 
     names = MODELS[arch]
     if seq_static is not None:
@@ -303,7 +303,7 @@ def check_triton_backend() -> dict:
     from fxforge.models import get_model
     from fxforge.passes.context import PassContext
     from fxforge.passes.pipeline import run_pass
-    from fxforge.passes.fuse_attention import FuseAttention
+    from fxforge.passes.attention.fuse_attention import FuseAttention
 
     zoo = get_model("tiny-llama")
     _, kwargs = zoo.make_inputs(batch=2, seq=12)

@@ -28,8 +28,7 @@ from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline
 from fxforge.passes.registry import register_pass, registered_passes
-
-__version__ = "0.1.0"
+from fxforge.version import __version__
 
 __all__ = [
     "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "Pass",

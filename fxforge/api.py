@@ -21,8 +21,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
-from fxforge.backends import check_tolerance, get_backend
-from fxforge.backends.validate import as_tolerance, check_backend_options, check_dtypes, resolve_backend
+from fxforge.artifact import ArtifactContents, load_artifact, save_artifact
+from fxforge.backends import check_tolerance, get_backend, resolve_backend
+from fxforge.backends.validate import as_tolerance, check_backend_options, check_dtypes
 from fxforge.calibration.data import CalibrationData
 from fxforge.errors import BackendError, FxforgeError, PassSpecError, TraceError, VerificationError
 from fxforge.finite_checks import check_finite_inputs, check_finite_model
@@ -151,9 +152,9 @@ class CompiledModel:
         All or nothing: a previous artifact there is replaced only once the new one is
         complete. `onnx=True` also exports `model.onnx` into the artifact.
         """
-        from fxforge.artifact import save_artifact
-
-        return save_artifact(self, Path(directory), onnx=onnx)
+        contents = ArtifactContents(self.graph_module, self.example_inputs, pipeline_spec=self.pipeline_spec,
+                                    backend=self.backend, report=self.report.pipeline.to_dict())
+        return save_artifact(contents, Path(directory), onnx=onnx)
 
 
 def compile(
@@ -297,6 +298,6 @@ def load(directory: str | Path, backend: str | None = None, **backend_options: A
     Every file is checked against the manifest's checksums first; a missing or corrupted file
     raises ArtifactError naming it. `backend` overrides the backend it was saved with.
     """
-    from fxforge.artifact import load_artifact
-
-    return load_artifact(directory, backend, **backend_options)
+    saved = load_artifact(directory)
+    return CompiledModel(saved.graph_module, backend or saved.backend, example_inputs=saved.example_inputs,
+                         pipeline_spec=saved.pipeline_spec, backend_options=backend_options)

@@ -81,7 +81,7 @@ def _call_factory(spec: str, factory: Callable[[], Any]) -> tuple[torch.nn.Modul
 
 def check_compile_arguments(ns: argparse.Namespace) -> None:
     """Everything `compile` can check before building the model: a mistake must not cost a compile."""
-    from fxforge.backends.validate import resolve_backend
+    from fxforge.backends import resolve_backend
     from fxforge.passes.pipeline import Pipeline
 
     out = Path(ns.output)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from torch.fx import GraphModule
 
+from fxforge.errors import BackendError
+
 if TYPE_CHECKING:
     from fxforge.ir.verify import Tolerance
 
@@ -26,10 +28,22 @@ class Runner(Protocol):
     def __call__(self, *flat_inputs: Any) -> Sequence[Any]: ...
 
 
+def resolve_backend(name: Any) -> str:
+    """The registered backend `name` refers to; case and surrounding spaces are ignored ("ONNX")."""
+    if not isinstance(name, str):
+        raise BackendError(f"backend must be a string, one of {', '.join(BACKENDS)}; got {name!r}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        import difflib
+
+        close = difflib.get_close_matches(key, BACKENDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise BackendError(f"unknown backend '{name}'.{hint} Valid backends: {', '.join(BACKENDS)}.")
+    return key
+
+
 def get_backend(name: str) -> Callable[..., Runner]:
     """The `prepare` function of backend `name` (case-insensitive); BackendError if there is none."""
-    from fxforge.backends.validate import resolve_backend
-
     return importlib.import_module(BACKENDS[resolve_backend(name)]).prepare
 
 

@@ -18,11 +18,13 @@ from typing import Any, Sequence
 import torch
 from torch.fx import GraphModule
 
-from fxforge.errors import PassError, PassSpecError
+from fxforge.errors import FxforgeError, PassError, PassSpecError
 from fxforge.ir.graph import finalize, format_bytes, summarize
 from fxforge.ir.verify import LossBound, OutputError
 from fxforge.passes.base import Pass
 from fxforge.passes.context import PassContext
+from fxforge.passes.spec import parse_pass, parse_pipeline
+from fxforge.passes.verification import Verification, verify_pass
 
 __all__ = ["Pipeline", "PipelineReport", "PassRecord", "run_pass", "dump"]
 
@@ -111,8 +113,6 @@ class Pipeline:
     """
 
     def __init__(self, passes: str | Sequence[Pass | str] = ()):
-        from fxforge.passes.spec import parse_pipeline, parse_pass
-
         if isinstance(passes, str):
             self.passes: list[Pass] = parse_pipeline(passes)
         else:
@@ -156,8 +156,6 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
     A pass that changes the graph's inputs hands back new example inputs
     (`PassResult.example_inputs`); they replace `ctx.example_inputs` once it is verified.
     """
-    from fxforge.passes.verification import Verification, verify_pass
-
     try:  # a malformed bound is an error before any work, not after the pass ran
         bound = p.loss_bound() or LossBound.parse(max_loss)
     except PassSpecError as exc:
@@ -169,9 +167,9 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
         with torch.no_grad():
             result = p.run(work, ctx)
         after_gm = finalize(result.graph_module)
-    except PassError:
-        raise
-    except Exception as exc:
+    except FxforgeError:
+        raise  # already says what went wrong and where (a PassError, a CalibrationError, ...)
+    except Exception as exc:  # a bug or an unforeseen input: name the pass that hit it
         raise PassError(
             f"pass '{p.spec()}' failed and was rolled back: {type(exc).__name__}: {exc}",
             pass_name=p.name,

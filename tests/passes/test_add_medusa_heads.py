@@ -8,7 +8,8 @@ from fxforge.errors import PassError
 from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import get_attr
 from fxforge.ir.trace import trace
-from fxforge.passes.add_medusa_heads import MEDUSA_META, AddMedusaHeads, find_lm_head, head_parameter_names
+from fxforge.passes.add_medusa_heads import AddMedusaHeads, find_lm_head, head_parameter_names
+from fxforge.runtime.meta_keys import MEDUSA_META
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline, run_pass
 from runtime.fused_code_lm import fused_graph

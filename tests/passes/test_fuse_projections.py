@@ -12,7 +12,7 @@ from fxforge.ir.trace import trace
 from fxforge.ir.verify import run_graph
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline, PipelineReport, run_pass
-from fxforge.passes.fuse_projections import FuseProjections
+from fxforge.passes.projections.fuse_projections import FuseProjections
 
 aten = torch.ops.aten
 EXACT = 1e-6

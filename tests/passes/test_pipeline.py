@@ -176,6 +176,22 @@ def test_crashing_pass_is_named():
         Pipeline("crash").run(gm, PassContext(example_inputs=zoo.args))
 
 
+def test_fxforge_errors_from_a_pass_pass_through_unwrapped():
+    """A pass's own FxforgeError already names the problem; run_pass must not bury it in a PassError."""
+    zoo, gm = traced_zoo("mlp")
+    with pytest.raises(fxforge.InputError, match="bad input from the pass") as info:
+        Pipeline([RaisesInputError()]).run(gm, PassContext(example_inputs=zoo.args))
+    assert type(info.value) is fxforge.InputError and info.value.__cause__ is None
+
+
+@dataclass(frozen=True)
+class RaisesInputError(Pass):
+    name = "raises_input_error"
+
+    def run(self, gm, ctx):
+        raise fxforge.InputError("bad input from the pass")
+
+
 def test_report_rows_and_dump(tmp_path, monkeypatch):
     zoo, gm = traced_zoo("tiny-llama")
     monkeypatch.setenv("FXFORGE_DUMP", str(tmp_path))

@@ -15,7 +15,7 @@ def test_entry_point_pass_is_usable_by_name(monkeypatch):
         return [entry] if group == "fxforge.passes" else []
 
     registered_passes()  # built-ins first
-    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
     monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points)
     try:
         assert "plugin_identity" in registered_passes()

@@ -13,8 +13,8 @@ from fxforge.models import get_model
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline, run_pass
 from fxforge.passes.registry import get_pass_class
-from fxforge.passes.shift_add import ShiftAdd, allocate_bits
-from fxforge.passes.shift_add_bcq import (
+from fxforge.passes.quantize.shift_add import ShiftAdd, allocate_bits
+from fxforge.passes.quantize.bcq import (
     fit_groups,
     output_error,
     quantize_bcq,

@@ -12,7 +12,7 @@ Each `fxforge::attention(q, k, v, mask, causal, ...)` becomes
 triangle is bottom-right aligned, so new queries see the whole past, and the tree mask narrows
 that to a token's ancestors for Medusa tree verification. Attention that was not fused keeps
 its own matmuls and softmax: the cache is attached before the key transpose and GQA repetition
-and the tree mask replaces the model's causal mask (`kv_cache_sites.EagerSite`). The rotary (or
+and the tree mask replaces the model's causal mask (`sites.EagerSite`). The rotary (or
 learned) position computation, which the traced graph derives from `arange(L)`, is rewired to
 read `position_ids`.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
@@ -22,7 +22,7 @@ The input/output layout is recorded in `gm.meta[KV_META]` for `fxforge.runtime.d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,11 +36,13 @@ from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
-from fxforge.passes.kv_cache_bias import KV_BIAS_TAG, BiasExtender
-from fxforge.passes.kv_cache_sites import FusedSite, eager_sites
+from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
+from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
+from fxforge.passes.pipeline import run_pass
+from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
+from fxforge.runtime.meta_keys import KV_META
 
 aten = torch.ops.aten
-KV_META = "fxforge_kv_cache"
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 # How the traced graph turns arange(L) into a position row before using it: `arange + 0`
 # (HF's cache_position = arange(past, past + L)) and `unsqueeze(0)`.
@@ -173,64 +175,12 @@ class AddKvCache(Pass):
         return Comparison(outputs=[compare_tensors(ref, got, self.tolerance())])
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def random_past_inputs(meta: dict, ids: torch.Tensor, past_len: int) -> tuple[Any, ...]:
-    """Flat cached-graph inputs: new tokens `ids` after a random past of `past_len` positions.
-
-    For export and verification: with batch, past and new lengths distinct (and above 1) an
-    export keeps every cache dimension dynamic instead of specializing it.
-    """
-    batch = ids.shape[0]
-    dtype = getattr(torch, meta["dtype"])
-    generator = torch.Generator().manual_seed(0)
-    past = []
-    for heads, key_dim, value_dim in meta["kv_shapes"]:
-        past.append(torch.randn(batch, heads, past_len, key_dim, dtype=dtype, generator=generator))
-        past.append(torch.randn(batch, heads, past_len, value_dim, dtype=dtype, generator=generator))
-    return tuple(cached_inputs(meta, ids, past_len, past))
-
-
-def empty_past(meta: dict, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Zero-length past keys/values, flat [k0, v0, k1, v1, ...], for a prefill."""
-    out = []
-    for heads, key_dim, value_dim in meta["kv_shapes"]:
-        out.append(torch.zeros(batch, heads, 0, key_dim, dtype=dtype))
-        out.append(torch.zeros(batch, heads, 0, value_dim, dtype=dtype))
-    return out
-
-
-def causal_tree_mask(batch: int, new_len: int, past_len: int) -> torch.Tensor:
-    """(B, 1, L, P + L) bool: every past key visible, causal over the new tokens."""
-    tri = torch.ones(new_len, new_len, dtype=torch.bool).tril()
-    full = torch.cat([torch.ones(new_len, past_len, dtype=torch.bool), tri], dim=1)
-    return full.expand(batch, 1, new_len, past_len + new_len).contiguous()
-
-
-def cached_inputs(meta: dict, ids: torch.Tensor, past_len: int, past: Sequence[torch.Tensor],
-                  positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
-                  tree_parents: torch.Tensor | None = None) -> list[Any]:
-    """The cached graph's flat inputs for new tokens `ids` after `past_len` cached ones.
-
-    Defaults: consecutive positions and a causal mask (plain decoding / prefill). Graphs that
-    verify a Medusa tree in-graph (`runtime.greedy_verify`) also take the tree's parent
-    indices; by default none (-1): every token counts as accepted.
-    """
-    batch, length = ids.shape
-    if positions is None:
-        positions = torch.arange(past_len, past_len + length).expand(batch, length)
-    if tree_mask is None:
-        tree_mask = causal_tree_mask(batch, length, past_len)
-    flat: list[Any] = [None] * meta["num_inputs"]
-    flat[meta["input_ids"]] = ids
-    flat[meta["position_ids"]] = positions
-    flat[meta["tree_mask"]] = tree_mask
-    for (k_index, v_index), k, v in zip(meta["past"], past[0::2], past[1::2]):
-        flat[k_index], flat[v_index] = k, v
-    if "tree_parents" in meta:
-        flat[meta["tree_parents"]] = torch.full((length,), -1) if tree_parents is None else tree_parents
-    return flat
+def with_kv_cache(graph_module: GraphModule) -> GraphModule:
+    """`graph_module` itself if it has a KV cache, else a copy rewritten by `add_kv_cache`."""
+    if KV_META in graph_module.meta:
+        return graph_module
+    ids = torch.zeros(1, 8, dtype=torch.long)  # verification input: prefill 4 + cached step of 4
+    return run_pass(AddKvCache(), graph_module, PassContext(example_inputs=(ids,)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -288,4 +238,4 @@ def _new_symint(shape_env: Any, name: str, hint: int) -> Any:
     return shape_env.create_symintnode(symbol, hint=hint, source=source)
 
 
-__all__ = ["AddKvCache", "KV_META", "cached_inputs", "causal_tree_mask", "empty_past"]
+__all__ = ["AddKvCache", "with_kv_cache"]

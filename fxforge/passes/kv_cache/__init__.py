@@ -1,0 +1,9 @@
+"""KV cache: the `add_kv_cache` pass and its helpers.
+
+add_kv_cache.py  the pass: past keys/values as inputs, present ones as outputs, position ids
+sites.py         finds each attention to cache (fused `fxforge::attention` or eager softmax)
+bias.py          extends position biases (ALiBi) over the cached keys
+
+The cache layout the runtime reads (`KV_META`) and the input builders live in
+`fxforge/runtime/` (`meta_keys.py`, `cache_inputs.py`), so the runtime never imports passes.
+"""
