@@ -6,7 +6,7 @@ from torch import nn
 
 from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.trace import trace
-from fxforge.passes.attention_masks import classify_mask, explain_mask
+from fxforge.passes.attention.masks import classify_mask, explain_mask
 
 S = 6  # query and key length
 
