@@ -84,7 +84,8 @@ class CompiledModel:
             self._runner = get_backend(backend)(graph_module, self.example_inputs, **self.backend_options)
         self.report.backend_seconds = time.perf_counter() - start
         if verify and backend != "eager" and self.example_inputs:
-            tolerance = backend_tolerance or check_tolerance(graph_module, backend, DEFAULT_BACKEND_TOLERANCE)
+            tolerance = backend_tolerance or check_tolerance(graph_module, backend, DEFAULT_BACKEND_TOLERANCE,
+                                                                self.backend_options)
             with _backend_errors(backend, "checking it against eager on the example inputs"):
                 self.report.backend_check = self._check_backend(tolerance)
 
@@ -143,7 +144,7 @@ class CompiledModel:
             raise ArtifactError(f"cannot write ONNX to {path}: it is a directory. Name a file, "
                                 f"e.g. {path / 'model.onnx'}.")
         with atomic_file(path) as staging:
-            export_onnx(self.graph_module, self.example_inputs, staging)
+            export_onnx(self.graph_module, self.example_inputs, staging, options=self._onnx_options())
         return path
 
     def save(self, directory: str | Path, *, onnx: bool = False) -> Path:
@@ -154,7 +155,15 @@ class CompiledModel:
         """
         contents = ArtifactContents(self.graph_module, self.example_inputs, pipeline_spec=self.pipeline_spec,
                                     backend=self.backend, report=self.report.pipeline.to_dict())
-        return save_artifact(contents, Path(directory), onnx=onnx)
+        return save_artifact(contents, Path(directory), onnx=onnx,
+                             onnx_options=self._onnx_options() if onnx else None)
+
+    def _onnx_options(self) -> Any:
+        """The ONNX translation options this model was compiled with (defaults off the onnx backend),
+        so an exported file computes what the onnx backend ran."""
+        from fxforge.backends.onnx.options import OnnxOptions
+
+        return OnnxOptions.from_backend_options(self.backend_options if self.backend == "onnx" else None)
 
 
 def compile(

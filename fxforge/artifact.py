@@ -100,10 +100,12 @@ class _Plan:
     manifest: dict[str, Any]
 
 
-def save_artifact(compiled: ArtifactContents, directory: str | Path, *, onnx: bool = False) -> Path:
+def save_artifact(compiled: ArtifactContents, directory: str | Path, *, onnx: bool = False,
+                  onnx_options: Any = None) -> Path:
     """Write `compiled` to `directory`, replacing a previous artifact there all at once.
 
-    `onnx=True` also exports `model.onnx` into the artifact (listed and hashed like the rest).
+    `onnx=True` also exports `model.onnx` into the artifact (listed and hashed like the rest),
+    translated with `onnx_options` (an `OnnxOptions`; None: the defaults).
     Raises ArtifactError, with nothing written, when the model cannot be saved (metadata that
     is not JSON, a call target outside the allowlist) or `directory` is not an artifact's place.
     """
@@ -123,7 +125,7 @@ def save_artifact(compiled: ArtifactContents, directory: str | Path, *, onnx: bo
         if onnx:
             from fxforge.backends.onnx.backend import export_onnx
 
-            export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX)
+            export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX, options=onnx_options)
         files = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
         (staging / MANIFEST).write_text(json.dumps({**plan.manifest, "files": files}, indent=2))
     return directory

@@ -25,10 +25,9 @@ tests/ir/test_every_op_every_backend.py runs each on every backend that lowers t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
-
 import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -104,8 +103,10 @@ def register_lowering(backend: str, op_name: str, *, tolerance: Any = None) -> C
     `tolerance` (an `fxforge.ir.verify.Tolerance`) is how far from the reference the lowering
     lands, measured on the op's sample_inputs: `BIT_EXACT` or `FLOAT32_REORDERED` for lowerings
     exact up to rounding, a lossy bound for lowerings approximate by design (say in the lowering
-    why). tests/ir/test_every_op_every_backend.py holds every lowering to it and fails on one
-    that declares none.
+    why). Where the approximation is a backend option (MatMulNBits' accuracy_level), pass a
+    function of the backend options returning the Tolerance for them.
+    tests/ir/test_every_op_every_backend.py holds every lowering to its tolerance under default
+    options and fails on one that declares none.
     """
 
     def wrap(fn: Callable) -> Callable:
@@ -165,9 +166,10 @@ def lowering_for(backend: str, op_name: str) -> Callable:
     return table[backend]
 
 
-def lowering_tolerance(backend: str, op_name: str) -> Any:
-    """The Tolerance the lowering declared, or None if it declared none."""
-    return _LOWERING_TOLERANCES.get((backend, op_name))
+def lowering_tolerance(backend: str, op_name: str, backend_options: Mapping[str, Any] | None = None) -> Any:
+    """The Tolerance the lowering declared under `backend_options`, or None if it declared none."""
+    declared = _LOWERING_TOLERANCES.get((backend, op_name))
+    return declared(dict(backend_options or {})) if callable(declared) else declared
 
 
 def backends_lowering(op_name: str) -> list[str]:
