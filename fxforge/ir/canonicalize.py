@@ -8,22 +8,19 @@ After `canonicalize(gm)`:
 - eval-mode dropout and export's tensor-metadata assertions are gone;
 - dead code and unused parameters are removed, and `node.meta["val"]` is valid.
 
-The rules are a table of (op, rewrite) rows, each with its equation in a comment. A rewrite
-returns True when it changed the graph. Canonicalization is exact: outputs are bit-identical
+The rules are rows of `fxforge.ir.match` (pattern, check, rewrite), each with its equation in
+a comment. A rewrite returns False when it declined after all (e.g. no (out, in) weight). Canonicalization is exact: outputs are bit-identical
 up to the reordering of a float sum inside the matmul.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import erase_dead, finalize, get_attr, set_attr, unique_attr_name, attr_node
+from fxforge.ir.match import Capture, Match, Op, Rule, apply_rules
 
 aten = torch.ops.aten
-
-Rewrite = Callable[[GraphModule, Node], bool]
 
 
 def _param_node(node: object) -> Node | None:
@@ -82,34 +79,24 @@ def _to_linear(gm: GraphModule, node: Node, x: Node, weight: Node, bias: Node | 
     return True
 
 
-def _addmm(gm: GraphModule, node: Node) -> bool:
+def _addmm(gm: GraphModule, m: Match) -> bool:
     # addmm(b, x, Wᵀ) -> linear(x, W, b)      (GPT-2 Conv1D stores Wᵀ as its parameter)
-    bias, x, rhs = node.args[:3]
-    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-        return False
-    if _param_node(bias) is None or len(_shape(bias)) != 1:
-        return False
-    weight = _out_in_weight(gm, node, rhs)
-    return weight is not None and _to_linear(gm, node, x, weight, bias)
+    weight = _out_in_weight(gm, m.root, m["rhs"])
+    return weight is not None and _to_linear(gm, m.root, m["x"], weight, m["bias"])
 
 
-def _mm(gm: GraphModule, node: Node) -> bool:
+def _mm(gm: GraphModule, m: Match) -> bool:
     # mm(x, Wᵀ) -> linear(x, W);  matmul(x, Wᵀ) -> linear(x, W)   (W a 2-D parameter)
-    x, rhs = node.args[:2]
-    if _param_node(x) is not None:  # parameter on the left: not a linear layer
-        return False
-    weight = _out_in_weight(gm, node, rhs)
-    return weight is not None and _to_linear(gm, node, x, weight, None)
+    weight = _out_in_weight(gm, m.root, m["rhs"])
+    return weight is not None and _to_linear(gm, m.root, m["x"], weight, None)
 
 
-def _baddbmm(gm: GraphModule, node: Node) -> bool:
+def _baddbmm(gm: GraphModule, m: Match) -> bool:
     # baddbmm(bias, a, b, beta=β, alpha=α) -> bias·β + bmm(a, b)·α     (β == 0: bmm(a, b)·α)
     # Why: ATen's baddbmm kernel wants concrete sizes, so fake propagation with a symbolic
     # batch or length fails ("SymIntArrayRef expected to contain only concrete integers");
     # spelled as bmm + add it propagates, and fuse_attention sees scores plus an additive bias.
-    bias, a, b = node.args[:3]
-    beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
-    alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+    node, bias, beta, alpha = m.root, m["bias"], m["beta"], m["alpha"]
     graph = gm.graph
     created: list[Node] = []
 
@@ -118,7 +105,7 @@ def _baddbmm(gm: GraphModule, node: Node) -> bool:
             created.append(graph.call_function(target, args))
         return created[-1]
 
-    scores = emit(aten.bmm.default, (a, b))
+    scores = emit(aten.bmm.default, (m["a"], m["b"]))
     if alpha != 1:
         scores = emit(aten.mul.Tensor, (scores, alpha))
     if beta != 0:
@@ -132,41 +119,46 @@ def _baddbmm(gm: GraphModule, node: Node) -> bool:
     return True
 
 
-def _dropout(gm: GraphModule, node: Node) -> bool:
-    # dropout(x, p, train=False) -> x
+def _dropout_in_training(m: Match) -> str | None:
+    node = m.root
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
-    if train:
-        return False
-    node.replace_all_uses_with(node.args[0])
-    gm.graph.erase_node(node)
+    return "dropout in training mode is not the identity" if train else None
+
+
+def _dropout(gm: GraphModule, m: Match) -> bool:
+    # dropout(x, p, train=False) -> x
+    m.root.replace_all_uses_with(m["x"])
+    gm.graph.erase_node(m.root)
     return True
 
 
-def _drop(gm: GraphModule, node: Node) -> bool:
+def _drop(gm: GraphModule, m: Match) -> bool:
     # _assert_tensor_metadata(x, ...) -> (nothing): dtype checks torch.export leaves behind
-    gm.graph.erase_node(node)
+    gm.graph.erase_node(m.root)
     return True
 
 
-RULES: dict[object, Rewrite] = {
-    aten.addmm.default: _addmm,
-    aten.mm.default: _mm,
-    aten.baddbmm.default: _baddbmm,
-    aten.matmul.default: _mm,
-    aten.dropout.default: _dropout,
-    aten.feature_dropout.default: _dropout,
-    aten.alpha_dropout.default: _dropout,
-    aten._assert_tensor_metadata.default: _drop,
-}
+def _is_bias_parameter(value: object) -> bool:
+    return _param_node(value) is not None and len(_shape(value)) == 1
+
+
+_X = Capture("x", lambda v: _param_node(v) is None, "an activation (a parameter on the left is no linear layer)")
+
+RULES: list[Rule] = [
+    Rule("addmm", Op(aten.addmm.default, Capture("bias", _is_bias_parameter, "a 1-D parameter"), Capture("x"),
+                     Capture("rhs"), 1, 1), _addmm),  # beta = alpha = 1 only
+    Rule("mm", Op({aten.mm.default, aten.matmul.default}, _X, Capture("rhs")), _mm),
+    Rule("baddbmm", Op(aten.baddbmm.default, Capture("bias"), Capture("a"), Capture("b"), Capture("beta"),
+                       Capture("alpha")), _baddbmm),
+    Rule("dropout", Op({aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default},
+                       Capture("x")), _dropout, check=_dropout_in_training),
+    Rule("assert_tensor_metadata", Op(aten._assert_tensor_metadata.default), _drop),
+]
 
 
 def canonicalize(gm: GraphModule) -> int:
     """Rewrite `gm` in place into canonical form; returns the number of rewrites applied."""
-    rewrites = 0
-    for node in list(gm.graph.nodes):
-        rule = RULES.get(node.target) if node.op == "call_function" else None
-        if rule is not None and rule(gm, node):
-            rewrites += 1
+    rewrites = apply_rules(gm, RULES).rewrites
     erase_dead(gm)
     finalize(gm)
     return rewrites

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 from fxforge.ir.ops.attention import check_attention_inputs, default_scale, fold_bias
 from fxforge.kernels._common import autotune_configs
 from fxforge.kernels.attention_tiles import LOG2E, head_block, kernel_flags, online_softmax_tile, prepare_mask
@@ -149,7 +150,7 @@ def flash_attention_forward(
     return out
 
 
-@register_lowering("triton", "attention")
+@register_lowering("triton", "attention", tolerance=FLOAT32_REORDERED)
 def attention_triton(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None, num_kv_groups: int,
     bias: Tensor | None = None,

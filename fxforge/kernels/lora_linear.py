@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 from fxforge.ir.ops.lora_linear import check_lora_args
 from fxforge.kernels._common import autotune_configs, interpreting
 
@@ -85,7 +86,7 @@ def padded_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-@register_lowering("triton", "lora_linear")
+@register_lowering("triton", "lora_linear", tolerance=FLOAT32_REORDERED)
 def lora_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                        scale: float) -> Tensor:
     """Triton implementation of fxforge::lora_linear (same signature and semantics)."""

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
 @triton.jit
@@ -26,7 +27,7 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, row_stride, eps, BLOCK: tl.co
     tl.store(out_ptr + row * n_cols + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@register_lowering("triton", "rms_norm")
+@register_lowering("triton", "rms_norm", tolerance=FLOAT32_REORDERED)
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n_cols = x.shape[-1]
     rows = x.reshape(-1, n_cols)

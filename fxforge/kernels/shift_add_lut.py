@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 from fxforge.ir.ops.shift_add_linear import check_args
 from fxforge.kernels._common import interpreting
 
@@ -115,7 +116,7 @@ def block_k_for(group_size: int, limit: int = 64) -> int:
     return block
 
 
-@register_lowering("triton", "shift_add_linear")
+@register_lowering("triton", "shift_add_linear", tolerance=FLOAT32_REORDERED)
 def shift_add_linear_triton(
     x: Tensor, packed: Tensor, exps: Tensor, signs: Tensor, bias: Optional[Tensor], group_size: int,
     exponent_add: bool = True,

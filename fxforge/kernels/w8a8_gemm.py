@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import BIT_EXACT
 from fxforge.ir.ops.linear_w8a8 import check_w8a8_args
 from fxforge.kernels._common import autotune_configs
 from fxforge.kernels.w8a8_quantize import quantize_per_tensor_triton, quantize_per_token_triton
@@ -73,7 +74,7 @@ def w8a8_gemm_kernel(
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@register_lowering("triton", "linear_w8a8")
+@register_lowering("triton", "linear_w8a8", tolerance=BIT_EXACT)
 def linear_w8a8_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor],
                        act_scale: str = "tensor") -> Tensor:
     """Triton implementation of fxforge::linear_w8a8 (same signature and semantics)."""

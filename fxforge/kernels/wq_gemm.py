@@ -42,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 from fxforge.ir.ops.linear_wq import check_wq_args
 from fxforge.kernels._common import autotune_configs, interpreting
 
@@ -216,7 +217,7 @@ def _as_units(qweight: Tensor) -> tuple[Tensor, int]:
     return qweight, 8
 
 
-@register_lowering("triton", "linear_wq")
+@register_lowering("triton", "linear_wq", tolerance=FLOAT32_REORDERED)
 def linear_wq_triton(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int
 ) -> Tensor:

@@ -41,3 +41,20 @@ def test_an_explicit_backend_tolerance_overrides_the_declared_one(mlp):
     with pytest.raises(VerificationError, match="backend 'onnx' disagrees with eager"):
         fxforge.compile(mlp.model, mlp.args, passes="quantize(bits=4,group_size=16)",
                         backend="onnx", backend_tolerance=Tolerance(max_abs=1e-7, rtol=0.0))
+
+
+def test_rounding_bounds_of_exact_lowerings_keep_the_exact_bound():
+    # fxforge::rms_norm's ONNX lowering declares FLOAT32_REORDERED (max_abs set): one op's
+    # rounding, not a loss to allow for, so the model keeps the exact bound.
+    from fxforge.backends.onnx.lowerings import load_all
+    from fxforge.ir.ops import lowering_tolerance
+    from fxforge.ir.verify import FLOAT32_REORDERED
+
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.fxforge.rms_norm(x, torch.ones(8), 1e-6)
+
+    load_all()
+    gm = torch.fx.symbolic_trace(Norm())
+    assert lowering_tolerance("onnx", "rms_norm") == FLOAT32_REORDERED
+    assert check_tolerance(gm, "onnx", EXACT) is EXACT

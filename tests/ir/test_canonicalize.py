@@ -48,6 +48,33 @@ class MatmulWithParameter(torch.nn.Module):
         return a, b
 
 
+def test_matmul_and_addmm_before_and_after():
+    """x @ W (an (in, out) parameter) and addmm(b, x, Wᵀ) both become aten.linear with an
+    (out, in) weight; the W.t() node goes, and W is stored transposed in place."""
+    from graph_text import assert_graph
+
+    gm = trace(MatmulWithParameter(), (torch.randn(3, 8),), dynamic_shapes=None)
+    assert_graph(gm, """
+        x = input()
+        matmul = aten.matmul(x, @w_in_out)
+        reshape = aten.reshape(x, [-1, 8])
+        slice_1 = aten.slice.Tensor(reshape, 1, 0, 4)
+        t = aten.t(@w_out_in)
+        addmm = aten.addmm(@bias, slice_1, t)
+        return (matmul, addmm)
+    """)
+    canonicalize(gm)
+    assert_graph(gm, """
+        x = input()
+        linear_default = aten.linear(x, @w_in_out, None)
+        reshape = aten.reshape(x, [-1, 8])
+        slice_1 = aten.slice.Tensor(reshape, 1, 0, 4)
+        linear_default_1 = aten.linear(slice_1, @w_out_in, @bias)
+        return (linear_default, linear_default_1)
+    """)
+    assert gm.w_in_out.shape == (4, 8)
+
+
 def test_matmul_and_mm_with_parameters_become_linear():
     model = MatmulWithParameter()
     x = torch.randn(3, 8)

@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from graph_text import assert_graph, call_args
 from testing_utils import traced_zoo
 from torch import nn
 from torch.export import Dim
@@ -155,7 +156,7 @@ def test_structure_and_match_count(name):
     assert sum(n.target in SOFTMAXES or n.target == torch.ops.aten.scaled_dot_product_attention.default
                for n in _ops(case.unfused)) == case.layers
     if name in ("tiny-llama", "llama", "llama:sdpa", "mistral", "qwen2"):  # GQA: 4 query heads, 2 kv heads
-        assert {n.args[6] for n in fused_ops} == {2}
+        assert {call_args(n)["num_kv_groups"] for n in fused_ops} == {2}
         assert not any(n.target == torch.ops.aten.expand.default and len(n.args[1]) == 5 for n in _ops(case.fused)), \
             "repeat_kv should not be materialized"
 
@@ -174,7 +175,7 @@ def test_numerics_two_lengths_with_and_without_padding(name):
 
 def test_padding_masks_are_kept():
     llama = _case("tiny-llama")
-    masks = [n.args[3] for n in _ops(llama.fused) if n.target == ATTENTION]
+    masks = [call_args(n)["attn_mask"] for n in _ops(llama.fused) if n.target == ATTENTION]
     assert all(isinstance(m, torch.fx.Node) for m in masks)  # padding + causal: the model's own mask feeds the op
     assert all(m.meta["val"].dtype == torch.float32 for m in masks)
 
@@ -255,18 +256,57 @@ def test_handwritten_spellings(spelling, causal, masked):
     gm, fused, record, x = _handwritten(spelling)
     (op,) = [n for n in _ops(fused) if n.target == ATTENTION]
     assert record.sites == 1 and record.skipped == []
-    assert op.args[4] is causal  # is_causal only where the mask is proven to be the causal triangle
-    assert (op.args[3] is not None) is masked  # ... and then the mask is dropped
-    assert op.args[5] == pytest.approx(1 / math.sqrt(8))
+    args = call_args(op)
+    assert args["is_causal"] is causal  # is_causal only where the mask is proven to be the causal triangle
+    assert (args["attn_mask"] is not None) is masked  # ... and then the mask is dropped
+    assert args["scale"] == pytest.approx(1 / math.sqrt(8))
     assert not any(n.target in SOFTMAXES for n in _ops(fused))
     torch.testing.assert_close(run_graph(fused, (x,))[0], run_graph(gm, (x,))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_buffer_attention_before_and_after():
+    """The whole subgraph from the scores matmul to the value matmul becomes one op; the triu
+    buffer is proven to be the causal triangle, so it becomes is_causal and leaves the graph."""
+    gm, fused, _, _ = _handwritten("triu_buffer")
+    projections = """
+        x = input()
+        linear = aten.linear(x, @q.weight, @q.bias)
+        view = aten.view(linear, [2, 8, 4, 8])
+        transpose = aten.transpose.int(view, 1, 2)
+        linear_1 = aten.linear(x, @kv.weight, @kv.bias)
+        view_1 = aten.view(linear_1, [2, 8, 2, 4, 8])
+        unbind = aten.unbind.int(view_1, 2)
+        getitem = getitem(unbind, 0)
+        getitem_1 = getitem(unbind, 1)
+        transpose_1 = aten.transpose.int(getitem_1, 1, 2)
+        transpose_2 = aten.transpose.int(getitem, 1, 2)
+    """
+    output = """
+        reshape = aten.reshape(transpose_4, [2, 8, -1])
+        linear_2 = aten.linear(reshape, @o.weight, @o.bias)
+        return (linear_2,)
+    """
+    assert_graph(gm, projections + """
+        transpose_3 = aten.transpose.int(transpose_2, 2, 3)
+        matmul = aten.matmul(transpose, transpose_3)
+        mul = aten.mul.Tensor(matmul, 0.35355339059327373)
+        alias = aten.alias(@causal_bias)
+        add = aten.add.Tensor(mul, alias)
+        softmax = aten.softmax.int(add, -1)
+        matmul_1 = aten.matmul(softmax, transpose_1)
+        transpose_4 = aten.transpose.int(matmul_1, 1, 2)
+    """ + output)
+    assert_graph(fused, projections + """
+        attention_default = fxforge.attention(transpose, transpose_2, transpose_1, None, True, 0.35355339059327373, 1)
+        transpose_4 = aten.transpose.int(attention_default, 1, 2)
+    """ + output)
 
 
 def test_grouped_query_via_repeat_interleave():
     gm, fused, record, x = _handwritten("repeat_interleave", kv_heads=2)
     (op,) = [n for n in _ops(fused) if n.target == ATTENTION]
-    assert record.sites == 1 and op.args[6] == 2
-    assert op.args[1].meta["val"].shape[1] == 2  # k reaches the op with its 2 kv heads, not repeated
+    assert record.sites == 1 and call_args(op)["num_kv_groups"] == 2
+    assert call_args(op)["k"].meta["val"].shape[1] == 2  # k reaches the op with its 2 kv heads, not repeated
     assert not any(n.target == torch.ops.aten.repeat_interleave.self_int for n in _ops(fused))
     torch.testing.assert_close(run_graph(fused, (x,))[0], run_graph(gm, (x,))[0], atol=1e-5, rtol=1e-5)
 
@@ -324,7 +364,9 @@ def test_sdpa_call_with_causal_and_gqa():
     fused = run_pass(FuseAttention(), gm, PassContext(example_inputs=(q, k, v)), report=report)
     (op,) = [n for n in _ops(fused) if n.target == ATTENTION]
     assert report.records[0].sites == 1
-    assert op.args[3:] == (None, True, 0.2, 2)
+    args = call_args(op)
+    assert (args["attn_mask"], args["is_causal"], args["scale"], args["num_kv_groups"], args["bias"]) == \
+        (None, True, 0.2, 2, None)
     torch.testing.assert_close(run_graph(fused, (q, k, v))[0], run_graph(gm, (q, k, v))[0], atol=1e-5, rtol=1e-5)
 
 

@@ -399,3 +399,37 @@ def test_users_model_untouched_and_fused_adapters_save_load_and_ship(block, tmp_
     torch.testing.assert_close(loaded(x), compiled(x), atol=0, rtol=0)
     save_adapters(compiled, tmp_path / "adapters.safetensors")
     assert "fused_q_k_v" in load_adapters(fxforge.load(tmp_path / "model"), tmp_path / "adapters.safetensors")
+
+
+def test_block_before_and_after(block):
+    """Three linears reading one input become one linear on the stacked weights and a split."""
+    from graph_text import assert_graph
+
+    gm, ctx = block
+    head = """
+        x = input()
+        layer_norm = aten.layer_norm(x, [32], @norm.weight, @norm.bias, 1e-05, False)
+    """
+    tail = """
+        cat = aten.cat([linear, mul], -1)
+        linear_3 = aten.linear(cat, @o.weight, @o.bias)
+        return (linear_3,)
+    """
+    assert_graph(gm, head + """
+        linear = aten.linear(layer_norm, @q.weight, @q.bias)
+        linear_1 = aten.linear(layer_norm, @k.weight)
+        linear_2 = aten.linear(layer_norm, @v.weight, @v.bias)
+        mul = aten.mul.Tensor(linear_1, linear_2)
+    """ + tail)
+    out, record = _fuse(gm, ctx)
+    assert record.sites == 1
+    # k has no bias: the fused bias holds zeros in its rows (checked exact below)
+    assert_graph(out, head + """
+        linear_default = aten.linear(layer_norm, @fused_q_k_v.weight, @fused_q_k_v.bias)
+        split_with_sizes_default = aten.split_with_sizes(linear_default, [32, 16, 16], -1)
+        getitem = getitem(split_with_sizes_default, 0)
+        getitem_1 = getitem(split_with_sizes_default, 1)
+        getitem_2 = getitem(split_with_sizes_default, 2)
+        mul = aten.mul.Tensor(getitem_1, getitem_2)
+    """ + tail.replace("[linear, mul]", "[getitem, mul]"))
+    assert _max_error(gm, out, ctx.example_inputs) <= EXACT

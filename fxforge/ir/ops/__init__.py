@@ -9,6 +9,7 @@ import pkgutil
 
 from fxforge.ir.ops.registry import (
     OpDef,
+    SampleInput,
     all_ops,
     backends_lowering,
     define_op,
@@ -17,6 +18,7 @@ from fxforge.ir.ops.registry import (
     lowering_tolerance,
     op_name_of,
     register_lowering,
+    sample_inputs,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -25,6 +27,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "OpDef",
+    "SampleInput",
     "all_ops",
     "backends_lowering",
     "define_op",
@@ -33,4 +36,5 @@ __all__ = [
     "lowering_tolerance",
     "op_name_of",
     "register_lowering",
+    "sample_inputs",
 ]

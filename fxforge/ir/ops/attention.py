@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 @define_op("attention")
@@ -147,3 +147,27 @@ def _and_masks(mask: Tensor, visible: Tensor, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return mask & visible
     return mask.masked_fill(~visible, float("-inf")).to(dtype)
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Plain, causal, bool padding mask with GQA, additive mask with a scale, a position bias with
+    causal, queries shorter than keys (bottom-right causal), and one decoding query.
+
+    q, k and v are graph inputs; a mask or bias is a constant (as a model's precomputed ALiBi is).
+    """
+    def qkv(b: int, hq: int, hkv: int, lq: int, lk: int, d: int = 8):
+        return torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d), torch.randn(b, hkv, lk, d)
+
+    padding = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    padding[1, ..., :2] = False  # second sequence left-padded by two
+    additive = torch.randn(1, 1, 5, 5)
+    alibi = -torch.arange(5.0).flip(0)[None, :] * torch.tensor([0.5, 0.25])[:, None, None]  # (H, 1, Lk)
+    return [
+        SampleInput("plain", (*qkv(1, 2, 2, 5, 5), None, False, None, 1), inputs=3),
+        SampleInput("causal", (*qkv(2, 2, 2, 5, 5), None, True, None, 1), inputs=3),
+        SampleInput("bool padding mask GQA", (*qkv(2, 4, 2, 5, 5), padding, False, None, 2), inputs=3),
+        SampleInput("additive mask scale=0.2", (*qkv(1, 2, 2, 5, 5), additive, False, 0.2, 1), inputs=3),
+        SampleInput("alibi bias causal", (*qkv(1, 2, 2, 5, 5), None, True, None, 1, alibi[None]), inputs=3),
+        SampleInput("Lq=3 < Lk=6 causal GQA", (*qkv(1, 4, 2, 3, 6), None, True, None, 2), inputs=3),
+        SampleInput("one decoding query", (*qkv(1, 2, 2, 1, 6), None, True, None, 1), inputs=3),
+    ]

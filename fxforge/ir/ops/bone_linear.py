@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fxforge.ir.ops.recompute_autograd import register_recompute_autograd
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def bone_weight(weight: Tensor, blocks: Tensor) -> Tensor:
@@ -52,3 +53,12 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], blocks: Tensor) -> Tens
 
 
 register_recompute_autograd(bone_linear, bone_forward)
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Block size 4 on a non-square weight (several blocks each way), with and without bias."""
+    return [
+        SampleInput("r=4 bias", (torch.randn(2, 3, 16), torch.randn(8, 16), torch.randn(8),
+                                 torch.randn(2, 4, 4) * 0.1)),
+        SampleInput("r=2 no bias", (torch.randn(3, 4), torch.randn(6, 4), None, torch.randn(3, 2, 2) * 0.1)),
+    ]

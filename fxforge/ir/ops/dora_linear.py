@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fxforge.ir.ops.lora_linear import check_lora_args
 from fxforge.ir.ops.recompute_autograd import register_recompute_autograd
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
@@ -52,3 +52,13 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b:
 
 
 register_recompute_autograd(dora_linear, dora_forward)
+
+
+def sample_inputs() -> list[SampleInput]:
+    """With and without bias; the magnitude differs from the row norms so rescaling shows."""
+    return [
+        SampleInput("rank=4 bias", (torch.randn(2, 3, 16), torch.randn(12, 16), torch.randn(12),
+                                    torch.randn(4, 16), torch.randn(12, 4), torch.rand(12) + 0.5, 0.5)),
+        SampleInput("rank=2 no bias", (torch.randn(3, 8), torch.randn(8, 8), None,
+                                       torch.randn(2, 8), torch.randn(8, 2), torch.rand(8) + 0.5, 2.0)),
+    ]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def pack_signs(delta: Tensor) -> Tensor:
@@ -67,3 +67,16 @@ def linear_bitdelta(x: Tensor, base: Tensor, signs: Tensor, alpha: Tensor, bias:
 def _(x: Tensor, base: Tensor, signs: Tensor, alpha: Tensor, bias: Optional[Tensor]) -> Tensor:
     check_bitdelta_args(x.shape[-1], base, signs, alpha, bias)
     return x.new_empty((*x.shape[:-1], base.shape[0]))
+
+
+def sample_inputs() -> list[SampleInput]:
+    """With and without bias, K of one and of several sign bytes."""
+    def call(x: Tensor, n: int, bias: bool):
+        k = x.shape[-1]
+        return (x, torch.randn(n, k), pack_signs(torch.randn(n, k)), torch.rand(1) * 0.1,
+                torch.randn(n) if bias else None)
+
+    return [
+        SampleInput("K=16 bias", call(torch.randn(2, 3, 16), 8, True)),
+        SampleInput("K=8 no bias", call(torch.randn(3, 8), 4, False)),
+    ]

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.ops.linear_wq import unpack_bits
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.linear_wq import pack_bits, unpack_bits
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FORMAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
@@ -85,3 +85,20 @@ def _(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], fmt: str
     check_format(fmt)
     check_format(act_fmt, allow_none=True)
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Each weight format; float and FP8 activations; one and several groups; bias or not."""
+    def call(x: Tensor, n: int, fmt: str, group_size: int, bias: bool, act_fmt: str):
+        k = x.shape[-1]
+        codes = encode(torch.randn(n, k) * FORMAT_MAX[fmt] / 3, fmt)
+        if fmt == "e2m1":
+            codes = pack_bits(codes, 4)
+        scales = torch.rand(n, k // group_size) * 0.01 + 1e-3
+        return (x, codes, scales, torch.randn(n) if bias else None, fmt, group_size, act_fmt)
+
+    return [
+        SampleInput("e4m3 groups=2 bias", call(torch.randn(2, 3, 32), 8, "e4m3", 16, True, "")),
+        SampleInput("e5m2 one group e4m3 activations", call(torch.randn(3, 32), 8, "e5m2", 32, False, "e4m3")),
+        SampleInput("e2m1 groups=2 e5m2 activations", call(torch.randn(2, 32), 8, "e2m1", 16, True, "e5m2")),
+    ]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxforge.ir.ops.linear_w8a8 import check_w8a8_args, quantize_per_token
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def outlier_columns(x: Tensor, threshold: float) -> Tensor:
@@ -48,3 +48,19 @@ def linear_int8_mixed(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional
 def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     check_w8a8_args(x.shape[-1], qweight, wscale, bias)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Outlier columns present (some inputs above the threshold) and absent, with and without bias."""
+    def call(x: Tensor, n: int, bias: bool, threshold: float):
+        k = x.shape[-1]
+        qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        return (x, qweight, torch.rand(n) * 0.01 + 1e-3, torch.randn(n) if bias else None, threshold)
+
+    outliers = torch.randn(2, 3, 16)
+    outliers[0, 1, 5] = 9.0
+    outliers[1, 2, 11] = -7.0
+    return [
+        SampleInput("two outlier columns bias", call(outliers, 8, True, 6.0)),
+        SampleInput("no outliers", call(torch.randn(3, 16), 8, False, 6.0)),
+    ]

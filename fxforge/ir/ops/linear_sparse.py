@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def check_sparse_args(k: int, indices: Tensor, values: Tensor, out_features: int) -> None:
@@ -46,3 +46,12 @@ def linear_sparse(x: Tensor, indices: Tensor, values: Tensor, out_features: int)
 def _(x: Tensor, indices: Tensor, values: Tensor, out_features: int) -> Tensor:
     check_sparse_args(x.shape[-1], indices, values, out_features)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def sample_inputs() -> list[SampleInput]:
+    """A few COO entries including a repeated position (entries add up) and a single token."""
+    indices = torch.tensor([[0, 3, 5, 3, 7], [1, 0, 15, 0, 9]])
+    return [
+        SampleInput("nnz=5 repeated entry", (torch.randn(2, 3, 16), indices, torch.randn(5), 8)),
+        SampleInput("nnz=1 one token", (torch.randn(1, 4), torch.tensor([[2], [3]]), torch.randn(1), 3)),
+    ]

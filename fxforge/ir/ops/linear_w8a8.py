@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 INT8_MAX = 127
 UINT8_MAX = 255
@@ -114,3 +114,19 @@ def linear_w8a8(
 def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act_scale: str = "tensor") -> Tensor:
     check_w8a8_args(x.shape[-1], qweight, wscale, bias, act_scale)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Both activation scalings, with and without bias, including a row of zeros (scale 1)."""
+    def call(x: Tensor, n: int, bias: bool, act_scale: str):
+        k = x.shape[-1]
+        qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        return (x, qweight, torch.rand(n) * 0.01 + 1e-3, torch.randn(n) if bias else None, act_scale)
+
+    zero_row = torch.randn(3, 16)
+    zero_row[1] = 0
+    return [
+        SampleInput("per-tensor bias", call(torch.randn(2, 3, 16), 8, True, "tensor")),
+        SampleInput("per-token zero row", call(zero_row, 8, False, "token")),
+        SampleInput("per-tensor all positive", call(torch.rand(2, 16), 4, False, "tensor")),
+    ]

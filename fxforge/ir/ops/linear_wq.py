@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -145,3 +145,22 @@ def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[
     # Shape errors surface at trace time, not first at run time on some backend.
     check_wq_args(x.shape[-1], qweight, scales, zeros, bias, bits, group_size)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Every container width, 3-bit codes in a 4-bit container, one and several groups per row,
+    with and without bias, a batch of tokens and a single token (the kernels' GEMV path)."""
+
+    def call(x: Tensor, n: int, bits: int, group_size: int, bias: bool, code_bits: int | None = None):
+        k = x.shape[-1]
+        codes = torch.randint(0, 1 << (code_bits or bits), (n, k), dtype=torch.uint8)
+        zeros = torch.randint(0, 1 << (code_bits or bits), (n, k // group_size), dtype=torch.uint8)
+        scales = torch.rand(n, k // group_size) * 0.1 + 0.01
+        return (x, pack_bits(codes, bits), scales, zeros, torch.randn(n) if bias else None, bits, group_size)
+
+    return [
+        SampleInput("bits=4 groups=2 bias", call(torch.randn(2, 3, 32), 8, 4, 16, True)),
+        SampleInput("3-bit codes in bits=4, one group", call(torch.randn(3, 32), 8, 4, 32, False, code_bits=3)),
+        SampleInput("bits=2 groups=2", call(torch.randn(2, 64), 8, 2, 32, False)),
+        SampleInput("bits=8 groups=2 bias one token", call(torch.randn(1, 32), 8, 8, 16, True)),
+    ]

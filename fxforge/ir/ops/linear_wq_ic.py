@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fxforge.ir.ops.linear_wq import check_wq_args, dequantize_wq
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.linear_wq import check_wq_args, dequantize_wq, pack_bits
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def out_features(scales: Tensor, group_size: int) -> int:
@@ -61,3 +61,19 @@ def linear_wq_ic(
 def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int):
     check_wq_ic_args(x.shape[-1], qweight, scales, zeros, bias, bits, group_size)
     return x.new_empty((*x.shape[:-1], out_features(scales, group_size)))
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Groups along the output dimension: several and one per input channel, 2/4/8 bits."""
+    def call(x: Tensor, n: int, bits: int, group_size: int, bias: bool):
+        k = x.shape[-1]
+        codes = torch.randint(0, 1 << bits, (k, n), dtype=torch.uint8)
+        zeros = torch.randint(0, 1 << bits, (k, n // group_size), dtype=torch.uint8)
+        scales = torch.rand(k, n // group_size) * 0.1 + 0.01
+        return (x, pack_bits(codes, bits), scales, zeros, torch.randn(n) if bias else None, bits, group_size)
+
+    return [
+        SampleInput("bits=4 groups=2 bias", call(torch.randn(2, 3, 16), 16, 4, 8, True)),
+        SampleInput("bits=2 one group", call(torch.randn(3, 16), 8, 2, 8, False)),
+        SampleInput("bits=8 groups=4", call(torch.randn(2, 8), 16, 8, 4, False)),
+    ]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def check_lora_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor) -> None:
@@ -77,3 +77,13 @@ def _backward(ctx, grad: Tensor):
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Rank 1 and 4, with and without bias, a batch of sequences and a single token."""
+    return [
+        SampleInput("rank=4 bias", (torch.randn(2, 3, 16), torch.randn(12, 16), torch.randn(12),
+                                    torch.randn(4, 16), torch.randn(12, 4), 0.5)),
+        SampleInput("rank=1 no bias one token", (torch.randn(1, 16), torch.randn(8, 16), None,
+                                                 torch.randn(1, 16), torch.randn(8, 1), 2.0)),
+    ]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxforge.ir.ops.recompute_autograd import register_recompute_autograd
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 def miss_delta_weight(block: Tensor, in_features: int) -> Tensor:
@@ -50,3 +50,11 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor) -> Tenso
 
 
 register_recompute_autograd(miss_linear, miss_forward)
+
+
+def sample_inputs() -> list[SampleInput]:
+    """r dividing K, and r not dividing K (x is zero-padded), with and without bias."""
+    return [
+        SampleInput("r=4 bias", (torch.randn(2, 3, 16), torch.randn(8, 16), torch.randn(8), torch.randn(4, 8))),
+        SampleInput("r=3 pads K=10", (torch.randn(3, 10), torch.randn(6, 10), None, torch.randn(3, 6))),
+    ]

@@ -16,9 +16,16 @@ op when there is none, so nothing is ever silently computed some other way.
 
     @register_lowering("onnx", "rms_norm")
     def rms_norm_onnx(x, weight, eps: float): ...   # an onnxscript function
+
+    def sample_inputs() -> list[SampleInput]:       # in the op's file, OpInfo-style
+        return [SampleInput("eps=1e-6", (torch.randn(2, 3, 8), torch.randn(8), 1e-6))]
+
+`sample_inputs` gives a few small argument tuples that cover the op's options; the test
+tests/ir/test_every_op_every_backend.py runs each on every backend that lowers the op.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -29,6 +36,20 @@ from fxforge.errors import MissingLoweringError
 NAMESPACE = "fxforge"
 
 
+@dataclass(frozen=True)
+class SampleInput:
+    """One representative call of an op, for tests that run it on every backend.
+
+    `args` is the full positional argument tuple. The first `inputs` of them are the graph's
+    runtime inputs (activations); the remaining tensors are weights, which a compiled graph
+    holds as constants (get_attr nodes, ONNX initializers), so samples are lowered that way.
+    """
+
+    name: str  # what the sample covers, e.g. "bits=3 groups=2 bias" (test ids and messages)
+    args: tuple
+    inputs: int = 1
+
+
 @dataclass
 class OpDef:
     """What fxforge knows about one op: its torch op and its lowerings by backend."""
@@ -36,6 +57,7 @@ class OpDef:
     name: str
     custom_op: Any  # torch._library.custom_ops.CustomOpDef
     lowerings: dict[str, Callable] = field(default_factory=dict)
+    module: str = ""  # the Python module that defined the op (and declares its sample_inputs)
 
     @property
     def overload(self) -> torch._ops.OpOverload:
@@ -51,9 +73,9 @@ _OPS: dict[str, OpDef] = {}
 # Lowerings may be registered before the op module is imported (kernels and ONNX
 # translations live in their own packages), so they are keyed by name, not by OpDef.
 _LOWERINGS: dict[str, dict[str, Callable]] = {}
-# Lowerings that compute the op only approximately (e.g. MatMulNBits at accuracy_level 4
-# quantizes activations to int8) declare how far from the reference they may land, so the
-# backend check in compile() holds them to that bound instead of failing on a known trade-off.
+# Lowerings declare how far from the reference they may land: exact ones their rounding bound,
+# approximate ones (e.g. MatMulNBits at accuracy_level 4 quantizes activations to int8) a lossy
+# bound, which the backend check in compile() holds them to instead of failing on a known trade-off.
 _LOWERING_TOLERANCES: dict[tuple[str, str], Any] = {}
 
 
@@ -68,7 +90,8 @@ def define_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable:
 
     def wrap(reference: Callable):
         custom = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=tuple(mutates_args))(reference)
-        _OPS[name] = OpDef(name=name, custom_op=custom, lowerings=_LOWERINGS.setdefault(name, {}))
+        _OPS[name] = OpDef(name=name, custom_op=custom, lowerings=_LOWERINGS.setdefault(name, {}),
+                           module=reference.__module__)
         return custom
 
     return wrap
@@ -77,10 +100,13 @@ def define_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable:
 def register_lowering(backend: str, op_name: str, *, tolerance: Any = None) -> Callable:
     """Decorator: register `fn` as the `backend` implementation of `fxforge::<op_name>`.
 
-    `tolerance` (an `fxforge.ir.verify.Tolerance`) is for lowerings that are approximate by
-    design; say in the lowering why. Exact lowerings leave it None. Where the approximation is a
-    backend option (MatMulNBits' accuracy_level), pass a function of the backend options
-    returning the Tolerance, or None where those options make the lowering exact.
+    `tolerance` (an `fxforge.ir.verify.Tolerance`) is how far from the reference the lowering
+    lands, measured on the op's sample_inputs: `BIT_EXACT` or `FLOAT32_REORDERED` for lowerings
+    exact up to rounding, a lossy bound for lowerings approximate by design (say in the lowering
+    why). Where the approximation is a backend option (MatMulNBits' accuracy_level), pass a
+    function of the backend options returning the Tolerance for them.
+    tests/ir/test_every_op_every_backend.py holds every lowering to its tolerance under default
+    options and fails on one that declares none.
     """
 
     def wrap(fn: Callable) -> Callable:
@@ -92,6 +118,25 @@ def register_lowering(backend: str, op_name: str, *, tolerance: Any = None) -> C
         return fn
 
     return wrap
+
+
+def sample_inputs(name: str) -> list[SampleInput]:
+    """The `sample_inputs()` the op's module declares, drawn under a fixed seed (so they are the
+    same on every call and leave the global RNG untouched). ValueError if it declares none."""
+    op = get_op(name)
+    declare = getattr(sys.modules.get(op.module), "sample_inputs", None)
+    if declare is None:
+        raise ValueError(
+            f"fxforge op '{name}' declares no sample_inputs: add `def sample_inputs() -> "
+            f"list[SampleInput]` to {op.module} (a few small calls covering its options), so "
+            f"tests/ir/test_every_op_every_backend.py can run it on every backend that lowers it"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        samples = list(declare())
+    if not samples:
+        raise ValueError(f"{op.module}.sample_inputs() returned no samples for fxforge op '{name}'")
+    return samples
 
 
 def get_op(name: str) -> OpDef:
@@ -122,8 +167,7 @@ def lowering_for(backend: str, op_name: str) -> Callable:
 
 
 def lowering_tolerance(backend: str, op_name: str, backend_options: Mapping[str, Any] | None = None) -> Any:
-    """The Tolerance an approximate lowering declared under `backend_options`, or None for an
-    exact one."""
+    """The Tolerance the lowering declared under `backend_options`, or None if it declared none."""
     declared = _LOWERING_TOLERANCES.get((backend, op_name))
     return declared(dict(backend_options or {})) if callable(declared) else declared
 

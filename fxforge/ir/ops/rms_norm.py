@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 
 @define_op("rms_norm")
@@ -27,3 +27,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 @rms_norm.register_fake
 def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+
+
+def sample_inputs() -> list[SampleInput]:
+    """Rows of a few widths (one not a power of two, which the kernel pads to its block)."""
+    return [
+        SampleInput("hidden=8 eps=1e-6", (torch.randn(2, 3, 8), torch.randn(8), 1e-6)),
+        SampleInput("hidden=12 eps=1e-5 one row", (torch.randn(1, 12) * 5, torch.randn(12), 1e-5)),
+    ]

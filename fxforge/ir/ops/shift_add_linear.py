@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.ops.registry import define_op
+from fxforge.ir.ops.registry import SampleInput, define_op
 
 MIN_EXP, MAX_EXP = -126, 127  # α terms stay float32 normals
 MAX_EXP_SPAN = 23  # a sum of powers of two within 24 binary digits is exact in float32
@@ -273,3 +273,19 @@ __all__ = [
     "dequantize_shift_add", "check_args", "check_invariants", "naf_weight", "stored_bits_per_weight",
     "MIN_EXP", "MAX_EXP", "MAX_EXP_SPAN",
 ]
+
+
+def sample_inputs() -> list[SampleInput]:
+    """One and several planes and terms, K with padding bits in the last word, a zero α, bias or not."""
+    def call(x: Tensor, n: int, planes: int, terms: int, group_size: int, bias: bool):
+        k = x.shape[-1]
+        signs_pm = (torch.randint(0, 2, (planes, n, k)) * 2 - 1).to(torch.int8)
+        alpha = torch.randn(n, k // group_size, planes) * 0.1
+        alpha[0, 0, 0] = 0.0  # every term unused
+        exps, signs = round_to_apot(alpha, terms)
+        return (x, pack_signs(signs_pm), exps, signs, torch.randn(n) if bias else None, group_size)
+
+    return [
+        SampleInput("K=48 q=2 T=2 groups=2 bias", call(torch.randn(2, 3, 48), 8, 2, 2, 24, True)),
+        SampleInput("K=32 q=1 T=1 one group one token", call(torch.randn(1, 32), 8, 1, 1, 32, False)),
+    ]

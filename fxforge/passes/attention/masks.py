@@ -57,19 +57,57 @@ class AddBand:
 Abstract = Index | Const | Band | AddBand | None
 
 
+@dataclass(frozen=True)
+class MaskVerdict:
+    """What the analyser proved about a mask: `kind` "causal", "all" or None (keep the mask), and why."""
+
+    kind: str | None
+    reason: str
+
+
 def classify_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -> str | None:
     """"causal" if `mask` is exactly the causal triangle over (lq, lk), "all" if it hides nothing, else None."""
-    value = _eval(mask, gm, {})
+    return explain_mask(mask, gm, lq, lk).kind
+
+
+def explain_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -> MaskVerdict:
+    """`classify_mask` with its reason: what was proved, or why the mask must be kept as it is."""
+    memo: dict = {}
+    value = _eval(mask, gm, memo)
     if isinstance(value, Const) and (value.value is True or (not isinstance(value.value, bool) and value.value == 0)):
-        return "all"  # every key visible (bool True) or nothing added (additive 0); False is not "all"
+        # every key visible (bool True) or nothing added (additive 0); False is not "all"
+        return MaskVerdict("all", "the mask hides no key")
+    if value is None:
+        leaf = _first_unknown(mask, memo)
+        if isinstance(leaf, Node) and leaf.op == "placeholder":
+            what = f"the model input `{leaf.name}`"
+        elif isinstance(leaf, Node):
+            what = f"`{leaf.name}` ({leaf.target})"
+        else:
+            what = "a value"
+        return MaskVerdict(None, f"the mask depends on {what}, which the analyser cannot interpret "
+                                 f"(a model input, an op it has no rule for, or values it cannot combine): kept as it is")
     shape = _shape(mask)
     if shape is None or len(shape) < 2 or not (same_size(shape[-2], lq) and same_size(shape[-1], lk)):
-        return None
-    if isinstance(value, Band) and not value.hidden and value.c == 0:
-        return "causal"
-    if isinstance(value, AddBand) and value.c == 0:
-        return "causal"
-    return None
+        return MaskVerdict(None, f"the mask's last two dims {None if shape is None else tuple(shape[-2:])} are "
+                                 f"not the query and key lengths ({lq}, {lk})")
+    if isinstance(value, Band) and value.hidden:
+        return MaskVerdict(None, "the mask marks hidden keys (True = hidden), not visible ones")
+    if isinstance(value, (Band, AddBand)):
+        if value.c == 0:
+            return MaskVerdict("causal", "the mask is the causal triangle: key j visible from query i iff j <= i")
+        return MaskVerdict(None, f"the mask is a band j - i <= {value.c}, not the causal triangle (j - i <= 0)")
+    return MaskVerdict(None, f"the mask is a constant {value.value!r} that hides keys")
+
+
+def _first_unknown(node: object, memo: dict) -> object:
+    """The node nearest the inputs whose value the analyser could not give (all its inputs known)."""
+    while isinstance(node, Node):
+        unknown = [a for a in node.all_input_nodes if a in memo and memo[a] is None]
+        if not unknown:
+            return node
+        node = unknown[0]
+    return node
 
 
 def _shape(value: object) -> tuple | None:

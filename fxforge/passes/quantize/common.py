@@ -93,12 +93,10 @@ def emit_weight_only(gm: GraphModule, site: LinearSite, qm: QuantizedMatrix, spe
 
 
 def relative_error(reference: Tensor, approx: Tensor) -> float:
-    """‖approx - reference‖ / ‖reference‖ (0 for an all-zero reference)."""
+    """‖approx - reference‖ / ‖reference‖ (0 for an all-zero reference).
+
+    The one quality number the reports use (verify's rel_l2, LossBound's max_rel). torchao's
+    SQNR is the same number in other units, -20·log10 of it, so no second function computes it.
+    """
     denom = float(reference.norm())
     return float((approx - reference).norm()) / denom if denom > 0 else 0.0
-
-
-def sqnr_db(reference: Tensor, approx: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB, torchao's quality number."""
-    noise = float((approx - reference).pow(2).sum())
-    return float("inf") if noise == 0 else 10.0 * torch.log10(reference.pow(2).sum() / noise).item()

@@ -32,9 +32,10 @@ from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.options import OnnxOptions
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "attention")
+@register_lowering("onnx", "attention", tolerance=FLOAT32_REORDERED)
 def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int, bias=None, *,
                    options: OnnxOptions):
     head_dim = q.shape[3]

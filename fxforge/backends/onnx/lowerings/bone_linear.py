@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "bone_linear")
+@register_lowering("onnx", "bone_linear", tolerance=FLOAT32_REORDERED)
 def bone_linear_onnx(x, weight, bias, blocks):
     r = blocks.shape[2]
     out_features, in_features = weight.shape[0], weight.shape[1]

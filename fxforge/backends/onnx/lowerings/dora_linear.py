@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "dora_linear")
+@register_lowering("onnx", "dora_linear", tolerance=FLOAT32_REORDERED)
 def dora_linear_onnx(x, weight, bias, lora_a, lora_b, magnitude, scale: float):
     s = op.CastLike(op.Constant(value_float=scale), weight)
     adapted = op.Add(weight, op.Mul(op.MatMul(lora_b, lora_a), s))

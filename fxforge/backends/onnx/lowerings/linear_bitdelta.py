@@ -10,9 +10,10 @@ from onnxscript import FLOAT
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.lowerings.linear_wq_ic import unpack_codes
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "linear_bitdelta")
+@register_lowering("onnx", "linear_bitdelta", tolerance=FLOAT32_REORDERED)
 def linear_bitdelta_onnx(x, base, signs, alpha, bias):
     n, k = base.shape[0], base.shape[1]
     bits = unpack_codes(signs, 1, n, k)

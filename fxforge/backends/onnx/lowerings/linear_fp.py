@@ -16,6 +16,7 @@ from onnxscript import FLOAT, INT64
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.lowerings.linear_wq_ic import expand_groups, unpack_codes
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 from fxforge.ir.ops.linear_fp import FORMAT_MAX, decode
 
 _ONNX_FP8 = {"e4m3": onnx.TensorProto.FLOAT8E4M3FN, "e5m2": onnx.TensorProto.FLOAT8E5M2}
@@ -27,7 +28,7 @@ def _table(fmt: str) -> onnx.TensorProto:
     return onnx.numpy_helper.from_array(values.numpy().astype(np.float32))
 
 
-@register_lowering("onnx", "linear_fp")
+@register_lowering("onnx", "linear_fp", tolerance=FLOAT32_REORDERED)
 def linear_fp_onnx(x, codes, scales, bias, fmt: str, group_size: int, act_fmt: str):
     n = codes.shape[0]
     groups = scales.shape[1]

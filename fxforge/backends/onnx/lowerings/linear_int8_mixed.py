@@ -15,11 +15,12 @@ from fxforge.backends.onnx.lowerings._int8_codes import (
     UINT8_ZERO_POINT, quantize_per_token_uint8, scalar, weight_as_uint8_transposed,
 )
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 import numpy as np
 
 
-@register_lowering("onnx", "linear_int8_mixed")
+@register_lowering("onnx", "linear_int8_mixed", tolerance=FLOAT32_REORDERED)
 def linear_int8_mixed_onnx(x, qweight, wscale, bias, threshold: float):
     k = qweight.shape[1]
     x32 = op.Cast(x, to=FLOAT.dtype)

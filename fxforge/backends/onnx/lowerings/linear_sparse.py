@@ -10,9 +10,10 @@ from onnxscript import FLOAT
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "linear_sparse")
+@register_lowering("onnx", "linear_sparse", tolerance=FLOAT32_REORDERED)
 def linear_sparse_onnx(x, indices, values, out_features: int):
     k = x.shape[-1]
     zeros = op.ConstantOfShape(op.Constant(value_ints=[out_features, k]))

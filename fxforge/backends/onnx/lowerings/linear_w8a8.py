@@ -44,6 +44,7 @@ from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.lowerings._int8_codes import UINT8_ZERO_POINT, quantize_per_token_uint8, scalar
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import BIT_EXACT
 
 
 def _matmul_integer_to_float_schema() -> OpSchema:
@@ -71,7 +72,7 @@ def _as_float(value):
     return value if value.dtype == FLOAT.dtype else op.Cast(value, to=FLOAT.dtype)
 
 
-@register_lowering("onnx", "linear_w8a8")
+@register_lowering("onnx", "linear_w8a8", tolerance=BIT_EXACT)
 def linear_w8a8_onnx(x, qweight, wscale, bias, act_scale: str = "tensor"):
     # qweight's int8 dtype, the shapes and act_scale were checked by the op's fake impl at trace time.
     x32 = _as_float(x)

@@ -32,7 +32,7 @@ from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.options import OnnxOptions
 from fxforge.ir.ops import register_lowering
-from fxforge.ir.verify import Tolerance
+from fxforge.ir.verify import FLOAT32_REORDERED, Tolerance
 
 # What compile()'s backend check allows at accuracy_level 4: ~0.5% per layer, compounding
 # through a model (tiny-llama at 8 bits: 0.7%); a packing or scale bug is ~100%.
@@ -41,8 +41,10 @@ ACCURACY_LEVEL_4_TOLERANCE = Tolerance.lossy(max_rel=3e-2, min_cosine=0.999)
 
 def backend_tolerance(backend_options: Mapping[str, Any]) -> Tolerance | None:
     """How far from the reference this lowering may land under `backend_options`: the int8
-    activation bound unless accuracy_level is 0 (float compute: exact)."""
-    return ACCURACY_LEVEL_4_TOLERANCE if OnnxOptions.from_backend_options(backend_options).accuracy_level else None
+    activation bound unless accuracy_level is 0 (float compute: exact up to float32 rounding)."""
+    if OnnxOptions.from_backend_options(backend_options).accuracy_level:
+        return ACCURACY_LEVEL_4_TOLERANCE
+    return FLOAT32_REORDERED
 
 
 def _matmul_nbits_schema() -> OpSchema:

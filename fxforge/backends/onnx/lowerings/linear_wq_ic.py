@@ -13,6 +13,7 @@ from onnxscript import FLOAT, INT32
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
 def unpack_codes(packed, bits: int, rows: int, cols: int):
@@ -34,7 +35,7 @@ def expand_groups(per_group, rows: int, groups: int, group_size: int):
     return op.Reshape(tiled, op.Constant(value_ints=[rows, groups * group_size]))
 
 
-@register_lowering("onnx", "linear_wq_ic")
+@register_lowering("onnx", "linear_wq_ic", tolerance=FLOAT32_REORDERED)
 def linear_wq_ic_onnx(x, qweight, scales, zeros, bias, bits: int, group_size: int):
     k = qweight.shape[0]
     groups = scales.shape[1]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "lora_linear")
+@register_lowering("onnx", "lora_linear", tolerance=FLOAT32_REORDERED)
 def lora_linear_onnx(x, weight, bias, lora_a, lora_b, scale: float):
     base = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
     if bias is not None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "miss_linear")
+@register_lowering("onnx", "miss_linear", tolerance=FLOAT32_REORDERED)
 def miss_linear_onnx(x, weight, bias, block):
     r = block.shape[0]
     in_features = weight.shape[1]

@@ -9,9 +9,10 @@ from onnxscript import FLOAT
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 
-@register_lowering("onnx", "rms_norm")
+@register_lowering("onnx", "rms_norm", tolerance=FLOAT32_REORDERED)
 def rms_norm_onnx(x, weight, eps: float):
     x32 = op.Cast(x, to=FLOAT.dtype)
     mean_square = op.ReduceMean(op.Mul(x32, x32), op.Constant(value_ints=[-1]), keepdims=1)

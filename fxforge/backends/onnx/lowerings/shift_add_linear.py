@@ -21,6 +21,7 @@ from onnxscript import FLOAT
 
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.ir.ops import register_lowering
+from fxforge.ir.verify import FLOAT32_REORDERED
 
 _BIT_MASKS = [1 << j for j in range(31)] + [-(1 << 31)]
 
@@ -32,7 +33,7 @@ def _int32(name: str, values: list[int], dims: list[int]):
     return op.Constant(value=onnx.helper.make_tensor(name, onnx.TensorProto.INT32, dims, values))
 
 
-@register_lowering("onnx", "shift_add_linear")
+@register_lowering("onnx", "shift_add_linear", tolerance=FLOAT32_REORDERED)
 def shift_add_linear_onnx(x, packed, exps, signs, bias, group_size: int):
     n, words, q = packed.shape[0], packed.shape[1], packed.shape[2]
     groups = exps.shape[1]
