@@ -7,6 +7,11 @@
              past_key_i, past_value_i    (B, Hkv, P, D) for each attention layer i
     outputs: (...original outputs..., present_key_0, present_value_0, ...)   (B, Hkv, P + L, D)
 
+With `attention_mask=True` the graph takes an HF-style padding mask instead of the tree mask:
+`attention_mask (B, P + L)` int64, 0 = padding, placed right after input_ids (the order
+optimum and onnxruntime-genai use). The graph turns it into the causal mask itself
+(`kv_cache_padding.padding_tree_mask`), so left-padded batches decode as HF generate does.
+
 Each `fxforge::attention(q, k, v, mask, causal, ...)` becomes
 `fxforge::attention(q, cat(past_k, k), cat(past_v, v), tree_mask, True, ...)`: the op's causal
 triangle is bottom-right aligned, so new queries see the whole past, and the tree mask narrows
@@ -17,7 +22,8 @@ learned) position computation, which the traced graph derives from `arange(L)`, 
 read `position_ids`.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
 
-The input/output layout is recorded in `gm.meta[KV_META]` for `fxforge.runtime.decoding`.
+The input/output layout is recorded in `gm.meta[KV_META]` as a typed
+`fxforge.runtime.layouts.KVCacheLayout` for the runtimes and the decoder artifact.
 """
 from __future__ import annotations
 
@@ -35,10 +41,11 @@ from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
 from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
 from fxforge.passes.kv_cache_bias import KV_BIAS_TAG, BiasExtender
+from fxforge.passes.kv_cache_padding import MASK_TAG, padding_tree_mask
 from fxforge.passes.kv_cache_sites import FusedSite, eager_sites
+from fxforge.runtime.layouts import KV_META, KVCacheLayout
 
 aten = torch.ops.aten
-KV_META = "fxforge_kv_cache"
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 # How the traced graph turns arange(L) into a position row before using it: `arange + 0`
 # (HF's cache_position = arange(past, past + L)) and `unsqueeze(0)`.
@@ -51,6 +58,9 @@ class AddKvCache(Pass):
     """Give a causal LM graph past key/value inputs, present key/value outputs and position ids."""
 
     name = "add_kv_cache"
+    # True: take `attention_mask` (B, P + L), 0 = padding, instead of the bool tree mask
+    # (the conventional decoder interface; Medusa tree decoding needs the tree mask).
+    attention_mask: bool = False
 
     def tolerance(self) -> Tolerance:
         # Cached and uncached runs sum the same products in a different order.
@@ -92,17 +102,29 @@ class AddKvCache(Pass):
             return node
 
         with mode:
+            if self.attention_mask:
+                mask = new_input("attention_mask", torch.empty(batch, total_len, dtype=torch.long))
             positions = new_input("position_ids", torch.empty(batch, seq, dtype=torch.long))
-            tree_mask = new_input("tree_mask", torch.empty(batch, 1, seq, total_len, dtype=torch.bool))
+            if not self.attention_mask:
+                mask = new_input("tree_mask", torch.empty(batch, 1, seq, total_len, dtype=torch.bool))
         past, present, kv_shapes = [], [], []
-        biases = BiasExtender(graph, tree_mask, self.name)  # one copy of a bias shared by layers
-        for i, site in enumerate(sites):
+        for i, site in enumerate(sites):  # every placeholder first: the mask is computed after them
             k_val, v_val = site.k.meta["val"], site.v.meta["val"]
             with mode:
                 past_k = new_input(f"past_key_{i}", torch.empty(batch, k_val.shape[1], past_len,
                                                                   k_val.shape[3], dtype=k_val.dtype))
                 past_v = new_input(f"past_value_{i}", torch.empty(batch, v_val.shape[1], past_len,
                                                                     v_val.shape[3], dtype=v_val.dtype))
+            past.append((past_k, past_v))
+        if self.attention_mask:
+            with mode:
+                tree_val = torch.empty(batch, 1, seq, total_len, dtype=torch.bool)
+            tree_mask = padding_tree_mask(graph, last, ids, mask, tree_val)
+        else:
+            tree_mask = mask
+        biases = BiasExtender(graph, tree_mask, self.name)  # one copy of a bias shared by layers
+        for site, (past_k, past_v) in zip(sites, past):
+            k_val, v_val = site.k.meta["val"], site.v.meta["val"]
             full = []
             for new, old in ((past_k, site.k), (past_v, site.v)):
                 with graph.inserting_after(old):
@@ -110,7 +132,6 @@ class AddKvCache(Pass):
                 node.meta["module_path"] = old.meta.get("module_path", "")
                 full.append(node)
             site.rewire(graph, full[0], full[1], tree_mask, biases)
-            past.append((past_k, past_v))
             present.append(tuple(full))
             kv_shapes.append((int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])))
 
@@ -125,18 +146,20 @@ class AddKvCache(Pass):
         index = {name: i for i, name in enumerate(names)}
         gm.meta[INPUT_NAMES] = names
         gm.meta[IN_SPEC] = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
-        gm.meta[KV_META] = {
-            "input_ids": index[ids.name],
-            "position_ids": index[positions.name],
-            "tree_mask": index[tree_mask.name],
-            "past": [[index[k.name], index[v.name]] for k, v in past],
-            "present": [[len(outputs) + 2 * i, len(outputs) + 2 * i + 1] for i in range(len(present))],
-            "logits_output": 0,
-            "kv_shapes": kv_shapes,  # (kv heads, key head dim, value head dim) per layer
-            "dtype": str(sites[0].dtype).replace("torch.", ""),
-            "attention": kind,  # which sites were cached: "fused", "eager" or "mixed"
-            "num_inputs": len(names),
-        }
+        gm.meta[KV_META] = KVCacheLayout(
+            input_ids=index[ids.name],
+            position_ids=index[positions.name],
+            mask=index[mask.name],
+            mask_kind="padding" if self.attention_mask else "tree",
+            past=tuple((index[k.name], index[v.name]) for k, v in past),
+            present=tuple((len(outputs) + 2 * i, len(outputs) + 2 * i + 1) for i in range(len(present))),
+            logits_output=0,
+            kv_shapes=tuple(kv_shapes),
+            dtype=str(sites[0].dtype).replace("torch.", ""),
+            attention=kind,
+            num_inputs=len(names),
+            num_outputs=len(outputs) + len(flat_present),
+        )
         original_ids = ctx.example_inputs[placeholders.index(ids)] if ctx.example_inputs else None
         # the original ids after a past one longer: lengths differ, so exports stay dynamic
         example = None if original_ids is None else random_past_inputs(gm.meta[KV_META], original_ids,
@@ -165,7 +188,7 @@ class AddKvCache(Pass):
         meta = after.meta[KV_META]
         empty = empty_past(meta, ids.shape[0], ref.dtype)
         first = run_graph(after, cached_inputs(meta, ids[:, :split], 0, empty))
-        present = [first[i] for pair in meta["present"] for i in pair]
+        present = [first[i] for pair in meta.present for i in pair]
         second = run_graph(after, cached_inputs(meta, ids[:, split:], split, present))
         got = torch.cat([first[0], second[0]], dim=1) if ids.shape[1] > split else first[0]
         return Comparison(outputs=[compare_tensors(ref, got, self.tolerance())])
@@ -174,26 +197,26 @@ class AddKvCache(Pass):
 # --------------------------------------------------------------------------- inputs
 
 
-def random_past_inputs(meta: dict, ids: torch.Tensor, past_len: int) -> tuple[Any, ...]:
+def random_past_inputs(meta: KVCacheLayout, ids: torch.Tensor, past_len: int) -> tuple[Any, ...]:
     """Flat cached-graph inputs: new tokens `ids` after a random past of `past_len` positions.
 
     For export and verification: with batch, past and new lengths distinct (and above 1) an
     export keeps every cache dimension dynamic instead of specializing it.
     """
     batch = ids.shape[0]
-    dtype = getattr(torch, meta["dtype"])
+    dtype = meta.torch_dtype
     generator = torch.Generator().manual_seed(0)
     past = []
-    for heads, key_dim, value_dim in meta["kv_shapes"]:
+    for heads, key_dim, value_dim in meta.kv_shapes:
         past.append(torch.randn(batch, heads, past_len, key_dim, dtype=dtype, generator=generator))
         past.append(torch.randn(batch, heads, past_len, value_dim, dtype=dtype, generator=generator))
     return tuple(cached_inputs(meta, ids, past_len, past))
 
 
-def empty_past(meta: dict, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def empty_past(meta: KVCacheLayout, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """Zero-length past keys/values, flat [k0, v0, k1, v1, ...], for a prefill."""
     out = []
-    for heads, key_dim, value_dim in meta["kv_shapes"]:
+    for heads, key_dim, value_dim in meta.kv_shapes:
         out.append(torch.zeros(batch, heads, 0, key_dim, dtype=dtype))
         out.append(torch.zeros(batch, heads, 0, value_dim, dtype=dtype))
     return out
@@ -206,28 +229,39 @@ def causal_tree_mask(batch: int, new_len: int, past_len: int) -> torch.Tensor:
     return full.expand(batch, 1, new_len, past_len + new_len).contiguous()
 
 
-def cached_inputs(meta: dict, ids: torch.Tensor, past_len: int, past: Sequence[torch.Tensor],
+def cached_inputs(meta: KVCacheLayout, ids: torch.Tensor, past_len: int, past: Sequence[torch.Tensor],
                   positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
-                  tree_parents: torch.Tensor | None = None) -> list[Any]:
+                  tree_parents: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None) -> list[Any]:
     """The cached graph's flat inputs for new tokens `ids` after `past_len` cached ones.
 
-    Defaults: consecutive positions and a causal mask (plain decoding / prefill). Graphs that
-    verify a Medusa tree in-graph (`runtime.greedy_verify`) also take the tree's parent
-    indices; by default none (-1): every token counts as accepted.
+    Defaults: consecutive positions and a causal mask (plain decoding / prefill); for a graph
+    with a padding mask, all ones (B, past_len + L). Graphs that verify a Medusa tree in-graph
+    (`runtime.greedy_verify`) also take the tree's parent indices; by default none (-1): every
+    token counts as accepted.
     """
     batch, length = ids.shape
     if positions is None:
         positions = torch.arange(past_len, past_len + length).expand(batch, length)
-    if tree_mask is None:
-        tree_mask = causal_tree_mask(batch, length, past_len)
-    flat: list[Any] = [None] * meta["num_inputs"]
-    flat[meta["input_ids"]] = ids
-    flat[meta["position_ids"]] = positions
-    flat[meta["tree_mask"]] = tree_mask
-    for (k_index, v_index), k, v in zip(meta["past"], past[0::2], past[1::2]):
+    flat: list[Any] = [None] * meta.num_inputs
+    flat[meta.input_ids] = ids
+    flat[meta.position_ids] = positions
+    if meta.padding_mask:
+        if tree_mask is not None:
+            raise ValueError("this cached graph takes attention_mask (B, past + new), not a tree mask; "
+                             "compile with add_kv_cache (attention_mask=False) for tree decoding")
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_len + length, dtype=torch.long)
+        flat[meta.mask] = attention_mask
+    else:
+        if attention_mask is not None:
+            raise ValueError("this cached graph takes a tree mask, not attention_mask; compile with "
+                             "add_kv_cache(attention_mask=True) for padded batches")
+        flat[meta.mask] = causal_tree_mask(batch, length, past_len) if tree_mask is None else tree_mask
+    for (k_index, v_index), k, v in zip(meta.past, past[0::2], past[1::2]):
         flat[k_index], flat[v_index] = k, v
-    if "tree_parents" in meta:
-        flat[meta["tree_parents"]] = torch.full((length,), -1) if tree_parents is None else tree_parents
+    if meta.tree_parents is not None:
+        flat[meta.tree_parents] = torch.full((length,), -1) if tree_parents is None else tree_parents
     return flat
 
 
@@ -239,7 +273,7 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
     rewired = 0
     # aranges of a recomputed position bias count key positions over the cache: not position rows
     aranges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES]
-    for arange in [n for n in aranges if not n.meta.get(KV_BIAS_TAG)]:
+    for arange in [n for n in aranges if not _ours(n)]:
         row = arange
         while len(row.users) == 1 and next(iter(row.users)).target in _ADD_OFFSET:
             row = next(iter(row.users))
@@ -251,13 +285,18 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             rewired += 1
     erase_dead(gm)
     leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES
-                and not n.meta.get(KV_BIAS_TAG) and not _constant_length(n)]
+                and not _ours(n) and not _constant_length(n)]
     if leftover:
         raise PassError(
             f"pass '{pass_name}': could not tell how positions feed the model (arange nodes {leftover} "
             "are still used after rewiring the `unsqueeze(arange(L), 0)` position rows). Trace the "
             "model with position_ids as an input, or extend _rewire_positions.", pass_name=pass_name)
     return rewired  # 0 for a model without positional information: position_ids is then unused
+
+
+def _ours(node: Node) -> bool:
+    """Nodes this pass built (bias copies over the cache, the padding mask): not position rows."""
+    return bool(node.meta.get(KV_BIAS_TAG) or node.meta.get(MASK_TAG))
 
 
 def _constant_length(arange: Node) -> bool:
