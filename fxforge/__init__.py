@@ -10,6 +10,7 @@ ONNX Runtime, Triton kernels or TorchInductor — checked numerically at every s
 import fxforge.ir.ops  # noqa: F401  (registers every fxforge:: op)
 from fxforge.api import CompiledModel, compile, load
 from fxforge.decoder_artifact import export_decoder
+from fxforge.text_generation import compile_decoder
 from fxforge.errors import (
     ArtifactError,
     BackendError,
@@ -32,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "Pass",
     "PassContext", "PassError", "PassResult", "PassSpecError", "Pipeline", "Tolerance", "TraceError",
-    "VerificationError", "compile", "export_decoder", "load", "register_pass", "registered_passes", "trace",
+    "VerificationError", "compile", "compile_decoder", "export_decoder", "load", "register_pass", "registered_passes", "trace",
 ]

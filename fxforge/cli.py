@@ -116,6 +116,8 @@ def _load_hf_directory(path: Path, seq: int) -> tuple[torch.nn.Module, tuple, di
 def cmd_compile(ns: argparse.Namespace) -> int:
     import fxforge
 
+    if ns.task is not None:
+        return _compile_task(ns)
     check_compile_arguments(ns)
     model, args, kwargs = resolve_model(ns.model)
     compiled = fxforge.compile(model, args, kwargs, passes=ns.passes, backend=ns.backend)
@@ -125,6 +127,35 @@ def cmd_compile(ns: argparse.Namespace) -> int:
     if ns.backend == "onnx":
         print(f"wrote {out / 'model.onnx'}")
     print(f"saved to {out}")
+    return 0
+
+
+def _compile_task(ns: argparse.Namespace) -> int:
+    """--task text-generation-with-past: a HF causal-LM directory -> decoder artifact (ONNX,
+    genai_config.json, tokenizer). Minimal hook until the CLI's own --task handling lands."""
+    from fxforge.text_generation import TASK, compile_decoder
+
+    if ns.task != TASK:
+        raise CLIUsageError(f"--task {ns.task!r} is not supported here; use --task {TASK}")
+    if ns.backend.lower() != "onnx":
+        raise CLIUsageError(f"--task {TASK} writes an ONNX decoder: pass --backend onnx")
+    if not (Path(ns.model) / "config.json").is_file():
+        raise CLIUsageError(f"--task {TASK} needs a Hugging Face model directory (with config.json), "
+                            f"got {ns.model!r}")
+    compiled = compile_decoder(ns.model, ns.output, passes=ns.passes)
+    print(compiled.report)
+    print(f"wrote decoder artifact {ns.output} (model.onnx, genai_config.json, tokenizer)")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from fxforge.runtime.onnx_decoder import OnnxDecoder
+
+    decoder = OnnxDecoder(ns.artifact, threads=ns.threads)
+    texts = decoder.generate_text(ns.prompt, max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample,
+                                  temperature=ns.temperature, top_k=ns.top_k, seed=ns.seed)
+    for prompt, text in zip(ns.prompt, texts):
+        print(f"{prompt}{text}")
     return 0
 
 
@@ -196,7 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     # gets the same message as in the Python API
     p.add_argument("--backend", default="eager", help="eager | onnx | triton | inductor")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--task", default=None,
+                   help="text-generation-with-past: a decoder artifact (ONNX + genai_config.json + tokenizer)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("generate", help="decode a decoder artifact (fxforge compile --task "
+                                        "text-generation-with-past) with ONNX Runtime", parents=[debug])
+    p.add_argument("artifact", help="decoder artifact directory (model.onnx, genai_config.json, tokenizer)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="summarize a model's graph or a saved artifact (zoo: lists the zoo)",
                        parents=[debug])

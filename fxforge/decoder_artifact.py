@@ -27,6 +27,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from fxforge.errors import ArtifactError, InputError
 from fxforge.runtime.layouts import KVCacheLayout, decoder_input_names, decoder_output_names, kv_layout
 
@@ -67,6 +69,7 @@ def export_decoder(compiled: "CompiledModel", directory: str | Path, *, tokenize
     settings = _model_settings(compiled, layout, tokenizer, _as_dict(config))
     with atomic_directory(directory) as staging:
         write_decoder_onnx(compiled, staging / ONNX_FILE)
+        check_decoder_onnx(compiled, staging / ONNX_FILE)  # before anything replaces a previous artifact
         vocab = _vocab_of(staging / ONNX_FILE)
         genai = genai_config(layout, vocab_size=vocab, max_length=max_length, **settings)
         (staging / GENAI_CONFIG).write_text(json.dumps(genai, indent=2))
@@ -131,6 +134,40 @@ def write_decoder_onnx(compiled: "CompiledModel", path: Path) -> Path:
     _rename_inner_dims(graph)
     onnx.save(model, str(path))
     return path
+
+
+def check_decoder_onnx(compiled: "CompiledModel", path: Path) -> float:
+    """Run the written file in ONNX Runtime, by its conventional names only, on a prefill and a
+    left-padded cached step; VerificationError unless logits and cache match the graph within the
+    backend tolerance of its lowerings. Returns the largest absolute error."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fxforge.api import DEFAULT_BACKEND_TOLERANCE
+    from fxforge.backends import check_tolerance
+    from fxforge.errors import VerificationError
+    from fxforge.ir.verify import compare_outputs
+    from fxforge.runtime.decoding import example_cached_inputs
+
+    gm = compiled.graph_module
+    layout = kv_layout(gm.meta)
+    flat = example_cached_inputs(gm, batch=2)
+    flat[layout.mask][0, :2] = 0  # row 0 left-padded: the padding path is checked too
+    names = {layout.input_ids: "input_ids", layout.mask: "attention_mask", layout.position_ids: "position_ids"}
+    for i, (k, v) in enumerate(layout.past):
+        names[k], names[v] = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {names[i]: x.detach().cpu().numpy() for i, x in enumerate(flat)}
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        ref = list(gm(*flat))
+    order = [layout.logits_output, *(i for pair in layout.present for i in pair)]
+    tolerance = check_tolerance(gm, "onnx", DEFAULT_BACKEND_TOLERANCE)
+    comparison = compare_outputs([ref[i] for i in order], [torch.from_numpy(np.ascontiguousarray(g)) for g in got],
+                                 tolerance, allow_extra_outputs=False)
+    if not comparison.ok:
+        raise VerificationError(f"the decoder ONNX file disagrees with the compiled graph: {comparison.describe()}")
+    return comparison.max_error
 
 
 def _drop_extra_outputs(graph: onnx.GraphProto, keep: set[str]) -> None:
@@ -221,4 +258,5 @@ def genai_config(layout: KVCacheLayout, *, model_type: str, num_attention_heads:
     return {"model": model, "search": search}
 
 
-__all__ = ["GENAI_CONFIG", "ONNX_FILE", "export_decoder", "genai_config", "write_decoder_onnx"]
+__all__ = ["GENAI_CONFIG", "ONNX_FILE", "check_decoder_onnx", "export_decoder", "genai_config",
+           "write_decoder_onnx"]
