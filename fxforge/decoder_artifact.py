@@ -41,8 +41,9 @@ ONNX_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 # onnxruntime-genai picks its decoder by "type"; these are decoder-only types it knows whose
-# I/O is exactly ours. Other architectures get "llama" (same decoder interface).
-_GENAI_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "phi3": "phi3",
+# I/O is exactly ours. Others get "llama", the same interface: not "gpt2", which onnxruntime-genai
+# reads as the older combined-cache layout (past_%d holding keys and values together).
+_GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "phi3": "phi3",
                 "gemma": "gemma", "qwen3": "qwen3", "olmo": "olmo", "granite": "granite"}
 
 
