@@ -19,6 +19,7 @@ from fxforge.errors import (
     FxforgeError,
     InputError,
     MissingLoweringError,
+    ModelDirectoryError,
     PassError,
     PassSpecError,
     TraceError,
@@ -26,12 +27,14 @@ from fxforge.errors import (
 )
 from fxforge.ir.trace import trace
 from fxforge.ir.verify import Tolerance
+from fxforge.models.hf import Pretrained, from_pretrained
 from fxforge.passes.base import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "Pass",
+    "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "ModelDirectoryError", "Pass",
     "PassContext", "PassError", "PassResult", "PassSpecError", "Pipeline", "Tolerance", "TraceError",
-    "VerificationError", "compile", "compile_decoder", "export_decoder", "load", "register_pass", "registered_passes", "trace",
+    "Pretrained", "VerificationError", "compile", "compile_decoder", "export_decoder", "from_pretrained", "load",
+    "register_pass", "registered_passes", "trace",
 ]

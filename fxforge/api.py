@@ -178,15 +178,18 @@ class CompiledModel:
             export_onnx(self.graph_module, self.example_inputs, staging)
         return path
 
-    def save(self, directory: str | Path, *, onnx: bool = False) -> Path:
+    def save(self, directory: str | Path, *, onnx: bool = False,
+             companions: dict[str, Path | bytes] | None = None) -> Path:
         """Save graph, weights (safetensors), example inputs and a manifest to `directory`.
 
         All or nothing: a previous artifact there is replaced only once the new one is
-        complete. `onnx=True` also exports `model.onnx` into the artifact.
+        complete. `onnx=True` also exports `model.onnx` into the artifact. `companions`:
+        files saved alongside for runtimes, by name (`{"tokenizer.json": path}`; see
+        fxforge.artifact.COMPANION_FILES), e.g. `Pretrained.tokenizer_files()`.
         """
         from fxforge.artifact import save_artifact
 
-        return save_artifact(self, Path(directory), onnx=onnx)
+        return save_artifact(self, Path(directory), onnx=onnx, companions=companions)
 
 
 def compile(

@@ -8,6 +8,8 @@
       graph.json             the graph: nodes, targets, arguments (fxforge/ir/serialize.py)
       meta_tensors.safetensors   (if any) tensors inside pass metadata (merged adapters, masks)
       model.onnx[.data]      (if saved with onnx=True) the graph exported for ONNX Runtime
+      tokenizer.json, ...    (if given as companions) files a runtime reads next to the model,
+                             e.g. the tokenizer of the Hugging Face directory it came from
 
 Threat model: what load trusts, what it refuses
 -----------------------------------------------
@@ -40,6 +42,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +60,7 @@ from fxforge.ir.allowlist import check_attr_path, check_dotted_name
 from fxforge.ir.graph import get_attr, params_and_buffers, set_attr
 from fxforge.ir.serialize import graph_from_json, graph_to_json
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES, OUT_SPEC, trace
+from fxforge.models.hf import TOKENIZER_FILES
 from fxforge.runtime.layouts import LAYOUT_RECORDS
 
 if TYPE_CHECKING:
@@ -69,7 +74,11 @@ META_TENSORS = "meta_tensors.safetensors"  # tensors inside pass metadata (merge
 ONNX = "model.onnx"
 ONNX_DATA = "model.onnx.data"  # ONNX external data, written for models above 2 GB
 REQUIRED_FILES = frozenset({WEIGHTS, INPUTS, GRAPH})
-LISTED_FILES = REQUIRED_FILES | {META_TENSORS, ONNX, ONNX_DATA}
+# Files saved next to the model for the runtimes that serve it (a tokenizer, a generation config),
+# so the artifact directory is self-contained. Hashed and listed like the rest; fxforge.load
+# never reads them. Only these names: an artifact holds no file of unknown purpose.
+COMPANION_FILES = frozenset({*TOKENIZER_FILES, "generation_config.json", "genai_config.json"})
+LISTED_FILES = REQUIRED_FILES | {META_TENSORS, ONNX, ONNX_DATA} | COMPANION_FILES
 _SPEC_KEYS = (IN_SPEC, OUT_SPEC, INPUT_NAMES)  # saved in their own manifest fields
 
 __all__ = ["FORMAT_VERSION", "save_artifact", "load_artifact"]
@@ -89,15 +98,20 @@ class _Plan:
     manifest: dict[str, Any]
 
 
-def save_artifact(compiled: "CompiledModel", directory: str | Path, *, onnx: bool = False) -> Path:
+def save_artifact(compiled: "CompiledModel", directory: str | Path, *, onnx: bool = False,
+                  companions: Mapping[str, Path | bytes] | None = None) -> Path:
     """Write `compiled` to `directory`, replacing a previous artifact there all at once.
 
     `onnx=True` also exports `model.onnx` into the artifact (listed and hashed like the rest).
+    `companions` maps COMPANION_FILES names to a file to copy or the bytes to write (the
+    tokenizer files of the model's directory, a runtime config).
     Raises ArtifactError, with nothing written, when the model cannot be saved (metadata that
-    is not JSON, a call target outside the allowlist) or `directory` is not an artifact's place.
+    is not JSON, a call target outside the allowlist, a companion of another name or missing)
+    or `directory` is not an artifact's place.
     """
     directory = Path(directory)
     _check_target(directory)
+    companions = _check_companions(companions)
     plan = _plan(compiled)
     if onnx:
         from fxforge.backends.onnx.backend import check_lowerable
@@ -113,9 +127,28 @@ def save_artifact(compiled: "CompiledModel", directory: str | Path, *, onnx: boo
             from fxforge.backends.onnx.backend import export_onnx
 
             export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX)
+        for name, source in companions.items():
+            if isinstance(source, bytes):
+                (staging / name).write_bytes(source)
+            else:
+                shutil.copyfile(source, staging / name)
         files = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
         (staging / MANIFEST).write_text(json.dumps({**plan.manifest, "files": files}, indent=2))
     return directory
+
+
+def _check_companions(companions: Mapping[str, Path | bytes] | None) -> dict[str, Path | bytes]:
+    checked: dict[str, Path | bytes] = {}
+    for name, source in (companions or {}).items():
+        if name not in COMPANION_FILES:
+            raise ArtifactError(f"cannot save companion file {name!r}: an artifact holds only "
+                                f"{', '.join(sorted(COMPANION_FILES))} next to the model")
+        if not isinstance(source, bytes):
+            source = Path(source)
+            if not source.is_file():
+                raise ArtifactError(f"cannot save companion file {name!r}: {source} is not a file")
+        checked[name] = source
+    return checked
 
 
 def _check_target(directory: Path) -> None:

@@ -1,12 +1,17 @@
 """The `fxforge` command line.
 
     fxforge compile MODEL [--passes SPEC] [--backend onnx] -o DIR   compile and save an artifact
+        for a Hugging Face directory also: [--task T] [--dtype D] [--seq L] [--batch B]
+                                           [--calibration FILE [--calibration-samples N] [--calibration-seq L]]
     fxforge inspect MODEL|DIR                                        graph summary
     fxforge passes                                                   every pass with its options
     fxforge export DIR -o model.onnx                                 saved artifact -> ONNX file
 
 MODEL is a zoo name (`zoo:tiny-llama`), a local Hugging Face model directory, or
 `package.module:factory` (a function returning a model, or (model, args[, kwargs])).
+A Hugging Face directory is loaded by `fxforge.from_pretrained` for its task (the default read
+from config.json) with example inputs from its tokenizer, and its tokenizer files are saved in
+the artifact, so the artifact directory is all a runtime needs.
 
 Arguments are checked before anything is compiled (the factory imports and is callable, the
 output path is not a file, the backend and pipeline are valid). Every error a user can cause
@@ -24,22 +29,31 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fxforge.errors import CLIUsageError, FxforgeError
+from fxforge.text_generation import TASK as DECODER_TASK
 
 
-def resolve_model(spec: str, seq: int = 16) -> tuple[torch.nn.Module, tuple, dict]:
+def resolve_model(spec: str) -> tuple[torch.nn.Module, tuple, dict]:
     """MODEL argument -> (model, example args, example kwargs)."""
     if spec.startswith("zoo:"):
         from fxforge.models import get_model
 
         zm = get_model(spec[4:])
         return zm.model, zm.args, zm.kwargs
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        return _load_hf_directory(path, seq)
+    if is_hf_directory(spec):
+        from fxforge.models.hf import from_pretrained
+
+        loaded = from_pretrained(spec)
+        return loaded.model, loaded.args, loaded.kwargs
     if ":" in spec:
         return _call_factory(spec, resolve_factory(spec))
     raise CLIUsageError(f"cannot interpret MODEL {spec!r}: use zoo:NAME (see `fxforge inspect zoo:`), a "
                         f"Hugging Face model directory, or package.module:factory")
+
+
+def is_hf_directory(spec: str) -> bool:
+    """A directory holding config.json: what save_pretrained writes."""
+    path = Path(spec)
+    return path.is_dir() and (path / "config.json").is_file()
 
 
 def resolve_factory(spec: str) -> Callable[[], Any]:
@@ -93,6 +107,7 @@ def check_compile_arguments(ns: argparse.Namespace) -> None:
         raise CLIUsageError(f"output {str(out)!r} cannot be created: {str(blocking)!r} is a file")
     ns.backend = resolve_backend(ns.backend)
     Pipeline(ns.passes or "")  # PassSpecError for an unknown pass, option or value
+    _check_hf_options(ns)
     if ns.model.startswith("zoo:"):
         from fxforge.models import list_models
 
@@ -102,49 +117,115 @@ def check_compile_arguments(ns: argparse.Namespace) -> None:
         resolve_factory(ns.model)
 
 
-def _load_hf_directory(path: Path, seq: int) -> tuple[torch.nn.Module, tuple, dict]:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+_HF_OPTIONS = ("task", "dtype", "seq", "batch", "calibration", "calibration_samples", "calibration_seq")
 
-    config = AutoConfig.from_pretrained(path)
-    loader = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
-    model = loader.from_pretrained(path, attn_implementation="eager").eval()
-    vocab = getattr(config, "vocab_size", 1000)
-    ids = torch.randint(0, vocab, (2, seq))
-    return model, (ids,), {"attention_mask": torch.ones_like(ids)}
+
+def _check_hf_options(ns: argparse.Namespace) -> None:
+    """Options that need a Hugging Face directory; dtype against the backend; the calibration file."""
+    from fxforge.backends.validate import UNSUPPORTED_DTYPES
+    from fxforge.models.hf import DTYPES, TASKS
+
+    given = [name for name in _HF_OPTIONS if getattr(ns, name, None) is not None]
+    if given and not is_hf_directory(ns.model):
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise CLIUsageError(f"{flags} need(s) a Hugging Face model directory (with config.json and a tokenizer); "
+                            f"{ns.model!r} is not one")
+    if ns.task is not None and ns.task not in TASKS:
+        raise CLIUsageError(f"unknown --task {ns.task!r}; tasks: {', '.join(TASKS)}")
+    if ns.dtype is not None:
+        reason = UNSUPPORTED_DTYPES.get(ns.backend, {}).get(DTYPES[ns.dtype])
+        if reason:
+            raise CLIUsageError(f"--dtype {ns.dtype} cannot run on --backend {ns.backend}: {reason.split('. ')[0]}; "
+                                f"use --backend eager for {ns.dtype}, or --dtype float32")
+    for name in ("seq", "batch", "calibration_samples", "calibration_seq"):
+        value = getattr(ns, name)
+        if value is not None and value < 1:
+            raise CLIUsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if ns.calibration is None and (ns.calibration_samples is not None or ns.calibration_seq is not None):
+        raise CLIUsageError("--calibration-samples/--calibration-seq shape the --calibration FILE, which is missing")
+    if ns.calibration is not None:
+        from fxforge.calibration.text import read_calibration_file
+
+        ns.calibration_texts = read_calibration_file(ns.calibration)  # before the model loads
+
+
+def with_task_passes(passes: str, task_passes: Sequence[str]) -> str:
+    """The user's pipeline with the task's passes appended (unless it already names them)."""
+    from fxforge.text_generation import with_passes
+
+    return with_passes(passes, task_passes)
+
+
+def _calibration_batches(ns: argparse.Namespace, loaded: Any) -> list[dict[str, torch.Tensor]] | None:
+    if ns.calibration is None:
+        return None
+    from fxforge.calibration.text import from_texts
+
+    if loaded.tokenizer is None:
+        raise CLIUsageError(f"--calibration needs a tokenizer and {ns.model} has none; save one there with "
+                            f"tokenizer.save_pretrained(...)")
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 512
+    seq = ns.calibration_seq or min(512, limit)
+    if seq > limit:
+        raise CLIUsageError(f"--calibration-seq {seq} exceeds the model's position limit {limit}")
+    batches = from_texts(loaded.tokenizer, ns.calibration_texts, samples=ns.calibration_samples or 128, seq=seq)
+    windows = sum(len(b["input_ids"]) for b in batches)
+    print(f"calibration: {windows} window(s) of {batches[0]['input_ids'].shape[1]} tokens from {ns.calibration}")
+    return batches
 
 
 def cmd_compile(ns: argparse.Namespace) -> int:
     import fxforge
+    from fxforge.errors import CalibrationError
 
-    if ns.task is not None:
-        return _compile_task(ns)
     check_compile_arguments(ns)
-    model, args, kwargs = resolve_model(ns.model)
-    compiled = fxforge.compile(model, args, kwargs, passes=ns.passes, backend=ns.backend)
+    passes, calibration, companions = ns.passes, None, None
+    if is_hf_directory(ns.model):
+        loaded = fxforge.from_pretrained(ns.model, task=ns.task, dtype=ns.dtype, seq=ns.seq or 16,
+                                         batch=ns.batch or 2)
+        for note in loaded.notes:
+            print(f"note: {note}")
+        print(f"task {loaded.task}: {type(loaded.model).__name__} in {str(loaded.dtype).replace('torch.', '')}")
+        model, args, kwargs = loaded.model, loaded.args, loaded.kwargs
+        passes = with_task_passes(ns.passes, loaded.task_passes)
+        calibration = _calibration_batches(ns, loaded)
+        companions = loaded.tokenizer_files()
+        if loaded.task == DECODER_TASK:
+            return _compile_decoder(ns, loaded, passes, calibration)
+    else:
+        model, args, kwargs = resolve_model(ns.model)
+    try:
+        compiled = fxforge.compile(model, args, kwargs, passes=passes, backend=ns.backend, calibration=calibration)
+    except CalibrationError as exc:
+        if calibration is None:  # the pass's own message speaks of Python's calibration=
+            raise CLIUsageError(f"{getattr(exc, 'pass_name', None) or 'a pass'} needs calibration data: pass "
+                                f"--calibration FILE (text, one sample per line, or .jsonl with a \"text\" "
+                                f"field)") from exc
+        raise
     print(compiled.report)
     out = Path(ns.output)
-    compiled.save(out, onnx=ns.backend == "onnx")  # model.onnx inside, listed in the manifest
+    # model.onnx and the tokenizer inside, listed in the manifest
+    compiled.save(out, onnx=ns.backend == "onnx", companions=companions)
     if ns.backend == "onnx":
         print(f"wrote {out / 'model.onnx'}")
     print(f"saved to {out}")
     return 0
 
 
-def _compile_task(ns: argparse.Namespace) -> int:
-    """--task text-generation-with-past: a HF causal-LM directory -> decoder artifact (ONNX,
-    genai_config.json, tokenizer). Minimal hook until the CLI's own --task handling lands."""
-    from fxforge.text_generation import TASK, compile_decoder
+def _compile_decoder(ns: argparse.Namespace, loaded: Any, passes: str, calibration: Any) -> int:
+    """--task text-generation-with-past: the decoder artifact (model.onnx with conventional
+    names, genai_config.json, tokenizer; `fxforge.decoder_artifact`), exported once."""
+    import fxforge
 
-    if ns.task != TASK:
-        raise CLIUsageError(f"--task {ns.task!r} is not supported here; use --task {TASK}")
     if ns.backend.lower() != "onnx":
-        raise CLIUsageError(f"--task {TASK} writes an ONNX decoder: pass --backend onnx")
-    if not (Path(ns.model) / "config.json").is_file():
-        raise CLIUsageError(f"--task {TASK} needs a Hugging Face model directory (with config.json), "
-                            f"got {ns.model!r}")
-    compiled = compile_decoder(ns.model, ns.output, passes=ns.passes)
+        raise CLIUsageError(f"--task {DECODER_TASK} writes an ONNX decoder artifact: pass --backend onnx")
+    # eager here: export_decoder exports the file once and checks it against the graph itself
+    compiled = fxforge.compile(loaded.model, loaded.args, loaded.kwargs, passes=passes, backend="eager",
+                               calibration=calibration)
     print(compiled.report)
-    print(f"wrote decoder artifact {ns.output} (model.onnx, genai_config.json, tokenizer)")
+    fxforge.export_decoder(compiled, ns.output, tokenizer=loaded.tokenizer, config=loaded.model.config)
+    print(f"wrote decoder artifact {ns.output} (model.onnx, genai_config.json, tokenizer); "
+          f"decode it with: fxforge generate {ns.output} --prompt \"...\"")
     return 0
 
 
@@ -227,8 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     # gets the same message as in the Python API
     p.add_argument("--backend", default="eager", help="eager | onnx | triton | inductor")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    p.add_argument("--task", default=None,
-                   help="text-generation-with-past: a decoder artifact (ONNX + genai_config.json + tokenizer)")
+    hf = p.add_argument_group("Hugging Face directories")
+    # choices are checked by _check_hf_options, so a typo gets fxforge's one-line error
+    hf.add_argument("--task", help="text-generation | text-generation-with-past | feature-extraction | fill-mask "
+                                   "| text-classification (default: from config.json's architectures); "
+                                   "text-generation-with-past writes a decoder artifact (model.onnx with "
+                                   "conventional names, genai_config.json, tokenizer) for --backend onnx")
+    hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights' dtype (default float32)")
+    hf.add_argument("--seq", type=int, help="tokens per example input row (default 16)")
+    hf.add_argument("--batch", type=int, help="example input rows (default 2; 1 fixes the batch to 1)")
+    hf.add_argument("--calibration", help="text file (one sample per line) or .jsonl with a \"text\" field, "
+                                          "for calibrated passes (gptq, awq, ...)")
+    hf.add_argument("--calibration-samples", type=int, help="windows of text to calibrate on (default 128)")
+    hf.add_argument("--calibration-seq", type=int, help="tokens per window (default 512, at most the model's limit)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("generate", help="decode a decoder artifact (fxforge compile --task "

@@ -49,6 +49,10 @@ class InputError(FxforgeError, ValueError):
     """A compiled model was called with inputs that do not match what it was compiled for."""
 
 
+class ModelDirectoryError(FxforgeError, ValueError):
+    """A Hugging Face model directory cannot be loaded for the task, dtype or sizes asked."""
+
+
 class ArtifactError(FxforgeError):
     """A saved artifact directory is missing, incomplete or corrupted."""
 

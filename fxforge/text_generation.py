@@ -3,59 +3,44 @@
     fxforge.compile_decoder("hf-llama/", "out/", passes="quantize(bits=4)")
     # = fxforge compile hf-llama/ --task text-generation-with-past --backend onnx --passes "quantize(bits=4)" -o out/
 
-The user's passes run first, then `fuse_attention` (unless they named it) and
-`add_kv_cache(attention_mask=True)`; the model is traced on batch-2 token ids so the batch
-stays dynamic, and exported once, by `export_decoder`, which checks the ONNX file against the
-compiled graph before the artifact replaces anything.
+`fxforge.from_pretrained(dir, task=TASK)` loads the model (logits only, no HF cache) with
+batch-2 token ids, so the traced batch stays dynamic. The user's passes run first, then the
+task's: `fuse_attention` (unless named) and `add_kv_cache(attention_mask=True)`. The graph is
+exported once, by `export_decoder`, which checks the ONNX file against the compiled graph
+before the artifact replaces anything.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-
-from fxforge.errors import PassSpecError
+from typing import Any, Sequence
 
 TASK = "text-generation-with-past"
-KV_PASS = "add_kv_cache(attention_mask=True)"
 
 
-def decoder_passes(passes: str) -> str:
-    """The user's pipeline string completed for the task (see the module docstring)."""
-    names = [p.strip() for p in passes.split(",") if p.strip()] if passes else []
-    if any(p.split("(")[0].strip() == "add_kv_cache" for p in names):
-        raise PassSpecError(f"--task {TASK} adds the KV cache itself ({KV_PASS}); remove add_kv_cache from "
-                            "--passes")
-    if not any(p.split("(")[0].strip() == "fuse_attention" for p in names):
-        names.append("fuse_attention")  # SDPA attention is cached through the fused op
-    return ",".join([*names, KV_PASS])
+def with_passes(passes: str, task_passes: Sequence[str]) -> str:
+    """`passes` with each of `task_passes` appended unless a pass of that name is already there."""
+    from fxforge.passes.base import Pipeline
 
-
-def load_causal_lm(directory: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a saved HF directory; the model returns logits only (no HF cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
-    model.config.use_cache = False  # our own copy: the cache is the graph's, not HF's DynamicCache
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return model, tokenizer
+    present = {p.name for p in Pipeline(passes or "").passes}
+    extra = [spec for spec in task_passes if Pipeline(spec).passes[0].name not in present]
+    return ",".join(part for part in [(passes or "").strip(), *extra] if part)
 
 
 def compile_decoder(model_dir: str | Path, output: str | Path, *, passes: str = "", seq: int = 8,
-                    verify: bool = True, max_length: int | None = None) -> Any:
-    """Compile a HF causal LM directory into a decoder artifact at `output`; returns the CompiledModel.
+                    dtype: str | None = None, calibration: Any = None, max_length: int | None = None) -> Any:
+    """Compile a HF causal-LM directory into a decoder artifact at `output`; returns the CompiledModel.
 
-    `seq`: length of the example ids the model is traced and verified on (batch 2).
+    `seq`: tokens per example row (batch 2) the model is traced and every pass verified on;
+    `calibration`: batches for calibrated passes, as `fxforge.compile` takes them.
     """
     import fxforge
 
-    model, tokenizer = load_causal_lm(model_dir)
-    vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
-    ids = torch.randint(0, min(vocab, len(tokenizer)), (2, seq), generator=torch.Generator().manual_seed(0))
-    compiled = fxforge.compile(model, (ids,), passes=decoder_passes(passes), backend="eager", verify=verify)
-    fxforge.export_decoder(compiled, output, tokenizer=tokenizer, config=model.config, max_length=max_length)
+    loaded = fxforge.from_pretrained(model_dir, task=TASK, dtype=dtype, seq=seq, batch=2)
+    compiled = fxforge.compile(loaded.model, loaded.args, loaded.kwargs, passes=with_passes(passes, loaded.task_passes),
+                               backend="eager", calibration=calibration)
+    fxforge.export_decoder(compiled, output, tokenizer=loaded.tokenizer, config=loaded.model.config,
+                           max_length=max_length)
     return compiled
 
 
-__all__ = ["KV_PASS", "TASK", "compile_decoder", "decoder_passes", "load_causal_lm"]
+__all__ = ["TASK", "compile_decoder", "with_passes"]

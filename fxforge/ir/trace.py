@@ -7,6 +7,11 @@ model's inputs as a flat list of tensors and returns a flat tuple. The pytree sp
 the user's (args, kwargs) and outputs to and from that flat form live in `gm.meta`, so every
 copy of the graph carries them.
 
+Keyword inputs that hold no tensor (`use_cache=False`, `return_dict=False`, `scale=None`) are
+constants, not inputs: they are bound into the traced call and recorded in
+`gm.meta[CONSTANT_KWARGS]`, so the graph takes only tensors (an ONNX file gets no `use_cache`
+input) and a call that passes a different value is refused instead of silently ignored.
+
 Each call_function node keeps its source module path in `node.meta["module_path"]` (from
 torch.export's `nn_module_stack`), so passes and users can target layers by name.
 """
@@ -25,11 +30,14 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
-from fxforge.errors import TraceError
+from fxforge.errors import InputError, TraceError
 
 IN_SPEC = "fxforge_in_spec"
 OUT_SPEC = "fxforge_out_spec"
 INPUT_NAMES = "fxforge_input_names"
+CONSTANT_KWARGS = "fxforge_constant_kwargs"  # name -> value of keyword inputs baked into the graph
+# What a keyword constant may be: JSON values, so artifacts save them and nothing is pickled.
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 
 @dataclass(frozen=True)
@@ -40,23 +48,36 @@ class TracedInputs:
     spec: pytree.TreeSpec
 
 
-class _TransformersAdapter(nn.Module):
-    """Calls a transformers model with `use_cache=False, return_dict=False`.
+class _ConstantsAdapter(nn.Module):
+    """Calls the model with the keyword constants bound (`use_cache=False`, `scale=None`).
 
-    That makes its outputs plain tensors/tuples (never ModelOutput) and keeps KV caches out of
-    the graph. A single output is returned bare rather than as a 1-tuple. The wrapped model
-    sits under the attribute `m`, which `trace` strips from every name afterwards.
-
-    forward() advertises an explicit signature (the example inputs' positions and keyword
-    names) because torch.export cannot match dynamic shapes to a `*args, **kwargs` signature.
+    The wrapped model sits under the attribute `m`, which `trace` strips from every name
+    afterwards. forward() advertises an explicit signature (the example inputs' positions and
+    the tensor keyword names) because torch.export cannot match dynamic shapes to a
+    `*args, **kwargs` signature.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, constants: dict[str, Any]):
         super().__init__()
         self.m = model
+        self._extra = dict(constants)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.m(*args, **kwargs, **self._extra)
+
+
+class _TransformersAdapter(_ConstantsAdapter):
+    """Calls a transformers model with `use_cache=False, return_dict=False` (unless given).
+
+    That makes its outputs plain tensors/tuples (never ModelOutput) and keeps KV caches out of
+    the graph. A single output is returned bare rather than as a 1-tuple.
+    """
+
+    def __init__(self, model: nn.Module, constants: dict[str, Any]):
         params = inspect.signature(model.forward).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._extra = {k: False for k in ("use_cache", "return_dict") if k in params or takes_any}
+        defaults = {k: False for k in ("use_cache", "return_dict") if k in params or takes_any}
+        super().__init__(model, {**defaults, **constants})  # the caller's own constants win
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.m(*args, **kwargs, **self._extra)
@@ -67,11 +88,13 @@ class _TransformersAdapter(nn.Module):
         return out
 
 
-def _adapter_for(model: nn.Module, num_args: int, kwarg_names: list[str]) -> _TransformersAdapter:
-    """A _TransformersAdapter whose forward() signature names exactly these inputs."""
+def _adapter_for(model: nn.Module, num_args: int, kwarg_names: list[str],
+                 constants: dict[str, Any] | None = None) -> _ConstantsAdapter:
+    """An adapter (transformers' or the constants-only one) whose forward() names exactly these inputs."""
+    base = _TransformersAdapter if is_transformers_model(model) else _ConstantsAdapter
 
-    def forward(self: _TransformersAdapter, *args: Any, **kwargs: Any) -> Any:
-        return _TransformersAdapter.forward(self, *args, **kwargs)
+    def forward(self: _ConstantsAdapter, *args: Any, **kwargs: Any) -> Any:
+        return base.forward(self, *args, **kwargs)
 
     P = inspect.Parameter
     # Name positional inputs as the model does (input_ids, ...): they become graph input names.
@@ -83,8 +106,52 @@ def _adapter_for(model: nn.Module, num_args: int, kwarg_names: list[str]) -> _Tr
         + [P(name, P.POSITIONAL_OR_KEYWORD) for name in names]
         + [P(k, P.KEYWORD_ONLY) for k in kwarg_names]
     )
-    cls = type("TransformersAdapter", (_TransformersAdapter,), {"forward": forward})
-    return cls(model)
+    cls = type(base.__name__.lstrip("_"), (base,), {"forward": forward})
+    return cls(model, dict(constants or {}))
+
+
+def split_constant_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor kwargs, constant kwargs): a keyword input holding no tensor is a constant.
+
+    Raises TraceError for a non-tensor value that is not None/bool/int/float/str (a list of
+    ints, an object): such a value cannot be saved with an artifact or compared at call time.
+    """
+    tensors, constants = {}, {}
+    for name, value in kwargs.items():
+        if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value)):
+            tensors[name] = value
+        elif isinstance(value, _CONSTANT_TYPES):
+            constants[name] = value
+        else:
+            raise TraceError(
+                f"keyword input {name!r} is a {type(value).__name__} holding no tensor; keyword inputs are "
+                f"tensors (graph inputs) or None/bool/int/float/str constants baked into the graph. Bind it "
+                f"in a wrapper module (forward calls the model with {name}=...) or pass a tensor")
+    return tensors, constants
+
+
+def drop_constant_kwargs(gm: GraphModule, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` without the constants baked into `gm` at trace time (`gm.meta[CONSTANT_KWARGS]`).
+
+    A constant may be passed again or left out; passing a *different* value raises InputError,
+    since the graph was traced with the original one (a silently ignored `use_cache=True` or
+    `flag=True` would return the wrong thing).
+    """
+    constants = gm.meta.get(CONSTANT_KWARGS) or {}
+    if not constants:
+        return kwargs
+    for name, baked in constants.items():
+        if name in kwargs and not _same_constant(kwargs[name], baked):
+            raise InputError(
+                f"keyword input {name!r} was compiled as the constant {baked!r} and is part of the graph; "
+                f"got {kwargs[name]!r}. Leave it out (or pass {baked!r}), or compile again with "
+                f"{name}={kwargs[name]!r}")
+    return {k: v for k, v in kwargs.items() if k not in constants}
+
+
+def _same_constant(value: Any, baked: Any) -> bool:
+    # type too: True == 1 and 1 == 1.0, but each traces differently
+    return type(value) is type(baked) and value == baked
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -113,7 +180,7 @@ def auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except TypeError as exc:  # before torch.export sees them: say so in forward()'s own terms
-        model = module.m if isinstance(module, _TransformersAdapter) else module
+        model = module.m if isinstance(module, _ConstantsAdapter) else module
         raise TraceError(
             f"the example inputs do not match {type(model).__name__}.forward"
             f"{inspect.signature(model.forward)}: {exc}. Pass args/kwargs exactly as you call the model"
@@ -148,7 +215,7 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
     args = args if isinstance(args, tuple) else (args,)
-    kwargs = dict(kwargs or {})
+    kwargs, constants = split_constant_kwargs(dict(kwargs or {}))
     if model.training:
         # Eval-mode semantics (dropout off, batch-norm running stats) without touching the
         # user's model.
@@ -156,8 +223,8 @@ def trace(
 
     root: nn.Module = model
     prefix = ""
-    if is_transformers_model(model):
-        root, prefix = _adapter_for(model, len(args), list(kwargs)), "m."
+    if is_transformers_model(model) or constants:
+        root, prefix = _adapter_for(model, len(args), list(kwargs), constants), "m."
 
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
         dynamic_shapes = auto_dynamic_shapes(root, args, kwargs)
@@ -168,12 +235,14 @@ def trace(
     gm.meta[IN_SPEC] = in_spec
     gm.meta[OUT_SPEC] = program.call_spec.out_spec
     gm.meta[INPUT_NAMES] = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if constants:
+        gm.meta[CONSTANT_KWARGS] = constants
     return gm
 
 
 def flatten_inputs(gm: GraphModule, args: tuple, kwargs: dict | None = None) -> list[Any]:
-    """The user's (args, kwargs) in the flat order the graph takes them."""
-    flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    """The user's (args, kwargs) in the flat order the graph takes them (baked constants dropped)."""
+    flat, spec = pytree.tree_flatten((tuple(args), drop_constant_kwargs(gm, dict(kwargs or {}))))
     expected = gm.meta.get(IN_SPEC)
     if expected is not None and spec != expected:
         raise TypeError(
@@ -221,7 +290,7 @@ _EXPORT_HINTS: list[tuple[str, str]] = [
 
 
 def _explain_export_failure(root: nn.Module, exc: Exception) -> str:
-    model = root.m if isinstance(root, _TransformersAdapter) else root
+    model = root.m if isinstance(root, _ConstantsAdapter) else root
     text = f"{type(exc).__name__}: {exc}"
     first_line = text.strip().splitlines()[0][:400]
     hint = next((h for pat, h in _EXPORT_HINTS if re.search(pat, text)), None)
