@@ -219,8 +219,13 @@ def _compile_decoder(ns: argparse.Namespace, loaded: Any, passes: str, calibrati
 
     if ns.backend.lower() != "onnx":
         raise CLIUsageError(f"--task {DECODER_TASK} writes an ONNX decoder artifact: pass --backend onnx")
+    from fxforge.text_generation import dynamic_batch_example
+
+    kwargs, note = dynamic_batch_example(loaded.kwargs)
+    if note:
+        print(f"note: {note}")
     # eager here: export_decoder exports the file once and checks it against the graph itself
-    compiled = fxforge.compile(loaded.model, loaded.args, loaded.kwargs, passes=passes, backend="eager",
+    compiled = fxforge.compile(loaded.model, loaded.args, kwargs, passes=passes, backend="eager",
                                calibration=calibration)
     print(compiled.report)
     fxforge.export_decoder(compiled, ns.output, tokenizer=loaded.tokenizer, config=loaded.model.config)

@@ -26,6 +26,19 @@ def with_passes(passes: str, task_passes: Sequence[str]) -> str:
     return ",".join(part for part in [(passes or "").strip(), *extra] if part)
 
 
+def dynamic_batch_example(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Example kwargs whose input_ids have at least 2 rows, and a note when they were widened.
+
+    torch.export fixes a dimension of size 1, so a batch-1 trace would give a decoder that
+    serves batch 1 only; every row is a valid example, so repeating the row costs nothing.
+    """
+    ids = kwargs.get("input_ids")
+    if ids is None or ids.dim() != 2 or ids.shape[0] != 1:
+        return kwargs, None
+    note = "traced on the example row repeated to batch 2, so the decoder's batch stays dynamic"
+    return {**kwargs, "input_ids": ids.repeat(2, 1)}, note
+
+
 def compile_decoder(model_dir: str | Path, output: str | Path, *, passes: str = "", seq: int = 8,
                     dtype: str | None = None, calibration: Any = None, max_length: int | None = None) -> Any:
     """Compile a HF causal-LM directory into a decoder artifact at `output`; returns the CompiledModel.
