@@ -132,7 +132,7 @@ def write_decoder_onnx(compiled: "CompiledModel", path: Path) -> Path:
         for kind, dim in (("key", key_dim), ("value", value_dim)):
             set_shape(by_name[f"past_key_values.{i}.{kind}"], ("batch_size", heads, "past_sequence_length", dim))
             set_shape(by_name[f"present.{i}.{kind}"], ("batch_size", heads, "total_sequence_length", dim))
-    _rename_inner_dims(graph)
+    _drop_inner_shapes(graph)
     onnx.save(model, str(path))
     return path
 
@@ -179,7 +179,7 @@ def _drop_extra_outputs(graph: onnx.GraphProto, keep: set[str]) -> None:
         graph.output.remove(value)
 
 
-def _rename_inner_dims(graph: onnx.GraphProto) -> None:
+def _drop_inner_shapes(graph: onnx.GraphProto) -> None:
     """Intermediate value_info keeps torch's symbols (s15): drop them, ORT re-infers shapes."""
     del graph.value_info[:]
 

@@ -64,7 +64,7 @@ def test_fuse_attention_fuses_every_layer_exactly(family):
         has_bias = len(node.args) == 8 and node.args[7] is not None
         assert has_bias == FAMILIES[name].alibi
     if name in ("falcon_mqa", "gpt_bigcode"):  # multi-query: one key/value head for 4 query heads
-        assert all(n.args[6] == 4 and n.args[1].meta.val.shape[1] == 1 for n in nodes)
+        assert all(n.args[6] == 4 and n.args[1].meta["val"].shape[1] == 1 for n in nodes)
     for batch, seq in SHAPES:
         ids = _ids(batch, seq)
         torch.testing.assert_close(fused(ids)[0], logits(model, ids), atol=1e-5, rtol=1e-5)
