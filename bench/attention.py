@@ -122,11 +122,12 @@ def inputs(names: tuple[str, ...], seq: int) -> dict[str, torch.Tensor]:
 def export_variants(arch: str, workdir: Path, seq_static: int | None = None) -> tuple[dict, dict]:
     """{variant: OnnxRunner} and facts about the fused graph for one model (ViT: for one length)."""
     from fxforge.backends.onnx.backend import export_onnx
-    from fxforge.backends.onnx.lowerings.attention import causal_attention_operator
+    from fxforge.backends.onnx.options import OnnxOptions
     from fxforge.ir.canonicalize import canonicalize
     from fxforge.ir.trace import trace
-    from fxforge.passes.base import PassContext, PipelineReport, run_pass
-    from fxforge.passes.fuse_attention import FuseAttention
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import PipelineReport, run_pass
+    from fxforge.passes.attention.fuse_attention import FuseAttention
 
     names = MODELS[arch]
     if seq_static is not None:
@@ -150,8 +151,8 @@ def export_variants(arch: str, workdir: Path, seq_static: int | None = None) -> 
         path = export_onnx(graph, flat, workdir / f"{tag}-{variant}.onnx")
         runners[variant], facts["onnx_ops"][variant] = session(path), attention_ops_in(path)
     if all(facts["is_causal"]) and not any(facts["masked"]):
-        with causal_attention_operator("GroupQueryAttention"):
-            path = export_onnx(fused, flat, workdir / f"{tag}-fused-gqa.onnx")
+        path = export_onnx(fused, flat, workdir / f"{tag}-fused-gqa.onnx",
+                           options=OnnxOptions(causal_attention="GroupQueryAttention"))
         runners["fused-GQA"], facts["onnx_ops"]["fused-GQA"] = session(path), attention_ops_in(path)
     return runners, facts
 
@@ -300,8 +301,9 @@ def check_triton_backend() -> dict:
     from fxforge.ir.trace import trace
     from fxforge.ir.verify import run_graph
     from fxforge.models import get_model
-    from fxforge.passes.base import PassContext, run_pass
-    from fxforge.passes.fuse_attention import FuseAttention
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import run_pass
+    from fxforge.passes.attention.fuse_attention import FuseAttention
 
     zoo = get_model("tiny-llama")
     _, kwargs = zoo.make_inputs(batch=2, seq=12)

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     import fxforge
     import fxforge.medusa as medusa
     from fxforge.models.code_lm import load_code_lm
-    from fxforge.runtime.decoding import CachedLM, greedy_generate, with_kv_cache
+    from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
+    from fxforge.runtime.decoding import CachedLM, greedy_generate
 
     lm = load_code_lm(args.variant)
     example = lm.heldout_batches(seq_len=16, max_batches=1, batch_size=2)[0]

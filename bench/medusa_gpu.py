@@ -241,7 +241,7 @@ def run(timer=None, device: str = "cuda", *, quick: bool = False, smoke: bool = 
     """{"rows": per backend, "model": ..., "heads": ...}. `timer` is unused: decoding is wall-clock."""
     import fxforge
     import fxforge.medusa as medusa
-    from fxforge.runtime.decoding import with_kv_cache
+    from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
 
     torch.manual_seed(0)
     # smoke: "cpu:0", so that the device rewriting of `on_device` runs on the CPU too

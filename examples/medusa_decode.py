@@ -21,7 +21,8 @@ import torch
 import fxforge
 import fxforge.medusa as medusa
 from fxforge.models.code_lm import load_code_lm
-from fxforge.runtime.decoding import CachedLM, greedy_generate, with_kv_cache
+from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
+from fxforge.runtime.decoding import CachedLM, greedy_generate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,9 +28,11 @@ from fxforge.errors import (
 from fxforge.ir.trace import trace
 from fxforge.ir.verify import Tolerance
 from fxforge.models.hf import Pretrained, from_pretrained
-from fxforge.passes.base import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
-
-__version__ = "0.1.0"
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
+from fxforge.passes.registry import register_pass, registered_passes
+from fxforge.version import __version__
 
 __all__ = [
     "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "ModelDirectoryError", "Pass",

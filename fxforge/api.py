@@ -21,15 +21,18 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
-from fxforge.backends import check_tolerance, get_backend
-from fxforge.backends.validate import as_tolerance, check_backend_options, check_dtypes, resolve_backend
+from fxforge.artifact import ArtifactContents, load_artifact, save_artifact
+from fxforge.backends import check_tolerance, get_backend, resolve_backend
+from fxforge.backends.validate import as_tolerance, check_backend_options, check_dtypes
 from fxforge.calibration.data import CalibrationData
 from fxforge.errors import BackendError, FxforgeError, PassSpecError, TraceError, VerificationError
 from fxforge.finite_checks import check_finite_inputs, check_finite_model
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
 from fxforge.ir.verify import Comparison, LossBound, Tolerance, compare_outputs, run_graph
-from fxforge.passes.base import Pass, PassContext, Pipeline, PipelineReport
+from fxforge.passes.base import Pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, PipelineReport
 from fxforge.runtime.input_signature import InputSignature
 
 DEFAULT_BACKEND_TOLERANCE = Tolerance(max_abs=1e-4, rtol=1e-4)
@@ -81,7 +84,8 @@ class CompiledModel:
             self._runner = get_backend(backend)(graph_module, self.example_inputs, **self.backend_options)
         self.report.backend_seconds = time.perf_counter() - start
         if verify and backend != "eager" and self.example_inputs:
-            tolerance = backend_tolerance or check_tolerance(graph_module, backend, DEFAULT_BACKEND_TOLERANCE)
+            tolerance = backend_tolerance or check_tolerance(graph_module, backend, DEFAULT_BACKEND_TOLERANCE,
+                                                                self.backend_options)
             with _backend_errors(backend, "checking it against eager on the example inputs"):
                 self.report.backend_check = self._check_backend(tolerance)
 
@@ -175,7 +179,7 @@ class CompiledModel:
             raise ArtifactError(f"cannot write ONNX to {path}: it is a directory. Name a file, "
                                 f"e.g. {path / 'model.onnx'}.")
         with atomic_file(path) as staging:
-            export_onnx(self.graph_module, self.example_inputs, staging)
+            export_onnx(self.graph_module, self.example_inputs, staging, options=self._onnx_options())
         return path
 
     def save(self, directory: str | Path, *, onnx: bool = False,
@@ -187,9 +191,17 @@ class CompiledModel:
         files saved alongside for runtimes, by name (`{"tokenizer.json": path}`; see
         fxforge.artifact.COMPANION_FILES), e.g. `Pretrained.tokenizer_files()`.
         """
-        from fxforge.artifact import save_artifact
+        contents = ArtifactContents(self.graph_module, self.example_inputs, pipeline_spec=self.pipeline_spec,
+                                    backend=self.backend, report=self.report.pipeline.to_dict())
+        return save_artifact(contents, Path(directory), onnx=onnx,
+                             onnx_options=self._onnx_options() if onnx else None, companions=companions)
 
-        return save_artifact(self, Path(directory), onnx=onnx, companions=companions)
+    def _onnx_options(self) -> Any:
+        """The ONNX translation options this model was compiled with (defaults off the onnx backend),
+        so an exported file computes what the onnx backend ran."""
+        from fxforge.backends.onnx.options import OnnxOptions
+
+        return OnnxOptions.from_backend_options(self.backend_options if self.backend == "onnx" else None)
 
 
 def compile(
@@ -333,6 +345,6 @@ def load(directory: str | Path, backend: str | None = None, **backend_options: A
     Every file is checked against the manifest's checksums first; a missing or corrupted file
     raises ArtifactError naming it. `backend` overrides the backend it was saved with.
     """
-    from fxforge.artifact import load_artifact
-
-    return load_artifact(directory, backend, **backend_options)
+    saved = load_artifact(directory)
+    return CompiledModel(saved.graph_module, backend or saved.backend, example_inputs=saved.example_inputs,
+                         pipeline_spec=saved.pipeline_spec, backend_options=backend_options)

@@ -46,13 +46,12 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from safetensors.torch import load_file, save_file
 
-import fxforge
 from fxforge.artifact_manifest import FORMAT_VERSION, Manifest, load_treespec, parse_manifest
 from fxforge.atomic import BACKUP, atomic_directory, stale_siblings
 from fxforge.errors import ArtifactError
@@ -62,9 +61,7 @@ from fxforge.ir.serialize import graph_from_json, graph_to_json
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES, OUT_SPEC, trace
 from fxforge.models.hf import TOKENIZER_FILES
 from fxforge.runtime.layouts import LAYOUT_RECORDS
-
-if TYPE_CHECKING:
-    from fxforge.api import CompiledModel
+from fxforge.version import __version__
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -81,7 +78,22 @@ COMPANION_FILES = frozenset({*TOKENIZER_FILES, "generation_config.json", "genai_
 LISTED_FILES = REQUIRED_FILES | {META_TENSORS, ONNX, ONNX_DATA} | COMPANION_FILES
 _SPEC_KEYS = (IN_SPEC, OUT_SPEC, INPUT_NAMES)  # saved in their own manifest fields
 
-__all__ = ["FORMAT_VERSION", "save_artifact", "load_artifact"]
+__all__ = ["FORMAT_VERSION", "ArtifactContents", "save_artifact", "load_artifact"]
+
+
+@dataclass(frozen=True)
+class ArtifactContents:
+    """What an artifact holds: a plain record, so this module needs nothing from `fxforge.api`
+    (which wraps it: `CompiledModel.save` builds one, `fxforge.load` turns one into a model).
+
+    report: the pipeline report as JSON rows (informative; saved, not read back).
+    """
+
+    graph_module: torch.fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...]
+    pipeline_spec: str
+    backend: str
+    report: list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------ saving
@@ -98,11 +110,12 @@ class _Plan:
     manifest: dict[str, Any]
 
 
-def save_artifact(compiled: "CompiledModel", directory: str | Path, *, onnx: bool = False,
-                  companions: Mapping[str, Path | bytes] | None = None) -> Path:
+def save_artifact(compiled: ArtifactContents, directory: str | Path, *, onnx: bool = False,
+                  onnx_options: Any = None, companions: Mapping[str, Path | bytes] | None = None) -> Path:
     """Write `compiled` to `directory`, replacing a previous artifact there all at once.
 
-    `onnx=True` also exports `model.onnx` into the artifact (listed and hashed like the rest).
+    `onnx=True` also exports `model.onnx` into the artifact (listed and hashed like the rest),
+    translated with `onnx_options` (an `OnnxOptions`; None: the defaults).
     `companions` maps COMPANION_FILES names to a file to copy or the bytes to write (the
     tokenizer files of the model's directory, a runtime config).
     Raises ArtifactError, with nothing written, when the model cannot be saved (metadata that
@@ -126,7 +139,7 @@ def save_artifact(compiled: "CompiledModel", directory: str | Path, *, onnx: boo
         if onnx:
             from fxforge.backends.onnx.backend import export_onnx
 
-            export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX)
+            export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX, options=onnx_options)
         for name, source in companions.items():
             if isinstance(source, bytes):
                 (staging / name).write_bytes(source)
@@ -159,7 +172,7 @@ def _check_target(directory: Path) -> None:
                             f"({MANIFEST} is missing). Save to a new or empty directory.")
 
 
-def _plan(compiled: "CompiledModel") -> _Plan:
+def _plan(compiled: ArtifactContents) -> _Plan:
     gm = compiled.graph_module
     graph_json = json.dumps(graph_to_json(gm.graph))
     tensors = params_and_buffers(gm)
@@ -182,7 +195,7 @@ def _plan(compiled: "CompiledModel") -> _Plan:
     params = dict(gm.named_parameters(remove_duplicate=False))
     manifest = {
         "format": FORMAT_VERSION,
-        "fxforge": fxforge.__version__,
+        "fxforge": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "pipeline": compiled.pipeline_spec,
@@ -195,7 +208,7 @@ def _plan(compiled: "CompiledModel") -> _Plan:
                            "alias_of": aliases.get(name)}
                     for name in tensors},
         # The report is informative only; default=str keeps odd values from failing a save.
-        "report": json.loads(json.dumps(compiled.report.pipeline.to_dict(), default=str)),
+        "report": json.loads(json.dumps(compiled.report, default=str)),
     }
     json.dumps(manifest)  # graph_meta holds JSON values only (checked): fail here, not mid-write
     return _Plan(weights={k: v.detach().contiguous() for k, v in unique.items()},
@@ -242,14 +255,12 @@ def _encode_meta(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any
 # ----------------------------------------------------------------------------------- loading
 
 
-def load_artifact(directory: str | Path, backend: str | None = None, **backend_options: Any) -> "CompiledModel":
-    """Load an artifact written by `save_artifact`, checking everything before using it.
+def load_artifact(directory: str | Path) -> ArtifactContents:
+    """Read an artifact written by `save_artifact`, checking everything before using it.
 
     Raises ArtifactError naming the file, field or node at fault; see the module docstring for
-    what is trusted. `backend` overrides the backend the artifact was saved with.
+    what is trusted. The record's `report` is empty: the saved one is informative only.
     """
-    from fxforge.api import CompiledModel
-
     directory = Path(directory)
     manifest = _read_manifest(directory)
     _check_files(directory, manifest)
@@ -273,8 +284,7 @@ def load_artifact(directory: str | Path, backend: str | None = None, **backend_o
         gm.meta[OUT_SPEC] = load_treespec(manifest.out_spec, field="out_spec")
     gm.meta[INPUT_NAMES] = manifest.input_names
     gm.meta.update(graph_meta)
-    return CompiledModel(gm, backend or manifest.backend, example_inputs=example_inputs,
-                         pipeline_spec=manifest.pipeline, backend_options=backend_options)
+    return ArtifactContents(gm, example_inputs, pipeline_spec=manifest.pipeline, backend=manifest.backend, report=[])
 
 
 def _read_manifest(directory: Path) -> Manifest:

@@ -38,15 +38,16 @@ import torch.nn.functional as F
 
 from fxforge.backends import get_backend
 from fxforge.errors import InputError
-from fxforge.passes.add_kv_cache import cached_inputs, empty_past
-from fxforge.runtime.layouts import KV_META
-from fxforge.passes.add_medusa_heads import MEDUSA_META, head_parameter_names
-from fxforge.passes.base import default_progress
-from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate, with_kv_cache
+from fxforge.passes.add_medusa_heads import head_parameter_names
+from fxforge.passes.context import default_progress
+from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
+from fxforge.runtime.cache_inputs import cached_inputs, empty_past
+from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate
 from fxforge.runtime.greedy_verify import add_greedy_verification
 from fxforge.runtime.medusa_tree import (
     Acceptance, MedusaTree, compact_kv, default_tree, greedy_accept, tree_from_accuracies, typical_accept,
 )
+from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
 
 LOSS_DECAY = 0.8
 _DECODERS = "_fxforge_medusa_decoders"

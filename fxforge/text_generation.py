@@ -19,7 +19,7 @@ TASK = "text-generation-with-past"
 
 def with_passes(passes: str, task_passes: Sequence[str]) -> str:
     """`passes` with each of `task_passes` appended unless a pass of that name is already there."""
-    from fxforge.passes.base import Pipeline
+    from fxforge.passes.pipeline import Pipeline
 
     present = {p.name for p in Pipeline(passes or "").passes}
     extra = [spec for spec in task_passes if Pipeline(spec).passes[0].name not in present]

@@ -8,7 +8,8 @@ from fxforge.api import CompiledModel
 from fxforge.errors import InputError
 from fxforge.ir.graph import get_attr
 from fxforge.passes.add_medusa_heads import AddMedusaHeads
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.runtime.decoding import greedy_generate
 from runtime.fused_code_lm import fused_graph, tiny_code_lm
 
@@ -136,7 +137,7 @@ def test_tree_attention_on_the_eager_path_without_fused_attention(trained, promp
     """No fuse_attention: the tree mask replaces the model's own causal mask (eager attention ops)
     and decoding is still exactly plain greedy, step for step as on the fused graph."""
     from fxforge.ir.graph import set_attr
-    from fxforge.passes.add_kv_cache import KV_META
+    from fxforge.runtime.meta_keys import KV_META
 
     compiled, _, _ = trained
     gm, ids = fused_graph(fused=False)
@@ -173,7 +174,8 @@ def test_greedy_medusa_equals_plain_greedy_on_20_heldout_prompts_onnx(trained, p
 @pytest.mark.slow
 def test_export_onnx_with_heads_matches_eager(trained, prompts, tmp_path):
     from fxforge.backends.onnx.backend import OnnxRunner
-    from fxforge.runtime.decoding import CachedLM, with_kv_cache
+    from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
+    from fxforge.runtime.decoding import CachedLM
 
     compiled, _, _ = trained
     path = medusa.export_onnx(compiled, tmp_path / "medusa.onnx")

@@ -23,8 +23,8 @@ def traced_zoo(name: str, canonical: bool = True):
     return zoo, copy.deepcopy(canonical_gm if canonical else raw)
 
 
-def export_op_module(module, example, path):
-    """Export a one-op test module to ONNX as fxforge's ONNX backend does (opset,
+def export_op_module(module, example, path, options=None):
+    """Export a one-op test module to ONNX as fxforge's ONNX backend does (opset, `options`,
     translation table, weight layouts folded as the backend folds them; the rest of its post-export
     optimization is left out so the lowering's own nodes are what the test sees) with a dynamic
     batch; returns (onnx model, ORT session)."""
@@ -37,7 +37,7 @@ def export_op_module(module, example, path):
 
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.onnx.export(
-        module, (example,), dynamo=True, custom_translation_table=translation_table(),
+        module, (example,), dynamo=True, custom_translation_table=translation_table(options),
         opset_version=OPSET_VERSION, dynamic_shapes=({0: batch},), verbose=False, optimize=False,
     )
     fold_weight_layouts(program.model.graph)

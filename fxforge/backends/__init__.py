@@ -7,9 +7,11 @@ a backend raises MissingLoweringError naming the op.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from torch.fx import GraphModule
+
+from fxforge.errors import BackendError
 
 if TYPE_CHECKING:
     from fxforge.ir.verify import Tolerance
@@ -26,24 +28,38 @@ class Runner(Protocol):
     def __call__(self, *flat_inputs: Any) -> Sequence[Any]: ...
 
 
+def resolve_backend(name: Any) -> str:
+    """The registered backend `name` refers to; case and surrounding spaces are ignored ("ONNX")."""
+    if not isinstance(name, str):
+        raise BackendError(f"backend must be a string, one of {', '.join(BACKENDS)}; got {name!r}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        import difflib
+
+        close = difflib.get_close_matches(key, BACKENDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise BackendError(f"unknown backend '{name}'.{hint} Valid backends: {', '.join(BACKENDS)}.")
+    return key
+
+
 def get_backend(name: str) -> Callable[..., Runner]:
     """The `prepare` function of backend `name` (case-insensitive); BackendError if there is none."""
-    from fxforge.backends.validate import resolve_backend
-
     return importlib.import_module(BACKENDS[resolve_backend(name)]).prepare
 
 
-def check_tolerance(gm: GraphModule, backend: str, exact: "Tolerance") -> "Tolerance":
+def check_tolerance(gm: GraphModule, backend: str, exact: "Tolerance",
+                    backend_options: Mapping[str, Any] | None = None) -> "Tolerance":
     """The bound a backend's outputs must meet against eager for `gm`.
 
     `exact` when every lowering in the graph is exact; otherwise the loosest of the bounds the
     approximate lowerings declared (see `register_lowering(..., tolerance=...)`), so a model
-    with, say, MatMulNBits at accuracy level 4 is held to that op's documented error.
+    with, say, MatMulNBits at accuracy level 4 is held to that op's documented error (the
+    declared bounds may depend on `backend_options`).
     """
     from fxforge.ir.ops import lowering_tolerance
     from fxforge.ir.verify import Tolerance
 
-    declared = [t for t in (lowering_tolerance(backend, op) for op in fxforge_ops_in(gm)) if t]
+    declared = [t for t in (lowering_tolerance(backend, op, backend_options) for op in fxforge_ops_in(gm)) if t]
     if not declared:
         return exact
     rels = [t.max_rel for t in declared if t.max_rel is not None]

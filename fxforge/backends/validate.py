@@ -35,20 +35,6 @@ UNSUPPORTED_DTYPES: dict[str, dict[torch.dtype, str]] = {
 }
 
 
-def resolve_backend(name: Any) -> str:
-    """The registered backend `name` refers to; case and surrounding spaces are ignored ("ONNX")."""
-    if not isinstance(name, str):
-        raise BackendError(f"backend must be a string, one of {', '.join(BACKENDS)}; got {name!r}")
-    key = name.strip().lower()
-    if key not in BACKENDS:
-        import difflib
-
-        close = difflib.get_close_matches(key, BACKENDS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise BackendError(f"unknown backend '{name}'.{hint} Valid backends: {', '.join(BACKENDS)}.")
-    return key
-
-
 def backend_options_of(backend: str) -> dict[str, Any]:
     """Option name -> its annotation (Any when unknown) for a registered backend."""
     module = importlib.import_module(BACKENDS[backend])

@@ -35,8 +35,10 @@ _HOW = "pass calibration=[batch, ...] to fxforge.compile (or PassContext(calibra
 class PassCalibrationError(CalibrationError, PassError):
     """A CalibrationError raised from inside a pass.
 
-    It is also a PassError because the pass was rolled back (the pipeline re-raises PassErrors
-    as they are, so callers catching either class see this one, unwrapped).
+    It is also a PassError because the pass was rolled back: code that catches PassError around
+    a pipeline (to learn which pass failed) and code that catches CalibrationError (to fix its
+    data) both see it. The pipeline re-raises every FxforgeError unwrapped, so the dual class is
+    what keeps the first kind of caller working, not the pipeline.
     """
 
     def __init__(self, message: str, *, pass_name: str | None = None, batch: int | None = None):

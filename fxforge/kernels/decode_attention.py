@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fxforge.ir.ops.attention import default_scale
 from fxforge.kernels._common import autotune_configs, interpreting
-from fxforge.kernels.flash_attention import LOG2E, _online_softmax_tile, head_block, kernel_flags, prepare_mask
+from fxforge.kernels.attention_tiles import LOG2E, head_block, kernel_flags, online_softmax_tile, prepare_mask
 
 DECODE_BLOCK_N = 64
 # Enough programs to fill an H100 (132 SMs) about twice over; fewer under the interpreter,
@@ -83,7 +83,7 @@ def decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
     for start_n in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _online_softmax_tile(
+        acc, m_i, l_i = online_softmax_tile(
             acc, m_i, l_i, q,
             k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn, mask_ptrs + start_n * stride_mn,
             offs_g, start_n + offs_n, rows_ok, end, 0, qk_scale_log2, d_ok, dv_ok,

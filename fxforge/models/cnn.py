@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from fxforge.models.zoo import ZooModel, seeded
+from fxforge.models.base import ZooModel, seeded
 
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from fxforge.errors import ArtifactError, FxforgeError, InputError
+from fxforge.models.base import ZooModel
 from fxforge.models.code_lm_data import (
     SPLIT_RULE, heldout_batches, limit_by_bytes, read_sources, split_stdlib, token_stream,
 )
@@ -375,15 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_code_lm_zoo(variant: str, seed: int = 0) -> "ZooModel":
+def build_code_lm_zoo(variant: str, seed: int = 0) -> ZooModel:
     """The zoo entry for a code-lm variant: the trained LM and one held-out batch as inputs.
 
     Trains and caches the variant first if it is not cached (tiny: about a minute; small: up to
     30 minutes on 2 cores). The weights are trained, so `seed` only picks which held-out windows
     make the example inputs.
     """
-    from fxforge.models.zoo import ZooModel
-
     lm = load_code_lm(variant)
     windows = torch.cat(lm.heldout_batches(seq_len=64, max_batches=4, batch_size=2))
 

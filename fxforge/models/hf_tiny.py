@@ -25,7 +25,7 @@ from fxforge.models._tokens import (
     random_token_inputs,
     token_dynamic_shapes,
 )
-from fxforge.models.zoo import ZooModel, seeded
+from fxforge.models.base import ZooModel, seeded
 
 VOCAB_SIZE = 256
 MAX_POSITIONS = 128

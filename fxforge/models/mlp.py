@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from fxforge.models.zoo import ZooModel, seeded
+from fxforge.models.base import ZooModel, seeded
 
 IN_FEATURES = 32
 HIDDEN = 64

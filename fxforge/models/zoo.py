@@ -17,43 +17,16 @@ passes it). Their configs set `use_cache=False`.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
-
-import torch
+from typing import Any, Callable
 
 from fxforge.errors import FxforgeError
+from fxforge.models.base import ZooFactory, ZooModel
 
 
 class UnknownModelError(FxforgeError, LookupError):
     """`get_model` was asked for a name that no factory is registered under."""
 
-
-class ModelUnavailableError(FxforgeError, ImportError):
-    """A zoo model needs files or a package that is not installed."""
-
-
-@dataclass
-class ZooModel:
-    """A model ready to trace: module, example inputs and how its input sizes may vary.
-
-    `make_inputs(batch=, seq=)` returns `(args, kwargs)` shaped like `args`/`kwargs` but of
-    another size, within the ranges `dynamic_shapes` declares (models without a sequence axis
-    ignore `seq`).
-    """
-
-    name: str
-    model: torch.nn.Module
-    args: tuple
-    kwargs: dict
-    dynamic_shapes: dict | tuple | None
-    description: str
-    make_inputs: Callable[..., tuple[tuple, dict]]
-
-
-ZooFactory = Callable[[int], ZooModel]
 
 _FACTORIES: dict[str, ZooFactory] = {}
 
@@ -101,18 +74,6 @@ def get_model(name: str, seed: int = 0) -> ZooModel:
     return zoo_model
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run the block with torch's CPU RNG seeded to `seed`, restoring the caller's RNG after.
-
-    Factories build their random weights inside it, so `get_model(name, seed)` is reproducible
-    without disturbing the RNG stream of whoever called it.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _lazy_factory(module: str, function: str) -> ZooFactory:
     """A factory that imports `fxforge.models.<module>` only when first called."""
 
@@ -141,7 +102,7 @@ for _name, (_module, _function) in _BUILTIN.items():
 
 def _code_lm_factory(variant: str) -> ZooFactory:
     def factory(seed: int) -> ZooModel:
-        from fxforge.models.code_lm import build_code_lm_zoo
+        from fxforge.models.code_lm import build_code_lm_zoo  # trains on first use: import when asked
 
         return build_code_lm_zoo(variant, seed)
 

@@ -26,10 +26,12 @@ from torch.fx import GraphModule, Node
 from fxforge.errors import PassError
 from fxforge.ir.graph import add_attr, attr_node, get_attr, is_lm_head, linear_sites
 from fxforge.ir.verify import Comparison, compare_outputs, compare_tensors, run_graph
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
+from fxforge.runtime.meta_keys import MEDUSA_META
 
 aten = torch.ops.aten
-MEDUSA_META = "fxforge_medusa"
 HEADS_PREFIX = "medusa_heads"
 
 # Ops that only reshape or cast logits on their way to the output (a slice keeping the last
@@ -218,4 +220,4 @@ def head_parameter_names(gm: GraphModule) -> list[str]:
     return [n for n, _ in gm.named_parameters() if n.startswith(meta["prefix"] + ".")]
 
 
-__all__ = ["AddMedusaHeads", "HEADS_PREFIX", "LmHead", "MEDUSA_META", "find_lm_head", "head_parameter_names"]
+__all__ = ["AddMedusaHeads", "HEADS_PREFIX", "LmHead", "find_lm_head", "head_parameter_names"]

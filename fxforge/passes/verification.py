@@ -30,8 +30,10 @@ from fxforge.ir.verify import (
     measure_loss, run_graph, worst_loss,
 )
 
+from fxforge.passes.base import Pass, PassResult
+
 if TYPE_CHECKING:
-    from fxforge.passes.base import Pass, PassContext, PassResult
+    from fxforge.passes.context import PassContext
 
 
 @dataclass
@@ -153,9 +155,7 @@ def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: 
     return ShapeCheck(shapes, compare_outputs(expected, outputs_after, tol), loss, tol)
 
 
-def _overrides_verify(p: "Pass") -> bool:
-    from fxforge.passes.base import Pass
-
+def _overrides_verify(p: Pass) -> bool:
     return type(p).verify is not Pass.verify
 
 

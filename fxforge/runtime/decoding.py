@@ -21,10 +21,10 @@ from torch.fx import GraphModule
 
 from fxforge.backends import get_backend
 from fxforge.errors import InputError
-from fxforge.passes.add_kv_cache import cached_inputs, empty_past, random_past_inputs
-from fxforge.passes.add_medusa_heads import MEDUSA_META
+from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
 from fxforge.runtime.greedy_verify import ACCEPT_META
-from fxforge.runtime.layouts import KV_META, KVCacheLayout, kv_layout
+from fxforge.runtime.layouts import KVCacheLayout, kv_layout
+from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
 
 
 @dataclass
@@ -122,17 +122,6 @@ class CachedLM:
             return self.heads_runner(out.hidden[:1, position:position + 1].contiguous())[0][:, 0, 0]
 
 
-def with_kv_cache(graph_module: GraphModule) -> GraphModule:
-    """`graph_module` itself if it has a KV cache, else a copy rewritten by `add_kv_cache`."""
-    if KV_META in graph_module.meta:
-        return graph_module
-    from fxforge.passes.add_kv_cache import AddKvCache
-    from fxforge.passes.base import PassContext, run_pass
-
-    ids = torch.zeros(1, 8, dtype=torch.long)  # verification input: prefill 4 + cached step of 4
-    return run_pass(AddKvCache(), graph_module, PassContext(example_inputs=(ids,)))
-
-
 def example_cached_inputs(graph_module: GraphModule, batch: int | None = None, past_len: int = 3,
                           new_len: int = 4) -> list[Any]:
     """Example flat inputs for exporting a cached graph (past 3, 4 new tokens).
@@ -208,4 +197,4 @@ def greedy_generate(lm: CachedLM, prompt_ids: torch.Tensor | Sequence[int], max_
 
 
 __all__ = ["CachedLM", "GenerationResult", "StepOutput", "as_prompt", "example_cached_inputs",
-           "greedy_generate", "with_kv_cache"]
+           "greedy_generate"]

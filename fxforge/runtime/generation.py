@@ -124,7 +124,7 @@ def generate_tokens(step: StepFn, empty_past: Callable[[int], list[torch.Tensor]
 
 
 def padded_tree_mask(attention_mask: torch.Tensor, new_len: int) -> torch.Tensor:
-    """(B, 1, L, P + L) bool from a padding mask: what `kv_cache_padding` computes in-graph, for
+    """(B, 1, L, P + L) bool from a padding mask: what `passes/kv_cache/padding.py` computes in-graph, for
     graphs that take the tree mask itself (add_kv_cache without attention_mask=True)."""
     total = attention_mask.shape[1]
     keys = torch.arange(total)[None, :]

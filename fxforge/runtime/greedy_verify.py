@@ -28,8 +28,7 @@ from torch.fx import Graph, GraphModule, Node
 from fxforge.ir.graph import erase_dead, finalize, get_attr, has_attr, set_attr
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.errors import InputError
-from fxforge.runtime.layouts import KV_META
-from fxforge.passes.add_medusa_heads import MEDUSA_META
+from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
 
 aten = torch.ops.aten
 ACCEPT_META = "accept"  # key in gm.meta[MEDUSA_META]: where the acceptance outputs are

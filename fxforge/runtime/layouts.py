@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-KV_META = "fxforge_kv_cache"
+from fxforge.runtime.meta_keys import KV_META  # noqa: E402  (one home for the key)
 
 # The mask a cached graph takes:
 #   "tree":    tree_mask (B, 1, L, P + L) bool, True = may attend (Medusa trees, fxforge's own loops)

@@ -5,7 +5,7 @@ import torch
 from testing_utils import assert_onnx_matches_eager_at_shapes, traced_zoo
 
 from fxforge.backends.onnx.backend import OnnxRunner, export_onnx
-from fxforge.errors import MissingLoweringError
+from fxforge.errors import BackendError, MissingLoweringError
 from fxforge.ir.ops import define_op
 from fxforge.ir.trace import flatten_inputs, trace
 
@@ -68,5 +68,41 @@ def test_unknown_backend_option_lists_the_valid_ones():
     from fxforge.backends.onnx.backend import prepare
 
     zoo, gm = traced_zoo("mlp")
-    with pytest.raises(TypeError, match="valid: path, threads, spinning"):
+    with pytest.raises(BackendError, match="Valid options: path, threads, spinning, accuracy_level, causal_attention"):
         prepare(gm, list(zoo.args), thread=2)
+
+
+def _accuracy_levels(path) -> set[int]:
+    import onnx
+
+    model = onnx.load(str(path))
+    return {onnx.helper.get_attribute_value(a) for node in model.graph.node if node.op_type == "MatMulNBits"
+            for a in node.attribute if a.name == "accuracy_level"}
+
+
+def test_backend_options_reach_the_translation_and_the_backend_check(tmp_path):
+    """compile(backend_options=) carries accuracy_level through prepare into the exported
+    MatMulNBits, into the bound the backend check uses, and into export_onnx."""
+    import fxforge
+    from fxforge.backends import check_tolerance
+    from fxforge.ir.verify import Tolerance
+    from fxforge.models import get_model
+
+    zoo = get_model("mlp")
+    exact = Tolerance(max_abs=1e-4, rtol=1e-4)
+    kept = tmp_path / "kept.onnx"
+    compiled = fxforge.compile(zoo.model, zoo.args, passes="quantize(bits=4,group_size=16)", backend="onnx",
+                               backend_options={"accuracy_level": 0, "path": str(kept)})
+    assert _accuracy_levels(kept) == {0}
+    assert check_tolerance(compiled.graph_module, "onnx", exact, compiled.backend_options) is exact
+    assert check_tolerance(compiled.graph_module, "onnx", exact) is not exact  # level 4 by default: int8 bound
+    assert max(o.max_abs for o in compiled.report.backend_check.outputs) < 1e-4  # held to the exact bound
+    assert _accuracy_levels(compiled.export_onnx(tmp_path / "exported.onnx")) == {0}
+
+
+def test_backend_option_values_are_checked():
+    from fxforge.backends.onnx.options import OnnxOptions
+
+    with pytest.raises(BackendError, match=r"accuracy_level=7 must be one of 0, 1, 2, 3, 4"):
+        OnnxOptions(accuracy_level=7)
+    assert OnnxOptions.from_backend_options({"threads": 2, "accuracy_level": 0}) == OnnxOptions(accuracy_level=0)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from fxforge.models import minilm
 from fxforge.models.minilm import MiniLMEncoder, minilm_sentences, tokenize
-from fxforge.models.zoo import ModelUnavailableError, ZooModel, get_model
+from fxforge.models.base import ModelUnavailableError, ZooModel
+from fxforge.models.zoo import get_model
 
 # (paraphrase a, paraphrase b) pairs on unrelated subjects.
 PARAPHRASES = [

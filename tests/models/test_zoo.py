@@ -6,7 +6,8 @@ import torch
 
 from fxforge.errors import FxforgeError
 from fxforge.models import zoo
-from fxforge.models.zoo import UnknownModelError, ZooModel, get_model, list_models, register_model
+from fxforge.models.base import ZooModel
+from fxforge.models.zoo import UnknownModelError, get_model, list_models, register_model
 
 BUILTIN = ["cnn", "minilm", "mlp", "tiny-bert", "tiny-gpt2", "tiny-llama"]
 RANDOM_INIT = ["tiny-gpt2", "tiny-llama", "tiny-bert", "mlp", "cnn"]

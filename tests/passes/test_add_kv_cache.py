@@ -9,8 +9,11 @@ from fxforge.errors import PassError
 from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
-from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
-from fxforge.passes.base import PassContext, Pipeline, run_pass
+from fxforge.passes.kv_cache.add_kv_cache import AddKvCache
+from fxforge.runtime.cache_inputs import cached_inputs, empty_past
+from fxforge.runtime.meta_keys import KV_META
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, run_pass
 from runtime.fused_code_lm import fused_graph
 
 aten = torch.ops.aten

@@ -26,8 +26,9 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import INPUT_NAMES, trace
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, PipelineReport, run_pass
-from fxforge.passes.fuse_attention import FuseAttention
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import PipelineReport, run_pass
+from fxforge.passes.attention.fuse_attention import FuseAttention
 
 ATTENTION = torch.ops.fxforge.attention.default
 SOFTMAXES = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}

@@ -12,7 +12,10 @@ from torch.fx import GraphModule
 import fxforge
 from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import get_attr, linear_sites, set_attr
-from fxforge.passes.base import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
+from fxforge.passes.registry import register_pass, registered_passes
 from fxforge.passes.spec import parse_pass
 from fxforge.models import get_model
 
@@ -171,6 +174,22 @@ def test_crashing_pass_is_named():
     zoo, gm = traced_zoo("mlp")
     with pytest.raises(PassError, match="pass 'crash' failed and was rolled back: RuntimeError: boom"):
         Pipeline("crash").run(gm, PassContext(example_inputs=zoo.args))
+
+
+def test_fxforge_errors_from_a_pass_pass_through_unwrapped():
+    """A pass's own FxforgeError already names the problem; run_pass must not bury it in a PassError."""
+    zoo, gm = traced_zoo("mlp")
+    with pytest.raises(fxforge.InputError, match="bad input from the pass") as info:
+        Pipeline([RaisesInputError()]).run(gm, PassContext(example_inputs=zoo.args))
+    assert type(info.value) is fxforge.InputError and info.value.__cause__ is None
+
+
+@dataclass(frozen=True)
+class RaisesInputError(Pass):
+    name = "raises_input_error"
+
+    def run(self, gm, ctx):
+        raise fxforge.InputError("bad input from the pass")
 
 
 def test_report_rows_and_dump(tmp_path, monkeypatch):

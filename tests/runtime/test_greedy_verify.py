@@ -5,9 +5,12 @@ import torch
 import fxforge.medusa as medusa
 from fxforge.api import CompiledModel
 from fxforge.errors import InputError
-from fxforge.passes.add_medusa_heads import MEDUSA_META, AddMedusaHeads
-from fxforge.passes.base import PassContext, run_pass
-from fxforge.runtime.decoding import CachedLM, greedy_generate, with_kv_cache
+from fxforge.passes.add_medusa_heads import AddMedusaHeads
+from fxforge.runtime.meta_keys import MEDUSA_META
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
+from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
+from fxforge.runtime.decoding import CachedLM, greedy_generate
 from fxforge.runtime.greedy_verify import ACCEPT_META, add_greedy_verification
 from fxforge.runtime.medusa_tree import MedusaTree, greedy_accept
 from runtime.fused_code_lm import example_ids, fused_graph

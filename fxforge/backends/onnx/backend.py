@@ -7,6 +7,7 @@ that are symbolic in the graph (batch, sequence) stay dynamic in the ONNX model.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -22,7 +23,8 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from fxforge.backends import fxforge_ops_in
-from fxforge.errors import MissingLoweringError
+from fxforge.backends.onnx.options import OnnxOptions
+from fxforge.errors import BackendError, MissingLoweringError
 from fxforge.ir.ops import backends_lowering, get_op
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,14 @@ def check_lowerable(gm: GraphModule) -> None:
 
 
 def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.PathLike,
-                input_names: Sequence[str] | None = None, optimize: bool = True) -> Path:
+                input_names: Sequence[str] | None = None, optimize: bool = True,
+                options: OnnxOptions | None = None) -> Path:
     """Export `gm` to an ONNX file at `path` (weights inline; external data above 2 GB).
 
     `optimize`: fold constants, pre-transpose weights, drop dead code and debug metadata
-    (`fxforge.backends.onnx.optimize`); False writes the exporter's raw graph."""
+    (`fxforge.backends.onnx.optimize`); False writes the exporter's raw graph.
+    `options`: how ops are translated (`OnnxOptions`: MatMulNBits accuracy level, causal
+    attention operator); default `OnnxOptions()`."""
     from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 
     check_lowerable(gm)
@@ -72,7 +77,7 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
             dynamo=True,
             dynamic_shapes=dynamic_shapes_of(gm),
             input_names=names,
-            custom_translation_table=translation_table(),
+            custom_translation_table=translation_table(options),
             opset_version=OPSET_VERSION,
             optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
             verbose=False,
@@ -124,19 +129,24 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | os.PathLike | None = None,
-            threads: int | None = None, spinning: bool = True, **options: Any) -> OnnxRunner:
+            threads: int | None = None, spinning: bool = True, accuracy_level: int = 4,
+            causal_attention: str = "Attention", **unknown: Any) -> OnnxRunner:
     """Export `gm` and open it in ONNX Runtime. `path`: where to keep the .onnx file;
-    `threads`, `spinning`: ORT's intra-op thread count and whether idle threads busy-wait."""
-    if options:
-        raise TypeError(f"unknown options for the onnx backend: {sorted(options)} "
-                        "(valid: path, threads, spinning)")
+    `threads`, `spinning`: ORT's intra-op thread count and whether idle threads busy-wait;
+    `accuracy_level`, `causal_attention`: how ops are translated (see `OnnxOptions`)."""
+    if unknown:
+        valid = [p for p in inspect.signature(prepare).parameters if p not in ("gm", "example_inputs", "unknown")]
+        raise BackendError(f"unknown options for the onnx backend: {sorted(unknown)}. Valid options: "
+                           f"{', '.join(valid)}.")
+    options = OnnxOptions(accuracy_level=accuracy_level, causal_attention=causal_attention)
     if path is not None:  # the user asked to keep the file: it is theirs
-        export_onnx(gm, example_inputs, path)
+        export_onnx(gm, example_inputs, path, options=options)
         return OnnxRunner(path, threads=threads, spinning=spinning)
-    return _prepare_from_temp(gm, example_inputs, threads=threads, spinning=spinning)
+    return _prepare_from_temp(gm, example_inputs, options, threads=threads, spinning=spinning)
 
 
-def _prepare_from_temp(gm: GraphModule, example_inputs: Sequence[Any], **runner_options: Any) -> OnnxRunner:
+def _prepare_from_temp(gm: GraphModule, example_inputs: Sequence[Any], options: OnnxOptions,
+                       **runner_options: Any) -> OnnxRunner:
     """Export into a private temp dir, open the session, and leave nothing behind.
 
     The session holds the model once created (ORT reads the file and its external data in, or
@@ -148,7 +158,7 @@ def _prepare_from_temp(gm: GraphModule, example_inputs: Sequence[Any], **runner_
     directory = Path(tempfile.mkdtemp(prefix="fxforge-onnx-"))
     runner = None
     try:
-        export_onnx(gm, example_inputs, directory / "model.onnx")
+        export_onnx(gm, example_inputs, directory / "model.onnx", options=options)
         runner = OnnxRunner(directory / "model.onnx", **runner_options)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

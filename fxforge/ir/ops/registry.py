@@ -20,7 +20,7 @@ op when there is none, so nothing is ever silently computed some other way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -78,7 +78,9 @@ def register_lowering(backend: str, op_name: str, *, tolerance: Any = None) -> C
     """Decorator: register `fn` as the `backend` implementation of `fxforge::<op_name>`.
 
     `tolerance` (an `fxforge.ir.verify.Tolerance`) is for lowerings that are approximate by
-    design; say in the lowering why. Exact lowerings leave it None.
+    design; say in the lowering why. Exact lowerings leave it None. Where the approximation is a
+    backend option (MatMulNBits' accuracy_level), pass a function of the backend options
+    returning the Tolerance, or None where those options make the lowering exact.
     """
 
     def wrap(fn: Callable) -> Callable:
@@ -119,9 +121,11 @@ def lowering_for(backend: str, op_name: str) -> Callable:
     return table[backend]
 
 
-def lowering_tolerance(backend: str, op_name: str) -> Any:
-    """The Tolerance an approximate lowering declared, or None for an exact one."""
-    return _LOWERING_TOLERANCES.get((backend, op_name))
+def lowering_tolerance(backend: str, op_name: str, backend_options: Mapping[str, Any] | None = None) -> Any:
+    """The Tolerance an approximate lowering declared under `backend_options`, or None for an
+    exact one."""
+    declared = _LOWERING_TOLERANCES.get((backend, op_name))
+    return declared(dict(backend_options or {})) if callable(declared) else declared
 
 
 def backends_lowering(op_name: str) -> list[str]:

@@ -6,9 +6,11 @@ import torch
 
 import fxforge.ir.ops  # noqa: F401  (registers fxforge::attention)
 from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
-from fxforge.backends.onnx.lowerings.attention import causal_attention_operator
+from fxforge.backends.onnx.options import OnnxOptions
+from fxforge.errors import BackendError
 
 reference = torch.ops.fxforge.attention
+GQA = OnnxOptions(causal_attention="GroupQueryAttention")
 
 
 class Attend(torch.nn.Module):
@@ -39,11 +41,11 @@ class ManyAttends(torch.nn.Module):
         )
 
 
-def export(module, inputs, dynamic_shapes=None):
+def export(module, inputs, dynamic_shapes=None, options=None):
     if isinstance(module, ManyAttends) and dynamic_shapes is not None:
         dynamic_shapes = (tuple(dynamic_shapes),)  # forward(*inputs): one spec for the varargs
     program = torch.onnx.export(
-        module, inputs, dynamo=True, custom_translation_table=translation_table(),
+        module, inputs, dynamo=True, custom_translation_table=translation_table(options),
         opset_version=OPSET_VERSION, dynamic_shapes=dynamic_shapes, verbose=False,
     )
     return program.model_proto
@@ -159,8 +161,7 @@ def test_fully_masked_rows_and_fp16():
 def test_group_query_attention_operator(dtype, atol):
     module = ManyAttends([((0, 1, 2, None), True, None, 2), ((0, 3, 4, None), True, 0.5, 1)])
     inputs = lambda length: (*qkv(2, 4, 2, length, length, dtype=dtype), *qkv(2, 4, 4, length, length, dtype=dtype)[1:])
-    with causal_attention_operator("GroupQueryAttention"):
-        model = export(module, inputs(6), tuple({2: SEQ} for _ in range(5)))
+    model = export(module, inputs(6), tuple({2: SEQ} for _ in range(5)), options=GQA)
     assert operators(model).count("GroupQueryAttention") == 2 and "Attention" not in operators(model)
     for length in (6, 17):
         assert_matches(module, inputs(length), model, atol=atol)
@@ -171,14 +172,12 @@ def test_group_query_attention_setting_leaves_other_cases_on_attention():
     q, k, v = qkv(1, 4, 2, 5, 5)
     inputs = (q, k, v, bool_mask((5, 5)), q[:, :, :3])
     module = ManyAttends([((0, 1, 2, 3), True, None, 2), ((4, 1, 2, None), True, None, 2)])
-    with causal_attention_operator("GroupQueryAttention"):
-        model = export(module, inputs)
+    model = export(module, inputs, options=GQA)
     assert "GroupQueryAttention" not in operators(model)
     assert operators(model).count("Attention") == 2
     assert_matches(module, inputs, model)
 
 
 def test_unknown_operator_name_is_refused():
-    with pytest.raises(ValueError, match="choose one of Attention, GroupQueryAttention"):
-        with causal_attention_operator("FlashAttention"):
-            pass
+    with pytest.raises(BackendError, match="causal_attention='FlashAttention' must be one of Attention, GroupQueryAttention"):
+        OnnxOptions(causal_attention="FlashAttention")

@@ -5,6 +5,7 @@ import torch
 from testing_utils import export_op_module, run_ort
 
 import fxforge.backends.onnx.lowerings.linear_wq as wq_lowering
+from fxforge.backends.onnx.options import OnnxOptions
 from fxforge.ir.ops.linear_wq import dequantize_wq, pack_bits
 
 
@@ -27,10 +28,10 @@ class QuantLinear(torch.nn.Module):
     "bits,group_size,dtype,bias",
     [(4, 32, torch.float32, True), (8, 16, torch.float16, False), (2, 32, torch.float32, False)],
 )
-def test_matches_reference_at_accuracy_level_0(tmp_path, monkeypatch, bits, group_size, dtype, bias):
-    monkeypatch.setattr(wq_lowering, "ACCURACY_LEVEL", 0)  # float compute: tight comparison
+def test_matches_reference_at_accuracy_level_0(tmp_path, bits, group_size, dtype, bias):
     module = QuantLinear(n=24, k=96, bits=bits, group_size=group_size, bias=bias, dtype=dtype)
-    model, session = export_op_module(module, torch.randn(2, 3, 96, dtype=dtype), tmp_path / "m.onnx")
+    model, session = export_op_module(module, torch.randn(2, 3, 96, dtype=dtype), tmp_path / "m.onnx",
+                                      options=OnnxOptions(accuracy_level=0))  # float compute: tight comparison
     (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert node.domain == "com.microsoft"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -72,8 +73,7 @@ def test_default_export_is_4_bit_and_within_activation_quantization_bound(tmp_pa
     assert (got - expected).abs().max() > 1e-5  # the int8 path really ran (else level 0 semantics)
 
 
-def test_bfloat16_activations_go_through_float32(tmp_path, monkeypatch):
-    monkeypatch.setattr(wq_lowering, "ACCURACY_LEVEL", 0)
+def test_bfloat16_activations_go_through_float32(tmp_path):
 
     class Bf16(torch.nn.Module):
         def __init__(self):
@@ -84,7 +84,7 @@ def test_bfloat16_activations_go_through_float32(tmp_path, monkeypatch):
             return self.inner(x.to(torch.bfloat16)).to(torch.float32)
 
     module = Bf16()
-    _, session = export_op_module(module, torch.randn(2, 64), tmp_path / "m.onnx")
+    _, session = export_op_module(module, torch.randn(2, 64), tmp_path / "m.onnx", options=OnnxOptions(accuracy_level=0))
     x = torch.randn(4, 64)
     torch.testing.assert_close(run_ort(session, x), module(x), rtol=1e-2, atol=1e-2)
 
@@ -94,4 +94,4 @@ def test_group_size_matmulnbits_cannot_take_is_refused(group_size):
     # The check runs first in the lowering, so calling it directly is what export would raise
     # (a full export takes ~5 s on CI; the error path needs none of it).
     with pytest.raises(ValueError, match=rf"group_size={group_size} cannot be exported to ONNX.*power of two >= 16"):
-        wq_lowering.linear_wq_onnx(None, None, None, None, None, 4, group_size)
+        wq_lowering.linear_wq_onnx(None, None, None, None, None, 4, group_size, options=OnnxOptions())

@@ -128,8 +128,10 @@ def _decoder_ids():
 
 def test_kv_cache_graph_optimizes_and_matches_eager(tmp_path):
     from fxforge.ir.canonicalize import canonicalize
-    from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past
-    from fxforge.passes.base import PassContext, Pipeline
+    from fxforge.runtime.cache_inputs import cached_inputs, empty_past
+    from fxforge.runtime.meta_keys import KV_META
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import Pipeline
 
     model, ids = _decoder_ids()
     gm = trace(model, (ids,))

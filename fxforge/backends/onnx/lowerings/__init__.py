@@ -1,8 +1,10 @@
 """ONNX translations of fxforge ops, one file per op.
 
 Each file defines an onnxscript function with the op's signature and registers it with
-`register_lowering("onnx", "<op>")`. `translation_table()` hands them to
+`register_lowering("onnx", "<op>")`. `translation_table(options)` hands them to
 `torch.onnx.export(..., custom_translation_table=...)`. Adding a lowering is adding a file.
+A lowering that depends on a backend option (`OnnxOptions`, `options.py`) takes it as a
+keyword-only `options` parameter; the table binds it for one export.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Callable
 
 import onnxscript
 
+from fxforge.backends.onnx.options import OnnxOptions, bind_options
 from fxforge.ir.ops import all_ops
 
 OPSET_VERSION = 23  # the standard Attention operator needs 23
@@ -25,7 +28,10 @@ def load_all() -> None:
             importlib.import_module(f"{__name__}.{module.name}")
 
 
-def translation_table() -> dict[object, Callable]:
-    """{torch op overload: onnxscript function} for every fxforge op with an ONNX lowering."""
+def translation_table(options: OnnxOptions | None = None) -> dict[object, Callable]:
+    """{torch op overload: onnxscript function} for every fxforge op with an ONNX lowering,
+    each bound to `options` (default `OnnxOptions()`) where it reads them."""
+    options = options if options is not None else OnnxOptions()
     load_all()
-    return {op.overload: op.lowerings["onnx"] for op in all_ops().values() if "onnx" in op.lowerings}
+    return {op.overload: bind_options(op.lowerings["onnx"], options)
+            for op in all_ops().values() if "onnx" in op.lowerings}

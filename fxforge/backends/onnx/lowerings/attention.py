@@ -12,19 +12,17 @@ additive one, Where-selected by a bool one) before the causal triangle is applie
 
 Alternative for causal self-attention without a mask (the prompt pass of a decoder), where it
 was the fastest on CPU at long sequences: com.microsoft::GroupQueryAttention, on (B, L, H·D)
-tensors, always causal. It is chosen by setting
+tensors, always causal. It is chosen by the backend option `causal_attention` (`OnnxOptions`):
 
-    fxforge.backends.onnx.lowerings.attention.CAUSAL_OPERATOR = "GroupQueryAttention"
+    fxforge.compile(model, args, backend="onnx", backend_options={"causal_attention": "GroupQueryAttention"})
+    export_onnx(gm, inputs, path, options=OnnxOptions(causal_attention="GroupQueryAttention"))
 
-before exporting, or for one export with `with causal_attention_operator("GroupQueryAttention"):`.
 Cases it cannot express (a mask, Lq != Lk, Dv != D, dtypes other than fp32/fp16) still go to
 `Attention`, so the setting never changes results, only speed.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 from onnx.defs import OpSchema
 from onnxscript import BOOL, FLOAT, FLOAT16, INT32
@@ -32,32 +30,13 @@ from onnxscript.values import Op
 
 from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
+from fxforge.backends.onnx.options import OnnxOptions
 from fxforge.ir.ops import register_lowering
-
-CAUSAL_OPERATORS = ("Attention", "GroupQueryAttention")
-CAUSAL_OPERATOR = "Attention"
-
-
-@contextlib.contextmanager
-def causal_attention_operator(name: str) -> Iterator[None]:
-    """Within the block, export unmasked causal self-attention with operator `name`.
-
-    Example:
-        with causal_attention_operator("GroupQueryAttention"):
-            torch.onnx.export(model, args, dynamo=True, custom_translation_table=translation_table())
-    """
-    global CAUSAL_OPERATOR
-    if name not in CAUSAL_OPERATORS:
-        raise ValueError(f"unknown ONNX attention operator '{name}'; choose one of {', '.join(CAUSAL_OPERATORS)}")
-    previous, CAUSAL_OPERATOR = CAUSAL_OPERATOR, name
-    try:
-        yield
-    finally:
-        CAUSAL_OPERATOR = previous
 
 
 @register_lowering("onnx", "attention")
-def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int, bias=None):
+def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num_kv_groups: int, bias=None, *,
+                   options: OnnxOptions):
     head_dim = q.shape[3]
     if scale is None and not isinstance(head_dim, int):
         raise ValueError(
@@ -70,7 +49,8 @@ def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num
         attn_mask = _fold_bias(None if attn_mask is None else _expand_to_lengths(q, k, attn_mask),
                                _expand_to_lengths(q, k, bias), mask_is_bool=_is_bool(attn_mask))
     square = _same_dim(q.shape[2], k.shape[2])
-    if is_causal and attn_mask is None and square and _group_query_attention_applies(q, k, v):
+    if (is_causal and attn_mask is None and square and options.causal_attention == "GroupQueryAttention"
+            and _group_query_attention_applies(q, k, v)):
         return _group_query_attention(q, k, v, scale)
     native_causal = is_causal and square and attn_mask is None
     if is_causal and not native_causal:
@@ -141,8 +121,7 @@ def _with_causal_triangle(q, k, attn_mask, additive: bool = False):
 
 def _group_query_attention_applies(q, k, v) -> bool:
     return (
-        CAUSAL_OPERATOR == "GroupQueryAttention"
-        and q.dtype in (FLOAT.dtype, FLOAT16.dtype)
+        q.dtype in (FLOAT.dtype, FLOAT16.dtype)
         and isinstance(q.shape[1], int)
         and isinstance(k.shape[1], int)
         and isinstance(q.shape[3], int)

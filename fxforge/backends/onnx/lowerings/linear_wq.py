@@ -9,9 +9,10 @@ Measured on ONNX Runtime 1.32 CPU, 2048x2048 int4, g=128, one thread: uint8 zero
 at 0.49 ms (batch 1) with accuracy_level 4, while float zero points take ~22 ms (they disable
 the int8 kernels) and are refused outright for 8-bit weights. So: packed uint8 zero points.
 
-accuracy_level 4 (ACCURACY_LEVEL) lets ORT quantize activations to int8 per block: about 4x
-faster than level 0 for int4 and 30x for int8 at batch 1, at ~0.5% relative output error
-against the float reference. Set ACCURACY_LEVEL = 0 before exporting for float-exact results.
+accuracy_level 4 (the default of the backend option `accuracy_level`, see `OnnxOptions`) lets
+ORT quantize activations to int8 per block: about 4x faster than level 0 for int4 and 30x for
+int8 at batch 1, at ~0.5% relative output error against the float reference. Compile with
+`backend_options={"accuracy_level": 0}` for float-exact results.
 MatMulNBits needs a power-of-two block size >= 16; other group sizes are refused at export.
 
 Scales are cast to a static type (not CastLike against the activation): the backend exports
@@ -21,19 +22,27 @@ tiny-gpt2 (exact at level 0 or with optimizations off).
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from onnx.defs import OpSchema
 from onnxscript import BFLOAT16, FLOAT, INT32, UINT8
 from onnxscript.values import Op
 
 from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
+from fxforge.backends.onnx.options import OnnxOptions
 from fxforge.ir.ops import register_lowering
 from fxforge.ir.verify import Tolerance
 
-ACCURACY_LEVEL = 4
-# What compile()'s backend check allows at ACCURACY_LEVEL 4: ~0.5% per layer, compounding
+# What compile()'s backend check allows at accuracy_level 4: ~0.5% per layer, compounding
 # through a model (tiny-llama at 8 bits: 0.7%); a packing or scale bug is ~100%.
 ACCURACY_LEVEL_4_TOLERANCE = Tolerance.lossy(max_rel=3e-2, min_cosine=0.999)
+
+
+def backend_tolerance(backend_options: Mapping[str, Any]) -> Tolerance | None:
+    """How far from the reference this lowering may land under `backend_options`: the int8
+    activation bound unless accuracy_level is 0 (float compute: exact)."""
+    return ACCURACY_LEVEL_4_TOLERANCE if OnnxOptions.from_backend_options(backend_options).accuracy_level else None
 
 
 def _matmul_nbits_schema() -> OpSchema:
@@ -95,8 +104,8 @@ def _pack_zero_points(zeros, bits: int, n: int, n_blocks: int):
     return op.Cast(packed, to=UINT8.dtype)
 
 
-@register_lowering("onnx", "linear_wq", tolerance=ACCURACY_LEVEL_4_TOLERANCE if ACCURACY_LEVEL else None)
-def linear_wq_onnx(x, qweight, scales, zeros, bias, bits: int, group_size: int):
+@register_lowering("onnx", "linear_wq", tolerance=backend_tolerance)
+def linear_wq_onnx(x, qweight, scales, zeros, bias, bits: int, group_size: int, *, options: OnnxOptions):
     check_block_size(group_size)
     n = qweight.shape[0]
     k = qweight.shape[1] * 8 // bits
@@ -114,7 +123,7 @@ def linear_wq_onnx(x, qweight, scales, zeros, bias, bits: int, group_size: int):
         N=n,
         bits=bits,
         block_size=group_size,
-        accuracy_level=ACCURACY_LEVEL,
+        accuracy_level=options.accuracy_level,
     )
     if bias is not None:
         y = op.Add(y, op.CastLike(bias, y))

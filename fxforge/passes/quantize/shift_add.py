@@ -9,7 +9,7 @@ inputs (H = XᵀX/n, GPTQ-style column loop with error feedback). `bit_budget` (
 2-4 bits) gives each layer 2, 3 or 4 planes by measured sensitivity: the error each choice
 leaves under weight-only BCQ (tr(ΔW·H·ΔWᵀ) with calibration data, ‖ΔW‖² without), upgrading
 first the layers whose error falls most per extra stored bit; then each layer is quantized with
-`method` at its bits. The algorithm lives in `shift_add_bcq.py`.
+`method` at its bits. The algorithm lives in `bcq.py`.
 
 Semantics (verified exactly): the graph before with each rewritten weight replaced by the BCQ
 weight Σ_p α_p·B_p the fit chose (`BcqWeight.dequantize`, from the unpacked planes).
@@ -26,8 +26,10 @@ from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.shift_add_linear import stored_bits_per_weight
 from fxforge.ir.reference import Semantics
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
-from fxforge.passes.shift_add_bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
+from fxforge.passes.quantize.bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
 from fxforge.passes.quantize.calibration import capture_linear_inputs
 from fxforge.passes.selection import select_linear_sites
 

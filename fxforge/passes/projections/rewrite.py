@@ -20,8 +20,8 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import add_attr, delete_attr, get_attr
-from fxforge.passes.projection_groups import ADAPTERS_META, Member
-from fxforge.passes.projection_kinds import Layout, arg
+from fxforge.passes.projections.groups import ADAPTERS_META, Member
+from fxforge.passes.projections.kinds import Layout, arg
 
 aten = torch.ops.aten
 MASKS_META = "fxforge_sparsity_masks"  # fxforge.passes.prune.sparsify.MASKS_META

@@ -1,5 +1,5 @@
 """Which linears `fuse_projections` may fuse: candidates that read one input, checked and
-bucketed by what must agree for their fusion to be exact (see `projection_kinds`).
+bucketed by what must agree for their fusion to be exact (see `kinds.py`).
 
 A candidate is any node of a linear kind (`LAYOUTS`) whose tensors are stored attributes read
 by it alone. Candidates reading the same x form an input group; inside it, members with equal
@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import get_attr, matches_any
-from fxforge.passes.projection_kinds import LAYOUTS, Layout, arg, arg_name, kind_name
+from fxforge.passes.projections.kinds import LAYOUTS, Layout, arg, arg_name, kind_name
 
 ADAPTERS_META = "fxforge_adapters"  # fxforge.passes.adapters.common.ADAPTERS (not imported: no cycle)
 

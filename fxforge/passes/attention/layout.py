@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fxforge.passes.attention_rules import Build, Value, fake, same_size
+from fxforge.passes.attention.rules import Build, Value, fake, same_size
 
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)

@@ -20,15 +20,15 @@ import torch
 from torch.fx import Graph, Node
 
 from fxforge.errors import PassError
-from fxforge.passes.attention_rules import (
+from fxforge.passes.attention.rules import (
     SOFTMAX_TARGETS, MaskMatch, fake, mask_candidates, peel_repeat_kv, peel_scales,
     skip_identities,
 )
-from fxforge.passes.fuse_attention import Skip, value_matmul
-from fxforge.passes.kv_cache_bias import BiasExtender
+from fxforge.passes.attention.masks import mask_sources_placeholder
+from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
+from fxforge.passes.kv_cache.bias import BiasExtender
 
 aten = torch.ops.aten
-_MATMULS = (aten.matmul.default,)
 # Element-wise score modifiers a cache does not care about (Gemma-style soft-capping).
 _SCORE_PASS_THROUGH = (aten.tanh.default,)
 
@@ -40,22 +40,6 @@ def _attention_args(node: Node) -> tuple:
     """The op's 8 arguments (bias None when the call leaves it out)."""
     values = list(node.args) + [node.kwargs.get(n) for n in _ATTENTION_ARGS[len(node.args):]]
     return tuple(values)
-
-
-def mask_sources_placeholder(mask: Node) -> Node | None:
-    """The graph input a mask's values are computed from, if any (shapes of inputs do not count)."""
-    stack, seen = [mask], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            return current
-        if current.target == aten.sym_size.int:
-            continue  # a causal mask is built from the input's length, not its values
-        stack.extend(current.all_input_nodes)
-    return None
 
 
 def _require_causal_only(mask: Node, attention: Node, pass_name: str) -> None:
@@ -189,7 +173,7 @@ class EagerSite:
 def _walk_to_scores(node: object) -> tuple[Node, list[MaskMatch]] | None:
     """(Q @ Kᵀ, masks on the way) walking up from a softmax input, None if it is not one."""
     node, _, _ = peel_scales(node)
-    if isinstance(node, Node) and node.target in _MATMULS:
+    if isinstance(node, Node) and node.target in MATMULS:
         return node, []
     if isinstance(node, Node) and node.target in _SCORE_PASS_THROUGH:
         return _walk_to_scores(node.args[0])
@@ -261,4 +245,4 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
     return sites
 
 
-__all__ = ["EagerSite", "FusedSite", "eager_sites", "mask_sources_placeholder"]
+__all__ = ["EagerSite", "FusedSite", "eager_sites"]

@@ -9,8 +9,8 @@
 
 Anchored at each softmax: walk up through the mask and the scale factors to the score matmul
 Q·Kᵀ, and down (through same-dtype casts; eval dropout is already gone) to the value matmul.
-The recognizers are the rule tables of `attention_rules.py`. The model's own mask computation
-is kept and feeds the op's `attn_mask`; `is_causal=True` is set only where `attention_masks.py`
+The recognizers are the rule tables of `rules.py`. The model's own mask computation
+is kept and feeds the op's `attn_mask`; `is_causal=True` is set only where `masks.py`
 proves a mask purely causal (then the mask is dropped). A softmax feeding a matmul that cannot
 be proven equivalent (a tanh softcap, probabilities reused elsewhere, training dropout, ...) is
 left untouched and listed in `PassResult.skipped` with the reason: nothing is rewritten until
@@ -33,11 +33,11 @@ from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import erase_dead, nodes_by_op, replace_with_call
 from fxforge.ir.ops import get_op
-from fxforge.passes.attention_layout import (
-    BMMS, merge_heads_view, split_heads, split_heads_view, split_shape, untranspose_key_3d,
+from fxforge.passes.attention.layout import (
+    BMMS, split_heads, split_heads_view, split_shape, untranspose_key_3d,
 )
-from fxforge.passes.attention_masks import classify_mask
-from fxforge.passes.attention_rules import (
+from fxforge.passes.attention.masks import classify_mask
+from fxforge.passes.attention.rules import (
     SOFTMAX_RULES,
     SOFTMAX_TARGETS,
     Build,
@@ -47,18 +47,18 @@ from fxforge.passes.attention_rules import (
     broadcasts_to,
     fake,
     mask_candidates,
-    only_user,
     peel_repeat_kv,
     peel_scales,
     same_size,
     skip_identities,
     untranspose_key,
 )
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 
 aten = torch.ops.aten
-_MATMULS = (aten.matmul.default,)
-_DROPOUTS = (aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 
@@ -77,10 +77,6 @@ class AttentionMatch:
     num_kv_groups: int
     bias: Value | None = None  # additive position bias (ALiBi), already times the scores' scale
     merged_heads: int | None = None  # H when the model computes on (B·H, L, D): root is 3-D
-
-
-class Skip(Exception):
-    """A candidate that cannot be proven equivalent; the message is the reason reported."""
 
 
 # --------------------------------------------------------------------------- eager spelling
@@ -113,46 +109,6 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
         root=pv, q=q[0], k=k[0], v=v, mask=found.mask, is_causal=False, scale=scale_total,
         num_kv_groups=1, bias=found.bias, merged_heads=heads,
     ), scores_shape, groups_k, groups_v)
-
-
-def value_matmul(softmax: Node) -> Node | None:
-    """The matmul P @ V that the probabilities feed (through same-dtype casts), else None."""
-    node = softmax
-    while True:
-        user = only_user(node)
-        if user is None:
-            if any(u.target in _MATMULS and u.args[0] is node for u in node.users):
-                raise Skip(f"the attention probabilities '{node.name}' are also used outside P·V "
-                           f"(by {', '.join(u.name for u in node.users)})")
-            return None
-        if user.target in _DROPOUTS:
-            raise Skip(f"training-mode dropout '{user.name}' on the probabilities; put the model in eval()")
-        if user.target in _MATMULS:
-            return user if user.args[0] is node else None
-        if merge_heads_view(user) is not None:  # probs.view(B·H, Lq, Lk) @ v3 (Bloom)
-            pv = only_user(user)
-            return pv if pv is not None and pv.target in BMMS and pv.args[0] is user else None
-        if skip_identities(user) is not node:
-            _raise_if_weights_values(user)
-            return None
-        node = user
-
-
-def _raise_if_weights_values(user: Node, depth: int = 4) -> None:
-    """Skip (naming `user`) when the probabilities still reach a P·V matmul through it.
-
-    Without this, a softmax whose path to its value matmul passes an op the matcher does not
-    know would be left unfused with no reason given.
-    """
-    node = user
-    for _ in range(depth):
-        nxt = only_user(node)
-        if nxt is None:
-            return
-        if (nxt.target in _MATMULS or nxt.target in BMMS) and nxt.args[0] is node:
-            raise Skip(f"the attention probabilities reach P·V through {user.target} (node '{user.name}'), "
-                       f"which is neither a same-dtype cast, a same-shape view nor a head-merging view")
-        node = nxt
 
 
 def _probabilities_chain(softmax: Node, pv: Node) -> list[Node]:
@@ -233,7 +189,7 @@ def _walk_scores(node: object, factor: float, heads: int | None, stops: list[obj
 
 def _is_score_matmul(node: object, heads: int | None = None) -> bool:
     """A 4-D matmul, or (head-merged layout) a 3-D bmm."""
-    targets, rank = (_MATMULS, 4) if heads is None else (BMMS, 3)
+    targets, rank = (MATMULS, 4) if heads is None else (BMMS, 3)
     if not (isinstance(node, Node) and node.target in targets):
         return False
     vals = [fake(a) for a in node.args[:2]]

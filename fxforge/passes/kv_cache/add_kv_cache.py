@@ -10,14 +10,14 @@
 With `attention_mask=True` the graph takes an HF-style padding mask instead of the tree mask:
 `attention_mask (B, P + L)` int64, 0 = padding, placed right after input_ids (the order
 optimum and onnxruntime-genai use). The graph turns it into the causal mask itself
-(`kv_cache_padding.padding_tree_mask`), so left-padded batches decode as HF generate does.
+(`kv_cache/padding.py`), so left-padded batches decode as HF generate does.
 
 Each `fxforge::attention(q, k, v, mask, causal, ...)` becomes
 `fxforge::attention(q, cat(past_k, k), cat(past_v, v), tree_mask, True, ...)`: the op's causal
 triangle is bottom-right aligned, so new queries see the whole past, and the tree mask narrows
 that to a token's ancestors for Medusa tree verification. Attention that was not fused keeps
 its own matmuls and softmax: the cache is attached before the key transpose and GQA repetition
-and the tree mask replaces the model's causal mask (`kv_cache_sites.EagerSite`). The rotary (or
+and the tree mask replaces the model's causal mask (`sites.EagerSite`). The rotary (or
 learned) position computation, which the traced graph derives from `arange(L)`, is rewired to
 read `position_ids`.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
@@ -28,7 +28,7 @@ The input/output layout is recorded in `gm.meta[KV_META]` as a typed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -39,11 +39,16 @@ from fxforge.ir.graph import erase_dead, nodes_by_op
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
-from fxforge.passes.kv_cache_bias import KV_BIAS_TAG, BiasExtender
-from fxforge.passes.kv_cache_padding import MASK_TAG, padding_tree_mask
-from fxforge.passes.kv_cache_sites import FusedSite, eager_sites
-from fxforge.runtime.layouts import KV_META, KVCacheLayout
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
+from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
+from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
+from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
+from fxforge.passes.pipeline import run_pass
+from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
+from fxforge.runtime.layouts import KVCacheLayout
+from fxforge.runtime.meta_keys import KV_META
 
 aten = torch.ops.aten
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
@@ -194,75 +199,12 @@ class AddKvCache(Pass):
         return Comparison(outputs=[compare_tensors(ref, got, self.tolerance())])
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def random_past_inputs(meta: KVCacheLayout, ids: torch.Tensor, past_len: int) -> tuple[Any, ...]:
-    """Flat cached-graph inputs: new tokens `ids` after a random past of `past_len` positions.
-
-    For export and verification: with batch, past and new lengths distinct (and above 1) an
-    export keeps every cache dimension dynamic instead of specializing it.
-    """
-    batch = ids.shape[0]
-    dtype = meta.torch_dtype
-    generator = torch.Generator().manual_seed(0)
-    past = []
-    for heads, key_dim, value_dim in meta.kv_shapes:
-        past.append(torch.randn(batch, heads, past_len, key_dim, dtype=dtype, generator=generator))
-        past.append(torch.randn(batch, heads, past_len, value_dim, dtype=dtype, generator=generator))
-    return tuple(cached_inputs(meta, ids, past_len, past))
-
-
-def empty_past(meta: KVCacheLayout, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Zero-length past keys/values, flat [k0, v0, k1, v1, ...], for a prefill."""
-    out = []
-    for heads, key_dim, value_dim in meta.kv_shapes:
-        out.append(torch.zeros(batch, heads, 0, key_dim, dtype=dtype))
-        out.append(torch.zeros(batch, heads, 0, value_dim, dtype=dtype))
-    return out
-
-
-def causal_tree_mask(batch: int, new_len: int, past_len: int) -> torch.Tensor:
-    """(B, 1, L, P + L) bool: every past key visible, causal over the new tokens."""
-    tri = torch.ones(new_len, new_len, dtype=torch.bool).tril()
-    full = torch.cat([torch.ones(new_len, past_len, dtype=torch.bool), tri], dim=1)
-    return full.expand(batch, 1, new_len, past_len + new_len).contiguous()
-
-
-def cached_inputs(meta: KVCacheLayout, ids: torch.Tensor, past_len: int, past: Sequence[torch.Tensor],
-                  positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
-                  tree_parents: torch.Tensor | None = None,
-                  attention_mask: torch.Tensor | None = None) -> list[Any]:
-    """The cached graph's flat inputs for new tokens `ids` after `past_len` cached ones.
-
-    Defaults: consecutive positions and a causal mask (plain decoding / prefill); for a graph
-    with a padding mask, all ones (B, past_len + L). Graphs that verify a Medusa tree in-graph
-    (`runtime.greedy_verify`) also take the tree's parent indices; by default none (-1): every
-    token counts as accepted.
-    """
-    batch, length = ids.shape
-    if positions is None:
-        positions = torch.arange(past_len, past_len + length).expand(batch, length)
-    flat: list[Any] = [None] * meta.num_inputs
-    flat[meta.input_ids] = ids
-    flat[meta.position_ids] = positions
-    if meta.padding_mask:
-        if tree_mask is not None:
-            raise ValueError("this cached graph takes attention_mask (B, past + new), not a tree mask; "
-                             "compile with add_kv_cache (attention_mask=False) for tree decoding")
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past_len + length, dtype=torch.long)
-        flat[meta.mask] = attention_mask
-    else:
-        if attention_mask is not None:
-            raise ValueError("this cached graph takes a tree mask, not attention_mask; compile with "
-                             "add_kv_cache(attention_mask=True) for padded batches")
-        flat[meta.mask] = causal_tree_mask(batch, length, past_len) if tree_mask is None else tree_mask
-    for (k_index, v_index), k, v in zip(meta.past, past[0::2], past[1::2]):
-        flat[k_index], flat[v_index] = k, v
-    if meta.tree_parents is not None:
-        flat[meta.tree_parents] = torch.full((length,), -1) if tree_parents is None else tree_parents
-    return flat
+def with_kv_cache(graph_module: GraphModule) -> GraphModule:
+    """`graph_module` itself if it has a KV cache, else a copy rewritten by `add_kv_cache`."""
+    if KV_META in graph_module.meta:
+        return graph_module
+    ids = torch.zeros(1, 8, dtype=torch.long)  # verification input: prefill 4 + cached step of 4
+    return run_pass(AddKvCache(), graph_module, PassContext(example_inputs=(ids,)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -325,4 +267,4 @@ def _new_symint(shape_env: Any, name: str, hint: int) -> Any:
     return shape_env.create_symintnode(symbol, hint=hint, source=source)
 
 
-__all__ = ["AddKvCache", "KV_META", "cached_inputs", "causal_tree_mask", "empty_past"]
+__all__ = ["AddKvCache", "with_kv_cache"]

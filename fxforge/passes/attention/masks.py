@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from fxforge.passes.attention_rules import Build, fake, same_size
+from fxforge.passes.attention.rules import Build, fake, same_size
 
 aten = torch.ops.aten
 FAR_NEGATIVE = -1e30  # additive fills at or below this zero a probability exactly in fp32/bf16
@@ -334,3 +334,19 @@ _RULES: dict[Any, Callable[..., Abstract]] = {
     aten.masked_fill.Scalar: _masked_fill,
     aten.tril.default: _triangle, aten.triu.default: _triangle,
 }
+
+
+def mask_sources_placeholder(mask: Node) -> Node | None:
+    """The graph input a mask's values are computed from, if any (shapes of inputs do not count)."""
+    stack, seen = [mask], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return current
+        if current.target == aten.sym_size.int:
+            continue  # a causal mask is built from the input's length, not its values
+        stack.extend(current.all_input_nodes)
+    return None

@@ -20,7 +20,8 @@ import torch
 from torch.fx import Graph, Node
 
 from fxforge.errors import PassError
-from fxforge.passes.attention_rules import fake, same_size
+from fxforge.passes.attention.masks import mask_sources_placeholder
+from fxforge.passes.attention.rules import fake, same_size
 
 aten = torch.ops.aten
 KV_BIAS_TAG = "fxforge_kv_bias"
@@ -41,8 +42,6 @@ class BiasExtender:
 
     def extend(self, bias: Node, attention: Node) -> Node:
         """The bias `attention` needs in the cached graph: (..., L or 1, P + L)."""
-        from fxforge.passes.kv_cache_sites import mask_sources_placeholder  # circular at import
-
         source = mask_sources_placeholder(bias)
         if source is not None:
             raise PassError(

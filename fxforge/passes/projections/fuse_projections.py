@@ -8,7 +8,7 @@ matrix product: one weight stream and one kernel launch instead of three, which 
 decode on bandwidth-bound CPUs and GPUs pays for. Every linear kind of the IR fuses with its
 own kind: plain, int-n weight-only (packed codes, scales and zeros concatenate), W8A8,
 LLM.int8, FP8/FP4, shift-add, BitDelta, sparse (COO and `sparsify`'s masked weights), and the
-adapters (LoRA/DoRA: A stacked, B block-diagonal; Bone, MiSS); `projection_kinds` says how
+adapters (LoRA/DoRA: A stacked, B block-diagonal; Bone, MiSS); `kinds.py` says how
 each concatenates and why it stays exact. What stays apart, each reported in `skipped` with
 its reason: members of different kinds or options (int-n group sizes or bits, FP formats,
 BitDelta's one-α-per-matrix unless the α's are equal), factors computed in the graph (LoRA-SB,
@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from fxforge.ir.graph import erase_dead
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
-from fxforge.passes.projection_groups import plan_groups
-from fxforge.passes.projection_rewrite import fuse_group, fused_path
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
+from fxforge.passes.projections.groups import plan_groups
+from fxforge.passes.projections.rewrite import fuse_group, fused_path
 
 
 @register_pass
