@@ -147,6 +147,38 @@ def _check_hf_options(ns: argparse.Namespace) -> None:
         from fxforge.calibration.text import read_calibration_file
 
         ns.calibration_texts = read_calibration_file(ns.calibration)  # before the model loads
+    else:
+        calibrated = calibrated_passes(ns.passes)
+        if calibrated:
+            raise missing_calibration_error(calibrated[0], ns.model)
+
+
+def missing_calibration_error(pass_label: str, model: str) -> CLIUsageError:
+    """What to do when a pass needs data and none was given: --calibration, where the CLI can tokenize."""
+    if is_hf_directory(model):
+        return CLIUsageError(f"{pass_label} needs calibration data: pass --calibration FILE (text, one sample "
+                             f"per line, or .jsonl with a \"text\" field)")
+    return CLIUsageError(f"{pass_label} needs calibration data; the CLI reads it (--calibration FILE) for Hugging "
+                         f"Face directories only, since it needs their tokenizer: compile {model} from Python "
+                         f"with fxforge.compile(..., calibration=[batch, ...])")
+
+
+def calibrated_passes(passes: str) -> list[str]:
+    """The passes of `passes` whose method declares it reads calibration data ("quantize (method=gptq)").
+
+    Read from the method registry (`Method.needs_calibration`), so a missing --calibration is
+    reported before the model loads; a pass that asks for data without declaring it still gets
+    the same message, from cmd_compile, once it asks.
+    """
+    from fxforge.passes.base import Pipeline
+    from fxforge.passes.methods import methods_of
+
+    found = []
+    for p in Pipeline(passes or "").passes:
+        method = methods_of(p.name).get(str(getattr(p, "method", "")))
+        if method is not None and method.needs_calibration:
+            found.append(f"{p.name} (method={method.name})")
+    return found
 
 
 def with_task_passes(passes: str, task_passes: Sequence[str]) -> str:
@@ -198,9 +230,7 @@ def cmd_compile(ns: argparse.Namespace) -> int:
         compiled = fxforge.compile(model, args, kwargs, passes=passes, backend=ns.backend, calibration=calibration)
     except CalibrationError as exc:
         if calibration is None:  # the pass's own message speaks of Python's calibration=
-            raise CLIUsageError(f"{getattr(exc, 'pass_name', None) or 'a pass'} needs calibration data: pass "
-                                f"--calibration FILE (text, one sample per line, or .jsonl with a \"text\" "
-                                f"field)") from exc
+            raise missing_calibration_error(getattr(exc, "pass_name", None) or "a pass", ns.model) from exc
         raise
     print(compiled.report)
     out = Path(ns.output)

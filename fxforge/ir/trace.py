@@ -130,14 +130,13 @@ def split_constant_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[
     return tensors, constants
 
 
-def drop_constant_kwargs(gm: GraphModule, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs` without the constants baked into `gm` at trace time (`gm.meta[CONSTANT_KWARGS]`).
+def drop_constant_kwargs(constants: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` without the `constants` baked into a graph at trace time (`gm.meta[CONSTANT_KWARGS]`).
 
     A constant may be passed again or left out; passing a *different* value raises InputError,
     since the graph was traced with the original one (a silently ignored `use_cache=True` or
     `flag=True` would return the wrong thing).
     """
-    constants = gm.meta.get(CONSTANT_KWARGS) or {}
     if not constants:
         return kwargs
     for name, baked in constants.items():
@@ -242,7 +241,8 @@ def trace(
 
 def flatten_inputs(gm: GraphModule, args: tuple, kwargs: dict | None = None) -> list[Any]:
     """The user's (args, kwargs) in the flat order the graph takes them (baked constants dropped)."""
-    flat, spec = pytree.tree_flatten((tuple(args), drop_constant_kwargs(gm, dict(kwargs or {}))))
+    kwargs = drop_constant_kwargs(gm.meta.get(CONSTANT_KWARGS) or {}, dict(kwargs or {}))
+    flat, spec = pytree.tree_flatten((tuple(args), kwargs))
     expected = gm.meta.get(IN_SPEC)
     if expected is not None and spec != expected:
         raise TypeError(

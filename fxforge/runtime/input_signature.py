@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 
 from fxforge.errors import InputError
-from fxforge.ir.trace import IN_SPEC, drop_constant_kwargs
+from fxforge.ir.trace import CONSTANT_KWARGS, IN_SPEC, drop_constant_kwargs
 
 aten = torch.ops.aten
 
@@ -58,7 +58,7 @@ class InputSignature:
 
     def __init__(self, gm: GraphModule, check_device: bool = True):
         self.in_spec: pytree.TreeSpec | None = gm.meta.get(IN_SPEC)
-        self._gm = gm  # for the keyword constants baked in at trace time (read at each call)
+        self.constants: dict[str, Any] = dict(gm.meta.get(CONSTANT_KWARGS) or {})  # baked in at trace time
         self.check_device = check_device
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs: list[InputSpec | None] = [_input_spec(gm, n) for n in self.placeholders]
@@ -67,7 +67,7 @@ class InputSignature:
 
     def flatten(self, args: tuple, kwargs: dict) -> list[Any]:
         """(args, kwargs) in the graph's flat order; an InputError naming what is missing or extra."""
-        kwargs = drop_constant_kwargs(self._gm, dict(kwargs))  # use_cache=False etc. are not inputs
+        kwargs = drop_constant_kwargs(self.constants, dict(kwargs))  # use_cache=False etc. are not inputs
         flat, spec = pytree.tree_flatten((tuple(args), kwargs))
         if self.in_spec is not None and spec != self.in_spec:
             raise InputError(self._structure_message(args, kwargs))
