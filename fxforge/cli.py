@@ -170,7 +170,7 @@ def calibrated_passes(passes: str) -> list[str]:
     reported before the model loads; a pass that asks for data without declaring it still gets
     the same message, from cmd_compile, once it asks.
     """
-    from fxforge.passes.base import Pipeline
+    from fxforge.passes.pipeline import Pipeline
     from fxforge.passes.methods import methods_of
 
     found = []
