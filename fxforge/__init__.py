@@ -9,6 +9,8 @@ ONNX Runtime, Triton kernels or TorchInductor — checked numerically at every s
 """
 import fxforge.ir.ops  # noqa: F401  (registers every fxforge:: op)
 from fxforge.api import CompiledModel, compile, load
+from fxforge.decoder_artifact import export_decoder
+from fxforge.text_generation import compile_decoder
 from fxforge.errors import (
     ArtifactError,
     BackendError,
@@ -35,5 +37,6 @@ from fxforge.version import __version__
 __all__ = [
     "ArtifactError", "BackendError", "CalibrationError", "CLIUsageError", "CompiledModel", "FxforgeError", "InputError", "MissingLoweringError", "ModelDirectoryError", "Pass",
     "PassContext", "PassError", "PassResult", "PassSpecError", "Pipeline", "Tolerance", "TraceError",
-    "Pretrained", "VerificationError", "compile", "from_pretrained", "load", "register_pass", "registered_passes", "trace",
+    "Pretrained", "VerificationError", "compile", "compile_decoder", "export_decoder", "from_pretrained", "load",
+    "register_pass", "registered_passes", "trace",
 ]

@@ -113,6 +113,41 @@ class CompiledModel:
                 f"{comparison.describe()}")
         return comparison
 
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """KV-cached generation on this model's backend; returns prompt + new tokens, (B, T + n).
+
+        Needs a graph with a KV cache (`passes="...,add_kv_cache(attention_mask=True)"`, or
+        `fxforge.export_decoder`'s pipeline). Batches are left-padded as for HF `generate`
+        (0 in `attention_mask`); a row stops at `eos_token_id` and is padded with
+        `pad_token_id` after it. `do_sample=False` is greedy; otherwise tokens are drawn at
+        `temperature` among the `top_k` most likely (0: all), from a generator seeded by `seed`.
+        """
+        from fxforge.errors import InputError
+        from fxforge.runtime.decoding import static_batch
+        from fxforge.runtime.generation import (
+            SamplingOptions, generate_tokens, layout_empty_past, layout_step,
+        )
+        from fxforge.runtime.layouts import kv_layout
+
+        layout = kv_layout(self.graph_module.meta)
+        if layout is None:
+            raise InputError("generate() needs a KV-cached decoder: compile the causal LM with "
+                             "passes=\"...,add_kv_cache(attention_mask=True)\" (traced on input_ids alone)")
+        batch = torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1]).shape[0]
+        fixed = static_batch(self.graph_module, layout)
+        if fixed is not None and fixed != batch:
+            raise InputError(f"this model was traced with its batch fixed to {fixed}, got {batch} prompts; "
+                             f"compile with example inputs of batch >= 2 to keep the batch dynamic")
+        sampling = SamplingOptions(do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed)
+        return generate_tokens(layout_step(layout, self.run_flat), layout_empty_past(layout), input_ids,
+                               attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, sampling=sampling)
+
     # ------------------------------------------------------------------ inspection
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -59,8 +59,9 @@ from fxforge.ir.allowlist import check_attr_path, check_dotted_name
 from fxforge.ir.graph import get_attr, params_and_buffers, set_attr
 from fxforge.ir.serialize import graph_from_json, graph_to_json
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES, OUT_SPEC, trace
-from fxforge.version import __version__
 from fxforge.models.hf import TOKENIZER_FILES
+from fxforge.runtime.layouts import LAYOUT_RECORDS
+from fxforge.version import __version__
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -233,6 +234,8 @@ def _pass_meta(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> di
 
 
 def _encode_meta(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(value, tuple(LAYOUT_RECORDS.values())):  # typed layouts: plain data, typed on load
+        return value.to_json()
     if isinstance(value, torch.Tensor):
         tensors[path] = value.detach().contiguous()
         return {"__tensor__": path}

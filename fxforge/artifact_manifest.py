@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from fxforge.errors import ArtifactError
 from fxforge.ir.allowlist import check_attr_path, check_dotted_name
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES, OUT_SPEC
+from fxforge.runtime.layouts import LAYOUT_RECORDS
 
 FORMAT_VERSION = 1
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -89,6 +90,7 @@ def parse_manifest(data: Any, *, allowed_files: frozenset[str], backends: frozen
     for key in graph_meta:
         if not key.startswith("fxforge_") or key in (IN_SPEC, OUT_SPEC, INPUT_NAMES):
             raise ArtifactError(f"manifest field 'graph_meta' key {key!r} is not a pass's 'fxforge_*' entry")
+    graph_meta = {key: layout_record(key, value) for key, value in graph_meta.items()}
     in_spec, out_spec = (_field(data, name, str, optional=True) for name in ("in_spec", "out_spec"))
     for name, spec in (("in_spec", in_spec), ("out_spec", out_spec)):
         if spec is not None:
@@ -96,6 +98,18 @@ def parse_manifest(data: Any, *, allowed_files: frozenset[str], backends: frozen
     return Manifest(**text, in_spec=in_spec, out_spec=out_spec, input_names=input_names,
                     graph_meta=graph_meta, tensors=tensors,
                     report=_field(data, "report", list, optional=True) or [], files=files)
+
+
+def layout_record(key: str, value: Any) -> Any:
+    """A typed layout record (`fxforge.runtime.layouts`) for its graph_meta key, checked field by
+    field; other entries unchanged."""
+    record = LAYOUT_RECORDS.get(key)
+    if record is None:
+        return value
+    try:
+        return record.from_json(value, where=f"manifest field 'graph_meta[{key!r}]'")
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{exc}. Re-save the artifact with this fxforge version.") from None
 
 
 def load_treespec(text: str, *, field: str) -> pytree.TreeSpec:

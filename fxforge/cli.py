@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fxforge.errors import CLIUsageError, FxforgeError
+from fxforge.text_generation import TASK as DECODER_TASK
 
 
 def resolve_model(spec: str) -> tuple[torch.nn.Module, tuple, dict]:
@@ -182,11 +183,9 @@ def calibrated_passes(passes: str) -> list[str]:
 
 def with_task_passes(passes: str, task_passes: Sequence[str]) -> str:
     """The user's pipeline with the task's passes appended (unless it already names them)."""
-    from fxforge.passes.pipeline import Pipeline
+    from fxforge.text_generation import with_passes
 
-    present = {p.name for p in Pipeline(passes or "").passes}
-    extra = [name for name in task_passes if name not in present]
-    return ",".join(part for part in [passes.strip(), *extra] if part)
+    return with_passes(passes, task_passes)
 
 
 def _calibration_batches(ns: argparse.Namespace, loaded: Any) -> list[dict[str, torch.Tensor]] | None:
@@ -223,6 +222,8 @@ def cmd_compile(ns: argparse.Namespace) -> int:
         passes = with_task_passes(ns.passes, loaded.task_passes)
         calibration = _calibration_batches(ns, loaded)
         companions = loaded.tokenizer_files()
+        if loaded.task == DECODER_TASK:
+            return _compile_decoder(ns, loaded, passes, calibration)
     else:
         model, args, kwargs = resolve_model(ns.model)
     try:
@@ -238,6 +239,39 @@ def cmd_compile(ns: argparse.Namespace) -> int:
     if ns.backend == "onnx":
         print(f"wrote {out / 'model.onnx'}")
     print(f"saved to {out}")
+    return 0
+
+
+def _compile_decoder(ns: argparse.Namespace, loaded: Any, passes: str, calibration: Any) -> int:
+    """--task text-generation-with-past: the decoder artifact (model.onnx with conventional
+    names, genai_config.json, tokenizer; `fxforge.decoder_artifact`), exported once."""
+    import fxforge
+
+    if ns.backend.lower() != "onnx":
+        raise CLIUsageError(f"--task {DECODER_TASK} writes an ONNX decoder artifact: pass --backend onnx")
+    from fxforge.text_generation import dynamic_batch_example
+
+    kwargs, note = dynamic_batch_example(loaded.kwargs)
+    if note:
+        print(f"note: {note}")
+    # eager here: export_decoder exports the file once and checks it against the graph itself
+    compiled = fxforge.compile(loaded.model, loaded.args, kwargs, passes=passes, backend="eager",
+                               calibration=calibration)
+    print(compiled.report)
+    fxforge.export_decoder(compiled, ns.output, tokenizer=loaded.tokenizer, config=loaded.model.config)
+    print(f"wrote decoder artifact {ns.output} (model.onnx, genai_config.json, tokenizer); "
+          f"decode it with: fxforge generate {ns.output} --prompt \"...\"")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from fxforge.runtime.onnx_decoder import OnnxDecoder
+
+    decoder = OnnxDecoder(ns.artifact, threads=ns.threads)
+    texts = decoder.generate_text(ns.prompt, max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample,
+                                  temperature=ns.temperature, top_k=ns.top_k, seed=ns.seed)
+    for prompt, text in zip(ns.prompt, texts):
+        print(f"{prompt}{text}")
     return 0
 
 
@@ -312,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     hf = p.add_argument_group("Hugging Face directories")
     # choices are checked by _check_hf_options, so a typo gets fxforge's one-line error
     hf.add_argument("--task", help="text-generation | text-generation-with-past | feature-extraction | fill-mask "
-                                   "| text-classification (default: from config.json's architectures)")
+                                   "| text-classification (default: from config.json's architectures); "
+                                   "text-generation-with-past writes a decoder artifact (model.onnx with "
+                                   "conventional names, genai_config.json, tokenizer) for --backend onnx")
     hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights' dtype (default float32)")
     hf.add_argument("--seq", type=int, help="tokens per example input row (default 16)")
     hf.add_argument("--batch", type=int, help="example input rows (default 2; 1 fixes the batch to 1)")
@@ -321,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--calibration-samples", type=int, help="windows of text to calibrate on (default 128)")
     hf.add_argument("--calibration-seq", type=int, help="tokens per window (default 512, at most the model's limit)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("generate", help="decode a decoder artifact (fxforge compile --task "
+                                        "text-generation-with-past) with ONNX Runtime", parents=[debug])
+    p.add_argument("artifact", help="decoder artifact directory (model.onnx, genai_config.json, tokenizer)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="summarize a model's graph or a saved artifact (zoo: lists the zoo)",
                        parents=[debug])

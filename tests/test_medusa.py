@@ -146,7 +146,7 @@ def test_tree_attention_on_the_eager_path_without_fused_attention(trained, promp
         if name.startswith("medusa"):
             set_attr(unfused.graph_module, name, value.detach().clone())
     lm = medusa.decoder(unfused, "eager")
-    assert lm.layout["attention"] == "eager"
+    assert lm.layout.attention == "eager"
     for prompt in prompts[:10]:
         plain = greedy_generate(lm, prompt, NEW_TOKENS)
         fast = medusa.generate(unfused, prompt, NEW_TOKENS)

@@ -39,7 +39,9 @@ _HEADS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("Model",), ("feature-extraction",)),
 )
 # Passes a task appends to the user's pipeline (the cache is a graph rewrite, verified like any pass).
-TASK_PASSES = {"text-generation-with-past": ("add_kv_cache",)}
+# text-generation-with-past: the conventional decoder (padding mask; see fxforge.decoder_artifact).
+# fuse_attention first: SDPA attention is cached through the fused op.
+TASK_PASSES = {"text-generation-with-past": ("fuse_attention", "add_kv_cache(attention_mask=True)")}
 # Files of a tokenizer as `save_pretrained` writes them (fast and slow tokenizers, chat template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",

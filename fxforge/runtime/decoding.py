@@ -23,6 +23,7 @@ from fxforge.backends import get_backend
 from fxforge.errors import InputError
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
 from fxforge.runtime.greedy_verify import ACCEPT_META
+from fxforge.runtime.layouts import KVCacheLayout, kv_layout
 from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
 
 
@@ -54,9 +55,9 @@ class CachedLM:
         self.graph_module = graph_module
         self.runner = runner
         self.backend = backend
-        self.layout = graph_module.meta[KV_META]
+        self.layout: KVCacheLayout = kv_layout(graph_module.meta)
         self.medusa = graph_module.meta.get(MEDUSA_META)
-        self.dtype = getattr(torch, self.layout["dtype"])
+        self.dtype = self.layout.torch_dtype
         # Split decoding (`medusa.decoder`): the graph returns the hidden state instead of head
         # logits and `heads_runner` maps one position's hidden state to the K heads' logits.
         self.heads_runner = heads_runner
@@ -97,8 +98,8 @@ class CachedLM:
         flat = cached_inputs(self.layout, ids, past_len, past, positions, tree_mask, tree_parents)
         with torch.no_grad():
             out = list(self.runner(*flat))
-        present = [out[i] for pair in self.layout["present"] for i in pair]
-        logits = out[self.layout["logits_output"]]
+        present = [out[i] for pair in self.layout.present for i in pair]
+        logits = out[self.layout.logits_output]
         if self.verifies_in_graph:
             accept = self.medusa[ACCEPT_META]
             return StepOutput(logits=logits, head_logits=out[self.medusa["heads_output"]], present=present,
@@ -121,11 +122,25 @@ class CachedLM:
             return self.heads_runner(out.hidden[:1, position:position + 1].contiguous())[0][:, 0, 0]
 
 
-def example_cached_inputs(graph_module: GraphModule, batch: int = 2, past_len: int = 3,
+def example_cached_inputs(graph_module: GraphModule, batch: int | None = None, past_len: int = 3,
                           new_len: int = 4) -> list[Any]:
-    """Example flat inputs for exporting a cached graph (batch 2, past 3, 4 new tokens)."""
+    """Example flat inputs for exporting a cached graph (past 3, 4 new tokens).
+
+    `batch` defaults to the graph's own: 2 where the batch is dynamic (a size other than 1, so
+    the export keeps it dynamic), the traced size where the graph fixed it.
+    """
+    layout = kv_layout(graph_module.meta)
+    if batch is None:
+        batch = static_batch(graph_module, layout) or 2
     ids = torch.zeros(batch, new_len, dtype=torch.long)
-    return list(random_past_inputs(graph_module.meta[KV_META], ids, past_len))
+    return list(random_past_inputs(layout, ids, past_len))
+
+
+def static_batch(graph_module: GraphModule, layout: KVCacheLayout) -> int | None:
+    """The batch size a cached graph was fixed to when traced, or None where it is dynamic."""
+    ids = [n for n in graph_module.graph.nodes if n.op == "placeholder"][layout.input_ids]
+    size = ids.meta["val"].shape[0] if "val" in ids.meta else None
+    return size if isinstance(size, int) else None
 
 
 @dataclass

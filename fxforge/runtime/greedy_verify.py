@@ -27,6 +27,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxforge.ir.graph import erase_dead, finalize, get_attr, has_attr, set_attr
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
+from fxforge.errors import InputError
 from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
 
 aten = torch.ops.aten
@@ -47,11 +48,14 @@ def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModul
     graph = gm.graph
     layout, medusa_meta = gm.meta[KV_META], gm.meta[MEDUSA_META]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    ids, positions, mask = (placeholders[layout[key]] for key in ("input_ids", "position_ids", "tree_mask"))
-    past_key = placeholders[layout["past"][0][0]]
+    if layout.padding_mask:
+        raise InputError("in-graph Medusa verification needs a tree mask: compile with add_kv_cache "
+                         "(attention_mask=False, the default), not add_kv_cache(attention_mask=True)")
+    ids, positions, mask = (placeholders[i] for i in (layout.input_ids, layout.position_ids, layout.mask))
+    past_key = placeholders[layout.past[0][0]]
     output = graph.output_node()
     outputs = list(output.args[0])
-    logits, hidden = outputs[layout["logits_output"]], outputs[medusa_meta["hidden_output"]]
+    logits, hidden = outputs[layout.logits_output], outputs[medusa_meta["hidden_output"]]
 
     with graph.inserting_after(placeholders[-1]):
         parents = graph.placeholder("tree_parents")
@@ -85,7 +89,8 @@ def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModul
     names = [n.name for n in graph.nodes if n.op == "placeholder"]
     gm.meta[INPUT_NAMES] = names
     gm.meta[IN_SPEC] = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
-    gm.meta[KV_META] = {**layout, "tree_parents": names.index(parents.name), "num_inputs": len(names)}
+    gm.meta[KV_META] = layout.replace(tree_parents=names.index(parents.name), num_inputs=len(names),
+                                      num_outputs=len(outputs) + 2)
     meta = {k: v for k, v in medusa_meta.items() if k != "hidden_output"}
     gm.meta[MEDUSA_META] = {**meta, "heads_output": medusa_meta["hidden_output"],
                             ACCEPT_META: {"best_output": len(outputs), "next_token_output": len(outputs) + 1}}

@@ -42,7 +42,7 @@ def fused_graphs():
 def _run(cached, ids, past_len, past, positions=None, mask=None):
     out = cached(*cached_inputs(cached.meta[KV_META], ids, past_len, past, positions, mask))
     meta = cached.meta[KV_META]
-    return out[0], [out[i] for pair in meta["present"] for i in pair]
+    return out[0], [out[i] for pair in meta.present for i in pair]
 
 
 def _fuse_and_cache(model, ids):
@@ -78,8 +78,8 @@ def test_structure_inputs_outputs_and_attention_arguments(fused_graphs):
     assert len(outputs) == 1 + 4 and [o.target for o in outputs[1:]] == [aten.cat.default] * 4
     assert not any(n.target in (aten.arange.default, aten.arange.start) for n in cached.graph.nodes)
     meta = cached.meta[KV_META]
-    assert meta["kv_shapes"] == [(2, 16, 16), (2, 16, 16)]
-    assert meta["past"] == [[3, 4], [5, 6]] and meta["present"] == [[1, 2], [3, 4]]
+    assert meta.kv_shapes == ((2, 16, 16), (2, 16, 16))
+    assert meta.past == ((3, 4), (5, 6)) and meta.present == ((1, 2), (3, 4))
 
 
 def test_token_by_token_decoding_matches_the_uncached_graph(graphs):
@@ -149,7 +149,7 @@ def test_eager_attention_structure():
         fill = mask_add.args[1]
         assert fill.target == aten.masked_fill.Scalar
         assert placeholders["tree_mask"] in fill.args[1].all_input_nodes
-    assert cached.meta[KV_META]["kv_shapes"] == [(2, 16, 16), (2, 16, 16)]
+    assert cached.meta[KV_META].kv_shapes == ((2, 16, 16), (2, 16, 16))
 
 
 def test_verify_compares_cached_with_uncached(graphs):
@@ -268,9 +268,9 @@ def test_later_passes_verify_on_the_inputs_the_cached_graph_takes(graphs):
     ctx = PassContext(example_inputs=(ids,))
     cached, report = Pipeline("add_kv_cache,quantize(bits=8,group_size=-1)").run(gm, ctx)
     meta = cached.meta[KV_META]
-    assert len(ctx.example_inputs) == meta["num_inputs"] > 1
-    assert torch.equal(ctx.example_inputs[meta["input_ids"]], ids)
-    past_key = ctx.example_inputs[meta["past"][0][0]]
+    assert len(ctx.example_inputs) == meta.num_inputs > 1
+    assert torch.equal(ctx.example_inputs[meta.input_ids], ids)
+    past_key = ctx.example_inputs[meta.past[0][0]]
     assert past_key.shape[2] == ids.shape[1] + 1  # a past length distinct from the new length
     assert [r.name for r in report.records] == ["add_kv_cache", "quantize"]
     assert report.records[1].sites > 0  # quantize ran and was verified on the cached inputs

@@ -89,12 +89,12 @@ def test_kv_cache_decodes_token_by_token_exactly(family):
     name, model, ids, _gm, _, fused = family
     cached = run_pass(AddKvCache(), fused, PassContext(example_inputs=(ids,)))
     meta = cached.meta[KV_META]
-    assert meta["attention"] == "fused" and len(meta["past"]) == LAYERS
+    assert meta.attention == "fused" and len(meta.past) == LAYERS
     past, steps = empty_past(meta, ids.shape[0], torch.float32), []
     for t in range(ids.shape[1]):
         out = cached(*cached_inputs(meta, ids[:, t:t + 1], t, past))
         steps.append(out[0])
-        past = [out[i] for pair in meta["present"] for i in pair]
+        past = [out[i] for pair in meta.present for i in pair]
     torch.testing.assert_close(torch.cat(steps, 1), logits(model, ids), atol=1e-4, rtol=1e-4)
     if FAMILIES[name].alibi:  # the bias was recomputed over the cached length, not dropped
         nodes = [n for n in cached.graph.nodes if n.target == ATTENTION]

@@ -61,3 +61,21 @@ def test_errors(graphs):
         as_prompt(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(InputError, match="max_new_tokens"):
         greedy_generate(CachedLM(cached, cached), [1, 2], 0)
+
+
+def test_a_graph_traced_at_batch_one_prepares_on_onnx_at_its_own_batch():
+    """A batch-1 trace fixes the batch: export examples must use batch 1 (they used to be batch 2)."""
+    from fxforge.ir.canonicalize import canonicalize
+    from fxforge.ir.trace import trace
+    from fxforge.runtime.decoding import static_batch
+    from runtime.fused_code_lm import fused_model
+
+    model, _ = fused_model()
+    ids = example_ids(batch=1, seq=8)
+    gm = trace(model, (ids,))
+    canonicalize(gm)
+    cached = run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))
+    assert static_batch(cached, cached.meta["fxforge_kv_cache"]) == 1
+    assert example_cached_inputs(cached)[0].shape[0] == 1
+    lm = CachedLM.prepare(cached, "onnx")
+    assert greedy_generate(lm, ids[0, :5], 4).tokens == greedy_generate(CachedLM.prepare(cached), ids[0, :5], 4).tokens

@@ -41,7 +41,7 @@ def test_graph_takes_tree_parents_and_returns_accepted_node_next_token_and_its_h
     split, verifying = lms
     gm = verifying.graph_module
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    assert names[-1] == "tree_parents" and verifying.layout["tree_parents"] == len(names) - 1
+    assert names[-1] == "tree_parents" and verifying.layout.tree_parents == len(names) - 1
     accept = gm.meta[MEDUSA_META][ACCEPT_META]
     outputs = gm.graph.output_node().args[0]
     assert accept == {"best_output": len(outputs) - 2, "next_token_output": len(outputs) - 1}

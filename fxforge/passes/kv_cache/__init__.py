@@ -3,7 +3,9 @@
 add_kv_cache.py  the pass: past keys/values as inputs, present ones as outputs, position ids
 sites.py         finds each attention to cache (fused `fxforge::attention` or eager softmax)
 bias.py          extends position biases (ALiBi) over the cached keys
+padding.py       the causal mask built in-graph from an HF padding mask (attention_mask=True)
 
-The cache layout the runtime reads (`KV_META`) and the input builders live in
-`fxforge/runtime/` (`meta_keys.py`, `cache_inputs.py`), so the runtime never imports passes.
+The cache layout the runtime reads (`KV_META`, a typed `KVCacheLayout`) and the input builders
+live in `fxforge/runtime/` (`meta_keys.py`, `layouts.py`, `cache_inputs.py`), so the runtime
+never imports passes.
 """

@@ -7,6 +7,11 @@
              past_key_i, past_value_i    (B, Hkv, P, D) for each attention layer i
     outputs: (...original outputs..., present_key_0, present_value_0, ...)   (B, Hkv, P + L, D)
 
+With `attention_mask=True` the graph takes an HF-style padding mask instead of the tree mask:
+`attention_mask (B, P + L)` int64, 0 = padding, placed right after input_ids (the order
+optimum and onnxruntime-genai use). The graph turns it into the causal mask itself
+(`kv_cache/padding.py`), so left-padded batches decode as HF generate does.
+
 Each `fxforge::attention(q, k, v, mask, causal, ...)` becomes
 `fxforge::attention(q, cat(past_k, k), cat(past_v, v), tree_mask, True, ...)`: the op's causal
 triangle is bottom-right aligned, so new queries see the whole past, and the tree mask narrows
@@ -17,7 +22,8 @@ learned) position computation, which the traced graph derives from `arange(L)`, 
 read `position_ids`.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
 
-The input/output layout is recorded in `gm.meta[KV_META]` for `fxforge.runtime.decoding`.
+The input/output layout is recorded in `gm.meta[KV_META]` as a typed
+`fxforge.runtime.layouts.KVCacheLayout` for the runtimes and the decoder artifact.
 """
 from __future__ import annotations
 
@@ -37,9 +43,11 @@ from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
+from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
 from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
 from fxforge.passes.pipeline import run_pass
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
+from fxforge.runtime.layouts import KVCacheLayout
 from fxforge.runtime.meta_keys import KV_META
 
 aten = torch.ops.aten
@@ -55,6 +63,9 @@ class AddKvCache(Pass):
     """Give a causal LM graph past key/value inputs, present key/value outputs and position ids."""
 
     name = "add_kv_cache"
+    # True: take `attention_mask` (B, P + L), 0 = padding, instead of the bool tree mask
+    # (the conventional decoder interface; Medusa tree decoding needs the tree mask).
+    attention_mask: bool = False
 
     def tolerance(self) -> Tolerance:
         # Cached and uncached runs sum the same products in a different order.
@@ -96,17 +107,29 @@ class AddKvCache(Pass):
             return node
 
         with mode:
+            if self.attention_mask:
+                mask = new_input("attention_mask", torch.empty(batch, total_len, dtype=torch.long))
             positions = new_input("position_ids", torch.empty(batch, seq, dtype=torch.long))
-            tree_mask = new_input("tree_mask", torch.empty(batch, 1, seq, total_len, dtype=torch.bool))
+            if not self.attention_mask:
+                mask = new_input("tree_mask", torch.empty(batch, 1, seq, total_len, dtype=torch.bool))
         past, present, kv_shapes = [], [], []
-        biases = BiasExtender(graph, tree_mask, self.name)  # one copy of a bias shared by layers
-        for i, site in enumerate(sites):
+        for i, site in enumerate(sites):  # every placeholder first: the mask is computed after them
             k_val, v_val = site.k.meta["val"], site.v.meta["val"]
             with mode:
                 past_k = new_input(f"past_key_{i}", torch.empty(batch, k_val.shape[1], past_len,
                                                                   k_val.shape[3], dtype=k_val.dtype))
                 past_v = new_input(f"past_value_{i}", torch.empty(batch, v_val.shape[1], past_len,
                                                                     v_val.shape[3], dtype=v_val.dtype))
+            past.append((past_k, past_v))
+        if self.attention_mask:
+            with mode:
+                tree_val = torch.empty(batch, 1, seq, total_len, dtype=torch.bool)
+            tree_mask = padding_tree_mask(graph, last, ids, mask, tree_val)
+        else:
+            tree_mask = mask
+        biases = BiasExtender(graph, tree_mask, self.name)  # one copy of a bias shared by layers
+        for site, (past_k, past_v) in zip(sites, past):
+            k_val, v_val = site.k.meta["val"], site.v.meta["val"]
             full = []
             for new, old in ((past_k, site.k), (past_v, site.v)):
                 with graph.inserting_after(old):
@@ -114,7 +137,6 @@ class AddKvCache(Pass):
                 node.meta["module_path"] = old.meta.get("module_path", "")
                 full.append(node)
             site.rewire(graph, full[0], full[1], tree_mask, biases)
-            past.append((past_k, past_v))
             present.append(tuple(full))
             kv_shapes.append((int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])))
 
@@ -129,18 +151,20 @@ class AddKvCache(Pass):
         index = {name: i for i, name in enumerate(names)}
         gm.meta[INPUT_NAMES] = names
         gm.meta[IN_SPEC] = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
-        gm.meta[KV_META] = {
-            "input_ids": index[ids.name],
-            "position_ids": index[positions.name],
-            "tree_mask": index[tree_mask.name],
-            "past": [[index[k.name], index[v.name]] for k, v in past],
-            "present": [[len(outputs) + 2 * i, len(outputs) + 2 * i + 1] for i in range(len(present))],
-            "logits_output": 0,
-            "kv_shapes": kv_shapes,  # (kv heads, key head dim, value head dim) per layer
-            "dtype": str(sites[0].dtype).replace("torch.", ""),
-            "attention": kind,  # which sites were cached: "fused", "eager" or "mixed"
-            "num_inputs": len(names),
-        }
+        gm.meta[KV_META] = KVCacheLayout(
+            input_ids=index[ids.name],
+            position_ids=index[positions.name],
+            mask=index[mask.name],
+            mask_kind="padding" if self.attention_mask else "tree",
+            past=tuple((index[k.name], index[v.name]) for k, v in past),
+            present=tuple((len(outputs) + 2 * i, len(outputs) + 2 * i + 1) for i in range(len(present))),
+            logits_output=0,
+            kv_shapes=tuple(kv_shapes),
+            dtype=str(sites[0].dtype).replace("torch.", ""),
+            attention=kind,
+            num_inputs=len(names),
+            num_outputs=len(outputs) + len(flat_present),
+        )
         original_ids = ctx.example_inputs[placeholders.index(ids)] if ctx.example_inputs else None
         # the original ids after a past one longer: lengths differ, so exports stay dynamic
         example = None if original_ids is None else random_past_inputs(gm.meta[KV_META], original_ids,
@@ -169,7 +193,7 @@ class AddKvCache(Pass):
         meta = after.meta[KV_META]
         empty = empty_past(meta, ids.shape[0], ref.dtype)
         first = run_graph(after, cached_inputs(meta, ids[:, :split], 0, empty))
-        present = [first[i] for pair in meta["present"] for i in pair]
+        present = [first[i] for pair in meta.present for i in pair]
         second = run_graph(after, cached_inputs(meta, ids[:, split:], split, present))
         got = torch.cat([first[0], second[0]], dim=1) if ids.shape[1] > split else first[0]
         return Comparison(outputs=[compare_tensors(ref, got, self.tolerance())])
@@ -191,7 +215,7 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
     rewired = 0
     # aranges of a recomputed position bias count key positions over the cache: not position rows
     aranges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES]
-    for arange in [n for n in aranges if not n.meta.get(KV_BIAS_TAG)]:
+    for arange in [n for n in aranges if not _ours(n)]:
         row = arange
         while len(row.users) == 1 and next(iter(row.users)).target in _ADD_OFFSET:
             row = next(iter(row.users))
@@ -203,13 +227,18 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             rewired += 1
     erase_dead(gm)
     leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES
-                and not n.meta.get(KV_BIAS_TAG) and not _constant_length(n)]
+                and not _ours(n) and not _constant_length(n)]
     if leftover:
         raise PassError(
             f"pass '{pass_name}': could not tell how positions feed the model (arange nodes {leftover} "
             "are still used after rewiring the `unsqueeze(arange(L), 0)` position rows). Trace the "
             "model with position_ids as an input, or extend _rewire_positions.", pass_name=pass_name)
     return rewired  # 0 for a model without positional information: position_ids is then unused
+
+
+def _ours(node: Node) -> bool:
+    """Nodes this pass built (bias copies over the cache, the padding mask): not position rows."""
+    return bool(node.meta.get(KV_BIAS_TAG) or node.meta.get(MASK_TAG))
 
 
 def _constant_length(arange: Node) -> bool:

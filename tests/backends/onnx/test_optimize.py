@@ -147,7 +147,7 @@ def test_kv_cache_graph_optimizes_and_matches_eager(tmp_path):
     got = runner(*prefill)
     for e, g in zip(expected, got):
         assert (g - e).abs().max() <= TOL
-    past = [got[i] for pair in meta["present"] for i in pair]  # then one cached step on ORT's cache
+    past = [got[i] for pair in meta.present for i in pair]  # then one cached step on ORT's cache
     step = cached_inputs(meta, ids[:, 4:6], 4, past)
     with torch.no_grad():
         expected = pytree.tree_leaves(cached(*step))
