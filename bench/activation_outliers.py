@@ -22,7 +22,9 @@ from fxforge.ir.graph import linear_sites
 from fxforge.ir.trace import trace
 from fxforge.models.code_lm import load_code_lm
 from fxforge.models.code_lm_data import token_stream, windows_evenly_spaced
-from fxforge.passes.base import PassContext, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
+from fxforge.passes.registry import get_pass_class
 from fxforge.passes.prune.capture import capture_input_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,7 +26,8 @@ import fxforge
 from fxforge.api import CompiledModel
 from fxforge.models.code_lm import load_code_lm
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from _host import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "adapters_cpu.json"

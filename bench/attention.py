@@ -125,7 +125,8 @@ def export_variants(arch: str, workdir: Path, seq_static: int | None = None) -> 
     from fxforge.backends.onnx.lowerings.attention import causal_attention_operator
     from fxforge.ir.canonicalize import canonicalize
     from fxforge.ir.trace import trace
-    from fxforge.passes.base import PassContext, PipelineReport, run_pass
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import PipelineReport, run_pass
     from fxforge.passes.fuse_attention import FuseAttention
 
     names = MODELS[arch]
@@ -300,7 +301,8 @@ def check_triton_backend() -> dict:
     from fxforge.ir.trace import trace
     from fxforge.ir.verify import run_graph
     from fxforge.models import get_model
-    from fxforge.passes.base import PassContext, run_pass
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import run_pass
     from fxforge.passes.fuse_attention import FuseAttention
 
     zoo = get_model("tiny-llama")

@@ -40,7 +40,10 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import linear_sites, summarize
 from fxforge.ir.trace import trace
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import Pass, PassContext, get_pass_class, registered_passes, run_pass
+from fxforge.passes.base import Pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
+from fxforge.passes.registry import get_pass_class, registered_passes
 from _host import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS = Path(__file__).parent / "results"

@@ -32,7 +32,9 @@ from fxforge.ir.graph import get_attr, linear_sites
 from fxforge.ir.ops.registry import op_name_of
 from fxforge.ir.trace import flatten_inputs, trace
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, Pipeline, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, run_pass
+from fxforge.passes.registry import get_pass_class
 from _host import host_info  # bench/ is on sys.path when a script runs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

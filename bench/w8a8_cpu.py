@@ -68,7 +68,9 @@ def export_rows(layers: int, vocab: int, workdir: Path) -> dict[str, Path]:
     from fxforge.backends.onnx.backend import export_onnx
     from fxforge.ir.canonicalize import canonicalize
     from fxforge.ir.trace import trace
-    from fxforge.passes.base import PassContext, get_pass_class, run_pass
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import run_pass
+    from fxforge.passes.registry import get_pass_class
 
     paths = {name: workdir / f for name, f in ROW_FILES.items()}
     missing = {name for name, path in paths.items() if not path.exists()}

@@ -30,7 +30,8 @@ from fxforge.api import CompiledModel
 from fxforge.models.code_lm import load_code_lm, perplexity
 from fxforge.models.code_lm_data import read_sources, token_stream, windows_evenly_spaced
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.train import fit
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

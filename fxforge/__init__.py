@@ -24,7 +24,10 @@ from fxforge.errors import (
 )
 from fxforge.ir.trace import trace
 from fxforge.ir.verify import Tolerance
-from fxforge.passes.base import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
+from fxforge.passes.registry import register_pass, registered_passes
 
 __version__ = "0.1.0"
 

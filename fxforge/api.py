@@ -29,7 +29,9 @@ from fxforge.finite_checks import check_finite_inputs, check_finite_model
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
 from fxforge.ir.verify import Comparison, LossBound, Tolerance, compare_outputs, run_graph
-from fxforge.passes.base import Pass, PassContext, Pipeline, PipelineReport
+from fxforge.passes.base import Pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, PipelineReport
 from fxforge.runtime.input_signature import InputSignature
 
 DEFAULT_BACKEND_TOLERANCE = Tolerance(max_abs=1e-4, rtol=1e-4)

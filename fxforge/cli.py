@@ -82,7 +82,7 @@ def _call_factory(spec: str, factory: Callable[[], Any]) -> tuple[torch.nn.Modul
 def check_compile_arguments(ns: argparse.Namespace) -> None:
     """Everything `compile` can check before building the model: a mistake must not cost a compile."""
     from fxforge.backends.validate import resolve_backend
-    from fxforge.passes.base import Pipeline
+    from fxforge.passes.pipeline import Pipeline
 
     out = Path(ns.output)
     if out.exists() and not out.is_dir():
@@ -162,7 +162,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 def cmd_passes(ns: argparse.Namespace) -> int:
-    from fxforge.passes.base import registered_passes
+    from fxforge.passes.registry import registered_passes
     from fxforge.passes.spec import describe_options
 
     for name, cls in registered_passes().items():

@@ -40,7 +40,7 @@ from fxforge.backends import get_backend
 from fxforge.errors import InputError
 from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past
 from fxforge.passes.add_medusa_heads import MEDUSA_META, head_parameter_names
-from fxforge.passes.base import default_progress
+from fxforge.passes.context import default_progress
 from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate, with_kv_cache
 from fxforge.runtime.greedy_verify import add_greedy_verification
 from fxforge.runtime.medusa_tree import (

@@ -8,7 +8,8 @@ from fxforge.api import CompiledModel
 from fxforge.errors import InputError
 from fxforge.ir.graph import get_attr
 from fxforge.passes.add_medusa_heads import AddMedusaHeads
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.runtime.decoding import greedy_generate
 from runtime.fused_code_lm import fused_graph, tiny_code_lm
 

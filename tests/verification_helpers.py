@@ -18,7 +18,8 @@ import torch
 from torch.fx import GraphModule
 
 from fxforge.ir.graph import get_attr, set_attr
-from fxforge.passes.base import PassContext, PassResult
+from fxforge.passes.base import PassResult
+from fxforge.passes.context import PassContext
 from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import MASKS_META, Sparsify
 from fxforge.passes.quantize import Quantize

@@ -33,7 +33,9 @@ from fxforge.ir.graph import erase_dead, nodes_by_op
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.kv_cache_bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache_sites import FusedSite, eager_sites
 

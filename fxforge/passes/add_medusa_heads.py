@@ -26,7 +26,9 @@ from torch.fx import GraphModule, Node
 from fxforge.errors import PassError
 from fxforge.ir.graph import add_attr, attr_node, get_attr, is_lm_head, linear_sites
 from fxforge.ir.verify import Comparison, compare_outputs, compare_tensors, run_graph
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 
 aten = torch.ops.aten
 MEDUSA_META = "fxforge_medusa"

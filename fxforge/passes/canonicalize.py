@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from fxforge.ir.canonicalize import canonicalize
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 
 
 @register_pass

@@ -54,7 +54,9 @@ from fxforge.passes.attention_rules import (
     skip_identities,
     untranspose_key,
 )
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 
 aten = torch.ops.aten
 _MATMULS = (aten.matmul.default,)

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from fxforge.ir.graph import erase_dead
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.projection_groups import plan_groups
 from fxforge.passes.projection_rewrite import fuse_group, fused_path
 

@@ -15,7 +15,9 @@ from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import nodes_by_op, replace_with_call
 from fxforge.ir.ops import get_op
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 
 aten = torch.ops.aten
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}

@@ -26,7 +26,9 @@ from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.shift_add_linear import stored_bits_per_weight
 from fxforge.ir.reference import Semantics
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.shift_add_bcq import BcqWeight, output_error, quantize_bcq, quantize_bcq_calibrated
 from fxforge.passes.quantize.calibration import capture_linear_inputs
 from fxforge.passes.selection import select_linear_sites

@@ -13,7 +13,8 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from fxforge.errors import PassSpecError
-from fxforge.passes.base import Pass, get_pass_class
+from fxforge.passes.base import Pass
+from fxforge.passes.registry import get_pass_class
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:

@@ -31,7 +31,8 @@ from fxforge.ir.verify import (
 )
 
 if TYPE_CHECKING:
-    from fxforge.passes.base import Pass, PassContext, PassResult
+    from fxforge.passes.base import Pass, PassResult
+    from fxforge.passes.context import PassContext
 
 
 @dataclass

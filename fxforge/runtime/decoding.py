@@ -126,7 +126,8 @@ def with_kv_cache(graph_module: GraphModule) -> GraphModule:
     if KV_META in graph_module.meta:
         return graph_module
     from fxforge.passes.add_kv_cache import AddKvCache
-    from fxforge.passes.base import PassContext, run_pass
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import run_pass
 
     ids = torch.zeros(1, 8, dtype=torch.long)  # verification input: prefill 4 + cached step of 4
     return run_pass(AddKvCache(), graph_module, PassContext(example_inputs=(ids,)))

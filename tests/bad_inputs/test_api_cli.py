@@ -22,7 +22,7 @@ import fxforge
 from fxforge.cli import main
 from fxforge.errors import BackendError, FxforgeError, InputError, PassError, PassSpecError, TraceError
 from fxforge.models import get_model
-from fxforge.passes.base import registered_passes
+from fxforge.passes.registry import registered_passes
 from fxforge.passes.quantize import Quantize
 from fxforge.passes.spec import parse_pipeline
 

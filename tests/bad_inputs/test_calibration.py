@@ -20,7 +20,7 @@ from torch import nn
 import fxforge
 from fxforge.adapters_io import AdapterLoadError, load_adapters, save_adapters
 from fxforge.errors import CalibrationError, FxforgeError, InputError, PassError
-from fxforge.passes.base import get_pass_class
+from fxforge.passes.registry import get_pass_class
 
 # --------------------------------------------------------------------------- models
 

@@ -17,7 +17,9 @@ from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import get_attr, set_attr
 from fxforge.ir.reference import Semantics
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import Pass, PassContext, PassResult, run_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize import Quantize
 
 HIDDEN = 128  # group 128 still applies; half the width of tests/passes/test_verification.py's model

@@ -13,7 +13,9 @@ from fxforge.ir.graph import finalize, get_attr
 from fxforge.ir.trace import flatten_inputs, trace
 from fxforge.ir.verify import run_graph
 from fxforge.models import get_model
-from fxforge.passes.base import PassContext, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
+from fxforge.passes.registry import get_pass_class
 from fxforge.passes.prune.surgery import apply_pruning
 
 

@@ -76,7 +76,8 @@ def test_triton_backend_runs_an_adapted_graph():
     from fxforge.ir.canonicalize import canonicalize
     from fxforge.ir.trace import trace
     from fxforge.passes.adapters.add_adapters import AddAdapters
-    from fxforge.passes.base import PassContext, run_pass
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import run_pass
 
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)).eval()
     x = torch.randn(6, 32)

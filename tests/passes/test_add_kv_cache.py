@@ -10,7 +10,8 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
 from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
-from fxforge.passes.base import PassContext, Pipeline, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, run_pass
 from runtime.fused_code_lm import fused_graph
 
 aten = torch.ops.aten

@@ -9,7 +9,8 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import get_attr
 from fxforge.ir.trace import trace
 from fxforge.passes.add_medusa_heads import MEDUSA_META, AddMedusaHeads, find_lm_head, head_parameter_names
-from fxforge.passes.base import PassContext, Pipeline, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, run_pass
 from runtime.fused_code_lm import fused_graph
 
 aten = torch.ops.aten
@@ -100,7 +101,7 @@ def test_running_twice_is_refused(lm_graph):
 
 
 def test_heads_on_a_quantized_backbone_read_its_hidden_states(lm_graph):
-    from fxforge.passes.base import get_pass_class
+    from fxforge.passes.registry import get_pass_class
 
     gm, ids = lm_graph
     ctx = PassContext(example_inputs=(ids,))

@@ -19,7 +19,9 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
 from fxforge.passes.add_kv_cache import KV_META, AddKvCache, cached_inputs, empty_past
-from fxforge.passes.base import PassContext, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
+from fxforge.passes.registry import get_pass_class
 from fxforge.passes.fuse_attention import FuseAttention
 
 aten = torch.ops.aten

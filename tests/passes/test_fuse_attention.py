@@ -26,7 +26,8 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import INPUT_NAMES, trace
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, PipelineReport, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import PipelineReport, run_pass
 from fxforge.passes.fuse_attention import FuseAttention
 
 ATTENTION = torch.ops.fxforge.attention.default

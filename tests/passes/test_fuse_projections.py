@@ -10,7 +10,8 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import get_attr, summarize
 from fxforge.ir.trace import trace
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, Pipeline, PipelineReport, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, PipelineReport, run_pass
 from fxforge.passes.fuse_projections import FuseProjections
 
 aten = torch.ops.aten

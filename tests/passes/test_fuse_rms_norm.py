@@ -3,7 +3,8 @@ import torch
 from testing_utils import traced_zoo
 
 from fxforge.ir.graph import summarize
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.fuse_rms_norm import FuseRmsNorm
 from fxforge.ir.verify import run_graph
 

@@ -12,7 +12,10 @@ from torch.fx import GraphModule
 import fxforge
 from fxforge.errors import PassError, PassSpecError
 from fxforge.ir.graph import get_attr, linear_sites, set_attr
-from fxforge.passes.base import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
+from fxforge.passes.registry import register_pass, registered_passes
 from fxforge.passes.spec import parse_pass
 from fxforge.models import get_model
 

@@ -2,8 +2,9 @@
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
-import fxforge.passes.base as base
-from fxforge.passes.base import Pipeline, registered_passes
+import fxforge.passes.registry as registry
+from fxforge.passes.pipeline import Pipeline
+from fxforge.passes.registry import registered_passes
 
 
 def test_entry_point_pass_is_usable_by_name(monkeypatch):
@@ -14,11 +15,11 @@ def test_entry_point_pass_is_usable_by_name(monkeypatch):
         return [entry] if group == "fxforge.passes" else []
 
     registered_passes()  # built-ins first
-    monkeypatch.setattr(base, "_loaded", False)
+    monkeypatch.setattr(registry, "_loaded", False)
     monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points)
     try:
         assert "plugin_identity" in registered_passes()
         pipeline = Pipeline("canonicalize,plugin_identity(note='x')")
         assert pipeline.passes[1].note == "x"
     finally:
-        base._REGISTRY.pop("plugin_identity", None)
+        registry._REGISTRY.pop("plugin_identity", None)

@@ -10,7 +10,9 @@ from fxforge.ir.ops.shift_add_linear import check_invariants, dequantize_shift_a
 from fxforge.ir.trace import flatten_inputs, trace
 from fxforge.ir.verify import Tolerance, compare_outputs, run_graph
 from fxforge.models import get_model
-from fxforge.passes.base import PassContext, Pipeline, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, run_pass
+from fxforge.passes.registry import get_pass_class
 from fxforge.passes.shift_add import ShiftAdd, allocate_bits
 from fxforge.passes.shift_add_bcq import (
     fit_groups,
@@ -110,7 +112,7 @@ def test_targets_and_exclude(llama):
 
 def test_bit_budget_allocates_and_meets_average(llama):
     gm, example, calibration = llama
-    from fxforge.passes.base import PipelineReport
+    from fxforge.passes.pipeline import PipelineReport
 
     report = PipelineReport()
     ctx = PassContext(example_inputs=example, calibration=calibration)

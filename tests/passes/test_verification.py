@@ -18,7 +18,9 @@ from fxforge.ir.graph import get_attr
 from fxforge.ir.reference import Semantics, reference_graph
 from fxforge.ir.shapes import second_shape_inputs
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, Pipeline, PipelineReport, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, PipelineReport, run_pass
+from fxforge.passes.registry import get_pass_class
 from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import Sparsify
 from fxforge.passes.quantize import Quantize

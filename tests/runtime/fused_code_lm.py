@@ -32,7 +32,9 @@ def example_ids(batch: int = 1, seq: int = 12) -> torch.Tensor:
 def _graph(fused: bool):
     from fxforge.ir.canonicalize import canonicalize
     from fxforge.ir.trace import trace
-    from fxforge.passes.base import PassContext, get_pass_class, run_pass
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import run_pass
+    from fxforge.passes.registry import get_pass_class
 
     model, passes = fused_model()
     ids = example_ids(batch=2, seq=12)

@@ -4,7 +4,8 @@ import torch
 
 from fxforge.errors import InputError
 from fxforge.passes.add_kv_cache import AddKvCache
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.runtime.decoding import CachedLM, as_prompt, example_cached_inputs, greedy_generate
 from runtime.fused_code_lm import example_ids, fused_graph
 

@@ -6,7 +6,8 @@ import fxforge.medusa as medusa
 from fxforge.api import CompiledModel
 from fxforge.errors import InputError
 from fxforge.passes.add_medusa_heads import MEDUSA_META, AddMedusaHeads
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.runtime.decoding import CachedLM, greedy_generate, with_kv_cache
 from fxforge.runtime.greedy_verify import ACCEPT_META, add_greedy_verification
 from fxforge.runtime.medusa_tree import MedusaTree, greedy_accept

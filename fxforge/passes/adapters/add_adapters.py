@@ -43,7 +43,9 @@ from fxforge.passes.adapters.quantized_base import (
     ensure_linear_wq_input_grad,
     quantized_sites,
 )
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.selection import require_matches
 
 

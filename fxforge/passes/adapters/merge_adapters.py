@@ -28,7 +28,9 @@ from fxforge.passes.adapters.common import (
     get_method,
     recorded_nodes,
 )
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 
 aten = torch.ops.aten
 MERGED = "fxforge_merged_adapters"  # gm.meta key: {module_path: record + "values": {role: tensor}}

@@ -23,7 +23,9 @@ from fxforge.passes.adapters.common import (
     recorded_nodes,
 )
 from fxforge.passes.adapters.merge_adapters import MERGED
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 
 
 @register_pass

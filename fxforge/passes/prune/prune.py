@@ -29,7 +29,9 @@ from fxforge.errors import PassError
 from fxforge.ir.depgraph import Group, analyze
 from fxforge.ir.graph import add_attr, get_attr, matches_any, set_attr
 from fxforge.ir.verify import LossBound
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.prune import flap, magnitude, wanda_sp
 from fxforge.passes.prune.capture import capture_input_stats
 from fxforge.passes.prune.scoring import Candidate, select_units, unit_multiple

@@ -30,7 +30,9 @@ from torch.fx import GraphModule
 from fxforge.ir.graph import LinearSite, get_attr, set_attr
 from fxforge.ir.reference import Semantics
 from fxforge.ir.verify import LossBound
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.prune.capture import ChannelStats, capture_input_stats
 from fxforge.passes.selection import select_linear_sites
 

@@ -28,7 +28,9 @@ from torch.fx import GraphModule
 
 from fxforge.ir.graph import LinearSite, aten
 from fxforge.ir.reference import Semantics
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.quantize.calibration import capture_linear_inputs, require_batches
 from fxforge.passes.quantize.common import (
     GROUP_AXES, check_option, check_packable, emit_weight_only, orient, resolve_group_size, select_sites,

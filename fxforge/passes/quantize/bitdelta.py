@@ -31,7 +31,9 @@ from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call, 
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.linear_bitdelta import bitdelta_weight, pack_signs
 from fxforge.ir.reference import Semantics
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
 
 DELTA_SUFFIXES = (".delta_signs", ".delta_alpha")

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 
 from fxforge.ir.graph import LinearSite
-from fxforge.passes.base import PassContext
+from fxforge.passes.context import PassContext
 
 
 @dataclass

@@ -18,7 +18,9 @@ from torch.fx import GraphModule
 from fxforge.ir.graph import replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.reference import Semantics
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.quantize.common import bias_node, check_option, select_sites
 from fxforge.passes.quantize.quantize_dynamic import Int8Claim, int8_weight_attrs
 

@@ -25,7 +25,9 @@ from fxforge.ir.graph import LinearSite, add_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.linear_w8a8 import ACT_SCALES
 from fxforge.ir.reference import Semantics
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.quantize.common import bias_node, check_option, select_sites, weight_of
 
 INT8_MAX = 127

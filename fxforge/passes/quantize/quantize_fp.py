@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from fxforge.ir.ops.linear_fp import FORMAT_MAX, FP8_DTYPES, decode, encode, round_activations
 from fxforge.ir.ops.linear_wq import pack_bits
 from fxforge.ir.reference import Semantics
-from fxforge.passes.base import Pass, PassContext, PassResult, register_pass
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.context import PassContext
+from fxforge.passes.registry import register_pass
 from fxforge.passes.quantize.calibration import capture_linear_inputs
 from fxforge.passes.quantize.common import bias_node, check_option, resolve_group_size, select_sites, weight_of
 

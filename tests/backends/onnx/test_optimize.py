@@ -129,7 +129,8 @@ def _decoder_ids():
 def test_kv_cache_graph_optimizes_and_matches_eager(tmp_path):
     from fxforge.ir.canonicalize import canonicalize
     from fxforge.passes.add_kv_cache import KV_META, cached_inputs, empty_past
-    from fxforge.passes.base import PassContext, Pipeline
+    from fxforge.passes.context import PassContext
+    from fxforge.passes.pipeline import Pipeline
 
     model, ids = _decoder_ids()
     gm = trace(model, (ids,))

@@ -6,7 +6,8 @@ import torch
 from testing_utils import traced_zoo
 
 from fxforge.passes.adapters.add_adapters import AddAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ import torch
 import fxforge
 from fxforge.adapters_io import save_adapters
 from fxforge.models import get_model
-from fxforge.passes.base import PassContext, Pipeline
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
 
 
 def test_adapted_model_saves_loads_and_still_merges(tmp_path):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from fxforge.errors import PassError
 from fxforge.passes.adapters.add_adapters import AddAdapters
 from fxforge.passes.adapters.eva import redistribute_ranks
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 
 TARGETS = ("fc1", "fc2")
 

@@ -13,7 +13,8 @@ from fxforge.passes.adapters.common import adapter_records, known_methods
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
 from fxforge.passes.adapters.unmerge_adapters import UnmergeAdapters
 from fxforge.passes.adapters.sorsa import sorsa_regularizer
-from fxforge.passes.base import PassContext, PipelineReport, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import PipelineReport, run_pass
 
 
 def _trainable(gm):

@@ -10,7 +10,8 @@ from fxforge.ir.verify import run_graph
 from fxforge.passes.adapters.add_adapters import AddAdapters
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
 from fxforge.passes.adapters.unmerge_adapters import UnmergeAdapters
-from fxforge.passes.base import PassContext, Pipeline, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline, run_pass
 
 LORA = torch.ops.fxforge.lora_linear.default
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from fxforge.ir.verify import run_graph
 from fxforge.passes.adapters.common import adapter_records, known_methods
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 
 TARGETS = ("fc1", "fc2")
 # Loss after 100 steps / loss at the start must fall below this. Most methods reach ~0.3; the

@@ -14,7 +14,8 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import trace
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 
 pytestmark = pytest.mark.slow  # two ONNX exports of a seven-layer model: ~30 s on 2 busy cores
 

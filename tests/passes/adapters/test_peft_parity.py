@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from fxforge.passes.adapters.common import adapter_records
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 
 peft = pytest.importorskip("peft")
 

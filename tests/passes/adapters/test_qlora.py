@@ -8,7 +8,8 @@ from fxforge.ir.graph import add_attr, get_attr, linear_sites, summarize
 from fxforge.ir.ops.linear_wq import pack_bits
 from fxforge.passes.adapters.add_adapters import AddAdapters
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 
 WQ = torch.ops.fxforge.linear_wq.default
 
@@ -79,7 +80,7 @@ def test_methods_needing_the_float_weight_skip_quantized_layers(mlp):
     zoo, gm = mlp
     quantized = _quantize_by_hand(gm)
     ctx = PassContext(example_inputs=tuple(zoo.args))
-    from fxforge.passes.base import PipelineReport
+    from fxforge.passes.pipeline import PipelineReport
 
     report = PipelineReport()
     out = run_pass(AddAdapters(method="pissa", rank=4, targets=("fc1",)), quantized, ctx, report=report)

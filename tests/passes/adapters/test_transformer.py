@@ -7,7 +7,8 @@ from testing_utils import traced_zoo
 from fxforge.ir.graph import summarize
 from fxforge.passes.adapters.add_adapters import AddAdapters
 from fxforge.passes.adapters.merge_adapters import MergeAdapters
-from fxforge.passes.base import PassContext, Pipeline
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ import pytest
 
 from fxforge.ir.trace import flatten_inputs, trace
 from fxforge.models import get_model
-from fxforge.passes.base import PassContext, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
+from fxforge.passes.registry import get_pass_class
 
 
 def quiet(iterable, **_):

@@ -7,7 +7,9 @@ import torch
 from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, nodes_by_op
 from fxforge.ir.verify import Tolerance, compare_outputs, run_graph
-from fxforge.passes.base import PassContext, PipelineReport, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import PipelineReport, run_pass
+from fxforge.passes.registry import get_pass_class
 from fxforge.passes.prune.prune import Prune
 
 aten = torch.ops.aten

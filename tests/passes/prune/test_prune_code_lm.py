@@ -10,7 +10,9 @@ import torch
 from fxforge.ir.trace import trace
 from fxforge.models.code_lm import load_code_lm, perplexity
 from fxforge.models.code_lm_data import token_stream, windows_evenly_spaced
-from fxforge.passes.base import PassContext, PipelineReport, get_pass_class, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import PipelineReport, run_pass
+from fxforge.passes.registry import get_pass_class
 from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import Sparsify
 

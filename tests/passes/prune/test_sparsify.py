@@ -6,7 +6,8 @@ import torch
 
 from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, linear_sites
-from fxforge.passes.base import PassContext, PipelineReport, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import PipelineReport, run_pass
 from fxforge.passes.prune.sparsify import (MASKS_META, Sparsify, dsnot_refine, mask_n_m,
                                            mask_unstructured, reapply_masks)
 

@@ -2,7 +2,7 @@
 import pytest
 from testing_utils import traced_zoo
 
-from fxforge.passes.base import PassContext
+from fxforge.passes.context import PassContext
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, linear_sites
 from fxforge.ir.ops.linear_bitdelta import pack_signs, unpack_signs
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import run_pass
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize.bitdelta import BitDelta, delta_state, load_delta
 from fxforge.passes.quantize.common import relative_error
 

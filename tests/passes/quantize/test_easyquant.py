@@ -5,7 +5,8 @@ import torch
 from testing_utils import traced_zoo
 
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize import Quantize
 from fxforge.passes.quantize.common import relative_error
 from fxforge.passes.quantize.easyquant import quantize_weight_easyquant

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fxforge.ir.graph import get_attr
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import run_pass
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize.common import relative_error
 from fxforge.passes.quantize.llm_int8 import LlmInt8
 from fxforge.passes.quantize.quantize_dynamic import QuantizeDynamic, quantize_weight_int8

@@ -8,7 +8,8 @@ from testing_utils import traced_zoo
 
 from fxforge.ir.graph import get_attr, linear_sites
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize import Quantize
 from fxforge.passes.quantize.awq import apply_awq_scales, quantize_weight_awq
 from fxforge.passes.quantize.calibration import LinearInputStats, capture_linear_inputs

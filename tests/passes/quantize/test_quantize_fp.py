@@ -7,7 +7,8 @@ from testing_utils import export_op_module, run_ort, traced_zoo
 from fxforge.ir.ops.linear_fp import E2M1_VALUES, decode, encode
 from fxforge.ir.ops.linear_wq import pack_bits
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize.common import relative_error
 from fxforge.passes.quantize.quantize_fp import QuantizeFp, search_channel_scales
 

@@ -12,7 +12,8 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import get_attr, linear_sites, summarize
 from fxforge.ir.ops.linear_wq import dequantize_wq
 from fxforge.ir.verify import run_graph
-from fxforge.passes.base import PassContext, run_pass
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import run_pass
 from fxforge.passes.quantize import Quantize
 from fxforge.passes.quantize.common import relative_error
 from fxforge.passes.quantize.rtn import QuantSpec, quantize_weight_rtn
@@ -215,7 +216,7 @@ def test_calibration_methods_need_data(llama, method):
 
 
 def test_pipeline_string_parses():
-    from fxforge.passes.base import Pipeline
+    from fxforge.passes.pipeline import Pipeline
 
     (p,) = Pipeline("quantize(bits=3,group_size=-1,sym=True,group_axis=out,method=rtn)").passes
     assert p == Quantize(bits=3, group_size=-1, sym=True, group_axis="out")

@@ -1,7 +1,8 @@
 """Every quantization pass is registered under its file's name and parses from a pipeline string."""
 import pytest
 
-from fxforge.passes.base import Pipeline, registered_passes
+from fxforge.passes.pipeline import Pipeline
+from fxforge.passes.registry import registered_passes
 
 PASSES = {"quantize": "fxforge.passes.quantize", "llm_int8": "fxforge.passes.quantize.llm_int8",
           "quantize_fp": "fxforge.passes.quantize.quantize_fp",

@@ -1,0 +1,208 @@
+"""Running passes: `Pipeline` runs passes one at a time, each on a copy of the graph, and
+verifies each result (`passes/verification.py`): against what the pass claims to compute (the
+graph before for exact passes, the pass's `Semantics` for lossy ones) at the example inputs and
+at a second shape, and measures its loss against the graph before. A pass that raises or fails
+the check is rolled back: the error names the pass, the output with the largest error and the
+first node whose value diverged. `PipelineReport` holds one `PassRecord` per pass run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from fxforge.errors import PassError, PassSpecError
+from fxforge.ir.graph import finalize, format_bytes, summarize
+from fxforge.ir.verify import LossBound, OutputError
+from fxforge.passes.base import Pass
+from fxforge.passes.context import PassContext
+
+__all__ = ["Pipeline", "PipelineReport", "PassRecord", "run_pass", "dump"]
+
+
+@dataclass
+class PassRecord:
+    """One row of the pipeline report.
+
+    max_error: the largest max abs change of any output against the graph before (the loss).
+    loss: per output, its loss against the graph before (max_abs, rel_l2, cosine), the worst
+        over the verified shapes; empty when verification was off.
+    check_error: the largest max abs difference from what the pass claims (its bug check).
+    verified_against: "graph before" (exact passes), "semantics" (lossy ones) or "" (not verified).
+    verified_shapes: the input shapes verification ran at ("2x16, 2x16").
+    verification_note: e.g. "static graph: verified at the example inputs only".
+    verify_seconds: the part of `seconds` spent verifying.
+    """
+
+    name: str
+    spec: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    sites: int
+    max_error: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+    loss: list[OutputError] = field(default_factory=list)
+    check_error: float = 0.0
+    verified_against: str = ""
+    verified_shapes: list[str] = field(default_factory=list)
+    verification_note: str = ""
+    verify_seconds: float = 0.0
+
+    @property
+    def rel_l2(self) -> float:
+        """The largest relative L2 loss of any output (0 when not verified)."""
+        return max((o.rel_l2 for o in self.loss), default=0.0)
+
+    @property
+    def cosine(self) -> float:
+        """The lowest cosine of any output to the graph before (1 when not verified)."""
+        return min((o.cosine for o in self.loss), default=1.0)
+
+
+@dataclass
+class PipelineReport:
+    records: list[PassRecord] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        header = (f"{'pass':<28}{'time':>8}{'nodes':>14}{'param bytes':>24}{'sites':>7}"
+                  f"{'loss: max abs':>15}{'rel L2':>10}{'cosine':>10}{'vs claim':>10}")
+        lines = [header, "-" * len(header)]
+        for r in self.records:
+            lines.append(
+                f"{r.spec[:27]:<28}{r.seconds:>7.2f}s{r.nodes_before:>6} → {r.nodes_after:<5}"
+                f"{format_bytes(r.bytes_before):>11} → {format_bytes(r.bytes_after):<10}"
+                f"{r.sites:>7}{r.max_error:>15.2e}{r.rel_l2:>10.2e}{r.cosine:>10.6f}{r.check_error:>10.1e}"
+            )
+            if r.verified_against:
+                lines.append(f"    verified against {r.verified_against} at {' and '.join(r.verified_shapes)}"
+                             + (f" ({r.verification_note})" if r.verification_note else ""))
+            for where, why in r.skipped[:10]:
+                lines.append(f"    skipped {where}: {why}")
+            if len(r.skipped) > 10:
+                lines.append(f"    ... and {len(r.skipped) - 10} more skipped")
+        return "\n".join(lines)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(r) for r in self.records]
+
+    def __getitem__(self, name: str) -> PassRecord:
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+class Pipeline:
+    """An ordered list of passes, built from Pass objects, names, or a pipeline string.
+
+    >>> Pipeline("canonicalize,quantize(bits=4,group_size=128)")
+    >>> Pipeline([Canonicalize(), Quantize(bits=4)])
+    """
+
+    def __init__(self, passes: str | Sequence[Pass | str] = ()):
+        from fxforge.passes.spec import parse_pipeline, parse_pass
+
+        if isinstance(passes, str):
+            self.passes: list[Pass] = parse_pipeline(passes)
+        else:
+            self.passes = [parse_pass(p) if isinstance(p, str) else p for p in passes]
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise PassSpecError(f"pipeline items must be fxforge passes or pass specs, got {p!r}")
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.spec()!r})"
+
+    def spec(self) -> str:
+        return ",".join(p.spec() for p in self.passes)
+
+    def run(self, gm: GraphModule, ctx: PassContext, verify: bool = True,
+            report: PipelineReport | None = None,
+            max_loss: LossBound | float | dict[str, float] | None = None) -> tuple[GraphModule, PipelineReport]:
+        """Run every pass on a copy of `gm` (never mutated); return the result and the report.
+
+        max_loss bounds every pass's loss against the graph before it (a pass's own `max_loss`
+        wins); None: loss is measured and reported, not bounded.
+        """
+        report = report if report is not None else PipelineReport()
+        bound = LossBound.parse(max_loss)
+        dump_dir = os.environ.get("FXFORGE_DUMP")
+        for index, p in enumerate(self.passes):
+            gm = run_pass(p, gm, ctx, verify=verify, report=report, max_loss=bound)
+            if dump_dir:
+                dump(gm, Path(dump_dir), len(report.records), p)
+        return gm, report
+
+
+def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
+             report: PipelineReport | None = None,
+             max_loss: LossBound | float | dict[str, float] | None = None) -> GraphModule:
+    """Run one pass on a copy of `gm`, verify it, and append its record to `report`.
+
+    Verification (`passes/verification.py`): the result must match what the pass claims within
+    `p.tolerance()` at the example inputs and at a second shape; its loss against `gm` is
+    measured, and bounded by `p.max_loss`, else `max_loss`, when set.
+    A pass that changes the graph's inputs hands back new example inputs
+    (`PassResult.example_inputs`); they replace `ctx.example_inputs` once it is verified.
+    """
+    from fxforge.passes.verification import Verification, verify_pass
+
+    try:  # a malformed bound is an error before any work, not after the pass ran
+        bound = p.loss_bound() or LossBound.parse(max_loss)
+    except PassSpecError as exc:
+        raise PassSpecError(f"pass '{p.spec()}': {exc}") from exc
+    before = summarize(gm)
+    start = time.perf_counter()
+    work = copy.deepcopy(gm)
+    try:
+        with torch.no_grad():
+            result = p.run(work, ctx)
+        after_gm = finalize(result.graph_module)
+    except PassError:
+        raise
+    except Exception as exc:
+        raise PassError(
+            f"pass '{p.spec()}' failed and was rolled back: {type(exc).__name__}: {exc}",
+            pass_name=p.name,
+        ) from exc
+    verification, verify_seconds = Verification(), 0.0
+    if verify and ctx.example_inputs:
+        verify_start = time.perf_counter()
+        verification = verify_pass(p, gm, after_gm, result, ctx, max_loss=bound)
+        verify_seconds = time.perf_counter() - verify_start
+    result.semantics = None  # the claimed tensors die with the check, not with the report
+    if result.example_inputs is not None:
+        ctx.example_inputs = tuple(result.example_inputs)  # only now: a rolled-back pass leaves ctx as it was
+    elapsed = time.perf_counter() - start
+    after = summarize(after_gm)
+    if report is not None:
+        report.records.append(PassRecord(
+            name=p.name, spec=p.spec(), seconds=elapsed,
+            nodes_before=before.nodes, nodes_after=after.nodes,
+            bytes_before=before.total_param_bytes, bytes_after=after.total_param_bytes,
+            sites=result.sites, max_error=max((o.max_abs for o in verification.loss), default=0.0),
+            skipped=list(result.skipped), notes=dict(result.notes), loss=verification.loss,
+            check_error=verification.check_error,
+            verified_against=verification.against if verification.checks else "",
+            verified_shapes=[c.shapes for c in verification.checks],
+            verification_note=verification.note, verify_seconds=verify_seconds,
+        ))
+    return after_gm
+
+
+def dump(gm: GraphModule, directory: Path, index: int, p: Pass) -> None:
+    """Write `gm`'s code after pass number `index` to `directory` (FXFORGE_DUMP=dir turns this on)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    (directory / f"{index:02d}_{p.name}.py").write_text(f"# after pass {p.spec()}\n{text}")
