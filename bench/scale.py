@@ -54,13 +54,15 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # --------------------------------------------------------------------------- child
 
 
-def build_model(layers: int, dtype: str, seed: int = 0) -> Any:
-    """A random-weight LlamaForCausalLM with TinyLlama's shapes and `layers` decoder layers."""
+def build_model(layers: int, dtype: str, seed: int = 0, shrink: int = 1) -> Any:
+    """A random-weight LlamaForCausalLM with TinyLlama's shapes (widths / `shrink`, for smoke
+    runs) and `layers` decoder layers."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                         num_key_value_heads=4, num_hidden_layers=layers, vocab_size=32000,
+    config = LlamaConfig(hidden_size=2048 // shrink, intermediate_size=5632 // shrink,
+                         num_attention_heads=32 // shrink, num_key_value_heads=max(1, 4 // shrink),
+                         num_hidden_layers=layers, vocab_size=32000 // shrink,
                          max_position_embeddings=2048, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -69,16 +71,17 @@ def build_model(layers: int, dtype: str, seed: int = 0) -> Any:
     return model
 
 
-def run_child(layers: int, dtype: str, pipeline: str) -> dict[str, Any]:
+def run_child(layers: int, dtype: str, pipeline: str, shrink: int = 1) -> dict[str, Any]:
     """Build the model, run one pipeline, and say what it took (printed as one JSON line)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("SCALE_THREADS", "2")))
     start = time.perf_counter()
-    model = build_model(layers, dtype)
+    model = build_model(layers, dtype, shrink=shrink)
+    vocab = model.config.vocab_size
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 32000, (1, 16), generator=generator)
+    ids = torch.randint(0, vocab, (1, 16), generator=generator)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if pipeline in IDS_ONLY:
         kwargs = {"input_ids": ids}
@@ -93,7 +96,7 @@ def run_child(layers: int, dtype: str, pipeline: str) -> dict[str, Any]:
 
         calibration = None
         if pipeline in CALIBRATED:
-            calibration = [{"input_ids": torch.randint(0, 32000, (1, 32), generator=generator),
+            calibration = [{"input_ids": torch.randint(0, vocab, (1, 32), generator=generator),
                             "attention_mask": torch.ones(1, 32, dtype=torch.long)} for _ in range(4)]
         compiled = fxforge.compile(model, (), kwargs, passes=passes or None, backend=backend,
                                    calibration=calibration)
@@ -132,13 +135,13 @@ def _baseline(model: Any, kwargs: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- parent
 
 
-def measure(layers: int, dtype: str, pipeline: str, timeout_s: float) -> dict[str, Any]:
+def measure(layers: int, dtype: str, pipeline: str, timeout_s: float, shrink: int = 1) -> dict[str, Any]:
     """Run one pipeline in a fresh interpreter; wall, CPU and peak RSS from wait4 on it."""
     import tempfile
     import threading
 
     cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--dtypes", dtype,
-           "--pipelines", pipeline]
+           "--pipelines", pipeline, "--shrink", str(shrink)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, "FXFORGE_PROGRESS": "0"})
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="L in 1,2 only (a smoke run)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per pipeline run")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale_cpu.json")
+    parser.add_argument("--shrink", type=int, default=1, help="divide every width by this (smoke tests only)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     layers = [1, 2] if args.quick else [int(x) for x in args.layers.split(",")]
@@ -187,17 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         if name not in DTYPES:
             parser.error(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
     if args.child:
-        print(json.dumps(run_child(layers[0], dtypes[0], pipelines[0])))
+        print(json.dumps(run_child(layers[0], dtypes[0], pipelines[0], args.shrink)))
         return 0
     rows = []
     print(_header())
     for dtype in dtypes:
         for n in layers:
             for name in pipelines:
-                row = measure(n, dtype, name, args.timeout_s)
+                row = measure(n, dtype, name, args.timeout_s, args.shrink)
                 rows.append(row)
                 print(_line(row), flush=True)
-                _write(args.out, rows)
+                _write(args.out, rows, args.shrink)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
@@ -223,7 +227,7 @@ def _line(row: dict[str, Any]) -> str:
             f"{ratio:>7} {target_text:>11} {row['wall_s']:>8.1f} {row['cpu_s']:>8.1f}  {row['status']}")
 
 
-def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write(path: Path, rows: list[dict[str, Any]], shrink: int = 1) -> None:
     """Rewritten after every row (atomically), so an interrupted run keeps what it measured."""
     import fxforge
 
@@ -231,6 +235,7 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> None:
               "fxforge": str(Path(fxforge.__file__).parent), "commit": _commit(), "rows": rows}
     for row in rows:
         row["target_gib"] = target_gib(row)
+    record["shrink"] = shrink
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
