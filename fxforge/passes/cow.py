@@ -98,7 +98,7 @@ def release(gm: GraphModule) -> None:
     Its tensors are then freed by reference counting the moment its last reference goes.
     """
     graph = gm.__dict__.get("_graph")
-    if graph is not None:
+    if graph is not None and graph.owning_module is gm:  # a graph handed on to a newer module stays its
         graph.owning_module = None
 
 
