@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="L in 1,2 only (a smoke run)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per pipeline run")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale_cpu.json")
-    parser.add_argument("--shrink", type=int, default=1, help="divide every width by this (smoke tests only)")
+    parser.add_argument("--shrink", type=int, default=1, help="divide every width by this (smoke tests only; 4 keeps every width a multiple of 128)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     layers = [1, 2] if args.quick else [int(x) for x in args.layers.split(",")]

@@ -19,7 +19,7 @@ def _scale():
 
 def test_a_shrunken_run_measures_each_pipeline_in_its_own_process(tmp_path, capsys):
     out = tmp_path / "scale.json"
-    code = _scale().main(["--layers", "1", "--dtypes", "fp32", "--pipelines", "eager,quantize4", "--shrink", "16",
+    code = _scale().main(["--layers", "1", "--dtypes", "fp32", "--pipelines", "eager,quantize4", "--shrink", "4",
                           "--out", str(out)])
     assert code == 0, capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
@@ -35,5 +35,5 @@ def test_a_shrunken_run_measures_each_pipeline_in_its_own_process(tmp_path, caps
 
 def test_a_failing_pipeline_is_a_row_not_a_crash(tmp_path):
     scale = _scale()
-    row = scale.measure(1, "fp32", "eager", timeout_s=0.5, shrink=16)  # killed long before it is done
+    row = scale.measure(1, "fp32", "eager", timeout_s=0.5, shrink=4)  # killed long before it is done
     assert row["status"].startswith("failed") and "p_gib" not in row
