@@ -27,7 +27,7 @@ def test_a_shrunken_run_measures_each_pipeline_in_its_own_process(tmp_path, caps
     for row in rows:
         assert row["status"] == "ok"
         assert row["p_gib"] > 0 and row["peak_rss_gib"] > row["p_gib"]  # the runtime itself is bigger
-        assert row["rss_over_p"] == round(row["peak_rss_gib"] / row["p_gib"], 2)
+        assert abs(row["rss_over_p"] - row["peak_rss_gib"] / row["p_gib"]) < 0.02 * row["rss_over_p"]  # (rounded)
         assert row["cpu_s"] > 0 and row["wall_s"] >= row["pipeline_s"]
     assert "quantize(bits=4)" in rows[1]["report"] and "new tensors" in rows[1]["report"]
     assert "eager" in capsys.readouterr().out  # the table
