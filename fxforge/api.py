@@ -3,10 +3,14 @@
     compiled = fxforge.compile(model, (input_ids,), {"attention_mask": mask},
                                passes="quantize(bits=4),fuse_attention", backend="onnx")
     compiled(input_ids, attention_mask=mask)      # same call and output structure as the model
-    print(compiled.report)                        # per-pass time, nodes, bytes, sites, error
+    print(compiled.report)                        # per-pass time, memory, nodes, bytes, sites, error
     compiled.export_onnx("model.onnx"); compiled.save("out/"); fxforge.load("out/")
 
-The user's model is never mutated: tracing copies every parameter.
+The user's model is never mutated, and costs no second copy: the compiled graph shares every
+weight no pass rewrote with the model (as torch.compile does), read-only: passes replace tensors,
+never write them (passes/cow.py), and `trainable_parameters()` (hence `fxforge.train.fit`) hands
+out private copies of shared weights before anything trains them. Writing into
+`compiled.graph_module`'s tensors in place yourself writes into the model's.
 """
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ from fxforge.backends.validate import as_tolerance, check_backend_options, check
 from fxforge.calibration.data import CalibrationData
 from fxforge.errors import BackendError, FxforgeError, PassSpecError, TraceError, VerificationError
 from fxforge.finite_checks import check_finite_inputs, check_finite_model
-from fxforge.ir.graph import summarize
-from fxforge.ir.trace import flatten_inputs, trace, unflatten_outputs
+from fxforge.ir.graph import set_attr, summarize
+from fxforge.ir.trace import borrowed_storages, flatten_inputs, trace, unflatten_outputs
 from fxforge.ir.verify import Comparison, LossBound, Tolerance, compare_outputs, run_graph
 from fxforge.passes.base import Pass
+from fxforge.passes.cow import release
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline, PipelineReport
 from fxforge.runtime.input_signature import InputSignature
@@ -151,7 +156,15 @@ class CompiledModel:
     # ------------------------------------------------------------------ inspection
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters a training loop should update (those with requires_grad)."""
+        """The parameters a training loop should update (those with requires_grad).
+
+        A trainable weight still shared with the user's model (tracing shares, see the module
+        docstring) is first replaced by a private copy, so training never writes into the model.
+        """
+        borrowed = borrowed_storages(self.graph_module)
+        for name, p in list(self.graph_module.named_parameters()):
+            if p.requires_grad and p.untyped_storage().data_ptr() in borrowed:
+                set_attr(self.graph_module, name, p.detach().clone(), trainable=True)
         return [p for p in self.graph_module.parameters() if p.requires_grad]
 
     def summary(self) -> str:
@@ -290,7 +303,11 @@ def compile(
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, seed=seed,
                       extras=dict(extras or {}))
     torch.manual_seed(seed)
-    gm, pipeline_report = pipeline.run(gm, ctx, verify=verify, max_loss=max_loss)
+    traced = gm
+    gm, pipeline_report = pipeline.run(traced, ctx, verify=verify, max_loss=max_loss)
+    if gm is not traced:
+        release(traced)  # freed now, not at the next cyclic GC (passes/cow.py)
+    del traced
     report = CompileReport(pipeline_report, backend, trace_seconds=trace_seconds)
     # ctx.example_inputs, not example_inputs: a pass may have changed the graph's inputs.
     return CompiledModel(gm, backend, example_inputs=ctx.example_inputs, report=report,

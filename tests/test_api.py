@@ -32,10 +32,17 @@ def test_compiled_model_is_called_like_the_model(llama, compiled_llama):
 def test_compile_does_not_mutate_the_model(llama):
     before = {k: v.clone() for k, v in llama.model.state_dict().items()}
     compiled = fxforge.compile(llama.model, llama.args, llama.kwargs)
-    for p in compiled.graph_module.parameters():
+    # the compiled graph shares the weights no pass rewrote (no second copy of the model) ...
+    model_storages = {p.untyped_storage().data_ptr() for p in llama.model.parameters()}
+    assert all(p.untyped_storage().data_ptr() in model_storages for p in compiled.graph_module.parameters())
+    # ... but what a training loop gets to update is private: training never writes into the model
+    trainable = compiled.trainable_parameters()
+    assert trainable and not any(p.untyped_storage().data_ptr() in model_storages for p in trainable)
+    for p in trainable:
         p.data.zero_()
     for k, v in llama.model.state_dict().items():
         assert torch.equal(v, before[k])
+    assert all(float(p.detach().abs().sum()) == 0 for p in compiled.trainable_parameters())  # the same private copies
 
 
 def test_wrong_rank_is_a_clear_error(llama, compiled_llama):

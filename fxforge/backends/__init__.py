@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
+import torch
 from torch.fx import GraphModule
 
 from fxforge.errors import BackendError
@@ -51,25 +52,44 @@ def check_tolerance(gm: GraphModule, backend: str, exact: "Tolerance",
                     backend_options: Mapping[str, Any] | None = None) -> "Tolerance":
     """The bound a backend's outputs must meet against eager for `gm`.
 
-    `exact` when every lowering in the graph is exact; otherwise the loosest of the bounds the
-    approximate lowerings declared (see `register_lowering(..., tolerance=...)`), so a model
-    with, say, MatMulNBits at accuracy level 4 is held to that op's documented error (the
-    declared bounds may depend on `backend_options`). Lowerings exact up to float32 rounding
-    declare an elementwise bound (max_abs set, e.g. `FLOAT32_REORDERED`): that is one op's
-    rounding, which `exact` (the bound for a whole model of such ops) already allows for, so
-    only lossy declarations (max_abs None) loosen it.
+    `exact` when every lowering in the graph is exact and it computes in float32; otherwise the
+    loosest of the bounds the approximate lowerings declared (see `register_lowering(...,
+    tolerance=...)`), so a model with, say, MatMulNBits at accuracy level 4 is held to that op's
+    documented error (the declared bounds may depend on `backend_options`), and of the bound its
+    dtype allows (`dtype_tolerance`). Lowerings exact up to float32 rounding declare an
+    elementwise bound (max_abs set, e.g. `FLOAT32_REORDERED`): that is one op's rounding, which
+    `exact` (the bound for a whole model of such ops) already allows for, so only lossy
+    declarations (max_abs None) loosen it.
     """
     from fxforge.ir.ops import lowering_tolerance
     from fxforge.ir.verify import Tolerance
 
     declared = [t for t in (lowering_tolerance(backend, op, backend_options) for op in fxforge_ops_in(gm))
                 if t is not None and t.max_abs is None]
+    declared += [t for t in [dtype_tolerance(gm)] if t]
     if not declared:
         return exact
     rels = [t.max_rel for t in declared if t.max_rel is not None]
     cosines = [t.min_cosine for t in declared if t.min_cosine is not None]
     return Tolerance.lossy(max_rel=max(rels) if rels else None,
                            min_cosine=min(cosines) if cosines else None)
+
+
+# Relative L2 error and cosine two correct runs of a low-precision graph can differ by when one
+# rounds differently (ONNX computes a bfloat16 graph in float32, eager in bfloat16): a few units
+# of the format's epsilon (bf16 2**-8, fp16 2**-11), accumulated over the layers.
+LOW_PRECISION_TOLERANCE = {torch.bfloat16: (3e-2, 0.999), torch.float16: (5e-3, 0.9999)}
+
+
+def dtype_tolerance(gm: GraphModule) -> "Tolerance | None":
+    """The bound a backend can meet against eager for `gm`'s float dtype (None for float32)."""
+    from fxforge.ir.verify import Tolerance
+
+    dtypes = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()}
+    bounds = [LOW_PRECISION_TOLERANCE[d] for d in dtypes if d in LOW_PRECISION_TOLERANCE]
+    if not bounds:
+        return None
+    return Tolerance.lossy(max_rel=max(b[0] for b in bounds), min_cosine=min(b[1] for b in bounds))
 
 
 def fxforge_ops_in(gm: GraphModule) -> list[str]:

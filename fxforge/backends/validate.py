@@ -15,7 +15,7 @@ import importlib
 import inspect
 import math
 import types
-from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
@@ -26,12 +26,7 @@ from fxforge.ir.verify import Tolerance
 
 # dtype -> why the backend cannot run it and what to do instead.
 UNSUPPORTED_DTYPES: dict[str, dict[torch.dtype, str]] = {
-    "onnx": {
-        torch.bfloat16: "ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul/Gemm fail with "
-                        "NOT_IMPLEMENTED) and numpy cannot hold bfloat16 inputs. Convert the model and its "
-                        "inputs to float32 before compiling (model.float(), x.float()), or use "
-                        "backend='eager' or 'triton' to run bfloat16",
-    },
+    # onnx runs bfloat16/float16 graphs computing in float32 (backends/onnx/compute_dtype.py)
 }
 
 
@@ -107,6 +102,8 @@ def _is_instance(value: Any, tp: Any) -> bool:
         return any(_is_instance(value, arg) for arg in get_args(tp))
     if tp is type(None):
         return value is None
+    if origin is Literal:
+        return value in get_args(tp)
     if tp is int or tp is float:
         # bool is an int to Python, never to a user writing threads=True
         return isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
@@ -116,6 +113,8 @@ def _is_instance(value: Any, tp: Any) -> bool:
 
 
 def _type_text(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_text(a) for a in get_args(tp))
     return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))

@@ -38,6 +38,8 @@ INPUT_NAMES = "fxforge_input_names"
 CONSTANT_KWARGS = "fxforge_constant_kwargs"  # name -> value of keyword inputs baked into the graph
 # What a keyword constant may be: JSON values, so artifacts save them and nothing is pickled.
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
+# Not "fxforge_"-prefixed: process-local addresses, never saved with an artifact.
+BORROWED = "borrowed_storages"
 
 
 @dataclass(frozen=True)
@@ -217,8 +219,8 @@ def trace(
     kwargs, constants = split_constant_kwargs(dict(kwargs or {}))
     if model.training:
         # Eval-mode semantics (dropout off, batch-norm running stats) without touching the
-        # user's model.
-        model = copy.deepcopy(model).eval()
+        # user's model, and without copying its weights: a module tree in eval mode over them.
+        model = _eval_view(model)
 
     root: nn.Module = model
     prefix = ""
@@ -236,6 +238,9 @@ def trace(
     gm.meta[INPUT_NAMES] = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if constants:
         gm.meta[CONSTANT_KWARGS] = constants
+    user_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    gm.meta[BORROWED] = frozenset(t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())
+                                  if t.untyped_storage().data_ptr() in user_storages)
     return gm
 
 
@@ -386,11 +391,38 @@ def _install(root: nn.Module, name: str, value: Any, as_buffer: bool) -> None:
     if isinstance(value, nn.Module):  # a higher-order op's body
         mod.add_module(leaf, value)
         return
-    # Copies, so that no pass can ever write through to the user's model.
+    # Shared, not copied: the graph's tensors are read-only views of the user's (new tensor
+    # objects over the same storage, so flags such as requires_grad stay the user's own). No
+    # pass writes a tensor in place (the pipeline checks version counters, see
+    # passes/cow.py), so the user's model is never mutated and costs no second copy.
     if as_buffer:
-        mod.register_buffer(leaf, value.detach().clone() if isinstance(value, torch.Tensor) else value)
+        mod.register_buffer(leaf, value.detach() if isinstance(value, torch.Tensor) else value)
     else:
-        mod.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+        mod.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=value.requires_grad))
+
+
+def _eval_view(model: nn.Module) -> nn.Module:
+    """`model` in eval mode without touching it: each module shallow-copied with its own
+    `training` flag and child/parameter/buffer tables, the tensors themselves shared."""
+    copies: dict[int, nn.Module] = {}
+
+    def view(module: nn.Module) -> nn.Module:
+        if id(module) in copies:  # a submodule used twice stays one module
+            return copies[id(module)]
+        clone = copy.copy(module)
+        copies[id(module)] = clone
+        clone._parameters = dict(module._parameters)
+        clone._buffers = dict(module._buffers)
+        clone._modules = {name: None if child is None else view(child) for name, child in module._modules.items()}
+        clone.training = False
+        return clone
+
+    return view(model)
+
+
+def borrowed_storages(gm: GraphModule) -> set[int]:
+    """Storage addresses of the tensors `gm` shares with the model it was traced from."""
+    return set(gm.meta.get(BORROWED, ()))
 
 
 def _strip(name: str, prefix: str) -> str:

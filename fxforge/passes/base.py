@@ -51,7 +51,8 @@ class Pass:
     """Base class of every pass. Subclass as a frozen dataclass and decorate with @register_pass.
 
     Override:
-        run(gm, ctx) -> PassResult      rewrite `gm` (it is already a private copy) in place
+        run(gm, ctx) -> PassResult      rewrite `gm` (a private structural copy whose tensors are
+                                        shared: replace tensors, never write them) in place
                                         or return a new GraphModule.
         tolerance() -> Tolerance        how closely the result must match what the pass claims
                                         (the graph before, or its semantics); default 1e-5.

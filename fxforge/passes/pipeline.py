@@ -7,7 +7,6 @@ first node whose value diverged. `PipelineReport` holds one `PassRecord` per pas
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -23,6 +22,7 @@ from fxforge.ir.graph import finalize, format_bytes, summarize
 from fxforge.ir.verify import LossBound, OutputError
 from fxforge.passes.base import Pass
 from fxforge.passes.context import PassContext
+from fxforge.passes.cow import SharedTensorGuard, new_tensor_bytes, peak_rss_bytes, release, structural_copy
 from fxforge.passes.spec import parse_pass, parse_pipeline
 from fxforge.passes.verification import Verification, verify_pass
 
@@ -41,6 +41,10 @@ class PassRecord:
     verified_shapes: the input shapes verification ran at ("2x16, 2x16").
     verification_note: e.g. "static graph: verified at the example inputs only".
     verify_seconds: the part of `seconds` spent verifying.
+    new_tensor_bytes: bytes of the result's tensors not shared with the graph before (what the
+        pass allocated and kept: passes rewrite a copy that shares every tensor they leave alone).
+    peak_rss_growth: how much the process's peak RSS rose while the pass ran and was verified
+        (0 when it stayed under an earlier peak): its transient memory cost.
     """
 
     name: str
@@ -60,6 +64,8 @@ class PassRecord:
     verified_shapes: list[str] = field(default_factory=list)
     verification_note: str = ""
     verify_seconds: float = 0.0
+    new_tensor_bytes: int = 0
+    peak_rss_growth: int = 0
 
     @property
     def rel_l2(self) -> float:
@@ -78,13 +84,14 @@ class PipelineReport:
 
     def __str__(self) -> str:
         header = (f"{'pass':<28}{'time':>8}{'nodes':>14}{'param bytes':>24}{'sites':>7}"
-                  f"{'loss: max abs':>15}{'rel L2':>10}{'cosine':>10}{'vs claim':>10}")
+                  f"{'loss: max abs':>15}{'rel L2':>10}{'cosine':>10}{'vs claim':>10}{'new tensors':>13}{'peak RSS +':>12}")
         lines = [header, "-" * len(header)]
         for r in self.records:
             lines.append(
                 f"{r.spec[:27]:<28}{r.seconds:>7.2f}s{r.nodes_before:>6} → {r.nodes_after:<5}"
                 f"{format_bytes(r.bytes_before):>11} → {format_bytes(r.bytes_after):<10}"
                 f"{r.sites:>7}{r.max_error:>15.2e}{r.rel_l2:>10.2e}{r.cosine:>10.6f}{r.check_error:>10.1e}"
+                f"{format_bytes(r.new_tensor_bytes):>13}{format_bytes(r.peak_rss_growth):>12}"
             )
             if r.verified_against:
                 lines.append(f"    verified against {r.verified_against} at {' and '.join(r.verified_shapes)}"
@@ -138,8 +145,12 @@ class Pipeline:
         report = report if report is not None else PipelineReport()
         bound = LossBound.parse(max_loss)
         dump_dir = os.environ.get("FXFORGE_DUMP")
+        given = gm
         for index, p in enumerate(self.passes):
-            gm = run_pass(p, gm, ctx, verify=verify, report=report, max_loss=bound)
+            result = run_pass(p, gm, ctx, verify=verify, report=report, max_loss=bound)
+            if gm is not given and result is not gm:
+                release(gm)  # an intermediate graph of ours: its replaced tensors go now, not at the next GC
+            gm = result
             if dump_dir:
                 dump(gm, Path(dump_dir), len(report.records), p)
         return gm, report
@@ -162,23 +173,38 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
         raise PassSpecError(f"pass '{p.spec()}': {exc}") from exc
     before = summarize(gm)
     start = time.perf_counter()
-    work = copy.deepcopy(gm)
+    rss_start = peak_rss_bytes()
+    # Copy-on-write (passes/cow.py): the pass rewrites a structural copy sharing gm's tensors;
+    # rolling it back is dropping the copy. The guard catches a pass writing a shared tensor.
+    guard = SharedTensorGuard.of(gm)
+    work = structural_copy(gm)
+    after_gm: GraphModule | None = None
     try:
-        with torch.no_grad():
-            result = p.run(work, ctx)
-        after_gm = finalize(result.graph_module)
-    except FxforgeError:
-        raise  # already says what went wrong and where (a PassError, a CalibrationError, ...)
-    except Exception as exc:  # a bug or an unforeseen input: name the pass that hit it
-        raise PassError(
-            f"pass '{p.spec()}' failed and was rolled back: {type(exc).__name__}: {exc}",
-            pass_name=p.name,
-        ) from exc
-    verification, verify_seconds = Verification(), 0.0
-    if verify and ctx.example_inputs:
-        verify_start = time.perf_counter()
-        verification = verify_pass(p, gm, after_gm, result, ctx, max_loss=bound)
-        verify_seconds = time.perf_counter() - verify_start
+        try:
+            with torch.no_grad():
+                result = p.run(work, ctx)
+            after_gm = finalize(result.graph_module)
+        except Exception as exc:  # a bug or an unforeseen input: name the pass that hit it
+            guard.check(p.spec(), p.name)  # an in-place write is the real bug, whatever followed it
+            if isinstance(exc, FxforgeError):
+                raise  # already says what went wrong and where (a PassError, a CalibrationError, ...)
+            raise PassError(
+                f"pass '{p.spec()}' failed and was rolled back: {type(exc).__name__}: {exc}",
+                pass_name=p.name,
+            ) from exc
+        guard.check(p.spec(), p.name)
+        verification, verify_seconds = Verification(), 0.0
+        if verify and ctx.example_inputs:
+            verify_start = time.perf_counter()
+            verification = verify_pass(p, gm, after_gm, result, ctx, max_loss=bound)
+            verify_seconds = time.perf_counter() - verify_start
+    except BaseException:
+        for dropped in (work, after_gm):  # rolled back: the copy's new tensors go now
+            if dropped is not None and dropped is not gm:
+                release(dropped)
+        raise
+    if work is not after_gm:
+        release(work)  # a pass that built a new GraphModule leaves its copy behind
     result.semantics = None  # the claimed tensors die with the check, not with the report
     if result.example_inputs is not None:
         ctx.example_inputs = tuple(result.example_inputs)  # only now: a rolled-back pass leaves ctx as it was
@@ -195,6 +221,8 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
             verified_against=verification.against if verification.checks else "",
             verified_shapes=[c.shapes for c in verification.checks],
             verification_note=verification.note, verify_seconds=verify_seconds,
+            new_tensor_bytes=new_tensor_bytes(gm, after_gm),
+            peak_rss_growth=max(0, peak_rss_bytes() - rss_start),
         ))
     return after_gm
 

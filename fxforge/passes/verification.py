@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.fx import GraphModule
 
+from fxforge.passes.cow import release
 from fxforge.errors import PassError
 from fxforge.ir.shapes import describe_shapes, second_shape_inputs
 from fxforge.ir.verify import (
@@ -102,6 +103,8 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
                 node = first_divergent_node(expected, after, inputs, check.tolerance)
                 raise PassError(_bug_message(p, verification.against, check, node), pass_name=p.name, node=node)
     finally:
+        if reference is not None:
+            release(reference)  # no cycle keeps the claimed weights alive past the check
         del reference  # the claimed weights: freed as soon as the check is done
     bound = max_loss  # run_pass resolved it: the pass's own max_loss, else compile's
     if bound is not None:

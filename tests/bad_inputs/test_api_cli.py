@@ -159,9 +159,10 @@ ARGUMENT_CASES = {
     "model class, not instance": (lambda z: fxforge.compile(torch.nn.Linear, (z.x,)), TraceError,
                                   "not its class"),
     "kwargs not a dict": (lambda z: fxforge.compile(z.mlp, (z.x,), [z.x]), TraceError, "kwargs must be a dict"),
-    "bfloat16 on onnx": (lambda z: fxforge.compile(copy.deepcopy(z.mlp).to(torch.bfloat16),
-                                                   (z.x.bfloat16(),), backend="onnx"),
-                         BackendError, "Convert the model and its inputs to float32"),
+    "unknown onnx compute dtype": (lambda z: fxforge.compile(copy.deepcopy(z.mlp).to(torch.bfloat16),
+                                                             (z.x.bfloat16(),), backend="onnx",
+                                                             backend_options={"dtype": "bf16"}),
+                                   BackendError, "option 'dtype' must be one of 'auto', 'float32', 'model'"),
 }
 
 

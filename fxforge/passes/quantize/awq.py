@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from fxforge.ir.graph import LinearSite, aten, get_attr
+from fxforge.ir.graph import LinearSite, aten, get_attr, set_attr
 from fxforge.ir.reference import Semantics
 from fxforge.calibration.observers import InputStatistics
 from fxforge.passes.methods import register_method
@@ -96,14 +96,18 @@ def apply_awq_scales(gm: GraphModule, sites: list[LinearSite], specs: Mapping[st
             continue
         first = stats[members[0].node.name]  # members read one input: one InputStatistics
         scale, alpha = _search_scale(gm, members, specs, first, grid, group_axis)
+        # New tensors, never in-place writes: the graph shares its tensors with the graph
+        # before this pass (and the user's model), see passes/cow.py.
         for site in members:
-            get_attr(gm, site.weight_name).data.mul_(scale.to(get_attr(gm, site.weight_name).dtype))
+            weight = get_attr(gm, site.weight_name)
+            set_attr(gm, site.weight_name, weight * scale.to(weight.dtype), trainable=weight.requires_grad)
         first.scale_samples(scale)
         for name, kind in producer:
-            target = get_attr(gm, name).data
-            target.div_((scale[:, None] if kind == "rows" else scale).to(target.dtype))
+            target = get_attr(gm, name)
+            scaled = target / (scale[:, None] if kind == "rows" else scale).to(target.dtype)
+            set_attr(gm, name, scaled, trainable=target.requires_grad if isinstance(target, torch.nn.Parameter) else None)
             if semantics is not None:
-                semantics.replace_weight(name, target.clone())
+                semantics.replace_weight(name, scaled)
         alphas[members[0].module_path] = alpha
         folded += 1
     return {"groups_scaled": folded, "alphas": alphas, "no_foldable_producer": skipped}
