@@ -188,7 +188,7 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64
 class Decoder:
     """A plain onnxruntime session fed by input names (conventional KV decoder names)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, kv_heads: int, head_dim: int) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -202,8 +202,10 @@ class Decoder:
         if unknown or "input_ids" not in self.inputs:
             raise ValueError(f"{path}: inputs {list(self.inputs)} are not a conventional KV decoder's")
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        shape = self.inputs[self.past_names[0]].shape  # (batch, kv_heads, past, head_dim)
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        # (batch, kv_heads, past, head_dim); the builder leaves head_dim symbolic ("kv_cache_dim")
+        shape = self.inputs[self.past_names[0]].shape
+        self.kv_heads = shape[1] if isinstance(shape[1], int) else kv_heads
+        self.head_dim = shape[3] if isinstance(shape[3], int) else head_dim
         self.kv_dtype = _NP[self.inputs[self.past_names[0]].type]
 
     def empty_past(self, length: int = 0, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -375,7 +377,9 @@ def main() -> int:
             if "onnx" not in row:
                 continue
             try:
-                decoder = Decoder(row["onnx"])
+                cfg = report["config"]
+                decoder = Decoder(row["onnx"], cfg["num_key_value_heads"],
+                                  cfg["hidden_size"] // cfg["num_attention_heads"])
                 row["top1_agreement"] = round(agreement(decoder, prompt, reference), 3)
                 if name in INT4:
                     decoders[name] = decoder
