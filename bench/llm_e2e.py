@@ -87,7 +87,9 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, log: Path | 
     if log:
         out.close()
     if proc.returncode != 0:
-        tail = log.read_text()[-1500:] if log else ""
+        # the last lines that are not progress bars: where the child says what went wrong
+        lines = [ln for ln in log.read_text().replace("\r", "\n").splitlines() if "it/s]" not in ln] if log else []
+        tail = "\n".join(lines[-6:])[-1500:]
         raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}: {tail}")
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
@@ -140,6 +142,8 @@ def compile_builder(hf: Path, out: Path, work: Path, log: Path) -> dict[str, Any
 
 def compile_ort(fp32_onnx: Path, fp32_compile: dict[str, Any], out: Path, log: Path) -> dict[str, Any]:
     """ORT's MatMulNBitsQuantizer on the fp32 export; time and RSS add the export's."""
+    if fp32_compile is None:
+        raise RuntimeError("ORT's quantizer needs the fp32 export (row fxforge_fp32), which failed")
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_ort-quantize", str(fp32_onnx), str(out / "model.onnx")]
     quant = run_measured(cmd, log=log)
@@ -336,7 +340,8 @@ def main() -> int:
     tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="fxforge-llm-e2e-")
     work = args.keep or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    out_path = RESULTS / ("llm_e2e_cpu_quick.json" if args.quick else "llm_e2e_cpu.json")
+    out_path = RESULTS / ("llm_e2e_cpu_quick.json" if args.quick else
+                          "llm_e2e_cpu.json" if args.layers == 4 else f"llm_e2e_cpu_layers{args.layers}.json")
     report: dict[str, Any] = {"layers": args.layers, "rounds": args.rounds, "decode_calls": args.decode_calls,
                               "past": PAST, "prefill": PREFILL, "steps": STEPS, "ort_threads": 1,
                               "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
@@ -354,7 +359,7 @@ def main() -> int:
             "fxforge_int4": lambda: compile_fxforge(hf, work / "fxforge-int4", "quantize(bits=4)",
                                                     work / "fxforge_int4.log"),
             "builder_int4": lambda: compile_builder(hf, work / "builder-int4", work, work / "builder_int4.log"),
-            "ort_int4": lambda: compile_ort(Path(rows["fxforge_fp32"]["onnx"]), rows["fxforge_fp32"]["compile"],
+            "ort_int4": lambda: compile_ort(Path(rows["fxforge_fp32"].get("onnx", "")), rows["fxforge_fp32"].get("compile"),
                                             work / "ort-int4", work / "ort_int4.log"),
         }
         for name, run in compiles.items():
