@@ -1,0 +1,88 @@
+"""Run the architecture sweep outside pytest and record every cell in a JSON file.
+
+    python tests/arch_sweep/run_sweep.py --out tests/arch_sweep/results.json [--shard 0/2]
+    python tests/arch_sweep/run_sweep.py --merge a.json b.json --out tests/arch_sweep/results.json
+
+The JSON is the sweep's expectation file: `test_architecture_sweep.py` turns every "fail" cell
+into a strict xfail with the recorded reason (so a fix flips it to a failure until the file is
+regenerated) and `render_docs.py` writes docs/architectures.md from it. Results are written after
+every family, atomically, so an interrupted run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for `arch_sweep`)
+
+# step order for a run: the cheap steps first, the ONNX export (the slowest) last
+RUN_ORDER = ("trace", "fuse_attention", "add_kv_cache", "quantize", "add_adapters", "prune",
+             "sparsify", "onnx")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def sweep_family(family) -> dict:
+    from arch_sweep.cells import new_traced, run_cell
+    from arch_sweep.zoo import build
+
+    start = time.perf_counter()
+    built = build(family.model_type, family.kind)
+    entry = {"kind": family.kind, "class": family.class_name, "skip": built.skip, "cells": {},
+             "seconds": {}}
+    if built.skip is None:
+        traced = new_traced(built)
+        for step in RUN_ORDER:
+            t0 = time.perf_counter()
+            status, text = run_cell(traced, step)
+            entry["cells"][step] = [status, text]
+            entry["seconds"][step] = round(time.perf_counter() - t0, 2)
+    entry["seconds"]["total"] = round(time.perf_counter() - start, 2)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th family starting at i")
+    parser.add_argument("--only", nargs="*", help="model_types to run")
+    parser.add_argument("--merge", nargs="*", type=Path, help="merge these result files into --out")
+    args = parser.parse_args(argv)
+    if args.merge:
+        merged: dict = {}
+        for path in args.merge:
+            merged.update(json.loads(path.read_text()))
+        write_json(args.out, merged)
+        return
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(1)
+    from arch_sweep.zoo import families
+
+    index, count = (int(x) for x in args.shard.split("/"))
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for i, family in enumerate(families()):
+        key = f"{family.kind}:{family.model_type}"
+        if i % count != index or key in results or (args.only and family.model_type not in args.only):
+            continue
+        results[key] = sweep_family(family)
+        write_json(args.out, results)
+        print(key, results[key]["seconds"]["total"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
