@@ -26,31 +26,36 @@ RUN_ORDER = ("trace", "fuse_attention", "add_kv_cache", "quantize", "add_adapter
              "sparsify", "onnx")
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_text(path: Path, text: str) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
 
 
-def sweep_family(family) -> dict:
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def sweep_family(family, steps=RUN_ORDER, entry: dict | None = None) -> dict:
     from arch_sweep.cells import new_traced, run_cell
     from arch_sweep.zoo import build
 
     start = time.perf_counter()
     built = build(family.model_type, family.kind)
-    entry = {"kind": family.kind, "class": family.class_name, "skip": built.skip, "cells": {},
-             "seconds": {}}
-    if built.skip is None:
+    entry = entry or {"kind": family.kind, "class": family.class_name, "skip": built.skip,
+                      "cells": {}, "seconds": {}}
+    todo = [s for s in steps if s not in entry["cells"]]
+    if built.skip is None and todo:
         traced = new_traced(built)
-        for step in RUN_ORDER:
+        for step in [s for s in RUN_ORDER if s in todo or s in ("trace", "fuse_attention")]:
             t0 = time.perf_counter()
             status, text = run_cell(traced, step)
             entry["cells"][step] = [status, text]
             entry["seconds"][step] = round(time.perf_counter() - t0, 2)
-    entry["seconds"]["total"] = round(time.perf_counter() - start, 2)
+    entry["seconds"]["total"] = round(time.perf_counter() - start + entry["seconds"].get("total", 0), 2)
     return entry
 
 
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th family starting at i")
     parser.add_argument("--only", nargs="*", help="model_types to run")
+    parser.add_argument("--steps", nargs="*", default=list(RUN_ORDER), help="steps to record")
     parser.add_argument("--merge", nargs="*", type=Path, help="merge these result files into --out")
     args = parser.parse_args(argv)
     if args.merge:
@@ -77,9 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for i, family in enumerate(families()):
         key = f"{family.kind}:{family.model_type}"
-        if i % count != index or key in results or (args.only and family.model_type not in args.only):
+        if i % count != index or (args.only and family.model_type not in args.only):
             continue
-        results[key] = sweep_family(family)
+        entry = results.get(key)
+        if entry and (entry["skip"] or all(s in entry["cells"] for s in args.steps)):
+            continue
+        results[key] = sweep_family(family, tuple(args.steps), entry)
         write_json(args.out, results)
         print(key, results[key]["seconds"]["total"], flush=True)
 
