@@ -6,7 +6,6 @@ cell's reason. `run_cell` turns that into a (status, text) pair for the table an
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule
 
-from arch_sweep.zoo import LAYERS, Built, input_ids
+from arch_sweep.zoo import Built, accepts_use_cache, input_ids
 
 SHAPES = [(2, 9), (1, 13)]  # (batch, seq): the trace shape and a second one
 TOL = 1e-4
@@ -44,13 +43,9 @@ class Traced:
 
 
 def reference(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own uncached logits."""
     with torch.no_grad():
-        return model(ids).logits if not _kw_use_cache(model) else model(ids, use_cache=False).logits
-
-
-def _kw_use_cache(model) -> bool:
-    from arch_sweep.zoo import accepts_use_cache
-    return accepts_use_cache(model)
+        return model(ids, use_cache=False).logits if accepts_use_cache(model) else model(ids).logits
 
 
 def _max_error(graph_out: torch.Tensor, want: torch.Tensor) -> float:
@@ -97,10 +92,40 @@ def step_onnx(t: Traced) -> str:
         return _check_two_shapes(lambda x: runner(x)[0], t.built.model, "ONNX")
 
 
+_PASS_THROUGH = ("clone", "dropout", "_to_copy", "to", "type_as", "contiguous", "native_dropout",
+                 "getitem", "alias", "detach", "masked_fill", "where", "view", "reshape",
+                 "_unsafe_view", "expand")
+_PRODUCTS = ("matmul", "bmm", "einsum", "baddbmm")
+
+
+def _op_name(node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def _feeds_a_product(node, depth: int = 6) -> bool:
+    """Whether a softmax's probabilities reach a matmul (P·V) through layout/dtype/dropout ops:
+    an attention softmax, as opposed to a MoE router's or a head's."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                name = _op_name(user)
+                if name in _PRODUCTS:
+                    return True
+                if name in _PASS_THROUGH:
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def _softmax_count(gm: GraphModule) -> int:
+    """Attention softmaxes left in the graph (those whose output reaches a P·V product)."""
     aten = torch.ops.aten
     return sum(n.target in (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
-               for n in gm.graph.nodes)
+               and _feeds_a_product(n) for n in gm.graph.nodes)
 
 
 def _run(pass_obj, gm: GraphModule, t: Traced, calibrated: bool = False):
@@ -241,5 +266,3 @@ def run_cell(t: Traced, step: str) -> tuple[str, str]:
 def new_traced(built: Built) -> Traced:
     return Traced(built, input_ids(*SHAPES[0], seed=1))
 
-
-__all__ = ["STEPS", "CORE_STEPS", "SLOW_STEPS", "LAYERS", "Traced", "run_cell", "new_traced", "copy"]

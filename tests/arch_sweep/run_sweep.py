@@ -69,8 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.merge:
         merged: dict = {}
-        for path in args.merge:
-            merged.update(json.loads(path.read_text()))
+        for path in args.merge:  # cell by cell: shards may have recorded different steps
+            for key, entry in json.loads(path.read_text()).items():
+                if key not in merged:
+                    merged[key] = entry
+                else:
+                    merged[key]["cells"].update(entry["cells"])
+                    merged[key]["seconds"].update(entry["seconds"])
         write_json(args.out, merged)
         return
     warnings.filterwarnings("ignore")
