@@ -59,11 +59,30 @@ def sweep_family(family, steps=RUN_ORDER, entry: dict | None = None) -> dict:
     return entry
 
 
+def fill(out: Path) -> None:
+    """Make the results file list every enumerated family, so none is dropped silently."""
+    warnings.filterwarnings("ignore")
+    from arch_sweep.zoo import build, families
+
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for family in families():
+        key = f"{family.kind}:{family.model_type}"
+        if key not in results:
+            built = build(family.model_type, family.kind)
+            results[key] = {"kind": family.kind, "class": family.class_name, "skip": built.skip,
+                            "cells": {}, "seconds": {}}
+            build.cache_clear()  # one tiny model at a time in memory
+    write_json(out, results)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th family starting at i")
     parser.add_argument("--only", nargs="*", help="model_types to run")
+    parser.add_argument("--fill", action="store_true",
+                        help="record every family not in --out as not buildable (with the reason) "
+                             "or as pending (buildable, not swept yet), without running any step")
     parser.add_argument("--steps", nargs="*", default=list(RUN_ORDER), help="steps to record")
     parser.add_argument("--merge", nargs="*", type=Path, help="merge these result files into --out")
     args = parser.parse_args(argv)
@@ -77,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
                     merged[key]["cells"].update(entry["cells"])
                     merged[key]["seconds"].update(entry["seconds"])
         write_json(args.out, merged)
+        return
+    if args.fill:
+        fill(args.out)
         return
     warnings.filterwarnings("ignore")
     import torch
