@@ -154,7 +154,9 @@ def step_fuse_attention(t: Traced) -> str:
     gm = _need_gm(t)
     softmaxes = _softmax_count(gm)
     if softmaxes == 0:
-        raise NotApplicable("no softmax attention in the graph (recurrent/state-space or linear mixer)")
+        raise NotApplicable("no attention softmax found (none reaches a P·V matmul through layout, "
+                            "dtype or dropout ops): a recurrent/state-space mixer, or attention "
+                            "reaching P·V some other way (e.g. through a slice)")
     fused, record = _run(FuseAttention(), gm, t)
     attention = get_op("attention").overload
     n_fused = sum(n.target == attention for n in fused.graph.nodes)

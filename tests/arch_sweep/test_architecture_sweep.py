@@ -62,6 +62,7 @@ def family(request):
     if built.skip is not None:
         pytest.skip(f"not buildable tiny: {built.skip}")
     yield new_traced(built)
+    build.cache_clear()  # one family's models in memory at a time
 
 
 def _cell(traced, step: str) -> tuple[str, str]:
