@@ -32,6 +32,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import erase_dead, nodes_by_op, replace_with_call
+from fxforge.ir.match import NoMatch, read
 from fxforge.ir.ops import get_op
 from fxforge.passes.attention.layout import (
     BMMS, split_heads, split_heads_view, split_shape, untranspose_key_3d,
@@ -43,7 +44,6 @@ from fxforge.passes.attention.rules import (
     Build,
     MaskMatch,
     Value,
-    apply_rules,
     broadcasts_to,
     fake,
     mask_candidates,
@@ -87,9 +87,10 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
     pv = value_matmul(softmax)
     if pv is None:
         return None  # a softmax that does not weight values (a router, a classifier head)
-    scores_in = apply_rules(SOFTMAX_RULES, softmax)
-    if scores_in is None:
-        raise Skip(f"softmax '{softmax.name}' is not over the key axis of 4-D scores in their own dtype")
+    scores_in = read(SOFTMAX_RULES, softmax)
+    if isinstance(scores_in, NoMatch):
+        raise Skip(f"softmax '{softmax.name}' is not over the key axis of 4-D scores in their own dtype "
+                   f"({scores_in.reason})")
     found = _scores(scores_in)
     heads = found.heads
     if (pv.target in BMMS) != (heads is not None):
