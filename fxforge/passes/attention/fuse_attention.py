@@ -32,7 +32,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import erase_dead, nodes_by_op, replace_with_call
-from fxforge.ir.match import NoMatch, read
+from fxforge.ir.match import Capture, Match, NoMatch, Op, Rule, read
+from fxforge.ir.match import match as match_pattern
 from fxforge.ir.ops import get_op
 from fxforge.passes.attention.layout import (
     BMMS, split_heads, split_heads_view, split_shape, untranspose_key_3d,
@@ -235,26 +236,37 @@ def _query_key_3d(qk: Node, heads: int) -> tuple[tuple[Value, float], tuple[Valu
 # --------------------------------------------------------------------------- SDPA spelling
 
 
-def match_sdpa(node: Node) -> AttentionMatch:
-    """aten.scaled_dot_product_attention -> the op (top-left causal needs Lq == Lk); raises Skip."""
-    values = list(node.args) + list(_SDPA_DEFAULTS[len(node.args):])
-    for i, name in enumerate(_SDPA_ARGS):
-        if name in node.kwargs:
-            values[i] = node.kwargs[name]
-    q, k, v, mask, dropout_p, is_causal, scale, _enable_gqa = values
-    if dropout_p:
-        raise Skip(f"scaled_dot_product_attention '{node.name}' has dropout_p={dropout_p}; put the model in eval()")
+# One row: every argument is a capture (left-out ones read as the schema's defaults), the check
+# refuses what the op cannot express, the rewrite checks shapes (raising Skip) and replaces it.
+SDPA_PATTERN = Op(aten.scaled_dot_product_attention.default, Capture("q"), Capture("k"), Capture("v"),
+                  Capture("mask"), Capture("dropout_p"), Capture("is_causal"), Capture("scale"))
+
+
+def _sdpa_refusal(found: Match) -> str | None:
+    """Why SDPA cannot become the op: training dropout, or a top-left causal triangle (Lq != Lk)."""
+    name = found.root.name
+    if found["dropout_p"]:
+        return f"scaled_dot_product_attention '{name}' has dropout_p={found['dropout_p']}; put the model in eval()"
+    if found["is_causal"] and not same_size(fake(found["q"]).shape[2], fake(found["k"]).shape[2]):
+        return (f"causal scaled_dot_product_attention '{name}' with query and key lengths not provably "
+                f"equal: SDPA's top-left triangle differs from the op's bottom-right one")
+    return None
+
+
+def match_sdpa(found: Match) -> AttentionMatch:
+    """The op's arguments from a matched (and accepted) SDPA call; raises Skip on shapes."""
+    q, k, v, mask, is_causal, scale = (found[n] for n in ("q", "k", "v", "mask", "is_causal", "scale"))
     qv, kv = fake(q), fake(k)
-    if is_causal and not same_size(qv.shape[2], kv.shape[2]):
-        raise Skip(f"causal scaled_dot_product_attention '{node.name}' with query and key lengths not provably "
-                   f"equal: SDPA's top-left triangle differs from the op's bottom-right one")
     k, groups_k = peel_repeat_kv(k)
     v, groups_v = peel_repeat_kv(v)
     scores = (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2])
     return _checked(AttentionMatch(
-        root=node, q=q, k=k, v=v, mask=mask, is_causal=bool(is_causal),
+        root=found.root, q=q, k=k, v=v, mask=mask, is_causal=bool(is_causal),
         scale=None if scale is None else float(scale), num_kv_groups=1,
     ), scores, groups_k, groups_v)
+
+
+SDPA_RULE = Rule("sdpa", SDPA_PATTERN, lambda gm, found: rewrite(gm, match_sdpa(found)), _sdpa_refusal)
 
 
 # --------------------------------------------------------------------------- shared checks
@@ -404,11 +416,14 @@ class FuseAttention(Pass):
                 rewrite(gm, match)
                 fused += 1
         for sdpa in list(nodes_by_op(gm, aten.scaled_dot_product_attention.default)):
+            found = match_pattern(SDPA_RULE.pattern, sdpa)  # always matches: every argument is a capture
             try:
-                match = match_sdpa(sdpa)
+                refusal = SDPA_RULE.check(found)
+                if refusal:
+                    raise Skip(refusal)
+                SDPA_RULE.rewrite(gm, found)
             except Skip as why:
                 skipped.append((_where(sdpa), str(why)))
                 continue
-            rewrite(gm, match)
             fused += 1
         return PassResult(gm, sites=fused, skipped=skipped)
