@@ -9,7 +9,10 @@
 
 Anchored at each softmax: walk up through the mask and the scale factors to the score matmul
 Q·Kᵀ, and down (through same-dtype casts; eval dropout is already gone) to the value matmul.
-The recognizers are the rule tables of `rules.py`. The model's own mask computation
+The recognizers are the `ir.match` Rule tables of `rules.py`, read (never rewritten) piece by
+piece: a whole pattern cannot say "any number of scales, their factors multiplied" or "the
+mask on either side of the add", so this walk strings the pieces together and rewrites once.
+The SDPA spelling, one op, is one Rule (`SDPA_RULE`). The model's own mask computation
 is kept and feeds the op's `attn_mask`; `is_causal=True` is set only where `masks.py`
 proves a mask purely causal (then the mask is dropped). A softmax feeding a matmul that cannot
 be proven equivalent (a tanh softcap, probabilities reused elsewhere, training dropout, ...) is
