@@ -50,6 +50,7 @@ from fxforge.passes.attention.rules import (
     Value,
     broadcasts_to,
     fake,
+    additive_terms,
     mask_candidates,
     peel_repeat_kv,
     peel_scales,
@@ -177,17 +178,14 @@ def _walk_scores(node: object, factor: float, heads: int | None, stops: list[obj
     if split is not None:
         found = _walk_scores(split[0], factor, split[1], stops)
         return None if found is None else (*found[:4], walked + [base] + found[4])
-    if isinstance(base, Node) and base.target == aten.add.Tensor and base.kwargs.get("alpha", 1) == 1:
-        a, b = base.args[:2]
-        for scores, bias in ((a, b), (b, a)):
-            if not (isinstance(scores, Node) and isinstance(bias, Node)):
-                continue
-            found = _walk_scores(scores, factor, heads, stops)
-            if found is not None:
-                term: Value = bias if heads is None else split_heads(bias, heads)
-                if factor != 1.0:
-                    term = Build(aten.mul.Tensor, (term, factor))
-                return found[0], found[1], found[2] + [term], found[3], walked + [base] + found[4]
+    for reading in additive_terms(base):  # S + B, either side the scores
+        scores, bias = reading.scores, reading.mask
+        found = _walk_scores(scores, factor, heads, stops)
+        if found is not None:
+            term: Value = bias if heads is None else split_heads(bias, heads)
+            if factor != 1.0:
+                term = Build(aten.mul.Tensor, (term, factor))
+            return found[0], found[1], found[2] + [term], found[3], walked + [base] + found[4]
     stops.append(base)
     return None
 

@@ -267,15 +267,22 @@ def _masked_fill(_gm: Any, m: Match) -> list[MaskMatch]:
     return [MaskMatch(scores, _additive_from_hidden(hidden, fill, scores), m.root)]
 
 
+# S + M -> (S, additive M);  M + S -> (S, additive M): both readings, the score walk picks.
+# Also how the walk reads a position bias (S + B, ALiBi) below the mask.
+ADDITIVE_RULE = Rule("additive", Op(aten.add.Tensor, Capture("a", Node), Capture("b", Node), Lit(1)),
+                     lambda _gm, m: [MaskMatch(m["a"], m["b"], m.root), MaskMatch(m["b"], m["a"], m.root)])
 MASK_RULES: list[Rule] = [
-    # S + M -> (S, additive M);  M + S -> (S, additive M): both readings, the score walk picks
-    Rule("additive_mask", Op(aten.add.Tensor, Capture("a", Node), Capture("b", Node), Lit(1)),
-         lambda _gm, m: [MaskMatch(m["a"], m["b"], m.root), MaskMatch(m["b"], m["a"], m.root)]),
+    ADDITIVE_RULE,
     Rule("where_fill", Op((aten.where.self, aten.where.ScalarOther), Capture("cond", _is_bool, _BOOL), _SCORES, _FILL),
          _where_fill),
     Rule("masked_fill", Op((aten.masked_fill.Scalar, aten.masked_fill.Tensor),
                            _SCORES, Capture("hidden", _is_bool, _BOOL), _FILL), _masked_fill),
 ]
+
+
+def additive_terms(node: object) -> list[MaskMatch]:
+    """Both readings of `node` as `scores + term` (an add of two nodes, alpha 1); [] if it is none."""
+    return _found(read([ADDITIVE_RULE], node)) or []
 
 
 def mask_candidates(node: Node) -> list[MaskMatch]:
@@ -372,7 +379,7 @@ def only_user(node: Node) -> Node | None:
 
 __all__ = [
     "Build", "Value", "fake", "same_size", "broadcasts_to", "IDENTITY_RULES", "SCALE_RULES",
-    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "MaskMatch", "MASK_RULES",
-    "mask_candidates", "KEY_TRANSPOSE_RULES", "untranspose_key", "REPEAT_KV_RULES", "peel_repeat_kv",
+    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
+    "additive_terms", "mask_candidates", "KEY_TRANSPOSE_RULES", "untranspose_key", "REPEAT_KV_RULES", "peel_repeat_kv",
     "only_user",
 ]
