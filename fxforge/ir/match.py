@@ -25,6 +25,20 @@ nothing about why a candidate failed; and it requires every interior node to be 
 inside the match, where our passes decide per node (an RMSNorm's `rsqrt` must be private, its
 `pow` need not). `Casts`, `commutative=True`, `Capture(kind=...)`, `single_use=True` and
 `NoMatch.reason` are those four things, in about as many lines as the patterns would have taken.
+
+Two additions for rules that are one piece of a larger match (the attention family's
+recognizers in `fxforge/passes/attention/rules.py`):
+
+- `Through(inner, step)`: `inner` behind any number of nodes that `step` sees through (a
+  same-dtype cast, a same-shape view, a copy...). `Casts` is the fixed case of this; attention's
+  "value-keeping" nodes are decided by rules that read fake-tensor metadata, so the step is
+  a function (usually `lambda v: read(RULES, v)`).
+- `read(rules, node)`: a rule may *describe* its rewrite instead of performing it — its
+  `rewrite` returns a value (a source node, a scale factor, a recipe of nodes to build) and
+  leaves the graph alone. `read` returns that description from the first rule that matches
+  and passes its check, else a `NoMatch` with every rule's reason. A caller assembling a
+  larger match (softmax, mask, Q·Kᵀ, P·V) rewrites only once the whole of it has matched, so
+  a failed larger match never leaves a half-rewritten graph behind.
 """
 from __future__ import annotations
 
@@ -193,6 +207,26 @@ class Casts(Pattern):
         _as_pattern(self.inner).bind(value, captures)
 
 
+@dataclass
+class Through(Pattern):
+    """`inner` behind zero or more nodes that `step` sees through.
+
+    `step(value)` returns the value a node stands for (its source), or None / a `NoMatch`
+    when `value` is not one to look through. Unlike `Casts`, the nodes passed need not be
+    private; a pattern that will erase them checks their users itself."""
+
+    inner: Any
+    step: Callable[[Any], Any]
+
+    def bind(self, value: Any, captures: dict[str, Any]) -> None:
+        while True:
+            source = self.step(value)
+            if source is None or isinstance(source, NoMatch):
+                break
+            value = source
+        _as_pattern(self.inner).bind(value, captures)
+
+
 def strip_casts(value: Any) -> Any:
     """`value` without the value-keeping casts in front of it."""
     while isinstance(value, Node) and value.op == "call_function" and value.target in CASTS:
@@ -269,6 +303,26 @@ def apply_rules(gm: GraphModule, rules: Sequence[Rule], nodes: Iterable[Node] | 
                 result.rewrites += 1
                 break
     return result
+
+
+def read(rules: Sequence[Rule], value: Any) -> Any:
+    """What the first of `rules` that matches `value` and passes its check reads it as.
+
+    For rules whose `rewrite` describes a replacement instead of performing it (see the module
+    docstring): returns `rule.rewrite(gm, match)` of the first such rule, else a `NoMatch`
+    naming every rule tried and why it failed. The graph is not changed here."""
+    reasons: list[str] = []
+    for rule in rules:
+        found = match(rule.pattern, value) if isinstance(value, Node) else NoMatch(f"{_show(value)} is no node")
+        if not found:
+            reasons.append(f"{rule.name}: {found.reason}")
+            continue
+        refusal = rule.check(found) if rule.check else None
+        if refusal:
+            reasons.append(f"{rule.name}: {refusal}")
+            continue
+        return rule.rewrite(value.graph.owning_module, found)
+    return NoMatch("; ".join(reasons) or "no rules")
 
 
 def replace_root(gm: GraphModule, found: Match, target: Any, args: tuple, kwargs: dict | None = None) -> Node:

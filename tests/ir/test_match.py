@@ -2,7 +2,7 @@
 import torch
 from graph_text import assert_graph
 
-from fxforge.ir.match import Attr, Capture, Casts, Lit, Op, Rule, apply_rules, match, replace_root
+from fxforge.ir.match import Attr, Capture, Casts, Lit, Op, Rule, Through, apply_rules, match, read, replace_root
 from fxforge.passes.fuse_rms_norm import PATTERN
 
 aten = torch.ops.aten
@@ -106,3 +106,45 @@ def test_attr_takes_only_parameters_and_buffers():
 
     found = match(Op(aten.mul.Tensor, Attr("weight"), Capture("x")), _root(torch.fx.symbolic_trace(no_weight)))
     assert not found and "weight: `w` (placeholder) is not a parameter or buffer (get_attr)" in found.reason
+
+
+def _step_through_neg(value):
+    """A step for `Through`: look through neg nodes (a stand-in for attention's identity rules)."""
+    return value.args[0] if isinstance(value, torch.fx.Node) and value.target == aten.neg.default else None
+
+
+def test_through_looks_past_any_number_of_steps_and_not_past_others():
+    def chained(x):
+        return aten.exp.default(aten.neg.default(aten.neg.default(aten.relu.default(x))))
+
+    pattern = Op(aten.exp.default, Through(Op(aten.relu.default, Capture("x")), _step_through_neg))
+    found = match(pattern, _root(torch.fx.symbolic_trace(chained)))
+    assert found and found["x"].name == "x"
+
+    def blocked(x):
+        return aten.exp.default(aten.abs.default(aten.relu.default(x)))
+
+    found = match(pattern, _root(torch.fx.symbolic_trace(blocked)))
+    assert not found and "got `abs_default`" in found.reason
+
+
+def test_read_returns_the_first_accepted_description_and_leaves_the_graph_alone():
+    def scaled(x):
+        return aten.mul.Tensor(x, 0.5), aten.mul.Tensor(x, 0.0), aten.add.Tensor(x, 1.0)
+
+    gm = torch.fx.symbolic_trace(scaled)
+    before = str(gm.graph)
+    rules = [
+        Rule("zero", Op(aten.mul.Tensor, Capture("x"), Lit(0.0)), rewrite=lambda g, m: ("zero", m["x"])),
+        Rule("scale", Op(aten.mul.Tensor, Capture("x"), Capture("c", float)), rewrite=lambda g, m: (m["x"], m["c"]),
+             check=lambda m: None if m["c"] != 0.0 else "scale by zero"),
+    ]
+    half, zero, add = _root(gm)
+    assert read(rules, half) == (gm.graph.find_nodes(op="placeholder")[0], 0.5)
+    assert read(rules, zero)[0] == "zero"  # the first row that matches wins
+    refused = read(rules[1:], zero)
+    assert not refused and refused.reason == "scale: scale by zero"
+    missed = read(rules, add)
+    assert not missed and missed.reason.startswith("zero: expected aten.mul.Tensor") and "; scale: expected" in missed.reason
+    assert not read(rules, 3.0) and "is no node" in read(rules, 3.0).reason
+    assert str(gm.graph) == before

@@ -228,7 +228,7 @@ class Attention(nn.Module):
             scores = torch.where(torch.ones(s, s, dtype=torch.bool).tril(1), scores, float("-inf"))
         elif s_ == "softcap":
             scores = torch.tanh(scores / 5.0) * 5.0
-        probs = scores.softmax(-1)
+        probs = scores.softmax(-2 if s_ == "softmax_query_axis" else -1)
         out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
         if s_ == "probs_returned":
             return self.o(out), probs
@@ -314,6 +314,8 @@ def test_grouped_query_via_repeat_interleave():
 @pytest.mark.parametrize("spelling,reason", [
     ("softcap", "tanh"),
     ("probs_returned", "also used"),
+    # the softmax row's own reason is carried into the skip reason
+    ("softmax_query_axis", "not the key axis"),
 ])
 def test_unprovable_attention_is_skipped_whole(spelling, reason):
     gm, fused, record, x = _handwritten(spelling)

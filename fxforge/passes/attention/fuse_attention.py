@@ -9,7 +9,10 @@
 
 Anchored at each softmax: walk up through the mask and the scale factors to the score matmul
 Q·Kᵀ, and down (through same-dtype casts; eval dropout is already gone) to the value matmul.
-The recognizers are the rule tables of `rules.py`. The model's own mask computation
+The recognizers are the `ir.match` Rule tables of `rules.py`, read (never rewritten) piece by
+piece: a whole pattern cannot say "any number of scales, their factors multiplied" or "the
+mask on either side of the add", so this walk strings the pieces together and rewrites once.
+The SDPA spelling, one op, is one Rule (`SDPA_RULE`). The model's own mask computation
 is kept and feeds the op's `attn_mask`; `is_causal=True` is set only where `masks.py`
 proves a mask purely causal (then the mask is dropped). A softmax feeding a matmul that cannot
 be proven equivalent (a tanh softcap, probabilities reused elsewhere, training dropout, ...) is
@@ -32,6 +35,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import erase_dead, nodes_by_op, replace_with_call
+from fxforge.ir.match import Capture, Match, NoMatch, Op, Rule, read
+from fxforge.ir.match import match as match_pattern
 from fxforge.ir.ops import get_op
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.attention.layout import (
@@ -44,9 +49,9 @@ from fxforge.passes.attention.rules import (
     Build,
     MaskMatch,
     Value,
-    apply_rules,
     broadcasts_to,
     fake,
+    additive_terms,
     mask_candidates,
     peel_repeat_kv,
     peel_scales,
@@ -88,9 +93,10 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
     pv = value_matmul(softmax)
     if pv is None:
         return None  # a softmax that does not weight values (a router, a classifier head)
-    scores_in = apply_rules(SOFTMAX_RULES, softmax)
-    if scores_in is None:
-        raise Skip(f"softmax '{softmax.name}' is not over the key axis of 4-D scores in their own dtype")
+    scores_in = read(SOFTMAX_RULES, softmax)
+    if isinstance(scores_in, NoMatch):
+        raise Skip(f"softmax '{softmax.name}' is not over the key axis of 4-D scores in their own dtype "
+                   f"({scores_in.reason})")
     found = _scores(scores_in)
     heads = found.heads
     if (pv.target in BMMS) != (heads is not None):
@@ -173,17 +179,14 @@ def _walk_scores(node: object, factor: float, heads: int | None, stops: list[obj
     if split is not None:
         found = _walk_scores(split[0], factor, split[1], stops)
         return None if found is None else (*found[:4], walked + [base] + found[4])
-    if isinstance(base, Node) and base.target == aten.add.Tensor and base.kwargs.get("alpha", 1) == 1:
-        a, b = base.args[:2]
-        for scores, bias in ((a, b), (b, a)):
-            if not (isinstance(scores, Node) and isinstance(bias, Node)):
-                continue
-            found = _walk_scores(scores, factor, heads, stops)
-            if found is not None:
-                term: Value = bias if heads is None else split_heads(bias, heads)
-                if factor != 1.0:
-                    term = Build(aten.mul.Tensor, (term, factor))
-                return found[0], found[1], found[2] + [term], found[3], walked + [base] + found[4]
+    for reading in additive_terms(base):  # S + B, either side the scores
+        scores, bias = reading.scores, reading.mask
+        found = _walk_scores(scores, factor, heads, stops)
+        if found is not None:
+            term: Value = bias if heads is None else split_heads(bias, heads)
+            if factor != 1.0:
+                term = Build(aten.mul.Tensor, (term, factor))
+            return found[0], found[1], found[2] + [term], found[3], walked + [base] + found[4]
     stops.append(base)
     return None
 
@@ -235,26 +238,37 @@ def _query_key_3d(qk: Node, heads: int) -> tuple[tuple[Value, float], tuple[Valu
 # --------------------------------------------------------------------------- SDPA spelling
 
 
-def match_sdpa(node: Node) -> AttentionMatch:
-    """aten.scaled_dot_product_attention -> the op (top-left causal needs Lq == Lk); raises Skip."""
-    values = list(node.args) + list(_SDPA_DEFAULTS[len(node.args):])
-    for i, name in enumerate(_SDPA_ARGS):
-        if name in node.kwargs:
-            values[i] = node.kwargs[name]
-    q, k, v, mask, dropout_p, is_causal, scale, _enable_gqa = values
-    if dropout_p:
-        raise Skip(f"scaled_dot_product_attention '{node.name}' has dropout_p={dropout_p}; put the model in eval()")
+# One row: every argument is a capture (left-out ones read as the schema's defaults), the check
+# refuses what the op cannot express, the rewrite checks shapes (raising Skip) and replaces it.
+SDPA_PATTERN = Op(aten.scaled_dot_product_attention.default, Capture("q"), Capture("k"), Capture("v"),
+                  Capture("mask"), Capture("dropout_p"), Capture("is_causal"), Capture("scale"))
+
+
+def _sdpa_refusal(found: Match) -> str | None:
+    """Why SDPA cannot become the op: training dropout, or a top-left causal triangle (Lq != Lk)."""
+    name = found.root.name
+    if found["dropout_p"]:
+        return f"scaled_dot_product_attention '{name}' has dropout_p={found['dropout_p']}; put the model in eval()"
+    if found["is_causal"] and not same_size(fake(found["q"]).shape[2], fake(found["k"]).shape[2]):
+        return (f"causal scaled_dot_product_attention '{name}' with query and key lengths not provably "
+                f"equal: SDPA's top-left triangle differs from the op's bottom-right one")
+    return None
+
+
+def match_sdpa(found: Match) -> AttentionMatch:
+    """The op's arguments from a matched (and accepted) SDPA call; raises Skip on shapes."""
+    q, k, v, mask, is_causal, scale = (found[n] for n in ("q", "k", "v", "mask", "is_causal", "scale"))
     qv, kv = fake(q), fake(k)
-    if is_causal and not same_size(qv.shape[2], kv.shape[2]):
-        raise Skip(f"causal scaled_dot_product_attention '{node.name}' with query and key lengths not provably "
-                   f"equal: SDPA's top-left triangle differs from the op's bottom-right one")
     k, groups_k = peel_repeat_kv(k)
     v, groups_v = peel_repeat_kv(v)
     scores = (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2])
     return _checked(AttentionMatch(
-        root=node, q=q, k=k, v=v, mask=mask, is_causal=bool(is_causal),
+        root=found.root, q=q, k=k, v=v, mask=mask, is_causal=bool(is_causal),
         scale=None if scale is None else float(scale), num_kv_groups=1,
     ), scores, groups_k, groups_v)
+
+
+SDPA_RULE = Rule("sdpa", SDPA_PATTERN, lambda gm, found: rewrite(gm, match_sdpa(found)), _sdpa_refusal)
 
 
 # --------------------------------------------------------------------------- shared checks
@@ -412,11 +426,14 @@ class FuseAttention(Pass):
                 rewrite(gm, match)
                 fused += 1
         for sdpa in list(nodes_by_op(gm, aten.scaled_dot_product_attention.default)):
+            found = match_pattern(SDPA_RULE.pattern, sdpa)  # always matches: every argument is a capture
             try:
-                match = match_sdpa(sdpa)
+                refusal = SDPA_RULE.check(found)
+                if refusal:
+                    raise Skip(refusal)
+                SDPA_RULE.rewrite(gm, found)
             except Skip as why:
                 skipped.append((_where(sdpa), str(why)))
                 continue
-            rewrite(gm, match)
             fused += 1
         return PassResult(gm, sites=fused, skipped=skipped)

@@ -5,7 +5,7 @@ Bloom (and other Megatron-era models) run attention as `bmm` over batch·heads:
     scores = bmm(q3, k3ᵀ) ...  .view(B, H, Lq, Lk)   (split: masked and softmaxed in 4-D)
     probs.view(B·H, Lq, Lk)  ->  bmm(probs3, v3)     (merge: the value product in 3-D)
 
-These helpers recognize the two views and give 4-D recipes for the 3-D operands, so the fused
+These helpers recognize the two views (`ir.match` Rule rows, read like those of `rules.py`) and give 4-D recipes for the 3-D operands, so the fused
 op sees its usual (B, H, L, D) layout: `unflatten(x, 0, [-1, H])` in, `flatten(out, 0, 1)` out
 (neither needs the symbolic batch or length).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from fxforge.ir.match import Capture, Match, NoMatch, Op, Rule, read
 from fxforge.passes.attention.rules import Build, Value, fake, same_size
 
 aten = torch.ops.aten
@@ -30,21 +31,40 @@ def _static_heads(four_d: torch.Tensor, three_d: torch.Tensor) -> int | None:
     return heads if all(same_size(a, b) for a, b in zip(merged, three_d.shape)) else None
 
 
+def _heads_of(merged_src: bool):
+    """The rewrite of a heads view row: H, read off the fake tensors (the check found it)."""
+    def heads(found: Match) -> int | None:
+        src, out = fake(found["src"]), fake(found.root)
+        if src is None or out is None:
+            return None
+        return _static_heads(src, out) if merged_src else _static_heads(out, src)
+    return heads
+
+
+_merged_heads, _split_heads = _heads_of(True), _heads_of(False)
+
+# x4.view(B·H, L, Lk) -> H   (Bloom's probabilities, viewed back to 3-D for the value bmm)
+MERGE_HEADS_RULES: list[Rule] = [
+    Rule("merge_heads_view", Op(VIEWS, Capture("src")), lambda _gm, m: _merged_heads(m),
+         lambda m: None if _merged_heads(m) is not None else "does not merge (B, H) of a 4-D tensor with static H"),
+]
+# x3.view(B, H, L, Lk) -> (x3, H)   (Bloom's scores, viewed to 4-D for the mask and softmax)
+SPLIT_HEADS_RULES: list[Rule] = [
+    Rule("split_heads_view", Op(VIEWS, Capture("src", Node, "a node")), lambda _gm, m: (m["src"], _split_heads(m)),
+         lambda m: None if _split_heads(m) is not None else "does not split (B·H) of a 3-D tensor into static H"),
+]
+
+
 def merge_heads_view(node: object) -> int | None:
     """H when `node` views a 4-D (B, H, L, Lk) tensor as (B·H, L, Lk), else None."""
-    if not (isinstance(node, Node) and node.target in VIEWS):
-        return None
-    src, out = fake(node.args[0]), fake(node)
-    return None if src is None or out is None else _static_heads(src, out)
+    found = read(MERGE_HEADS_RULES, node)
+    return None if isinstance(found, NoMatch) else found
 
 
 def split_heads_view(node: object) -> tuple[Node, int] | None:
     """(x, H) when `node` views a 3-D (B·H, L, Lk) tensor x as (B, H, L, Lk), else None."""
-    if not (isinstance(node, Node) and node.target in VIEWS and isinstance(node.args[0], Node)):
-        return None
-    src, out = fake(node.args[0]), fake(node)
-    heads = None if src is None or out is None else _static_heads(out, src)
-    return (node.args[0], heads) if heads is not None else None
+    found = read(SPLIT_HEADS_RULES, node)
+    return None if isinstance(found, NoMatch) else found
 
 
 def split_heads(x: Value, heads: int) -> Build:
@@ -57,13 +77,25 @@ def split_shape(shape: tuple, heads: int) -> tuple:
     return (shape[0] // heads, heads, *shape[1:])
 
 
+def _last_two_3d(found: Match) -> str | None:
+    val = fake(found.root)
+    if val is None or val.dim() != 3:
+        return "not 3-D"
+    dims = sorted(int(d) % 3 for d in (found["d0"], found["d1"]))
+    return None if dims == [1, 2] else f"swaps dims {found['d0']}, {found['d1']}, not the last two"
+
+
+# K3ᵀ = K3.transpose(-2, -1) -> K3
+KEY_TRANSPOSE_3D_RULES: list[Rule] = [
+    Rule("transpose_last_two_3d", Op(aten.transpose.int, Capture("src"), Capture("d0"), Capture("d1")),
+         lambda _gm, m: m["src"], _last_two_3d),
+]
+
+
 def untranspose_key_3d(kt: object) -> Value:
     """K3 from K3ᵀ (B·H, D, Lk): strip the transpose that made it, or build the transpose back."""
-    val = fake(kt)
-    if isinstance(kt, Node) and kt.target == aten.transpose.int and val is not None and val.dim() == 3 \
-            and sorted(int(d) % 3 for d in kt.args[1:3]) == [1, 2]:
-        return kt.args[0]
-    return Build(aten.transpose.int, (kt, -2, -1))
+    found = read(KEY_TRANSPOSE_3D_RULES, kt)
+    return Build(aten.transpose.int, (kt, -2, -1)) if isinstance(found, NoMatch) else found
 
 
-__all__ = ["BMMS", "merge_heads_view", "split_heads_view", "split_heads", "split_shape", "untranspose_key_3d"]
+__all__ = ["BMMS", "MERGE_HEADS_RULES", "SPLIT_HEADS_RULES", "KEY_TRANSPOSE_3D_RULES", "merge_heads_view", "split_heads_view", "split_heads", "split_shape", "untranspose_key_3d"]

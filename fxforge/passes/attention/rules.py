@@ -1,30 +1,35 @@
-"""The recognizers of pass `fuse_attention`: small rule tables over aten nodes.
+"""The recognizers of pass `fuse_attention`: `Rule` rows on `fxforge.ir.match`.
 
-Each table is a list of rows `((targets...), handler)`; a handler looks at one node and
-returns what it recognized or None. `apply_rules(table, node)` returns the first hit. The
-matcher in `fuse_attention.py` strings the tables together along the path
+Each recognizer is a table of rows `Rule(name, pattern, rewrite, check)`: the `pattern` is the
+whole piece of graph with named captures, the `check` (on fake-tensor metadata the pattern
+cannot see) returns why a candidate is refused, and the `rewrite` *describes* the piece —
+the value it stands for, a scale factor, or a recipe — without editing the graph.
+`read(TABLE, node)` (from `fxforge.ir.match`) returns the first row's description, or a
+`NoMatch` saying why every row failed. The matcher in `fuse_attention.py` strings the tables
+together along the path
 
-    softmax(mask_rules(scale_rules(matmul(scale_rules(Q), key_rules(scale_rules(K)))))) @ V
+    softmax(MASK_RULES(SCALE_RULES(matmul(SCALE_RULES(Q), KEY_TRANSPOSE_RULES(SCALE_RULES(K)))))) @ V
 
-and `repeat_kv_rules` peel grouped-query repetition off K and V. Nothing here edits the
-graph: rows that need a new node (a permute, a negated mask) return a `Build` recipe that
-the pass materializes only once the whole subgraph has matched, so a failed match never
-leaves a half-rewritten graph behind.
+with `IDENTITY_RULES` looked through everywhere and `REPEAT_KV_RULES` peeling grouped-query
+repetition off K and V. Rows that need a new node (a permute, a negated mask) describe it as
+a `Build` recipe that the pass materializes only once the whole subgraph has matched, so a
+failed match never leaves a half-rewritten graph behind.
+
+To add a spelling: add a row to the table of the piece it spells differently.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-aten = torch.ops.aten
+from fxforge.ir.match import Capture, Lit, Match, NoMatch, Op, Rule, Through, read
 
-Handler = Callable[[Node], Any]
-RuleTable = list[tuple[tuple[Any, ...], Handler]]
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -39,16 +44,9 @@ class Build:
 Value = Node | Build
 
 
-def apply_rules(table: RuleTable, node: object) -> Any:
-    """The result of the first row of `table` whose target and handler match `node`, else None."""
-    if not isinstance(node, Node) or node.op != "call_function":
-        return None
-    for targets, handler in table:
-        if node.target in targets:
-            found = handler(node)
-            if found is not None:
-                return found
-    return None
+def _found(result: Any) -> Any:
+    """`read`'s result, or None when it is a NoMatch (the callers branch on None)."""
+    return None if isinstance(result, NoMatch) else result
 
 
 # --------------------------------------------------------------------------- shape helpers
@@ -80,12 +78,6 @@ def broadcasts_to(shape: Sequence[Any], target: Sequence[Any]) -> bool:
     return True
 
 
-def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _scalar(value: object) -> float | None:
     """A Python number as float; a node is never a constant scale (it could change at run time)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -93,47 +85,49 @@ def _scalar(value: object) -> float | None:
     return float(value)
 
 
+def _same_shape(a: object, b: object) -> str | None:
+    """None when `a` and `b` provably have one shape, else why not."""
+    before, after = fake(a), fake(b)
+    if before is None or after is None:
+        return "no shape metadata"
+    if before.dim() != after.dim() or not all(same_size(x, y) for x, y in zip(before.shape, after.shape)):
+        return f"shape {tuple(after.shape)} is not provably {tuple(before.shape)}"
+    return None
+
+
+def _source(_gm: Any, found: Match) -> Any:
+    return found["src"]
+
+
+_NODE = Capture("src", Node, "a node")
+
+
 # --------------------------------------------------------------------------- value identities
 
 
-def _same_dtype_cast(node: Node) -> Node | None:
+def _dtype_kept(found: Match) -> str | None:
+    before, after = fake(found["src"]), fake(found.root)
+    if before is None or after is None:
+        return "no dtype metadata"
+    return None if before.dtype == after.dtype else f"casts {before.dtype} to {after.dtype}"
+
+
+def _slice_keeps_all(found: Match) -> str | None:
+    return None if found["start"] in (0, None) else f"starts at {found['start']}"
+
+
+IDENTITY_RULES: list[Rule] = [
     # x.to(x.dtype) -> x
-    src = node.args[0]
-    before, after = fake(src), fake(node)
-    if before is None or after is None or before.dtype != after.dtype:
-        return None
-    return src
-
-
-def _copy(node: Node) -> Node | None:
+    Rule("same_dtype_cast", Op((aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device),
+                               Capture("src")), _source, _dtype_kept),
     # x.contiguous() -> x;  x.clone() -> x
-    return node.args[0] if isinstance(node.args[0], Node) else None
-
-
-def _full_slice(node: Node) -> Node | None:
+    Rule("copy", Op((aten.contiguous.default, aten.clone.default, aten.alias.default), _NODE), _source),
     # x[:, :, 0:end] with end past the size -> x
-    src, start = node.args[0], _arg(node, 2, "start", 0)
-    step = _arg(node, 4, "step", 1)
-    before, after = fake(src), fake(node)
-    if start not in (0, None) or step != 1 or before is None or after is None or before.dim() != after.dim():
-        return None
-    return src if all(same_size(a, b) for a, b in zip(before.shape, after.shape)) else None
-
-
-def _same_shape_view(node: Node) -> Node | None:
+    Rule("full_slice", Op(aten.slice.Tensor, Capture("src"), Capture("dim"), Capture("start"), Capture("end"), Lit(1)),
+         _source, lambda m: _slice_keeps_all(m) or _same_shape(m["src"], m.root)),
     # x.view(x.shape) -> x   (Falcon re-views its scores and probabilities to the shape they have)
-    src = node.args[0]
-    before, after = fake(src), fake(node)
-    if before is None or after is None or before.dim() != after.dim():
-        return None
-    return src if all(same_size(a, b) for a, b in zip(before.shape, after.shape)) else None
-
-
-IDENTITY_RULES: RuleTable = [
-    ((aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device), _same_dtype_cast),
-    ((aten.contiguous.default, aten.clone.default, aten.alias.default), _copy),
-    ((aten.slice.Tensor,), _full_slice),
-    ((aten.view.default, aten.reshape.default, aten._unsafe_view.default), _same_shape_view),
+    Rule("same_shape_view", Op((aten.view.default, aten.reshape.default, aten._unsafe_view.default), Capture("src")),
+         _source, lambda m: _same_shape(m["src"], m.root)),
 ]
 
 
@@ -143,7 +137,7 @@ def skip_identities(node: object, passed: list[Node] | None = None) -> object:
     The nodes walked through are appended to `passed` when it is given.
     """
     while True:
-        source = apply_rules(IDENTITY_RULES, node)
+        source = _found(read(IDENTITY_RULES, node))
         if source is None:
             return node
         if passed is not None:
@@ -151,33 +145,28 @@ def skip_identities(node: object, passed: list[Node] | None = None) -> object:
         node = source
 
 
+def _identity_step(value: Any) -> Any:
+    """One step of `skip_identities`, for `Through` patterns."""
+    return read(IDENTITY_RULES, value)
+
+
 # --------------------------------------------------------------------------- scales
 
 
-def _scale_mul(node: Node) -> tuple[Node, float] | None:
-    # x * c -> (x, c);  c * x -> (x, c)
-    a, b = node.args[:2]
-    if isinstance(a, Node) and _scalar(b) is not None:
-        return a, _scalar(b)
-    if isinstance(b, Node) and _scalar(a) is not None:
-        return b, _scalar(a)
-    return None
-
-
-def _scale_div(node: Node) -> tuple[Node, float] | None:
-    # x / c -> (x, 1/c)
-    a, b = node.args[:2]
-    c = _scalar(b)
-    if not isinstance(a, Node) or c is None or c == 0.0 or node.kwargs.get("rounding_mode") is not None:
-        return None
-    return a, 1.0 / c
-
+_CONSTANT = Capture("c", lambda v: _scalar(v) is not None, "a constant number")
 
 # In-place forms (`scores /= sqrt(d)` in Falcon) are the same value: the matcher's single-use
 # check guarantees no other reader sees the mutated input.
-SCALE_RULES: RuleTable = [
-    ((aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar), _scale_mul),
-    ((aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar), _scale_div),
+SCALE_RULES: list[Rule] = [
+    # x * c -> (x, c);  c * x -> (x, c)
+    Rule("scale_mul", Op((aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar),
+                         _NODE, _CONSTANT, commutative=True),
+         lambda _gm, m: (m["src"], _scalar(m["c"]))),
+    # x / c -> (x, 1/c)
+    Rule("scale_div", Op((aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar), _NODE, _CONSTANT),
+         lambda _gm, m: (m["src"], 1.0 / _scalar(m["c"])),
+         lambda m: ("divides by zero" if _scalar(m["c"]) == 0.0 else
+                    "rounds" if m.root.kwargs.get("rounding_mode") is not None else None)),
 ]
 
 
@@ -186,7 +175,7 @@ def peel_scales(node: object) -> tuple[object, float, list[Node]]:
     factor, passed = 1.0, []
     node = skip_identities(node, passed)
     while True:
-        found = apply_rules(SCALE_RULES, node)
+        found = _found(read(SCALE_RULES, node))
         if found is None:
             return node, factor, passed
         passed.append(node)
@@ -198,24 +187,27 @@ def peel_scales(node: object) -> tuple[object, float, list[Node]]:
 # --------------------------------------------------------------------------- softmax
 
 
-def _softmax_last_dim(node: Node) -> Node | None:
-    # softmax(x, -1) -> x;  softmax(x, -1, dtype=x.dtype) -> x;  _softmax(x, -1, False) -> x
-    x = node.args[0]
-    val = fake(x)
-    if val is None or val.dim() != 4 or int(node.args[1]) % 4 != 3:
-        return None
-    if node.target == aten._softmax.default and node.args[2]:
-        return None  # half_to_float changes the dtype: not the op's numerics
-    dtype = _arg(node, 2, "dtype") if node.target == aten.softmax.int else None
-    if dtype is not None and dtype != val.dtype:
-        return None
-    return x
+def _softmax_last_dim(found: Match) -> str | None:
+    # softmax(x, -1), softmax(x, -1, dtype=x.dtype), _softmax(x, -1, False) keep the op's numerics
+    val = fake(found["src"])
+    if val is None or val.dim() != 4:
+        return "scores are not 4-D"
+    if int(found["dim"]) % 4 != 3:
+        return f"over dim {found['dim']}, not the key axis"
+    if found.root.target == aten._softmax.default:
+        return "half_to_float changes the dtype" if found["third"] else None
+    if found.root.target == aten.softmax.int and found["third"] not in (None, val.dtype):
+        return f"computes in {found['third']}, not the scores' {val.dtype}"
+    return None
 
 
-SOFTMAX_RULES: RuleTable = [
-    ((aten.softmax.int, aten._softmax.default, aten._safe_softmax.default), _softmax_last_dim),
+SOFTMAX_RULES: list[Rule] = [
+    # softmax(x, -1) -> x;  read's result is the scores the softmax normalizes
+    Rule("softmax_last_dim", Op((aten.softmax.int, aten._softmax.default, aten._safe_softmax.default),
+                                Capture("src"), Capture("dim"), Capture("third")),
+         _source, _softmax_last_dim),
 ]
-SOFTMAX_TARGETS = tuple(t for targets, _ in SOFTMAX_RULES for t in targets)
+SOFTMAX_TARGETS = tuple(t for rule in SOFTMAX_RULES for t in rule.pattern.targets)
 
 
 # --------------------------------------------------------------------------- masks
@@ -228,14 +220,6 @@ class MaskMatch:
     scores: Node
     mask: Value
     node: Node  # the masking node itself (its only user must be the softmax)
-
-
-def _additive(node: Node) -> list[MaskMatch]:
-    # S + M -> (S, additive M);  M + S -> (S, additive M)
-    a, b = node.args[:2]
-    if node.kwargs.get("alpha", 1) != 1 or not (isinstance(a, Node) and isinstance(b, Node)):
-        return []
-    return [MaskMatch(a, b, node), MaskMatch(b, a, node)]
 
 
 def _fill_value(value: object) -> float | None:
@@ -251,28 +235,6 @@ def _fill_value(value: object) -> float | None:
     return c if c is not None and c < 0 else None
 
 
-def _where_fill(node: Node) -> list[MaskMatch]:
-    # where(b, S, -inf) -> (S, bool b);  where(b, S, c<0) -> (S, additive where(b, 0, c))
-    cond, scores, other = node.args[:3]
-    fill = _fill_value(other)
-    if fill is None or not isinstance(scores, Node) or not _is_bool(cond):
-        return []
-    if fill == -math.inf:
-        return [MaskMatch(scores, cond, node)]
-    return [MaskMatch(scores, _additive_from_hidden(Build(aten.logical_not.default, (cond,)), fill, scores), node)]
-
-
-def _masked_fill(node: Node) -> list[MaskMatch]:
-    # S.masked_fill(m, -inf) -> (S, bool ~m);  S.masked_fill(m, c<0) -> (S, additive where(m, c, 0))
-    scores, hidden, value = node.args[:3]
-    fill = _fill_value(value)
-    if fill is None or not isinstance(scores, Node) or not _is_bool(hidden):
-        return []
-    if fill == -math.inf:
-        return [MaskMatch(scores, Build(aten.logical_not.default, (hidden,)), node)]
-    return [MaskMatch(scores, _additive_from_hidden(hidden, fill, scores), node)]
-
-
 def _is_bool(node: object) -> bool:
     val = fake(node)
     return val is not None and val.dtype == torch.bool
@@ -284,51 +246,78 @@ def _additive_from_hidden(hidden: Value, fill: float, scores: Node) -> Build:
     return Build(aten.masked_fill.Scalar, (zeros, hidden, fill))
 
 
-MASK_RULES: RuleTable = [
-    ((aten.add.Tensor,), _additive),
-    ((aten.where.self, aten.where.ScalarOther), _where_fill),
-    ((aten.masked_fill.Scalar, aten.masked_fill.Tensor), _masked_fill),
+_FILL = Capture("fill", lambda v: _fill_value(v) is not None, "a negative constant")
+_BOOL = "a bool tensor"
+_SCORES = Capture("scores", Node, "a node")
+
+
+def _where_fill(_gm: Any, m: Match) -> list[MaskMatch]:
+    # where(b, S, -inf) -> (S, bool b);  where(b, S, c<0) -> (S, additive where(b, 0, c))
+    fill, scores, cond = _fill_value(m["fill"]), m["scores"], m["cond"]
+    if fill == -math.inf:
+        return [MaskMatch(scores, cond, m.root)]
+    return [MaskMatch(scores, _additive_from_hidden(Build(aten.logical_not.default, (cond,)), fill, scores), m.root)]
+
+
+def _masked_fill(_gm: Any, m: Match) -> list[MaskMatch]:
+    # S.masked_fill(m, -inf) -> (S, bool ~m);  S.masked_fill(m, c<0) -> (S, additive where(m, c, 0))
+    fill, scores, hidden = _fill_value(m["fill"]), m["scores"], m["hidden"]
+    if fill == -math.inf:
+        return [MaskMatch(scores, Build(aten.logical_not.default, (hidden,)), m.root)]
+    return [MaskMatch(scores, _additive_from_hidden(hidden, fill, scores), m.root)]
+
+
+# S + M -> (S, additive M);  M + S -> (S, additive M): both readings, the score walk picks.
+# Also how the walk reads a position bias (S + B, ALiBi) below the mask.
+ADDITIVE_RULE = Rule("additive", Op(aten.add.Tensor, Capture("a", Node), Capture("b", Node), Lit(1)),
+                     lambda _gm, m: [MaskMatch(m["a"], m["b"], m.root), MaskMatch(m["b"], m["a"], m.root)])
+MASK_RULES: list[Rule] = [
+    ADDITIVE_RULE,
+    Rule("where_fill", Op((aten.where.self, aten.where.ScalarOther), Capture("cond", _is_bool, _BOOL), _SCORES, _FILL),
+         _where_fill),
+    Rule("masked_fill", Op((aten.masked_fill.Scalar, aten.masked_fill.Tensor),
+                           _SCORES, Capture("hidden", _is_bool, _BOOL), _FILL), _masked_fill),
 ]
+
+
+def additive_terms(node: object) -> list[MaskMatch]:
+    """Both readings of `node` as `scores + term` (an add of two nodes, alpha 1); [] if it is none."""
+    return _found(read([ADDITIVE_RULE], node)) or []
 
 
 def mask_candidates(node: Node) -> list[MaskMatch]:
     """Every way of reading `node` (the softmax input) as scores plus a mask; [] if it is no mask."""
-    for targets, handler in MASK_RULES:
-        if isinstance(node, Node) and node.op == "call_function" and node.target in targets:
-            return handler(node)
-    return []
+    return _found(read(MASK_RULES, node)) or []
 
 
 # --------------------------------------------------------------------------- K transposed
 
 
-def _transpose_last_two(node: Node) -> Node | None:
+def _last_two(found: Match) -> str | None:
+    val = fake(found["src"])
+    if val is None or val.dim() != 4:
+        return "not 4-D"
+    dims = sorted(int(d) % 4 for d in (found["d0"], found["d1"]))
+    return None if dims == [2, 3] else f"swaps dims {found['d0']}, {found['d1']}, not the last two"
+
+
+def _permute_back(_gm: Any, found: Match) -> Build:
+    perm = [int(p) % 4 for p in found["perm"]]
+    return Build(aten.permute.default, (found["src"], [perm[0], perm[1], perm[3], perm[2]]))
+
+
+KEY_TRANSPOSE_RULES: list[Rule] = [
     # Kᵀ = K.transpose(-2, -1) -> K
-    src = node.args[0]
-    val = fake(src)
-    if val is None or val.dim() != 4 or sorted(int(d) % 4 for d in node.args[1:3]) != [2, 3]:
-        return None
-    return src
-
-
-def _permute(node: Node) -> Build | None:
+    Rule("transpose_last_two", Op(aten.transpose.int, Capture("src"), Capture("d0"), Capture("d1")), _source, _last_two),
     # Kᵀ = x.permute(p) -> K = x.permute(p with its last two entries swapped)
-    src, perm = node.args[:2]
-    if len(perm) != 4:
-        return None
-    perm = [int(p) % 4 for p in perm]
-    return Build(aten.permute.default, (src, [perm[0], perm[1], perm[3], perm[2]]))
-
-
-KEY_TRANSPOSE_RULES: RuleTable = [
-    ((aten.transpose.int,), _transpose_last_two),
-    ((aten.permute.default,), _permute),
+    Rule("permute", Op(aten.permute.default, Capture("src"), Capture("perm", lambda p: len(p) == 4, "a 4-D permutation")),
+         _permute_back),
 ]
 
 
 def untranspose_key(kt: Node) -> Value:
     """K from Kᵀ: strip the transpose that made it, or build K = Kᵀ.transpose(-2, -1)."""
-    found = apply_rules(KEY_TRANSPOSE_RULES, kt)
+    found = _found(read(KEY_TRANSPOSE_RULES, kt))
     if found is not None:
         return found
     return Build(aten.transpose.int, (kt, -2, -1))  # any other layout: transpose it back
@@ -337,45 +326,40 @@ def untranspose_key(kt: Node) -> Value:
 # --------------------------------------------------------------------------- repeat_kv (GQA)
 
 
-def _expand_reshape(node: Node) -> tuple[Node, int] | None:
-    # reshape(expand(k[:, :, None], (B, Hkv, g, L, D)), (B, Hkv·g, L, D)) -> (k, g)
-    expanded = skip_identities(node.args[0])
-    if not (isinstance(expanded, Node) and expanded.target == aten.expand.default):
-        return None
-    unsqueezed = skip_identities(expanded.args[0])
-    if not (isinstance(unsqueezed, Node) and unsqueezed.target == aten.unsqueeze.default
-            and int(unsqueezed.args[1]) in (2, -3)):
-        return None
-    kv = unsqueezed.args[0]
-    kv_val, exp_val, out_val = fake(kv), fake(expanded), fake(node)
+def _repeated_heads(found: Match) -> str | None:
+    # (B, Hkv, L, D) -> expand (B, Hkv, g, L, D) -> reshape (B, Hkv·g, L, D)
+    kv_val, exp_val, out_val = fake(found["kv"]), fake(found["expanded"]), fake(found.root)
     if kv_val is None or exp_val is None or out_val is None or kv_val.dim() != 4 or out_val.dim() != 4:
-        return None
+        return "not 4-D key/value heads"
     groups = exp_val.shape[2]
     if not isinstance(groups, int):
-        return None
+        return "symbolic repetition count"
     b, h, length, d = kv_val.shape
-    expected_expand = (b, h, groups, length, d)
-    expected_out = (b, h * groups, length, d)
-    if not all(same_size(x, y) for x, y in zip(exp_val.shape, expected_expand)):
-        return None
-    if not all(same_size(x, y) for x, y in zip(out_val.shape, expected_out)):
-        return None
-    return kv, groups
+    if not all(same_size(x, y) for x, y in zip(exp_val.shape, (b, h, groups, length, d))):
+        return f"expands to {tuple(exp_val.shape)}, not {groups} copies of each head"
+    if not all(same_size(x, y) for x, y in zip(out_val.shape, (b, h * groups, length, d))):
+        return f"reshapes to {tuple(out_val.shape)}, not the repeated heads"
+    return None
 
 
-def _repeat_interleave(node: Node) -> tuple[Node, int] | None:
+def _interleaved_heads(found: Match) -> str | None:
+    val, dim = fake(found["src"]), found["dim"]
+    if val is None or val.dim() != 4:
+        return "not 4-D key/value heads"
+    return None if dim is not None and int(dim) % 4 == 1 else f"repeats along dim {dim}, not the heads"
+
+
+_UNSQUEEZED = Op(aten.unsqueeze.default, Capture("kv"), Capture("udim", lambda d: int(d) in (2, -3), "dim 2"))
+REPEAT_KV_RULES: list[Rule] = [
+    # reshape(expand(k[:, :, None], (B, Hkv, g, L, D)), (B, Hkv·g, L, D)) -> (k, g)
+    Rule("expand_reshape", Op((aten.reshape.default, aten.view.default, aten._unsafe_view.default),
+                              Through(Op(aten.expand.default, Through(_UNSQUEEZED, _identity_step), name="expanded"),
+                                      _identity_step)),
+         lambda _gm, m: (m["kv"], fake(m["expanded"]).shape[2]), _repeated_heads),
     # k.repeat_interleave(g, dim=1) -> (k, g)
-    src, repeats = node.args[0], _arg(node, 1, "repeats")
-    dim = _arg(node, 2, "dim")
-    val = fake(src)
-    if not isinstance(repeats, int) or val is None or val.dim() != 4 or dim is None or int(dim) % 4 != 1:
-        return None
-    return src, repeats
-
-
-REPEAT_KV_RULES: RuleTable = [
-    ((aten.reshape.default, aten.view.default, aten._unsafe_view.default), _expand_reshape),
-    ((aten.repeat_interleave.self_int,), _repeat_interleave),
+    Rule("repeat_interleave", Op(aten.repeat_interleave.self_int, Capture("src"), Capture("repeats", int, "an int"),
+                                 Capture("dim")),
+         lambda _gm, m: (m["src"], m["repeats"]), _interleaved_heads),
 ]
 
 
@@ -383,7 +367,7 @@ def peel_repeat_kv(node: Value) -> tuple[Value, int]:
     """(k, groups) when `node` repeats each key/value head `groups` times, else (node, 1)."""
     if isinstance(node, Build):
         return node, 1
-    found = apply_rules(REPEAT_KV_RULES, skip_identities(node))
+    found = _found(read(REPEAT_KV_RULES, skip_identities(node)))
     return found if found is not None else (node, 1)
 
 
@@ -394,7 +378,8 @@ def only_user(node: Node) -> Node | None:
 
 
 __all__ = [
-    "Build", "Value", "RuleTable", "apply_rules", "fake", "same_size", "broadcasts_to",
-    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "MaskMatch",
-    "mask_candidates", "untranspose_key", "peel_repeat_kv", "only_user",
+    "Build", "Value", "fake", "same_size", "broadcasts_to", "IDENTITY_RULES", "SCALE_RULES",
+    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
+    "additive_terms", "mask_candidates", "KEY_TRANSPOSE_RULES", "untranspose_key", "REPEAT_KV_RULES", "peel_repeat_kv",
+    "only_user",
 ]
