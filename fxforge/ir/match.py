@@ -190,7 +190,13 @@ class Op(Pattern):
             if self.name:
                 Capture(self.name).bind(value, captures)
             return
-        raise failure
+        try:
+            raise failure
+        finally:
+            # The raised error's traceback holds this frame; dropping the frame's own reference
+            # to the error breaks the cycle, so the graph the frame holds is freed by reference
+            # counting (tests/passes/test_copy_on_write.py runs pipelines with the GC off).
+            failure = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.cow import structural_copy
 from fxforge.passes.pipeline import Pipeline, run_pass
 from fxforge.passes.quantize.bitdelta import BitDelta
-from fxforge.passes.registry import registered_passes
+from fxforge.passes.registry import BUILTIN_PASSES
 
 ADAPTER_METHODS = ["lora", "rslora", "dora", "pissa", "olora", "eva", "lora_ga", "lora_sb", "bone", "svfit",
                    "sorsa", "loldu"]
@@ -95,9 +95,11 @@ def test_a_pass_leaves_the_graph_before_it_bitwise_unchanged(model, pipeline):
     assert any(t.untyped_storage().data_ptr() in before_ptrs for t in after.parameters())
 
 
-def test_the_cases_cover_every_registered_pass():
+def test_the_cases_cover_every_builtin_pass():
+    # fxforge's own passes: test files register toy passes (crash, negate_twice, ...) in the
+    # same process, which are not ours to cover
     covered = {p.name for _, spec in CASES for p in Pipeline(spec).passes} | {"canonicalize", "bitdelta"}
-    assert set(registered_passes()) <= covered
+    assert set(BUILTIN_PASSES) <= covered, sorted(set(BUILTIN_PASSES) - covered)
 
 
 def test_bitdelta_leaves_the_fine_tuned_graph_unchanged():
