@@ -233,15 +233,21 @@ def _check_tensors(records: dict[str, Any], layers: dict[str, Any], tensors: dic
     return targets
 
 
-def _check(records: dict[str, Any], layers: dict[str, Any], gm: torch.fx.GraphModule, path: Path) -> None:
-    """Every mismatch between file and graph, in one error."""
+def layer_set_problems(records: Any, layers: Any, source: str) -> list[str]:
+    """Layers `source` (a file, a directory) adapts that the graph does not, and the reverse."""
     problems = []
     missing = sorted(set(layers) - set(records))
     extra = sorted(set(records) - set(layers))
     if missing:
-        problems.append(f"layers in the file but without an adapter in the graph: {', '.join(missing)}")
+        problems.append(f"layers in {source} without an adapter in the graph: {', '.join(missing)}")
     if extra:
-        problems.append(f"adapted layers of the graph missing from the file: {', '.join(extra)}")
+        problems.append(f"adapted layers of the graph missing from {source}: {', '.join(extra)}")
+    return problems
+
+
+def _check(records: dict[str, Any], layers: dict[str, Any], gm: torch.fx.GraphModule, path: Path) -> None:
+    """Every mismatch between file and graph, in one error."""
+    problems = layer_set_problems(records, layers, "the file")
     for module_path in sorted(set(layers) & set(records)):
         layer, record = layers[module_path], records[module_path]
         for key in ("method", "rank"):

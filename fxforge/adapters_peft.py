@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fxforge.adapters_io import AdapterLoadError, assign_adapter_tensors, graph_module_of
+from fxforge.adapters_io import AdapterLoadError, assign_adapter_tensors, graph_module_of, layer_set_problems
 from fxforge.adapters_peft_residual import RESIDUAL_LORA, ResidualConversionError, residual_as_lora
 from fxforge.atomic import atomic_directory
 from fxforge.errors import FxforgeError
@@ -424,14 +424,8 @@ def _match(config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]], r
     miss = config["peft_type"] == "MISS"
     wanted = {"BAT" if config.get("init_weights") == "bat" else "MISS"} if miss else {"DORA" if dora else "LORA"}
     spelled = {"LORA": "LoRA", "DORA": "DoRA", "MISS": "MiSS (bone_form='miss')", "BAT": "Bat (bone_form='bat')"}
-    problems: list[str] = []
+    problems: list[str] = layer_set_problems(records, layers, "the directory")
     targets: dict[str, torch.Tensor] = {}
-    missing = sorted(set(layers) - set(records))
-    extra = sorted(set(records) - set(layers))
-    if missing:
-        problems.append(f"layers in the directory without an adapter in the graph: {', '.join(missing)}")
-    if extra:
-        problems.append(f"adapted layers of the graph missing from the directory: {', '.join(extra)}")
     for path in sorted(set(layers) & set(records)):
         record, given = records[path], dict(layers[path])
         rank = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
