@@ -179,18 +179,18 @@ def step_add_kv_cache(t: Traced) -> str:
     base = t.fused if t.fused is not None else _need_gm(t)
     cached, record = _run(AddKvCache(), base, t)
     meta = cached.meta.get(KV_META)
-    if not meta or not meta.get("past"):
+    if meta is None or not meta.past:  # a KVCacheLayout (fxforge/runtime/layouts.py)
         raise CellFailure(f"no cache added ({record.sites} sites; {_reasons(record.skipped) or 'no reason given'})")
     ids = t.ids
     past, steps = empty_past(meta, ids.shape[0], torch.float32), []
     for i in range(ids.shape[1]):
         out = cached(*cached_inputs(meta, ids[:, i:i + 1], i, past))
         steps.append(out[0])
-        past = [out[j] for pair in meta["present"] for j in pair]
+        past = [out[j] for pair in meta.present for j in pair]
     err = _max_error(torch.cat(steps, 1), reference(t.built.model, ids))
     if not err <= TOL:
         raise CellFailure(f"token-by-token decoding differs from uncached by {err:.1e}")
-    return f"{len(meta['past'])} layers cached, max err {err:.0e}"
+    return f"{len(meta.past)} layers cached, max err {err:.0e}"
 
 
 def _sites_step(pass_obj, t: Traced, calibrated: bool = False) -> str:
