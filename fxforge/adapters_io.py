@@ -215,13 +215,10 @@ def _check_tensors(records: dict[str, Any], layers: dict[str, Any], tensors: dic
                 problems.append(f"{key}: missing from the file")
                 continue
             have, given = get_attr(gm, name), tensors[key]
-            if tuple(given.shape) != tuple(have.shape):
-                problems.append(f"{key}: shape {tuple(given.shape)} in the file but {tuple(have.shape)} in the graph")
-            elif given.dtype != have.dtype:
-                problems.append(f"{key}: dtype {given.dtype} in the file but {have.dtype} in the graph (no cast is "
-                                f"applied: save the adapters from a model of dtype {have.dtype})")
-            elif problem := nonfinite_problem(given):
-                problems.append(f"{key}: {problem}")
+            problem = tensor_problem(key, given, have, "the file",
+                                     f"save the adapters from a model of dtype {have.dtype}")
+            if problem:
+                problems.append(problem)
             else:
                 targets[name] = given
     unknown = sorted(set(tensors) - expected)
@@ -231,6 +228,18 @@ def _check_tensors(records: dict[str, Any], layers: dict[str, Any], tensors: dic
         raise AdapterLoadError(f"load_adapters: {path} cannot be loaded (nothing was changed):\n  - "
                                + "\n  - ".join(problems))
     return targets
+
+
+def tensor_problem(key: str, given: torch.Tensor, have: torch.Tensor, source: str, dtype_fix: str) -> str | None:
+    """Why the tensor `given` (read from `source`) cannot replace the graph's `have`, or None.
+    Shapes and dtypes must match exactly (no cast is applied) and values must be finite."""
+    if tuple(given.shape) != tuple(have.shape):
+        return f"{key}: shape {tuple(given.shape)} in {source} but {tuple(have.shape)} in the graph"
+    if given.dtype != have.dtype:
+        return (f"{key}: dtype {given.dtype} in {source} but {have.dtype} in the graph (no cast is "
+                f"applied: {dtype_fix})")
+    problem = nonfinite_problem(given)
+    return f"{key}: {problem}" if problem else None
 
 
 def layer_set_problems(records: Any, layers: Any, source: str) -> list[str]:

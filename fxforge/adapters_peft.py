@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fxforge.adapters_io import AdapterLoadError, assign_adapter_tensors, graph_module_of, layer_set_problems
+from fxforge.adapters_io import AdapterLoadError, assign_adapter_tensors, graph_module_of, layer_set_problems, tensor_problem
 from fxforge.adapters_peft_residual import RESIDUAL_LORA, ResidualConversionError, residual_as_lora
 from fxforge.atomic import atomic_directory
 from fxforge.errors import FxforgeError
@@ -454,14 +454,10 @@ def _match(config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]], r
                 problems.append(f"{key}: missing from the directory")
                 continue
             have, value = get_attr(gm, record["tensors"][role]), given[role]
-            if tuple(value.shape) != tuple(have.shape):
-                problems.append(f"{key}: shape {tuple(value.shape)} in the directory but {tuple(have.shape)} "
-                                f"in the graph")
-            elif value.dtype != have.dtype:
-                problems.append(f"{key}: dtype {value.dtype} in the directory but {have.dtype} in the graph (no "
-                                f"cast is applied: compile the model in {value.dtype} or cast the file)")
-            elif problem := nonfinite_problem(value):
-                problems.append(f"{key}: {problem}")
+            problem = tensor_problem(key, value, have, "the directory",
+                                     f"compile the model in {value.dtype} or cast the file")
+            if problem:
+                problems.append(problem)
             else:
                 targets[record["tensors"][role]] = value
     if problems:
