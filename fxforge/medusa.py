@@ -293,13 +293,13 @@ def _backbone_hidden(gm: Any, backbone: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _head_logits(gm: Any, ids: torch.Tensor) -> torch.Tensor:
-    layout = _medusa_layout(gm)
+    heads = _medusa_layout(gm)
     if KV_META in gm.meta:
         layout = gm.meta[KV_META]
         flat = cached_inputs(layout, ids, 0, empty_past(layout, ids.shape[0], torch.float32))
     else:
         flat = [ids]
-    return gm(*flat)[layout.heads_output]
+    return gm(*flat)[heads.heads_output]
 
 
 def _medusa_layout(gm: Any) -> MedusaLayout:

@@ -419,7 +419,8 @@ def only_user(node: Node) -> Node | None:
 
 __all__ = [
     "Build", "Value", "fake", "same_size", "broadcasts_to", "IDENTITY_RULES", "SCALE_RULES",
-    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "CAST_BACK_SOFTMAX_RULE", "probabilities", "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
+    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "CAST_BACK_SOFTMAX_RULE", "probabilities",
+    "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
     "additive_terms", "mask_candidates", "KEY_TRANSPOSE_RULES", "untranspose_key", "REPEAT_KV_RULES", "peel_repeat_kv",
     "only_user",
 ]
