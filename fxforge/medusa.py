@@ -363,16 +363,16 @@ def _heads_apart(main: Any, heads: Any, backend: str, backend_options: dict) -> 
     return CachedLM(main, lm.runner, backend, heads_runner=heads_runner)
 
 
-def split_heads_for_decoding(cached: Any) -> tuple[Any, Any] | None:
-    """(graph returning the hidden state in place of head logits, heads graph) or None.
+def split_heads_for_decoding(graph: Any) -> tuple[Any, Any] | None:
+    """(cached graph returning the hidden state in place of head logits, heads graph) or None.
 
-    The first is pass `split_medusa_heads` on `cached` (verified); None when the heads cannot be
-    told apart from the backbone.
+    The first is pass `split_medusa_heads` (verified) on `graph`, given a KV cache first if it has
+    none; None when the heads cannot be told apart from the backbone.
     """
+    cached, ctx, _ = _cached(graph)
     heads = heads_graph(cached)
     if heads is None:
         return None
-    _, ctx, _ = _cached(cached)
     return run_pass(SplitMedusaHeads(), cached, ctx), heads
 
 

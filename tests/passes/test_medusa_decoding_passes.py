@@ -137,6 +137,12 @@ def test_decoder_reports_the_passes_that_built_it(cached):
     assert medusa.decoder(compiled, greedy_in_graph=True) is verifying  # built once
 
 
+def test_head_accuracy_reads_the_heads_of_a_cached_graph(cached):
+    gm, _ = cached  # both layouts in one graph's meta: the KV one places inputs, the Medusa one outputs
+    top1, top5, _, positions = medusa.head_accuracy(gm, example_ids(batch=2, seq=12))
+    assert len(top1) == len(top5) == HEADS and positions > 0
+
+
 def _layout(**changes):
     fields = dict(num_heads=3, num_layers=1, share_lm_head=False, logits_output=0, heads_output=1,
                   hidden_size=32, vocab_size=100, lm_head="lm_head.weight", prefix="medusa_heads",
