@@ -61,21 +61,22 @@ class Quantize(Pass):
 
     name = "quantize"
     bits: int = 4
-    group_size: int = 128              # -1: one group per channel
+    group_size: int = 64               # -1: one group per channel
     sym: bool = False
     group_axis: str = "in"             # "out": per-IC grouping (AdaDim)
     method: str = "rtn"
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
-    include_lm_head: bool = False
+    include_lm_head: bool = True       # the head is the largest matrix of a small LLM's decode step
     calibration_batches: int = 128
     # the methods' own options (each checked by its method class; one of another method is an error)
+    # rtn, awq
+    clip_search: bool = True           # rtn: per-group range of lowest weight error; awq: of lowest output error
     # gptq
     damp: float = 0.01                 # fraction of mean diag(H) added to the diagonal
     block_size: int = 128              # columns per lazy-update block
     # awq
     awq_grid: int = 20                 # alphas 0, 1/grid, ... (grid-1)/grid
-    clip_search: bool = True
     # easyquant
     outlier_sigma: float = 3.0         # weights beyond this many std of their row stay float
     range_steps: int = 100             # gradient steps of the range optimization
