@@ -238,6 +238,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="ORT op-type profile of each int4 decode step")
     parser.add_argument("--quick", action="store_true", help="2 layers, 2 rounds, 1 thread: a smoke run")
     parser.add_argument("--keep", type=Path, help="work here and keep the files (default: a temp dir, removed)")
+    parser.add_argument("--reuse", action="store_true", help="with --keep: reuse the files an earlier run compiled")
     parser.add_argument("--_ort-dynamic", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._ort_dynamic:
@@ -269,6 +270,9 @@ def main() -> int:
         report["config"] = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                    "num_key_value_heads", "vocab_size", "num_hidden_layers")}
         rows: dict[str, dict[str, Any]] = {}
+        previous = {}
+        if args.reuse and (work / "compiles.json").exists():
+            previous = json.loads((work / "compiles.json").read_text())
 
         def fx(name: str, passes: str) -> Callable[[], dict[str, Any]]:
             return lambda: e2e.compile_fxforge(hf, work / name, passes, work / f"{name}.log")
@@ -293,7 +297,11 @@ def main() -> int:
                 continue
             print(f"compiling {name} ...", flush=True)
             try:
-                result = run()
+                done = work / name / "model.onnx"
+                if args.reuse and done.exists() and name in previous:  # compiled by an earlier --keep run
+                    result = {**previous[name]["compile"], "onnx": str(done)}
+                else:
+                    result = run()
                 rows[name].update(onnx=result.pop("onnx"), compile=result, compile_wall_s=result["wall_s"],
                                   compile_peak_rss_mib=result["peak_rss_mib"])
                 rows[name].update(e2e.describe(Path(rows[name]["onnx"])))
@@ -301,6 +309,8 @@ def main() -> int:
             except Exception as exc:  # a peer that fails is reported, the others go on
                 rows[name]["status"] = e2e.failure(exc)
                 traceback.print_exc()
+        (work / "compiles.json").write_text(json.dumps({n: {"compile": r["compile"]} for n, r in rows.items()
+                                                       if "compile" in r}))
         for level in filter(None, args.acc_levels.split(",")):
             if "onnx" in rows.get("fxforge_int4", {}):
                 base = rows["fxforge_int4"]

@@ -100,10 +100,12 @@ def quantize_weight_rtn(m: Tensor, spec: QuantSpec, clip_search: bool = False) -
     return quantize_matrix(m, spec, mse_clip(m, spec) if clip_search else 1.0)
 
 
-# Range shrink factors tried per group, full range first (chosen on Gaussian and Student-t
-# weights at 4 bits, g=64/128: the best factor lies in 0.75-1 for nearly every group).
-CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-CLIP_CHUNK_ROWS = 256  # rows searched at once: bounds the temporaries to a few MB per layer
+# Range shrink factors tried per group, full range first. On Gaussian and Student-t(4) weights
+# at 4 bits, g=64/128, a grid down to 0.75 chose 0.85-1 for 99.9% of the groups.
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85)
+# Weights searched at once: bounds the temporaries (~16 MB each) while keeping the op count low
+# (per-op overhead dominated with small chunks on a loaded 2-core machine: 25x plain RTN).
+CLIP_CHUNK_ELEMENTS = 1 << 22
 
 
 def mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
@@ -116,12 +118,18 @@ def mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
     4 bits this lowers the relative weight error by 5-13% (g=64/128), so asymmetric g=64 lands
     at the error of symmetric g=32 (what ONNX Runtime's builders write) with fewer bytes.
     """
+    with torch.no_grad():  # a parameter's weight requires grad; the search needs none
+        return _mse_clip(m.detach(), spec)
+
+
+def _mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
     rows, cols = m.shape
     g = spec.group_size
     best_clip = torch.ones(rows, cols // g, 1)
-    for start in range(0, rows, CLIP_CHUNK_ROWS):
-        groups = m[start:start + CLIP_CHUNK_ROWS].to(torch.float32).reshape(-1, cols // g, g)
-        chunk_clip = best_clip[start:start + CLIP_CHUNK_ROWS]
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // cols)
+    for start in range(0, rows, chunk):
+        groups = m[start:start + chunk].to(torch.float32).reshape(-1, cols // g, g)
+        chunk_clip = best_clip[start:start + chunk]
         best_err = None
         work = torch.empty_like(groups)
         for clip in CLIP_GRID:
