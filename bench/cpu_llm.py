@@ -71,8 +71,9 @@ def compile_ort_dynamic(fp32: dict[str, Any], out: Path, log: Path) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_ort-dynamic", fp32["onnx"], str(out / "model.onnx")]
     quant = e2e.run_measured(cmd, log=log)
-    return {"wall_s": round(fp32["compile"]["wall_s"] + quant["wall_s"], 2),
-            "peak_rss_mib": max(fp32["compile"]["peak_rss_mib"], quant["peak_rss_mib"]),
+    export = fp32["compile"]  # None where the fp32 file was reused (--reuse): this step's own numbers
+    return {"wall_s": round((export.get("wall_s") or 0) + quant["wall_s"], 2),
+            "peak_rss_mib": max(export.get("peak_rss_mib") or 0, quant["peak_rss_mib"]),
             "quantize_wall_s": quant["wall_s"], "onnx": str(out / "model.onnx")}
 
 
@@ -298,19 +299,20 @@ def main() -> int:
             print(f"compiling {name} ...", flush=True)
             try:
                 done = work / name / "model.onnx"
-                if args.reuse and done.exists() and name in previous:  # compiled by an earlier --keep run
-                    result = {**previous[name]["compile"], "onnx": str(done)}
+                if args.reuse and done.exists():  # compiled by an earlier --keep run
+                    result = {**previous.get(name, {"compile": {"wall_s": None, "peak_rss_mib": None}})["compile"],
+                              "reused": True, "onnx": str(done)}
                 else:
                     result = run()
                 rows[name].update(onnx=result.pop("onnx"), compile=result, compile_wall_s=result["wall_s"],
                                   compile_peak_rss_mib=result["peak_rss_mib"])
                 rows[name].update(e2e.describe(Path(rows[name]["onnx"])))
                 rows[name]["decode_weight_bytes"] = decode_weight_bytes(rows[name]["onnx"])
+                previous[name] = {"compile": rows[name]["compile"]}
+                (work / "compiles.json").write_text(json.dumps(previous))  # a later --reuse run keeps the times
             except Exception as exc:  # a peer that fails is reported, the others go on
                 rows[name]["status"] = e2e.failure(exc)
                 traceback.print_exc()
-        (work / "compiles.json").write_text(json.dumps({n: {"compile": r["compile"]} for n, r in rows.items()
-                                                       if "compile" in r}))
         for level in filter(None, args.acc_levels.split(",")):
             if "onnx" in rows.get("fxforge_int4", {}):
                 base = rows["fxforge_int4"]
