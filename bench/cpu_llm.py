@@ -25,6 +25,7 @@ profile of one decode step of each int4 model at 1 thread. Writes bench/results/
 (cpu_llm_cpu_quick.json with --quick).
 
     python bench/cpu_llm.py [--layers 4] [--threads 1,2] [--rounds 5] [--profile] [--quick]
+    python bench/cpu_llm.py --blocks-sweep [--threads 1,2]   # MatMulNBits alone: cpu_llm_blocks_cpu.json
 """
 from __future__ import annotations
 
@@ -186,6 +187,61 @@ def profile_decode(path: str, cfg: dict[str, int], work: Path, calls: int = 10) 
             "by_op_type": ops}
 
 
+# ---------------------------------------------------------------- MatMulNBits alone: block size, symmetry, level
+LAYER_SHAPES = [(2048, 2048)] * 2 + [(2048, 256)] * 2 + [(2048, 5632)] * 2 + [(5632, 2048)]  # (K, N): q o k v gate up down
+HEAD_SHAPE = [(2048, 32000)]
+
+
+def matmul_nbits_model(shapes: list[tuple[int, int]], block: int, sym: bool, level: int) -> tuple[bytes, list[int]]:
+    """One MatMulNBits per (K, N) of random int4 codes, batch 1; the model bytes and its input widths."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, outs = [], [], []
+    for i, (k, n) in enumerate(shapes):
+        blocks = k // block
+        inits += [numpy_helper.from_array(rng.integers(0, 255, (n, blocks, block // 2), dtype=np.uint8), f"b{i}"),
+                  numpy_helper.from_array(rng.random((n, blocks), dtype=np.float32) * 0.01, f"s{i}")]
+        inputs = [f"x{k}", f"b{i}", f"s{i}"]
+        if not sym:
+            inits.append(numpy_helper.from_array(rng.integers(0, 255, (n, (blocks + 1) // 2), dtype=np.uint8), f"z{i}"))
+            inputs.append(f"z{i}")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", K=k, N=n, bits=4,
+                                      block_size=block, accuracy_level=level))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    widths = sorted({k for k, _ in shapes})
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k])
+                                           for k in widths], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return model.SerializeToString(), widths
+
+
+def blocks_sweep(threads: int, rounds: int = 15) -> dict[str, dict[str, float]]:
+    """ms of one decoder layer's seven MatMulNBits and of the LM head, batch 1, per configuration
+    (block 32/64/128, symmetric or with zero points, accuracy level 4; and level 0 at block 32),
+    interleaved rounds; median and min (the min is the least disturbed on a shared machine)."""
+    import onnxruntime as ort
+
+    configs = [(b, sym, 4) for b in (32, 64, 128) for sym in (True, False)] + [(32, True, 0)]
+    sessions = {}
+    for block, sym, level in configs:
+        for part, shapes in (("layer", LAYER_SHAPES), ("head", HEAD_SHAPE)):
+            data, widths = matmul_nbits_model(shapes, block, sym, level)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            feeds = {f"x{k}": np.random.default_rng(1).standard_normal((1, k), dtype=np.float32) for k in widths}
+            session.run(None, feeds)
+            sessions[f"{part} g{block} {'sym' if sym else 'asym'} acc{level}"] = (session, feeds)
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for key, (session, feeds) in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            samples[key].append((time.perf_counter() - start) * 1e3)
+    return {k: {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3)} for k, v in samples.items()}
+
+
 # ---------------------------------------------------------------- the run
 def print_table(rows: dict[str, dict[str, Any]], threads: list[int]) -> None:
     head = ["model", "MB", "nodes", "weights MB/token"]
@@ -240,10 +296,21 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 layers, 2 rounds, 1 thread: a smoke run")
     parser.add_argument("--keep", type=Path, help="work here and keep the files (default: a temp dir, removed)")
     parser.add_argument("--reuse", action="store_true", help="with --keep: reuse the files an earlier run compiled")
+    parser.add_argument("--blocks-sweep", action="store_true",
+                        help="only MatMulNBits alone at TinyLlama's shapes: block 32/64/128, sym/asym, levels")
     parser.add_argument("--_ort-dynamic", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._ort_dynamic:
         ort_dynamic(*args._ort_dynamic)
+        return 0
+    if args.blocks_sweep:
+        sweep = {str(t): blocks_sweep(int(t)) for t in args.threads.split(",")}
+        for t, rows in sweep.items():
+            for key, v in rows.items():
+                print(f"{t} thread(s)  {key:28s} median {v['median_ms']:8.3f} ms   min {v['min_ms']:8.3f} ms")
+        path = RESULTS / "cpu_llm_blocks_cpu.json"
+        path.with_suffix(".json.tmp").write_text(json.dumps({"load_avg": os.getloadavg(), "sweep": sweep}, indent=1))
+        os.replace(path.with_suffix(".json.tmp"), path)
         return 0
     if args.quick:
         args.layers, args.rounds, args.decode_calls, args.threads = 2, 2, 3, "1"
