@@ -8,6 +8,9 @@ zero point 2^(bits-1) so both variants share one storage format (fxforge::linear
 
     asymmetric: s = (max-min)/(2^b-1) (≥1e-5), z = -round(min/s), q = clamp(round(w/s)+z, 0, 2^b-1)
     symmetric:  s = absmax/(2^(b-1)-1) (≥1e-5), z = 2^(b-1),       q = clamp(round(w/s)+z, 1, 2^b-1)
+
+with max/min/absmax shrunk by a per-group clip factor where a method chooses one (AWQ's output
+search, or rtn's data-free `mse_clip`, the default of method rtn).
 """
 from __future__ import annotations
 
