@@ -64,7 +64,7 @@ class Quantize(Pass):
     int4 too (it is the largest matrix of a small LLM's decode step: float, it made decoding 2x
     slower), which moves logits more than the layers do (`include_lm_head=False` keeps it
     float; a tied head is quantized for the linear only, the embedding stays float and is stored
-    once); clip search costs ~3x plain RTN's quantization time (`clip_search=False`: plain RTN);
+    once); clip search costs 2-3x plain RTN's quantization time (`clip_search=False`: plain RTN);
     `group_size=32` is more accurate and slower, 128 faster and less accurate.
 
     >>> Pipeline("quantize(bits=4,group_size=32,method=gptq)")
