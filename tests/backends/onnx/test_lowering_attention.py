@@ -86,8 +86,13 @@ def test_self_attention_dynamic_length(groups):
     calls = [((0, 1, 2, None), True, None, groups), ((0, 1, 2, None), False, 0.2, groups)]
     module = ManyAttends(calls)
     model = export(module, qkv(2, 4, 4 // groups, 6, 6), ({2: SEQ}, {2: SEQ}, {2: SEQ}))
-    # Lq and Lk are the same symbol, so the native top-left is_causal is exact: no mask built.
-    assert operators(model) == ["Attention", "Attention"]
+    # Lq and Lk are the same symbol, so causal self-attention is exact with GroupQueryAttention
+    # (the default) and no mask is built.
+    assert operators(model).count("GroupQueryAttention") == 1 and operators(model).count("Attention") == 1
+    assert "LessOrEqual" not in operators(model)
+    model = export(module, qkv(2, 4, 4 // groups, 6, 6), ({2: SEQ}, {2: SEQ}, {2: SEQ}),
+                   options=OnnxOptions(causal_attention="Attention"))
+    assert operators(model) == ["Attention", "Attention"]  # the native top-left is_causal, no mask
     for length in (6, 11):  # the export length and another one
         assert_matches(module, qkv(2, 4, 4 // groups, length, length), model)
 
