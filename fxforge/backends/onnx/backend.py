@@ -147,7 +147,7 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
 
 def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | os.PathLike | None = None,
             threads: int | None = None, spinning: bool = True, accuracy_level: int = 4,
-            causal_attention: str = "GroupQueryAttention", bidirectional_attention: str = "Attention",
+            causal_attention: str = "GroupQueryAttention", bidirectional_attention: str = "MultiHeadAttention",
             dtype: Literal["auto", "float32", "model"] = "auto",
             **unknown: Any) -> OnnxRunner:
     """Export `gm` and open it in ONNX Runtime. `path`: where to keep the .onnx file;
