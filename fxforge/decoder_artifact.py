@@ -71,7 +71,8 @@ def export_decoder(compiled: "CompiledModel", directory: str | Path, *, tokenize
     directory = Path(directory)
     settings = _model_settings(compiled, layout, tokenizer, _as_dict(config))
     with atomic_directory(directory) as staging:
-        write_decoder_onnx(compiled, staging / ONNX_FILE, ort_fusions=ort_fusions)
+        positions = max(settings["context_length"], max_length or 0)  # rotary caches cover every position
+        write_decoder_onnx(compiled, staging / ONNX_FILE, ort_fusions=ort_fusions, rotary_length=positions)
         check_decoder_onnx(compiled, staging / ONNX_FILE)  # before anything replaces a previous artifact
         vocab = _vocab_of(staging / ONNX_FILE)
         genai = genai_config(layout, vocab_size=vocab, max_length=max_length, **settings)
@@ -98,12 +99,15 @@ def _decoder_layout(compiled: "CompiledModel") -> KVCacheLayout:
     return layout
 
 
-def write_decoder_onnx(compiled: "CompiledModel", path: Path, *, ort_fusions: bool = True) -> Path:
+def write_decoder_onnx(compiled: "CompiledModel", path: Path, *, ort_fusions: bool = True,
+                       rotary_length: int | None = None) -> Path:
     """Export the cached graph to `path` and give its I/O and dimensions the conventional names.
 
     `ort_fusions`: rewrite the file for ONNX Runtime's contrib kernels (`fuse_for_ort`): cached
     attention -> GroupQueryAttention, RMSNorm (+ residual) -> (Skip)SimplifiedLayerNormalization.
-    False keeps the standard-ONNX lowering (the reference the fused file is tested against)."""
+    False keeps the standard-ONNX lowering (the reference the fused file is tested against).
+    `rotary_length`: positions the fused rotary caches cover (the context length); None keeps
+    rotary out of GroupQueryAttention."""
     import onnx
 
     from fxforge.backends.onnx.backend import export_onnx
@@ -140,16 +144,18 @@ def write_decoder_onnx(compiled: "CompiledModel", path: Path, *, ort_fusions: bo
             set_shape(by_name[f"present.{i}.{kind}"], ("batch_size", heads, "total_sequence_length", dim))
     _drop_inner_shapes(graph)
     if ort_fusions:
-        model = fuse_for_ort(compiled, model)
+        model = fuse_for_ort(compiled, model, rotary_length=rotary_length)
     onnx.save(model, str(path))
     return path
 
 
-def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto") -> "onnx.ModelProto":
+def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
+                 rotary_length: int | None = None) -> "onnx.ModelProto":
     """The renamed decoder ModelProto rewritten for ONNX Runtime's CPU contrib kernels.
 
     GroupQueryAttention for each layer whose fused attention reads only the padding mask
-    (`backends.onnx.decoder_gqa`; other layers keep the standard Attention), then onnxscript's
+    (`backends.onnx.decoder_gqa`; other layers keep the standard Attention), with Hugging Face
+    rotary inside it where it matches (cos/sin caches of `rotary_length` positions), then onnxscript's
     RMSNorm / skip-norm fusions (`backends.onnx.ort_norms`). check_decoder_onnx runs after, on
     the written file, against the compiled graph.
     """
@@ -157,7 +163,8 @@ def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto") -> "onnx.M
     from fxforge.backends.onnx.ort_norms import fuse_norms
 
     layout = kv_layout(compiled.graph_module.meta)
-    fuse_group_query_attention(model, gqa_layers(compiled.graph_module, layout), dtype=layout.dtype)
+    fuse_group_query_attention(model, gqa_layers(compiled.graph_module, layout), dtype=layout.dtype,
+                               rotary_length=rotary_length)
     return fuse_norms(model)
 
 

@@ -27,8 +27,11 @@ the padding goes in the additive `attention_bias` (B, 1, L, T): 0 where key j is
 padding.py's mask, whose "or itself" clause keeps every row non-empty. seqlens_k,
 total_sequence_length and the bias are computed once from `attention_mask`, shared by layers.
 
-Rotary stays outside the op (the model's own Mul/Slice/Neg/Concat): GQA's do_rotary would need
-cos/sin caches recovered from the graph's inv_freq computation.
+Rotary: where q and k are rotated by exactly Hugging Face's rotary embedding read at
+`position_ids` (`decoder_rotary.match_rotary`), the op rotates them itself (do_rotary, with
+cos/sin caches of `rotary_length` positions computed from the graph's inv_freq, and the
+position_ids input so left-padded rows keep their positions). Otherwise, or without
+`rotary_length`, the model's own rotary ops stay in front of the op.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from fxforge.backends.onnx.decoder_rotary import ModelGraph, match_rotary, rotary_caches
 
 MS_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -53,18 +58,22 @@ class CachedAttention:
 
 def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedAttention], *,
                                attention_mask: str = "attention_mask", input_ids: str = "input_ids",
-                               dtype: str = "float32") -> int:
+                               position_ids: str = "position_ids", dtype: str = "float32",
+                               rotary_length: int | None = None) -> int:
     """Rewrite, in place, each `Attention` over `Concat(past key input, new)` whose past key input
     is a key of `layers` (with its value partner) into GroupQueryAttention; returns how many.
 
     `layers` maps a past-key graph input name (`past_key_values.{i}.key`) to its layer's heads;
     only layers whose FX attention reads the padding mask alone (no bias, causal) belong in it,
     so the mask can be rebuilt from `attention_mask`. The rest keep today's lowering.
+    `rotary_length`: positions the rotary caches cover (the model's context length); None
+    leaves rotary outside the op.
     """
     if dtype not in _FLOAT_TYPES:
         return 0  # GQA's CPU kernel takes float32/float16 only: keep the standard Attention
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
+    matcher = ModelGraph(model)
     graph_inputs = {i.name for i in graph.input}
     names = _Names(graph)
     shared: list[onnx.NodeProto] = []
@@ -80,7 +89,11 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
         key_concat, value_concat, heads = match
         if lengths is None:
             lengths = _padding_inputs(shared, names, attention_mask, input_ids, _FLOAT_TYPES[dtype])
-        replaced[id(node)] = _gqa_nodes(node, key_concat, value_concat, heads, lengths, names)
+        rotary = None
+        if rotary_length:
+            rotary = _layer_rotary(matcher, node.input[0], key_concat.input[1], heads, position_ids,
+                                   rotary_length, names, _FLOAT_TYPES[dtype])
+        replaced[id(node)] = _gqa_nodes(node, key_concat, value_concat, heads, lengths, names, rotary)
         dead |= {id(node), id(key_concat), id(value_concat)}
     if not replaced:
         return 0
@@ -153,6 +166,18 @@ class _Names:
             self._constants[key] = name
         return self._constants[key]
 
+    def rotary(self, inv_freq: str, values: np.ndarray, length: int, elem_type: int) -> tuple[str, str]:
+        """(cos_cache, sin_cache) initializers for these frequencies, shared by layers."""
+        key = ("rotary", inv_freq, length, elem_type)
+        if key not in self._constants:
+            dtype = np.float16 if elem_type == TensorProto.FLOAT16 else np.float32
+            names = []
+            for cache, base in zip(rotary_caches(values, length), ("cos_cache", "sin_cache")):
+                names.append(self.fresh(base))
+                self.initializers.append(numpy_helper.from_array(cache.astype(dtype), names[-1]))
+            self._constants[key] = tuple(names)
+        return self._constants[key]
+
     def floats(self, value: float, elem_type: int) -> str:
         key = ("f", value, elem_type)
         if key not in self._constants:
@@ -193,7 +218,21 @@ def _padding_inputs(nodes, names: _Names, attention_mask: str, input_ids: str, e
     return seqlens, total_i32, bias, query_seqlens
 
 
-def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, lengths, names: _Names):
+def _layer_rotary(matcher, query, key, heads, position_ids, length, names, elem_type):
+    """(un-rotated q, un-rotated k, {GQA rotary inputs and attributes}) when both are HF rotary
+    with the same frequencies, else None."""
+    if heads.head_dim % 16:
+        return None  # ORT's kernel rotates only head sizes that are multiples of 16
+    q_rot = match_rotary(matcher, query, heads.head_dim, position_ids)
+    k_rot = match_rotary(matcher, key, heads.head_dim, position_ids)
+    if q_rot is None or k_rot is None or not np.array_equal(q_rot.inv_freq_values, k_rot.inv_freq_values):
+        return None
+    cos, sin = names.rotary(q_rot.inv_freq, q_rot.inv_freq_values, length, elem_type)
+    return q_rot.x, k_rot.x, {"cos": cos, "sin": sin, "position_ids": position_ids}
+
+
+def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, lengths, names: _Names,
+               rotary=None):
     """Nodes replacing one Attention and its two cache Concats (same output names)."""
     seqlens, total, bias, query_seqlens = lengths
     nodes: list[onnx.NodeProto] = []
@@ -206,16 +245,21 @@ def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, leng
         t = add("Transpose", [x], [names.fresh(base + "_t")], perm=[0, 2, 1, 3])
         return add("Reshape", [t, names.ints([0, 0, -1])], [names.fresh(base + "_bsd")])
 
-    query = sequence_major(attention.input[0], "query")
-    key = sequence_major(key_concat.input[1], "key")
+    q_in, k_in = (attention.input[0], key_concat.input[1]) if rotary is None else rotary[:2]
+    query = sequence_major(q_in, "query")
+    key = sequence_major(k_in, "key")
     value = sequence_major(value_concat.input[1], "value")
     scale = next((a.f for a in attention.attribute if a.name == "scale"), None)
     attrs = dict(num_heads=heads.q_heads, kv_num_heads=heads.kv_heads)
     if scale is not None:
         attrs["scale"] = scale
+    rotary_inputs = ["", "", ""]
+    if rotary is not None:
+        attrs.update(do_rotary=1, rotary_interleaved=0)
+        rotary_inputs = [rotary[2]["cos"], rotary[2]["sin"], rotary[2]["position_ids"]]
     out = names.fresh("gqa_out")
     add("GroupQueryAttention",
-        [query, key, value, key_concat.input[0], value_concat.input[0], seqlens, total, "", "", "", bias,
+        [query, key, value, key_concat.input[0], value_concat.input[0], seqlens, total, *rotary_inputs, bias,
          "", "", "", "", "", query_seqlens],
         [out, key_concat.output[0], value_concat.output[0]], domain=MS_DOMAIN, **attrs)
     heads_split = add("Reshape", [out, names.ints([0, 0, heads.q_heads, heads.head_dim])], [names.fresh("gqa_heads")])

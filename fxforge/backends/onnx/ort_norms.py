@@ -38,6 +38,9 @@ def fuse_norms(model: onnx.ModelProto) -> onnx.ModelProto:
               "skip_rms": fuse_skip_rms_normalization(typed)}
     fused = ir.serde.serialize_model(typed)
     del fused.graph.value_info[:]  # the shapes above were for matching only
+    for mine, original in ((fused.graph.input, model.graph.input), (fused.graph.output, model.graph.output)):
+        del mine[:]  # the inference renames symbolic dims it merges: keep the declared I/O as written
+        mine.extend(original)
     return fused if any(counts.values()) else model
 
 
