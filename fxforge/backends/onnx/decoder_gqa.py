@@ -73,6 +73,11 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
         return 0  # GQA's CPU kernel takes float32/float16 only: keep the standard Attention
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
     matcher = ModelGraph(model)
     graph_inputs = {i.name for i in graph.input}
     names = _Names(graph)
@@ -93,8 +98,13 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
         if rotary_length:
             rotary = _layer_rotary(matcher, node.input[0], key_concat.input[1], heads, position_ids,
                                    rotary_length, names, _FLOAT_TYPES[dtype])
-        replaced[id(node)] = _gqa_nodes(node, key_concat, value_concat, heads, lengths, names, rotary)
-        dead |= {id(node), id(key_concat), id(value_concat)}
+        # the exporter turns the (B, H, L, D) result back to (B, L, H, D) right away: when that
+        # Transpose is its only reader, GQA's (B, L, H·D) output feeds it reshaped, transposes skipped
+        back = readers.get(node.output[0], [])
+        to_sequence = back if back and node.output[0] not in outputs and all(_is_head_swap(t) for t in back) else []
+        replaced[id(node)] = _gqa_nodes(node, key_concat, value_concat, heads, lengths, names, rotary,
+                                        producer, [t.output[0] for t in to_sequence])
+        dead |= {id(node), id(key_concat), id(value_concat)} | {id(t) for t in to_sequence}
     if not replaced:
         return 0
     nodes = list(shared)
@@ -231,9 +241,18 @@ def _layer_rotary(matcher, query, key, heads, position_ids, length, names, elem_
     return q_rot.x, k_rot.x, {"cos": cos, "sin": sin, "position_ids": position_ids}
 
 
+def _is_head_swap(node) -> bool:
+    return node.op_type == "Transpose" and node.domain in ("", "ai.onnx") and \
+        [list(a.ints) for a in node.attribute if a.name == "perm"] == [[0, 2, 1, 3]]
+
+
 def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, lengths, names: _Names,
-               rotary=None):
-    """Nodes replacing one Attention and its two cache Concats (same output names)."""
+               rotary, producer, sequence_major_outputs: list[str]):
+    """Nodes replacing one Attention and its two cache Concats (same output names).
+
+    `sequence_major_outputs`: outputs of the (B, H, L, D) -> (B, L, H, D) Transposes that were
+    the Attention's only readers; they are produced here straight from GQA's output instead.
+    """
     seqlens, total, bias, query_seqlens = lengths
     nodes: list[onnx.NodeProto] = []
 
@@ -242,7 +261,11 @@ def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, leng
         return outputs[0]
 
     def sequence_major(x: str, base: str) -> str:  # (B, N, L, D) -> (B, L, N·D)
-        t = add("Transpose", [x], [names.fresh(base + "_t")], perm=[0, 2, 1, 3])
+        made = producer.get(x)
+        if made is not None and _is_head_swap(made):  # x = the exporter's (B, L, N, D) -> (B, N, L, D): undo it
+            t = made.input[0]
+        else:
+            t = add("Transpose", [x], [names.fresh(base + "_t")], perm=[0, 2, 1, 3])
         return add("Reshape", [t, names.ints([0, 0, -1])], [names.fresh(base + "_bsd")])
 
     q_in, k_in = (attention.input[0], key_concat.input[1]) if rotary is None else rotary[:2]
@@ -262,8 +285,13 @@ def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, leng
         [query, key, value, key_concat.input[0], value_concat.input[0], seqlens, total, *rotary_inputs, bias,
          "", "", "", "", "", query_seqlens],
         [out, key_concat.output[0], value_concat.output[0]], domain=MS_DOMAIN, **attrs)
-    heads_split = add("Reshape", [out, names.ints([0, 0, heads.q_heads, heads.head_dim])], [names.fresh("gqa_heads")])
-    add("Transpose", [heads_split], [attention.output[0]], perm=[0, 2, 1, 3])
+    split = names.ints([0, 0, heads.q_heads, heads.head_dim])
+    if sequence_major_outputs:
+        for name in sequence_major_outputs:
+            add("Reshape", [out, split], [name])
+    else:
+        heads_split = add("Reshape", [out, split], [names.fresh("gqa_heads")])
+        add("Transpose", [heads_split], [attention.output[0]], perm=[0, 2, 1, 3])
     return nodes
 
 
