@@ -144,13 +144,13 @@ def write_decoder_onnx(compiled: "CompiledModel", path: Path, *, ort_fusions: bo
             set_shape(by_name[f"present.{i}.{kind}"], ("batch_size", heads, "total_sequence_length", dim))
     _drop_inner_shapes(graph)
     if ort_fusions:
-        model = fuse_for_ort(compiled, model, rotary_length=rotary_length)
+        model = fuse_for_ort(compiled, model, rotary_length=rotary_length, base_dir=str(path.parent))
     onnx.save(model, str(path))
     return path
 
 
 def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
-                 rotary_length: int | None = None) -> "onnx.ModelProto":
+                 rotary_length: int | None = None, base_dir: str | None = None) -> "onnx.ModelProto":
     """The renamed decoder ModelProto rewritten for ONNX Runtime's CPU contrib kernels.
 
     GroupQueryAttention for each layer whose fused attention reads only the padding mask
@@ -164,7 +164,7 @@ def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
 
     layout = kv_layout(compiled.graph_module.meta)
     fuse_group_query_attention(model, gqa_layers(compiled.graph_module, layout), dtype=layout.dtype,
-                               rotary_length=rotary_length)
+                               rotary_length=rotary_length, base_dir=base_dir)
     return fuse_norms(model)
 
 

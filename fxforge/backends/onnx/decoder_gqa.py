@@ -59,7 +59,7 @@ class CachedAttention:
 def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedAttention], *,
                                attention_mask: str = "attention_mask", input_ids: str = "input_ids",
                                position_ids: str = "position_ids", dtype: str = "float32",
-                               rotary_length: int | None = None) -> int:
+                               rotary_length: int | None = None, base_dir: str | None = None) -> int:
     """Rewrite, in place, each `Attention` over `Concat(past key input, new)` whose past key input
     is a key of `layers` (with its value partner) into GroupQueryAttention; returns how many.
 
@@ -67,7 +67,8 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
     only layers whose FX attention reads the padding mask alone (no bias, causal) belong in it,
     so the mask can be rebuilt from `attention_mask`. The rest keep today's lowering.
     `rotary_length`: positions the rotary caches cover (the model's context length); None
-    leaves rotary outside the op.
+    leaves rotary outside the op. `base_dir`: the directory of the model's external data (the
+    rotary frequencies may be stored there).
     """
     if dtype not in _FLOAT_TYPES:
         return 0  # GQA's CPU kernel takes float32/float16 only: keep the standard Attention
@@ -78,7 +79,7 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
-    matcher = ModelGraph(model)
+    matcher = ModelGraph(model, base_dir)
     graph_inputs = {i.name for i in graph.input}
     names = _Names(graph)
     shared: list[onnx.NodeProto] = []

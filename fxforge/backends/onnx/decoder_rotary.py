@@ -35,8 +35,9 @@ class Rotary:
 class ModelGraph:
     """Producers and constant values of a ModelProto, for matching."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
         graph = model.graph
+        self.base_dir = base_dir  # where external data lives; None: external tensors are not read
         self.producer = {out: node for node in graph.node for out in node.output}
         self.initializers = {i.name: i for i in graph.initializer}
 
@@ -45,11 +46,14 @@ class ModelGraph:
         return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
     def constant(self, value: str) -> np.ndarray | None:
-        """The value of an inline initializer or Constant node (never external data: not read)."""
+        """The value of an initializer or Constant node; external data only for small tensors
+        (frequencies, not weights) and only with a base_dir."""
         init = self.initializers.get(value)
         if init is not None:
             if init.data_location == onnx.TensorProto.EXTERNAL:
-                return None
+                if self.base_dir is None or int(np.prod(init.dims)) > 4096:
+                    return None
+                return numpy_helper.to_array(init, base_dir=self.base_dir)
             return numpy_helper.to_array(init)
         node = self.node(value, "Constant")
         if node is not None and node.attribute and node.attribute[0].name == "value":

@@ -23,7 +23,12 @@ import onnx
 
 
 def fuse_norms(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with its norms fused (a new ModelProto; external weights stay references)."""
+    """`model` with its norms fused (a new ModelProto sharing nothing with `model`'s weights).
+
+    The rules run on a light copy whose weights are graph inputs of the same type and shape
+    (shape inference and matching need no weight values, and external data is never read);
+    the weights are put back as initializers afterwards.
+    """
     import onnx_ir as ir
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
@@ -32,16 +37,46 @@ def fuse_norms(model: onnx.ModelProto) -> onnx.ModelProto:
         fuse_skip_rms_normalization,
     )
 
-    annotated = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    light, weights = _without_weights(model)
+    annotated = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=True)
     typed = ir.serde.deserialize_model(annotated)
-    counts = {"rms": fuse_rms_normalization(typed), "skip_layer_norm": fuse_skip_layer_normalization(typed),
-              "skip_rms": fuse_skip_rms_normalization(typed)}
+    counts = [fuse_rms_normalization(typed), fuse_skip_layer_normalization(typed), fuse_skip_rms_normalization(typed)]
+    if not any(counts):
+        return model
     fused = ir.serde.serialize_model(typed)
     del fused.graph.value_info[:]  # the shapes above were for matching only
+    used = {name for node in fused.graph.node for name in node.input}
     for mine, original in ((fused.graph.input, model.graph.input), (fused.graph.output, model.graph.output)):
         del mine[:]  # the inference renames symbolic dims it merges: keep the declared I/O as written
         mine.extend(original)
-    return fused if any(counts.values()) else model
+    fused.graph.initializer.extend(w for w in weights if w.name in used)
+    return fused
+
+
+def _without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """(a copy whose large or external initializers are typed graph inputs, those initializers)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                                   producer_name=model.producer_name))
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    weights = []
+    for init in model.graph.initializer:
+        count = 1
+        for dim in init.dims:
+            count *= dim
+        if init.data_location == onnx.TensorProto.EXTERNAL or count > _INLINE_ELEMENTS:
+            weights.append(init)
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)  # small constants (eps, axes, shapes): the rules read them
+    return light, weights
+
+
+_INLINE_ELEMENTS = 64
 
 
 def count_norm_fusions(model: onnx.ModelProto) -> dict[str, int]:
