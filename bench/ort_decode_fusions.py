@@ -4,7 +4,8 @@ One TinyLlama-shaped Llama directory (`bench/llm_e2e.py`'s, `--layers` of them) 
 per precision in this process (fp32, and `quantize(bits=4)` with its defaults) with the task's
 passes, then written twice by `export_decoder`: `ort_fusions=False` (standard ONNX: Attention +
 Concat cache, the model's RMSNorm spelling) and `ort_fusions=True` (`decoder_artifact.fuse_for_ort`).
-The four files are timed by plain onnxruntime sessions (1 intra-op thread) in interleaved rounds:
+Each precision's two files are timed by plain onnxruntime sessions (1 intra-op thread) in interleaved
+rounds (one precision at a time, so at most two sessions are loaded):
 decode ms/token at past 128 and prefill ms at 128 tokens (medians), plus node counts, the op
 histogram's fused ops, the largest |logit| difference fused vs unfused on a decode step, and the
 process's peak RSS. JSON: bench/results/ort_decode_fusions.json.
@@ -26,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_e2e import PAST, RESULTS, Decoder, describe, save_llama_dir, time_all  # noqa: E402
 
-PRECISIONS = {"fp32": "", "int4": "quantize(bits=4)"}
+PRECISIONS = {"int4": "quantize(bits=4)", "fp32": ""}
 
 
 def build(hf: Path, work: Path, passes: str, name: str) -> dict[str, Path]:
@@ -63,20 +64,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fxforge-ortfusions-") as tmp:
         work = Path(tmp)
         config = save_llama_dir(work / "hf", args.layers)
-        paths = {}
-        for name, passes in PRECISIONS.items():
-            paths.update(build(work / "hf", work, passes, name))
         head_dim = config["hidden_size"] // config["num_attention_heads"]
-        decoders = {k: Decoder(str(p), config["num_key_value_heads"], head_dim) for k, p in paths.items()}
-        rows = time_all(decoders, args.rounds, args.calls)
-        for name in PRECISIONS:
+        rows = {}
+        for name, passes in PRECISIONS.items():
+            paths = build(work / "hf", work, passes, name)
+            decoders = {k: Decoder(str(p), config["num_key_value_heads"], head_dim) for k, p in paths.items()}
+            rows.update(time_all(decoders, args.rounds, args.calls))
             rows[f"{name}_fused"]["max_abs_logit_diff_vs_plain"] = logit_gap(decoders[f"{name}_plain"],
                                                                              decoders[f"{name}_fused"])
-        for key, path in paths.items():
-            facts = describe(path)
-            fused_ops = {op: n for op, n in facts["op_types"].items() if op.startswith("com.microsoft:")
-                         or "LayerNormalization" in op or op.endswith(":Attention")}
-            rows[key].update(nodes=facts["nodes"], file_bytes=facts["file_bytes"], ops=fused_ops)
+            for key, path in paths.items():
+                facts = describe(path)
+                fused_ops = {op: n for op, n in facts["op_types"].items() if op.startswith("com.microsoft:")
+                             or "LayerNormalization" in op or op.endswith(":Attention")}
+                rows[key].update(nodes=facts["nodes"], file_bytes=facts["file_bytes"], ops=fused_ops)
+            print(name, {k: rows[k] for k in paths}, flush=True)
+            del decoders
+            gc.collect()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'model':<12} {'nodes':>6} {'decode ms/tok':>14} {'prefill ms':>11}  fused ops")
     for key, row in rows.items():
