@@ -23,7 +23,8 @@ Padding: GQA reads `seqlens_k[b] + 1` as row b's valid key count and places the 
 seqlens_k[b] + 1 - L, i.e. it assumes *right* padding; the artifact's batches are *left*
 padded (HF generate). So every row is declared full (seqlens_k = T - 1, T = total length) and
 the padding goes in the additive `attention_bias` (B, 1, L, T): 0 where key j is a token
-(attention_mask[b, j] != 0) or the query itself (j == P + i), -inf elsewhere: exactly
+(attention_mask[b, j] != 0) or the query itself (j == P + i), the lowest float elsewhere (not
+-inf, so no row can become NaN; exp underflows to exactly 0 next to any visible key): exactly
 padding.py's mask, whose "or itself" clause keeps every row non-empty. seqlens_k,
 total_sequence_length and the bias are computed once from `attention_mask`, shared by layers.
 
@@ -189,10 +190,12 @@ class _Names:
             self._constants[key] = tuple(names)
         return self._constants[key]
 
-    def floats(self, value: float, elem_type: int) -> str:
+    def floats(self, value: float | str, elem_type: int) -> str:
+        """A scalar of the activations' float type; "lowest": its most negative finite value."""
         key = ("f", value, elem_type)
         if key not in self._constants:
             dtype = np.float16 if elem_type == TensorProto.FLOAT16 else np.float32
+            value = np.finfo(dtype).min if value == "lowest" else value
             name = self.fresh("const")
             self.initializers.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
             self._constants[key] = name
@@ -221,7 +224,7 @@ def _padding_inputs(nodes, names: _Names, attention_mask: str, input_ids: str, e
     token = add("Not", [add("Equal", [attention_mask, names.ints([0], scalar=True)], "is_pad")], "is_token")
     token = add("Unsqueeze", [token, names.ints([1, 2])], "token4d")                # (B, 1, 1, T)
     visible = add("Or", [token, itself], "visible")                                   # (B, 1, L, T)
-    bias = add("Where", [visible, names.floats(0.0, elem_type), names.floats(float("-inf"), elem_type)],
+    bias = add("Where", [visible, names.floats(0.0, elem_type), names.floats("lowest", elem_type)],
                "attention_bias")
     # every row's L new tokens are valid: the CPU kernel needs this to take a batch of
     # multi-token chunks over a past (a left-padded prompt continued, check_decoder_onnx's step)
