@@ -163,6 +163,8 @@ def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
     from fxforge.backends.onnx.ort_norms import fuse_norms
 
     layout = kv_layout(compiled.graph_module.meta)
+    if layout.dtype not in ("float32", "float16"):
+        return model  # ORT's CPU GQA and skip-norm kernels take float32/float16: keep the standard ops
     fuse_group_query_attention(model, gqa_layers(compiled.graph_module, layout), dtype=layout.dtype,
                                rotary_length=rotary_length, base_dir=base_dir)
     return fuse_norms(model)
