@@ -189,8 +189,8 @@ def gqa_layers(gm: Any, layout: KVCacheLayout) -> dict[str, Any]:
     for node in gm.graph.nodes:
         if node.target != attention:
             continue
-        q, k, v, mask, causal, _, groups = node.args[:7]
-        bias = node.args[7] if len(node.args) > 7 else node.kwargs.get("bias")
+        names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups", "bias")
+        q, k, v, mask, causal, _, _, bias = (*node.args, *(node.kwargs.get(n) for n in names[len(node.args):]))
         if bias is not None or not causal or not getattr(mask, "meta", {}).get(MASK_TAG):
             continue
         if getattr(k, "target", None) != torch.ops.aten.cat.default or k.args[0][0] not in layer_of:
