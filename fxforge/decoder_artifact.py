@@ -19,6 +19,11 @@ These are the names optimum's `text-generation-with-past` export and onnxruntime
                                backend="onnx")          # ids: batch >= 2, so the batch stays dynamic
     fxforge.export_decoder(compiled, "out/", tokenizer=tokenizer, config=model.config)
 
+The file is rewritten for ONNX Runtime's CPU contrib kernels (`fuse_for_ort`): each cached layer
+is one com.microsoft::GroupQueryAttention (cache in the op, padding mask and rotary inside it),
+RMSNorm/LayerNorm + residual one Skip(Simplified)LayerNormalization; `ort_fusions=False` writes
+the standard-ONNX lowering. Either way the file is checked against the compiled graph.
+
 The whole directory is written atomically (`fxforge.atomic`).
 """
 from __future__ import annotations
