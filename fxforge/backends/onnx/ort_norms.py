@@ -49,6 +49,9 @@ def fuse_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     for mine, original in ((fused.graph.input, model.graph.input), (fused.graph.output, model.graph.output)):
         del mine[:]  # the inference renames symbolic dims it merges: keep the declared I/O as written
         mine.extend(original)
+    kept = [init for init in fused.graph.initializer if init.name in used]  # the old norms' eps/exponent go
+    del fused.graph.initializer[:]
+    fused.graph.initializer.extend(kept)
     fused.graph.initializer.extend(w for w in weights if w.name in used)
     return fused
 
