@@ -72,7 +72,11 @@ class CompiledModel:
     def __init__(self, graph_module: GraphModule, backend: str = "eager", *,
                  example_inputs: Sequence[Any] = (), report: CompileReport | None = None,
                  pipeline_spec: str = "", backend_options: dict[str, Any] | None = None,
-                 verify: bool = True, backend_tolerance: Tolerance | float | None = None):
+                 verify: bool = True, backend_tolerance: Tolerance | float | None = None,
+                 saved_onnx: Any = None):
+        """`saved_onnx`: an `fxforge.artifact.SavedOnnx` (what `fxforge.load` found in an artifact):
+        the onnx backend opens that file instead of exporting the graph again, and a save or
+        export_onnx writes it, while graph and translation options are those it was exported with."""
         backend = resolve_backend(backend)
         self.graph_module = graph_module
         self.backend = backend
@@ -84,10 +88,20 @@ class CompiledModel:
         check_dtypes(backend, graph_module, self.example_inputs)
         # ONNX Runtime copies inputs to host memory itself, so only the others pin the device.
         self._signature = InputSignature(graph_module, check_device=backend != "onnx")
+        self._saved_onnx_options = saved_onnx.options if saved_onnx is not None else None
         start = time.perf_counter()
         with _backend_errors(backend, "preparing the model"):
-            self._runner = get_backend(backend)(graph_module, self.example_inputs, **self.backend_options)
+            self._runner = self._open_saved_onnx(saved_onnx)
+            if self._runner is None:
+                self._runner = get_backend(backend)(graph_module, self.example_inputs, **self.backend_options)
         self.report.backend_seconds = time.perf_counter() - start
+        # what the onnx backend exported (or the artifact held): save/export_onnx write it (_exported_onnx)
+        self._exported = getattr(self._runner, "exported", None)
+        if self._exported is None and saved_onnx is not None:
+            from fxforge.backends.onnx.backend import ExportedOnnx, export_key
+
+            self._exported = ExportedOnnx(key=export_key(graph_module, self.example_inputs, saved_onnx.options),
+                                          path=saved_onnx.path)
         if verify and backend != "eager" and self.example_inputs:
             tolerance = backend_tolerance or check_tolerance(graph_module, backend, DEFAULT_BACKEND_TOLERANCE,
                                                                 self.backend_options)
@@ -113,6 +127,18 @@ class CompiledModel:
     def _flat_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         """Flat inputs checked against the traced shapes, dtypes and vocabulary before any run."""
         return self._signature.check(args, kwargs)
+
+    def _open_saved_onnx(self, saved_onnx: Any) -> Any:
+        """A runner on the artifact's ONNX file, or None where the backend must export (another
+        backend, other translation options, a graph computing in float32, a `path` to write)."""
+        if saved_onnx is None or self.backend != "onnx" or "path" in self.backend_options:
+            return None
+        if self._onnx_options() != saved_onnx.options:
+            return None
+        from fxforge.backends.onnx.backend import open_exported
+
+        return open_exported(self.graph_module, self.example_inputs, saved_onnx.path, saved_onnx.options,
+                             **self.backend_options)
 
     def _check_backend(self, tol: Tolerance) -> Comparison:
         ref = run_graph(self.graph_module, self.example_inputs)
@@ -212,7 +238,9 @@ class CompiledModel:
             raise ArtifactError(f"cannot write ONNX to {path}: it is a directory. Name a file, "
                                 f"e.g. {path / 'model.onnx'}.")
         with atomic_file(path) as staging:
-            export_onnx(self.graph_module, self.example_inputs, staging, options=self._onnx_options())
+            exported = self._exported_onnx()
+            if exported is None or not exported.write(staging):  # else: the file prepare made, not a 2nd export
+                export_onnx(self.graph_module, self.example_inputs, staging, options=self._onnx_options())
         return path
 
     def save(self, directory: str | Path, *, onnx: bool = False,
@@ -227,14 +255,30 @@ class CompiledModel:
         contents = ArtifactContents(self.graph_module, self.example_inputs, pipeline_spec=self.pipeline_spec,
                                     backend=self.backend, report=self.report.pipeline.to_dict())
         return save_artifact(contents, Path(directory), onnx=onnx,
-                             onnx_options=self._onnx_options() if onnx else None, companions=companions)
+                             onnx_options=self._onnx_options() if onnx else None, companions=companions,
+                             exported=self._exported_onnx() if onnx else None)
 
     def _onnx_options(self) -> Any:
-        """The ONNX translation options this model was compiled with (defaults off the onnx backend),
-        so an exported file computes what the onnx backend ran."""
+        """The ONNX translation options this model was compiled with (off the onnx backend: those of
+        the artifact's ONNX file it was loaded with, else the defaults), so an exported file
+        computes what the onnx backend ran."""
         from fxforge.backends.onnx.options import OnnxOptions
 
+        if self.backend != "onnx" and self._saved_onnx_options is not None:
+            return self._saved_onnx_options
         return OnnxOptions.from_backend_options(self.backend_options if self.backend == "onnx" else None)
+
+    def _exported_onnx(self) -> Any:
+        """The ONNX model already exported for this graph (`ExportedOnnx`), if exporting it now
+        would write the same: same code, same tensors unmodified, same options. None otherwise
+        (e.g. after training the weights in place), and the caller exports."""
+        if self._exported is None:
+            return None
+        from fxforge.backends.onnx.backend import export_key
+
+        if self._exported.key != export_key(self.graph_module, self.example_inputs, self._onnx_options()):
+            return None
+        return self._exported
 
 
 def compile(
@@ -380,8 +424,12 @@ def load(directory: str | Path, backend: str | None = None, **backend_options: A
     """Load a compiled model saved with `CompiledModel.save(directory)`.
 
     Every file is checked against the manifest's checksums first; a missing or corrupted file
-    raises ArtifactError naming it. `backend` overrides the backend it was saved with.
+    raises ArtifactError naming it. `backend` overrides the backend it was saved with. An
+    artifact saved with `onnx=True` runs on the onnx backend from its model.onnx (checked
+    against eager on the example inputs like any backend), not from a new export, unless the
+    backend options ask for other translation options or a `path`.
     """
     saved = load_artifact(directory)
     return CompiledModel(saved.graph_module, backend or saved.backend, example_inputs=saved.example_inputs,
-                         pipeline_spec=saved.pipeline_spec, backend_options=backend_options)
+                         pipeline_spec=saved.pipeline_spec, backend_options=backend_options,
+                         saved_onnx=saved.onnx)

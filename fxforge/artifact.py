@@ -3,6 +3,7 @@
     out/
       manifest.json          fxforge/torch versions, pipeline, backend, input/output specs,
                              which tensors are parameters, and a sha256 of every other file
+                             (and, with model.onnx, the ONNX translation options it was made with)
       weights.safetensors    every parameter and buffer of the graph
       inputs.safetensors     the flat example inputs (used to rebuild shape metadata on load)
       graph.json             the graph: nodes, targets, arguments (fxforge/ir/serialize.py)
@@ -39,6 +40,7 @@ temporary sibling directory, flushed, then swapped with the previous artifact in
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -94,6 +96,16 @@ class ArtifactContents:
     pipeline_spec: str
     backend: str
     report: list[dict[str, Any]]
+    onnx: "SavedOnnx | None" = None  # set by load_artifact when the artifact holds model.onnx
+
+
+@dataclass(frozen=True)
+class SavedOnnx:
+    """The artifact's model.onnx (checked against its manifest hash) and the `OnnxOptions` it was
+    translated with: `fxforge.load` opens it in ONNX Runtime instead of exporting again."""
+
+    path: Path
+    options: Any
 
 
 # ------------------------------------------------------------------------------------ saving
@@ -111,11 +123,14 @@ class _Plan:
 
 
 def save_artifact(compiled: ArtifactContents, directory: str | Path, *, onnx: bool = False,
-                  onnx_options: Any = None, companions: Mapping[str, Path | bytes] | None = None) -> Path:
+                  onnx_options: Any = None, companions: Mapping[str, Path | bytes] | None = None,
+                  exported: Any = None) -> Path:
     """Write `compiled` to `directory`, replacing a previous artifact there all at once.
 
     `onnx=True` also exports `model.onnx` into the artifact (listed and hashed like the rest),
-    translated with `onnx_options` (an `OnnxOptions`; None: the defaults).
+    translated with `onnx_options` (an `OnnxOptions`; None: the defaults). `exported`: that graph
+    already exported with those options (an `ExportedOnnx`, what the onnx backend made), written
+    as it is instead of exporting again.
     `companions` maps COMPANION_FILES names to a file to copy or the bytes to write (the
     tokenizer files of the model's directory, a runtime config).
     Raises ArtifactError, with nothing written, when the model cannot be saved (metadata that
@@ -127,6 +142,10 @@ def save_artifact(compiled: ArtifactContents, directory: str | Path, *, onnx: bo
     companions = _check_companions(companions)
     plan = _plan(compiled)
     if onnx:
+        from fxforge.backends.onnx.options import OnnxOptions
+
+        onnx_options = onnx_options or OnnxOptions()
+        plan.manifest["onnx_options"] = dataclasses.asdict(onnx_options)
         from fxforge.backends.onnx.backend import check_lowerable
 
         check_lowerable(compiled.graph_module)  # refuse before writing, not halfway through
@@ -139,7 +158,8 @@ def save_artifact(compiled: ArtifactContents, directory: str | Path, *, onnx: bo
         if onnx:
             from fxforge.backends.onnx.backend import export_onnx
 
-            export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX, options=onnx_options)
+            if exported is None or not exported.write(staging / ONNX):
+                export_onnx(compiled.graph_module, compiled.example_inputs, staging / ONNX, options=onnx_options)
         for name, source in companions.items():
             if isinstance(source, bytes):
                 (staging / name).write_bytes(source)
@@ -284,7 +304,41 @@ def load_artifact(directory: str | Path) -> ArtifactContents:
         gm.meta[OUT_SPEC] = load_treespec(manifest.out_spec, field="out_spec")
     gm.meta[INPUT_NAMES] = manifest.input_names
     gm.meta.update(graph_meta)
-    return ArtifactContents(gm, example_inputs, pipeline_spec=manifest.pipeline, backend=manifest.backend, report=[])
+    # model.onnx is data for ONNX Runtime (hashed above); reused only when its options are recorded
+    onnx = None
+    if ONNX in manifest.files and manifest.onnx_options is not None:
+        _check_onnx_external_data(directory / ONNX)
+        onnx = SavedOnnx(directory / ONNX, manifest.onnx_options)
+    return ArtifactContents(gm, example_inputs, pipeline_spec=manifest.pipeline, backend=manifest.backend, report=[],
+                            onnx=onnx)
+
+
+def _check_onnx_external_data(path: Path) -> None:
+    """model.onnx may keep its weights in model.onnx.data and nowhere else: ONNX Runtime would
+    otherwise read whatever file a hostile artifact names (an absolute path, `../`)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or foreign protobuf
+        raise ArtifactError(f"artifact {path.parent}: {ONNX} could not be read: {exc}") from None
+
+    def tensors(graph: onnx.GraphProto) -> Any:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else [])
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    for tensor in tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location != ONNX_DATA:
+            raise ArtifactError(f"artifact {path.parent}: {ONNX} reads tensor {tensor.name!r} from {location!r}; "
+                                f"an artifact's ONNX weights live in {ONNX_DATA} only. Re-save it.")
 
 
 def _read_manifest(directory: Path) -> Manifest:

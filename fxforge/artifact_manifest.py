@@ -50,6 +50,9 @@ class Manifest:
     tensors: dict[str, TensorInfo]
     report: list[Any]
     files: dict[str, str]
+    # the OnnxOptions model.onnx was translated with (absent: no model.onnx, or an older artifact,
+    # whose file is then not reused by fxforge.load)
+    onnx_options: Any = None
 
 
 def parse_manifest(data: Any, *, allowed_files: frozenset[str], backends: frozenset[str]) -> Manifest:
@@ -97,7 +100,24 @@ def parse_manifest(data: Any, *, allowed_files: frozenset[str], backends: frozen
             load_treespec(spec, field=name)  # checked now, so a bad spec fails before any work
     return Manifest(**text, in_spec=in_spec, out_spec=out_spec, input_names=input_names,
                     graph_meta=graph_meta, tensors=tensors,
-                    report=_field(data, "report", list, optional=True) or [], files=files)
+                    report=_field(data, "report", list, optional=True) or [], files=files,
+                    onnx_options=_onnx_options(_field(data, "onnx_options", dict, optional=True)))
+
+
+def _onnx_options(value: dict[str, Any] | None) -> Any:
+    """The manifest's `onnx_options` as an `OnnxOptions`, every field checked by its own validation."""
+    if value is None:
+        return None
+    from fxforge.backends.onnx.options import OnnxOptions
+    from fxforge.errors import BackendError
+
+    unknown = set(value) - set(OnnxOptions.names())
+    if unknown:
+        raise ArtifactError(f"manifest field 'onnx_options' has unknown keys {sorted(unknown)}")
+    try:
+        return OnnxOptions(**value)
+    except BackendError as exc:
+        raise ArtifactError(f"manifest field 'onnx_options': {exc}") from None
 
 
 def layout_record(key: str, value: Any) -> Any:

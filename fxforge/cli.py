@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -226,16 +227,21 @@ def cmd_compile(ns: argparse.Namespace) -> int:
             return _compile_decoder(ns, loaded, passes, calibration)
     else:
         model, args, kwargs = resolve_model(ns.model)
-    try:
-        compiled = fxforge.compile(model, args, kwargs, passes=passes, backend=ns.backend, calibration=calibration)
-    except CalibrationError as exc:
-        if calibration is None:  # the pass's own message speaks of Python's calibration=
-            raise missing_calibration_error(getattr(exc, "pass_name", None) or "a pass", ns.model) from exc
-        raise
-    print(compiled.report)
     out = Path(ns.output)
-    # model.onnx and the tokenizer inside, listed in the manifest
-    compiled.save(out, onnx=ns.backend == "onnx", companions=companions)
+    # --backend onnx: the backend keeps the file it exported (`path=`, in a directory of ours), and
+    # the save copies it into the artifact: one export, whatever the model's size
+    with tempfile.TemporaryDirectory(prefix="fxforge-cli-") as work:
+        options = {"path": str(Path(work) / "model.onnx")} if ns.backend == "onnx" else None
+        try:
+            compiled = fxforge.compile(model, args, kwargs, passes=passes, backend=ns.backend,
+                                       calibration=calibration, backend_options=options)
+        except CalibrationError as exc:
+            if calibration is None:  # the pass's own message speaks of Python's calibration=
+                raise missing_calibration_error(getattr(exc, "pass_name", None) or "a pass", ns.model) from exc
+            raise
+        print(compiled.report)
+        # model.onnx and the tokenizer inside, listed in the manifest
+        compiled.save(out, onnx=ns.backend == "onnx", companions=companions)
     if ns.backend == "onnx":
         print(f"wrote {out / 'model.onnx'}")
     print(f"saved to {out}")

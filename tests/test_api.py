@@ -151,3 +151,35 @@ def test_onnx_backend_checks_against_eager(llama):
     with torch.no_grad():
         expected = llama.model(*args, **kwargs, use_cache=False).logits
     assert torch.allclose(compiled(*args, **kwargs), expected, atol=1e-4)
+
+
+def test_a_pass_verifies_against_the_previous_results_outputs_without_rerunning_it(llama, monkeypatch):
+    """In a pipeline the graph before a pass is the previous pass's result, already run at the
+    same inputs: verification reuses those outputs (same report), one graph run fewer per shape."""
+    from fxforge.passes import verification
+
+    calls = []
+    real = verification.run_graph
+    monkeypatch.setattr(verification, "run_graph", lambda gm, inputs: calls.append(gm) or real(gm, inputs))
+    passes = "fuse_rms_norm,fuse_attention"
+    cached = fxforge.compile(llama.model, llama.args, llama.kwargs, passes=passes)
+    with_cache = len(calls)
+    assert cached.graph_module not in verification._RESULT_OUTPUTS  # the final graph's outputs are not kept
+    calls.clear()
+    monkeypatch.setattr(verification, "_RESULT_OUTPUTS", _NeverKeeps())
+    plain = fxforge.compile(llama.model, llama.args, llama.kwargs, passes=passes)
+    shapes = [len(r.verified_shapes) for r in plain.report.pipeline.records]
+    assert shapes == [len(r.verified_shapes) for r in cached.report.pipeline.records] and shapes[1] == 2
+    assert len(calls) - with_cache == sum(shapes[1:])  # each later pass's graph-before runs, once per shape
+    for a, b in zip(cached.report.pipeline.records, plain.report.pipeline.records):
+        assert a.check_error == b.check_error and [o.max_abs for o in a.loss] == [o.max_abs for o in b.loss]
+
+
+class _NeverKeeps(dict):
+    """A `_RESULT_OUTPUTS` that forgets everything: verification as without the reuse."""
+
+    def setdefault(self, key, default=None):
+        return [] if default is None else default
+
+    def get(self, key, default=None):
+        return default

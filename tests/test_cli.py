@@ -6,9 +6,16 @@ import torch
 from fxforge.cli import main
 
 
-def test_compile_zoo_model_to_onnx(tmp_path, capsys):
+def test_compile_zoo_model_to_onnx(tmp_path, capsys, monkeypatch):
+    from fxforge.backends.onnx import backend
+
+    exports, real = [], backend.export_model
+    monkeypatch.setattr(backend, "export_model", lambda *a, **k: exports.append(1) or real(*a, **k))
     out = tmp_path / "out"
     assert main(["compile", "zoo:tiny-llama", "--passes", "fuse_rms_norm", "--backend", "onnx", "-o", str(out)]) == 0
+    assert len(exports) == 1  # the backend's export is the artifact's model.onnx
+    assert main(["export", str(out), "-o", str(tmp_path / "again.onnx")]) == 0
+    assert len(exports) == 1 and (tmp_path / "again.onnx").read_bytes() == (out / "model.onnx").read_bytes()
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, 256, (1, 5)).numpy()
     logits, = session.run(None, {"input_ids": ids, "attention_mask": (ids * 0 + 1)})

@@ -125,7 +125,7 @@ def test_a_classifier_directory_defaults_to_text_classification(tmp_path):
 # ------------------------------------------------------------------ the CLI
 
 
-@pytest.mark.slow  # two ONNX exports (the backend's, then the artifact's): ~25 s CPU each family
+@pytest.mark.slow  # one ONNX export per family (the backend keeps it, the save copies it)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_writes_an_onnx_artifact_that_plain_onnxruntime_runs(dirs, family, tmp_path, capsys):
     out = tmp_path / "artifact"

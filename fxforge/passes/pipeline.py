@@ -24,7 +24,7 @@ from fxforge.passes.base import Pass
 from fxforge.passes.context import PassContext
 from fxforge.passes.cow import SharedTensorGuard, new_tensor_bytes, peak_rss_bytes, release, structural_copy
 from fxforge.passes.spec import parse_pass, parse_pipeline
-from fxforge.passes.verification import Verification, verify_pass
+from fxforge.passes.verification import Verification, forget_outputs, verify_pass
 
 __all__ = ["Pipeline", "PipelineReport", "PassRecord", "run_pass", "dump"]
 
@@ -153,6 +153,7 @@ class Pipeline:
             gm = result
             if dump_dir:
                 dump(gm, Path(dump_dir), len(report.records), p)
+        forget_outputs(gm)  # kept for the next pass's check; there is none
         return gm, report
 
 

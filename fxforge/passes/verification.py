@@ -12,11 +12,14 @@ graph is dynamic, see `fxforge.ir.shapes`):
 
 Cost: per shape the graph before and the result run once each, plus the reference for lossy
 passes; the reference shares every tensor of the graph before except those the pass replaced,
-and is dropped right after the check.
+and is dropped right after the check. In a pipeline the graph before a pass is the previous
+pass's result, already run at the same inputs: its outputs are reused (`_RESULT_OUTPUTS`), not
+computed again.
 """
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -103,6 +106,7 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
                 node = first_divergent_node(expected, after, inputs, check.tolerance)
                 raise PassError(_bug_message(p, verification.against, check, node), pass_name=p.name, node=node)
     finally:
+        _RESULT_OUTPUTS.pop(before, None)  # each graph is the graph before of one pass at most
         if reference is not None:
             release(reference)  # no cycle keeps the claimed weights alive past the check
         del reference  # the claimed weights: freed as soon as the check is done
@@ -124,12 +128,44 @@ class _BeforeFailed(Exception):
     """The graph before the pass cannot run these inputs (then they cannot verify anything)."""
 
 
+# A verified result's outputs at each verification input, kept until the next pass verifies
+# against it as its graph before. Graphs are never changed once a pass returned them (passes
+# rewrite copies, passes/cow.py), so the outputs stay what running it again would give.
+_RESULT_OUTPUTS: "weakref.WeakKeyDictionary[GraphModule, list[tuple[tuple[Any, ...], list[Any]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _same_inputs(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                    and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def forget_outputs(gm: GraphModule) -> None:
+    """Drop the outputs kept for `gm` (a pipeline's final graph: no later pass verifies against it)."""
+    _RESULT_OUTPUTS.pop(gm, None)
+
+
+def _run_before(before: GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    for seen, outputs in _RESULT_OUTPUTS.get(before, ()):
+        if _same_inputs(seen, inputs):
+            return outputs
+    return run_graph(before, inputs)
+
+
 def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: GraphModule | None,
                  ctx: "PassContext", inputs: Sequence[Any], exact: bool = True) -> ShapeCheck:
     shapes = describe_shapes(inputs)
     at_shape = dataclasses.replace(ctx, example_inputs=tuple(inputs))
     try:
-        outputs_before = run_graph(before, inputs)
+        outputs_before = _run_before(before, inputs)
     except Exception as exc:
         raise _BeforeFailed(f"{type(exc).__name__}: {exc}") from exc
     try:
@@ -151,6 +187,7 @@ def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: 
             f"pass '{p.spec()}' declared semantics whose reference graph fails on inputs of shape {shapes}: "
             f"{type(exc).__name__}: {exc}; this is a bug in the pass. It was rolled back; the input graph is "
             f"unchanged.", pass_name=p.name) from exc
+    _RESULT_OUTPUTS.setdefault(after, []).append((tuple(inputs), outputs_after))
     loss = measure_loss(outputs_before, outputs_after)
     if not exact:  # the pass said why its claim cannot be checked; the loss is still measured
         return ShapeCheck(shapes, loss, loss, Tolerance(max_abs=None))

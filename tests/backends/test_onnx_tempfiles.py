@@ -44,18 +44,20 @@ _SCRIPT = textwrap.dedent("""
         torch.testing.assert_close(cm(*zoo.args), zoo.model(*zoo.args), rtol=2e-2, atol=2e-2)
         compiled.append(cm)
         seen.append(listing())  # while alive: what the session needs is in memory
-    # a failing export (a lowering missing from the table) must not leave its directory either
+    # a failing write into the temp dir (a model with external data; small ones stay in memory)
+    # must not leave its directory either
     from fxforge.backends.onnx import backend as onnx_backend
     def broken(*a, **k):
         raise RuntimeError("export failed on purpose")
-    onnx_backend.export_onnx, saved = broken, onnx_backend.export_onnx
+    limit, onnx_backend.EXTERNAL_DATA_BYTES = onnx_backend.EXTERNAL_DATA_BYTES, 0
+    onnx_backend.write_model, saved = broken, onnx_backend.write_model
     try:
         fxforge.compile(zoo.model, zoo.args, backend="onnx")
     except Exception as exc:
         assert "on purpose" in repr(exc) or "on purpose" in repr(exc.__cause__), exc
     else:
         raise AssertionError("the broken export did not fail")
-    onnx_backend.export_onnx = saved
+    onnx_backend.write_model, onnx_backend.EXTERNAL_DATA_BYTES = saved, limit
     seen.append(listing())
     del compiled, cm
     gc.collect()

@@ -1,9 +1,14 @@
 """Backend `onnx`: torch.onnx.export(dynamo=True) with fxforge's translation table, then ORT.
 
-`export_onnx` writes the file; `prepare` exports to a temporary file (or `path`), opens an
-`onnxruntime.InferenceSession` and returns a runner taking the graph's flat inputs; a temporary
-file is removed as soon as the session holds the model. Dimensions
-that are symbolic in the graph (batch, sequence) stay dynamic in the ONNX model.
+`export_onnx` writes the file; `prepare` exports (to `path` if given; else a model stored inline
+stays in memory as bytes, one with external data goes to a temporary file removed as soon as the
+session holds it), opens an `onnxruntime.InferenceSession` and returns a runner taking the graph's
+flat inputs. Dimensions that are symbolic in the graph (batch, sequence) stay dynamic in the ONNX
+model.
+
+Export once: the runner keeps what prepare exported (`OnnxRunner.exported`: the bytes, or the
+user's file) with the `export_key` of the graph it came from, and `CompiledModel.save(onnx=True)`
+/ `export_onnx` write that model instead of exporting again while the key still matches.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import shutil
 import tempfile
 import warnings
 import weakref
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -69,11 +76,22 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
     (`fxforge.backends.onnx.optimize`); False writes the exporter's raw graph.
     `options`: how ops are translated (`OnnxOptions`: MatMulNBits accuracy level, causal
     attention operator); default `OnnxOptions()`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = export_model(gm, example_inputs, input_names=input_names, optimize=optimize, options=options)
+    write_model(model, path)
+    del model
+    gc.collect()  # the ONNX IR is cyclic: its folded (pre-transposed) weights go now, before ORT loads
+    return path
+
+
+def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None,
+                 optimize: bool = True, options: OnnxOptions | None = None) -> Any:
+    """`gm` as an in-memory ONNX model (`onnx_ir.Model`), exported and optimized as
+    `export_onnx` writes it; `write_model` or `serialize_model` turn it into a file or bytes."""
     from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
 
     check_lowerable(gm)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = list(input_names or [n.name for n in gm.graph.nodes if n.op == "placeholder"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,22 +106,95 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
             optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
             verbose=False,
         )
-    from fxforge.backends.onnx.optimize import initializer_bytes, optimize_model
+    from fxforge.backends.onnx.optimize import optimize_model
 
+    model = program.model
     if optimize:
-        optimize_model(program.model)
-    # Above the threshold, each weight goes straight from its tensor to `<file>.data`: saving
+        optimize_model(model)
+    return model
+
+
+def write_model(model: Any, path: Path) -> None:
+    """Save an `export_model` result to `path`; its weights go to `<path>.data` above
+    EXTERNAL_DATA_BYTES."""
+    from fxforge.backends.onnx.optimize import initializer_bytes
+
+    import onnx_ir as ir
+
+    # Above the threshold each weight goes straight from its tensor to `<file>.data`: saving
     # inline first builds the whole protobuf in memory (one more copy of the model).
-    program.save(str(path), external_data=initializer_bytes(program.model) > EXTERNAL_DATA_BYTES)
-    del program
-    gc.collect()  # the ONNX IR is cyclic: its folded (pre-transposed) weights go now, before ORT loads
-    return path
+    external = initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    ir.save(model, path, external_data=f"{path.name}.data" if external else None)
+
+
+def serialize_model(model: Any) -> bytes | None:
+    """An `export_model` result as the bytes of one .onnx file, or None when its weights belong in
+    external data (above EXTERNAL_DATA_BYTES: holding them serialized would be one more copy)."""
+    import onnx_ir as ir
+
+    from fxforge.backends.onnx.optimize import initializer_bytes
+
+    if initializer_bytes(model) > EXTERNAL_DATA_BYTES:
+        return None
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+@dataclass(frozen=True)
+class ExportedOnnx:
+    """The ONNX model `prepare` exported, kept so that `CompiledModel.save(onnx=True)` and
+    `export_onnx` write it instead of exporting the graph again (see `export_key`).
+
+    data: the .onnx file's bytes (a model stored inline, at most EXTERNAL_DATA_BYTES), or
+    path: the file the user asked prepare to keep (`path=`; with `<path>.data` if it has one).
+    """
+
+    key: tuple
+    data: bytes | None = None
+    path: Path | None = None
+
+    def write(self, target: Path) -> bool:
+        """Write this model to `target` (a .onnx path; external data next to it); False if it
+        cannot be reused there (the kept file is gone, or its external data is named after a
+        different file name)."""
+        if self.data is not None:
+            target.write_bytes(self.data)
+            return True
+        if self.path is None or not self.path.is_file():
+            return False
+        data = self.path.with_name(self.path.name + ".data")
+        if data.exists() and self.path.name != target.name:
+            return False  # the file names its data file: it only works under its own name
+        shutil.copyfile(self.path, target)
+        if data.exists():
+            shutil.copyfile(data, target.with_name(target.name + ".data"))
+        return True
+
+
+def export_key(gm: GraphModule, example_inputs: Sequence[Any], options: OnnxOptions | None) -> tuple:
+    """What an export of `gm` depends on: its code, the identity, layout and in-place version of
+    every tensor it holds, the example inputs' shapes and the translation options. Equal keys
+    mean an earlier export of this graph is still what exporting it now would write; training
+    the weights in place (their `_version` moves) or a rewritten graph changes the key."""
+    from fxforge.ir.graph import params_and_buffers
+
+    tensors = tuple((name, t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+                     _version(t)) for name, t in params_and_buffers(gm).items())
+    inputs = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs)
+    return (gm.code, tensors, inputs, options or OnnxOptions())
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be written in place)
+        return None
 
 
 class OnnxRunner:
-    """Runs an ONNX file in ONNX Runtime with the graph's flat inputs; returns torch tensors."""
+    """Runs an ONNX model (a file, or its bytes) in ONNX Runtime with the graph's flat inputs;
+    returns torch tensors."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+    def __init__(self, path: str | os.PathLike | bytes, threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True):
         """`spinning=False` stops ORT's idle threads from busy-waiting between runs: slightly
         slower on a dedicated machine, but far steadier timings on a shared one (benchmarks)."""
@@ -116,12 +207,15 @@ class OnnxRunner:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.path: Path | None = Path(path)  # None once a temporary file has been removed
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        # None once a temporary file has been removed, or for a model opened from its bytes
+        self.path: Path | None = None if isinstance(path, bytes) else Path(path)
+        self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                            providers=list(providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
         # set by prepare() for a low-precision graph exported computing in float32
         self.float32_inputs = False
         self.output_dtypes: list[torch.dtype | None] | None = None
+        self.exported: ExportedOnnx | None = None  # set by prepare() when the model can be reused
 
     def __call__(self, *flat_inputs: Any) -> tuple[torch.Tensor, ...]:
         feeds = {}
@@ -168,26 +262,47 @@ def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | 
                           bidirectional_attention=bidirectional_attention)
     runner_options = {"threads": threads, "spinning": spinning}
     if not needs_float32(gm, dtype):
-        return _export_and_open(gm, example_inputs, path, options, owned=False, **runner_options)
+        runner = _export_and_open(gm, example_inputs, path, options, owned=False, **runner_options)
+        if runner.exported is not None:  # the file a save of this very graph would write
+            runner.exported = dataclasses.replace(runner.exported, key=export_key(gm, example_inputs, options))
+        return runner
     restore = output_dtypes(gm)
-    # a temporary argument: _export_and_open holds the only reference and frees it after export
+    # a temporary argument: _export_and_open holds the only reference and frees it after export.
+    # Its model computes in float32, not what a save exports: nothing is kept for reuse.
     runner = _export_and_open(as_float32_graph(gm), float32_inputs(example_inputs), path, options, owned=True,
                               **runner_options)
-    runner.float32_inputs, runner.output_dtypes = True, restore
+    runner.float32_inputs, runner.output_dtypes, runner.exported = True, restore, None
     return runner
 
 
 def _export_and_open(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.PathLike | None,
                      options: OnnxOptions, owned: bool, **runner_options: Any) -> OnnxRunner:
-    """Export to `path` (the user's file) or a temp dir, then open ORT. An `owned` graph (made
-    for the export) is freed before ORT loads the model, so the two never coexist in memory."""
+    """Export to `path` (the user's file), to bytes in memory (a model stored inline), or to a temp
+    dir (one with external data), then open ORT. An `owned` graph (made for the export) is freed
+    before ORT loads the model, so the two never coexist in memory. The runner's `exported`
+    (key filled in by prepare) is what `CompiledModel.save`/`export_onnx` reuse."""
     if path is not None:  # the user asked to keep the file: it is theirs
         export_onnx(gm, example_inputs, path, options=options)
         if owned:
             _free(gm)
             del gm
-        return OnnxRunner(path, **runner_options)
-    return _prepare_from_temp(gm, example_inputs, options, owned=owned, **runner_options)
+        runner = OnnxRunner(path, **runner_options)
+        runner.exported = ExportedOnnx(key=(), path=Path(path))
+        return runner
+    model = export_model(gm, example_inputs, options=options)
+    if owned:
+        _free(gm)
+        del gm
+    data = serialize_model(model)
+    if data is None:
+        held = [model]
+        del model  # _open_from_temp holds the only reference, so it can free the model before ORT loads
+        return _open_from_temp(held, **runner_options)
+    del model
+    gc.collect()  # the ONNX IR is cyclic: its folded weights go before ORT holds its own copy
+    runner = OnnxRunner(data, **runner_options)
+    runner.exported = ExportedOnnx(key=(), data=data)
+    return runner
 
 
 def _free(gm: GraphModule) -> None:
@@ -196,23 +311,25 @@ def _free(gm: GraphModule) -> None:
     release(gm)
 
 
-def _prepare_from_temp(gm: GraphModule, example_inputs: Sequence[Any], options: OnnxOptions, owned: bool = False,
-                       **runner_options: Any) -> OnnxRunner:
-    """Export into a private temp dir, open the session, and leave nothing behind.
+def _open_from_temp(held: list[Any], **runner_options: Any) -> OnnxRunner:
+    """Write an exported model (`held`, a list holding its only reference) with external data into a
+    private temp dir, open the session, and leave nothing behind.
 
     The session holds the model once created (ORT reads the file and its external data in, or
     maps them, and a mapping outlives the unlinked file on POSIX), so the directory is removed
     at once: a 1B model no longer leaves 4 GB in /tmp per compile, and a failed export leaves
     nothing either. Where the files cannot be removed while the session uses them (Windows),
-    the directory goes when the runner is garbage collected, or at interpreter exit.
+    the directory goes when the runner is garbage collected, or at interpreter exit. Such a
+    model is not kept for reuse (`exported` is None): a save exports it again, unless the
+    backend option `path=` keeps the file.
     """
     directory = Path(tempfile.mkdtemp(prefix="fxforge-onnx-"))
     runner = None
     try:
-        export_onnx(gm, example_inputs, directory / "model.onnx", options=options)
-        if owned:
-            _free(gm)
-            del gm
+        model = held.pop()
+        write_model(model, directory / "model.onnx")
+        del model
+        gc.collect()  # the ONNX IR is cyclic: its folded weights go now, before ORT loads
         runner = OnnxRunner(directory / "model.onnx", **runner_options)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -220,4 +337,20 @@ def _prepare_from_temp(gm: GraphModule, example_inputs: Sequence[Any], options: 
             weakref.finalize(runner, shutil.rmtree, str(directory), True)
     if not directory.exists():
         runner.path = None  # the file is gone: the session is all there is
+    return runner
+
+
+def open_exported(gm: GraphModule, example_inputs: Sequence[Any], file: Path, options: OnnxOptions, *,
+                  threads: int | None = None, spinning: bool = True,
+                  dtype: Literal["auto", "float32", "model"] = "auto", **_: Any) -> OnnxRunner | None:
+    """A runner on `file`, an export of `gm` with `options` (a saved artifact's model.onnx), or
+    None where prepare would export something else: a bfloat16/float16 graph it would run in
+    float32 (the saved file keeps the graph's dtype). The session only reads the file as data;
+    `CompiledModel` checks it against eager on the example inputs as for a fresh export."""
+    from fxforge.backends.onnx.compute_dtype import needs_float32
+
+    if needs_float32(gm, dtype):
+        return None
+    runner = OnnxRunner(file, threads=threads, spinning=spinning)
+    runner.exported = ExportedOnnx(key=export_key(gm, example_inputs, options), path=Path(file))
     return runner

@@ -96,12 +96,11 @@ class TiedLM(nn.Module):
 
 
 def test_tied_and_large_weights_are_pretransposed_also_with_external_data(tmp_path, monkeypatch):
-    from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+    from fxforge.backends.onnx import backend
 
-    # Large models (> 1.8 GB) are saved with external data; force that path on a small model
-    # to check the lazily transposed weights stream into it.
-    save = ONNXProgram.save
-    monkeypatch.setattr(ONNXProgram, "save", lambda self, dest, **kw: save(self, dest, **{**kw, "external_data": True}))
+    # Large models (> EXTERNAL_DATA_BYTES) are saved with external data; force that path on a
+    # small model to check the lazily transposed weights stream into it.
+    monkeypatch.setattr(backend, "EXTERNAL_DATA_BYTES", 0)
     model = TiedLM().eval()
     ids = torch.randint(0, 1000, (2, 7))
     gm = trace(model, (ids,))
