@@ -226,8 +226,9 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             u.replace_all_uses_with(positions)
             rewired += 1
     erase_dead(gm)
+    seq = ids.meta["val"].shape[1]
     leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES
-                and not _ours(n) and not _constant_length(n)]
+                and not _ours(n) and _counts_positions(n, seq)]
     if leftover:
         raise PassError(
             f"pass '{pass_name}': could not tell how positions feed the model (arange nodes {leftover} "
@@ -241,10 +242,24 @@ def _ours(node: Node) -> bool:
     return bool(node.meta.get(KV_BIAS_TAG) or node.meta.get(MASK_TAG))
 
 
-def _constant_length(arange: Node) -> bool:
-    """An arange of a fixed length (ALiBi's head slopes, arange(1, H + 1)) counts no positions."""
+def _counts_positions(arange: Node, seq: Any) -> bool:
+    """Whether an arange is as long as the sequence (up to a constant): a position count.
+
+    A fixed length (ALiBi's head slopes, arange(1, H + 1)) counts no positions, nor does one over
+    the batch or over every routed token (a MoE dispatch's arange(B·L·k) that inverts its sort):
+    those index the tokens of the current call, which the cached graph still has."""
     val = arange.meta.get("val")
-    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
+    if not isinstance(val, torch.Tensor) or val.dim() != 1:
+        return True  # unknown: report it rather than guess
+    length = val.shape[0]
+    if isinstance(length, int):
+        return False
+    if isinstance(seq, int):
+        return True
+    import sympy
+
+    offset = sympy.simplify(length.node.expr - seq.node.expr)
+    return bool(offset.is_number)
 
 
 def _fake_mode_of(node: Node) -> tuple[Any, Any]:
