@@ -113,12 +113,18 @@ def _feeds_a_product(node, depth: int = 6) -> bool:
         for n in frontier:
             for user in n.users:
                 name = _op_name(user)
-                if name in _PRODUCTS:
+                # P·V: the probabilities are the left operand (baddbmm's batch1); as the right
+                # operand they weight something else (ConvBERT's dynamic conv kernel)
+                if name in _PRODUCTS and (name == "einsum" or _left_operand(user) is n):
                     return True
                 if name in _PASS_THROUGH:
                     nxt.append(user)
         frontier = nxt
     return False
+
+
+def _left_operand(product):
+    return product.args[1] if _op_name(product) == "baddbmm" else product.args[0]
 
 
 def _softmax_count(gm: GraphModule) -> int:

@@ -172,3 +172,19 @@ def test_a_soft_cap_is_left_eager_for_the_accepted_reason():
     result = FuseAttention().run(gm, PassContext(example_inputs=(x, x, x)))
     assert result.sites == 0 and len(result.skipped) == 1
     assert result.skipped[0][1].startswith(ACCEPTED_SKIP_REASONS) and "tanh" in result.skipped[0][1]
+
+
+class _HeadMergedBmm(torch.nn.Module):
+    """BART/TrOCR attention: softmax over (B·H, Lq, Lk) scores straight into bmm, no 4-D view."""
+
+    def forward(self, q, k, v):
+        return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), -1), v)
+
+
+def test_a_head_merged_softmax_into_bmm_is_reported_not_silent():
+    x = torch.randn(4, 5, 8)
+    gm = trace(_HeadMergedBmm(), (x, x, x))
+    canonicalize(gm)
+    result = FuseAttention().run(gm, PassContext(example_inputs=(x, x, x)))
+    assert result.sites == 0
+    assert len(result.skipped) == 1 and "head count is not visible" in result.skipped[0][1]
