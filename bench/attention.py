@@ -19,8 +19,18 @@ Then a Triton-interpreter correctness check: the `triton` lowering of fxforge::a
 (flash-attention kernel) against the op's reference on tiny shapes (causal, bool and additive
 masks, GQA), and a fused tiny Llama run end to end on the triton backend.
 
+Then issue 17's prefill table: one attention at 512 and 2048 tokens with BERT-base's shapes (12
+heads of 64, non-causal, the additive (1, 1, L, L) padding mask HF builds once per model) and
+TinyLlama's (32 query / 4 key-value heads of 64, causal), from the projections' (B, L, H·D)
+outputs to the output projection's input (split heads, attention, merge heads; RoPE left out):
+unfused (the eager MatMul/Softmax graph HF's attention exports to, with repeat_kv and the
+model's precomputed additive mask) against fxforge::attention lowered with each operator the
+ONNX backend offers for it (the default first): fused time / unfused time, interleaved, at 1
+and 2 ORT threads, ORT's default graph optimizations (ORT_ENABLE_ALL).
+
     python bench/attention.py            # prints a table, writes bench/results/attention_cpu.json
     python bench/attention.py --only phi --only vit   # re-time some models, merge their rows
+    python bench/attention.py --prefill-only          # re-time the prefill table only, merge it
 """
 from __future__ import annotations
 
@@ -50,6 +60,15 @@ MAX_ERROR = 1e-3  # fused vs unfused outputs, float32, layer-normed hidden state
 PATCH = 4
 VIT_IMAGE = {128: (64, 32), 1024: (128, 128)}  # (height, width): 16*8 and 32*32 patches of 4x4
 ATTENTION_OPS = ("Attention", "GroupQueryAttention", "MultiHeadAttention")
+PREFILL_LENGTHS = (512, 2048)
+PREFILL_THREADS = (1, 2)
+PREFILL_RUNS = {512: 15, 2048: 5}
+PREFILL_SHAPES = {  # name: (query heads, key/value heads, head dim, mask, ONNX operators to try)
+    "bert-base": (12, 12, 64, "padding", ("MultiHeadAttention", "Attention")),
+    "bert-base, no mask": (12, 12, 64, None, ("MultiHeadAttention", "Attention")),  # ViT; BERT without padding
+    "tinyllama": (32, 4, 64, "causal", ("GroupQueryAttention", "Attention")),
+}
+PREFILL_BAR = 0.8  # issue 17: fused <= 0.8x unfused at 2048 tokens
 RESULTS = Path(__file__).resolve().parent / "results" / "attention_cpu.json"
 
 
@@ -265,6 +284,134 @@ def attention_op_microbench() -> list[dict]:
     return rows
 
 
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H·D) as a projection leaves it -> (B, H, L, D), as HF's attention views it."""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+class EagerAttention(torch.nn.Module):
+    """HF's eager attention as it exports, between the projections: split heads, repeat_kv,
+    Q·Kᵀ·scale + the model's additive mask, softmax, ·V, merge heads."""
+
+    def __init__(self, heads: int, kv_heads: int, scale: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.scale = heads, kv_heads, scale
+
+    def forward(self, q, k, v, mask=None):
+        q, k, v = split_heads(q, self.heads), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            b, h, n, d = k.shape
+            k = k[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+            v = v[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        scores = scores if mask is None else scores + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return out.transpose(1, 2).flatten(2)
+
+
+class FusedAttention(EagerAttention):
+    """What fuse_attention leaves there: one fxforge::attention (BERT keeps its mask; Llama's is
+    proven causal and dropped)."""
+
+    def __init__(self, heads: int, kv_heads: int, scale: float, causal: bool):
+        super().__init__(heads, kv_heads, scale)
+        self.causal = causal
+
+    def forward(self, q, k, v, mask=None):
+        q, k, v = split_heads(q, self.heads), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
+        out = torch.ops.fxforge.attention(q, k, v, mask, self.causal, self.scale, self.heads // self.kv_heads)
+        return out.transpose(1, 2).flatten(2)
+
+
+def export_module(module: torch.nn.Module, example: tuple, options=None) -> bytes:
+    from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
+
+    program = torch.onnx.export(module, example, dynamo=True, custom_translation_table=translation_table(options),
+                                opset_version=OPSET_VERSION, verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def prefill_attention() -> list[dict]:
+    """Issue 17's prefill table: fused / unfused attention time at 512 and 2048 tokens."""
+    import onnx
+
+    from fxforge.backends.onnx.options import OnnxOptions
+    from fxforge.ir.ops import get_op
+
+    get_op("attention")  # importing fxforge.ir.ops registers torch.ops.fxforge.attention
+
+    global THREADS
+    rows = []
+    for name, (heads, kv_heads, dim, mask_kind, operators) in PREFILL_SHAPES.items():
+        causal = mask_kind == "causal"
+        scale = 1 / math.sqrt(dim)
+        for length in PREFILL_LENGTHS:
+            gen = torch.Generator().manual_seed(length)
+            q = torch.randn(1, length, heads * dim, generator=gen)
+            k, v = (torch.randn(1, length, kv_heads * dim, generator=gen) for _ in range(2))
+            lowest = torch.finfo(torch.float32).min
+            if causal:  # HF's precomputed causal mask
+                mask = torch.full((length, length), lowest).triu(1)[None, None]
+            else:  # HF's extended padding mask: the last eighth of the keys are padding
+                mask = torch.zeros(1, 1, length, length)
+                mask[..., length - length // 8:] = lowest
+            unfused_args = (q, k, v) if mask_kind is None else (q, k, v, mask)
+            unfused = export_module(EagerAttention(heads, kv_heads, scale).eval(), unfused_args)
+            fused_args = (q, k, v) if mask_kind != "padding" else (q, k, v, mask)
+            with torch.no_grad():  # the eager module in torch: what every ONNX variant is checked against
+                expected = EagerAttention(heads, kv_heads, scale)(*unfused_args)
+            key = "causal_attention" if causal else "bidirectional_attention"
+            default = getattr(OnnxOptions(), key)  # the backend's choice for this case
+            fused = {op: export_module(FusedAttention(heads, kv_heads, scale, causal).eval(), fused_args,
+                                       OnnxOptions(**{key: op})) for op in operators}
+            kinds = {op: sorted({n.op_type for n in onnx.load_from_string(m).graph.node} & set(ATTENTION_OPS))
+                     for op, m in fused.items()}
+            for threads in PREFILL_THREADS:
+                THREADS = threads
+                runners = {"unfused": session(unfused), **{op: session(m) for op, m in fused.items()}}
+                feeds = {"unfused": unfused_args, **{op: fused_args for op in fused}}
+                errors = {op: (runners[op](*feeds[op])[0] - expected).abs().max().item() for op in runners}
+                samples = {n: [] for n in runners}
+                for _ in range(PREFILL_RUNS[length]):
+                    for n, runner in runners.items():
+                        start = time.perf_counter()
+                        runner(*feeds[n])
+                        samples[n].append((time.perf_counter() - start) * 1e3)
+                base = statistics.median(samples["unfused"])
+                for op in fused:
+                    ms = statistics.median(samples[op])
+                    paired = sorted(a / b for a, b in zip(samples[op], samples["unfused"]))
+                    rows.append({"shape": name, "tokens": length, "threads": threads, "operator": op,
+                                 "default": op == default, "onnx_nodes": kinds[op], "unfused_ms": base,
+                                 "fused_ms": ms, "ratio": ms / base, "paired_ratio_median": statistics.median(paired),
+                                 "max_abs_error": errors[op], "unfused_max_abs_error": errors["unfused"],
+                                 "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "mask": mask_kind})
+                    print(f"  {name:<18} L={length:<5} {threads} thr  {op:<20}{'(default)' if op == default else '':<10}"
+                          f"unfused {base:9.1f} ms  fused {ms:9.1f} ms  ratio {ms / base:.2f}  err {errors[op]:.1e}",
+                          flush=True)
+                del runners
+    THREADS = 2
+    return rows
+
+
+def print_prefill(rows: list[dict]) -> None:
+    print("\nPrefill attention alone (issue 17: fused <= 0.8x unfused at 2048 tokens; median of interleaved runs):")
+    print(f"  {'shape':<19}{'tokens':>6}{'thr':>4}  {'operator':<22}{'unfused ms':>11}{'fused ms':>10}{'ratio':>7}"
+          f"{'max err':>9}")
+    for r in rows:
+        mark = " *" if r["default"] else ""
+        print(f"  {r['shape']:<19}{r['tokens']:>6}{r['threads']:>4}  {r['operator'] + mark:<22}{r['unfused_ms']:>11.1f}"
+              f"{r['fused_ms']:>10.1f}{r['ratio']:>7.2f}{r['max_abs_error']:>9.1e}")
+    print("  (* the backend's default operator for this case; max err: fused ONNX vs the eager module in torch)")
+
+
+def prefill_problems(rows: list[dict]) -> list[str]:
+    return [f"prefill {r['shape']} L={r['tokens']} {r['operator']}: max abs error {r['max_abs_error']:.1e}"
+            for r in rows if not max(r["max_abs_error"], r["unfused_max_abs_error"]) <= MAX_ERROR]
+
+
 def check_triton_kernels() -> list[dict]:
     """The triton lowering of fxforge::attention vs the op's reference, under the interpreter."""
     from fxforge.ir.ops import get_op, lowering_for
@@ -365,6 +512,18 @@ def bench_model(arch: str, workdir: Path, problems: list[str]) -> list[dict]:
 
 
 def main() -> None:
+    if "--prefill-only" in sys.argv[1:]:  # re-time the prefill table, keep the rest of the file
+        torch.set_num_threads(THREADS)
+        prefill = prefill_attention()
+        print_prefill(prefill)
+        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        previous.update({"prefill_attention": prefill, "prefill_host": host()})
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(previous, indent=2))
+        print(f"\nwrote {RESULTS}")
+        if prefill_problems(prefill):
+            raise SystemExit("checks failed:\n  " + "\n  ".join(prefill_problems(prefill)))
+        return
     only = [a for flag, a in zip(sys.argv[1:], sys.argv[2:]) if flag == "--only"]
     unknown = [a for a in only if a not in MODELS]
     if unknown:
@@ -386,8 +545,11 @@ def main() -> None:
         rows = sorted(keep + rows, key=lambda r: (order.index(r["model"]), r["seq"]))
         micro, kernels = previous["attention_op_alone"], previous["triton_interpreter"][:-1]
         backend = previous["triton_interpreter"][-1]
+        prefill = previous.get("prefill_attention", [])
     else:
         micro = attention_op_microbench()
+        prefill = prefill_attention()
+        problems += prefill_problems(prefill)
         kernels = check_triton_kernels()
         backend = check_triton_backend()
     print()
@@ -408,6 +570,7 @@ def main() -> None:
     for r in micro:
         print(f"  L={r['length']:<5} kv heads {r['kv_heads']}  {r['kind']:<7} unfused {r['unfused_ms']:8.3f} ms  "
               f"fused {r['fused_ms']:8.3f} ms  ratio {r['ratio']:.2f}  max err {r['max_abs_error']:.1e}")
+    print_prefill(prefill)
     print("\nTriton interpreter checks (flash-attention kernel vs the op's reference):")
     for c in kernels + [backend]:
         print(f"  {c.get('case', c.get('model')):<45} max abs error {c['max_abs_error']:.1e}  {'ok' if c['ok'] else 'FAIL'}")
@@ -416,7 +579,7 @@ def main() -> None:
         "hidden": HIDDEN, "heads": HEADS, "kv_heads_gqa": KV_HEADS, "layers": LAYERS, "batch": 1,
         "lengths": LENGTHS, "runs": RUNS, "statistic": "median, variants interleaved", "max_error": MAX_ERROR,
         "vit": {"patch": PATCH, "image_hw": VIT_IMAGE, "tokens": {s: tokens("vit", s) for s in LENGTHS}}},
-        "latency": rows, "attention_op_alone": micro, "triton_interpreter": kernels + [backend],
+        "latency": rows, "attention_op_alone": micro, "prefill_attention": prefill, "triton_interpreter": kernels + [backend],
         "checks_failed": problems}, indent=2))
     print(f"\nwrote {RESULTS}  ({time.perf_counter() - start:.0f} s)")
     if problems:

@@ -192,11 +192,15 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64
 class Decoder:
     """A plain onnxruntime session fed by input names (conventional KV decoder names)."""
 
-    def __init__(self, path: str, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, path: str, kv_heads: int, head_dim: int, threads: int = 1,
+                 profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
+        opts.intra_op_num_threads = threads
+        if profile_prefix:  # ORT's per-node profile (bench/cpu_llm.py reads it)
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}

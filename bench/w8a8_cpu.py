@@ -5,6 +5,10 @@ Model: LlamaForCausalLM with TinyLlama-1.1B's shapes (hidden 2048, intermediate 
 Rows (every linear quantized, LM head included, as ORT's tool does):
 * fp32: fxforge's fp32 export;
 * fxforge W8A8 act_scale="tensor" / "token" (`quantize_dynamic(include_lm_head=True, ...)`);
+* fxforge W8A8 "tensor" in fxforge's LLM pipeline, `fuse_attention,quantize_dynamic(...),
+  fuse_projections` ("+fuse"): q/k/v and gate/up become one W8A8 GEMM each (bit-identical to
+  the row above: one input, so one activation scale, and per-row weight scales concatenate), and
+  the causal prompt attention lowers to com.microsoft::GroupQueryAttention (the ONNX default);
 * ORT `onnxruntime.quantization.quantize_dynamic` (its defaults: QInt8 weights, per-tensor
   weight scale; it also stores the embedding table as uint8) applied to the same fp32 export:
   the peer a user would pick;
@@ -55,7 +59,9 @@ def build_model(layers: int, vocab: int) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+FUSED = "fxforge w8a8 tensor +fuse"
 ROW_FILES = {"fp32": "fp32.onnx", "fxforge w8a8 tensor": "w8a8_tensor.onnx", "fxforge w8a8 token": "w8a8_token.onnx",
+             FUSED: "w8a8_tensor_fused.onnx",
              "ORT quantize_dynamic": "ort_quantize_dynamic.onnx",
              "ORT q_dyn MatMul per-ch": "ort_quantize_dynamic_matmul_per_channel.onnx"}
 
@@ -89,6 +95,13 @@ def export_rows(layers: int, vocab: int, workdir: Path) -> dict[str, Path]:
                                      ctx, verify=False)
                 export_onnx(quantized, (example,), paths[f"fxforge w8a8 {act_scale}"])
                 del quantized
+        if FUSED in missing:
+            fused = gm
+            for spec in ("fuse_attention", "quantize_dynamic", "fuse_projections"):
+                options = {"include_lm_head": True} if spec == "quantize_dynamic" else {}
+                fused = run_pass(get_pass_class(spec)(**options), fused, ctx, verify=False)
+            export_onnx(fused, (example,), paths[FUSED])
+            del fused
     if missing & {"ORT quantize_dynamic", "ORT q_dyn MatMul per-ch"}:
         folded = fold_constants(paths["fp32"], workdir / "fp32_folded.onnx")
         quantize_dynamic(folded, paths["ORT quantize_dynamic"], weight_type=QuantType.QInt8)
@@ -120,7 +133,7 @@ def op_counts(path: Path) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
-        if "MatMul" in node.op_type or node.op_type in ("Gemm", "DynamicQuantizeLinear"):
+        if "MatMul" in node.op_type or node.op_type in ("Gemm", "DynamicQuantizeLinear", "GroupQueryAttention"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
 
@@ -230,6 +243,7 @@ def verdict(result: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in (n for n in result["rows"] if n.startswith("fxforge")):
         ratios = {t: rows[name]["prefill_ms"] / rows[peer]["prefill_ms"] for t, rows in result["timings"].items()}
+        decode = {t: rows[name]["decode_ms"] / rows[peer]["decode_ms"] for t, rows in result["timings"].items()}
         # Per-round ratios pair runs made under the same load from other users: their spread says
         # how far apart the medians could land by chance.
         paired = {t: sorted(a / b for a, b in zip(rows[name]["prefill_ms_all"], rows[peer]["prefill_ms_all"]))
@@ -237,7 +251,8 @@ def verdict(result: dict) -> dict[str, Any]:
         spread = {t: [round(r[len(r) // 4], 3), round(statistics.median(r), 3), round(r[3 * len(r) // 4], 3)]
                   for t, r in paired.items()}
         error_ok = result["rows"][name]["rel_l2"] <= result["rows"][peer]["rel_l2"]
-        out[name] = {"prefill_vs_peer": ratios, "paired_ratio_quartiles": spread, "error_no_larger": error_ok,
+        out[name] = {"prefill_vs_peer": ratios, "decode_vs_peer": decode, "paired_ratio_quartiles": spread,
+                     "error_no_larger": error_ok,
                      "passes": error_ok and all(r <= 1.0 for r in ratios.values())}
     return out
 
@@ -250,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=RESULTS / "w8a8_cpu.json")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile the prefill of the fxforge tensor row and ORT's (1 thread, per op type)")
+                        help="also profile the prefill of the fxforge tensor rows and ORT's (1 thread, per op type)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the ONNX files here; a folder from an earlier run (same --layers/--vocab) is reused")
     args = parser.parse_args(argv)
@@ -290,7 +305,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         row["ops"] = op_counts(path)
     if args.profile:
         result["profile_prefill_1_thread_ms"] = {name: profile_ops(paths[name], prompts["prefill"])
-                                                 for name in ("fxforge w8a8 tensor", "ORT quantize_dynamic")}
+                                                 for name in ("fxforge w8a8 tensor", FUSED, "ORT quantize_dynamic")}
         for name, ops in result["profile_prefill_1_thread_ms"].items():
             print(f"\n  ORT profile, prefill, 1 thread, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in ops.items()))
     result["load_average_at_end"] = os.getloadavg()  # other users of the machine: timings' noise
@@ -307,7 +322,9 @@ def print_verdict(result: dict) -> None:
     print_table(result)
     for name, v in result["verdict"].items():
         ratios = ", ".join(f"{r:.2f}x at {t} thread(s)" for t, r in v["prefill_vs_peer"].items())
-        print(f"  {name}: prefill {ratios} of ORT quantize_dynamic; error no larger: {v['error_no_larger']}"
+        decode = ", ".join(f"{r:.2f}x" for r in v["decode_vs_peer"].values())
+        print(f"  {name}: prefill {ratios} of ORT quantize_dynamic (decode {decode}); error no larger: "
+              f"{v['error_no_larger']}"
               f" -> {'PASS' if v['passes'] else 'FAIL'}; per-round ratio quartiles "
               + ", ".join(f"{t} thread(s) {q}" for t, q in v["paired_ratio_quartiles"].items()))
 

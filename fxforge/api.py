@@ -100,6 +100,12 @@ class CompiledModel:
         flat = self._flat_inputs(args, kwargs)
         return unflatten_outputs(self.graph_module, self.run_flat(*flat))
 
+    def reprepare(self) -> None:
+        """Lower the graph to the backend again, after its weights changed in place (e.g. trained
+        Medusa heads: `fxforge.medusa.train_heads` calls it)."""
+        with _backend_errors(self.backend, "preparing the model"):
+            self._runner = get_backend(self.backend)(self.graph_module, self.example_inputs, **self.backend_options)
+
     def run_flat(self, *flat_inputs: Any) -> Any:
         """Run with the graph's flat inputs; returns its flat output tuple."""
         return self._runner(*flat_inputs)

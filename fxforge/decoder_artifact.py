@@ -19,6 +19,11 @@ These are the names optimum's `text-generation-with-past` export and onnxruntime
                                backend="onnx")          # ids: batch >= 2, so the batch stays dynamic
     fxforge.export_decoder(compiled, "out/", tokenizer=tokenizer, config=model.config)
 
+The file is rewritten for ONNX Runtime's CPU contrib kernels (`fuse_for_ort`): each cached layer
+is one com.microsoft::GroupQueryAttention (cache in the op, padding mask and rotary inside it),
+RMSNorm/LayerNorm + residual one Skip(Simplified)LayerNormalization; `ort_fusions=False` writes
+the standard-ONNX lowering. Either way the file is checked against the compiled graph.
+
 The whole directory is written atomically (`fxforge.atomic`).
 """
 from __future__ import annotations
@@ -48,7 +53,7 @@ _GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "phi3"
 
 
 def export_decoder(compiled: "CompiledModel", directory: str | Path, *, tokenizer: Any = None,
-                   config: Any = None, max_length: int | None = None) -> Path:
+                   config: Any = None, max_length: int | None = None, ort_fusions: bool = True) -> Path:
     """Write the decoder artifact (module docstring) for a model compiled with a KV cache.
 
     Args:
@@ -60,6 +65,8 @@ def export_decoder(compiled: "CompiledModel", directory: str | Path, *, tokenize
         config: the model's transformers config (or a dict of it): model type, hidden size,
             attention heads, context length. Without it these come from the graph.
         max_length: the search default max_length (prompt + generated); default the context length.
+        ort_fusions: rewrite for ONNX Runtime's contrib kernels (GroupQueryAttention, skip norms;
+            `fuse_for_ort`); False writes the standard-ONNX lowering.
 
     Raises InputError naming the fix when the model is not such a decoder.
     """
@@ -69,7 +76,8 @@ def export_decoder(compiled: "CompiledModel", directory: str | Path, *, tokenize
     directory = Path(directory)
     settings = _model_settings(compiled, layout, tokenizer, _as_dict(config))
     with atomic_directory(directory) as staging:
-        write_decoder_onnx(compiled, staging / ONNX_FILE)
+        positions = max(settings["context_length"], max_length or 0)  # rotary caches cover every position
+        write_decoder_onnx(compiled, staging / ONNX_FILE, ort_fusions=ort_fusions, rotary_length=positions)
         check_decoder_onnx(compiled, staging / ONNX_FILE)  # before anything replaces a previous artifact
         vocab = _vocab_of(staging / ONNX_FILE)
         genai = genai_config(layout, vocab_size=vocab, max_length=max_length, **settings)
@@ -96,8 +104,15 @@ def _decoder_layout(compiled: "CompiledModel") -> KVCacheLayout:
     return layout
 
 
-def write_decoder_onnx(compiled: "CompiledModel", path: Path) -> Path:
-    """Export the cached graph to `path` and give its I/O and dimensions the conventional names."""
+def write_decoder_onnx(compiled: "CompiledModel", path: Path, *, ort_fusions: bool = True,
+                       rotary_length: int | None = None) -> Path:
+    """Export the cached graph to `path` and give its I/O and dimensions the conventional names.
+
+    `ort_fusions`: rewrite the file for ONNX Runtime's contrib kernels (`fuse_for_ort`): cached
+    attention -> GroupQueryAttention, RMSNorm (+ residual) -> (Skip)SimplifiedLayerNormalization.
+    False keeps the standard-ONNX lowering (the reference the fused file is tested against).
+    `rotary_length`: positions the fused rotary caches cover (the context length); None keeps
+    rotary out of GroupQueryAttention."""
     import onnx
 
     from fxforge.backends.onnx.backend import export_onnx
@@ -133,8 +148,64 @@ def write_decoder_onnx(compiled: "CompiledModel", path: Path) -> Path:
             set_shape(by_name[f"past_key_values.{i}.{kind}"], ("batch_size", heads, "past_sequence_length", dim))
             set_shape(by_name[f"present.{i}.{kind}"], ("batch_size", heads, "total_sequence_length", dim))
     _drop_inner_shapes(graph)
+    if ort_fusions:
+        model = fuse_for_ort(compiled, model, rotary_length=rotary_length, base_dir=str(path.parent))
     onnx.save(model, str(path))
     return path
+
+
+def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
+                 rotary_length: int | None = None, base_dir: str | None = None) -> "onnx.ModelProto":
+    """The renamed decoder ModelProto rewritten for ONNX Runtime's CPU contrib kernels.
+
+    GroupQueryAttention for each layer whose fused attention reads only the padding mask
+    (`backends.onnx.decoder_gqa`; other layers keep the standard Attention), with Hugging Face
+    rotary inside it where it matches (cos/sin caches of `rotary_length` positions), then onnxscript's
+    RMSNorm / skip-norm fusions (`backends.onnx.ort_norms`). check_decoder_onnx runs after, on
+    the written file, against the compiled graph.
+    """
+    from fxforge.backends.onnx.decoder_gqa import fuse_group_query_attention
+    from fxforge.backends.onnx.ort_norms import fuse_norms
+
+    layout = kv_layout(compiled.graph_module.meta)
+    if layout.dtype not in ("float32", "float16"):
+        return model  # ORT's CPU GQA and skip-norm kernels take float32/float16: keep the standard ops
+    fuse_group_query_attention(model, gqa_layers(compiled.graph_module, layout), dtype=layout.dtype,
+                               rotary_length=rotary_length, base_dir=base_dir)
+    return fuse_norms(model)
+
+
+def gqa_layers(gm: Any, layout: KVCacheLayout) -> dict[str, Any]:
+    """{past key input name: heads} of the cached layers GroupQueryAttention can take.
+
+    A layer qualifies when its attention is an `fxforge::attention` over `cat(past, new)` whose
+    mask is exactly add_kv_cache's padding mask (kv_cache/padding.py), causal, with no position
+    bias: GQA rebuilds that mask from `attention_mask`. Eager (unfused) layers, ALiBi biases and
+    Medusa tree masks keep the standard Attention lowering, which reads the mask as built.
+    """
+    from fxforge.backends.onnx.decoder_gqa import CachedAttention
+    from fxforge.ir.ops import get_op
+    from fxforge.passes.kv_cache.padding import MASK_TAG
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    layer_of = {placeholders[k]: i for i, (k, _) in enumerate(layout.past)}
+    attention = get_op("attention").overload
+    layers = {}
+    for node in gm.graph.nodes:
+        if node.target != attention:
+            continue
+        names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "num_kv_groups", "bias")
+        q, k, v, mask, causal, _, _, bias = (*node.args, *(node.kwargs.get(n) for n in names[len(node.args):]))
+        if bias is not None or not causal or not getattr(mask, "meta", {}).get(MASK_TAG):
+            continue
+        if getattr(k, "target", None) != torch.ops.aten.cat.default or k.args[0][0] not in layer_of:
+            continue
+        q_val, v_val = q.meta["val"], v.meta["val"]
+        if q_val.shape[3] != v_val.shape[3]:  # GQA: one head size for keys and values
+            continue
+        layers[f"past_key_values.{layer_of[k.args[0][0]]}.key"] = CachedAttention(
+            q_heads=int(q_val.shape[1]), kv_heads=int(v_val.shape[1]), head_dim=int(q_val.shape[3]))
+    return layers
 
 
 def check_decoder_onnx(compiled: "CompiledModel", path: Path) -> float:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,18 +40,23 @@ import torch.nn.functional as F
 from fxforge.backends import get_backend
 from fxforge.errors import InputError
 from fxforge.passes.add_medusa_heads import head_parameter_names
-from fxforge.passes.context import default_progress
-from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
+from fxforge.passes.context import PassContext, default_progress
+from fxforge.passes.kv_cache.add_kv_cache import AddKvCache, with_kv_cache
+from fxforge.passes.medusa_decoding import MedusaGreedyVerify, SplitMedusaHeads
+from fxforge.passes.pipeline import PipelineReport, run_pass
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past
-from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, greedy_generate
-from fxforge.runtime.greedy_verify import add_greedy_verification
+from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, example_cached_inputs, greedy_generate
+from fxforge.runtime.layouts import MedusaLayout, medusa_layout
+from fxforge.runtime.medusa_split import heads_graph, split_backbone_and_heads
 from fxforge.runtime.medusa_tree import (
     Acceptance, MedusaTree, compact_kv, default_tree, greedy_accept, tree_from_accuracies, typical_accept,
 )
-from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
+from fxforge.runtime.meta_keys import KV_META
 
 LOSS_DECAY = 0.8
-_DECODERS = "_fxforge_medusa_decoders"
+# Decoders built per CompiledModel (and per backend/options), kept with the model's lifetime
+# without an attribute on it: keyed weakly, dropped when the model is.
+_DECODERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- training
@@ -103,10 +109,10 @@ def train_heads(compiled: Any, data: Sequence[str] | Sequence[torch.Tensor] | No
     Returns a HeadTrainingReport (per-head held-out top-1/top-5 accuracy, losses).
     """
     gm = compiled.graph_module
-    meta = _medusa_meta(gm)
-    if steps < 0 or batch_size < 1 or seq_len < meta["num_heads"] + 2:
+    layout = _medusa_layout(gm)
+    if steps < 0 or batch_size < 1 or seq_len < layout.num_heads + 2:
         raise InputError(f"train_heads: need steps >= 0, batch_size >= 1 and seq_len >= num_heads + 2 "
-                         f"(= {meta['num_heads'] + 2}); got steps={steps}, batch_size={batch_size}, "
+                         f"(= {layout.num_heads + 2}); got steps={steps}, batch_size={batch_size}, "
                          f"seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
     self_distill = data is None if self_distill is None else self_distill
@@ -258,7 +264,7 @@ def self_distill_rows(gm: Any, count: int, seq_len: int, prompt_len: int, genera
     cached = with_kv_cache(gm)
     lm = CachedLM(cached, cached)
     if prompts is None:
-        vocab = gm.meta[MEDUSA_META]["vocab_size"]
+        vocab = _medusa_layout(gm).vocab_size
         ids = torch.randint(0, vocab, (count, 1), generator=generator)
     else:
         ids = prompts
@@ -278,51 +284,6 @@ def self_distill_rows(gm: Any, count: int, seq_len: int, prompt_len: int, genera
     return ids
 
 
-def split_backbone_and_heads(gm: Any) -> tuple[Any, Any] | None:
-    """(backbone: ids -> hidden state, heads: hidden -> (K, B, L, V)) sharing `gm`'s parameters.
-
-    None when the heads' nodes cannot be told apart (a later pass rewrote them); callers then
-    run the whole graph.
-    """
-    from torch.fx import Graph, GraphModule
-
-    meta = _medusa_meta(gm)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    hidden = nodes.get(meta.get("hidden_node", ""))
-    stacked = gm.graph.output_node().args[0][meta["heads_output"]]
-    if hidden is None:
-        return None
-    prefix = meta["prefix"]
-    graph = Graph()
-    value_map = {hidden: graph.placeholder("hidden")}
-    for node in gm.graph.nodes:
-        is_head = (node.op == "get_attr" and str(node.target).startswith(prefix + ".")) or \
-            (node.op == "call_function" and str(node.meta.get("module_path", "")).startswith(prefix))
-        if not is_head:
-            continue
-        for inp in node.all_input_nodes:
-            if inp not in value_map and inp.op == "get_attr":  # a backbone weight the heads share
-                value_map[inp] = graph.node_copy(inp)
-        if any(inp not in value_map for inp in node.all_input_nodes):
-            return None
-        value_map[node] = graph.node_copy(node, lambda n: value_map[n])
-    if stacked not in value_map:
-        return None
-    graph.output((value_map[stacked],))
-    heads = GraphModule(gm, graph)  # shares (does not copy) the head parameters
-    backbone_graph = Graph()
-    backbone_map: dict = {}
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            break
-        backbone_map[node] = backbone_graph.node_copy(node, lambda n: backbone_map[n])
-        if node is hidden:
-            break
-    backbone_graph.output((backbone_map[hidden],))
-    backbone_graph.eliminate_dead_code()
-    return GraphModule(gm, backbone_graph), heads
-
-
 def _backbone_hidden(gm: Any, backbone: Any, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         if KV_META in gm.meta:
@@ -332,20 +293,20 @@ def _backbone_hidden(gm: Any, backbone: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _head_logits(gm: Any, ids: torch.Tensor) -> torch.Tensor:
-    meta = _medusa_meta(gm)
+    heads = _medusa_layout(gm)
     if KV_META in gm.meta:
         layout = gm.meta[KV_META]
         flat = cached_inputs(layout, ids, 0, empty_past(layout, ids.shape[0], torch.float32))
     else:
         flat = [ids]
-    return gm(*flat)[meta["heads_output"]]
+    return gm(*flat)[heads.heads_output]
 
 
-def _medusa_meta(gm: Any) -> dict:
-    meta = gm.meta.get(MEDUSA_META)
-    if not meta:
+def _medusa_layout(gm: Any) -> MedusaLayout:
+    layout = medusa_layout(gm.meta)
+    if layout is None:
         raise InputError("this model has no Medusa heads: compile it with passes=\"...,add_medusa_heads\" first.")
-    return meta
+    return layout
 
 
 # --------------------------------------------------------------------------- decoding
@@ -361,52 +322,58 @@ def decoder(compiled: Any, backend: str | None = None, *, split_heads: bool = Tr
     greedy_in_graph: the graph itself accepts the tree greedily and runs the heads at the
     accepted node (`runtime.greedy_verify`): one call per step and no logits walked in Python.
     Greedy decoding only; `generate(mode="greedy")` uses it by default.
+
+    The decoding graph comes from passes run like any pipeline's (`add_kv_cache` if the graph
+    has no cache yet, then `split_medusa_heads` or `medusa_greedy_verify`), each verified;
+    their records are in the decoder's `report`.
     """
     backend = backend or compiled.backend
-    cache = compiled.__dict__.setdefault(_DECODERS, {})
+    cache = _DECODERS.setdefault(compiled, {})
     key = (backend, split_heads, greedy_in_graph, tuple(sorted(backend_options.items())))
     if key not in cache:
-        cached = with_kv_cache(compiled.graph_module)
-        split = split_heads_for_decoding(cached) if split_heads and not greedy_in_graph else None
+        cached, ctx, report = _cached(compiled.graph_module)
+        heads = heads_graph(cached) if split_heads and not greedy_in_graph else None
         if greedy_in_graph:
-            cache[key] = CachedLM.prepare(_greedy_verifying(cached, "decode"), backend, **backend_options)
-        elif split is not None:
-            cache[key] = _heads_apart(*split, backend, backend_options)
+            lm = CachedLM.prepare(_greedy_verifying(cached, ctx, report, "decode"), backend, **backend_options)
+        elif heads is not None:
+            main = run_pass(SplitMedusaHeads(), cached, ctx, report=report)
+            lm = _heads_apart(main, heads, backend, backend_options)
         else:  # heads on every node, inside the graph (or not separable)
-            cache[key] = CachedLM.prepare(cached, backend, **backend_options)
+            lm = CachedLM.prepare(cached, backend, **backend_options)
+        lm.report = report
+        cache[key] = lm
     return cache[key]
+
+
+def _cached(gm: Any) -> tuple[Any, PassContext, PipelineReport]:
+    """(`gm` with a KV cache, the context its decoding passes verify in, their report)."""
+    report = PipelineReport()
+    if KV_META in gm.meta:
+        return gm, PassContext(example_inputs=tuple(example_cached_inputs(gm, batch=1))), report
+    ctx = PassContext(example_inputs=(torch.zeros(1, 8, dtype=torch.long),))  # prefill 4 + cached step of 4
+    return run_pass(AddKvCache(), gm, ctx, report=report), ctx, report
 
 
 def _heads_apart(main: Any, heads: Any, backend: str, backend_options: dict) -> CachedLM:
     """A decoder running `main` (hidden state out) and, on the positions asked, `heads`."""
-    hidden_size = main.meta[MEDUSA_META]["hidden_size"]
+    hidden_size = _medusa_layout(main).hidden_size
     example = [torch.zeros(1, 1, hidden_size, dtype=torch.float32)]
     heads_runner = get_backend(backend)(heads, example, **backend_options)
     lm = CachedLM.prepare(main, backend, **backend_options)
     return CachedLM(main, lm.runner, backend, heads_runner=heads_runner)
 
 
-def split_heads_for_decoding(cached: Any) -> tuple[Any, Any] | None:
-    """(graph returning the hidden state in place of head logits, heads graph) or None."""
-    import copy
+def split_heads_for_decoding(graph: Any) -> tuple[Any, Any] | None:
+    """(cached graph returning the hidden state in place of head logits, heads graph) or None.
 
-    from fxforge.ir.graph import erase_dead, finalize
-
-    split = split_backbone_and_heads(cached)
-    if split is None:
+    The first is pass `split_medusa_heads` (verified) on `graph`, given a KV cache first if it has
+    none; None when the heads cannot be told apart from the backbone.
+    """
+    cached, ctx, _ = _cached(graph)
+    heads = heads_graph(cached)
+    if heads is None:
         return None
-    _, heads = split
-    main = copy.deepcopy(cached)
-    meta = main.meta[MEDUSA_META]
-    hidden = next(n for n in main.graph.nodes if n.name == meta["hidden_node"])
-    output = main.graph.output_node()
-    outputs = list(output.args[0])
-    outputs[meta["heads_output"]] = hidden
-    output.args = (tuple(outputs),)
-    erase_dead(main)
-    finalize(main)
-    main.meta[MEDUSA_META] = {**meta, "hidden_output": meta["heads_output"]}
-    return main, heads
+    return run_pass(SplitMedusaHeads(), cached, ctx), heads
 
 
 def export_onnx(compiled: Any, path: str | Path, *, greedy_in_graph: bool = False) -> Path:
@@ -420,33 +387,28 @@ def export_onnx(compiled: Any, path: str | Path, *, greedy_in_graph: bool = Fals
     """
     from fxforge.atomic import atomic_file
     from fxforge.backends.onnx.backend import export_onnx as export_graph
-    from fxforge.runtime.decoding import example_cached_inputs
 
-    gm = with_kv_cache(compiled.graph_module)
+    gm, ctx, report = _cached(compiled.graph_module)
     if greedy_in_graph:
-        gm = _greedy_verifying(gm, "export")
+        gm = _greedy_verifying(gm, ctx, report, "export")
     with atomic_file(Path(path)) as staging:  # all or nothing, like CompiledModel.export_onnx
         export_graph(gm, example_cached_inputs(gm), staging)
     return Path(path)
 
 
-def _greedy_verifying(cached: Any, action: str) -> Any:
-    """`cached` with greedy verification and the heads inside (`runtime.greedy_verify`)."""
-    split = split_heads_for_decoding(cached)
-    if split is None:
+def _greedy_verifying(cached: Any, ctx: PassContext, report: PipelineReport, action: str) -> Any:
+    """`cached` with greedy verification and the heads inside: pass `medusa_greedy_verify`."""
+    if heads_graph(cached) is None:
         raise InputError(f"greedy_in_graph needs the Medusa heads apart from the backbone, but a later pass "
                          f"rewrote them; {action} with greedy_in_graph=False.")
-    return add_greedy_verification(*split)
+    return run_pass(MedusaGreedyVerify(), cached, ctx, report=report)
 
 
 def _invalidate(compiled: Any) -> None:
     # Decoders hold copies of the head weights (and ONNX files): rebuild after training.
-    compiled.__dict__.pop(_DECODERS, None)
-    if getattr(compiled, "backend", "eager") != "eager" and hasattr(compiled, "_runner"):
-        from fxforge.backends import get_backend
-
-        compiled._runner = get_backend(compiled.backend)(compiled.graph_module, compiled.example_inputs,
-                                                         **compiled.backend_options)
+    _DECODERS.pop(compiled, None)
+    if getattr(compiled, "backend", "eager") != "eager":
+        compiled.reprepare()
 
 
 @dataclass

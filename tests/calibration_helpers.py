@@ -77,7 +77,7 @@ def run_mode(gm, zoo, batches, mode: str) -> dict:
 
     gptq.quantize_weight_gptq = recording
     try:
-        Quantize(bits=4, group_size=32, method="gptq").run(gm, ctx)
+        Quantize(bits=4, group_size=32, method="gptq", include_lm_head=False).run(gm, ctx)
     finally:
         gptq.quantize_weight_gptq = original
     codes = {n.target: gm.get_buffer(n.target).clone() for n in gm.graph.nodes

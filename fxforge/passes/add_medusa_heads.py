@@ -13,7 +13,8 @@ K stacked ResBlock outputs, so decoding reads one vocab matrix per step instead 
 speed (1.59x vs 1.55x plain greedy on ONNX, 1.61x vs 1.58x eager).
 Head parameters are trainable; every other parameter is frozen (Medusa-1 trains the heads only:
 `fxforge.medusa.train_heads`). Where the heads' output sits and how many there are is recorded
-in `gm.meta[MEDUSA_META]` for the runtime.
+in `gm.meta[MEDUSA_META]` as a typed `runtime.layouts.MedusaLayout` for the runtime (and the
+decoding passes `split_medusa_heads` and `medusa_greedy_verify`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from fxforge.ir.verify import Comparison, compare_outputs, compare_tensors, run_
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
+from fxforge.runtime.layouts import MedusaLayout, medusa_layout
 from fxforge.runtime.meta_keys import MEDUSA_META
 
 aten = torch.ops.aten
@@ -143,12 +145,11 @@ class AddMedusaHeads(Pass):
                 stacked = _call(graph, aten.stack.default, (head_logits, 0), HEADS_PREFIX)
         outputs = tuple(output.args[0])
         output.args = (outputs + (stacked,),)
-        gm.meta[MEDUSA_META] = {
-            "num_heads": self.num_heads, "num_layers": self.num_layers, "share_lm_head": self.share_lm_head,
-            "logits_output": head.output_index, "heads_output": len(outputs),
-            "hidden_size": head.hidden_size, "vocab_size": head.vocab_size,
-            "lm_head": head.weight_name, "prefix": HEADS_PREFIX, "hidden_node": hidden.name,
-        }
+        gm.meta[MEDUSA_META] = MedusaLayout(
+            num_heads=self.num_heads, num_layers=self.num_layers, share_lm_head=self.share_lm_head,
+            logits_output=head.output_index, heads_output=len(outputs),
+            hidden_size=head.hidden_size, vocab_size=head.vocab_size,
+            lm_head=head.weight_name, prefix=HEADS_PREFIX, hidden_node=hidden.name)
         return PassResult(gm, sites=self.num_heads, notes={
             "lm_head": head.weight_name, "heads_output": len(outputs),
             "trainable_parameters": sum(p.numel() for p in gm.parameters() if p.requires_grad)})
@@ -178,8 +179,8 @@ class AddMedusaHeads(Pass):
         comparison = compare_outputs(ref, got, self.tolerance())
         if not comparison.ok:
             return comparison
-        meta = after.meta[MEDUSA_META]
-        logits, heads = got[meta["logits_output"]], got[meta["heads_output"]]
+        layout = medusa_layout(after.meta)
+        logits, heads = got[layout.logits_output], got[layout.heads_output]
         if tuple(heads.shape) != (self.num_heads, *logits.shape):
             comparison.structural = (f"Medusa head logits have shape {tuple(heads.shape)}, expected "
                                      f"{(self.num_heads, *logits.shape)}")
@@ -193,10 +194,10 @@ class AddMedusaHeads(Pass):
 
 def _heads_untrained(gm: GraphModule) -> bool:
     """True while every ResBlock weight is still zero (then each head equals the LM head)."""
-    meta = gm.meta[MEDUSA_META]
-    lm = get_attr(gm, meta["lm_head"])
+    layout = medusa_layout(gm.meta)
+    lm = get_attr(gm, layout.lm_head)
     for name, p in gm.named_parameters():
-        if not name.startswith(meta["prefix"] + "."):
+        if not name.startswith(layout.prefix + "."):
             continue
         if name.endswith(".linear.weight") or name.endswith(".linear.bias"):
             if bool(p.any()):
@@ -214,10 +215,10 @@ def _call(graph: torch.fx.Graph, target: Any, args: tuple, module_path: str) -> 
 
 def head_parameter_names(gm: GraphModule) -> list[str]:
     """Names of the Medusa heads' parameters in `gm` (empty when it has no heads)."""
-    meta = gm.meta.get(MEDUSA_META)
-    if not meta:
+    layout = medusa_layout(gm.meta)
+    if layout is None:
         return []
-    return [n for n, _ in gm.named_parameters() if n.startswith(meta["prefix"] + ".")]
+    return [n for n, _ in gm.named_parameters() if n.startswith(layout.prefix + ".")]
 
 
 __all__ = ["AddMedusaHeads", "HEADS_PREFIX", "LmHead", "find_lm_head", "head_parameter_names"]

@@ -56,6 +56,9 @@ class Pass:
                                         or return a new GraphModule.
         tolerance() -> Tolerance        how closely the result must match what the pass claims
                                         (the graph before, or its semantics); default 1e-5.
+        reorders_float_math = True      (class attribute) the result computes the same sums in
+                                        another order or precision (a fused kernel): on bf16/fp16
+                                        outputs the tolerance widens to the dtype's rounding.
         semantics(before, result, ctx)  lossy passes: the graph the result claims to equal;
                                         the default builds it from `result.semantics`.
         verify(before, after, ctx)      only if the pass changes the graph's inputs/outputs.
@@ -66,6 +69,7 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
+    reorders_float_math: ClassVar[bool] = False
     max_loss: float | dict[str, float] | None = field(default=None, kw_only=True, compare=False)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover

@@ -22,9 +22,8 @@ from torch.fx import GraphModule
 from fxforge.backends import get_backend
 from fxforge.errors import InputError
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
-from fxforge.runtime.greedy_verify import ACCEPT_META
-from fxforge.runtime.layouts import KVCacheLayout, kv_layout
-from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
+from fxforge.runtime.layouts import KVCacheLayout, MedusaLayout, kv_layout, medusa_layout
+from fxforge.runtime.meta_keys import KV_META
 
 
 @dataclass
@@ -56,11 +55,13 @@ class CachedLM:
         self.runner = runner
         self.backend = backend
         self.layout: KVCacheLayout = kv_layout(graph_module.meta)
-        self.medusa = graph_module.meta.get(MEDUSA_META)
+        self.medusa: MedusaLayout | None = medusa_layout(graph_module.meta)
         self.dtype = self.layout.torch_dtype
         # Split decoding (`medusa.decoder`): the graph returns the hidden state instead of head
         # logits and `heads_runner` maps one position's hidden state to the K heads' logits.
         self.heads_runner = heads_runner
+        # The pipeline report of the passes that made this decoding graph (`fxforge.medusa.decoder`).
+        self.report: Any = None
 
     @classmethod
     def prepare(cls, graph_module: GraphModule, backend: str = "eager", **backend_options: Any) -> "CachedLM":
@@ -76,7 +77,7 @@ class CachedLM:
     @property
     def num_heads(self) -> int:
         """How many Medusa heads the graph has (0 without heads)."""
-        return self.medusa["num_heads"] if self.medusa else 0
+        return self.medusa.num_heads if self.medusa else 0
 
     def empty_past(self, batch: int = 1) -> list[torch.Tensor]:
         return empty_past(self.layout, batch, self.dtype)
@@ -84,7 +85,7 @@ class CachedLM:
     @property
     def verifies_in_graph(self) -> bool:
         """True when the graph accepts Medusa trees greedily itself (`runtime.greedy_verify`)."""
-        return bool(self.medusa and ACCEPT_META in self.medusa)
+        return bool(self.medusa and self.medusa.verifies_in_graph)
 
     def forward(self, ids: torch.Tensor, past: Sequence[torch.Tensor], past_len: int,
                 positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
@@ -100,15 +101,14 @@ class CachedLM:
             out = list(self.runner(*flat))
         present = [out[i] for pair in self.layout.present for i in pair]
         logits = out[self.layout.logits_output]
-        if self.verifies_in_graph:
-            accept = self.medusa[ACCEPT_META]
-            return StepOutput(logits=logits, head_logits=out[self.medusa["heads_output"]], present=present,
-                              accepted_node=int(out[accept["best_output"]][0]),
-                              next_token=int(out[accept["next_token_output"]][0]))
-        if self.medusa and "hidden_output" in self.medusa:
-            return StepOutput(logits=logits, head_logits=None, present=present,
-                              hidden=out[self.medusa["hidden_output"]])
-        heads = out[self.medusa["heads_output"]] if self.medusa else None
+        medusa = self.medusa
+        if medusa is not None and medusa.verifies_in_graph:
+            return StepOutput(logits=logits, head_logits=out[medusa.heads_output], present=present,
+                              accepted_node=int(out[medusa.best_output][0]),
+                              next_token=int(out[medusa.next_token_output][0]))
+        if medusa is not None and medusa.heads_apart:
+            return StepOutput(logits=logits, head_logits=None, present=present, hidden=out[medusa.hidden_output])
+        heads = out[medusa.heads_output] if medusa is not None else None
         return StepOutput(logits=logits, head_logits=heads, present=present)
 
     def heads_at(self, out: StepOutput, position: int) -> torch.Tensor:

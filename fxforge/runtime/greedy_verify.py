@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import erase_dead, finalize, get_attr, has_attr, set_attr
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.errors import InputError
+from fxforge.runtime.layouts import kv_layout, medusa_layout
 from fxforge.runtime.meta_keys import KV_META, MEDUSA_META
 
 aten = torch.ops.aten
-ACCEPT_META = "accept"  # key in gm.meta[MEDUSA_META]: where the acceptance outputs are
 _TO_THE_END = 2 ** 62  # a slice end past any length (exported as INT64's range end)
 
 
@@ -43,10 +43,18 @@ def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModul
     The copy takes one more input, `tree_parents` (N,) int64 (-1 for the root); its heads
     output holds the heads' logits at the accepted node, (K, 1, 1, V), and two outputs are
     appended: the accepted node's index and the next token, both (1,) int64.
+    (The pass `medusa_greedy_verify` does this, verified, on a graph with heads.)
     """
-    gm = copy.deepcopy(main)
+    return verify_greedily_in_place(copy.deepcopy(main), heads)
+
+
+def verify_greedily_in_place(gm: GraphModule, heads: GraphModule) -> GraphModule:
+    """`add_greedy_verification` rewriting `gm` itself (a pass's private copy)."""
     graph = gm.graph
-    layout, medusa_meta = gm.meta[KV_META], gm.meta[MEDUSA_META]
+    layout, medusa = kv_layout(gm.meta), medusa_layout(gm.meta)
+    if layout is None or medusa is None or not medusa.heads_apart:
+        raise InputError("greedy verification needs a KV-cached graph returning the hidden state in place of "
+                         "the Medusa heads' logits (passes add_kv_cache and split_medusa_heads)")
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if layout.padding_mask:
         raise InputError("in-graph Medusa verification needs a tree mask: compile with add_kv_cache "
@@ -55,7 +63,7 @@ def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModul
     past_key = placeholders[layout.past[0][0]]
     output = graph.output_node()
     outputs = list(output.args[0])
-    logits, hidden = outputs[layout.logits_output], outputs[medusa_meta["hidden_output"]]
+    logits, hidden = outputs[layout.logits_output], outputs[medusa.hidden_output]
 
     with graph.inserting_after(placeholders[-1]):
         parents = graph.placeholder("tree_parents")
@@ -83,7 +91,7 @@ def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModul
         best_hidden = call(aten.index_select.default, call(aten.select.int, hidden, 0, 0), 0, best)  # (1, d)
         head_logits = _inline(gm, heads, call(aten.unsqueeze.default, best_hidden, 0))    # (K, 1, 1, V)
 
-    outputs[medusa_meta["hidden_output"]] = head_logits
+    outputs[medusa.hidden_output] = head_logits
     output.args = (tuple(outputs) + (best, next_token),)
     erase_dead(gm)
     names = [n.name for n in graph.nodes if n.op == "placeholder"]
@@ -91,9 +99,8 @@ def add_greedy_verification(main: GraphModule, heads: GraphModule) -> GraphModul
     gm.meta[IN_SPEC] = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
     gm.meta[KV_META] = layout.replace(tree_parents=names.index(parents.name), num_inputs=len(names),
                                       num_outputs=len(outputs) + 2)
-    meta = {k: v for k, v in medusa_meta.items() if k != "hidden_output"}
-    gm.meta[MEDUSA_META] = {**meta, "heads_output": medusa_meta["hidden_output"],
-                            ACCEPT_META: {"best_output": len(outputs), "next_token_output": len(outputs) + 1}}
+    gm.meta[MEDUSA_META] = medusa.replace(heads_output=medusa.hidden_output, hidden_output=None,
+                                          best_output=len(outputs), next_token_output=len(outputs) + 1)
     return finalize(gm)
 
 
@@ -116,4 +123,4 @@ def _inline(gm: GraphModule, sub: GraphModule, argument: Node) -> Node:
     raise ValueError("the heads graph has no output")
 
 
-__all__ = ["ACCEPT_META", "add_greedy_verification"]
+__all__ = ["add_greedy_verification", "verify_greedily_in_place"]

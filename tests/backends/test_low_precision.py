@@ -13,10 +13,7 @@ from fxforge.models.zoo import get_model
 pytest.importorskip("onnxruntime")
 
 PIPELINES = [None, "quantize(bits=4,group_size=16)", "prune(method=flap,ratio=0.2)",
-             pytest.param("fuse_attention,add_kv_cache", marks=pytest.mark.xfail(
-                 strict=True, raises=fxforge.errors.PassError,
-                 reason="transformers' bf16 llama computes softmax in fp32 and casts the probabilities back "
-                        "(aten.to.dtype between softmax and P·V); fuse_attention matches same-dtype casts only"))]
+             "fuse_attention,add_kv_cache"]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import get_attr
 from fxforge.ir.trace import trace
 from fxforge.passes.add_medusa_heads import AddMedusaHeads, find_lm_head, head_parameter_names
+from fxforge.runtime.layouts import MedusaLayout
 from fxforge.runtime.meta_keys import MEDUSA_META
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline, run_pass
@@ -35,9 +36,10 @@ def test_heads_added_as_resblocks_and_vocab_projections(lm_graph):
     # 3 heads x 2 ResBlocks: one SiLU each, on top of the MLP's SiLUs
     assert _count(out_gm, aten.silu.default) - _count(gm, aten.silu.default) == 6
     assert _count(out_gm, aten.linear.default) - _count(gm, aten.linear.default) == 3 * 3
-    meta = out_gm.meta[MEDUSA_META]
-    assert meta == {**meta, "num_heads": 3, "num_layers": 2, "logits_output": 0, "heads_output": 1,
-                    "lm_head": "lm_head.weight"}
+    layout = out_gm.meta[MEDUSA_META]
+    assert isinstance(layout, MedusaLayout) and not layout.heads_apart and not layout.verifies_in_graph
+    assert (layout.num_heads, layout.num_layers, layout.logits_output, layout.heads_output, layout.lm_head) == \
+        (3, 2, 0, 1, "lm_head.weight")
     logits, heads = out_gm(ids)
     assert heads.shape == (3, *logits.shape)
     # fresh heads: ResBlocks are identities (zero weights), projections copy the LM head
@@ -127,7 +129,7 @@ def test_heads_sharing_the_lm_head_train_resblocks_only_and_project_once(lm_grap
     projection = out_gm.graph.output_node().args[0][1]
     assert projection.target == aten.linear.default and projection.args[0].target == aten.stack.default
     assert projection.args[1].target == "lm_head.weight"  # the LM head itself, not a copy
-    assert out_gm.meta[MEDUSA_META]["share_lm_head"] is True
+    assert out_gm.meta[MEDUSA_META].share_lm_head is True
     names = head_parameter_names(out_gm)
     assert len(names) == 3 * 2 * 2 and all(".linear." in n for n in names)  # ResBlock weights and biases
     assert {n for n, p in out_gm.named_parameters() if p.requires_grad} == set(names)

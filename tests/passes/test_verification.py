@@ -48,7 +48,7 @@ def test_4bit_rtn_compiles_with_verification_and_reports_its_loss(tinyllama):
     model, kwargs = tinyllama
     compiled = fxforge.compile(model, (), kwargs, passes="quantize(bits=4)")
     record = compiled.report["quantize"]
-    assert record.sites == 14  # 7 linears per layer, lm_head excluded
+    assert record.sites == 15  # 7 linears per layer and the LM head (included by default)
     assert record.verified_against == "semantics" and record.verified_shapes == SHAPES
     assert record.check_error <= 1e-5  # equals the graph with the dequantized weights
     assert record.rel_l2 > 0.05 and record.cosine < 0.999  # honest loss, measured, not refused
@@ -63,7 +63,7 @@ def test_gptq_compiles_with_verification_against_its_dequantized_weights(tinylla
     compiled = fxforge.compile(model, (), kwargs, passes="quantize(bits=4,method=gptq,damp=0.1)",
                                calibration=calibration_for(kwargs, 2))
     record = compiled.report["quantize"]
-    assert record.sites == 14 and record.verified_against == "semantics"
+    assert record.sites == 15 and record.verified_against == "semantics"
     assert record.verified_shapes == SHAPES and record.check_error <= 1e-5
     assert record.rel_l2 > 0.0
 
@@ -72,7 +72,7 @@ def test_w8a8_compiles_with_verification_against_its_activation_quantizing_seman
     model, kwargs = tinyllama
     compiled = fxforge.compile(model, (), kwargs, passes="quantize_dynamic")
     record = compiled.report["quantize_dynamic"]
-    assert record.sites == 14 and record.verified_against == "semantics"
+    assert record.sites == 15 and record.verified_against == "semantics"
     assert record.verified_shapes == SHAPES and record.check_error <= 1e-5
     assert 0 < record.rel_l2 < 0.1  # int8 activations and weights: small but real loss
 

@@ -130,6 +130,18 @@ def test_onnx_has_exactly_the_conventional_names_and_dims(family):
     assert (out / "tokenizer.json").is_file()
 
 
+def test_onnx_uses_ort_fused_attention_and_norms(family):
+    """Each cached layer is one GroupQueryAttention (cache inside, no Concat/Attention left), and
+    the residual adds are fused into the norms (RMSNorm: Llama/Qwen2; LayerNorm: GPT-2)."""
+    name, _, out = family
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == LAYERS and "Attention" not in ops
+    skip = "SkipLayerNormalization" if name == "gpt2" else "SkipSimplifiedLayerNormalization"
+    # two norms a layer and the final one; each follows a residual add but Llama's first (the
+    # embedding) while GPT-2's first follows the token + position embedding sum
+    assert ops.count(skip) == 2 * LAYERS + (name == "gpt2")
+
+
 # --------------------------------------------------------------------------- greedy vs transformers
 
 
@@ -226,6 +238,35 @@ def test_compiled_generate_matches_transformers_on_a_padded_batch(compiled_llama
     got = compiled.generate(encoded["input_ids"], encoded["attention_mask"], max_new_tokens=NEW_TOKENS,
                             eos_token_id=model.config.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert got.tolist() == ref.tolist()
+
+
+def test_ort_fused_decoder_matches_the_standard_onnx_one(compiled_llama, hf_model, tmp_path):
+    """The GroupQueryAttention / skip-norm file against the same graph written as standard ONNX
+    (Attention + Concat cache): logits of a left-padded prefill within float32 reordering, the
+    same greedy tokens on a left-padded batch."""
+    from fxforge.decoder_artifact import write_decoder_onnx
+
+    source, compiled, fused_dir = compiled_llama
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    write_decoder_onnx(compiled, plain_dir / "model.onnx", ort_fusions=False)
+    plain_ops = [n.op_type for n in onnx.load(str(plain_dir / "model.onnx")).graph.node]
+    assert "Attention" in plain_ops and "GroupQueryAttention" not in plain_ops
+    _, tokenizer = hf_model(source)
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ids, mask = encoded["input_ids"].numpy(), encoded["attention_mask"].numpy()
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)}
+    for directory in (plain_dir, fused_dir):
+        session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values."):
+                feeds[i.name] = np.zeros((len(PROMPTS), i.shape[1], 0, i.shape[3]), np.float32)
+        logits = session.run(["logits"], feeds)[0]
+        if directory == plain_dir:
+            want = logits
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)  # padding rows too: same mask
+    got = {d: ort_greedy(d, ids, mask, NEW_TOKENS, eos=-1, pad=tokenizer.pad_token_id) for d in (plain_dir, fused_dir)}
+    assert got[plain_dir].tolist() == got[fused_dir].tolist()
 
 
 def test_layout_is_a_typed_record_that_survives_save_and_load(compiled_llama, tmp_path):

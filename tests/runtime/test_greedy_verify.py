@@ -11,7 +11,7 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import run_pass
 from fxforge.passes.kv_cache.add_kv_cache import with_kv_cache
 from fxforge.runtime.decoding import CachedLM, greedy_generate
-from fxforge.runtime.greedy_verify import ACCEPT_META, add_greedy_verification
+from fxforge.runtime.greedy_verify import add_greedy_verification
 from fxforge.runtime.medusa_tree import MedusaTree, greedy_accept
 from runtime.fused_code_lm import example_ids, fused_graph
 
@@ -42,9 +42,10 @@ def test_graph_takes_tree_parents_and_returns_accepted_node_next_token_and_its_h
     gm = verifying.graph_module
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert names[-1] == "tree_parents" and verifying.layout.tree_parents == len(names) - 1
-    accept = gm.meta[MEDUSA_META][ACCEPT_META]
+    layout = gm.meta[MEDUSA_META]
     outputs = gm.graph.output_node().args[0]
-    assert accept == {"best_output": len(outputs) - 2, "next_token_output": len(outputs) - 1}
+    assert (layout.best_output, layout.next_token_output) == (len(outputs) - 2, len(outputs) - 1)
+    assert layout.verifies_in_graph and not layout.heads_apart
     assert not split.verifies_in_graph and verifying.verifies_in_graph
     # the heads run once, on the accepted node's hidden state: their ResBlocks appear once per head
     silus = [n for n in gm.graph.nodes if n.target == torch.ops.aten.silu.default and "medusa" in

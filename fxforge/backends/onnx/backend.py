@@ -147,11 +147,13 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
 
 def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | os.PathLike | None = None,
             threads: int | None = None, spinning: bool = True, accuracy_level: int = 4,
-            causal_attention: str = "Attention", dtype: Literal["auto", "float32", "model"] = "auto",
+            causal_attention: str = "GroupQueryAttention", bidirectional_attention: str = "MultiHeadAttention",
+            dtype: Literal["auto", "float32", "model"] = "auto",
             **unknown: Any) -> OnnxRunner:
     """Export `gm` and open it in ONNX Runtime. `path`: where to keep the .onnx file;
     `threads`, `spinning`: ORT's intra-op thread count and whether idle threads busy-wait;
-    `accuracy_level`, `causal_attention`: how ops are translated (see `OnnxOptions`);
+    `accuracy_level`, `causal_attention`, `bidirectional_attention`: how ops are translated
+    (see `OnnxOptions`);
     `dtype`: "auto"/"float32" export a bfloat16/float16 graph computing in float32 (ORT's CPU
     provider lacks their kernels; inputs and outputs are cast, see compute_dtype.py), "model"
     exports it as it is."""
@@ -162,7 +164,8 @@ def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | 
         valid = [p for p in inspect.signature(prepare).parameters if p not in ("gm", "example_inputs", "unknown")]
         raise BackendError(f"unknown options for the onnx backend: {sorted(unknown)}. Valid options: "
                            f"{', '.join(valid)}.")
-    options = OnnxOptions(accuracy_level=accuracy_level, causal_attention=causal_attention)
+    options = OnnxOptions(accuracy_level=accuracy_level, causal_attention=causal_attention,
+                          bidirectional_attention=bidirectional_attention)
     runner_options = {"threads": threads, "spinning": spinning}
     if not needs_float32(gm, dtype):
         return _export_and_open(gm, example_inputs, path, options, owned=False, **runner_options)

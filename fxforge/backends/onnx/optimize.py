@@ -7,7 +7,7 @@
 (stack traces, FX node text, the ExportedProgram signature). `optimize_model` fixes that, in
 place, on the exporter's `onnx_ir` model before it is saved:
 
-1. pre-transposes weights: `Transpose(initializer)` becomes a transposed initializer feeding
+1. pre-transposes weights (and packs MatMulNBits' zero points, `fold_matmul_nbits_constants`): `Transpose(initializer)` becomes a transposed initializer feeding
    MatMul directly (our own step, see `fold_weight_layouts`; Reshape likewise), and after step 2 a
    `Gemm(transB=1)` on a weight becomes such a MatMul (`gemm_weights_to_matmul`);
 2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`: constant folding, its
@@ -34,6 +34,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript.optimizer
 
+from fxforge.backends.onnx.lowerings.linear_wq import fold_matmul_nbits_constants
+
 logger = logging.getLogger(__name__)
 
 # Metadata keys written by the exporter and by the optimizer: debug information only (stack
@@ -59,6 +61,7 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
     nodes_before = sum(1 for _ in model.graph.all_nodes())
 
     folded = fold_weight_layouts(model.graph)
+    folded += fold_matmul_nbits_constants(model.graph)  # zero points packed once, here, not per session
     onnxscript.optimizer.optimize_ir(model, should_fold=keeps_storage_compact)
     folded += fold_weight_layouts(model.graph)  # Reshapes whose shape input was folded to a constant
     folded += gemm_weights_to_matmul(model.graph)  # on the cleaned graph: fewer nodes to walk

@@ -16,13 +16,15 @@ from typing import Any, Callable, Mapping
 
 from fxforge.errors import BackendError
 
-__all__ = ["OnnxOptions", "ACCURACY_LEVELS", "CAUSAL_OPERATORS", "bind_options"]
+__all__ = ["OnnxOptions", "ACCURACY_LEVELS", "CAUSAL_OPERATORS", "BIDIRECTIONAL_OPERATORS", "bind_options"]
 
 # MatMulNBits' accuracy_level: 0 unset (the activation type: float, exact), 1 fp32, 2 fp16,
 # 3 bf16, 4 int8 (activations quantized per block: fastest on CPU, ~0.5% relative error)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # operators for unmasked causal self-attention (see lowerings/attention.py)
 CAUSAL_OPERATORS = ("Attention", "GroupQueryAttention")
+# operators for non-causal attention with one key head per query head (lowerings/attention_prefill.py)
+BIDIRECTIONAL_OPERATORS = ("Attention", "MultiHeadAttention")
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,22 @@ class OnnxOptions:
     accuracy_level: `com.microsoft::MatMulNBits`' minimum compute precision for weight-quantized
         linears (`linear_wq`): 4 (default) quantizes activations to int8 per block, about 4x
         faster than 0 for int4 at batch 1, at ~0.5% relative error; 0 computes in float.
-    causal_attention: the operator for unmasked causal self-attention: "Attention" (default,
-        ONNX opset 23) or "GroupQueryAttention" (com.microsoft; fastest on CPU at long prompts).
-        Cases it cannot express still use Attention, so it changes speed, never results.
+    causal_attention: the operator for unmasked causal self-attention: "GroupQueryAttention"
+        (default, com.microsoft: ORT's CPU kernel skips the hidden triangle; 0.4-0.5x the time
+        of ONNX `Attention` or the unfused graph at 512 and 2048 tokens, bench/attention.py)
+        or "Attention" (ONNX opset 23). Cases GroupQueryAttention cannot express still use
+        Attention, so it changes speed, never results (beyond float reordering).
+    bidirectional_attention: the operator for non-causal attention (encoders: BERT, ViT):
+        "MultiHeadAttention" (default, com.microsoft; float32 with one key head per query head,
+        other cases stay on Attention: at 2048 tokens 0.81x the unfused time without a mask
+        (MLAS flash attention) and ~0.9x with a padding mask, where ONNX Attention is ~1.0x;
+        at 512 tokens with a mask the two are within noise; bench/attention.py) or "Attention"
+        (ONNX opset 23).
     """
 
     accuracy_level: int = 4
-    causal_attention: str = "Attention"
+    causal_attention: str = "GroupQueryAttention"
+    bidirectional_attention: str = "MultiHeadAttention"
 
     def __post_init__(self) -> None:
         if isinstance(self.accuracy_level, bool) or self.accuracy_level not in ACCURACY_LEVELS:
@@ -48,6 +59,9 @@ class OnnxOptions:
         if self.causal_attention not in CAUSAL_OPERATORS:
             raise BackendError(f"onnx backend option causal_attention={self.causal_attention!r} must be one of "
                                f"{', '.join(CAUSAL_OPERATORS)}")
+        if self.bidirectional_attention not in BIDIRECTIONAL_OPERATORS:
+            raise BackendError(f"onnx backend option bidirectional_attention={self.bidirectional_attention!r} must be "
+                               f"one of {', '.join(BIDIRECTIONAL_OPERATORS)}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -20,7 +20,9 @@ left untouched and listed in `PassResult.skipped` with the reason: nothing is re
 the whole subgraph has matched. Exact: the default tolerance.
 
 The reasons a softmax that weights values is left unfused, each naming the node:
-- the softmax is not over the key axis of 4-D scores in their own dtype (an fp32 upcast);
+- the softmax is not over the key axis of 4-D scores in their own dtype (an fp32 upcast not
+  cast straight back: transformers' bf16/fp16 `softmax(x, -1, dtype=float32).to(x.dtype)` is
+  fused, since the op computes its softmax in float32 and returns q's dtype);
 - a tanh soft-cap on the scores (Gemma-2, Grok): the op has no soft-cap input, so the layer
   stays eager; this is the one *accepted* reason (`ACCEPTED_SKIP_REASONS`): the construct,
   not a gap in the matcher;
@@ -58,6 +60,7 @@ from fxforge.passes.attention.rules import (
     mask_candidates,
     peel_repeat_kv,
     peel_scales,
+    probabilities,
     same_size,
     skip_identities,
     untranspose_key,
@@ -97,10 +100,11 @@ class AttentionMatch:
 
 def match_softmax(softmax: Node) -> AttentionMatch | None:
     """The attention `softmax` anchors, None if it is no attention; raises Skip with a reason."""
-    pv = value_matmul(softmax)
+    probs = probabilities(softmax)  # the softmax, or its cast back from a float32 softmax
+    pv = value_matmul(probs)
     if pv is None:
         return None  # a softmax that does not weight values (a router, a classifier head)
-    scores_in = read(SOFTMAX_RULES, softmax)
+    scores_in = read(SOFTMAX_RULES, probs)
     if isinstance(scores_in, NoMatch):
         raise Skip(f"softmax '{softmax.name}' is not over the key axis of 4-D scores in their own dtype "
                    f"({scores_in.reason})")
@@ -109,7 +113,7 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
     if (pv.target in BMMS) != (heads is not None):
         raise Skip(f"the scores and the value product of softmax '{softmax.name}' use different head layouts "
                    f"(one head-merged (B·H, L, D), the other not)")
-    _require_single_use(found.chain + _probabilities_chain(softmax, pv))
+    _require_single_use(found.chain + _probabilities_chain(probs, pv))
     if heads is None:
         q, k, groups_k = _query_key(found.qk)
         v, groups_v = peel_repeat_kv(pv.args[1])
@@ -412,6 +416,7 @@ class FuseAttention(Pass):
     """Replace every provable attention subgraph (eager spellings and SDPA) by fxforge::attention."""
 
     name = "fuse_attention"
+    reorders_float_math = True  # a bf16 model's fused softmax·V rounds once, eager rounds P then P·V
 
     def tolerance(self) -> Tolerance:
         # Exact up to float32 summation order: the fused op computes softmax(QKᵀ)V in one

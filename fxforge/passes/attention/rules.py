@@ -27,7 +27,7 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxforge.ir.match import Capture, Lit, Match, NoMatch, Op, Rule, Through, read
+from fxforge.ir.match import CASTS, Capture, Lit, Match, NoMatch, Op, Rule, Through, read
 
 aten = torch.ops.aten
 
@@ -201,13 +201,53 @@ def _softmax_last_dim(found: Match) -> str | None:
     return None
 
 
+_SOFTMAX_LAST_DIM = Rule("softmax_last_dim", Op((aten.softmax.int, aten._softmax.default, aten._safe_softmax.default),
+                                                 Capture("src"), Capture("dim"), Capture("third")),
+                         _source, _softmax_last_dim)
+SOFTMAX_TARGETS = tuple(_SOFTMAX_LAST_DIM.pattern.targets)  # the anchors: every softmax node
+
+
+def _computed_wide_and_cast_back(found: Match) -> str | None:
+    # softmax of bf16/fp16 scores computed in float32, probabilities rounded back to the scores'
+    # dtype before P·V: the fused op does the same (float32 softmax inside, output in q's dtype),
+    # so the pair is one softmax "in the scores' dtype" up to that one rounding.
+    scores, wide, probs = fake(found["src"]), fake(found["softmax"]), fake(found.root)
+    if scores is None or wide is None or probs is None:
+        return "no dtype metadata"
+    if scores.dim() != 4:
+        return "scores are not 4-D"
+    if int(found["dim"]) % 4 != 3:
+        return f"over dim {found['dim']}, not the key axis"
+    if scores.dtype not in (torch.bfloat16, torch.float16) or wide.dtype != torch.float32:
+        return f"softmax of {scores.dtype} scores in {wide.dtype}, not a float32 softmax of bf16/fp16 scores"
+    if probs.dtype != scores.dtype:
+        return f"casts the probabilities to {probs.dtype}, not back to the scores' {scores.dtype}"
+    return None
+
+
+# softmax(x, -1, dtype=float32).to(x.dtype) -> x  (transformers' bf16/fp16 eager attention);
+# read at the cast, which `probabilities` makes the anchor instead of the softmax.
+CAST_BACK_SOFTMAX_RULE = Rule(
+    "float32_softmax_cast_back",
+    Op(CASTS, Op((aten.softmax.int, aten._softmax.default), Capture("src"), Capture("dim"), Capture("third"),
+                 single_use=True, name="softmax")),
+    _source, _computed_wide_and_cast_back)
+
 SOFTMAX_RULES: list[Rule] = [
     # softmax(x, -1) -> x;  read's result is the scores the softmax normalizes
-    Rule("softmax_last_dim", Op((aten.softmax.int, aten._softmax.default, aten._safe_softmax.default),
-                                Capture("src"), Capture("dim"), Capture("third")),
-         _source, _softmax_last_dim),
+    _SOFTMAX_LAST_DIM,
+    # softmax(x, -1, dtype=float32).to(x.dtype) -> x  (x bf16/fp16), read at the cast
+    CAST_BACK_SOFTMAX_RULE,
 ]
-SOFTMAX_TARGETS = tuple(t for rule in SOFTMAX_RULES for t in rule.pattern.targets)
+
+
+def probabilities(softmax: Node) -> Node:
+    """The node holding the attention probabilities `softmax` computes: its cast back to the
+    scores' dtype when it is a float32 softmax of bf16/fp16 scores cast back, else the softmax."""
+    user = only_user(softmax)
+    if user is not None and not isinstance(read([CAST_BACK_SOFTMAX_RULE], user), NoMatch):
+        return user
+    return softmax
 
 
 # --------------------------------------------------------------------------- masks
@@ -379,7 +419,8 @@ def only_user(node: Node) -> Node | None:
 
 __all__ = [
     "Build", "Value", "fake", "same_size", "broadcasts_to", "IDENTITY_RULES", "SCALE_RULES",
-    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
+    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "CAST_BACK_SOFTMAX_RULE", "probabilities",
+    "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
     "additive_terms", "mask_candidates", "KEY_TRANSPOSE_RULES", "untranspose_key", "REPEAT_KV_RULES", "peel_repeat_kv",
     "only_user",
 ]

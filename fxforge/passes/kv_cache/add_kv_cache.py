@@ -38,7 +38,7 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import erase_dead, nodes_by_op
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
-from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, run_graph
+from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, low_precision_tolerance, run_graph
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
@@ -196,7 +196,8 @@ class AddKvCache(Pass):
         present = [first[i] for pair in meta.present for i in pair]
         second = run_graph(after, cached_inputs(meta, ids[:, split:], split, present))
         got = torch.cat([first[0], second[0]], dim=1) if ids.shape[1] > split else first[0]
-        return Comparison(outputs=[compare_tensors(ref, got, self.tolerance())])
+        # bf16/fp16: a cached step rounds its partial sums like any 16-bit reordering
+        return Comparison(outputs=[compare_tensors(ref, got, low_precision_tolerance(self.tolerance(), ref.dtype))])
 
 
 def with_kv_cache(graph_module: GraphModule) -> GraphModule:

@@ -22,7 +22,7 @@ from torch.fx import Graph, Node
 from fxforge.errors import PassError
 from fxforge.passes.attention.rules import (
     SOFTMAX_TARGETS, MaskMatch, fake, mask_candidates, peel_repeat_kv, peel_scales,
-    skip_identities,
+    probabilities, skip_identities,
 )
 from fxforge.passes.attention.masks import mask_sources_placeholder
 from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
@@ -211,7 +211,7 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
     sites = []
     for softmax in [n for n in graph.nodes if n.op == "call_function" and n.target in SOFTMAX_TARGETS]:
         try:
-            pv = value_matmul(softmax)
+            pv = value_matmul(probabilities(softmax))  # past a bf16/fp16 model's cast back from fp32
         except Skip as e:
             raise PassError(f"pass '{pass_name}': cannot cache attention at softmax '{softmax.name}': {e}",
                             pass_name=pass_name, node=softmax.name) from e

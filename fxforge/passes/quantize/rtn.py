@@ -8,6 +8,9 @@ zero point 2^(bits-1) so both variants share one storage format (fxforge::linear
 
     asymmetric: s = (max-min)/(2^b-1) (≥1e-5), z = -round(min/s), q = clamp(round(w/s)+z, 0, 2^b-1)
     symmetric:  s = absmax/(2^(b-1)-1) (≥1e-5), z = 2^(b-1),       q = clamp(round(w/s)+z, 1, 2^b-1)
+
+with max/min/absmax shrunk by a per-group clip factor where a method chooses one (AWQ's output
+search, or rtn's data-free `mse_clip`, the default of method rtn).
 """
 from __future__ import annotations
 
@@ -94,9 +97,57 @@ def quantize_matrix(m: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Q
     )
 
 
-def quantize_weight_rtn(m: Tensor, spec: QuantSpec) -> QuantizedMatrix:
-    """The RTN baseline: each group's full range, rounded to nearest."""
-    return quantize_matrix(m, spec)
+def quantize_weight_rtn(m: Tensor, spec: QuantSpec, clip_search: bool = False) -> QuantizedMatrix:
+    """The RTN baseline: each group's full range (or, with `clip_search`, the range of lowest
+    weight error, `mse_clip`), rounded to nearest."""
+    return quantize_matrix(m, spec, mse_clip(m, spec) if clip_search else 1.0)
+
+
+# Range shrink factors tried per group, full range first. On Gaussian and Student-t(4) weights
+# at 4 bits, g=64/128, a grid down to 0.75 chose 0.85-1 for 99.9% of the groups.
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85)
+# Weights searched at once: bounds the temporaries (~16 MB each) while keeping the op count low
+# (per-op overhead dominated with small chunks on a loaded 2-core machine: 25x plain RTN).
+CLIP_CHUNK_ELEMENTS = 1 << 22
+
+
+def mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
+    """Per (row, group) the factor of CLIP_GRID whose range gives the lowest squared weight
+    error, shape (rows, cols // g, 1) for `quantize_matrix` (which recomputes the codes with
+    it, through the same `qparams`, so the search and the result cannot disagree).
+
+    Why: a group's full range spends levels on its one or two largest weights; shrinking it
+    clamps those and rounds all the others finer. On Gaussian and Student-t(4) weights at
+    4 bits this lowers the relative weight error by 5-13% (g=64/128), so asymmetric g=64 lands
+    at the error of symmetric g=32 (what ONNX Runtime's builders write) with fewer bytes.
+    """
+    with torch.no_grad():  # a parameter's weight requires grad; the search needs none
+        return _mse_clip(m.detach(), spec)
+
+
+def _mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
+    rows, cols = m.shape
+    g = spec.group_size
+    best_clip = torch.ones(rows, cols // g, 1)
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // cols)
+    for start in range(0, rows, chunk):
+        groups = m[start:start + chunk].to(torch.float32).reshape(-1, cols // g, g)
+        chunk_clip = best_clip[start:start + chunk]
+        best_err = None
+        work = torch.empty_like(groups)
+        for clip in CLIP_GRID:
+            scale, zero = qparams(groups, spec, clip)
+            # fake_quantize's arithmetic, in place on one buffer: (clamp(round(w/s)+z) - z)·s - w
+            torch.div(groups, scale, out=work).round_().add_(zero)
+            work.clamp_(1.0 if spec.sym else 0.0, spec.qmax).sub_(zero).mul_(scale).sub_(groups)
+            err = work.square_().sum(-1, keepdim=True)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            torch.minimum(err, best_err, out=best_err)
+            chunk_clip.masked_fill_(better, clip)
+    return best_clip
 
 
 # --------------------------------------------------------------------------- the method
@@ -108,9 +159,14 @@ from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantiz
 @register_method(FAMILY)
 @dataclass(frozen=True)
 class Rtn(WeightQuantizer):
-    """quantize(method=rtn): round to nearest over each group's full range; no options, no data."""
+    """quantize(method=rtn): round to nearest; no data.
+
+    clip_search (default True): each group's range is shrunk by the factor of lowest weight
+    error (`mse_clip`); False: each group's full range (plain RTN).
+    """
 
     name = "rtn"
+    clip_search: bool = True
 
     def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
-        return QuantizedLayer(quantize_weight_rtn(matrix, spec))
+        return QuantizedLayer(quantize_weight_rtn(matrix, spec, clip_search=self.clip_search))

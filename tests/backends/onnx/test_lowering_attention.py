@@ -86,8 +86,15 @@ def test_self_attention_dynamic_length(groups):
     calls = [((0, 1, 2, None), True, None, groups), ((0, 1, 2, None), False, 0.2, groups)]
     module = ManyAttends(calls)
     model = export(module, qkv(2, 4, 4 // groups, 6, 6), ({2: SEQ}, {2: SEQ}, {2: SEQ}))
-    # Lq and Lk are the same symbol, so the native top-left is_causal is exact: no mask built.
-    assert operators(model) == ["Attention", "Attention"]
+    # Lq and Lk are the same symbol, so causal self-attention is exact with GroupQueryAttention
+    # (the default) and no mask is built; the non-causal call is MultiHeadAttention's unless GQA.
+    assert operators(model).count("GroupQueryAttention") == 1
+    assert operators(model).count("MultiHeadAttention" if groups == 1 else "Attention") == 1
+    assert "LessOrEqual" not in operators(model)
+    if groups == 1:  # Attention chosen instead: its native top-left is_causal, no mask (checked below)
+        model = export(module, qkv(2, 4, 4, 6, 6), ({2: SEQ}, {2: SEQ}, {2: SEQ}),
+                       options=OnnxOptions(causal_attention="Attention", bidirectional_attention="Attention"))
+        assert operators(model) == ["Attention", "Attention"]
     for length in (6, 11):  # the export length and another one
         assert_matches(module, qkv(2, 4, 4 // groups, length, length), model)
 

@@ -95,3 +95,45 @@ def test_group_size_matmulnbits_cannot_take_is_refused(group_size):
     # (a full export takes ~5 s on CI; the error path needs none of it).
     with pytest.raises(ValueError, match=rf"group_size={group_size} cannot be exported to ONNX.*power of two >= 16"):
         wq_lowering.linear_wq_onnx(None, None, None, None, None, 4, group_size, options=OnnxOptions())
+
+
+def _export_optimized(module, example, path, options):
+    """Exported and optimized as the backend does (`optimize_model`, which packs zero points)."""
+    import onnxruntime as ort
+
+    from fxforge.backends.onnx.lowerings import OPSET_VERSION, translation_table
+    from fxforge.backends.onnx.optimize import optimize_model
+
+    program = torch.onnx.export(module, (example,), dynamo=True, custom_translation_table=translation_table(options),
+                                opset_version=OPSET_VERSION, verbose=False, optimize=False)
+    optimize_model(program.model)
+    program.save(str(path))
+    return onnx.load(str(path)), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits,sym,bias", [(4, False, True), (4, True, False), (2, False, False), (8, True, False)])
+def test_optimized_linear_is_one_matmulnbits_with_constant_inputs(tmp_path, bits, sym, bias):
+    # k=160 with g=32: 5 blocks, an odd count, so 4-bit zero points need a padding nibble
+    module = QuantLinear(n=24, k=160, bits=bits, group_size=32, bias=bias)
+    if sym:
+        module.zeros.fill_(1 << (bits - 1))
+    model, session = _export_optimized(module, torch.randn(3, 160), tmp_path / "m.onnx",
+                                       OnnxOptions(accuracy_level=0))
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"] + (["Add"] if bias else [])
+    (node,) = model.graph.node[:1]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert all(name in inits for name in node.input[1:])  # weight, scales, zero points: all stored
+    if sym:  # every zero point is MatMulNBits' default 2^(bits-1): no input at all
+        assert len(node.input) == 3
+    else:
+        stored = inits[node.input[3]]
+        assert stored.dtype == "uint8" and stored.shape == (24, -(-5 * bits // 8))
+        assert (stored == wq_lowering.pack_zero_points(module.zeros.numpy(), bits)).all()
+    x = torch.randn(3, 160)
+    torch.testing.assert_close(run_ort(session, x), module(x), rtol=1e-5, atol=1e-4)
+
+
+def test_pack_zero_points_is_matmulnbits_layout():
+    codes = torch.tensor([[1, 2, 3], [15, 0, 7]], dtype=torch.uint8).numpy()
+    assert wq_lowering.pack_zero_points(codes, 4).tolist() == [[0x21, 0x03], [0x0F, 0x07]]
+    assert wq_lowering.pack_zero_points(codes % 4, 2).tolist() == [[1 | 2 << 2 | 3 << 4], [3 | 0 << 2 | 3 << 4]]

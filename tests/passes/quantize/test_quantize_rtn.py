@@ -57,24 +57,37 @@ def test_more_bits_less_error_and_groups_help():
     assert grouped < errors[2]
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_never_worse_per_group_and_better_overall(sym):
+    w = torch.distributions.StudentT(4.0).sample((64, 256)) * 0.02
+    spec = QuantSpec(4, 64, sym)
+    plain = quantize_weight_rtn(w, spec).dequantize()
+    searched_qm = quantize_weight_rtn(w, spec, clip_search=True)
+    searched = searched_qm.dequantize()
+    per_group = lambda d: (d - w).square().reshape(64, 4, 64).sum(-1)  # noqa: E731
+    assert (per_group(searched) <= per_group(plain) + 1e-12).all()  # the full range (clip 1) is a candidate
+    assert relative_error(w, searched) < 0.97 * relative_error(w, plain)
+    assert int(searched_qm.codes.max()) <= spec.qmax and searched_qm.zeros.dtype == torch.uint8
+
+
 # --------------------------------------------------------------------------- the pass on zoo models
 
 
 def test_llama_structure_numerics_and_count(llama):
     gm, ctx = llama
     q = run_pass(Quantize(bits=4, group_size=32), gm, ctx)  # run_pass verifies the declared tolerance
-    assert len(_op_nodes(q, WQ)) == 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head left float
+    assert len(_op_nodes(q, WQ)) == 15  # 2 layers x (q, k, v, o, gate, up, down) + the LM head (default)
     ops = summarize(q).ops
-    assert ops["aten.linear"] == 1
+    assert ops["aten.linear"] == 0
     names = dict(q.named_parameters())
-    assert "model.layers.0.self_attn.k_proj.weight" not in names and "lm_head.weight" in names
+    assert "model.layers.0.self_attn.k_proj.weight" not in names
     k_proj = [n for n in _op_nodes(q, WQ) if n.args[1].target.startswith("model.layers.0.self_attn.k_proj")][0]
     packed = get_attr(q, k_proj.args[1].target)
     assert packed.dtype == torch.uint8 and packed.shape == (32, 32)  # GQA: 2 kv heads x 16, two codes a byte
     assert k_proj.args[5:] == (4, 32)
     original = get_attr(gm, "model.layers.0.self_attn.k_proj.weight")
     scales, zeros = get_attr(q, k_proj.args[2].target), get_attr(q, k_proj.args[3].target)
-    expected = quantize_weight_rtn(original, QuantSpec(4, 32)).dequantize()
+    expected = quantize_weight_rtn(original, QuantSpec(4, 32), clip_search=True).dequantize()  # the default
     torch.testing.assert_close(dequantize_wq(packed, scales, zeros, 4, 32, 64), expected)
     assert summarize(q).total_param_bytes < summarize(gm).total_param_bytes
 
@@ -83,7 +96,9 @@ def test_gpt2_conv1d_layers_quantize(gpt2):
     gm, ctx = gpt2
     q = run_pass(Quantize(bits=8, group_size=-1, sym=True), gm, ctx)
     nodes = _op_nodes(q, WQ)
-    assert len(nodes) == 8
+    assert len(nodes) == 9  # 2 blocks x 4 Conv1D + the LM head, tied to wte (which stays float, stored once)
+    embeddings = [n for n in q.graph.nodes if n.target == torch.ops.aten.embedding.default]  # wte, wpe
+    assert len(embeddings) == 2 and all(get_attr(q, n.args[0].target).dtype == torch.float32 for n in embeddings)
     c_attn = [n for n in nodes if n.args[1].target.startswith("transformer.h.0.attn.c_attn")][0]
     assert get_attr(q, c_attn.args[1].target).shape == (192, 64)  # Conv1D's (in, out) weight, now (out, in)
     assert c_attn.args[6] == 64  # per channel: one group of all 64 inputs
@@ -95,12 +110,12 @@ def test_per_input_channel_grouping(llama):
     gm, ctx = llama
     q = run_pass(Quantize(bits=4, group_size=16, group_axis="out"), gm, ctx)
     nodes = _op_nodes(q, WQ_IC)
-    assert len(nodes) == 14 and not _op_nodes(q, WQ)
+    assert len(nodes) == 15 and not _op_nodes(q, WQ)
     down = [n for n in nodes if "layers.1.mlp.down_proj" in n.args[1].target][0]
     assert get_attr(q, down.args[1].target).shape == (128, 32)  # (in, out/2): Wᵀ packed
     assert get_attr(q, down.args[2].target).shape == (128, 4)   # 64 outputs / 16 per group
     original = get_attr(gm, "model.layers.1.mlp.down_proj.weight")
-    ref = quantize_weight_rtn(original.T, QuantSpec(4, 16)).dequantize().T
+    ref = quantize_weight_rtn(original.T, QuantSpec(4, 16), clip_search=True).dequantize().T
     x = torch.randn(3, 128)
     got = torch.ops.fxforge.linear_wq_ic(x, *(get_attr(q, a.target) for a in down.args[1:4]), None, 4, 16)
     torch.testing.assert_close(got, x @ ref.T)
@@ -128,7 +143,7 @@ def test_three_bit_codes_in_four_bit_containers(llama):
 
 
 @pytest.mark.slow  # each export takes 15-40 s on the shared CI machine
-@pytest.mark.parametrize("model,count", [("gpt2", 8), ("llama", 14)])
+@pytest.mark.parametrize("model,count", [("gpt2", 9), ("llama", 15)])
 def test_exports_to_onnx(request, tmp_path, model, count):
     gm, ctx = request.getfixturevalue(model)
     q = run_pass(Quantize(bits=4, group_size=32), gm, ctx)
@@ -137,7 +152,7 @@ def test_exports_to_onnx(request, tmp_path, model, count):
     assert [n.op_type for n in proto.graph.node].count("MatMulNBits") == count
     # the file holds the packed codes: half a byte per weight
     packed = sum(len(i.raw_data) for i in proto.graph.initializer if i.name.endswith("qweight"))
-    assert packed == sum(s.in_features * s.out_features for s in linear_sites(gm)) // 2
+    assert packed == sum(s.in_features * s.out_features for s in linear_sites(gm, include_lm_head=True)) // 2
     got = OnnxRunner(path, threads=1)(*ctx.example_inputs)[0]
     ref = run_graph(q, ctx.example_inputs)[0]
     # MatMulNBits' accuracy_level 4 quantizes activations to int8 per block: ~0.5% drift

@@ -30,6 +30,7 @@ from onnxscript.values import Op
 
 from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
+from fxforge.backends.onnx.lowerings.attention_prefill import bidirectional_prefill
 from fxforge.backends.onnx.options import OnnxOptions
 from fxforge.ir.ops import register_lowering
 from fxforge.ir.verify import FLOAT32_REORDERED
@@ -50,6 +51,10 @@ def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float | None, num
         attn_mask = _fold_bias(None if attn_mask is None else _expand_to_lengths(q, k, attn_mask),
                                _expand_to_lengths(q, k, bias), mask_is_bool=_is_bool(attn_mask))
     square = _same_dim(q.shape[2], k.shape[2])
+    encoder = bidirectional_prefill(q, k, v, attn_mask, is_causal, scale, not folded and _is_bool(attn_mask),
+                                    _expand_to_lengths, options=options)  # attention_prefill.py
+    if encoder is not None:
+        return encoder
     if (is_causal and attn_mask is None and square and options.causal_attention == "GroupQueryAttention"
             and _group_query_attention_applies(q, k, v)):
         return _group_query_attention(q, k, v, scale)
