@@ -504,12 +504,27 @@ def _conv(a: _Analyzer, node: Node, out: _Dims) -> None:
         if node.args[6]:
             raise _Unprovable("transposed convolution")
     if groups != 1:
-        raise _Unprovable("grouped convolution")
+        if not (_is_depthwise(a, x, w, groups)):
+            raise _Unprovable("grouped convolution (only depthwise, one filter per channel, is analyzed)")
+        # depthwise (Mamba's / Hyena's short conv): filter c reads and writes channel c only
+        a.ax.unify(out[0], x[0])
+        a.ax.unify(out[1], x[1])
+        a.ax.unify(out[1], w[0])
+        if b is not None:
+            a.ax.unify(out[1], b[0])
+        return
     a.ax.unify(out[0], x[0])
     a.ax.unify(x[1], w[1])
     a.ax.unify(out[1], w[0])
     if b is not None:
         a.ax.unify(out[1], b[0])
+
+
+def _is_depthwise(a: _Analyzer, x: _Dims, w: _Dims, groups: Any) -> bool:
+    """groups == in channels == out channels and one input channel per filter."""
+    size = lambda axis: a.ax.size[a.ax.find(axis)]  # noqa: E731
+    return (isinstance(groups, int) and _is_static(size(x[1])) and groups == size(x[1]) == size(w[0])
+            and size(w[1]) == 1)
 
 
 def _pool(a: _Analyzer, node: Node, out: Any) -> None:
@@ -532,6 +547,111 @@ def _reduce(a: _Analyzer, node: Node, out: _Dims) -> None:
         a.same([o for i, o in enumerate(out) if i not in dims], kept)
     else:
         a.same(out, kept)
+
+
+def _reduce_at(dim_index: int, keepdim_index: int) -> Callable[..., None]:
+    """A reduction whose `dim`/`keepdim` arguments sit at other positions than mean's."""
+    def rule(a: _Analyzer, node: Node, out: _Dims) -> None:
+        x = a.of(node.args[0])
+        dims = _arg(node, dim_index, "dim", None)
+        keepdim = _arg(node, keepdim_index, "keepdim", False)
+        if dims is None:
+            return
+        dims = {_norm_dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
+        kept = [axis for i, axis in enumerate(x) if i not in dims]
+        a.same([o for i, o in enumerate(out) if i not in dims] if keepdim else out, kept)
+    return rule
+
+
+def _stack(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # stack([x, y], d): a new dim d (one index per input, its own axis); the others are the inputs'
+    d = _norm_dim(_arg(node, 1, "dim", 0), len(out))
+    for t in node.args[0]:
+        x = a.of(t)
+        if x is not None:
+            a.same(out[:d] + out[d + 1:], x)
+    a.ax.block(out[d], f"size is the input count of node '{node.name}'")
+
+
+def _unbind(a: _Analyzer, node: Node, out: list[_Dims]) -> None:
+    # unbind(x, d): each part is x indexed at one position of dim d (a select per part)
+    x = a.of(node.args[0])
+    d = _norm_dim(_arg(node, 1, "dim", 0), len(x))
+    for part in out:
+        if part is not None:
+            a.same(part, x[:d] + x[d + 1:])
+    a.ax.block(x[d], f"indexed by node '{node.name}' (unbind)")
+
+
+def _view_as(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # view_as(x, other): a reshape to other's shape
+    a.ax.unify_products(a.of(node.args[0]), out)
+    a.same(out, a.of(node.args[1]))
+
+
+def _literal_axis(a: _Analyzer, size: int, node: Node) -> int:
+    """A new axis whose size is a literal argument of `node` (a repeat count, a stack's input
+    count): removing one of its units would need that literal changed, so it is blocked."""
+    axis = a.ax.new(size)
+    a.ax.block(axis, f"size is a literal count of node '{node.name}'")
+    return axis
+
+
+def _repeat(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # repeat(x, reps): dim i of the output is reps[i] tiles of x's dim (row-major: the tile index
+    # is the outer factor); leading extra dims are new axes. The reps are counts, not sizes, so
+    # pruning x's channels needs no rewrite of them.
+    x, reps = a.of(node.args[0]), list(node.args[1])
+    lead = len(out) - len(x)
+    for i, axis in enumerate(x):
+        rep = reps[lead + i]
+        if not isinstance(rep, int):
+            raise _Unprovable("repeat by a symbolic count")
+        if rep == 1:
+            a.ax.unify(out[lead + i], axis)
+        else:
+            a.ax.unify(out[lead + i], a.ax.product([_literal_axis(a, rep, node), axis]))
+
+
+def _repeat_interleave(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # repeat_interleave(x, r, d): output index i*r + k is x's index i (x's axis is the outer factor)
+    x, reps, d = a.of(node.args[0]), _arg(node, 1, "repeats"), _arg(node, 2, "dim", None)
+    if d is None or not isinstance(reps, int):
+        raise _Unprovable("repeat_interleave without a dim or by a symbolic count")
+    d = _norm_dim(d, len(x))
+    a.same(out[:d] + out[d + 1:], x[:d] + x[d + 1:])
+    a.ax.unify(out[d], a.ax.product([x[d], _literal_axis(a, reps, node)]) if reps != 1 else x[d])
+
+
+def _expand_as(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # expand_as(x, other): expand x to other's shape (other's dims are the output's)
+    a.broadcast(out, a.of(node.args[0]))
+    a.same(out, a.of(node.args[1]))
+
+
+def _topk(a: _Analyzer, node: Node, out: list[_Dims]) -> None:
+    # topk(x, k, d) -> (values, indices): dim d keeps k of its entries (a data-dependent slice)
+    x = a.of(node.args[0])
+    d = _norm_dim(_arg(node, 2, "dim", -1), len(x))
+    reason = f"top-k selected by node '{node.name}'"
+    a.ax.block(x[d], reason)
+    for part in out:
+        if part is not None:
+            a.same(part[:d] + part[d + 1:], x[:d] + x[d + 1:])
+            a.ax.block(part[d], reason)
+
+
+def _pad(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # pad(x, [l_last, r_last, l_prev, r_prev, ...]): padded dims change size (blocked like a
+    # slice), the others stay the same channels
+    x, pad = a.of(node.args[0]), list(node.args[1])
+    padded = {len(x) - 1 - i // 2 for i, amount in enumerate(pad) if not (isinstance(amount, int) and amount == 0)}
+    for i, (o, axis) in enumerate(zip(out, x)):
+        if i in padded:
+            a.ax.block(axis, f"padded by node '{node.name}'")
+            a.ax.block(o, f"padded by node '{node.name}'")
+        else:
+            a.ax.unify(o, axis)
 
 
 def _embedding(a: _Analyzer, node: Node, out: _Dims) -> None:
@@ -597,6 +717,11 @@ _RULES: dict[Any, Callable[..., None]] = {
     aten.where.ScalarSelf: _elementwise, aten.__and__.Tensor: _elementwise,
     aten.__or__.Tensor: _elementwise, aten.masked_fill.Scalar: _elementwise,
     aten.sym_size.int: _ignore,
+    aten.stack.default: _stack, aten.unbind.int: _unbind,
+    aten.type_as.default: _identity, aten.view_as.default: _view_as, aten.repeat.default: _repeat,
+    aten.logsumexp.default: _reduce, aten.linalg_vector_norm.default: _reduce_at(2, 3),
+    aten.repeat_interleave.self_int: _repeat_interleave, aten.expand_as.default: _expand_as,
+    aten.topk.default: _topk, aten.pad.default: _pad, aten.constant_pad_nd.default: _pad,
 }
 
 

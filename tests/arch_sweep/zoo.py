@@ -82,6 +82,10 @@ def _shrink(config) -> None:
         config.num_key_value_heads = KV_HEADS
     if isinstance(getattr(config, "head_dim", None), int):
         config.head_dim = HIDDEN // HEADS
+    if getattr(config, "model_type", None) in ("gptj", "codegen"):
+        # their rotary covers the first rotary_dim (64) dims of each head, which must fit the tiny
+        # head (others with a rotary_dim, e.g. MiniMax-M3, clamp it themselves)
+        config.rotary_dim = HIDDEN // HEADS
     # layer-indexed lists (sliding/full attention patterns, MoE layer choices) must match 2 layers
     for name in ("layer_types", "block_types", "attention_layers"):
         value = getattr(config, name, None)

@@ -8,6 +8,10 @@ Each family exercises one construct that fxforge's attention passes must underst
     falcon_mqa  multi-query attention (1 key/value head), fused QKV grouped [q... | k | v],
                 parallel attention + MLP, in-place `scores /= sqrt(d)`
     gpt_neox    fused QKV with heads interleaved, rotary positions
+    falcon_alibi  Falcon's multi-query attention with ALiBi (a bias on scores built by baddbmm-free
+                matmuls, its fused QKV grouped as in falcon_mqa)
+    phi3        fused QKV (GQA: 4 query, 2 key/value heads) split by slicing, fused gate/up
+                projection split by chunk, rotary positions
     gpt_bigcode multi-query attention, fused QKV grouped [q | k | v], learned positions
 
 All use eager attention (the attention math is visible in the traced graph) and a causal LM
@@ -58,6 +62,22 @@ def _falcon_mqa() -> nn.Module:
                                           parallel_attn=True, bias=False, **_common()))
 
 
+def _falcon_alibi() -> nn.Module:
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                          multi_query=True, new_decoder_architecture=False, alibi=True,
+                                          parallel_attn=True, bias=False, **_common()))
+
+
+def _phi3() -> nn.Module:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64,
+                                      max_position_embeddings=64, **_common()))
+
+
 def _gpt_neox() -> nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -76,6 +96,8 @@ FAMILIES = {f.name: f for f in (
     Family("bloom", _bloom, alibi=True),
     Family("mpt", _mpt, alibi=True),
     Family("falcon_mqa", _falcon_mqa, alibi=False),
+    Family("falcon_alibi", _falcon_alibi, alibi=True),
+    Family("phi3", _phi3, alibi=False),
     Family("gpt_neox", _gpt_neox, alibi=False),
     Family("gpt_bigcode", _gpt_bigcode, alibi=False),
 )}

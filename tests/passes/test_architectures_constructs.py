@@ -1,5 +1,6 @@
-"""Issue 18's attention constructs end to end on tiny HF models: ALiBi (Bloom, MPT), fused QKV
-(interleaved or grouped heads) and multi-query attention (Falcon, GPT-BigCode).
+"""Issue 18's attention constructs end to end on tiny HF models: ALiBi (Bloom, MPT, Falcon), fused
+QKV (interleaved, grouped or sliced heads; Phi-3 also a fused gate/up) and multi-query attention
+(Falcon, GPT-BigCode). `KNOWN_GAPS` lists the (family, property) pairs that do not hold yet, why.
 
 Per family: canonicalize == eager; fuse_attention fuses every layer, exactly; the fused graph
 runs in ONNX Runtime within 1e-4 at two shapes; add_kv_cache decodes token by token to the
@@ -28,6 +29,20 @@ from fxforge.passes.attention.fuse_attention import FuseAttention
 
 aten = torch.ops.aten
 ATTENTION = get_op("attention").overload
+_FALCON_MASK = ("Falcon's eager path adds ALiBi twice: as the score bias and folded into its float causal "
+                "mask (masked_fill(alibi/sqrt(d), causal, min)); add_kv_cache replaces that mask by the tree "
+                "mask, dropping the second copy, so its verification rolls the pass back")
+_BF16_MUL = ("Falcon builds ALiBi as bf16(slopes) * positions: a bfloat16 Mul, which ONNX Runtime's CPU "
+             "provider does not implement")
+# (family, property) -> why it does not hold yet; a strict xfail, so a fix shows up as a failure
+KNOWN_GAPS = {("falcon_alibi", "kv_cache"): _FALCON_MASK, ("falcon_alibi", "onnx"): _BF16_MUL,
+              ("falcon_alibi", "prune_onnx"): _BF16_MUL}
+
+
+def _known_gap(request, name: str, prop: str) -> None:
+    reason = KNOWN_GAPS.get((name, prop))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 SHAPES = [(2, 9), (1, 13)]  # (batch, seq): the trace shape and another one
 
 
@@ -67,7 +82,7 @@ def test_fuse_attention_fuses_every_layer_exactly(family):
     for node in nodes:
         has_bias = len(node.args) == 8 and node.args[7] is not None
         assert has_bias == FAMILIES[name].alibi
-    if name in ("falcon_mqa", "gpt_bigcode"):  # multi-query: one key/value head for 4 query heads
+    if name in ("falcon_mqa", "falcon_alibi", "gpt_bigcode"):  # multi-query: one key/value head for 4 query heads
         assert all(n.args[6] == 4 and n.args[1].meta["val"].shape[1] == 1 for n in nodes)
     for batch, seq in SHAPES:
         ids = _ids(batch, seq)
@@ -75,8 +90,9 @@ def test_fuse_attention_fuses_every_layer_exactly(family):
 
 
 @pytest.mark.slow  # an ONNX export per family (~7 s each)
-def test_onnx_runs_the_fused_graph_within_tolerance(family, tmp_path):
+def test_onnx_runs_the_fused_graph_within_tolerance(family, tmp_path, request):
     name, model, ids, _gm, _, fused = family
+    _known_gap(request, name, "onnx")
     runner = OnnxRunner(export_onnx(fused, (ids,), tmp_path / f"{name}.onnx"), threads=1)
     for batch, seq in SHAPES:
         x = _ids(batch, seq, seed=2)
@@ -85,8 +101,9 @@ def test_onnx_runs_the_fused_graph_within_tolerance(family, tmp_path):
         assert (got - logits(model, x)).abs().max() <= 1e-4
 
 
-def test_kv_cache_decodes_token_by_token_exactly(family):
+def test_kv_cache_decodes_token_by_token_exactly(family, request):
     name, model, ids, _gm, _, fused = family
+    _known_gap(request, name, "kv_cache")
     cached = run_pass(AddKvCache(), fused, PassContext(example_inputs=(ids,)))
     meta = cached.meta[KV_META]
     assert meta.attention == "fused" and len(meta.past) == LAYERS
@@ -102,9 +119,10 @@ def test_kv_cache_decodes_token_by_token_exactly(family):
 
 
 @pytest.mark.slow  # calibration, pruning and an ONNX export per family (~10 s each)
-def test_flap_prune_cuts_parameters_and_runs_in_onnx(family, tmp_path):
+def test_flap_prune_cuts_parameters_and_runs_in_onnx(family, tmp_path, request):
     """prune(flap, 0.3) through fused projections: fewer parameters, and ONNX runs what eager runs."""
     name, _model, ids, gm, _, _ = family
+    _known_gap(request, name, "prune_onnx")
     other = _ids(3, 7, seed=3)
     ctx = PassContext(example_inputs=(ids,), calibration=[(ids,), (other,)], progress=lambda it, **_: it)
     pruned = run_pass(get_pass_class("prune")(method="flap", ratio=0.3), gm, ctx)
@@ -131,3 +149,42 @@ def test_an_unrecognized_op_before_the_value_product_is_reported_not_silent():
     result = FuseAttention().run(gm, PassContext(example_inputs=(x, x, x)))
     assert result.sites == 0
     assert len(result.skipped) == 1 and "reach P·V through aten.mul.Tensor" in result.skipped[0][1]
+
+
+class _SoftCapped(torch.nn.Module):
+    """Gemma-2's attention-logit soft-cap: cap·tanh(Q·Kᵀ·scale / cap), then a causal softmax."""
+
+    def forward(self, q, k, v):
+        scores = torch.tanh((q @ k.transpose(-1, -2)) * 0.25 / 50.0) * 50.0
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        return torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+
+
+def test_a_soft_cap_is_left_eager_for_the_accepted_reason():
+    """The op takes no soft-cap: the layer stays unfused with the one accepted reason, which the
+    architecture sweep accepts (gemma2, vaultgemma); any other reason fails a sweep cell."""
+    from fxforge.passes.attention.fuse_attention import ACCEPTED_SKIP_REASONS
+
+    x = torch.randn(1, 2, 5, 8)
+    gm = trace(_SoftCapped(), (x, x, x))
+    canonicalize(gm)
+    result = FuseAttention().run(gm, PassContext(example_inputs=(x, x, x)))
+    assert result.sites == 0 and len(result.skipped) == 1
+    assert result.skipped[0][1].startswith(ACCEPTED_SKIP_REASONS) and "tanh" in result.skipped[0][1]
+
+
+class _HeadMergedBmm(torch.nn.Module):
+    """BART/TrOCR attention: softmax over (B·H, Lq, Lk) scores straight into bmm, no 4-D view."""
+
+    def forward(self, q, k, v):
+        return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), -1), v)
+
+
+def test_a_head_merged_softmax_into_bmm_is_reported_not_silent():
+    x = torch.randn(4, 5, 8)
+    gm = trace(_HeadMergedBmm(), (x, x, x))
+    canonicalize(gm)
+    result = FuseAttention().run(gm, PassContext(example_inputs=(x, x, x)))
+    assert result.sites == 0
+    assert len(result.skipped) == 1 and "head count is not visible" in result.skipped[0][1]

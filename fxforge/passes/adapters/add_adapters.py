@@ -60,7 +60,9 @@ class AddAdapters(Pass):
     method: lora, rslora, dora, pissa, olora, eva, lora_ga, lora_sb, bone, svfit, sorsa, loldu
         (one class each, registered in the "add_adapters" family of fxforge.passes.methods).
     targets / exclude: module-path patterns (fnmatch, a bare name matches as a suffix);
-        None targets every linear layer except the LM head.
+        None targets every linear layer except the LM head, skipping (with a reason) layers
+        narrower than `rank` (MoE routers, small gates); a layer named in targets that is too
+        narrow is an error.
     The remaining options belong to one method each; setting one for another method is an error:
     eva_rho, eva_tau, calibration_limit: EVA's rank budget factor, convergence cosine, batches.
     ga_batches: LoRA-GA's and LoRA-SB's gradient batches (from calibration); ga_gamma: LoRA-GA's
@@ -126,14 +128,23 @@ class AddAdapters(Pass):
                                                   f"with other nodes (tied weights)"))
             else:
                 kept.append(site)
+        narrow: set[str] = set()  # node names of layers left out for being narrower than the rank
         for site in kept:  # validate everything before touching the graph
             limit = method.max_rank(site.in_features, site.out_features)
-            if self.rank > limit:
+            if self.rank > limit and self.targets is None:
+                # chosen by default (every linear), not by name: a layer narrower than the rank
+                # (a MoE router, a 4-wide gate) is left alone with a reason, not a failure
+                narrow.add(site.node.name)
+                skipped.append((site.module_path, f"narrower than the rank: {self.method} allows rank <= {limit} "
+                                                  f"here (weight {site.out_features}x{site.in_features}), "
+                                                  f"rank={self.rank}; name it in targets with a smaller rank to adapt it"))
+            elif self.rank > limit:
                 raise PassError(
                     f"add_adapters: rank {self.rank} is larger than layer '{site.module_path}' allows for "
                     f"{self.method} ({limit}, its weight is {site.out_features}x{site.in_features}). Use "
                     f"rank <= {limit} or exclude the layer with exclude=['{site.module_path}'].",
                     pass_name=self.name)
+        kept = [s for s in kept if s.node.name not in narrow]
         if any(s.node.name in quantized for s in kept):
             ensure_linear_wq_input_grad()  # gradients must pass through the frozen int layers
         data = method.prepare(gm, kept, ctx, self.rank)

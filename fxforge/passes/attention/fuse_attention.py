@@ -23,7 +23,10 @@ The reasons a softmax that weights values is left unfused, each naming the node:
 - the softmax is not over the key axis of 4-D scores in their own dtype (an fp32 upcast not
   cast straight back: transformers' bf16/fp16 `softmax(x, -1, dtype=float32).to(x.dtype)` is
   fused, since the op computes its softmax in float32 and returns q's dtype);
-- an unrecognized score modifier sits between Q·Kᵀ and the softmax (a tanh soft-cap);
+- a tanh soft-cap on the scores (Gemma-2, Grok): the op has no soft-cap input, so the layer
+  stays eager; this is the one *accepted* reason (`ACCEPTED_SKIP_REASONS`): the construct,
+  not a gap in the matcher;
+- an unrecognized score modifier sits between Q·Kᵀ and the softmax;
 - the probabilities reach P·V through an unrecognized op, or are used outside P·V;
 - an intermediate of the attention is used elsewhere; training-mode dropout;
 - q, k, v shapes, head counts or the mask/bias shape and dtype do not fit the op;
@@ -68,6 +71,10 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 
 aten = torch.ops.aten
+SOFT_CAP = "tanh soft-cap on the attention scores"
+# Skip reasons that name a construct the attention op cannot take, so a layer left eager for
+# one of them is expected, not a gap in the matcher (the architecture sweep accepts these).
+ACCEPTED_SKIP_REASONS = (SOFT_CAP,)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 
@@ -162,6 +169,9 @@ def _scores(scores_in: Node) -> _Scores:
     stopped_at = next((s for s in stops if s is not top), top)
     where = stopped_at.target if isinstance(stopped_at, Node) else type(stopped_at).__name__
     name = stopped_at.name if isinstance(stopped_at, Node) else repr(stopped_at)
+    if isinstance(stopped_at, Node) and stopped_at.target == aten.tanh.default:
+        raise Skip(f"{SOFT_CAP} (node '{name}', Gemma-2 style cap·tanh(S/cap)): the attention op takes "
+                   f"no soft-cap, so the layer stays eager (add_kv_cache caches it as it is)")
     raise Skip(f"unrecognized score modifier {where} (node '{name}') between Q·Kᵀ and softmax: "
                f"only constant scales, additive position biases and one additive or boolean mask "
                f"are provably equivalent")

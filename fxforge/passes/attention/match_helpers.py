@@ -35,6 +35,11 @@ def value_matmul(softmax: Node) -> Node | None:
             raise Skip(f"training-mode dropout '{user.name}' on the probabilities; put the model in eval()")
         if user.target in MATMULS:
             return user if user.args[0] is node else None
+        if user.target in BMMS and user.args[0] is node:
+            # a softmax over (B·H, Lq, Lk) scores straight into bmm (BART/TrOCR-style): no view
+            # shows the head count, so q, k, v cannot be split into the op's 4-D layout
+            raise Skip(f"the probabilities '{node.name}' are head-merged (B·H, Lq, Lk) and reach P·V by "
+                       f"bmm '{user.name}' without a 4-D view, so the head count is not visible")
         if merge_heads_view(user) is not None:  # probs.view(B·H, Lq, Lk) @ v3 (Bloom)
             pv = only_user(user)
             return pv if pv is not None and pv.target in BMMS and pv.args[0] is user else None

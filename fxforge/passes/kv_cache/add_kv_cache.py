@@ -226,9 +226,11 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
         for u in unsqueezes:
             u.replace_all_uses_with(positions)
             rewired += 1
+    rewired += _rewire_position_buffers(gm, positions)
     erase_dead(gm)
+    seq = ids.meta["val"].shape[1]
     leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES
-                and not _ours(n) and not _constant_length(n)]
+                and not _ours(n) and _counts_positions(n, seq)]
     if leftover:
         raise PassError(
             f"pass '{pass_name}': could not tell how positions feed the model (arange nodes {leftover} "
@@ -237,15 +239,73 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
     return rewired  # 0 for a model without positional information: position_ids is then unused
 
 
+def _rewire_position_buffers(gm: GraphModule, positions: Node) -> int:
+    """Replace `position_ids_buffer[:, :L]` (BERT-style embeddings keep arange(max_len) as a
+    (1, N) buffer and slice the first L of it) by the position_ids input."""
+    from fxforge.ir.graph import get_attr
+
+    rewired = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.slice.Tensor:
+            continue
+        source, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        start = node.args[2] if len(node.args) > 2 else 0
+        if not (isinstance(source, Node) and source.op == "get_attr" and dim in (1, -1) and start in (0, None)):
+            continue
+        buffer = get_attr(gm, source.target)
+        if not (isinstance(buffer, torch.Tensor) and buffer.dim() == 2 and buffer.shape[0] == 1
+                and not buffer.is_floating_point()):
+            continue
+        if not torch.equal(buffer[0], torch.arange(buffer.shape[1], dtype=buffer.dtype)):
+            continue  # token-type ids and other buffers: the same for every position
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or same_length(val.shape[1], positions.meta["val"].shape[1]) is False:
+            continue
+        node.replace_all_uses_with(positions)
+        rewired += 1
+    for gather in [u for u in positions.users if u.target == aten.gather.default]:
+        # buffer.expand(1, -1).gather(1, positions) (token-type ids looked up by position): the
+        # traced batch of the position row was 1; it is now the batch of position_ids
+        expand = gather.args[0]
+        if isinstance(expand, Node) and expand.target == aten.expand.default and list(expand.args[1])[:1] == [1]:
+            with gm.graph.inserting_before(expand):
+                batch = gm.graph.call_function(aten.sym_size.int, (positions, 0))
+            expand.args = (expand.args[0], [batch, *list(expand.args[1])[1:]])
+    return rewired
+
+
+def same_length(a: Any, b: Any) -> bool:
+    """Whether two (possibly symbolic) lengths are provably equal."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    import sympy
+
+    return sympy.simplify(a.node.expr - b.node.expr) == 0
+
+
 def _ours(node: Node) -> bool:
     """Nodes this pass built (bias copies over the cache, the padding mask): not position rows."""
     return bool(node.meta.get(KV_BIAS_TAG) or node.meta.get(MASK_TAG))
 
 
-def _constant_length(arange: Node) -> bool:
-    """An arange of a fixed length (ALiBi's head slopes, arange(1, H + 1)) counts no positions."""
+def _counts_positions(arange: Node, seq: Any) -> bool:
+    """Whether an arange is as long as the sequence (up to a constant): a position count.
+
+    A fixed length (ALiBi's head slopes, arange(1, H + 1)) counts no positions, nor does one over
+    the batch or over every routed token (a MoE dispatch's arange(B·L·k) that inverts its sort):
+    those index the tokens of the current call, which the cached graph still has."""
     val = arange.meta.get("val")
-    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
+    if not isinstance(val, torch.Tensor) or val.dim() != 1:
+        return True  # unknown: report it rather than guess
+    length = val.shape[0]
+    if isinstance(length, int):
+        return False
+    if isinstance(seq, int):
+        return True
+    import sympy
+
+    offset = sympy.simplify(length.node.expr - seq.node.expr)
+    return bool(offset.is_number)
 
 
 def _fake_mode_of(node: Node) -> tuple[Any, Any]:

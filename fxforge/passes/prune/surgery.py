@@ -4,7 +4,7 @@ Given, for some atomic axes of a `CouplingAnalysis`, the units to remove, this s
 parameter/buffer along each dim built from those axes and rewrites every literal size in the
 graph that describes such a dim: `view`/`reshape`/`expand` sizes (`view(b, s, 4, 16)` ->
 `view(b, s, 3, 16)`; `-1` and symbolic sizes need no change), `split` sizes (GPT-2's fused
-qkv split), and `layer_norm` shapes. Shapes are then re-propagated by `finalize`. The analysis
+qkv split), `layer_norm` shapes and a depthwise conv's `groups`. Shapes are then re-propagated by `finalize`. The analysis
 already blocked every group whose sizes appear anywhere else (factories, slices), so after
 this nothing in the graph still mentions the old width.
 """
@@ -23,6 +23,7 @@ Pruned = dict[int, set[int]]  # atomic axis (Group.leaf) -> units to remove
 _SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}  # same (x, _, dim) args
 _LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
 
 
 def slice_parameters(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -> dict[str, tuple]:
@@ -70,6 +71,18 @@ def rewrite_sizes(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -
                 node.target = aten.split_with_sizes.default
                 node.args = (node.args[0], sizes, dim)
                 node.kwargs = {}
+                rewritten += 1
+        elif node.target in _CONVS:
+            # a depthwise conv's `groups` is its channel count (the analysis couples only those)
+            index = 8 if node.target == aten.convolution.default else 6
+            groups = node.args[index] if len(node.args) > index else node.kwargs.get("groups", 1)
+            x = analysis.dims[node.args[0]]
+            if isinstance(groups, int) and groups != 1 and analysis.touched(x[1], pruned):
+                new = analysis.new_size(x[1], pruned)
+                if len(node.args) > index:
+                    node.args = (*node.args[:index], new, *node.args[index + 1:])
+                else:
+                    node.kwargs = {**node.kwargs, "groups": new}
                 rewritten += 1
         elif node.target in _LAYER_NORMS:
             x = analysis.dims[node.args[0]]

@@ -105,6 +105,21 @@ def test_rank_larger_than_layer_allows(mlp, adapt):
     assert all(n.target != LORA for n in gm.graph.nodes)
 
 
+def test_default_targets_skip_layers_narrower_than_the_rank(mlp):
+    """targets=None (every linear): fc3 (10 wide) is narrower than rank 16, so it is skipped with a
+    reason that names the limit; fc1/fc2 are adapted (a MoE router must not fail the whole pass)."""
+    from fxforge.passes.pipeline import PipelineReport
+
+    zoo, gm = mlp
+    report = PipelineReport()
+    ctx = PassContext(example_inputs=tuple(zoo.args))
+    out = run_pass(AddAdapters(rank=16, include_lm_head=True), gm, ctx, report=report)
+    record = report.records[-1]
+    assert record.sites == 2 and summarize(out).ops["fxforge.lora_linear"] == 2
+    assert [where for where, _ in record.skipped] == ["fc3"]
+    assert "narrower than the rank" in record.skipped[0][1] and "rank <= 10" in record.skipped[0][1]
+
+
 def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match="unknown adapter method 'lroa'.*Did you mean 'lora'"):
         AddAdapters(method="lroa")
