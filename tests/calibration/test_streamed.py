@@ -112,7 +112,7 @@ def test_streamed_bf16_gptq_to_onnx_decodes(bf16_dir):
     pytest.importorskip("onnxruntime")
     results = []
     for lazy in (False, True):
-        pretrained = from_pretrained(bf16_dir, lazy=lazy)
+        pretrained = from_pretrained(bf16_dir, dtype="bfloat16", lazy=lazy)
         compiled = fxforge.compile(pretrained.model, pretrained.args, pretrained.kwargs,
                                    passes="quantize(bits=4,group_size=32,method=gptq)", backend="onnx",
                                    calibration=_batches(256))
