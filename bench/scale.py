@@ -62,6 +62,8 @@ SHAPES = {
                vocab_size=32000),
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
                       vocab_size=32000),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512),  # the smoke test's
 }
 STREAMED_PASSES = "quantize(bits=4,method=gptq)"
 DIRS = Path(os.environ.get("FXFORGE_BENCH_CACHE", Path.home() / ".cache" / "fxforge-bench")) / "scale-dirs"
@@ -182,7 +184,7 @@ def write_random_dir(directory: Path, shape: str, layers: int, dtype: str) -> Pa
         save_file(tensors, str(tmp / f"{key}.safetensors"))
         weight_map.update({name: f"{key}.safetensors" for name in tensors})
         del tensors
-    config.torch_dtype = torch_dtype
+    config.dtype = torch_dtype
     config.save_pretrained(tmp)
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     os.replace(tmp, directory)

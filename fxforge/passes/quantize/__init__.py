@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 from torch.fx import GraphModule
 
 from fxforge.calibration.engine import BlockCalibration, calibrate
@@ -141,8 +142,9 @@ class Quantize(Pass):
             layer = method.quantize(matrix, spec, site, stats.get(site.node.name), self.group_axis)
             # the claim keeps the codes (1 byte a weight), not ŵ (4): a dense fp32 copy of every
             # quantized weight held until verification was most of quantize's peak memory
-            semantics.replace_linear(site.weight_name, ClaimedLinear(_spill_codes(gm, layer), self.group_axis,
-                                                                     weight_of(gm, site).dtype))
+            claim = ClaimedLinear(layer, self.group_axis, weight_of(gm, site).dtype)
+            claim.layer = _spill_codes(gm, claim.layer)
+            semantics.replace_linear(site.weight_name, claim)
             new = emit_weight_only(gm, site, layer.matrix, spec, self.group_axis)
             if layer.outliers is not None:
                 from fxforge.passes.quantize.easyquant import emit_outliers
@@ -185,13 +187,29 @@ def claimed_weight(layer: QuantizedLayer, group_axis: str):
 class ClaimedLinear:
     """`aten.linear(x, ŵ, bias)` with ŵ = `claimed_weight(layer)` built when verification runs it
     (one layer's dense weight at a time) and cast to the original weight's dtype, as a
-    replaced weight would be."""
+    replaced weight would be.
+
+    Codes below 16 are kept two to a byte (low nibble = even column), packed here by torch ops
+    of its own rather than by the kernel's `pack_bits`, so a packing bug still shows as a
+    mismatch; that halves the claim again (int4 of a fp32 model: 1/8 of the weights' bytes).
+    """
 
     def __init__(self, layer: QuantizedLayer, group_axis: str, dtype: Any):
-        self.layer, self.group_axis, self.dtype = layer, group_axis, dtype
+        self.group_axis, self.dtype = group_axis, dtype
+        codes = layer.matrix.codes
+        self.nibbles = codes.dim() == 2 and codes.shape[1] % 2 == 0 and bool(codes.numel()) and int(codes.max()) < 16
+        if self.nibbles:
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            layer = dataclasses.replace(layer, matrix=dataclasses.replace(layer.matrix, codes=codes))
+        self.layer = layer
 
     def __call__(self, x: Any, bias: Any = None) -> Any:
-        return aten.linear.default(x, claimed_weight(self.layer, self.group_axis).to(self.dtype), bias)
+        layer = self.layer
+        if self.nibbles:
+            packed = layer.matrix.codes
+            codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+            layer = dataclasses.replace(layer, matrix=dataclasses.replace(layer.matrix, codes=codes))
+        return aten.linear.default(x, claimed_weight(layer, self.group_axis).to(self.dtype), bias)
 
 
 def _spill_codes(gm: GraphModule, layer: QuantizedLayer) -> QuantizedLayer:
