@@ -65,7 +65,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=512),  # the smoke test's
 }
-STREAMED_PASSES = "quantize(bits=4,method=gptq)"
+STREAMED_PASSES = {"gptq": "quantize(bits=4,method=gptq)", "rtn": "quantize(bits=4)"}
 DIRS = Path(os.environ.get("FXFORGE_BENCH_CACHE", Path.home() / ".cache" / "fxforge-bench")) / "scale-dirs"
 
 
@@ -191,9 +191,9 @@ def write_random_dir(directory: Path, shape: str, layers: int, dtype: str) -> Pa
     return directory
 
 
-def run_streamed_child(directory: Path, backend: str, verify: bool, decode: int, batches: int = 4,
-                       tokens: int = 32) -> dict[str, Any]:
-    """GPTQ int4 of a model streamed from `directory`; optionally ONNX and greedy decoding."""
+def run_streamed_child(directory: Path, backend: str, verify: bool, decode: int, method: str = "gptq",
+                       batches: int = 4, tokens: int = 32) -> dict[str, Any]:
+    """int4 (GPTQ or RTN) of a model streamed from `directory`; optionally ONNX and greedy decoding."""
     import torch
 
     import fxforge
@@ -211,8 +211,8 @@ def run_streamed_child(directory: Path, backend: str, verify: bool, decode: int,
                     "attention_mask": torch.ones(1, tokens, dtype=torch.long)} for _ in range(batches)]
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = fxforge.compile(model, pretrained.args, pretrained.kwargs, passes=STREAMED_PASSES, backend=backend,
-                               calibration=calibration, verify=verify)
+    compiled = fxforge.compile(model, pretrained.args, pretrained.kwargs, passes=STREAMED_PASSES[method],
+                               backend=backend, calibration=calibration if method == "gptq" else None, verify=verify)
     compile_s = time.perf_counter() - start
     store = streamed(compiled.graph_module)
     result: dict[str, Any] = {"param_bytes": param_bytes, "build_s": build_s, "pipeline_s": compile_s,
@@ -231,12 +231,13 @@ def run_streamed_child(directory: Path, backend: str, verify: bool, decode: int,
 
 
 def measure_streamed(shape: str, layers: int, dtype: str, backend: str, verify: bool, decode: int,
-                     timeout_s: float) -> dict[str, Any]:
+                     timeout_s: float, method: str = "gptq") -> dict[str, Any]:
     """One streamed run in a fresh interpreter (the directory is written first, by the parent)."""
     directory = write_random_dir(DIRS / f"{shape}-L{layers}-{dtype}", shape, layers, dtype)
     cmd = [sys.executable, __file__, "--child-streamed", str(directory), "--streamed-backend", backend,
-           "--decode", str(decode)] + (["--verify"] if verify else [])
-    row = _run_child(cmd, timeout_s, {"layers": layers, "dtype": dtype, "pipeline": f"gptq4-streamed-{shape}-{backend}",
+           "--decode", str(decode), "--method", method] + (["--verify"] if verify else [])
+    row = _run_child(cmd, timeout_s, {"layers": layers, "dtype": dtype,
+                                      "pipeline": f"{method}4-streamed-{shape}-{backend}",
                                       "shape": shape, "verify": verify})
     return row
 
@@ -298,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streamed-dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--streamed-backend", default="eager", choices=("eager", "onnx"))
     parser.add_argument("--verify", action="store_true", help="streamed runs: verify every pass (default off)")
+    parser.add_argument("--method", default="gptq", choices=sorted(STREAMED_PASSES), help="streamed runs: int4 method")
     parser.add_argument("--decode", type=int, default=0, help="streamed runs: greedy-decode this many tokens")
     parser.add_argument("--keep-dirs", action="store_true", help="keep the random-weight directories")
     parser.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
     parser.add_argument("--child-streamed", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_streamed:
-        print(json.dumps(run_streamed_child(args.child_streamed, args.streamed_backend, args.verify, args.decode)))
+        print(json.dumps(run_streamed_child(args.child_streamed, args.streamed_backend, args.verify, args.decode,
+                                            args.method)))
         return 0
     previous = json.loads(args.out.read_text())["rows"] if args.append and args.out.is_file() else []
     if args.streamed:
@@ -312,11 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_header())
         for n in [int(x) for x in args.blocks.split(",")]:
             row = measure_streamed(args.streamed, n, args.streamed_dtype, args.streamed_backend, args.verify,
-                                   args.decode, args.timeout_s)
+                                   args.decode, args.timeout_s, args.method)
             rows.append(row)
             print(_line(row), flush=True)
             _write(args.out, rows)
-            if not args.keep_dirs:
+            if not args.keep_dirs and row["status"] == "ok":
                 import shutil
 
                 shutil.rmtree(DIRS / f"{args.streamed}-L{n}-{args.streamed_dtype}", ignore_errors=True)
