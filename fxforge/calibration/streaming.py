@@ -8,7 +8,8 @@ segment, `rewrite_by_block` for data-free rewrites such as RTN quantization):
 
 1. the tensors the block reads that this process owns (a rewrite's new int4 codes, scales) are
    written to the spill directory and replaced in the graph by views of what was written;
-2. the file pages of every tensor the block read are given back (madvise), source and spill.
+2. the file pages of every mapping are given back (madvise), source and spill: those of the
+   weights the block's rewrite read and replaced too, which the graph no longer names.
 
 So a streamed pass holds one block's weights and results at a time, and what it produced is
 already on disk for the next step (the ONNX backend writes external data tensor by tensor from
@@ -26,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 from torch.fx import GraphModule, Node
 
-from fxforge.models.lazy_weights import SpillStore, drop_pages, is_mapped, mapped_bytes
+from fxforge.models.lazy_weights import SpillStore, drop_all_pages, drop_pages, is_mapped, mapped_bytes
 
 __all__ = ["STREAMED", "streamed", "mark_streamed", "settle", "spill", "rewrite_by_block", "owned_bytes"]
 
@@ -92,7 +93,7 @@ def settle(gm: GraphModule, nodes: Iterable[Node]) -> None:
         _set(gm, target, view)
         tensors[target] = view
     del owned
-    drop_pages(v for v in tensors.values() if isinstance(v, torch.Tensor))
+    drop_all_pages()  # also the pages of weights the rewrite read and replaced (no longer in the graph)
 
 
 def spill(gm: GraphModule, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ import torch
 
 from fxforge.errors import ModelDirectoryError
 
-__all__ = ["SafetensorsWeights", "SpillStore", "is_mapped", "drop_pages", "mapped_bytes"]
+__all__ = ["SafetensorsWeights", "SpillStore", "is_mapped", "drop_pages", "drop_all_pages", "mapped_bytes"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -95,6 +95,20 @@ def drop_pages(tensors: Iterable[torch.Tensor]) -> int:
             continue
         covered += length
     return covered
+
+
+def drop_all_pages() -> None:
+    """Give back the resident pages of every mapping this module made (between blocks: a
+    rewritten block's old weights are no longer in its graph, so `drop_pages` of what the
+    graph reads would miss the very pages the rewrite read)."""
+    with _LOCK:
+        regions = list(_REGIONS)
+    for base, end, mm in regions:
+        if end > base:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, 0, end - base)
+            except (OSError, ValueError):
+                continue
 
 
 def mapped_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
