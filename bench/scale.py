@@ -18,6 +18,13 @@ Pipelines (verification on, as `fxforge.compile` defaults):
     python bench/scale.py                      # L in 1,2,4,8; fp32 and bf16; every pipeline
     python bench/scale.py --quick              # L in 1,2 (a smoke run)
     python bench/scale.py --layers 1,2,4 --dtypes fp32 --pipelines eager,onnx,quantize4
+
+Streamed from a safetensors directory (`hf.from_pretrained(lazy=True)`: weights mapped, read
+block by block, results spilled to disk; random weights written once under
+~/.cache/fxforge-bench/scale-dirs, `--keep-dirs` keeps them):
+    python bench/scale.py --streamed 7b --blocks 2,4,8          # 7B-shaped blocks, bf16, GPTQ int4, no verify
+    python bench/scale.py --streamed tinyllama --blocks 22 --streamed-backend onnx --verify --decode 4
+                                                              # the full 1.1B: GPTQ int4 -> ONNX, decodes
 Prints a table and writes bench/results/scale_cpu.json (`--out` to change). fxforge is
 imported from wherever the parent imports it (PYTHONPATH), so pointing PYTHONPATH at another
 checkout measures that one ("before" numbers) with this script.
@@ -49,6 +56,17 @@ PIPELINES: dict[str, tuple[str | None, str]] = {  # name -> (passes, backend); N
 CALIBRATED = {"gptq4", "flap"}
 IDS_ONLY = {"fuse_kv"}  # add_kv_cache needs a graph traced on token ids alone (no padding mask)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# Shapes of the streamed runs (Llama configs; random weights).
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+               vocab_size=32000),
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                      vocab_size=32000),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512),  # the smoke test's
+}
+STREAMED_PASSES = {"gptq": "quantize(bits=4,method=gptq)", "rtn": "quantize(bits=4)"}
+DIRS = Path(os.environ.get("FXFORGE_BENCH_CACHE", Path.home() / ".cache" / "fxforge-bench")) / "scale-dirs"
 
 
 # --------------------------------------------------------------------------- child
@@ -132,16 +150,112 @@ def _baseline(model: Any, kwargs: dict[str, Any]) -> None:
         session.run(None, {k: v.numpy() for k, v in kwargs.items()})
 
 
+def write_random_dir(directory: Path, shape: str, layers: int, dtype: str) -> Path:
+    """A save_pretrained-style sharded safetensors directory of a random Llama (`shape`,
+    `layers` blocks): one shard per block, written one block at a time (never the model)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fxforge.models.hf import _parameters_on_meta
+
+    if (directory / "model.safetensors.index.json").is_file():
+        return directory
+    config = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=2048,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    with _parameters_on_meta():
+        model = LlamaForCausalLM(config)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    shards: dict[str, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        key = f"layer{int(name.split('.')[2]):03d}" if ".layers." in name else "rest"
+        shards.setdefault(key, {})[name] = p
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for key, params in shards.items():
+        tensors = {}
+        for name, p in params.items():
+            if p.dim() == 1:  # norm weights
+                tensors[name] = torch.ones(p.shape, dtype=torch_dtype)
+            else:
+                tensors[name] = (torch.randn(p.shape, generator=generator) * 0.02).to(torch_dtype)
+        save_file(tensors, str(tmp / f"{key}.safetensors"))
+        weight_map.update({name: f"{key}.safetensors" for name in tensors})
+        del tensors
+    config.dtype = torch_dtype
+    config.save_pretrained(tmp)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    os.replace(tmp, directory)
+    return directory
+
+
+def run_streamed_child(directory: Path, backend: str, verify: bool, decode: int, method: str = "gptq",
+                       batches: int = 4, tokens: int = 32) -> dict[str, Any]:
+    """int4 (GPTQ or RTN) of a model streamed from `directory`; optionally ONNX and greedy decoding."""
+    import torch
+
+    import fxforge
+    from fxforge.calibration.streaming import streamed
+    from fxforge.models.hf import from_pretrained
+
+    torch.set_num_threads(int(os.environ.get("SCALE_THREADS", "2")))
+    start = time.perf_counter()
+    pretrained = from_pretrained(directory, lazy=True, seq=16, batch=1)
+    model = pretrained.model
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(1)
+    calibration = [{"input_ids": torch.randint(0, vocab, (1, tokens), generator=generator),
+                    "attention_mask": torch.ones(1, tokens, dtype=torch.long)} for _ in range(batches)]
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = fxforge.compile(model, pretrained.args, pretrained.kwargs, passes=STREAMED_PASSES[method],
+                               backend=backend, calibration=calibration if method == "gptq" else None, verify=verify)
+    compile_s = time.perf_counter() - start
+    store = streamed(compiled.graph_module)
+    result: dict[str, Any] = {"param_bytes": param_bytes, "build_s": build_s, "pipeline_s": compile_s,
+                              "report": str(compiled.report),
+                              "spilled_gib": round(store.spilled_bytes / GIB, 3) if store else None,
+                              "peak_owned_gib": round(store.peak_owned_bytes / GIB, 3) if store else None}
+    if decode:
+        ids = pretrained.kwargs["input_ids"][:1, :8]
+        start = time.perf_counter()
+        for _ in range(decode):  # greedy, re-running the uncached graph: "the result decodes"
+            logits = compiled(input_ids=ids, attention_mask=torch.ones_like(ids))
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        result.update(decoded=ids[0].tolist(), decode_s=time.perf_counter() - start)
+    return result
+
+
+def measure_streamed(shape: str, layers: int, dtype: str, backend: str, verify: bool, decode: int,
+                     timeout_s: float, method: str = "gptq") -> dict[str, Any]:
+    """One streamed run in a fresh interpreter (the directory is written first, by the parent)."""
+    directory = write_random_dir(DIRS / f"{shape}-L{layers}-{dtype}", shape, layers, dtype)
+    cmd = [sys.executable, __file__, "--child-streamed", str(directory), "--streamed-backend", backend,
+           "--decode", str(decode), "--method", method] + (["--verify"] if verify else [])
+    row = _run_child(cmd, timeout_s, {"layers": layers, "dtype": dtype,
+                                      "pipeline": f"{method}4-streamed-{shape}-{backend}",
+                                      "shape": shape, "verify": verify})
+    return row
+
+
 # --------------------------------------------------------------------------- parent
 
 
 def measure(layers: int, dtype: str, pipeline: str, timeout_s: float, shrink: int = 1) -> dict[str, Any]:
     """Run one pipeline in a fresh interpreter; wall, CPU and peak RSS from wait4 on it."""
+    cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--dtypes", dtype,
+           "--pipelines", pipeline, "--shrink", str(shrink)]
+    return _run_child(cmd, timeout_s, {"layers": layers, "dtype": dtype, "pipeline": pipeline})
+
+
+def _run_child(cmd: list[str], timeout_s: float, row: dict[str, Any]) -> dict[str, Any]:
     import tempfile
     import threading
 
-    cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--dtypes", dtype,
-           "--pipelines", pipeline, "--shrink", str(shrink)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, "FXFORGE_PROGRESS": "0"})
@@ -156,15 +270,14 @@ def measure(layers: int, dtype: str, pipeline: str, timeout_s: float, shrink: in
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     peak = usage.ru_maxrss * 1024 / GIB  # KiB on Linux
-    row: dict[str, Any] = {"layers": layers, "dtype": dtype, "pipeline": pipeline, "wall_s": round(wall, 2),
-                           "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_gib": round(peak, 3)}
+    row.update({"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                "peak_rss_gib": round(peak, 3)})
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if child.returncode == 0 and lines:
         result = json.loads(lines[-1])
-        p = result["param_bytes"] / GIB
+        p = result.pop("param_bytes") / GIB
         row.update(status="ok", p_gib=round(p, 3), rss_over_p=round(peak / p, 2),
-                   build_s=round(result["build_s"], 2), pipeline_s=round(result["pipeline_s"], 2),
-                   report=result["report"])
+                   build_s=round(result.pop("build_s"), 2), pipeline_s=round(result.pop("pipeline_s"), 2), **result)
     else:
         tail = [line for line in (stderr or stdout).strip().splitlines() if line.strip()][-3:]
         row.update(status=f"failed (rc {child.returncode}): " + " | ".join(tail)[:400])
@@ -181,7 +294,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "scale_cpu.json")
     parser.add_argument("--shrink", type=int, default=1, help="divide every width by this (smoke tests only; 4 keeps every width a multiple of 128)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--streamed", choices=sorted(SHAPES), help="stream this shape from a safetensors dir")
+    parser.add_argument("--blocks", default="2,4,8", help="block counts of the streamed runs")
+    parser.add_argument("--streamed-dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--streamed-backend", default="eager", choices=("eager", "onnx"))
+    parser.add_argument("--verify", action="store_true", help="streamed runs: verify every pass (default off)")
+    parser.add_argument("--method", default="gptq", choices=sorted(STREAMED_PASSES), help="streamed runs: int4 method")
+    parser.add_argument("--decode", type=int, default=0, help="streamed runs: greedy-decode this many tokens")
+    parser.add_argument("--keep-dirs", action="store_true", help="keep the random-weight directories")
+    parser.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
+    parser.add_argument("--child-streamed", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_streamed:
+        print(json.dumps(run_streamed_child(args.child_streamed, args.streamed_backend, args.verify, args.decode,
+                                            args.method)))
+        return 0
+    previous = json.loads(args.out.read_text())["rows"] if args.append and args.out.is_file() else []
+    if args.streamed:
+        rows = list(previous)
+        print(_header())
+        for n in [int(x) for x in args.blocks.split(",")]:
+            row = measure_streamed(args.streamed, n, args.streamed_dtype, args.streamed_backend, args.verify,
+                                   args.decode, args.timeout_s, args.method)
+            rows.append(row)
+            print(_line(row), flush=True)
+            _write(args.out, rows)
+            if not args.keep_dirs and row["status"] == "ok":
+                import shutil
+
+                shutil.rmtree(DIRS / f"{args.streamed}-L{n}-{args.streamed_dtype}", ignore_errors=True)
+        return 0 if all(r["status"] == "ok" for r in rows[len(previous):]) else 1
     layers = [1, 2] if args.quick else [int(x) for x in args.layers.split(",")]
     dtypes, pipelines = args.dtypes.split(","), args.pipelines.split(",")
     for name in pipelines:
@@ -193,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_child(layers[0], dtypes[0], pipelines[0], args.shrink)))
         return 0
-    rows = []
+    rows = list(previous)
     print(_header())
     for dtype in dtypes:
         for n in layers:
@@ -202,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(_line(row), flush=True)
                 _write(args.out, rows, args.shrink)
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"] == "ok" for r in rows[len(previous):]) else 1
 
 
 def _header() -> str:
@@ -214,6 +356,8 @@ def target_gib(row: dict[str, Any]) -> float | None:
     """The issue's bound for this row: ONNX ≤ 2.2P + 1 GiB, eager ≤ 1.3P + 1 GiB (None: baseline)."""
     if "p_gib" not in row or row["pipeline"] == "baseline":
         return None
+    if row["pipeline"] not in PIPELINES:  # streamed: GPTQ's bound, or ONNX's when it ends in ONNX
+        return (2.2 if row["pipeline"].endswith("-onnx") else 1.3) * row["p_gib"] + 1.0
     backend = PIPELINES[row["pipeline"]][1]
     return (2.2 if backend == "onnx" else 1.3) * row["p_gib"] + 1.0
 
@@ -223,7 +367,7 @@ def _line(row: dict[str, Any]) -> str:
     ratio = f"{row['rss_over_p']:.2f}" if "rss_over_p" in row else "-"
     target = target_gib(row)
     target_text = "-" if target is None else f"{target:.2f}" + (" ok" if row["peak_rss_gib"] <= target else " !")
-    return (f"{row['layers']:>2} {row['dtype']:<5} {row['pipeline']:<10} {p:>7} {row['peak_rss_gib']:>9.3f} "
+    return (f"{row['layers']:>2} {row['dtype']:<5} {row['pipeline']:<10.30} {p:>7} {row['peak_rss_gib']:>9.3f} "
             f"{ratio:>7} {target_text:>11} {row['wall_s']:>8.1f} {row['cpu_s']:>8.1f}  {row['status']}")
 
 

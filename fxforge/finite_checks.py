@@ -50,8 +50,11 @@ def nonfinite_problem(t: Any, allow_neg_inf: bool = False) -> str | None:
 
 def check_finite_model(model: nn.Module) -> None:
     """InputError naming the first parameter or buffer that holds NaN/inf (see module rule)."""
+    from fxforge.models.lazy_weights import drop_pages
+
     for name, p in model.named_parameters():
         problem = nonfinite_problem(p)
+        drop_pages([p])  # a file-mapped weight (lazy loading) is read here: give its pages back
         if problem:
             raise InputError(f"parameter '{name}' of the model {problem}; fxforge cannot compile or verify a "
                              f"model with non-finite weights. Fix the weights (e.g. reload the checkpoint) first.")

@@ -37,3 +37,15 @@ def test_a_failing_pipeline_is_a_row_not_a_crash(tmp_path):
     scale = _scale()
     row = scale.measure(1, "fp32", "eager", timeout_s=0.5, shrink=4)  # killed long before it is done
     assert row["status"].startswith("failed") and "p_gib" not in row
+
+
+def test_a_streamed_run_reads_a_written_directory(tmp_path):
+    scale = _scale()
+    scale.DIRS = tmp_path / "dirs"
+    out = tmp_path / "stream.json"
+    assert scale.main(["--streamed", "tiny", "--blocks", "2", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["pipeline"] == "gptq4-streamed-tiny-eager" and row["layers"] == 2
+    assert row["spilled_gib"] is not None and row["peak_owned_gib"] is not None  # a streamed graph (GiB: rounds to 0 here)
+    assert "quantize(method='gptq')" in row["report"]
+    assert not (scale.DIRS / "tiny-L2-bf16").exists()  # the random-weight directory is removed after

@@ -18,6 +18,9 @@ Without `rewrite_block`, nothing is rewritten: every segment runs once, in one s
 statistics of every requested layer are returned (for methods that need all scores before
 deciding anything, such as a global sparsity allocation). Ask only for what you keep.
 
+Streamed graphs (weights mapped from safetensors files, `calibration/streaming.py`): after a
+segment is done, its new tensors are written to disk and its pages given back (`settle`).
+
 Memory: one segment's statistics, plus the boundary values of all batches (in memory, or in a
 temporary directory on disk when they exceed `offload_bytes`), plus the weights. Segments
 after the last requested one are never run. Batches are read through
@@ -37,6 +40,7 @@ from torch.fx.node import map_arg
 
 from fxforge.calibration.blocks import BlockPlan, Segment, split_blocks
 from fxforge.calibration.observers import InputStatistics, Observer, distributed
+from fxforge.calibration.streaming import settle
 
 __all__ = ["calibrate", "CalibrationResult", "BlockCalibration", "BoundaryStore", "DEFAULT_OFFLOAD_BYTES",
            "run_segment"]
@@ -318,11 +322,14 @@ def calibrate(gm: GraphModule, ctx: Any, requests: Requests,
                     for stats in by_input.values():
                         stats.all_reduce()
                     result.statistics.update(by_layer)
+                    settle(gm, segment.nodes)
                     continue
                 if wanted:
                     _capture_and_rewrite(gm, segment, wanted, store, config, rewrite_block)
                 if segment.index < last:
                     _advance(plan, segment, store)
+                plan.refresh(segment)
+                settle(gm, segment.nodes)  # streamed graphs: this block's weights and results go to disk
         result.offloaded = store.offloaded
     finally:
         store.close()

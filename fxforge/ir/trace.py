@@ -238,6 +238,9 @@ def trace(
     gm.meta[INPUT_NAMES] = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if constants:
         gm.meta[CONSTANT_KWARGS] = constants
+    from fxforge.calibration.streaming import mark_streamed
+
+    mark_streamed(gm)  # weights mapped from files (hf.from_pretrained(lazy=True)): passes stream them
     user_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     gm.meta[BORROWED] = frozenset(t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())
                                   if t.untyped_storage().data_ptr() in user_storages)

@@ -92,7 +92,7 @@ class Pretrained:
 
 
 def from_pretrained(directory: str | Path, task: str | None = None, dtype: str | torch.dtype | None = None,
-                    seq: int = 16, batch: int = 2) -> Pretrained:
+                    seq: int = 16, batch: int = 2, lazy: bool = False) -> Pretrained:
     """Load a `save_pretrained` directory for `task` with example inputs from its tokenizer.
 
     Args:
@@ -101,6 +101,11 @@ def from_pretrained(directory: str | Path, task: str | None = None, dtype: str |
         dtype: "float32" (default), "bfloat16", "float16" or a torch dtype: the weights' dtype.
         seq, batch: size of the example inputs (the traced graph stays dynamic in both where
             the model allows; batch 1 fixes the batch to 1).
+        lazy: build the model on the meta device and give it views into the memory-mapped
+            safetensors files instead of loading them (`fxforge.models.lazy_weights`): nothing
+            is read until used, and passes that walk the model block by block hold one block's
+            weights at a time. The weights keep the file's dtype (`dtype` must be None or that
+            dtype: a cast would be a full copy).
 
     Raises:
         ModelDirectoryError naming the problem and the fix: no such directory, no config.json,
@@ -114,7 +119,10 @@ def from_pretrained(directory: str | Path, task: str | None = None, dtype: str |
     task = _choose_task(directory, task, config.architectures, served)
     torch_dtype = _resolve_dtype(dtype)
     _check_sizes(config, seq, batch)
-    model = _load_model(directory, task, torch_dtype)
+    if lazy:
+        model, torch_dtype = _lazy_model(directory, config, task, dtype)
+    else:
+        model = _load_model(directory, task, torch_dtype)
     tokenizer, notes = _load_tokenizer(directory)
     args, kwargs = example_inputs(tokenizer, task, seq=seq, batch=batch, vocab_size=_vocab_size(model))
     return Pretrained(model=model, tokenizer=tokenizer, args=args, kwargs=kwargs, task=task, directory=directory,
@@ -261,6 +269,60 @@ def _load_weights(directory: Path, task: str, dtype: torch.dtype, **options: Any
         raise ModelDirectoryError(f"cannot load {directory} for task {task!r}: {type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300]}") from exc
     return model, sorted(info.get("missing_keys") or [])
+
+
+def _lazy_model(directory: Path, config: Any, task: str, dtype: str | torch.dtype | None) -> tuple[nn.Module, torch.dtype]:
+    """The model with parameters on the meta device, then bound to views of the mapped files."""
+    from fxforge.models.lazy_weights import SafetensorsWeights
+
+    weights = SafetensorsWeights(directory)
+    stored = {d for d in weights.dtypes() if d.is_floating_point}
+    wanted = _resolve_dtype(dtype) if dtype is not None else (next(iter(stored)) if len(stored) == 1 else torch.float32)
+    if stored - {wanted}:
+        raise ModelDirectoryError(f"lazy loading keeps the weights of {directory} as stored "
+                                  f"({', '.join(sorted(str(d) for d in stored))}); dtype={wanted} would copy them all. "
+                                  f"Pass dtype=None (or the stored dtype), or lazy=False")
+    with _quiet_transformers(), _parameters_on_meta():
+        model = _model_class(task).from_config(config, dtype=wanted, attn_implementation="eager")
+    # a tied weight (lm_head = embed_tokens) is stored once, under either of its names
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    missing = []
+    for names in aliases.values():
+        found = next((n for n in names if n in weights), None)
+        if found is None:
+            missing.extend(names)
+            continue
+        for name in names:
+            state[name] = weights.tensor(found)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ModelDirectoryError(f"{directory} lacks weights the {task!r} model needs ({shown}); they would be "
+                                  f"random. Pass a task this checkpoint was saved for, or a complete checkpoint")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.fxforge_lazy_weights = weights  # keeps the mappings' reader alive as long as the model
+    return model.eval(), wanted
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters created inside go to the meta device as they are registered (one layer's
+    allocation at a time, never the model's); buffers (rotary tables, computed, not stored)
+    stay real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 @contextmanager

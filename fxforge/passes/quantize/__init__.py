@@ -29,9 +29,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 from torch.fx import GraphModule
 
 from fxforge.calibration.engine import BlockCalibration, calibrate
+from fxforge.calibration.streaming import rewrite_by_block, spill
 from fxforge.ir.graph import LinearSite, aten
 from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
@@ -39,7 +41,7 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.methods import method_options, methods_of
 from fxforge.passes.quantize import awq as _awq, easyquant as _easyquant, gptq as _gptq  # noqa: F401 (register)
 from fxforge.passes.quantize.common import (
-    GROUP_AXES, check_option, check_packable, claim_weight, emit_weight_only, orient, resolve_group_size,
+    GROUP_AXES, check_option, check_packable, emit_weight_only, orient, resolve_group_size,
     weight_of,
 )
 from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
@@ -123,9 +125,9 @@ class Quantize(Pass):
         specs = {s.node.name: self.spec_for(s) for s in sites}  # every layer checked before any change
         notes: dict = {"method": self.method, "layers": len(sites)}
         semantics = Semantics()
+        by_node = {s.node: s for s in sites}
         if method.needs_calibration and sites:
             require_batches(ctx, self.name, self.method, sites)
-            by_node = {s.node: s for s in sites}
 
             def rewrite_block(block: BlockCalibration) -> None:
                 self._quantize_sites(gm, [by_node[n] for n in block.nodes], specs, block.statistics, method,
@@ -134,8 +136,9 @@ class Quantize(Pass):
             run = calibrate(gm, ctx, {s.node: method.statistics for s in sites}, rewrite_block,
                             pass_name=self.name, method=self.method, max_batches=self.calibration_batches)
             notes["calibration"] = {"batches": run.batches, "blocks": run.blocks, "offloaded": run.offloaded}
-        else:
-            self._quantize_sites(gm, sites, specs, {}, method, semantics, notes, ctx, "")
+        else:  # block by block on a streamed graph (weights mapped from files), else all at once
+            rewrite_by_block(gm, [s.node for s in sites], lambda nodes, where: self._quantize_sites(
+                gm, [by_node[n] for n in nodes], specs, {}, method, semantics, notes, ctx, where))
         method.finish(notes)
         return PassResult(gm, sites=len(sites), skipped=selection.skipped, notes=notes, semantics=semantics)
 
@@ -149,7 +152,11 @@ class Quantize(Pass):
             spec = specs[site.node.name]
             matrix = orient(weight_of(gm, site).float(), self.group_axis)
             layer = method.quantize(matrix, spec, site, stats.get(site.node.name), self.group_axis)
-            claim_weight(gm, site, semantics, claimed_weight(layer, self.group_axis))  # before the rewrite
+            # the claim keeps the codes (1 byte a weight), not ŵ (4): a dense fp32 copy of every
+            # quantized weight held until verification was most of quantize's peak memory
+            claim = ClaimedLinear(layer, self.group_axis, weight_of(gm, site).dtype)
+            claim.layer = _spill_codes(gm, claim.layer)
+            semantics.replace_linear(site.weight_name, claim)
             new = emit_weight_only(gm, site, layer.matrix, spec, self.group_axis)
             if layer.outliers is not None:
                 from fxforge.passes.quantize.easyquant import emit_outliers
@@ -187,6 +194,42 @@ def claimed_weight(layer: QuantizedLayer, group_axis: str):
     if outliers is not None and outliers.values.numel():
         dense = dense.index_put((outliers.rows, outliers.cols), outliers.values.to(dense.dtype), accumulate=True)
     return dense if group_axis == "in" else dense.T.contiguous()
+
+
+class ClaimedLinear:
+    """`aten.linear(x, ŵ, bias)` with ŵ = `claimed_weight(layer)` built when verification runs it
+    (one layer's dense weight at a time) and cast to the original weight's dtype, as a
+    replaced weight would be.
+
+    Codes below 16 are kept two to a byte (low nibble = even column), packed here by torch ops
+    of its own rather than by the kernel's `pack_bits`, so a packing bug still shows as a
+    mismatch; that halves the claim again (int4 of a fp32 model: 1/8 of the weights' bytes).
+    """
+
+    def __init__(self, layer: QuantizedLayer, group_axis: str, dtype: Any):
+        self.group_axis, self.dtype = group_axis, dtype
+        codes = layer.matrix.codes
+        self.nibbles = codes.dim() == 2 and codes.shape[1] % 2 == 0 and bool(codes.numel()) and int(codes.max()) < 16
+        if self.nibbles:
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            layer = dataclasses.replace(layer, matrix=dataclasses.replace(layer.matrix, codes=codes))
+        self.layer = layer
+
+    def __call__(self, x: Any, bias: Any = None) -> Any:
+        layer = self.layer
+        if self.nibbles:
+            packed = layer.matrix.codes
+            codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+            layer = dataclasses.replace(layer, matrix=dataclasses.replace(layer.matrix, codes=codes))
+        return aten.linear.default(x, claimed_weight(layer, self.group_axis).to(self.dtype), bias)
+
+
+def _spill_codes(gm: GraphModule, layer: QuantizedLayer) -> QuantizedLayer:
+    """On a streamed graph the claim's codes go to disk with the block (they are 1 byte a weight)."""
+    codes = spill(gm, {"codes": layer.matrix.codes})["codes"]
+    if codes is layer.matrix.codes:
+        return layer
+    return dataclasses.replace(layer, matrix=dataclasses.replace(layer.matrix, codes=codes))
 
 
 def require_batches(ctx: PassContext, pass_name: str, method: str, sites: list[LinearSite]) -> None:

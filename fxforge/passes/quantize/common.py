@@ -7,9 +7,6 @@ group_axis="out" (per-IC grouping) uses M = Wᵀ (in, out), emitted as fxforge::
 """
 from __future__ import annotations
 
-import functools
-
-import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
@@ -17,7 +14,6 @@ from fxforge.errors import PassError
 from fxforge.ir.graph import LinearSite, add_attr, get_attr, replace_with_call
 from fxforge.ir.ops import get_op
 from fxforge.ir.ops.linear_wq import pack_bits
-from fxforge.ir.reference import Semantics
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec
 
 GROUP_AXES = ("in", "out")
@@ -93,28 +89,6 @@ def emit_weight_only(gm: GraphModule, site: LinearSite, qm: QuantizedMatrix, spe
     op = get_op("linear_wq" if group_axis == "in" else "linear_wq_ic").overload
     args = (site.input, qweight, scales, zeros, bias_node(site), spec.container_bits, qm.group_size)
     return replace_with_call(gm, site.node, op, args)
-
-
-def claim_weight(gm: GraphModule, site: LinearSite, semantics: Semantics, weight: Tensor) -> None:
-    """Record in `semantics` that the site's linear now computes with `weight` (out, in).
-
-    A weight other nodes also read (an LM head tied to the embedding) is claimed for the linears
-    only: the embedding keeps reading the float weight, stored once, next to the packed head."""
-    if weight_is_shared(gm, site):
-        semantics.replace_linear(site.weight_name, functools.partial(_linear_with, weight.detach()))
-    else:
-        semantics.replace_weight(site.weight_name, weight)
-
-
-def _linear_with(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
-
-
-def weight_is_shared(gm: GraphModule, site: LinearSite) -> bool:
-    """Whether anything besides linears reads the site's weight (e.g. a tied embedding)."""
-    linear = torch.ops.aten.linear.default
-    return any(user.target != linear for node in gm.graph.nodes
-               if node.op == "get_attr" and node.target == site.weight_name for user in node.users)
 
 
 def relative_error(reference: Tensor, approx: Tensor) -> float:

@@ -88,8 +88,9 @@ def test_awq_scale_folding_keeps_the_float_graph_equivalent(model):
 def test_beats_rtn_on_held_out_inputs(model, method):
     name, gm, ctx, held_out = model
     ref = run_graph(gm, held_out)[0]
-    rtn = run_pass(Quantize(bits=3, group_size=32), gm, ctx)
-    better = run_pass(Quantize(bits=3, group_size=32, method=method), gm, ctx)
+    # the layers only: a tiny model's LM head is most of its weights and says little about a method
+    rtn = run_pass(Quantize(bits=3, group_size=32, include_lm_head=False), gm, ctx)
+    better = run_pass(Quantize(bits=3, group_size=32, method=method, include_lm_head=False), gm, ctx)
     assert sum(1 for n in better.graph.nodes if n.target == torch.ops.fxforge.linear_wq.default) == \
         (14 if name == "tiny-llama" else 8)
     assert relative_error(ref, run_graph(better, held_out)[0]) < relative_error(ref, run_graph(rtn, held_out)[0])
