@@ -5,10 +5,15 @@ packed-sequence check (cumsum of diff(position_ids) != 1, compared for equality)
 with the dtype's min. fuse_attention must read all of it, drop the mask and set is_causal, so
 the ONNX backend can use GroupQueryAttention. A real attention_mask input or a sliding window
 must still keep the mask.
+
+Tracing a model costs 5-10 s on the shared CI machine, so CI runs Llama (causal, padded, ONNX);
+FXFORGE_SWEEP=all adds Qwen2, Mistral and Mistral with a sliding window. The mask analyser's own
+tests (test_attention_masks.py) cover transformers' mask builder for all of them in under a second.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -24,6 +29,7 @@ from fxforge.passes.pipeline import run_pass
 
 ATTENTION = torch.ops.fxforge.attention.default
 VOCAB, LAYERS = 128, 2
+SWEEP = pytest.mark.skipif(os.environ.get("FXFORGE_SWEEP") != "all", reason="full sweep only: set FXFORGE_SWEEP=all")
 
 
 def _model(arch: str, sliding_window: int | None = None) -> nn.Module:
@@ -73,7 +79,7 @@ def _attention_nodes(gm) -> list[torch.fx.Node]:
 
 def _assert_matches_eager(arch: str, with_mask: bool, padded: bool, sliding_window: int | None = None) -> None:
     model, fused, flat = _fused(arch, with_mask, sliding_window)
-    for seq in (5, 11):
+    for seq in (11,):  # not the traced length 8: the dynamic-length graph
         inputs = _inputs(seq, with_mask, padded)
         with torch.no_grad():
             want = model(**inputs).logits
@@ -81,7 +87,8 @@ def _assert_matches_eager(arch: str, with_mask: bool, padded: bool, sliding_wind
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=[SWEEP, pytest.mark.slow]),
+                                  pytest.param("mistral", marks=[SWEEP, pytest.mark.slow])])
 def test_masking_utils_causal_mask_is_proved_causal(arch):
     _, fused, _ = _fused(arch)
     nodes = _attention_nodes(fused)
@@ -102,6 +109,8 @@ def test_padding_mask_from_attention_mask_is_kept():
     _assert_matches_eager("llama", with_mask=True, padded=True)
 
 
+@SWEEP
+@pytest.mark.slow
 def test_sliding_window_mask_is_kept():
     # window 3 < the test lengths: the band's lower edge hides keys, so it is not the causal triangle
     _, fused, _ = _fused("mistral", sliding_window=3)
