@@ -324,7 +324,7 @@ def _diff(node, gm, memo) -> Abstract:
     if prepend is None:
         return Const(1)
     before, shape = _eval(prepend, gm, memo), _shape(prepend)
-    if isinstance(before, Index) and before.axis == x.axis and shape is not None and shape[x.axis] == 1:
+    if isinstance(before, Index) and before.axis == x.axis and shape is not None and same_size(shape[x.axis], 1):
         last = before.offset  # its one position along the axis is 0
     elif isinstance(before, Const) and isinstance(before.value, int) and not isinstance(before.value, bool):
         last = before.value
