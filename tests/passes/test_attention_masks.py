@@ -126,3 +126,78 @@ def test_additive_position_bias_is_kept():
     bias = torch.randn(1, 1, S, S)  # ALiBi-like: a learned or computed bias, no triangle
     verdict, kind = _verdict(lambda self, scores: self.table, buffer=bias)
     assert kind is None and "cannot interpret" in verdict.reason
+
+
+# --------------------------------------------------------------------------- transformers' masking_utils
+
+
+def _cumsum_positions(self, scores):
+    pos = torch.ones(S, dtype=torch.long).cumsum(0) - 1  # 0, 1, 2, ...
+    return (pos[None, :] <= pos[:, None])[None, None]
+
+
+def _packed_positions(self, scores):
+    # two packed sequences (positions 0,1,2,0,1,2): the same-sequence check makes it block-diagonal
+    pos = self.table[None]
+    packed = torch.diff(pos, prepend=pos[:, :1] - 1).ne(1).cumsum(-1)[0]
+    j, i = _positions(scores)
+    return ((j <= i) & (packed[i] == packed[j]))[None, None]
+
+
+def test_positions_from_a_cumsum_of_ones_are_proved_causal():
+    verdict, kind = _verdict(_cumsum_positions)
+    assert kind == "causal", verdict.reason
+
+
+def test_packed_sequences_keep_their_block_mask():
+    verdict, kind = _verdict(_packed_positions, buffer=torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert kind is None and "cannot interpret" in verdict.reason
+
+
+class HFMask(nn.Module):
+    """transformers' own mask builder (masking_utils) for (2, S, 8) embeddings, eager attention."""
+
+    def __init__(self, window=None):
+        super().__init__()
+        import transformers
+        from transformers import masking_utils
+
+        self.config = transformers.MistralConfig(hidden_size=8, num_attention_heads=2, sliding_window=window,
+                                                 attn_implementation="eager")
+        self.make = masking_utils.create_sliding_window_causal_mask if window else masking_utils.create_causal_mask
+
+    def forward(self, embeds, attention_mask=None, position_ids=None):
+        if position_ids is None:  # what LlamaModel does without position_ids: cache_position[None]
+            position_ids = torch.arange(embeds.shape[1])[None]
+        return self.make(self.config, embeds, attention_mask, None, position_ids)
+
+
+def _hf_verdict(window=None, **inputs):
+    gm = trace(HFMask(window).eval(), (torch.randn(2, S, 8),), inputs, dynamic_shapes=None)
+    canonicalize(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return explain_mask(out[0] if isinstance(out, (tuple, list)) else out, gm, S, S)
+
+
+def test_transformers_causal_mask_without_attention_mask_is_proved_causal():
+    # positions gathered with index, the packed-sequence check (cumsum(diff(pos) != 1) equal), where(min)
+    verdict = _hf_verdict()
+    assert verdict.kind == "causal", verdict.reason
+
+
+def test_transformers_mask_with_an_attention_mask_input_is_kept():
+    verdict = _hf_verdict(attention_mask=torch.ones(2, S, dtype=torch.long))  # all ones when traced: still an input
+    assert verdict.kind is None
+    assert verdict.reason.startswith("the mask depends on the model input `attention_mask`")
+
+
+def test_transformers_mask_with_position_ids_input_is_kept():
+    # given position_ids may hold packed sequences, so the same-sequence check is not provably true
+    verdict = _hf_verdict(position_ids=torch.arange(S)[None])
+    assert verdict.kind is None
+    assert verdict.reason.startswith("the mask depends on the model input `position_ids`")
+
+
+def test_transformers_sliding_window_mask_is_kept():
+    verdict = _hf_verdict(window=3)
+    assert verdict.kind is None and "cannot interpret" in verdict.reason

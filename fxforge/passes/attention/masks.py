@@ -9,7 +9,10 @@ A small abstract interpreter walks the mask's subgraph and gives each node one o
     AddBand(rank, c)            an additive float mask: 0 where j - i <= c, far below zero elsewhere
 
 built from arange/unsqueeze/expand/slice/le/lt/ge/gt/and/not/where/triu/tril and materialized
-buffers. Anything else (a padding mask read from an input, a gather, a view) is unknown, and
+buffers, plus what transformers' masking_utils spells around them: positions gathered with
+`index` (position_ids[b, q_idx]), `cumsum` over ones, and the packed-sequence check
+cumsum(diff(position_ids) != 1) compared for equality, which is constant when the positions
+are a plain arange. Anything else (a padding mask read from an input, a gather, a view) is unknown, and
 an unknown mask is kept as it is. `classify_mask` answers "causal" only for Band(c=0) or
 AddBand(c=0) whose last two dims are exactly the query and key lengths, so dropping the mask
 for `is_causal=True` is provably the same computation.
@@ -273,6 +276,86 @@ def _add(node, gm, memo) -> Abstract:
     return None
 
 
+def _sub(node, gm, memo) -> Abstract:
+    # Index(o) - k -> Index(o - k)
+    x, y = _args(node, gm, memo, 2)
+    if isinstance(x, Index) and isinstance(y, Const) and isinstance(y.value, int) and node.kwargs.get("alpha", 1) == 1:
+        return replace(x, offset=x.offset - y.value)
+    return None
+
+
+def _rank_of(node: object) -> int | None:
+    val = fake(node)
+    return val.dim() if val is not None else None
+
+
+def _index(node, gm, memo) -> Abstract:
+    # x[i0, ..., in] with integer index tensors: a constant stays constant; an Index(o) read at
+    # the positions of an index tensor that is itself Index(o2) along axis a gives Index(o + o2) along a
+    x, indices = node.args[0], node.args[1]
+    value, src, out = _eval(x, gm, memo), fake(x), fake(node)
+    if value is None or src is None or out is None or len(indices) != src.dim():
+        return None
+    if any(not isinstance(i, Node) or fake(i) is None or fake(i).dtype in (torch.bool, torch.uint8) for i in indices):
+        return None  # a None (whole axis) or a boolean index changes the result's layout
+    if isinstance(value, Const):
+        return value
+    if not isinstance(value, Index):
+        return None
+    picker = indices[src.dim() + value.axis]
+    where = _eval(picker, gm, memo)
+    if not isinstance(where, Index) or where.offset < 0:  # negative positions would wrap around
+        return None
+    picked = fake(picker)
+    if not same_size(picked.shape[where.axis], out.shape[where.axis]):
+        return None  # a size-1 index axis broadcast to more positions repeats one value
+    return Index(out.dim(), where.axis, value.offset + where.offset)
+
+
+def _diff(node, gm, memo) -> Abstract:
+    # diff(Index, prepend=[first - 1]) along its axis -> Const(1): every step of an arange is 1
+    x = _eval(node.args[0], gm, memo)
+    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    prepend = node.args[3] if len(node.args) > 3 else node.kwargs.get("prepend")
+    append = node.args[4] if len(node.args) > 4 else node.kwargs.get("append")
+    if not isinstance(x, Index) or n != 1 or append is not None or int(dim) % x.rank - x.rank != x.axis:
+        return None
+    if prepend is None:
+        return Const(1)
+    before, shape = _eval(prepend, gm, memo), _shape(prepend)
+    if isinstance(before, Index) and before.axis == x.axis and shape is not None and same_size(shape[x.axis], 1):
+        last = before.offset  # its one position along the axis is 0
+    elif isinstance(before, Const) and isinstance(before.value, int) and not isinstance(before.value, bool):
+        last = before.value
+    else:
+        return None
+    return Const(1) if x.offset - last == 1 else None
+
+
+def _cumsum(node, gm, memo) -> Abstract:
+    # cumsum(0) -> 0;  cumsum(1) along an axis -> Index(1) along it (1, 2, 3, ...)
+    (x,) = _args(node, gm, memo, 1)
+    rank = _rank_of(node)
+    if not isinstance(x, Const) or rank is None or rank == 0:
+        return None
+    if x.value is False or (not isinstance(x.value, bool) and x.value == 0):
+        return Const(0)
+    if x.value is True or x.value == 1:
+        return Index(rank, int(node.args[1]) % rank - rank, 1)
+    return None
+
+
+def _equal(node, gm, memo) -> Abstract:
+    # eq/ne of two constants is a constant bool
+    x, y = _args(node, gm, memo, 2)
+    if not (isinstance(x, Const) and isinstance(y, Const)) or not all(
+            isinstance(v, (bool, int, float)) for v in (x.value, y.value)):
+        return None
+    same = x.value == y.value
+    return Const(same if node.target in (aten.eq.Tensor, aten.eq.Scalar) else not same)
+
+
 def _compare(node, gm, memo) -> Abstract:
     # (j + a) <= (i + b) -> Band(b - a);  (j + a) < (i + b) -> Band(b - a - 1);  i < j -> hidden Band(0);  idx >= 0 -> True
     x, y = _args(node, gm, memo, 2)
@@ -362,7 +445,9 @@ _RULES: dict[Any, Callable[..., Abstract]] = {
     aten.to.dtype: _same_value_cast, aten.to.dtype_layout: _same_value_cast, aten.to.device: _same_value_cast,
     aten._to_copy.default: _same_value_cast, aten.contiguous.default: _same_value_cast,
     aten.clone.default: _same_value_cast, aten.alias.default: _same_value_cast,
-    aten.add.Tensor: _add,
+    aten.add.Tensor: _add, aten.sub.Tensor: _sub,
+    aten.index.Tensor: _index, aten.diff.default: _diff, aten.cumsum.default: _cumsum,
+    aten.eq.Tensor: _equal, aten.eq.Scalar: _equal, aten.ne.Tensor: _equal, aten.ne.Scalar: _equal,
     aten.le.Tensor: _compare, aten.lt.Tensor: _compare, aten.ge.Tensor: _compare, aten.gt.Tensor: _compare,
     aten.le.Scalar: _compare, aten.lt.Scalar: _compare, aten.ge.Scalar: _compare, aten.gt.Scalar: _compare,
     aten.__and__.Tensor: _and, aten.bitwise_and.Tensor: _and, aten.logical_and.default: _and,
