@@ -69,6 +69,8 @@ class AddAdapters(Pass):
     """
 
     name = "add_adapters"
+    consumes = frozenset({"linear", "linear_wq"})  # passes/compatibility.py
+    produces = "adapter"
     method: str = "lora"
     rank: int = 8
     alpha: float = 8.0

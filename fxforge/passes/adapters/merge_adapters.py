@@ -82,6 +82,8 @@ class MergeAdapters(Pass):
     """Fold every adapter into its base weight; the adapter nodes and tensors disappear."""
 
     name = "merge_adapters"
+    consumes = frozenset({"adapter"})  # passes/compatibility.py
+    produces = "linear"
     keep: bool = True  # keep the adapter tensors in gm.meta so unmerge_adapters can restore them
 
     def tolerance(self) -> Tolerance:
@@ -110,5 +112,7 @@ class MergeAdapters(Pass):
             del records[path]
         erase_dead(gm)
         freeze_all_but_adapters(gm)
-        return PassResult(gm, sites=len(done), notes={"merged": sorted(done),
-                                                      "restorable": sorted(merged) if self.keep else []})
+        # nothing to merge is not an error (a model may or may not carry adapters), but never silent
+        skipped = [] if done else [("<graph>", "no adapters to merge: add them with add_adapters first")]
+        return PassResult(gm, sites=len(done), skipped=skipped,
+                          notes={"merged": sorted(done), "restorable": sorted(merged) if self.keep else []})

@@ -74,6 +74,7 @@ class Sparsify(Pass):
     """
 
     name = "sparsify"
+    consumes = frozenset({"linear"})  # passes/compatibility.py
     method: str = "wanda"
     sparsity: float = 0.5
     pattern: str = "unstructured"
