@@ -75,6 +75,7 @@ class Cell:
     sites: list[int] = field(default_factory=list)  # sites of A and B
     skipped: int = 0  # B's skipped candidates
     backends: dict[str, list[str]] = field(default_factory=dict)  # backend -> [status, text]
+    graph: str = ""  # the result's kind for the backends: its fxforge ops and number of inputs
     seconds: float = 0.0
 
     def as_json(self) -> dict:
@@ -192,10 +193,18 @@ def _run_cell(model_name: str, a: str, b: str, backends, backend_runner) -> Cell
     else:
         return Cell("silent", f"{b} rewrote 0 sites after {a} and gave no reason", sites=after.sites)
     cell.backends["eager"] = ["pass", "verified pipeline"]
+    cell.graph = graph_kind(after)
     for backend in backends:
         if backend != "eager":
             cell.backends[backend] = backend_runner(after, backend)
     return cell
+
+
+def graph_kind(stage: Stage) -> str:
+    """What decides how a graph lowers: its fxforge ops and its inputs ("linear_wq+attention/1")."""
+    from fxforge.backends import fxforge_ops_in
+
+    return f"{'+'.join(sorted(fxforge_ops_in(stage.gm))) or 'aten'}/{len(stage.example_inputs)}"
 
 
 def run_backend(stage: Stage, backend: str) -> list[str]:

@@ -1,7 +1,10 @@
 """Run the composition matrix outside pytest and record every cell in tests/composition/results.json.
 
     python tests/composition/run_matrix.py                       # every model, pair and backend
-    python tests/composition/run_matrix.py --models gpt2 --rows quantize sparsify   # re-run some
+    python tests/composition/run_matrix.py --models gpt2 --rows quantize --cols sparsify   # re-run some
+    python tests/composition/run_matrix.py --backends eager --models gpt2 --out gpt2.json  # passes only,
+    python tests/composition/run_matrix.py --backends-phase --out gpt2.json  # then one export per kind
+    python tests/composition/run_matrix.py --merge gpt2.json llama.json bert.json   # into results.json
 
 The JSON is the matrix's expectation file: `test_composition.py` checks that every pair of every
 model has a cell, that no cell is silent, and re-runs a sample against it (all of it under
@@ -31,12 +34,12 @@ RESULTS = Path(__file__).with_name("results.json")
 
 
 def backend_key(model_name: str, stage) -> tuple:
-    from fxforge.backends import fxforge_ops_in
+    from composition.cells import graph_kind
 
-    return (model_name, tuple(sorted(fxforge_ops_in(stage.gm))), len(stage.example_inputs))
+    return (model_name, graph_kind(stage))
 
 
-def run(models, rows, cols, out: Path, every_backend: bool) -> dict:
+def run(models, rows, cols, out: Path, every_backend: bool, backends=None) -> dict:
     from composition import cells
     from composition.models import MODELS
 
@@ -61,7 +64,7 @@ def run(models, rows, cols, out: Path, every_backend: bool) -> dict:
                     seen[key] = (pair, outcome)
                     return outcome
 
-                cell = cells.run_cell(model_name, a, b, backend_runner=runner)
+                cell = cells.run_cell(model_name, a, b, backends=backends or cells.BACKENDS, backend_runner=runner)
                 entry[f"{a},{b}"] = cell.as_json()
                 print(f"{model_name:6} {a:>17} → {b:<17} {cell.status:9} {cell.seconds:6.1f}s  {cell.text[:90]}",
                       flush=True)
@@ -71,15 +74,74 @@ def run(models, rows, cols, out: Path, every_backend: bool) -> dict:
     return results
 
 
+def run_backends(models, out: Path, backends=("onnx", "triton")) -> dict:
+    """Backends for cells recorded eager-only: one representative cell per model and graph kind
+    (its fxforge ops and inputs) is re-run and lowered; the others of its kind record its outcome
+    as "as <pair>: ..."."""
+    from composition import cells
+    from composition.models import MODELS
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("FXFORGE_PROGRESS", "0")
+    results = json.loads(out.read_text())
+    for model_name in models or MODELS:
+        entry = results["models"].get(model_name, {})
+        kinds: dict[str, list[str]] = {}
+        for pair, cell in entry.items():
+            if cell["status"] in ("composes", "skips") and cell.get("graph"):
+                kinds.setdefault(cell["graph"], []).append(pair)
+        for kind, pairs in sorted(kinds.items()):
+            todo = [b for b in backends if any(b not in entry[p]["backends"] for p in pairs)]
+            if not todo:
+                continue
+            first_pair = pairs[0]
+            a, b = first_pair.split(",")
+            start = time.perf_counter()
+            stage = cells.first(model_name, a)
+            after, _ = cells.run_after(stage, b, model_name)
+            for backend in todo:
+                outcome = cells.run_backend(after, backend)
+                for pair in pairs:
+                    entry[pair]["backends"][backend] = outcome if pair == first_pair else \
+                        [outcome[0], f"as {first_pair}: {outcome[1]}"]
+                print(f"{model_name:6} {kind:40} {backend:7} {outcome[0]:5} ({len(pairs)} cells) "
+                      f"{time.perf_counter() - start:6.1f}s {outcome[1][:80]}", flush=True)
+            write_json(out, results)
+        cells.first.cache_clear()
+        cells.canonical.cache_clear()
+    return results
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """Merge per-model result files (run in parallel) into one."""
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for path in paths:
+        part = json.loads(path.read_text())
+        results["passes"], results["options"] = part["passes"], part["options"]
+        for model, entry in part["models"].items():
+            results.setdefault("models", {}).setdefault(model, {}).update(entry)
+    write_json(out, results)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--rows", nargs="*", help="first passes (default: all)")
     parser.add_argument("--cols", nargs="*", help="second passes (default: all)")
+    parser.add_argument("--backends", nargs="*", help="default: eager onnx triton")
+    parser.add_argument("--backends-phase", action="store_true",
+                        help="lower the recorded eager-only cells, one per graph kind")
+    parser.add_argument("--merge", nargs="*", type=Path, help="merge these result files into --out")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    run(args.models, args.rows, args.cols, args.out, os.environ.get("FXFORGE_COMPOSE_EVERY_BACKEND") == "1")
+    if args.merge:
+        return merge(args.merge, args.out)
+    if args.backends_phase:
+        run_backends(args.models, args.out)
+        return print(f"done in {time.perf_counter() - start:.0f}s")
+    run(args.models, args.rows, args.cols, args.out, os.environ.get("FXFORGE_COMPOSE_EVERY_BACKEND") == "1",
+        args.backends)
     print(f"done in {time.perf_counter() - start:.0f}s")
 
 
