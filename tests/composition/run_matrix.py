@@ -2,19 +2,22 @@
 
     python tests/composition/run_matrix.py                       # every model, pair and backend
     python tests/composition/run_matrix.py --models gpt2 --rows quantize --cols sparsify   # re-run some
-    python tests/composition/run_matrix.py --backends eager --models gpt2 --out gpt2.json  # passes only,
-    python tests/composition/run_matrix.py --backends-phase --out gpt2.json  # then one export per kind
-    python tests/composition/run_matrix.py --merge gpt2.json llama.json bert.json   # into results.json
+
+or in parts (how the committed results were made, three models in parallel):
+
+    python tests/composition/run_matrix.py --backends eager --models gpt2 --out gpt2.json   # passes only
+    python tests/composition/run_matrix.py --out gpt2.json --backends-phase kinds.json      # one export per kind
+    python tests/composition/run_matrix.py --merge gpt2.json llama.json bert.json --kinds kinds.json
 
 The JSON is the matrix's expectation file: `test_composition.py` checks that every pair of every
 model has a cell, that no cell is silent, and re-runs a sample against it (all of it under
 FXFORGE_COMPOSE=all); `render_docs.py` writes docs/composition.md from it. Results are written
 after every cell, atomically, so an interrupted run keeps what it measured.
 
-Backends cost more than the passes (an ONNX export is ~10 s here), so the full run exports each
-distinct graph *kind* once per model: the first cell whose graph has a given set of fxforge ops
-(and inputs) runs on ONNX and Triton; later cells with the same set record that cell's outcome
-with "as <pair>" (docs/composition.md says so). FXFORGE_COMPOSE_EVERY_BACKEND=1 runs them all.
+Backends cost more than the passes (an ONNX export is ~10 s on a quiet machine), so the full run
+lowers each distinct graph *kind* once per model: the first cell whose graph has a given set of
+fxforge ops (and inputs) runs on ONNX and Triton; later cells of that kind record its outcome as
+"as <pair>: ..." (docs/composition.md says so). FXFORGE_COMPOSE_EVERY_BACKEND=1 lowers them all.
 """
 from __future__ import annotations
 
@@ -74,52 +77,58 @@ def run(models, rows, cols, out: Path, every_backend: bool, backends=None) -> di
     return results
 
 
-def run_backends(models, out: Path, backends=("onnx", "triton")) -> dict:
-    """Backends for cells recorded eager-only: one representative cell per model and graph kind
-    (its fxforge ops and inputs) is re-run and lowered; the others of its kind record its outcome
-    as "as <pair>: ..."."""
+def run_backends(models, source: Path, kinds_path: Path, backends=("onnx", "triton")) -> dict:
+    """Lower one representative cell per model and graph kind (its fxforge ops and inputs) of the
+    eager-only results in `source`; outcomes go to `kinds_path` ({model: {kind: {"pair", backend:
+    [status, text]}}}), which `merge` applies to every cell of that kind."""
     from composition import cells
     from composition.models import MODELS
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("FXFORGE_PROGRESS", "0")
-    results = json.loads(out.read_text())
+    results = json.loads(source.read_text())
+    kinds = json.loads(kinds_path.read_text()) if kinds_path.exists() else {}
     for model_name in models or MODELS:
         entry = results["models"].get(model_name, {})
-        kinds: dict[str, list[str]] = {}
+        done = kinds.setdefault(model_name, {})
         for pair, cell in entry.items():
-            if cell["status"] in ("composes", "skips") and cell.get("graph"):
-                kinds.setdefault(cell["graph"], []).append(pair)
-        for kind, pairs in sorted(kinds.items()):
-            todo = [b for b in backends if any(b not in entry[p]["backends"] for p in pairs)]
-            if not todo:
+            kind = cell.get("graph")
+            if cell["status"] not in ("composes", "skips") or not kind or kind in done:
                 continue
-            first_pair = pairs[0]
-            a, b = first_pair.split(",")
+            a, b = pair.split(",")
             start = time.perf_counter()
-            stage = cells.first(model_name, a)
-            after, _ = cells.run_after(stage, b, model_name)
-            for backend in todo:
-                outcome = cells.run_backend(after, backend)
-                for pair in pairs:
-                    entry[pair]["backends"][backend] = outcome if pair == first_pair else \
-                        [outcome[0], f"as {first_pair}: {outcome[1]}"]
-                print(f"{model_name:6} {kind:40} {backend:7} {outcome[0]:5} ({len(pairs)} cells) "
-                      f"{time.perf_counter() - start:6.1f}s {outcome[1][:80]}", flush=True)
-            write_json(out, results)
+            after, _ = cells.run_after(cells.first(model_name, a), b, model_name)
+            done[kind] = {"pair": pair, **{backend: cells.run_backend(after, backend) for backend in backends}}
+            print(f"{model_name:6} {kind:40} {pair:35} {time.perf_counter() - start:6.1f}s "
+                  f"{[done[kind][b][0] for b in backends]}", flush=True)
+            write_json(kinds_path, kinds)
         cells.first.cache_clear()
         cells.canonical.cache_clear()
-    return results
+    return kinds
 
 
-def merge(paths: list[Path], out: Path) -> None:
-    """Merge per-model result files (run in parallel) into one."""
+def merge(paths: list[Path], out: Path, kinds_paths: list[Path] | None) -> None:
+    """Merge per-model result files (run in parallel) into `out`; with `kinds_path`, give every
+    cell of a lowered graph kind its backends ("as <pair>" for all but the one lowered)."""
     results = json.loads(out.read_text()) if out.exists() else {}
     for path in paths:
         part = json.loads(path.read_text())
         results["passes"], results["options"] = part["passes"], part["options"]
         for model, entry in part["models"].items():
             results.setdefault("models", {}).setdefault(model, {}).update(entry)
+    kinds: dict = {}
+    for kinds_path in kinds_paths or ():
+        for model, lowered in json.loads(kinds_path.read_text()).items():
+            kinds.setdefault(model, {}).update(lowered)
+    for model, entry in results.get("models", {}).items():
+        for pair, cell in entry.items():
+            lowered = kinds.get(model, {}).get(cell.get("graph", ""))
+            if lowered is None:
+                continue
+            for backend, outcome in lowered.items():
+                if backend != "pair":
+                    cell["backends"][backend] = outcome if lowered["pair"] == pair else \
+                        [outcome[0], f"as {lowered['pair']}: {outcome[1]}"]
     write_json(out, results)
 
 
@@ -130,15 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="*", help="first passes (default: all)")
     parser.add_argument("--cols", nargs="*", help="second passes (default: all)")
     parser.add_argument("--backends", nargs="*", help="default: eager onnx triton")
-    parser.add_argument("--backends-phase", action="store_true",
-                        help="lower the recorded eager-only cells, one per graph kind")
+    parser.add_argument("--backends-phase", type=Path, metavar="KINDS_JSON",
+                        help="lower one cell per graph kind of --out (eager-only results) into KINDS_JSON")
     parser.add_argument("--merge", nargs="*", type=Path, help="merge these result files into --out")
+    parser.add_argument("--kinds", nargs="*", type=Path, help="with --merge: the lowered kinds to apply")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.kinds)
     if args.backends_phase:
-        run_backends(args.models, args.out)
+        run_backends(args.models, args.out, args.backends_phase)
         return print(f"done in {time.perf_counter() - start:.0f}s")
     run(args.models, args.rows, args.cols, args.out, os.environ.get("FXFORGE_COMPOSE_EVERY_BACKEND") == "1",
         args.backends)

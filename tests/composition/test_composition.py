@@ -38,7 +38,6 @@ SAMPLE = [
     ("llama", "sparsify", "quantize"),            # masks kept through quantization
     ("llama", "fuse_attention", "add_kv_cache"),  # the cache on the fused attention
     ("llama", "add_adapters", "merge_adapters"),
-    ("llama", "fuse_rms_norm", "prune"),          # structure pruned around a fused op
     ("llama", "add_kv_cache", "sparsify"),        # refused at run time: calibration no longer fits
 ]
 
