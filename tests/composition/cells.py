@@ -214,6 +214,9 @@ def run_backend(stage: Stage, backend: str) -> list[str]:
 
     ops = fxforge_ops_in(stage.gm)
     if backend == "triton":
+        from fxforge.kernels import load_all
+
+        load_all()  # the kernels register their lowerings when imported
         missing = [op for op in ops if "triton" not in get_op(op).lowerings]
         if missing:
             return ["n/a", f"no Triton kernel for fxforge::{', fxforge::'.join(missing)}"]

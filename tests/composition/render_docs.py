@@ -89,7 +89,9 @@ def render(results: dict) -> str:
         "two shapes; Triton (interpreter) runs where every fxforge op of the graph has a kernel, else says",
         "which op has none. An export costs ~10 s, so the full run lowers each distinct graph kind (set of",
         "fxforge ops and inputs) once per model and the other cells of that kind record its outcome",
-        "(\"as A,B\" in results.json).",
+        "(\"as A,B\" in results.json). Each backends cell shows ONNX then Triton: ✅ matches eager, ❌ fails",
+        "(listed below), — cannot run there (the reason names the op without a kernel), · not lowered in",
+        "the recorded run (`run_matrix.py --backends-phase` fills it in).",
         "",
         "## Summary",
         "",
@@ -100,11 +102,11 @@ def render(results: dict) -> str:
     ]
     lines += [f"| {MARK[s]} {s} | {total[s]} |" for s in STATUSES]
     backend_names = ("onnx", "triton")
-    lines += ["", "| backend | pass | fail | n/a |", "|---|---|---|---|"]
+    lines += ["", "| backend | pass | fail | n/a | not lowered |", "|---|---|---|---|---|"]
     for b in backend_names:
-        c = Counter(cell["backends"][b][0] for entry in models.values() for cell in entry.values()
-                    if b in cell.get("backends", {}))
-        lines.append(f"| {b} | {c['pass']} | {c['fail']} | {c['n/a']} |")
+        ran = [cell for entry in models.values() for cell in entry.values() if cell["status"] in ("composes", "skips")]
+        c = Counter(cell["backends"].get(b, ["missing"])[0] for cell in ran)
+        lines.append(f"| {b} | {c['pass']} | {c['fail']} | {c['n/a']} | {c['missing']} |")
     lines += ["", "Column abbreviations: " + ", ".join(f"{_short(p)} = `{p}`" for p in passes) + "."]
     for model in models:
         entry = models[model]

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for `composition`, `arch_sweep`)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py: before triton is imported; no GPU here
 
 from arch_sweep.run_sweep import write_json  # noqa: E402  (one atomic JSON writer for both matrices)
 
@@ -93,12 +94,13 @@ def run_backends(models, source: Path, kinds_path: Path, backends=("onnx", "trit
         done = kinds.setdefault(model_name, {})
         for pair, cell in entry.items():
             kind = cell.get("graph")
-            if cell["status"] not in ("composes", "skips") or not kind or kind in done:
+            if cell["status"] not in ("composes", "skips") or not kind or all(b in done.get(kind, {}) for b in backends):
                 continue
             a, b = pair.split(",")
             start = time.perf_counter()
             after, _ = cells.run_after(cells.first(model_name, a), b, model_name)
-            done[kind] = {"pair": pair, **{backend: cells.run_backend(after, backend) for backend in backends}}
+            done[kind] = {**done.get(kind, {}), "pair": pair,
+                          **{backend: cells.run_backend(after, backend) for backend in backends}}
             print(f"{model_name:6} {kind:40} {pair:35} {time.perf_counter() - start:6.1f}s "
                   f"{[done[kind][b][0] for b in backends]}", flush=True)
             write_json(kinds_path, kinds)
@@ -107,28 +109,29 @@ def run_backends(models, source: Path, kinds_path: Path, backends=("onnx", "trit
     return kinds
 
 
-def merge(paths: list[Path], out: Path, kinds_paths: list[Path] | None) -> None:
+def merge(paths: list[Path], out: Path, kinds_paths: list[Path] | None, strip: dict | None = None) -> None:
     """Merge per-model result files (run in parallel) into `out`; with `kinds_path`, give every
-    cell of a lowered graph kind its backends ("as <pair>" for all but the one lowered)."""
+    cell of a lowered graph kind its backends ("as <pair>" for all but the one lowered); `strip`
+    {backend: [kinds files]} ignores that backend's outcomes in those files."""
+    strip = strip or {}
     results = json.loads(out.read_text()) if out.exists() else {}
     for path in paths:
         part = json.loads(path.read_text())
         results["passes"], results["options"] = part["passes"], part["options"]
         for model, entry in part["models"].items():
             results.setdefault("models", {}).setdefault(model, {}).update(entry)
-    kinds: dict = {}
+    lowered_by: dict = {}  # model -> kind -> backend -> (pair lowered, outcome); later files win
     for kinds_path in kinds_paths or ():
-        for model, lowered in json.loads(kinds_path.read_text()).items():
-            kinds.setdefault(model, {}).update(lowered)
+        for model, kinds in json.loads(kinds_path.read_text()).items():
+            for kind, lowered in kinds.items():
+                for backend, outcome in lowered.items():
+                    if backend != "pair" and (backend not in strip or kinds_path not in strip[backend]):
+                        lowered_by.setdefault(model, {}).setdefault(kind, {})[backend] = (lowered["pair"], outcome)
     for model, entry in results.get("models", {}).items():
         for pair, cell in entry.items():
-            lowered = kinds.get(model, {}).get(cell.get("graph", ""))
-            if lowered is None:
-                continue
-            for backend, outcome in lowered.items():
-                if backend != "pair":
-                    cell["backends"][backend] = outcome if lowered["pair"] == pair else \
-                        [outcome[0], f"as {lowered['pair']}: {outcome[1]}"]
+            for backend, (lowered_pair, outcome) in lowered_by.get(model, {}).get(cell.get("graph", ""), {}).items():
+                cell["backends"][backend] = outcome if lowered_pair == pair else \
+                    [outcome[0], f"as {lowered_pair}: {outcome[1]}"]
     write_json(out, results)
 
 
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         return merge(args.merge, args.out, args.kinds)
     if args.backends_phase:
-        run_backends(args.models, args.out, args.backends_phase)
+        run_backends(args.models, args.out, args.backends_phase, tuple(args.backends or ("onnx", "triton")))
         return print(f"done in {time.perf_counter() - start:.0f}s")
     run(args.models, args.rows, args.cols, args.out, os.environ.get("FXFORGE_COMPOSE_EVERY_BACKEND") == "1",
         args.backends)

@@ -124,3 +124,16 @@ def test_cell_reproduces_its_record(model, a, b):
     if RUN_ALL:
         for backend, (status, text) in want["backends"].items():
             assert got.backends[backend][0] == status, (backend, got.backends[backend], text)
+
+
+def test_shift_add_and_quantize_follow_prune_rounded_to_their_groups():
+    """prune leaves widths no group size divides (the recorded cells refuse, naming the fix);
+    `round_to` a multiple of the group size makes the pair compose."""
+    from composition.cells import _ctx, canonical
+    from fxforge.passes.pipeline import Pipeline
+
+    stage = canonical("llama")
+    _, report = Pipeline("prune(ratio=0.25,round_to=32),shift_add(group_size=32)").run(
+        stage.gm, _ctx(stage.example_inputs))
+    assert report["prune"].sites >= 1
+    assert report["shift_add"].sites == 7 and report["shift_add"].skipped == []  # every block linear
