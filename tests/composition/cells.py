@@ -59,6 +59,7 @@ def all_passes() -> list[str]:
     return [name for name in BUILTIN_PASSES if name != "canonicalize"]
 
 
+@lru_cache(maxsize=None)  # passes are frozen: one object per (pass, model) serves every cell
 def make_pass(name: str, model_name: str):
     from fxforge.passes.registry import get_pass_class
     from fxforge.passes.spec import parse_pass
