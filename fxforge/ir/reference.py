@@ -74,13 +74,25 @@ def reference_graph(before: GraphModule, semantics: Semantics) -> GraphModule:
 
 
 def _replace_linears(gm: GraphModule, linears: dict[str, LinearFn]) -> None:
+    """Every aten.linear(x, W, bias) reading a claimed W, and every fxforge linear op whose first
+    tensor after x is a claimed one (linear_wq's qweight: a pass that rewrote a quantized layer
+    claims what it computes in terms of its float weight), becomes fn(x, bias)."""
+    from fxforge.ir.ops import op_name_of
+
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.linear.default:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        name = op_name_of(node.target)
+        if node.target != aten.linear.default and not (name and "linear" in name):
             continue
         weight = node.args[1]
         if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and weight.target in linears):
             continue
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if node.target == aten.linear.default:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        else:
+            bound = dict(zip((a.name for a in node.target._schema.arguments), node.args), **node.kwargs)
+            bias = bound.get("bias")
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(_named(linears[weight.target]), (node.args[0], bias))
         new.meta = dict(node.meta)

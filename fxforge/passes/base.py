@@ -70,6 +70,12 @@ class Pass:
 
     name: ClassVar[str] = ""
     reorders_float_math: ClassVar[bool] = False
+    # What the pipeline checks before running (passes/compatibility.py): the forms of linear
+    # layer this pass rewrites ("linear" = float aten.linear, else an fxforge op name such as
+    # "linear_wq"; empty: it does not select linear layers), and the form it leaves the layers
+    # it selects in (None: unchanged). A pass may make either a property of its options.
+    consumes: ClassVar[frozenset[str]] = frozenset()
+    produces: ClassVar[str | None] = None
     max_loss: float | dict[str, float] | None = field(default=None, kw_only=True, compare=False)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover

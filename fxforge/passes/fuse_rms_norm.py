@@ -49,4 +49,7 @@ class FuseRmsNorm(Pass):
     name = "fuse_rms_norm"
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        return PassResult(gm, sites=apply_rules(gm, [RULE]).rewrites)
+        sites = apply_rules(gm, [RULE]).rewrites
+        skipped = [] if sites else [("<graph>", "no x·rsqrt(mean(x²)+eps)·weight subgraph: the model normalizes "
+                                                "another way (e.g. aten.layer_norm) or it is fused already")]
+        return PassResult(gm, sites=sites, skipped=skipped)

@@ -21,6 +21,7 @@ from fxforge.errors import FxforgeError, PassError, PassSpecError
 from fxforge.ir.graph import finalize, format_bytes, summarize
 from fxforge.ir.verify import LossBound, OutputError
 from fxforge.passes.base import Pass
+from fxforge.passes.compatibility import check_composition
 from fxforge.passes.context import PassContext
 from fxforge.passes.cow import SharedTensorGuard, new_tensor_bytes, peak_rss_bytes, release, structural_copy
 from fxforge.passes.spec import parse_pass, parse_pipeline
@@ -127,6 +128,7 @@ class Pipeline:
         for p in self.passes:
             if not isinstance(p, Pass):
                 raise PassSpecError(f"pipeline items must be fxforge passes or pass specs, got {p!r}")
+        check_composition(self.passes)  # a pair that cannot compose fails here, before any work
 
     def __repr__(self) -> str:
         return f"Pipeline({self.spec()!r})"

@@ -323,12 +323,19 @@ def test_good_calls_still_run_at_other_shapes(zoo):
 # --------------------------------------------------------------------------- skipped, never silent
 
 
-def test_sparsify_after_quantize_says_why_it_rewrote_nothing(zoo):
-    compiled = fxforge.compile(zoo.mlp, (zoo.x,), passes="quantize(group_size=-1),sparsify(method=magnitude)")
+def test_sparsify_after_quantizing_everything_to_int8_is_refused_naming_both(zoo):
+    with pytest.raises(PassSpecError, match=r"sparsify cannot follow quantize_dynamic.*Run sparsify before"):
+        fxforge.compile(zoo.mlp, (zoo.x,), passes="quantize_dynamic,sparsify(method=magnitude)")
+    assert_unchanged(zoo)
+
+
+def test_sparsify_after_quantizing_some_layers_says_why_it_skipped_them(zoo):
+    compiled = fxforge.compile(zoo.mlp, (zoo.x,),
+                               passes="quantize_dynamic(targets=[fc1]),sparsify(method=magnitude)")
     record = compiled.report["sparsify"]
-    assert record.sites == 0
-    assert [where for where, _ in record.skipped] == ["fc1", "fc2", "fc3"]
-    assert all("already rewritten by an earlier pass (now fxforge::linear_wq)" in why for _, why in record.skipped)
+    assert record.sites == 2
+    assert [where for where, _ in record.skipped] == ["fc1"]
+    assert "already rewritten by an earlier pass (now fxforge::linear_w8a8)" in record.skipped[0][1]
     assert "run sparsify before that pass" in str(compiled.report)
     assert_unchanged(zoo)
 

@@ -41,8 +41,10 @@ from fxforge.passes.adapters.common import (
     quantized_capable_methods,
 )
 from fxforge.passes.adapters.quantized_base import (
+    QUANTIZED_LINEARS,
     dequantized_weight,
     ensure_linear_wq_input_grad,
+    is_quantized_linear,
     quantized_sites,
 )
 from fxforge.passes.base import Pass, PassResult
@@ -71,6 +73,8 @@ class AddAdapters(Pass):
     """
 
     name = "add_adapters"
+    consumes = frozenset({"linear", *QUANTIZED_LINEARS})  # passes/compatibility.py
+    produces = "adapter"
     method: str = "lora"
     rank: int = 8
     alpha: float = 8.0
@@ -116,7 +120,7 @@ class AddAdapters(Pass):
         skipped: list[tuple[str, str]] = []
         adapted = adapter_records(gm)
         kept: list[LinearSite] = []
-        quantized = {s.node.name for s in sites if s.node.target == torch.ops.fxforge.linear_wq.default}
+        quantized = {s.node.name for s in sites if is_quantized_linear(s.node)}
         for site in sites:
             if site.node.name in quantized and not method.adapts_quantized:
                 skipped.append((site.module_path, f"quantized layer: {self.method} needs the float base weight "
@@ -145,7 +149,7 @@ class AddAdapters(Pass):
                     f"rank <= {limit} or exclude the layer with exclude=['{site.module_path}'].",
                     pass_name=self.name)
         kept = [s for s in kept if s.node.name not in narrow]
-        if any(s.node.name in quantized for s in kept):
+        if any(s.node.target == torch.ops.fxforge.linear_wq.default for s in kept):
             ensure_linear_wq_input_grad()  # gradients must pass through the frozen int layers
         data = method.prepare(gm, kept, ctx, self.rank)
         generator = torch.Generator().manual_seed(ctx.seed)

@@ -171,8 +171,9 @@ def add_adapter_to_site(gm: GraphModule, sites: LinearSite | list[LinearSite], m
     new_names, base_names = [], []
     for site in sites:
         target, args = method.emit(gm, site, nodes, init.scale)
-        if site.node.target == torch.ops.fxforge.linear_wq.default:  # QLoRA: the branch goes beside the int base
-            from fxforge.passes.adapters.quantized_base import emit_beside_quantized
+        from fxforge.passes.adapters.quantized_base import emit_beside_quantized, is_quantized_linear
+
+        if is_quantized_linear(site.node):  # QLoRA: the branch goes beside the quantized base
 
             new = emit_beside_quantized(gm, site, args)
             extra["quantized"] = True

@@ -63,7 +63,7 @@ def _replace_with_linear(gm: GraphModule, node: Node, x: Node, weight: Node, bia
 def _merge_into_dequantized(gm: GraphModule, path: str, record: dict, method, nodes: list[Node],
                             tensors: dict) -> None:
     """QLoRA layer: dequantize the int base, fold the update in, one float aten.linear replaces both."""
-    from fxforge.passes.adapters.quantized_base import dequantized_weight
+    from fxforge.passes.adapters.quantized_base import bias_of, dequantized_weight
 
     by_name = {n.name: n for n in gm.graph.nodes}
     bases = [by_name[name] for name in record["base_nodes"] if name in by_name]
@@ -73,7 +73,14 @@ def _merge_into_dequantized(gm: GraphModule, path: str, record: dict, method, no
     weight = method.merged_weight(dequantized_weight(gm, bases[0]), tensors, record["scale"])
     w_node = add_attr(gm, f"{path}.weight", weight, buffer=False, trainable=False, before=bases[0])
     for node, base in zip(nodes, bases):
-        _replace_with_linear(gm, node, base.args[0], w_node, base.args[4])
+        _replace_with_linear(gm, node, base.args[0], w_node, bias_of(base))
+
+
+def _merges_exactly(gm: GraphModule, record: dict) -> bool:
+    from fxforge.passes.adapters.quantized_base import merges_exactly
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return all(merges_exactly(by_name[name]) for name in record["base_nodes"] if name in by_name)
 
 
 @register_pass
@@ -82,6 +89,8 @@ class MergeAdapters(Pass):
     """Fold every adapter into its base weight; the adapter nodes and tensors disappear."""
 
     name = "merge_adapters"
+    consumes = frozenset({"adapter"})  # passes/compatibility.py
+    produces = "linear"
     keep: bool = True  # keep the adapter tensors in gm.meta so unmerge_adapters can restore them
 
     def tolerance(self) -> Tolerance:
@@ -91,12 +100,18 @@ class MergeAdapters(Pass):
         records = adapter_records(gm)
         merged = gm.meta.setdefault(MERGED, {})
         done: list[str] = []
+        skipped: list[tuple[str, str]] = []
         for path, record in list(records.items()):
             done.append(path)
             method = get_method(record["method"])
             nodes = _adapter_nodes(gm, record)
             tensors = {k: v.detach().float() for k, v in adapter_tensors(gm, record).items()}
             if record.get("quantized"):
+                if not _merges_exactly(gm, record):
+                    skipped.append((path, "its quantized base also quantizes activations, so a float weight with "
+                                          "the update folded in would compute something else; the adapter stays"))
+                    done.remove(path)
+                    continue
                 _merge_into_dequantized(gm, path, record, method, nodes, tensors)
                 del records[path]
                 continue
@@ -110,5 +125,8 @@ class MergeAdapters(Pass):
             del records[path]
         erase_dead(gm)
         freeze_all_but_adapters(gm)
-        return PassResult(gm, sites=len(done), notes={"merged": sorted(done),
-                                                      "restorable": sorted(merged) if self.keep else []})
+        # nothing to merge is not an error (a model may or may not carry adapters), but never silent
+        if not done and not skipped:
+            skipped = [("<graph>", "no adapters to merge: add them with add_adapters first")]
+        return PassResult(gm, sites=len(done), skipped=skipped,
+                          notes={"merged": sorted(done), "restorable": sorted(merged) if self.keep else []})

@@ -1,4 +1,5 @@
-"""Adapters on a quantized base (QLoRA style): a LoRA branch beside `fxforge::linear_wq`.
+"""Adapters on a quantized base (QLoRA style): a LoRA branch beside a quantized linear op
+(`fxforge::linear_wq` and every kind in QUANTIZED_LINEARS).
 
     linear_wq(x, q, scales, zeros, b, bits, g)  ->  linear_wq(x, q, ...) + s·((x·A'ᵀ)·Bᵀ)
 
@@ -23,26 +24,59 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from fxforge.ir.graph import LinearSite, get_attr, matches_any
+from fxforge.ir.ops import get_op, op_name_of
 from fxforge.ir.ops.linear_wq import dequantize_wq
 
 aten = torch.ops.aten
 
 
+# The quantized linear ops an adapter branch can sit beside: each computes x·Ŵᵀ + b for a weight
+# Ŵ its tensors stand for. Those that also quantize x (per token / tensor) are not linear in x,
+# so folding an update into a float weight would change their results (merge_adapters skips them).
+QUANTIZED_LINEARS = ("linear_wq", "linear_wq_ic", "linear_fp", "linear_w8a8", "linear_int8_mixed",
+                     "shift_add_linear", "linear_bitdelta")
+QUANTIZES_ACTIVATIONS = ("linear_w8a8", "linear_int8_mixed")
+
+
+def is_quantized_linear(node: Node) -> bool:
+    return node.op == "call_function" and op_name_of(node.target) in QUANTIZED_LINEARS
+
+
+def merges_exactly(node: Node) -> bool:
+    """Whether Ŵ (dequantized) in a float linear computes what the quantized op computes."""
+    name = op_name_of(node.target)
+    if name == "linear_fp":
+        return not _bound_args(node).get("act_fmt")
+    return name not in QUANTIZES_ACTIVATIONS
+
+
+def _bound_args(node: Node) -> dict[str, Any]:
+    schema = node.target._schema
+    values = dict(zip((a.name for a in schema.arguments), node.args))
+    values.update(node.kwargs)
+    return values
+
+
+def bias_of(node: Node) -> Any:
+    """The bias argument of a quantized linear node (a get_attr node or None)."""
+    return _bound_args(node).get("bias")
+
+
 def quantized_sites(gm: GraphModule, targets: Any, exclude: Any) -> list[LinearSite]:
-    """linear_wq nodes whose packed weight is a graph attribute, as LinearSites (weight = qweight)."""
+    """Quantized linear nodes (QUANTIZED_LINEARS) whose first tensor is a graph attribute, as
+    LinearSites (weight = that tensor: linear_wq's qweight, linear_fp's codes, ...)."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target != torch.ops.fxforge.linear_wq.default:
+        if not is_quantized_linear(node):
             continue
-        qweight, bias = node.args[1], node.args[4]
-        if not (isinstance(qweight, Node) and qweight.op == "get_attr"):
+        stored, bias = node.args[1], bias_of(node)
+        if not (isinstance(stored, Node) and stored.op == "get_attr"):
             continue
-        bits = node.args[5]
-        packed = get_attr(gm, qweight.target)
-        path = qweight.target.rsplit(".", 1)[0]
-        site = LinearSite(node=node, weight_name=qweight.target,
+        path = stored.target.rsplit(".", 1)[0]
+        site = LinearSite(node=node, weight_name=stored.target,
                           bias_name=bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None,
-                          in_features=packed.shape[1] * 8 // bits, out_features=packed.shape[0], module_path=path)
+                          in_features=int(node.args[0].meta["val"].shape[-1]),
+                          out_features=int(node.meta["val"].shape[-1]), module_path=path)
         if targets is not None and not matches_any(path, targets):
             continue
         if exclude and matches_any(path, exclude):
@@ -52,11 +86,21 @@ def quantized_sites(gm: GraphModule, targets: Any, exclude: Any) -> list[LinearS
 
 
 def dequantized_weight(gm: GraphModule, node: Node) -> Tensor:
-    """The float32 weight a linear_wq node stands for."""
-    x, qweight, scales, zeros, _, bits, group_size = node.args
-    k = get_attr(gm, qweight.target).shape[1] * 8 // bits
-    return dequantize_wq(get_attr(gm, qweight.target), get_attr(gm, scales.target), get_attr(gm, zeros.target),
-                         bits, group_size, k)
+    """The float32 weight Ŵ (out, in) a quantized linear node stands for."""
+    if node.target == torch.ops.fxforge.linear_wq.default:
+        x, qweight, scales, zeros, _, bits, group_size = node.args
+        k = get_attr(gm, qweight.target).shape[1] * 8 // bits
+        return dequantize_wq(get_attr(gm, qweight.target), get_attr(gm, scales.target),
+                             get_attr(gm, zeros.target), bits, group_size, k)
+    # the others: the op's reference on the identity, without bias (one-hot rows are exact in
+    # every activation format these ops use, so this reads Ŵ even where x is quantized)
+    values = _bound_args(node)
+    k = int(node.args[0].meta["val"].shape[-1])
+    args = [get_attr(gm, v.target) if isinstance(v, Node) and v.op == "get_attr" else v for v in values.values()]
+    names = list(values)
+    args[0] = torch.eye(k, dtype=torch.float32)
+    args[names.index("bias")] = None
+    return get_op(op_name_of(node.target)).reference(*args).to(torch.float32).t().contiguous()
 
 
 def emit_beside_quantized(gm: GraphModule, site: LinearSite, lora_args: tuple) -> Node:

@@ -451,4 +451,6 @@ class FuseAttention(Pass):
                 skipped.append((_where(sdpa), str(why)))
                 continue
             fused += 1
+        if not fused and not skipped:  # never a silent zero (e.g. fuse_attention twice)
+            skipped.append(("<graph>", "no softmax attention left to fuse (an fxforge::attention op or no attention)"))
         return PassResult(gm, sites=fused, skipped=skipped)

@@ -71,4 +71,7 @@ class FuseProjections(Pass):
             fused[fused_path(members)] = [m.path for m in members]
             fuse_group(gm, members)
         erase_dead(gm)  # the members' tensors: held once, in the fused layer
-        return PassResult(gm, sites=len(plan.groups), skipped=plan.skipped, notes={"fused": fused})
+        skipped = plan.skipped or ([] if plan.groups else [  # never a silent zero
+            ("<graph>", f"no {self.min_group} linear layers of one kind read the same input (nothing to fuse; "
+                        f"e.g. Q, K and V are one projection already)")])
+        return PassResult(gm, sites=len(plan.groups), skipped=skipped, notes={"fused": fused})

@@ -60,6 +60,7 @@ class Prune(Pass):
     """
 
     name = "prune"
+    consumes = frozenset({"linear"})  # passes/compatibility.py
     method: str = "flap"
     ratio: float = 0.2
     targets: tuple[str, ...] | None = None

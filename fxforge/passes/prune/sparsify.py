@@ -18,7 +18,9 @@ block's inputs, as Wanda's reference implementation prunes layer by layer; one b
 statistics are held at a time.
 
 Weights are zeroed in place: the graph and its shapes are unchanged and no backend claims a
-speedup. The masks are recorded in `gm.meta["fxforge_sparsity_masks"]` (weight name -> bool mask, True
+speedup. A layer `quantize` already turned into `fxforge::linear_wq` is sparsified through its
+codes (`prune/quantized.py`): a pruned weight's code is set to its group's zero point, which
+dequantizes to exactly 0, scored on the dequantized weight (its mask is not recorded below). The masks are recorded in `gm.meta["fxforge_sparsity_masks"]` (weight name -> bool mask, True
 = kept) so later passes or fine-tuning can keep them (`reapply_masks(gm)`).
 
 Semantics (verified exactly): the graph before with each weight times its recorded mask. The
@@ -42,6 +44,7 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 from fxforge.passes.methods import methods_of, pass_method
 from fxforge.passes.prune.masks import mask_n_m, mask_unstructured, parse_pattern
+from fxforge.passes.prune.quantized import mask_codes, quantized_sites
 from fxforge.passes.prune.sparsify_methods import SparsifyMethod
 from fxforge.passes.selection import LayerSelection
 
@@ -74,6 +77,7 @@ class Sparsify(Pass):
     """
 
     name = "sparsify"
+    consumes = frozenset({"linear", "linear_wq"})  # passes/compatibility.py
     method: str = "wanda"
     sparsity: float = 0.5
     pattern: str = "unstructured"
@@ -107,7 +111,10 @@ class Sparsify(Pass):
         n_m = parse_pattern(self.pattern)
         method = self.method_object()
         selection = LayerSelection.of(self).sites(gm, self.name)
-        sites, skipped = selection.sites, list(selection.skipped)
+        quantized = quantized_sites(gm, LayerSelection.of(self), self.include_lm_head)
+        sites = selection.sites + quantized
+        done_paths = {s.module_path for s in quantized}
+        skipped = [(where, why) for where, why in selection.skipped if where not in done_paths]
         if n_m is not None:
             fits = [s for s in sites if s.in_features % n_m[1] == 0]
             skipped += [(s.module_path, f"{s.in_features} inputs are not a multiple of M={n_m[1]}")
@@ -118,6 +125,10 @@ class Sparsify(Pass):
         counts = [0, 0]  # zeroed, total
 
         def sparsify_site(site: LinearSite, stats: InputStatistics | None) -> None:
+            if site.node.target != torch.ops.aten.linear.default:  # codes of a quantized layer
+                counts[0] += mask_codes(gm, site, lambda w: _mask(method, w, stats, n_m, self.sparsity), semantics)
+                counts[1] += site.out_features * site.in_features
+                return
             weight = get_attr(gm, site.weight_name)
             mask = _mask(method, weight.detach().float(), stats, n_m, self.sparsity)
             semantics.replace_weight(site.weight_name, weight.detach().masked_fill(~mask, 0))

@@ -73,6 +73,7 @@ class Quantize(Pass):
     """
 
     name = "quantize"
+    consumes = frozenset({"linear"})  # passes/compatibility.py (produces: below)
     bits: int = 4
     group_size: int = 64               # -1: one group per channel
     sym: bool = False
@@ -104,6 +105,10 @@ class Quantize(Pass):
         check_option(isinstance(self.calibration_batches, int) and self.calibration_batches > 0,
                      f"quantize: calibration_batches={self.calibration_batches!r} must be a positive integer")
         self.method_object()  # the method's own checks, and no option of another method
+
+    @property
+    def produces(self) -> str:  # type: ignore[override]  # passes/compatibility.py
+        return "linear_wq" if self.group_axis == "in" else "linear_wq_ic"
 
     def method_object(self) -> WeightQuantizer:
         """The chosen method with its options (PassSpecError for an unknown method or a foreign option)."""

@@ -139,6 +139,8 @@ class BitDelta(Pass):
     """Fine-tuned linears -> base weight + α·sign(Δ); see the module docstring."""
 
     name = "bitdelta"
+    consumes = frozenset({"linear"})  # passes/compatibility.py
+    produces = "linear_bitdelta"
     base: Any = field(default=None, compare=False)
     distill_steps: int = 0
     lr: float = 1e-4

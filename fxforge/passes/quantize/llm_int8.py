@@ -36,6 +36,8 @@ class LlmInt8(Pass):
     """LLM.int8(): int8 weights, outlier activation columns in float."""
 
     name = "llm_int8"
+    consumes = frozenset({"linear"})  # passes/compatibility.py
+    produces = "linear_int8_mixed"
     threshold: float = 6.0
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()

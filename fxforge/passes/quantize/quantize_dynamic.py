@@ -91,6 +91,8 @@ class QuantizeDynamic(Pass):
     """
 
     name = "quantize_dynamic"
+    consumes = frozenset({"linear"})  # passes/compatibility.py
+    produces = "linear_w8a8"
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     include_lm_head: bool = False

@@ -77,6 +77,8 @@ class QuantizeFp(Pass):
     """FP8/FP4 weights (and optionally FP8 activations); see the module docstring."""
 
     name = "quantize_fp"
+    consumes = frozenset({"linear"})  # passes/compatibility.py
+    produces = "linear_fp"
     fmt: str = "e4m3"                  # e4m3 | e5m2 | e2m1
     group_size: int = -1               # -1: one scale per output channel
     act_fmt: str = ""                  # "" (float) | e4m3 | e5m2: per-token dynamic FP8 activations

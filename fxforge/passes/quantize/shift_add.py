@@ -88,6 +88,8 @@ class ShiftAdd(Pass):
     """
 
     name = "shift_add"
+    consumes = frozenset({"linear"})  # passes/compatibility.py
+    produces = "shift_add_linear"
     bits: int = 3
     group_size: int = 128
     method: Literal["bcq", "bcq_calibrated"] = "bcq"
