@@ -129,10 +129,18 @@ class _BeforeFailed(Exception):
 
 
 # A verified result's outputs at each verification input, kept until the next pass verifies
-# against it as its graph before. Graphs are never changed once a pass returned them (passes
-# rewrite copies, passes/cow.py), so the outputs stay what running it again would give.
-_RESULT_OUTPUTS: "weakref.WeakKeyDictionary[GraphModule, list[tuple[tuple[Any, ...], list[Any]]]]" = \
+# against it as its graph before. Passes never change a graph they returned (they rewrite
+# copies, passes/cow.py), but a user may between two passes (training adapters in place with
+# `fxforge.train.fit`): the outputs are reused only while every tensor is the same object at
+# the same version counter (`_tensor_state`), else the graph runs again.
+_RESULT_OUTPUTS: "weakref.WeakKeyDictionary[GraphModule, list[tuple[tuple[Any, ...], list[Any], tuple]]]" = \
     weakref.WeakKeyDictionary()
+
+
+def _tensor_state(gm: GraphModule) -> tuple:
+    """Identity and in-place version of every parameter and buffer, and the graph's code."""
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return (gm.code, tuple((name, id(t), t._version) for name, t in tensors))
 
 
 def _same_inputs(a: Sequence[Any], b: Sequence[Any]) -> bool:
@@ -154,8 +162,10 @@ def forget_outputs(gm: GraphModule) -> None:
 
 
 def _run_before(before: GraphModule, inputs: Sequence[Any]) -> list[Any]:
-    for seen, outputs in _RESULT_OUTPUTS.get(before, ()):
-        if _same_inputs(seen, inputs):
+    kept = _RESULT_OUTPUTS.get(before, ())
+    state = _tensor_state(before) if kept else None
+    for seen, outputs, seen_state in kept:
+        if seen_state == state and _same_inputs(seen, inputs):
             return outputs
     return run_graph(before, inputs)
 
@@ -187,7 +197,7 @@ def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: 
             f"pass '{p.spec()}' declared semantics whose reference graph fails on inputs of shape {shapes}: "
             f"{type(exc).__name__}: {exc}; this is a bug in the pass. It was rolled back; the input graph is "
             f"unchanged.", pass_name=p.name) from exc
-    _RESULT_OUTPUTS.setdefault(after, []).append((tuple(inputs), outputs_after))
+    _RESULT_OUTPUTS.setdefault(after, []).append((tuple(inputs), outputs_after, _tensor_state(after)))
     loss = measure_loss(outputs_before, outputs_after)
     if not exact:  # the pass said why its claim cannot be checked; the loss is still measured
         return ShapeCheck(shapes, loss, loss, Tolerance(max_abs=None))
