@@ -42,7 +42,8 @@ from fxforge.errors import InputError
 from fxforge.passes.add_medusa_heads import head_parameter_names
 from fxforge.passes.context import PassContext, default_progress
 from fxforge.passes.kv_cache.add_kv_cache import AddKvCache, with_kv_cache
-from fxforge.passes.medusa_decoding import MedusaGreedyVerify, SplitMedusaHeads
+from fxforge.passes.medusa_greedy_verify import MedusaGreedyVerify
+from fxforge.passes.split_medusa_heads import SplitMedusaHeads
 from fxforge.passes.pipeline import PipelineReport, run_pass
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past
 from fxforge.runtime.decoding import CachedLM, GenerationResult, as_prompt, example_cached_inputs, greedy_generate

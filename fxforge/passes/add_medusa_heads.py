@@ -73,7 +73,9 @@ def find_lm_head(gm: GraphModule, pass_name: str = "add_medusa_heads") -> LmHead
             f"pass '{pass_name}' found no LM head. It looks for an aten.linear whose module path "
             f"ends in 'lm_head' or whose weight is tied to the token embedding, and whose result "
             f"is a graph output (possibly through a slice/view/cast). Linear layers in this graph: "
-            f"{linears or 'none'}. Medusa heads need a causal language model (e.g. LlamaForCausalLM).",
+            f"{linears or 'none'}. Medusa heads need a causal language model (e.g. LlamaForCausalLM) "
+            f"whose LM head is still a float linear: quantize includes the LM head by default, so add "
+            f"the heads before quantizing, or quantize with include_lm_head=False.",
             pass_name=pass_name,
         )
     site, index = found[-1]  # the last one in graph order is the one producing the logits

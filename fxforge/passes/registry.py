@@ -27,7 +27,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse_projections": "fxforge.passes.projections.fuse_projections",
     "fuse_rms_norm": "fxforge.passes.fuse_rms_norm",
     "llm_int8": "fxforge.passes.quantize.llm_int8",
-    "medusa_greedy_verify": "fxforge.passes.medusa_decoding",
+    "medusa_greedy_verify": "fxforge.passes.medusa_greedy_verify",
     "merge_adapters": "fxforge.passes.adapters.merge_adapters",
     "prune": "fxforge.passes.prune.prune",
     "quantize": "fxforge.passes.quantize",
@@ -35,7 +35,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize_fp": "fxforge.passes.quantize.quantize_fp",
     "shift_add": "fxforge.passes.quantize.shift_add",
     "sparsify": "fxforge.passes.prune.sparsify",
-    "split_medusa_heads": "fxforge.passes.medusa_decoding",
+    "split_medusa_heads": "fxforge.passes.split_medusa_heads",
     "unmerge_adapters": "fxforge.passes.adapters.unmerge_adapters",
 }
 

@@ -46,7 +46,8 @@ def test_compile_save_export_and_load_export_once(mlp, exports, tmp_path):
     saved = (tmp_path / "art" / "model.onnx").read_bytes()
     assert saved == (tmp_path / "model.onnx").read_bytes() == compiled._runner.exported.data
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
-    assert manifest["onnx_options"] == {"accuracy_level": 4, "causal_attention": "Attention"}
+    assert manifest["onnx_options"] == {"accuracy_level": 4, "causal_attention": "GroupQueryAttention",
+                                        "bidirectional_attention": "MultiHeadAttention"}  # the defaults, recorded
 
     loaded = fxforge.load(tmp_path / "art")
     assert exports[0] == 1, "fxforge.load exported again instead of opening model.onnx"

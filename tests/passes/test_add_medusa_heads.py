@@ -108,7 +108,8 @@ def test_heads_on_a_quantized_backbone_read_its_hidden_states(lm_graph):
 
     gm, ids = lm_graph
     ctx = PassContext(example_inputs=(ids,))
-    quantized = run_pass(get_pass_class("quantize")(bits=4, group_size=16), gm, ctx)
+    # the heads copy a float LM head (Medusa keeps it in full precision)
+    quantized = run_pass(get_pass_class("quantize")(bits=4, group_size=16, include_lm_head=False), gm, ctx)
     with_heads = run_pass(AddMedusaHeads(num_heads=2), quantized, ctx)
     assert any("linear_wq" in str(n.target) for n in with_heads.graph.nodes)
     q_logits, heads = with_heads(ids)
@@ -155,3 +156,13 @@ def test_shared_lm_head_heads_split_from_the_backbone_and_train(lm_graph):
     assert sum(report.losses[-10:]) < sum(report.losses[:10])
     assert torch.equal(get_attr(with_heads, "lm_head.weight"), lm_head)  # the shared projection stays frozen
     assert get_attr(with_heads, "medusa_heads.0.0.linear.weight").abs().sum() > 0
+
+
+def test_a_quantized_lm_head_is_refused_with_the_fix(lm_graph):
+    from fxforge.passes.registry import get_pass_class
+
+    gm, ids = lm_graph
+    ctx = PassContext(example_inputs=(ids,))
+    quantized = run_pass(get_pass_class("quantize")(bits=4, group_size=16), gm, ctx)  # LM head included
+    with pytest.raises(PassError, match="include_lm_head=False"):
+        run_pass(AddMedusaHeads(num_heads=2), quantized, ctx)

@@ -46,6 +46,8 @@ CASES = [
     ("tiny-llama", "prune(method=wanda_sp,ratio=0.2)"),
     ("tiny-llama", "sparsify(method=magnitude,sparsity=0.5)"),
     ("tiny-llama", "add_medusa_heads(num_heads=2,num_layers=1)"),
+    ("tiny-llama:ids", "fuse_attention,add_kv_cache,add_medusa_heads(num_heads=2,num_layers=1),split_medusa_heads"),
+    ("tiny-llama:ids", "fuse_attention,add_kv_cache,add_medusa_heads(num_heads=2,num_layers=1),medusa_greedy_verify"),
     ("tiny-gpt2", "fuse_attention"),
     ("tiny-gpt2", "quantize(bits=4,group_size=16,method=awq)"),
     ("tiny-bert", "prune(method=magnitude,ratio=0.2)"),

@@ -15,7 +15,8 @@ from fxforge.passes.add_medusa_heads import AddMedusaHeads
 from fxforge.passes.context import PassContext
 from fxforge.passes.kv_cache.add_kv_cache import AddKvCache
 from fxforge.passes.pipeline import Pipeline, PipelineReport, run_pass
-from fxforge.passes.medusa_decoding import MedusaGreedyVerify, SplitMedusaHeads
+from fxforge.passes.medusa_greedy_verify import MedusaGreedyVerify
+from fxforge.passes.split_medusa_heads import SplitMedusaHeads
 from fxforge.runtime.decoding import CachedLM, example_cached_inputs
 from fxforge.runtime.greedy_verify import add_greedy_verification
 from fxforge.runtime.layouts import MedusaLayout
