@@ -98,6 +98,10 @@ def _expand_to_lengths(q, k, attn_mask):
     mask: "inconsistent q_sequence_length (between attn_mask and Q)") although the ONNX spec
     allows any broadcastable shape, so the mask is expanded first.
     """
+    if attn_mask.shape is None:
+        # No shape inferred: our own Add of a mask and a bias that were both expanded here first
+        # (`_fold_bias` when there is a bias), so already (.., Lq, Lk); exporter values carry shapes.
+        return attn_mask
     rank = len(attn_mask.shape)
     if rank >= 2 and _same_dim(attn_mask.shape[-2], q.shape[2]) and _same_dim(attn_mask.shape[-1], k.shape[2]):
         return attn_mask

@@ -52,6 +52,8 @@ def bidirectional_prefill(q, k, v, attn_mask, is_causal: bool, scale: float, mas
     `expand_to_lengths(q, k, mask)` broadcasts its last two dims to (Lq, Lk)."""
     if options.bidirectional_attention != "MultiHeadAttention" or is_causal or not _applies(q, k, v):
         return None
+    if attn_mask is not None and attn_mask.shape is None:  # a mask folded with a bias: rank unknown here
+        return None
     heads, head_dim = q.shape[1], q.shape[3]
     query, key, value = (_to_packed(t) for t in (q, k, v))
     if attn_mask is None:
