@@ -440,11 +440,7 @@ def main() -> int:
                 top = ", ".join(f"{k} {v['ms']}ms ({v['nodes']})" for k, v in list(prof["by_op_type"].items())[:8])
                 print(f"profile {name}: {prof['kernel_ms_per_step']} ms/step in kernels: {top}")
     finally:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        staging = out_path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(report, indent=1))
-        os.replace(staging, out_path)  # atomic: a killed run leaves the previous results whole
-        print(f"wrote {out_path}")
+        e2e.write_results(out_path, report)
         if tmp:
             tmp.cleanup()
     return 0

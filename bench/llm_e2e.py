@@ -405,15 +405,20 @@ def main() -> int:
         print_table(rows)
         print(json.dumps(report["targets_fxforge_vs_builder"], indent=1))
     finally:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        staging = out_path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(report, indent=1))
-        os.replace(staging, out_path)  # atomic: a killed run leaves the previous results whole
-        print(f"wrote {out_path}")
+        write_results(out_path, report)
         if tmp:
             tmp.cleanup()
     return 0
 
+
+
+def write_results(out_path: Path, report: dict) -> None:
+    """Write the bench's JSON atomically: a killed run leaves the previous results whole."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(report, indent=1))
+    os.replace(staging, out_path)
+    print(f"wrote {out_path}")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -93,13 +93,15 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def render_command(render_fn, results: Path, docs: Path, argv: list[str] | None, description: str) -> int:
+    """The command line of a generated doc: render `results` (JSON) with `render_fn` into `docs`;
+    `--check` exits 1 when the doc on disk is not what the results render to."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--check", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--out", type=Path, default=DOCS)
+    parser.add_argument("--results", type=Path, default=results)
+    parser.add_argument("--out", type=Path, default=docs)
     args = parser.parse_args(argv)
-    text = render(json.loads(args.results.read_text()))
+    text = render_fn(json.loads(args.results.read_text()))
     if args.check:
         return 0 if args.out.exists() and args.out.read_text() == text else 1
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out, text)
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return render_command(render, RESULTS, DOCS, argv, __doc__.splitlines()[0])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,16 +8,13 @@ grouping and atomic writer this reuses): the test run records, this renders, a t
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for `arch_sweep`)
 
-from arch_sweep.render_docs import group_reason  # noqa: E402
-from arch_sweep.run_sweep import write_text  # noqa: E402
+from arch_sweep.render_docs import group_reason, render_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).with_name("results.json")
@@ -133,17 +130,7 @@ def render(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--out", type=Path, default=DOCS)
-    args = parser.parse_args(argv)
-    text = render(json.loads(args.results.read_text()))
-    if args.check:
-        return 0 if args.out.exists() and args.out.read_text() == text else 1
-    write_text(args.out, text)
-    return 0
-
+    return render_command(render, RESULTS, DOCS, argv, __doc__.splitlines()[0])
 
 if __name__ == "__main__":
     sys.exit(main())
