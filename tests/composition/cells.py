@@ -31,7 +31,9 @@ from composition.models import build, calibration, input_ids
 # Every built-in pass but canonicalize (which runs first in every cell), with options that fit
 # the tiny models (group sizes that divide 64). `bitdelta` gets its base model from the cell.
 PASS_OPTIONS: dict[str, str] = {
-    "quantize": "quantize(bits=4,group_size=32)",
+    # the LM head stays float, as when the matrix was recorded (quantize's default now includes
+    # it); the layers are what every pair is about
+    "quantize": "quantize(bits=4,group_size=32,include_lm_head=False)",
     "llm_int8": "llm_int8",
     "quantize_fp": "quantize_fp",
     "quantize_dynamic": "quantize_dynamic",
@@ -53,10 +55,16 @@ SHAPES = [(2, 12), (1, 9)]
 
 
 def all_passes() -> list[str]:
-    """The registered built-in passes the matrix covers (every one but canonicalize)."""
+    """The registered built-in passes the matrix covers: every one but canonicalize and the two
+    passes that prepare a Medusa graph for decoding (`split_medusa_heads`,
+    `medusa_greedy_verify`): they run last, inside `fxforge.medusa`'s decoder export, on a graph
+    with heads and a KV cache, and are covered by tests/passes/test_medusa_decoding_passes.py."""
     from fxforge.passes.registry import BUILTIN_PASSES
 
-    return [name for name in BUILTIN_PASSES if name != "canonicalize"]
+    return [name for name in BUILTIN_PASSES if name not in NOT_IN_MATRIX]
+
+
+NOT_IN_MATRIX = ("canonicalize", "split_medusa_heads", "medusa_greedy_verify")
 
 
 @lru_cache(maxsize=None)  # passes are frozen: one object per (pass, model) serves every cell

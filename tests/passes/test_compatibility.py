@@ -11,7 +11,7 @@ from fxforge.passes.pipeline import Pipeline
     ("quantize_dynamic,sparsify", "quantize_dynamic", "sparsify"),
     ("llm_int8,prune", "llm_int8", "prune"),
     ("quantize(group_axis=out),sparsify", "quantize", "sparsify"),  # linear_wq_ic: codes sparsify cannot mask
-    ("add_adapters,quantize", "add_adapters", "quantize"),
+    ("add_adapters,quantize(include_lm_head=False)", "add_adapters", "quantize"),  # the LM head alone is left
     ("quantize,fuse_attention,shift_add", "quantize", "shift_add"),  # passes in between change nothing
     ("quantize_fp,merge_adapters", "quantize_fp", "merge_adapters"),
 ])
