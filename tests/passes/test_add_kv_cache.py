@@ -183,7 +183,8 @@ class _PlainAttentionLM(nn.Module):
 class _EagerAttentionLM(nn.Module):
     """Hand-written eager attention with a tanh soft-cap (which fuse_attention cannot prove)."""
 
-    def __init__(self, vocab: int = 32, dim: int = 16, causal: bool = True):
+    # causal: True (a tril mask), False (no mask), "all" (a mask that hides nothing, as BERT's)
+    def __init__(self, vocab: int = 32, dim: int = 16, causal: bool | str = True):
         super().__init__()
         self.causal = causal
         self.embed = nn.Embedding(vocab, dim)
@@ -200,7 +201,8 @@ class _EagerAttentionLM(nn.Module):
             scores = torch.tanh(scores) * 4.0
         if self.causal:
             n = x.shape[1]
-            visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            visible = torch.ones(n, n, dtype=torch.bool, device=x.device)
+            visible = visible if self.causal == "all" else visible.tril()
             scores = scores.masked_fill(~visible, float("-inf"))
         return x + (scores.softmax(-1) @ v)[:, 0]
 
@@ -258,6 +260,9 @@ def test_errors_name_the_problem_and_the_fix(fused_graphs):
     bidirectional = trace(_EagerAttentionLM(causal=False), (ids,))
     with pytest.raises(PassError, match="has no mask, so it is not causal"):
         run_pass(AddKvCache(), bidirectional, PassContext(example_inputs=(ids,)))
+    all_visible = trace(_EagerAttentionLM(causal="all"), (ids,))  # a mask, but one that hides no key
+    with pytest.raises(PassError, match="is not causal \\(the mask hides no key"):
+        run_pass(AddKvCache(), all_visible, PassContext(example_inputs=(ids,)))
     _, cached, ids = fused_graphs
     with pytest.raises(PassError, match="already has a KV cache"):
         run_pass(AddKvCache(), cached, PassContext())

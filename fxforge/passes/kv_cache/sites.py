@@ -24,7 +24,7 @@ from fxforge.passes.attention.rules import (
     SOFTMAX_TARGETS, MaskMatch, fake, mask_candidates, peel_repeat_kv, peel_scales,
     probabilities, skip_identities,
 )
-from fxforge.passes.attention.masks import mask_sources_placeholder
+from fxforge.passes.attention.masks import explain_mask, mask_sources_placeholder
 from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
 from fxforge.passes.kv_cache.bias import BiasExtender
 
@@ -49,6 +49,20 @@ def _require_causal_only(mask: Node, attention: Node, pass_name: str) -> None:
             f"pass '{pass_name}': the mask of attention '{attention.name}' depends on input "
             f"'{source.name}'. The cached graph builds its own causal/tree mask and cannot keep a "
             "padding mask: trace the model with input_ids only.", pass_name=pass_name, node=attention.name)
+
+
+def _require_some_key_hidden(mask, scores: Node, where: str, pass_name: str, softmax: Node) -> None:
+    """Refuse a mask that provably hides no key (BERT's all-ones mask, traced without a padding
+    mask): that attention is bidirectional, and caching it would let a token see only the past.
+    The same verdict as the fused path, where `fuse_attention` drops such a mask and leaves
+    `is_causal=False`, which `FusedSite.of` refuses. A mask the analyser cannot read is kept
+    (as the fused path keeps it), so decoders with unusual causal masks still cache."""
+    scores_val = fake(scores)
+    verdict = explain_mask(mask, softmax.graph.owning_module, scores_val.shape[-2], scores_val.shape[-1])
+    if verdict.kind == "all":
+        raise PassError(f"pass '{pass_name}': {where} is not causal ({verdict.reason}: every token sees every "
+                        "other, as in an encoder); a KV cache applies to causal decoders only.",
+                        pass_name=pass_name, node=softmax.name)
 
 
 def _unrepeat(x: Node) -> tuple[Node, int, list[tuple[Node, int]]]:
@@ -231,6 +245,7 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
             raise PassError(f"pass '{pass_name}': {where} applies {len(masks)} masks; the cache can "
                             "replace only one.", pass_name=pass_name, node=softmax.name)
         _require_causal_only(_mask_operand(masks[0]), softmax, pass_name)
+        _require_some_key_hidden(masks[0].mask, scores, where, pass_name, softmax)
         kt = _key_transpose(scores)
         if kt is None:
             raise PassError(f"pass '{pass_name}': {where}: the keys reach Q·Kᵀ as "
