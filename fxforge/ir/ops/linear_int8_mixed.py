@@ -44,6 +44,13 @@ def linear_int8_mixed(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional
     return y.to(x.dtype)
 
 
+def unrounded(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+    """The op with float activations, x·Ŵᵀ + b (regular and outlier columns alike): what an exact
+    pass after llm_int8 is proved on (fxforge/ir/activation_rounding.py says why)."""
+    dequantized = qweight.to(torch.float32) * wscale.to(torch.float32)[:, None]
+    return F.linear(x.to(torch.float32), dequantized, None if bias is None else bias.to(torch.float32)).to(x.dtype)
+
+
 @linear_int8_mixed.register_fake
 def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     check_w8a8_args(x.shape[-1], qweight, wscale, bias)

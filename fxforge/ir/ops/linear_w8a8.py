@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fxforge.ir.ops.registry import SampleInput, define_op
@@ -108,6 +109,13 @@ def linear_w8a8(
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def unrounded(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act_scale: str = "tensor") -> Tensor:
+    """The op with float activations, x·Ŵᵀ + b (Ŵ = W8·s_w): what an exact pass after
+    quantize_dynamic is proved on (fxforge/ir/activation_rounding.py says why)."""
+    weight = qweight.to(torch.float32) * wscale.to(torch.float32)[:, None]
+    return F.linear(x.to(torch.float32), weight, None if bias is None else bias.to(torch.float32)).to(x.dtype)
 
 
 @linear_w8a8.register_fake
