@@ -45,6 +45,7 @@ from fxforge.passes.registry import register_pass
 from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
 from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
+from fxforge.passes.kv_cache.token_mixing import refuse_token_mixing
 from fxforge.passes.pipeline import run_pass
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
 from fxforge.runtime.layouts import KVCacheLayout
@@ -75,6 +76,7 @@ class AddKvCache(Pass):
         if KV_META in gm.meta:
             raise PassError("pass 'add_kv_cache': the graph already has a KV cache; run it once.",
                             pass_name=self.name)
+        refuse_token_mixing(gm, self.name)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ids = self._input_ids(placeholders)
         attention = get_op("attention").overload

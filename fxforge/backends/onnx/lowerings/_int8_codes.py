@@ -16,12 +16,24 @@ INT8_MAX = 127.0
 UINT8_ZERO_POINT = 128
 
 
-def quantize_per_token_uint8(x32):
-    """Per-row symmetric int8 codes shifted to uint8 (+128), and the row scales (…, M, 1)."""
-    absmax = op.ReduceMax(op.Abs(x32), op.Constant(value_ints=[-1]), keepdims=1)
+def quantize_per_token_uint8(x32, k: int | None = None):
+    """Per-row symmetric int8 codes shifted to uint8 (+128), and the row scales (…, M, 1).
+
+    With the row width `k` known (static), one blocked `QuantizeLinear` (block = the whole row,
+    zero point 128) forms the codes: it divides, rounds half to even and saturates as the
+    reference does (|x / s| <= 127 by construction, so saturating at [0, 255] never bites), in
+    one pass instead of five element-wise ops (Div, Round, Clip, Add, Cast): 7-9% of a 128-token
+    W8A8 linear (bench/w8a8_cpu.py). The row max of |x| is max(ReduceMax(x), -ReduceMin(x)):
+    two reads of x instead of Abs's write and a read. Without k, the five standard ops."""
+    axis = op.Constant(value_ints=[-1])
+    absmax = op.Max(op.ReduceMax(x32, axis, keepdims=1), op.Neg(op.ReduceMin(x32, axis, keepdims=1)))
     scale = op.Div(absmax, op.Constant(value_float=INT8_MAX))
     # A zero row would divide by zero; scale 1 quantizes it to zeros, as the reference does.
     scale = op.Where(op.Equal(scale, op.Constant(value_float=0.0)), op.Constant(value_float=1.0), scale)
+    if isinstance(k, int) and k > 0:
+        # Blocked QuantizeLinear takes a zero point of the scale's shape (…, M, 1).
+        zero_point = op.Expand(op.Constant(value=scalar(UINT8_ZERO_POINT, np.uint8)), op.Shape(scale))
+        return op.QuantizeLinear(x32, scale, zero_point, axis=-1, block_size=k), scale
     codes = op.Clip(op.Round(op.Div(x32, scale)), op.Constant(value_float=-INT8_MAX), op.Constant(value_float=INT8_MAX))
     shifted = op.Add(codes, op.Constant(value_float=float(UINT8_ZERO_POINT)))
     return op.Cast(shifted, to=UINT8.dtype), scale
