@@ -113,3 +113,4 @@ def test_per_token_other_ranks(tmp_path, shape):
     _, session = export_op_module(module, torch.randn(*shape), tmp_path / "m.onnx")
     x = torch.round(torch.randn(*shape) * 8) / 4  # many exact halves
     torch.testing.assert_close(run_ort(session, x), module(x), rtol=1e-5, atol=1e-6)
+
