@@ -46,7 +46,16 @@ from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.lowerings._int8_codes import UINT8_ZERO_POINT, quantize_per_token_uint8, scalar
 from fxforge.ir.ops import register_lowering
-from fxforge.ir.verify import BIT_EXACT
+from fxforge.ir.verify import Tolerance
+
+# The bound a whole model holding W8A8 linears meets against eager. Each op is bit-exact to its
+# reference (tests/backends/onnx/test_lowering_linear_w8a8.py asserts that, to 1e-5), but rounding
+# activations is a step function: the ONNX model's other kernels (fused attention, skip norms)
+# sum in another order, and wherever a value sits on a rounding boundary that 1e-7 difference
+# becomes a whole quantization step. Measured on bench/cpu_llm.py's 4-layer TinyLlama-shaped
+# decoder: relative L2 0.0102, cosine 0.99995 on the logits; 3x room. The same amplification
+# is why add_kv_cache checks these graphs on their float surrogate (passes/kv_cache/token_mixing.py).
+MODEL_TOLERANCE = Tolerance.lossy(max_rel=0.03, min_cosine=0.999)
 
 
 def _matmul_integer_to_float_schema() -> OpSchema:
@@ -74,7 +83,7 @@ def _as_float(value):
     return value if value.dtype == FLOAT.dtype else op.Cast(value, to=FLOAT.dtype)
 
 
-@register_lowering("onnx", "linear_w8a8", tolerance=BIT_EXACT)
+@register_lowering("onnx", "linear_w8a8", tolerance=MODEL_TOLERANCE)
 def linear_w8a8_onnx(x, qweight, wscale, bias, act_scale: str = "tensor"):
     # qweight's int8 dtype, the shapes and act_scale were checked by the op's fake impl at trace time.
     x32 = _as_float(x)
