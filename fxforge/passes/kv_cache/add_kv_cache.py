@@ -37,6 +37,7 @@ from torch.fx import GraphModule, Node
 from fxforge.errors import PassError
 from fxforge.ir.graph import erase_dead, nodes_by_op
 from fxforge.ir.ops import get_op
+from fxforge.ir.ops.linear_w8a8 import float_activations
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, low_precision_tolerance, run_graph
 from fxforge.passes.base import Pass, PassResult
@@ -45,6 +46,7 @@ from fxforge.passes.registry import register_pass
 from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
 from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
+from fxforge.passes.kv_cache.token_mixing import refuse_token_mixing
 from fxforge.passes.pipeline import run_pass
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
 from fxforge.runtime.layouts import KVCacheLayout
@@ -75,6 +77,7 @@ class AddKvCache(Pass):
         if KV_META in gm.meta:
             raise PassError("pass 'add_kv_cache': the graph already has a KV cache; run it once.",
                             pass_name=self.name)
+        refuse_token_mixing(gm, self.name)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ids = self._input_ids(placeholders)
         attention = get_op("attention").overload
@@ -186,7 +189,13 @@ class AddKvCache(Pass):
         return ids[0]
 
     def verify(self, before: GraphModule, after: GraphModule, ctx: PassContext) -> Comparison:
-        """Uncached logits == prefill of the first part + a cached step over the rest."""
+        """Uncached logits == prefill of the first part + a cached step over the rest.
+
+        W8A8 linears run their float surrogate here (token_mixing.py says why)."""
+        with float_activations():
+            return self._verify(before, after, ctx)
+
+    def _verify(self, before: GraphModule, after: GraphModule, ctx: PassContext) -> Comparison:
         ids = next(x for x in ctx.example_inputs if isinstance(x, torch.Tensor))
         ref = run_graph(before, ctx.example_inputs)[0]
         split = max(1, ids.shape[1] // 2)

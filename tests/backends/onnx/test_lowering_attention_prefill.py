@@ -72,3 +72,24 @@ def test_causal_prefill_defaults_to_group_query_attention():
 def test_unknown_bidirectional_operator_is_refused():
     with pytest.raises(BackendError, match="bidirectional_attention='Flash' must be one of Attention, MultiHeadAttention"):
         OnnxOptions(bidirectional_attention="Flash")
+
+
+def test_key_padding_runs_without_a_mask_input_and_fully_padded_sequences_match():
+    # A (B, 1, 1, Lk) mask is proven key-only by its shape: it becomes key weights in V, and
+    # MultiHeadAttention gets no mask (ORT's flash path). Sequence 1 is fully padded: bool and
+    # -inf give zeros, HF's lowest-float padding the reference's uniform average; a general
+    # additive key bias (finite values) is reweighted exactly.
+    lowest = torch.finfo(torch.float32).min
+    keep = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    keep[0, ..., 5:] = False
+    keep[1] = False
+    hf = torch.zeros(keep.shape).masked_fill(~keep, lowest)
+    minus_inf = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    bias = torch.randn(3, 1, 1, 7) * 3
+    q, k, v = qkv(3, 4, 4, 6, 7)
+    inputs = (q, k, v, keep, hf, minus_inf, bias)
+    module = ManyAttends([((0, 1, 2, 3 + i), False, None, 1) for i in range(4)])
+    model = export(module, inputs, options=MHA)
+    heads = [node for node in model.graph.node if node.op_type == "MultiHeadAttention"]
+    assert len(heads) == 4 and all(len(node.input) == 3 for node in heads)  # q, k, v: no bias, no padding mask
+    assert_matches(module, inputs, model, atol=ATOL)

@@ -64,6 +64,8 @@ def test_matches_reference(tmp_path, act_scale, dtype, bias):
     ops = [node.op_type for node in model.graph.node]
     assert ops.count(GEMM) == 1 and "MatMulInteger" not in ops
     assert ("DynamicQuantizeLinear" in ops) == (act_scale == "tensor")
+    # per token: one blocked QuantizeLinear forms the codes (not Div/Round/Clip/Add/Cast)
+    assert ("QuantizeLinear" in ops) == (act_scale == "token") and "Round" not in ops
     for seed, batch in enumerate((1, 2, 5, 1, 2, 5, 3, 4)):  # batch 1: the decode shape, M = 3 rows
         x = _inputs(batch, 80, dtype, seed)
         got, expected = run_ort(session, x), module(x)
@@ -101,3 +103,14 @@ def test_per_tensor_differs_from_per_token():
     exact = x @ (module.qweight.float() * module.wscale[:, None]).T + module.bias
     err = lambda y: float((y[0, 1:] - exact[0, 1:]).norm() / exact[0, 1:].norm())  # noqa: E731
     assert err(y_token) < 0.5 * err(y_tensor)
+
+
+@exact_u8s8
+@pytest.mark.parametrize("shape", [(1, 80), (5, 80)])
+def test_per_token_other_ranks(tmp_path, shape):
+    # 2-D x, one token (the decode shape) and several: row scales (M, 1), codes exact.
+    module = W8A8Linear(n=24, k=80, act_scale="token")
+    _, session = export_op_module(module, torch.randn(*shape), tmp_path / "m.onnx")
+    x = torch.round(torch.randn(*shape) * 8) / 4  # many exact halves
+    torch.testing.assert_close(run_ort(session, x), module(x), rtol=1e-5, atol=1e-6)
+

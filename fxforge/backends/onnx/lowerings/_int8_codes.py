@@ -16,15 +16,39 @@ INT8_MAX = 127.0
 UINT8_ZERO_POINT = 128
 
 
-def quantize_per_token_uint8(x32):
-    """Per-row symmetric int8 codes shifted to uint8 (+128), and the row scales (…, M, 1)."""
-    absmax = op.ReduceMax(op.Abs(x32), op.Constant(value_ints=[-1]), keepdims=1)
+def quantize_per_token_uint8(x32, k: int | None = None):
+    """Per-row symmetric int8 codes shifted to uint8 (+128), and the row scales (…, M, 1).
+
+    With the row width `k` known (static), one blocked `QuantizeLinear` (block = the whole row,
+    zero point 128) forms the codes: it divides, rounds half to even and saturates as the
+    reference does (|x / s| <= 127 by construction, so saturating at [0, 255] never bites), in
+    one pass instead of five element-wise ops (Div, Round, Clip, Add, Cast): 7-9% of a 128-token
+    W8A8 linear. Without k, the five standard ops."""
+    absmax = row_absmax(x32)
     scale = op.Div(absmax, op.Constant(value_float=INT8_MAX))
     # A zero row would divide by zero; scale 1 quantizes it to zeros, as the reference does.
     scale = op.Where(op.Equal(scale, op.Constant(value_float=0.0)), op.Constant(value_float=1.0), scale)
+    if isinstance(k, int) and k > 0:
+        # Blocked QuantizeLinear takes a zero point of the scale's shape (…, M, 1).
+        zero_point = op.Expand(op.Constant(value=scalar(UINT8_ZERO_POINT, np.uint8)), op.Shape(scale))
+        return op.QuantizeLinear(x32, scale, zero_point, axis=-1, block_size=k), scale
     codes = op.Clip(op.Round(op.Div(x32, scale)), op.Constant(value_float=-INT8_MAX), op.Constant(value_float=INT8_MAX))
     shifted = op.Add(codes, op.Constant(value_float=float(UINT8_ZERO_POINT)))
     return op.Cast(shifted, to=UINT8.dtype), scale
+
+
+def row_absmax(x32):
+    """max |x| over the last axis, keepdims: (…, M, 1).
+
+    For a 3-D x (B, M, K), the decoder's case, `GlobalMaxPool` (batch B, channels M, spatial K):
+    ORT's symbolic shape inference, which the decoder export's norm fusions run
+    (backends/onnx/ort_norms.py), types it, while it gives no shape to an opset-18 ReduceMax,
+    whose axes are an input, and then fails on the next element-wise op. Other ranks: ReduceMax.
+    """
+    magnitude = op.Abs(x32)
+    if x32.shape is not None and len(x32.shape) == 3:
+        return op.GlobalMaxPool(magnitude)
+    return op.ReduceMax(magnitude, op.Constant(value_ints=[-1]), keepdims=1)
 
 
 def weight_as_uint8_transposed(qweight):

@@ -11,15 +11,17 @@ DynamicQuantizeLinear nodes of linears sharing an input (q/k/v, gate/up), as in 
 own quantize_dynamic writes: measured 9% faster on a q/k/v group at 128 tokens, same at 1 token,
 bit-identical outputs.
 
-act_scale="token": the symmetric per-row codes are formed in standard ops (`_int8_codes`,
-bit-identical to the reference), shifted to uint8 (+128, zero point 128), and
-`com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, s_x, wscale, 128)` runs the same uint8 x int8
-GEMM. A non-scalar A scale makes ORT compute the GEMM with A scale 1 and then multiply the
-output by s_x (broadcast), which would scale the bias too: so the bias is a separate Add, and
-the result is (acc·wscale[n])·s_x[m] + bias, the reference's order. s_x keeps x's rank
-(…, M, 1) even at M = 1, so ORT never takes it for a scalar; only a 1-D x (one (K,) vector)
-gives a 1-element s_x, which ORT folds into the column scales: acc·(s_x·wscale[n]), within an
-ulp of the reference rather than bit-identical.
+act_scale="token": the symmetric per-row codes come from one blocked `QuantizeLinear` (block =
+the row, zero point 128: the int8 codes shifted to uint8; `_int8_codes`, bit-identical to the
+reference; 7-9% faster than five element-wise ops), and
+`com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, 1, wscale, 128)` runs the same uint8 x int8
+GEMM with A scale 1, so ORT stays on its scalar-scale output stage (acc·wscale[n]); one Mul by
+the row scales s_x (…, M, 1) and the bias Add follow: (acc·wscale[n])·s_x[m] + bias, the
+reference's order, bit for bit at every rank. Handing ORT the (…, M, 1) scales instead makes
+it multiply the output by them itself: 5-10% slower per linear at 128 tokens (1 thread).
+Per token, each token's output depends on that token alone, which is what a KV cache (and any
+batch of unrelated sequences) needs; per tensor, the other tokens' range sets every token's
+scale (see passes/quantize/quantize_dynamic.py).
 
 The weight is consumed as an int8 (K, N) initializer with per-column float32 scales: the
 Transpose of the (N, K) buffer written here is folded at export (backends/onnx/optimize.py),
@@ -44,7 +46,16 @@ from fxforge.backends.onnx.lowerings import msft
 from fxforge.backends.onnx.lowerings import opset as op
 from fxforge.backends.onnx.lowerings._int8_codes import UINT8_ZERO_POINT, quantize_per_token_uint8, scalar
 from fxforge.ir.ops import register_lowering
-from fxforge.ir.verify import BIT_EXACT
+from fxforge.ir.verify import Tolerance
+
+# The bound a whole model holding W8A8 linears meets against eager. Each op is bit-exact to its
+# reference (tests/backends/onnx/test_lowering_linear_w8a8.py asserts that, to 1e-5), but rounding
+# activations is a step function: the ONNX model's other kernels (fused attention, skip norms)
+# sum in another order, and wherever a value sits on a rounding boundary that 1e-7 difference
+# becomes a whole quantization step. Measured on bench/cpu_llm.py's 4-layer TinyLlama-shaped
+# decoder: relative L2 0.0102, cosine 0.99995 on the logits; 3x room. The same amplification
+# is why add_kv_cache checks these graphs on their float surrogate (passes/kv_cache/token_mixing.py).
+MODEL_TOLERANCE = Tolerance.lossy(max_rel=0.03, min_cosine=0.999)
 
 
 def _matmul_integer_to_float_schema() -> OpSchema:
@@ -72,7 +83,7 @@ def _as_float(value):
     return value if value.dtype == FLOAT.dtype else op.Cast(value, to=FLOAT.dtype)
 
 
-@register_lowering("onnx", "linear_w8a8", tolerance=BIT_EXACT)
+@register_lowering("onnx", "linear_w8a8", tolerance=MODEL_TOLERANCE)
 def linear_w8a8_onnx(x, qweight, wscale, bias, act_scale: str = "tensor"):
     # qweight's int8 dtype, the shapes and act_scale were checked by the op's fake impl at trace time.
     x32 = _as_float(x)
@@ -83,9 +94,12 @@ def linear_w8a8_onnx(x, qweight, wscale, bias, act_scale: str = "tensor"):
         x_u8, x_scale, x_zero_point = op.DynamicQuantizeLinear(x32)
         y = _MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, x_scale, w_scale, x_zero_point, None, b32)
     else:
-        x_u8, x_scale = quantize_per_token_uint8(x32)
+        x_u8, x_scale = quantize_per_token_uint8(x32, qweight.shape[1])
         zero_point = op.Constant(value=scalar(UINT8_ZERO_POINT, np.uint8))
-        y = _MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, x_scale, w_scale, zero_point)
+        # A scale 1 keeps ORT on its scalar-scale output stage (acc·wscale[n]); the row scales
+        # follow in one Mul: measured faster than handing ORT the (…, M, 1) scales.
+        one = op.Constant(value_float=1.0)
+        y = op.Mul(_MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, one, w_scale, zero_point), x_scale)
         if b32 is not None:
             y = op.Add(y, b32)
     return y if x.dtype == FLOAT.dtype else op.Cast(y, to=x.dtype)

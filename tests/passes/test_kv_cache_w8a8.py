@@ -1,0 +1,55 @@
+"""add_kv_cache after quantize_dynamic: per-token W8A8 caches exactly, per-tensor is refused."""
+import pytest
+import torch
+
+from fxforge.errors import PassError
+from fxforge.passes.context import PassContext
+from fxforge.passes.pipeline import Pipeline
+from fxforge.runtime.cache_inputs import cached_inputs, empty_past
+from fxforge.runtime.meta_keys import KV_META
+from runtime.fused_code_lm import fused_graph
+
+
+@pytest.fixture(scope="module")
+def graph():
+    gm, ids = fused_graph(fused=True)
+    return gm, ids[:, :10]
+
+
+def test_per_token_w8a8_caches_exactly(graph):
+    gm, ids = graph
+    w8a8, report = Pipeline('quantize_dynamic(act_scale="token")').run(gm, PassContext(example_inputs=(ids,)))
+    assert report.records[0].sites > 0
+    cached, report = Pipeline("add_kv_cache").run(w8a8, PassContext(example_inputs=(ids,)))
+    assert [r.name for r in report.records] == ["add_kv_cache"]  # its exact check passed: not rolled back
+    # a 4-token prefill then the rest token by token gives the uncached W8A8 graph's logits
+    meta = cached.meta[KV_META]
+    out = cached(*cached_inputs(meta, ids[:, :4], 0, empty_past(meta, ids.shape[0], torch.float32)))
+    logits, past = [out[0]], [out[i] for pair in meta.present for i in pair]
+    for t in range(4, ids.shape[1]):
+        out = cached(*cached_inputs(meta, ids[:, t:t + 1], t, past))
+        logits.append(out[0])
+        past = [out[i] for pair in meta.present for i in pair]
+    full = w8a8(ids)
+    full = full[0] if isinstance(full, (tuple, list)) else full
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_per_tensor_w8a8_is_refused_with_the_fix(graph):
+    gm, ids = graph
+    with pytest.raises(PassError, match=r'one scale per tensor.*quantize_dynamic\(act_scale="token"\)'):
+        Pipeline("quantize_dynamic,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
+
+
+def test_float_activations_is_the_continuous_surrogate_only_inside():
+    # add_kv_cache checks W8A8 graphs on this surrogate: same codes, scales and bias, no rounding.
+    from fxforge.ir.ops.linear_w8a8 import float_activations
+
+    x, w8 = torch.randn(3, 16), torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    scale, bias = torch.rand(8) * 0.01 + 1e-3, torch.randn(8)
+    quantized = torch.ops.fxforge.linear_w8a8(x, w8, scale, bias, "token")
+    with float_activations():
+        surrogate = torch.ops.fxforge.linear_w8a8(x, w8, scale, bias, "token")
+    torch.testing.assert_close(surrogate, x @ (w8.float() * scale[:, None]).T + bias)
+    assert not torch.equal(surrogate, quantized)  # the rounding is really skipped inside...
+    assert torch.equal(torch.ops.fxforge.linear_w8a8(x, w8, scale, bias, "token"), quantized)  # ...and only there
