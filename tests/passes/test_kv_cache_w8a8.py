@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from fxforge.ir.ops import get_op
+
 from fxforge.errors import PassError
 from fxforge.passes.context import PassContext
 from fxforge.passes.pipeline import Pipeline
@@ -41,15 +43,17 @@ def test_per_tensor_w8a8_is_refused_with_the_fix(graph):
         Pipeline("quantize_dynamic,add_kv_cache").run(gm, PassContext(example_inputs=(ids,)))
 
 
-def test_float_activations_is_the_continuous_surrogate_only_inside():
-    # add_kv_cache checks W8A8 graphs on this surrogate: same codes, scales and bias, no rounding.
-    from fxforge.ir.ops.linear_w8a8 import float_activations
+def test_unrounded_is_the_continuous_surrogate_only_inside():
+    # add_kv_cache is checked on W8A8 graphs with this surrogate: same codes, scales and bias, no rounding.
+    from fxforge.ir.activation_rounding import unrounded
+
+    linear_w8a8 = get_op("linear_w8a8").overload  # what graphs call, and what unrounded() intercepts
 
     x, w8 = torch.randn(3, 16), torch.randint(-127, 128, (8, 16), dtype=torch.int8)
     scale, bias = torch.rand(8) * 0.01 + 1e-3, torch.randn(8)
-    quantized = torch.ops.fxforge.linear_w8a8(x, w8, scale, bias, "token")
-    with float_activations():
-        surrogate = torch.ops.fxforge.linear_w8a8(x, w8, scale, bias, "token")
+    quantized = linear_w8a8(x, w8, scale, bias, "token")
+    with unrounded(["linear_w8a8"]):
+        surrogate = linear_w8a8(x, w8, scale, bias, "token")
     torch.testing.assert_close(surrogate, x @ (w8.float() * scale[:, None]).T + bias)
     assert not torch.equal(surrogate, quantized)  # the rounding is really skipped inside...
-    assert torch.equal(torch.ops.fxforge.linear_w8a8(x, w8, scale, bias, "token"), quantized)  # ...and only there
+    assert torch.equal(linear_w8a8(x, w8, scale, bias, "token"), quantized)  # ...and only there

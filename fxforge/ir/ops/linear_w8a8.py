@@ -26,9 +26,7 @@ float32 and the result is cast back to x's dtype.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,27 +37,6 @@ from fxforge.ir.ops.registry import SampleInput, define_op
 INT8_MAX = 127
 UINT8_MAX = 255
 ACT_SCALES = ("tensor", "token")
-
-_FLOAT_ACTIVATIONS = contextvars.ContextVar("fxforge_w8a8_float_activations", default=False)
-
-
-@contextlib.contextmanager
-def float_activations() -> Iterator[None]:
-    """Within: the reference skips the activation rounding, x @ (W8·wscale)ᵀ + bias in float32.
-
-    For checking passes that are exact up to float reordering (add_kv_cache: a cached step sums
-    attention in another order) on graphs that hold W8A8 linears: rounding activations is a step
-    function, so a 1e-7 reordering upstream can move a value across a rounding boundary and the
-    output by a whole quantization step, far past any reordering tolerance, although the pass is
-    right. The continuous surrogate keeps every weight and wire of the op (the int8 codes, the
-    scales, the bias) and drops only the discontinuity, so a reordering-exact pass stays within
-    its tolerance and a wrong rewrite still shows. Never used to compute results."""
-    token = _FLOAT_ACTIVATIONS.set(True)
-    try:
-        yield
-    finally:
-        _FLOAT_ACTIVATIONS.reset(token)
-
 
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8 quantization of x (..., K): returns (x8 int8, s_x float32 (..., 1))."""
@@ -122,8 +99,6 @@ def linear_w8a8(
     w32 = wscale.to(torch.float32)
     if x.numel() == 0:
         y = x.new_zeros((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
-    elif _FLOAT_ACTIVATIONS.get():  # float_activations(): the continuous surrogate, for checking only
-        y = x.to(torch.float32) @ (qweight.to(torch.float32) * w32[:, None]).T
     elif act_scale == "tensor":
         q, scale, zero_point = quantize_per_tensor(x)
         y = _int_product(q.to(torch.float64) - zero_point.to(torch.float64), qweight) * (scale * w32)

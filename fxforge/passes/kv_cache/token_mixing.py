@@ -11,8 +11,8 @@ the per-token scale (exact under caching, and more accurate) as the way out.
 
 Per token, the cache is exact up to the float reordering of attention, as for any graph; but
 rounding activations turns a 1e-7 reordering into a whole quantization step wherever a value sits
-on a rounding boundary (measured: 1% relative L2 on the 4-layer model). So add_kv_cache checks
-its claim with W8A8 linears on their continuous surrogate (`linear_w8a8.float_activations`):
+on a rounding boundary (measured: 1% relative L2 on the 4-layer model). So verification checks
+add_kv_cache's claim with activations unrounded (`fxforge.ir.activation_rounding.unrounded`):
 every weight and wire is still checked, only the rounding's discontinuity is left out, and the
 per-tensor case, whose difference is real, is refused here before any check.
 """
