@@ -130,10 +130,10 @@ def dequantize_wq(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, gro
     """The float32 weight (N, k) that a packed linear_wq weight stands for."""
     check_wq_args(k, qweight, scales, zeros, None, bits, group_size)
     n, groups = qweight.shape[0], k // group_size
-    # Per group by broadcasting: the same (code - zero) * scale per element as with scales and
-    # zeros repeated to (N, K), without those two N x K float32 temporaries.
-    # In place on the one float32 buffer the result needs (same values): `(codes - zero) * scale`
-    # held three N x K float32 tensors at once, for an LM head most of an eager int4 run's peak.
+    # Per group by broadcasting (the same (code - zero) * scale per element as with scales and
+    # zeros repeated to (N, K)), in place on the one float32 buffer the result needs:
+    # `(codes - zero) * scale` held three N x K float32 tensors at once (for an LM head, most of
+    # an eager int4 run's peak).
     weight = unpack_bits(qweight, bits, k).reshape(n, groups, group_size).to(torch.float32)
     weight.sub_(zeros.to(torch.float32).unsqueeze(-1)).mul_(scales.to(torch.float32).unsqueeze(-1))
     return weight.reshape(n, k)
