@@ -156,7 +156,8 @@ class Quantize(Pass):
         desc = f"quantize ({self.method})" + (f" {where}" if where else "")
         for site in ctx.progress(sites, desc=desc, total=len(sites)):
             spec = specs[site.node.name]
-            matrix = orient(weight_of(gm, site).float(), self.group_axis)
+            weight = weight_of(gm, site)
+            matrix = orient(weight if method.takes_low_precision else weight.float(), self.group_axis)
             layer = method.quantize(matrix, spec, site, stats.get(site.node.name), self.group_axis)
             # the claim keeps the codes (1 byte a weight), not ŵ (4): a dense fp32 copy of every
             # quantized weight held until verification was most of quantize's peak memory

@@ -183,6 +183,7 @@ class Rtn(WeightQuantizer):
     """
 
     name = "rtn"
+    takes_low_precision = True  # mse_clip and quantize_matrix convert one chunk of rows at a time
     clip_search: bool = True
 
     def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
