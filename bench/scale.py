@@ -84,8 +84,15 @@ def build_model(layers: int, dtype: str, seed: int = 0, shrink: int = 1) -> Any:
                          max_position_embeddings=2048, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(getattr(torch, DTYPES[dtype])).eval()
+    # Built in its own dtype, as a user's bf16 checkpoint loads: building in fp32 and casting made
+    # the fp32 model (2P) the peak of every bf16 run, before fxforge ran at all.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, DTYPES[dtype]))
+    try:
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 

@@ -60,10 +60,13 @@ def pack_bits(q: Tensor, bits: int) -> Tensor:
         raise ValueError(f"pack_bits: code {int(q.max())} does not fit in {bits} bits (max {(1 << bits) - 1})")
     if bits == 8:
         return q.clone()
-    # Widen first: shifting a uint8 left would drop the high bits of the wider codes.
-    grouped = q.reshape(n, k // per_byte, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=q.device) * bits
-    return (grouped << shifts).sum(dim=-1).to(torch.uint8)
+    # OR-ed in uint8, one code position at a time: a code below 2^bits shifted to its offset stays
+    # below 256, so nothing is lost, and the temporaries are one packed row's size (the int32/int64
+    # form held ~12 bytes a code at once: 0.75 GiB for TinyLlama's LM head).
+    packed = q[:, 0::per_byte].clone(memory_format=torch.contiguous_format)
+    for j in range(1, per_byte):
+        packed |= q[:, j::per_byte] << (j * bits)
+    return packed
 
 
 def unpack_bits(packed: Tensor, bits: int, k: int) -> Tensor:
@@ -127,12 +130,33 @@ def dequantize_wq(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, gro
     """The float32 weight (N, k) that a packed linear_wq weight stands for."""
     check_wq_args(k, qweight, scales, zeros, None, bits, group_size)
     n, groups = qweight.shape[0], k // group_size
-    # Per group by broadcasting: the same (code - zero) * scale per element as with scales and
-    # zeros repeated to (N, K), without those two N x K float32 temporaries.
-    codes = unpack_bits(qweight, bits, k).reshape(n, groups, group_size).to(torch.float32)
-    zero = zeros.to(torch.float32).unsqueeze(-1)
-    scale = scales.to(torch.float32).unsqueeze(-1)
-    return ((codes - zero) * scale).reshape(n, k)
+    # Per group by broadcasting (the same (code - zero) * scale per element as with scales and
+    # zeros repeated to (N, K)), in place on the one float32 buffer the result needs:
+    # `(codes - zero) * scale` held three N x K float32 tensors at once (for an LM head, most of
+    # an eager int4 run's peak).
+    weight = unpack_bits(qweight, bits, k).reshape(n, groups, group_size).to(torch.float32)
+    weight.sub_(zeros.to(torch.float32).unsqueeze(-1)).mul_(scales.to(torch.float32).unsqueeze(-1))
+    return weight.reshape(n, k)
+
+
+# The dense float32 weight built at once by the reference: a larger layer (an LM head) is
+# dequantized and multiplied this many bytes of rows at a time, so running it costs a slice of
+# the weight, not a whole float32 copy (TinyLlama's head: 250 MiB). Quantize's claim
+# (passes/quantize, ClaimedLinear) uses the same `row_chunks`, so both compute the same products.
+DENSE_CHUNK_BYTES = 64 << 20
+
+
+def row_chunks(rows: int, k: int) -> list[tuple[int, int]]:
+    """(start, stop) slices of output rows whose float32 (rows, k) weight is ≤ DENSE_CHUNK_BYTES."""
+    step = max(1, DENSE_CHUNK_BYTES // (4 * max(1, k)))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)] or [(0, 0)]
+
+
+def chunked_linear(x: Tensor, bias: Optional[Tensor], rows: int, k: int, weight_rows) -> Tensor:
+    """F.linear(x, W, bias) with W built by `weight_rows(start, stop)` one `row_chunks` slice at a time."""
+    parts = [F.linear(x, weight_rows(start, stop), None if bias is None else bias[start:stop])
+             for start, stop in row_chunks(rows, k)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 @define_op("linear_wq")
@@ -140,9 +164,12 @@ def linear_wq(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int
 ) -> Tensor:
     """Reference: unpack, dequantize and multiply in float32, return in x's dtype."""
-    weight = dequantize_wq(qweight, scales, zeros, bits, group_size, x.shape[-1])
+    k = x.shape[-1]
+    check_wq_args(k, qweight, scales, zeros, bias, bits, group_size)
     b = None if bias is None else bias.to(torch.float32)
-    return F.linear(x.to(torch.float32), weight, b).to(x.dtype)
+    out = chunked_linear(x.to(torch.float32), b, qweight.shape[0], k, lambda start, stop: dequantize_wq(
+        qweight[start:stop], scales[start:stop], zeros[start:stop], bits, group_size, k))
+    return out.to(x.dtype)
 
 
 @linear_wq.register_fake

@@ -35,6 +35,7 @@ from torch.fx import GraphModule
 from fxforge.calibration.engine import BlockCalibration, calibrate
 from fxforge.calibration.streaming import rewrite_by_block, spill
 from fxforge.ir.graph import LinearSite, aten
+from fxforge.ir.ops.linear_wq import chunked_linear
 from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
@@ -155,7 +156,8 @@ class Quantize(Pass):
         desc = f"quantize ({self.method})" + (f" {where}" if where else "")
         for site in ctx.progress(sites, desc=desc, total=len(sites)):
             spec = specs[site.node.name]
-            matrix = orient(weight_of(gm, site).float(), self.group_axis)
+            weight = weight_of(gm, site)
+            matrix = orient(weight if method.takes_low_precision else weight.float(), self.group_axis)
             layer = method.quantize(matrix, spec, site, stats.get(site.node.name), self.group_axis)
             # the claim keeps the codes (1 byte a weight), not ŵ (4): a dense fp32 copy of every
             # quantized weight held until verification was most of quantize's peak memory
@@ -221,12 +223,25 @@ class ClaimedLinear:
         self.layer = layer
 
     def __call__(self, x: Any, bias: Any = None) -> Any:
-        layer = self.layer
+        if self.group_axis == "in" and self.layer.outliers is None:
+            # a large layer (an LM head) a slice of rows at a time, as the eager linear_wq does
+            matrix = self.layer.matrix
+            rows, k = matrix.codes.shape[0], matrix.scales.shape[1] * matrix.group_size
+            return chunked_linear(x, bias, rows, k, lambda start, stop: claimed_weight(
+                self._rows(start, stop), self.group_axis).to(self.dtype))
+        return aten.linear.default(x, claimed_weight(self._rows(), self.group_axis).to(self.dtype), bias)
+
+    def _rows(self, start: int = 0, stop: int | None = None) -> QuantizedLayer:
+        """The layer (rows start:stop of its matrix) with its codes unpacked to one a byte."""
+        matrix = self.layer.matrix
+        if stop is not None:
+            matrix = dataclasses.replace(matrix, codes=matrix.codes[start:stop], scales=matrix.scales[start:stop],
+                                         zeros=matrix.zeros[start:stop])
         if self.nibbles:
-            packed = layer.matrix.codes
+            packed = matrix.codes
             codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-            layer = dataclasses.replace(layer, matrix=dataclasses.replace(layer.matrix, codes=codes))
-        return aten.linear.default(x, claimed_weight(layer, self.group_axis).to(self.dtype), bias)
+            matrix = dataclasses.replace(matrix, codes=codes)
+        return dataclasses.replace(self.layer, matrix=matrix)
 
 
 def _spill_codes(gm: GraphModule, layer: QuantizedLayer) -> QuantizedLayer:

@@ -14,7 +14,7 @@ outliers for methods that keep some), so the pass has no per-method special case
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from torch import Tensor
 from torch.fx import GraphModule
@@ -44,7 +44,14 @@ class QuantizedLayer:
 
 @dataclass(frozen=True)
 class WeightQuantizer(Method):
-    """Base of quantize's methods (rtn, awq, gptq, easyquant)."""
+    """Base of quantize's methods (rtn, awq, gptq, easyquant).
+
+    takes_low_precision: the method converts the weight to float32 itself, a chunk at a time
+    (rtn), so the pass hands it a bf16/fp16 weight as it is instead of a float32 copy of the
+    whole matrix (an LM head's: twice the weight's bytes at once).
+    """
+
+    takes_low_precision: ClassVar[bool] = False
 
     def prepare_block(self, gm: GraphModule, sites: list[LinearSite], specs: Mapping[str, QuantSpec],
                       stats: Mapping[str, InputStatistics], group_axis: str, semantics: Semantics) -> dict[str, Any]:

@@ -50,9 +50,15 @@ class QuantizedMatrix:
     group_size: int
 
     def dequantize(self) -> Tensor:
-        scale = self.scales.repeat_interleave(self.group_size, dim=1)
-        zero = self.zeros.to(torch.float32).repeat_interleave(self.group_size, dim=1)
-        return (self.codes.to(torch.float32) - zero) * scale
+        rows, cols = self.codes.shape
+        # Per group by broadcasting, in place on the one float32 buffer the result needs: the same
+        # (q - z)·s per element as with scales and zeros repeated to (rows, cols), without those two
+        # and the difference as further (rows, cols) float32 temporaries (4 weights' worth at once:
+        # for an LM head that was most of quantize's peak while verification built the claim).
+        dense = self.codes.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        grouped = dense.view(rows, cols // self.group_size, self.group_size)
+        grouped.sub_(self.zeros.to(torch.float32).unsqueeze(-1)).mul_(self.scales.unsqueeze(-1))
+        return dense
 
 
 def qparams(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
@@ -75,7 +81,8 @@ def qparams(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Ten
 def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """Integer codes (float32 holding integers) of w under (scale, zero), broadcast along the last dim."""
     low = 1.0 if spec.sym else 0.0  # symmetric codes stay within ±(2^(b-1)-1) around the zero point
-    return torch.clamp(torch.round(w.to(torch.float32) / scale) + zero, low, spec.qmax)
+    # in place on the quotient: one temporary the size of w, not three (same values)
+    return torch.div(w.to(torch.float32), scale).round_().add_(zero).clamp_(low, spec.qmax)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
@@ -84,17 +91,27 @@ def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Te
 
 
 def quantize_matrix(m: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> QuantizedMatrix:
-    """Group-wise round-to-nearest of m (rows, cols); `clip` is a scalar or (rows, cols//g, 1) tensor."""
+    """Group-wise round-to-nearest of m (rows, cols); `clip` is a scalar or (rows, cols//g, 1) tensor.
+
+    Rows are independent, so they are done CLIP_CHUNK_ELEMENTS weights at a time straight into
+    the uint8 codes: the float32 codes of a whole LM head (4 bytes a weight, plus the float32
+    copy of a 16-bit weight) were the largest temporary of the quantize pass.
+    """
     rows, cols = m.shape
-    groups = m.to(torch.float32).reshape(rows, cols // spec.group_size, spec.group_size)
-    scale, zero = qparams(groups, spec, clip)
-    codes = quantize_codes(groups, scale, zero, spec)
-    return QuantizedMatrix(
-        codes=codes.reshape(rows, cols).to(torch.uint8),
-        scales=scale.squeeze(-1),
-        zeros=zero.squeeze(-1).to(torch.uint8),
-        group_size=spec.group_size,
-    )
+    g = spec.group_size
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=m.device)
+    scales, zeros = [], []
+    step = max(1, CLIP_CHUNK_ELEMENTS // max(1, cols))
+    per_row_clip = isinstance(clip, Tensor) and clip.dim() > 0 and clip.shape[0] == rows
+    for start in range(0, rows, step):
+        groups = m[start:start + step].to(torch.float32).reshape(-1, cols // g, g)
+        scale, zero = qparams(groups, spec, clip[start:start + step] if per_row_clip else clip)
+        codes[start:start + step] = quantize_codes(groups, scale, zero, spec).reshape(-1, cols)
+        scales.append(scale.squeeze(-1))
+        zeros.append(zero.squeeze(-1).to(torch.uint8))
+    if not scales:  # no rows
+        scales, zeros = [torch.empty(0, cols // g)], [torch.empty(0, cols // g, dtype=torch.uint8)]
+    return QuantizedMatrix(codes=codes, scales=torch.cat(scales), zeros=torch.cat(zeros), group_size=g)
 
 
 def quantize_weight_rtn(m: Tensor, spec: QuantSpec, clip_search: bool = False) -> QuantizedMatrix:
@@ -166,6 +183,7 @@ class Rtn(WeightQuantizer):
     """
 
     name = "rtn"
+    takes_low_precision = True  # mse_clip and quantize_matrix convert one chunk of rows at a time
     clip_search: bool = True
 
     def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
