@@ -142,14 +142,18 @@ def _quantize_block(wt: Tensor, upper: Tensor, diag: list[float], start: int, st
 
 
 def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group_axis: str = "in", *,
-                         damp: float = 0.01, block_size: int = 128) -> QuantizedMatrix:
-    """GPTQ codes for `matrix` (W (N, K) for group_axis="in", Wᵀ (K, N) for "out"); hessian is (K, K)."""
+                         damp: float = 0.01, block_size: int = 128, rows: int | None = None) -> QuantizedMatrix:
+    """GPTQ codes for `matrix` (W (N, K) for group_axis="in", Wᵀ (K, N) for "out"); hessian is (K, K).
+
+    With `rows`, `hessian` is the Gram matrix XᵀX of that many rows (H = XᵀX / rows, formed in
+    the factorization's own buffer rather than as one more K×K).
+    """
     per_row = group_axis == "in"
     source = matrix.T if per_row else matrix
     k, n = source.shape
-    wt = torch.empty(k, n).copy_(source)  # Wᵀ (K, N): a private float32 copy, updated in place
     g = spec.group_size
-    upper, dead = inverse_hessian_factor(hessian, damp)
+    upper, dead = inverse_hessian_factor(hessian, damp, rows=rows)  # first: its K×K temporaries peak alone
+    wt = torch.empty(k, n).copy_(source)  # Wᵀ (K, N): a private float32 copy, updated in place
     wt[dead] = 0.0
     codes = torch.empty(k, n)
     scales = torch.zeros(k // g, n) if per_row else torch.zeros(k, n // g)  # per_row: transposed at the end
@@ -174,8 +178,10 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group
             _quantize_block(wt, upper, diag, start, stop, block_err, round_column)
         if stop < k:  # the lazy batch update: the block's errors reach every later column at once
             wt[stop:].addmm_(upper[start:stop, stop:].T, block_err, alpha=-1.0)
+    del upper, errors  # the K×K factor goes before the outputs are built
+    codes = codes.to(torch.uint8)  # exact small integers; converted before the transposed copy (¼ the bytes)
     oriented = codes.T if per_row else codes
-    return QuantizedMatrix(codes=oriented.contiguous().to(torch.uint8),
+    return QuantizedMatrix(codes=oriented.contiguous(),
                            scales=(scales.T if per_row else scales).contiguous(),
                            zeros=(zeros.T if per_row else zeros).contiguous().to(torch.uint8), group_size=g)
 
@@ -209,8 +215,9 @@ class Gptq(WeightQuantizer):
         return {"rank_deficient": short} if short else {}
 
     def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
-        return QuantizedLayer(quantize_weight_gptq(matrix, spec, stats.hessian, group_axis, damp=self.damp,
-                                                   block_size=self.block_size))
+        # The Gram matrix and its row count, not stats.hessian: that would be one more K×K.
+        return QuantizedLayer(quantize_weight_gptq(matrix, spec, stats.gram, group_axis, damp=self.damp,
+                                                   block_size=self.block_size, rows=stats.rows))
 
     def finish(self, notes: dict) -> None:
         """GPTQ with fewer calibration rows than input features has a singular Hessian and fits
