@@ -155,7 +155,11 @@ class Quantize(Pass):
         desc = f"quantize ({self.method})" + (f" {where}" if where else "")
         for site in ctx.progress(sites, desc=desc, total=len(sites)):
             spec = specs[site.node.name]
-            matrix = orient(weight_of(gm, site).float(), self.group_axis)
+            weight = weight_of(gm, site)
+            # a method that copies the weight into float32 itself (GPTQ) gets it as it is: a float32
+            # copy here as well would be one more weight-sized matrix (bf16 7B head: 0.5 GiB)
+            matrix = orient(weight if method.takes_weight_dtype else weight.float(), self.group_axis)
+            del weight
             layer = method.quantize(matrix, spec, site, stats.get(site.node.name), self.group_axis)
             # the claim keeps the codes (1 byte a weight), not ŵ (4): a dense fp32 copy of every
             # quantized weight held until verification was most of quantize's peak memory

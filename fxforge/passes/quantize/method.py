@@ -46,6 +46,10 @@ class QuantizedLayer:
 class WeightQuantizer(Method):
     """Base of quantize's methods (rtn, awq, gptq, easyquant)."""
 
+    # True: `quantize` takes the weight in its own dtype (bf16, fp16) and makes its one float32
+    # working copy itself; False: the pass hands it a float32 copy.
+    takes_weight_dtype = False
+
     def prepare_block(self, gm: GraphModule, sites: list[LinearSite], specs: Mapping[str, QuantSpec],
                       stats: Mapping[str, InputStatistics], group_axis: str, semantics: Semantics) -> dict[str, Any]:
         """Anything done to a block before its layers are quantized (AWQ folds its scales); returns notes."""

@@ -131,3 +131,16 @@ def test_in_place_factor_is_bit_identical_to_the_copying_chain(dead):
 def test_a_hessian_that_is_not_positive_definite_names_damp():
     with pytest.raises(torch.linalg.LinAlgError, match="damp"):
         inverse_hessian_factor(-torch.eye(8), 0.0)
+
+
+@pytest.mark.parametrize("group_axis", ["in", "out"])
+def test_a_bf16_weight_gives_the_codes_of_its_float32_copy(group_axis):
+    """The pass hands GPTQ a bf16 weight as it is (no float32 copy of its own): the codes,
+    staged a block at a time as bytes, equal those of the float32 copy."""
+    w, h = _problem(32, 128, 256, seed=8)
+    m = (w if group_axis == "in" else w.T.contiguous()).bfloat16()
+    spec = QuantSpec(4, 32 if group_axis == "in" else 16)
+    got = quantize_weight_gptq(m, spec, h, group_axis, block_size=48)
+    want = quantize_weight_gptq(m.float(), spec, h, group_axis, block_size=48)
+    assert got.codes.dtype == torch.uint8 and torch.equal(got.codes, want.codes)
+    assert torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros)
