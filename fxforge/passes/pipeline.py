@@ -25,7 +25,9 @@ from fxforge.passes.compatibility import check_composition
 from fxforge.passes.context import PassContext
 from fxforge.passes.cow import SharedTensorGuard, new_tensor_bytes, peak_rss_bytes, release, structural_copy
 from fxforge.passes.spec import parse_pass, parse_pipeline
-from fxforge.passes.verification import Verification, forget_outputs, verify_pass
+from fxforge.calibration.streaming import streamed
+from fxforge.passes.streamed_verification import verify_streamed_pass
+from fxforge.passes.verification import Verification, _overrides_verify, forget_outputs, verify_pass
 
 __all__ = ["Pipeline", "PipelineReport", "PassRecord", "run_pass", "dump"]
 
@@ -199,7 +201,10 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
         verification, verify_seconds = Verification(), 0.0
         if verify and ctx.example_inputs:
             verify_start = time.perf_counter()
-            verification = verify_pass(p, gm, after_gm, result, ctx, max_loss=bound)
+            if streamed(gm) is not None and not _overrides_verify(p):  # one block's weights at a time
+                verification = verify_streamed_pass(p, gm, after_gm, result, ctx, max_loss=bound)
+            else:
+                verification = verify_pass(p, gm, after_gm, result, ctx, max_loss=bound)
             verify_seconds = time.perf_counter() - verify_start
     except BaseException:
         for dropped in (work, after_gm):  # rolled back: the copy's new tensors go now

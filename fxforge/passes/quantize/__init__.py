@@ -157,7 +157,11 @@ class Quantize(Pass):
         for site in ctx.progress(sites, desc=desc, total=len(sites)):
             spec = specs[site.node.name]
             weight = weight_of(gm, site)
+            # a method that converts to float32 itself (rtn by chunks, gptq into its working copy)
+            # gets the weight as it is: a float32 copy here too would be one more weight-sized
+            # matrix (bf16 7B head: 0.5 GiB)
             matrix = orient(weight if method.takes_low_precision else weight.float(), self.group_axis)
+            del weight
             layer = method.quantize(matrix, spec, site, stats.get(site.node.name), self.group_axis)
             # the claim keeps the codes (1 byte a weight), not ŵ (4): a dense fp32 copy of every
             # quantized weight held until verification was most of quantize's peak memory

@@ -142,16 +142,27 @@ def _quantize_block(wt: Tensor, upper: Tensor, diag: list[float], start: int, st
 
 
 def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group_axis: str = "in", *,
-                         damp: float = 0.01, block_size: int = 128) -> QuantizedMatrix:
-    """GPTQ codes for `matrix` (W (N, K) for group_axis="in", Wᵀ (K, N) for "out"); hessian is (K, K)."""
+                         damp: float = 0.01, block_size: int = 128, rows: int | None = None) -> QuantizedMatrix:
+    """GPTQ codes for `matrix` (W (N, K) for group_axis="in", Wᵀ (K, N) for "out", any float
+    dtype: it is copied once into a float32 working matrix); hessian is (K, K).
+
+    With `rows`, `hessian` is the Gram matrix XᵀX of that many rows (H = XᵀX / rows, formed in
+    the factorization's own buffer rather than as one more K×K).
+    """
     per_row = group_axis == "in"
     source = matrix.T if per_row else matrix
     k, n = source.shape
-    wt = torch.empty(k, n).copy_(source)  # Wᵀ (K, N): a private float32 copy, updated in place
     g = spec.group_size
-    upper, dead = inverse_hessian_factor(hessian, damp)
+    upper, dead = inverse_hessian_factor(hessian, damp, rows=rows)  # first: its K×K temporaries peak alone
+    wt = torch.empty(k, n).copy_(source)  # Wᵀ (K, N): a private float32 copy, updated in place
     wt[dead] = 0.0
-    codes = torch.empty(k, n)
+    codes = torch.empty(k, n, dtype=torch.uint8)
+    bounds = block_bounds(k, g, block_size, per_row)
+    longest = max(stop - start for start, stop in bounds)
+    # A block's codes as the rounding writes them (float rows), stored as bytes when the block
+    # ends: a float32 K×N for every code would be 4× the bytes (0.5 GiB for a 7B LM head).
+    staged = torch.empty(longest, n)
+    first = [0]  # the current block's first column
     scales = torch.zeros(k // g, n) if per_row else torch.zeros(k, n // g)  # per_row: transposed at the end
     zeros = torch.zeros_like(scales)
     if per_row:
@@ -160,22 +171,24 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group
         def round_column(col: int) -> Tensor:
             if col % g == 0:  # the group's range, from weights already corrected by earlier columns
                 groups.start_group(col // g, wt[col:col + g])
-            return groups.round(wt[col], codes[col])
+            return groups.round(wt[col], staged[col - first[0]])
     else:
         def round_column(col: int) -> Tensor:
-            return _round_output_groups(spec, wt[col], codes[col], scales[col], zeros[col])
+            return _round_output_groups(spec, wt[col], staged[col - first[0]], scales[col], zeros[col])
 
-    bounds = block_bounds(k, g, block_size, per_row)
-    errors = torch.empty(max(stop - start for start, stop in bounds), n)  # a block's scaled errors, row by row
+    errors = torch.empty(longest, n)  # a block's scaled errors, row by row
     diag = upper.diagonal().tolist()
     for start, stop in bounds:
         block_err = errors[: stop - start]
+        first[0] = start
         with single_threaded():
             _quantize_block(wt, upper, diag, start, stop, block_err, round_column)
+        codes[start:stop].copy_(staged[: stop - start])  # exact small integers
         if stop < k:  # the lazy batch update: the block's errors reach every later column at once
             wt[stop:].addmm_(upper[start:stop, stop:].T, block_err, alpha=-1.0)
+    del upper, errors  # the K×K factor goes before the outputs are built
     oriented = codes.T if per_row else codes
-    return QuantizedMatrix(codes=oriented.contiguous().to(torch.uint8),
+    return QuantizedMatrix(codes=oriented.contiguous(),
                            scales=(scales.T if per_row else scales).contiguous(),
                            zeros=(zeros.T if per_row else zeros).contiguous().to(torch.uint8), group_size=g)
 
@@ -195,6 +208,7 @@ class Gptq(WeightQuantizer):
     name = "gptq"
     needs_calibration = True
     statistics = ("gram",)
+    takes_low_precision = True  # quantize_weight_gptq copies the weight into its float32 Wᵀ itself
     damp: float = 0.01
     block_size: int = 128
 
@@ -209,8 +223,9 @@ class Gptq(WeightQuantizer):
         return {"rank_deficient": short} if short else {}
 
     def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
-        return QuantizedLayer(quantize_weight_gptq(matrix, spec, stats.hessian, group_axis, damp=self.damp,
-                                                   block_size=self.block_size))
+        # The Gram matrix and its row count, not stats.hessian: that would be one more K×K.
+        return QuantizedLayer(quantize_weight_gptq(matrix, spec, stats.gram, group_axis, damp=self.damp,
+                                                   block_size=self.block_size, rows=stats.rows))
 
     def finish(self, notes: dict) -> None:
         """GPTQ with fewer calibration rows than input features has a singular Hessian and fits

@@ -34,17 +34,73 @@ def damped_hessian(hessian: Tensor, damp: float, dtype: torch.dtype = torch.floa
     return h, dead
 
 
-def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01, *,
-                           dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def flip_in_place(matrix: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """`matrix.flip(0, 1)` written into `matrix` itself (contiguous); returns it.
+
+    Reversing both axes of a contiguous matrix reverses its flat buffer, so the two ends are
+    swapped `chunk` elements at a time: the only extra memory is one chunk, where `flip` would
+    allocate a second K×K (484 MiB at a 7B model's K = 11008).
+    """
+    if not matrix.is_contiguous():
+        raise ValueError("flip_in_place needs a contiguous matrix")
+    flat = matrix.view(-1)
+    n = flat.numel()
+    for start in range(0, n // 2, chunk):
+        size = min(chunk, n // 2 - start)
+        head, tail = flat[start:start + size], flat[n - start - size:n - start]
+        saved = head.flip(0)
+        head.copy_(tail.flip(0))
+        tail.copy_(saved)
+    return matrix
+
+
+def transpose_in_place(matrix: Tensor, tile: int = 512) -> Tensor:
+    """`matrix.T` written into the square `matrix` itself, tile by tile (one tile of extra
+    memory); returns it."""
+    k = matrix.shape[0]
+    for i in range(0, k, tile):
+        i_end = min(i + tile, k)
+        matrix[i:i_end, i:i_end] = matrix[i:i_end, i:i_end].T.clone()
+        for j in range(i_end, k, tile):
+            j_end = min(j + tile, k)
+            saved = matrix[i:i_end, j:j_end].clone()
+            matrix[i:i_end, j:j_end] = matrix[j:j_end, i:i_end].T
+            matrix[j:j_end, i:i_end] = saved.T
+    return matrix
+
+
+def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01, *, dtype: torch.dtype = torch.float32,
+                           rows: int | None = None) -> tuple[Tensor, Tensor]:
     """(upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹ as float32, mask of dead channels).
 
     `dtype` is the precision of the factorization; float32 suffices for GPTQ (see the module
-    docstring), float64 costs about twice as long.
+    docstring), float64 costs about twice as long. With `rows`, `hessian` is the Gram matrix
+    XᵀX and H = XᵀX / rows is formed inside the function's own buffer (no K×K for H alone).
+
+    Memory: besides the caller's matrix, at most two K×K buffers of `dtype` exist at once (the
+    Cholesky factor, factorized in place, and the identity the triangular solve overwrites),
+    and one when the function returns, at the same results bit for bit as the out-of-place
+    chain it replaced (flip → cholesky → solve_triangular → flip: five K×K at the peak).
     """
-    h, dead = damped_hessian(hessian, damp, dtype)
+    h = hessian.detach().to(dtype, copy=True)
+    if rows is not None:
+        h.div_(max(rows, 1))
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
     k, device = h.shape[0], h.device
-    lower = torch.linalg.cholesky(h.flip(0, 1))
-    del h  # K×K temporaries are dropped as soon as used: at K = 5632 each is 127 MiB in float32
-    lower_inverse = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=dtype, device=device), upper=False)
-    del lower
-    return lower_inverse.flip(0, 1).to(torch.float32), dead
+    # LAPACK works on column-major matrices: the buffer is rearranged in place so that its
+    # column-major view is the reversed H (P·H·P), the same matrix, element for element, that
+    # torch.linalg.cholesky(h.flip(0, 1)) would copy out (H may be asymmetric in its last bit).
+    lower = flip_in_place(transpose_in_place(h)).mT
+    info = torch.empty((), dtype=torch.int32, device=device)
+    torch.linalg.cholesky_ex(lower, out=(lower, info))  # in place: L overwrites P·H·P
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(
+            f"the damped Hessian ({k}×{k}) is not positive definite (leading minor {int(info)}): raise damp "
+            f"(now {damp}) or give more calibration data")
+    inverse = torch.eye(k, dtype=dtype, device=device).mT  # column-major, as the solver wants it
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)  # in place: L⁻¹ overwrites I
+    del h, lower  # K×K temporaries are dropped as soon as used: at K = 11008 each is 484 MiB in float32
+    # U = P·L⁻¹·P in row-major order: the buffer holds (L⁻¹)ᵀ row-major, so transpose, then reverse.
+    return flip_in_place(transpose_in_place(inverse.mT)).to(torch.float32), dead

@@ -46,9 +46,9 @@ class QuantizedLayer:
 class WeightQuantizer(Method):
     """Base of quantize's methods (rtn, awq, gptq, easyquant).
 
-    takes_low_precision: the method converts the weight to float32 itself, a chunk at a time
-    (rtn), so the pass hands it a bf16/fp16 weight as it is instead of a float32 copy of the
-    whole matrix (an LM head's: twice the weight's bytes at once).
+    takes_low_precision: the method converts the weight to float32 itself (rtn a chunk of rows
+    at a time, gptq into its one working copy), so the pass hands it a bf16/fp16 weight as it is
+    instead of a float32 copy of the whole matrix (an LM head's: twice the weight's bytes at once).
     """
 
     takes_low_precision: ClassVar[bool] = False

@@ -5,7 +5,7 @@ import torch
 from gptq_reference import inverse_hessian_factor_reference, quantize_weight_gptq_reference
 
 from fxforge.passes.quantize.gptq import block_bounds, quantize_weight_gptq
-from fxforge.passes.quantize.hessian import damped_hessian, inverse_hessian_factor
+from fxforge.passes.quantize.hessian import damped_hessian, flip_in_place, inverse_hessian_factor, transpose_in_place
 from fxforge.passes.quantize.rtn import QuantSpec
 
 
@@ -96,3 +96,51 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     torch.testing.assert_close(upper, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()))
     upper64, _ = inverse_hessian_factor(h, 0.01, dtype=torch.float64)  # shift_add's precision
     torch.testing.assert_close(upper64, reference, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("k,chunk,tile", [(7, 3, 2), (64, 1 << 20, 512), (129, 100, 16)])
+def test_in_place_flip_and_transpose_equal_the_copying_ones(k, chunk, tile):
+    m = torch.randn(k, k)
+    assert torch.equal(flip_in_place(m.clone(), chunk=chunk), m.flip(0, 1))
+    assert torch.equal(transpose_in_place(m.clone(), tile=tile), m.T)
+    with pytest.raises(ValueError, match="contiguous"):
+        flip_in_place(m.T)
+
+
+@pytest.mark.parametrize("dead", [0, 5])
+def test_in_place_factor_is_bit_identical_to_the_copying_chain(dead):
+    """The factor built in place (H from the Gram matrix inside its own buffer, Cholesky and
+    triangular solve overwriting their inputs) equals the out-of-place chain it replaced bit for
+    bit, on a Gram matrix that is not exactly symmetric (GEMM rounding makes that possible)."""
+    _, h = _problem(1, 200, 300, seed=7, dead=dead)
+    rows = 300
+    gram = h * rows
+    gram[3, 9] = torch.nextafter(gram[3, 9], torch.tensor(float("inf")))  # asymmetric in the last bit
+    damped, dead_mask = damped_hessian(gram / rows, 0.01)
+    lower = torch.linalg.cholesky(damped.flip(0, 1))
+    expected = torch.linalg.solve_triangular(lower, torch.eye(200), upper=False).flip(0, 1)
+    upper, mask = inverse_hessian_factor(gram, 0.01, rows=rows)
+    assert torch.equal(upper, expected) and torch.equal(mask, dead_mask)
+    w = torch.randn(16, 200)
+    spec = QuantSpec(4, 40)
+    by_gram = quantize_weight_gptq(w, spec, gram, rows=rows)
+    by_hessian = quantize_weight_gptq(w, spec, gram / rows)
+    assert torch.equal(by_gram.codes, by_hessian.codes) and torch.equal(by_gram.scales, by_hessian.scales)
+
+
+def test_a_hessian_that_is_not_positive_definite_names_damp():
+    with pytest.raises(torch.linalg.LinAlgError, match="damp"):
+        inverse_hessian_factor(-torch.eye(8), 0.0)
+
+
+@pytest.mark.parametrize("group_axis", ["in", "out"])
+def test_a_bf16_weight_gives_the_codes_of_its_float32_copy(group_axis):
+    """The pass hands GPTQ a bf16 weight as it is (no float32 copy of its own): the codes,
+    staged a block at a time as bytes, equal those of the float32 copy."""
+    w, h = _problem(32, 128, 256, seed=8)
+    m = (w if group_axis == "in" else w.T.contiguous()).bfloat16()
+    spec = QuantSpec(4, 32 if group_axis == "in" else 16)
+    got = quantize_weight_gptq(m, spec, h, group_axis, block_size=48)
+    want = quantize_weight_gptq(m.float(), spec, h, group_axis, block_size=48)
+    assert got.codes.dtype == torch.uint8 and torch.equal(got.codes, want.codes)
+    assert torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros)
