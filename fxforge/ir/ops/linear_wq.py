@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxforge.ir.dequantize_cache import dequantized
 from fxforge.ir.ops.registry import SampleInput, define_op
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -140,7 +141,10 @@ def linear_wq(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int
 ) -> Tensor:
     """Reference: unpack, dequantize and multiply in float32, return in x's dtype."""
-    weight = dequantize_wq(qweight, scales, zeros, bits, group_size, x.shape[-1])
+    k = x.shape[-1]
+    # inside verification each weight is dequantized once, not per call (fxforge/ir/dequantize_cache.py)
+    weight = dequantized((qweight, scales, zeros), (bits, group_size, k),
+                         lambda: dequantize_wq(qweight, scales, zeros, bits, group_size, k))
     b = None if bias is None else bias.to(torch.float32)
     return F.linear(x.to(torch.float32), weight, b).to(x.dtype)
 
