@@ -55,6 +55,7 @@ import torch.utils._pytree as pytree
 from safetensors.torch import load_file, save_file
 
 from fxforge.artifact_manifest import FORMAT_VERSION, Manifest, load_treespec, parse_manifest
+from fxforge.artifact_shapes import can_rebuild, input_shapes, rebuild_meta
 from fxforge.atomic import BACKUP, atomic_directory, stale_siblings
 from fxforge.errors import ArtifactError
 from fxforge.ir.allowlist import check_attr_path, check_dotted_name
@@ -222,6 +223,7 @@ def _plan(compiled: ArtifactContents) -> _Plan:
         "backend": compiled.backend,
         **specs,
         "input_names": list(input_names) if input_names is not None else None,
+        "input_shapes": input_shapes(gm),  # load rebuilds shape metadata from these, without tracing
         "graph_meta": graph_meta,
         "tensors": {name: {"parameter": name in params,
                            "requires_grad": bool(params[name].requires_grad) if name in params else False,
@@ -293,7 +295,10 @@ def load_artifact(directory: str | Path) -> ArtifactContents:
             set_attr(gm, name, weights[info.alias_of or name], buffer=not info.parameter,
                      trainable=info.requires_grad)
         gm = torch.fx.GraphModule(gm, graph, class_name="FxforgeGraph")  # FX generates code here
-        gm = trace(gm, example_inputs)  # rebuilds node.meta["val"] with the same dynamic dims
+        if can_rebuild(example_inputs, manifest.input_shapes):
+            rebuild_meta(gm, example_inputs, manifest.input_shapes)  # fake propagation, no trace
+        else:  # an artifact without input_shapes (older, or derived input dims)
+            gm = trace(gm, example_inputs)  # rebuilds node.meta["val"] with the same dynamic dims
         _restore_requires_grad(gm, manifest)
     except Exception as exc:  # the checked data still describes a graph that does not run
         raise ArtifactError(f"artifact {directory} describes a graph that cannot be rebuilt: "

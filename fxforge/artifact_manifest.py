@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.utils._pytree as pytree
 
+from fxforge.artifact_shapes import check_input_shapes
 from fxforge.errors import ArtifactError
 from fxforge.ir.allowlist import check_attr_path, check_dotted_name
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES, OUT_SPEC
@@ -53,6 +54,9 @@ class Manifest:
     # the OnnxOptions model.onnx was translated with (absent: no model.onnx, or an older artifact,
     # whose file is then not reused by fxforge.load)
     onnx_options: Any = None
+    # each graph input's dims, ints and dim names (fxforge/artifact_shapes.py): load rebuilds shape
+    # metadata from them without tracing; absent (older artifacts, derived dims): load re-traces
+    input_shapes: list[list[int | str]] | None = None
 
 
 def parse_manifest(data: Any, *, allowed_files: frozenset[str], backends: frozenset[str]) -> Manifest:
@@ -101,7 +105,8 @@ def parse_manifest(data: Any, *, allowed_files: frozenset[str], backends: frozen
     return Manifest(**text, in_spec=in_spec, out_spec=out_spec, input_names=input_names,
                     graph_meta=graph_meta, tensors=tensors,
                     report=_field(data, "report", list, optional=True) or [], files=files,
-                    onnx_options=_onnx_options(_field(data, "onnx_options", dict, optional=True)))
+                    onnx_options=_onnx_options(_field(data, "onnx_options", dict, optional=True)),
+                    input_shapes=check_input_shapes(data.get("input_shapes")))
 
 
 def _onnx_options(value: dict[str, Any] | None) -> Any:

@@ -14,10 +14,12 @@ Cost: per shape the graph before and the result run once each, plus the referenc
 passes; the reference shares every tensor of the graph before except those the pass replaced,
 and is dropped right after the check. In a pipeline the graph before a pass is the previous
 pass's result, already run at the same inputs: its outputs are reused (`_RESULT_OUTPUTS`), not
-computed again.
+computed again. While an exact pass is checked, packed-weight ops dequantize each weight once
+(`fxforge.ir.dequantize_cache`), not on every run of the graph before and after.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from torch.fx import GraphModule
 
 from fxforge.ir.activation_rounding import rounding_ops, unrounded
 from fxforge.passes.cow import release
+from fxforge.ir.dequantize_cache import reuse_dequantized
 from fxforge.errors import PassError
 from fxforge.ir.shapes import describe_shapes, second_shape_inputs
 from fxforge.ir.verify import (
@@ -96,6 +99,12 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
         verification.note = "; ".join(filter(None, [
             f"checked with activations unrounded ({', '.join(rounding_ops(before))} round them: a reordered "
             "sum or a cached step may land one step away; the loss is measured as they round)", verification.note]))
+    # An exact pass runs the same packed weights several times (before and after, per shape):
+    # each is dequantized once. Not beside a semantics reference, which already holds a float
+    # copy of every weight the pass replaced (the two together would double the peak).
+    reuse = contextlib.ExitStack()
+    if reference is None:
+        reuse.enter_context(reuse_dequantized())
     try:
         for index, inputs in enumerate(shapes):
             try:
@@ -111,6 +120,7 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
                 node = first_divergent_node(expected, after, inputs, check.tolerance)
                 raise PassError(_bug_message(p, verification.against, check, node), pass_name=p.name, node=node)
     finally:
+        reuse.close()  # the dequantized weights: freed with the check
         _RESULT_OUTPUTS.pop(before, None)  # each graph is the graph before of one pass at most
         if reference is not None:
             release(reference)  # no cycle keeps the claimed weights alive past the check
@@ -166,7 +176,9 @@ def forget_outputs(gm: GraphModule) -> None:
     _RESULT_OUTPUTS.pop(gm, None)
 
 
-def _run_before(before: GraphModule, inputs: Sequence[Any]) -> list[Any]:
+def outputs_of_before(before: GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    """`before`'s flat outputs at `inputs`: those its own verification kept when they still hold
+    (a pass's custom `verify` calls this for the graph before it), else a new run."""
     kept = _RESULT_OUTPUTS.get(before, ())
     state = _tensor_state(before) if kept else None
     for seen, outputs, seen_state in kept:
@@ -180,7 +192,7 @@ def _check_shape(p: "Pass", before: GraphModule, after: GraphModule, reference: 
     shapes = describe_shapes(inputs)
     at_shape = dataclasses.replace(ctx, example_inputs=tuple(inputs))
     try:
-        outputs_before = _run_before(before, inputs)
+        outputs_before = outputs_of_before(before, inputs)
     except Exception as exc:
         raise _BeforeFailed(f"{type(exc).__name__}: {exc}") from exc
     # After an activation-quantizing pass the claim is checked with activations unrounded (a
@@ -249,4 +261,4 @@ def _bug_message(p: "Pass", against: str, check: ShapeCheck, node: str | None) -
             f"{check.check.describe()}{where}. This is a bug in the pass, not loss. The input graph is unchanged.")
 
 
-__all__ = ["Verification", "ShapeCheck", "verify_pass"]
+__all__ = ["Verification", "ShapeCheck", "verify_pass", "outputs_of_before"]

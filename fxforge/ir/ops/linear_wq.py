@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxforge.ir.dequantize_cache import dequantized
 from fxforge.ir.ops.registry import SampleInput, define_op
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -167,7 +168,15 @@ def linear_wq(
     k = x.shape[-1]
     check_wq_args(k, qweight, scales, zeros, bias, bits, group_size)
     b = None if bias is None else bias.to(torch.float32)
-    out = chunked_linear(x.to(torch.float32), b, qweight.shape[0], k, lambda start, stop: dequantize_wq(
+    rows = qweight.shape[0]
+    if len(row_chunks(rows, k)) == 1:
+        # inside verification each weight is dequantized once, not per call (fxforge/ir/dequantize_cache.py)
+        weight = dequantized((qweight, scales, zeros), (bits, group_size, k),
+                             lambda: dequantize_wq(qweight, scales, zeros, bits, group_size, k))
+        return F.linear(x.to(torch.float32), weight, b).to(x.dtype)
+    # a layer too large to hold dense (an LM head) is dequantized a slice of rows at a time, each
+    # call: caching it would hold the dense copy the slicing exists to avoid
+    out = chunked_linear(x.to(torch.float32), b, rows, k, lambda start, stop: dequantize_wq(
         qweight[start:stop], scales[start:stop], zeros[start:stop], bits, group_size, k))
     return out.to(x.dtype)
 

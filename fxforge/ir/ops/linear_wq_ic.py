@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fxforge.ir.dequantize_cache import dequantized
 from fxforge.ir.ops.linear_wq import check_wq_args, dequantize_wq, pack_bits
 from fxforge.ir.ops.registry import SampleInput, define_op
 
@@ -50,7 +51,9 @@ def linear_wq_ic(
 ) -> Tensor:
     """Reference: dequantize Wᵀ in float32, multiply, return in x's dtype."""
     check_wq_ic_args(x.shape[-1], qweight, scales, zeros, bias, bits, group_size)
-    weight_t = dequantize_wq(qweight, scales, zeros, bits, group_size, out_features(scales, group_size))
+    n = out_features(scales, group_size)
+    weight_t = dequantized((qweight, scales, zeros), (bits, group_size, n),  # fxforge/ir/dequantize_cache.py
+                           lambda: dequantize_wq(qweight, scales, zeros, bits, group_size, n))
     y = x.to(torch.float32) @ weight_t
     if bias is not None:
         y = y + bias.to(torch.float32)

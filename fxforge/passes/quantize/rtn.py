@@ -66,13 +66,25 @@ def qparams(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Ten
 
     `clip` shrinks the range (max·clip, min·clip), as AWQ's clip search and EasyQuant do.
     """
+    return qparams_of_range(group_range(w, spec), spec, clip)
+
+
+def group_range(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
+    """What `qparams` reads of each row of w (..., g): (absmax, None) if symmetric, else (max, min)."""
     w = w.to(torch.float32)
     if spec.sym:
-        absmax = w.abs().amax(dim=-1, keepdim=True) * clip
-        scale = (absmax / ((1 << (spec.bits - 1)) - 1)).clamp(min=MIN_SCALE)
+        return w.abs().amax(dim=-1, keepdim=True), None
+    return w.amax(dim=-1, keepdim=True), w.amin(dim=-1, keepdim=True)
+
+
+def qparams_of_range(extent: tuple[Tensor, Tensor | None], spec: QuantSpec,
+                     clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """`qparams` from a `group_range`: a clip search reads each group's range once, not per factor."""
+    hi, lo = extent
+    if spec.sym:
+        scale = ((hi * clip) / ((1 << (spec.bits - 1)) - 1)).clamp(min=MIN_SCALE)
         return scale, torch.full_like(scale, float(1 << (spec.bits - 1)))
-    hi = w.amax(dim=-1, keepdim=True) * clip
-    lo = w.amin(dim=-1, keepdim=True) * clip
+    hi, lo = hi * clip, lo * clip
     scale = ((hi - lo) / spec.qmax).clamp(min=MIN_SCALE)
     zero = torch.clamp(-torch.round(lo / scale), 0, spec.qmax)
     return scale, zero
@@ -147,16 +159,20 @@ def _mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
     g = spec.group_size
     best_clip = torch.ones(rows, cols // g, 1)
     chunk = max(1, CLIP_CHUNK_ELEMENTS // cols)
+    low = 1.0 if spec.sym else 0.0
     for start in range(0, rows, chunk):
         groups = m[start:start + chunk].to(torch.float32).reshape(-1, cols // g, g)
         chunk_clip = best_clip[start:start + chunk]
         best_err = None
         work = torch.empty_like(groups)
+        extent = group_range(groups, spec)  # once per chunk: the same range for every factor
         for clip in CLIP_GRID:
-            scale, zero = qparams(groups, spec, clip)
-            # fake_quantize's arithmetic, in place on one buffer: (clamp(round(w/s)+z) - z)·s - w
-            torch.div(groups, scale, out=work).round_().add_(zero)
-            work.clamp_(1.0 if spec.sym else 0.0, spec.qmax).sub_(zero).mul_(scale).sub_(groups)
+            scale, zero = qparams_of_range(extent, spec, clip)
+            # fake_quantize's arithmetic, in place on one buffer, bit for bit: codes and zero
+            # points are small integers, so clamp(round(w/s) + z, low, qmax) - z is exactly
+            # clamp(round(w/s), low - z, qmax - z), two passes fewer over the weights
+            torch.div(groups, scale, out=work).round_()
+            work.clamp_(low - zero, spec.qmax - zero).mul_(scale).sub_(groups)
             err = work.square_().sum(-1, keepdim=True)
             if best_err is None:
                 best_err = err
