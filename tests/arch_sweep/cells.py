@@ -268,11 +268,11 @@ def _text_line(e: BaseException) -> str:
 
 
 def first_line(e: BaseException) -> str:
-    """The cell's reason: the exception's first line; for an error raised from another (the ONNX
-    exporter wraps the real cause in a ConversionError whose first line is boilerplate) the
-    innermost cause's, with the graph node's target it was translating."""
+    """The cell's reason: the exception's first line; for the ONNX exporter's ConversionError
+    (whose first line is boilerplate) the innermost cause's, with the graph node's target it was
+    translating."""
     root, node = e, ""
-    while root.__cause__ is not None:
+    while type(e).__name__ == "ConversionError" and root.__cause__ is not None:
         found = re.search(r"target=([\w.:]+)", str(root))
         node = found.group(1) if found and not node else node
         root = root.__cause__
