@@ -6,6 +6,7 @@ cell's reason. `run_cell` turns that into a (status, text) pair for the table an
 """
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,10 +262,24 @@ STEP_FUNCTIONS = {
 }
 
 
-def first_line(e: BaseException) -> str:
+def _text_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(e).__name__}: {text}"[:240]
+    return lines[0] if lines else ""
+
+
+def first_line(e: BaseException) -> str:
+    """The cell's reason: the exception's first line; for the ONNX exporter's ConversionError
+    (whose first line is boilerplate) the innermost cause's, with the graph node's target it was
+    translating."""
+    root, node = e, ""
+    while type(e).__name__ == "ConversionError" and root.__cause__ is not None:
+        found = re.search(r"target=([\w.:]+)", str(root))
+        node = found.group(1) if found and not node else node
+        root = root.__cause__
+    text = f"{type(root).__name__}: {_text_line(root)}"
+    if node and node not in text:
+        text += f" [node {node}]"
+    return text[:240]
 
 
 def run_cell(t: Traced, step: str) -> tuple[str, str]:

@@ -50,7 +50,9 @@ def sweep_family(family, steps=RUN_ORDER, entry: dict | None = None) -> dict:
     todo = [s for s in steps if s not in entry["cells"]]
     if built.skip is None and todo:
         traced = new_traced(built)
-        for step in [s for s in RUN_ORDER if s in todo or s in ("trace", "fuse_attention")]:
+        # trace always (every step needs the graph); fuse_attention too when the cache goes on it
+        needed = {"trace"} | ({"fuse_attention"} if "add_kv_cache" in todo else set())
+        for step in [s for s in RUN_ORDER if s in todo or s in needed]:
             t0 = time.perf_counter()
             status, text = run_cell(traced, step)
             entry["cells"][step] = [status, text]
@@ -75,6 +77,16 @@ def fill(out: Path) -> None:
     write_json(out, results)
 
 
+def claim(folder: Path, key: str) -> bool:
+    """Whether this process is the first to claim `key` in `folder` (an exclusive create)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / key.replace(":", "_"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -84,6 +96,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="record every family not in --out as not buildable (with the reason) "
                              "or as pending (buildable, not swept yet), without running any step")
     parser.add_argument("--steps", nargs="*", default=list(RUN_ORDER), help="steps to record")
+    parser.add_argument("--base", type=Path,
+                        help="read the recorded cells from this file (not --out), and write only the "
+                             "families this process runs to --out (merge them back with --merge)")
+    parser.add_argument("--claims", type=Path,
+                        help="a folder shared by several processes: each family is run by the first "
+                             "process to claim it there (a file per family), so they split the work")
     parser.add_argument("--merge", nargs="*", type=Path, help="merge these result files into --out")
     args = parser.parse_args(argv)
     if args.merge:
@@ -108,12 +126,15 @@ def main(argv: list[str] | None = None) -> None:
 
     index, count = (int(x) for x in args.shard.split("/"))
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    recorded = json.loads(args.base.read_text()) if args.base else results
     for i, family in enumerate(families()):
         key = f"{family.kind}:{family.model_type}"
         if i % count != index or (args.only and family.model_type not in args.only):
             continue
-        entry = results.get(key)
+        entry = results.get(key) or recorded.get(key)
         if entry and (entry["skip"] or all(s in entry["cells"] for s in args.steps)):
+            continue
+        if args.claims and not claim(args.claims, key):
             continue
         results[key] = sweep_family(family, tuple(args.steps), entry)
         write_json(args.out, results)

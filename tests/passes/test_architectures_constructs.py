@@ -29,14 +29,8 @@ from fxforge.passes.attention.fuse_attention import FuseAttention
 
 aten = torch.ops.aten
 ATTENTION = get_op("attention").overload
-_FALCON_MASK = ("Falcon's eager path adds ALiBi twice: as the score bias and folded into its float causal "
-                "mask (masked_fill(alibi/sqrt(d), causal, min)); add_kv_cache replaces that mask by the tree "
-                "mask, dropping the second copy, so its verification rolls the pass back")
-_BF16_MUL = ("Falcon builds ALiBi as bf16(slopes) * positions: a bfloat16 Mul, which ONNX Runtime's CPU "
-             "provider does not implement")
 # (family, property) -> why it does not hold yet; a strict xfail, so a fix shows up as a failure
-KNOWN_GAPS = {("falcon_alibi", "kv_cache"): _FALCON_MASK, ("falcon_alibi", "onnx"): _BF16_MUL,
-              ("falcon_alibi", "prune_onnx"): _BF16_MUL}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}  # none at present
 
 
 def _known_gap(request, name: str, prop: str) -> None:

@@ -106,9 +106,13 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
             optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
             verbose=False,
         )
+    from fxforge.backends.onnx.bfloat16_islands import compute_bfloat16_in_float32
+    from fxforge.backends.onnx.compute_dtype import graph_float_dtypes
     from fxforge.backends.onnx.optimize import optimize_model
 
     model = program.model
+    if torch.bfloat16 not in graph_float_dtypes(gm):  # bfloat16 islands of a wider model (Falcon's ALiBi)
+        compute_bfloat16_in_float32(model.graph)
     if optimize:
         optimize_model(model)
     return model

@@ -47,7 +47,7 @@ from fxforge.ir.verify import Tolerance
 from fxforge.passes.attention.layout import (
     BMMS, split_heads, split_heads_view, split_shape, untranspose_key_3d,
 )
-from fxforge.passes.attention.masks import classify_mask
+from fxforge.passes.attention.masks import classify_mask, split_position_bias
 from fxforge.passes.attention.rules import (
     SOFTMAX_RULES,
     SOFTMAX_TARGETS,
@@ -164,7 +164,12 @@ def _scores(scores_in: Node) -> _Scores:
             for more in biases[1:]:
                 bias = Build(aten.add.Tensor, (bias, more))
             chain = passed + walked + ([cand.node] if cand.node is not None else [])
-            return _Scores(qk, factor, cand.mask, bias, heads, chain)
+            mask = cand.mask
+            split = split_position_bias(mask) if heads is None else None
+            if split is not None:  # a position bias folded into the mask (Falcon-ALiBi): the op's bias
+                mask, folded = split
+                bias = folded if bias is None else Build(aten.add.Tensor, (bias, folded))
+            return _Scores(qk, factor, mask, bias, heads, chain)
     # name the node where the deepest reading stopped (the softmax input itself says little)
     stopped_at = next((s for s in stops if s is not top), top)
     where = stopped_at.target if isinstance(stopped_at, Node) else type(stopped_at).__name__

@@ -473,3 +473,37 @@ def mask_sources_placeholder(mask: Node) -> Node | None:
             continue  # a causal mask is built from the input's length, not its values
         stack.extend(current.all_input_nodes)
     return None
+
+
+# ops through which a zero tensor stays all zeros (a plain padding/causal mask starts from one)
+_ZERO_SOURCES = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
+_SAME_VALUES = (aten.to.dtype, aten._to_copy.default, aten.expand.default, aten.view.default,
+                aten.reshape.default, aten.unsqueeze.default, aten.clone.default, aten.slice.Tensor)
+
+
+def _is_zeros(node: Node) -> bool:
+    while node.target in _SAME_VALUES and isinstance(node.args[0], Node):
+        node = node.args[0]
+    if node.target in _ZERO_SOURCES:
+        return True
+    return node.target in (aten.full.default, aten.new_full.default) and node.args[-1] == 0
+
+
+def split_position_bias(mask: object) -> tuple[Build, Node] | None:
+    """A float mask `masked_fill(B, hidden, -big)` with B a position bias, as (keep, B): the
+    boolean mask `~hidden` and the bias on its own, so `B + S` masked by `keep` is the same
+    softmax. Falcon with ALiBi folds its bias into the causal mask this way; split, the mask
+    can be proven causal and add_kv_cache recomputes the bias over the cache instead of
+    dropping it with the mask it replaces. None for any other mask: a B of zeros (a plain mask)
+    or computed from a graph input's values (padding)."""
+    if not (isinstance(mask, Node) and mask.target == aten.masked_fill.Scalar):
+        return None
+    bias, hidden, fill = mask.args[:3]
+    if not (isinstance(bias, Node) and isinstance(hidden, Node) and _far_negative(fill)):
+        return None
+    val, cond = fake(bias), fake(hidden)
+    if val is None or cond is None or not val.is_floating_point() or cond.dtype != torch.bool:
+        return None
+    if _is_zeros(bias) or mask_sources_placeholder(bias) is not None:
+        return None
+    return Build(aten.logical_not.default, (hidden,)), bias

@@ -31,7 +31,11 @@ def load_all() -> None:
 def translation_table(options: OnnxOptions | None = None) -> dict[object, Callable]:
     """{torch op overload: onnxscript function} for every fxforge op with an ONNX lowering,
     each bound to `options` (default `OnnxOptions()`) where it reads them."""
+    from fxforge.backends.onnx.lowerings.grouped_mm import foreign_translations
+
     options = options if options is not None else OnnxOptions()
     load_all()
-    return {op.overload: bind_options(op.lowerings["onnx"], options)
-            for op in all_ops().values() if "onnx" in op.lowerings}
+    table = foreign_translations()  # other libraries' ops a traced model may hold (MoE grouped matmul)
+    table.update({op.overload: bind_options(op.lowerings["onnx"], options)
+                  for op in all_ops().values() if "onnx" in op.lowerings})
+    return table
