@@ -60,7 +60,8 @@ class CachedAttention:
 def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedAttention], *,
                                attention_mask: str = "attention_mask", input_ids: str = "input_ids",
                                position_ids: str = "position_ids", dtype: str = "float32",
-                               rotary_length: int | None = None, base_dir: str | None = None) -> int:
+                               rotary_length: int | None = None, base_dir: str | None = None,
+                               shapes: dict[str, tuple] | None = None) -> int:
     """Rewrite, in place, each `Attention` over `Concat(past key input, new)` whose past key input
     is a key of `layers` (with its value partner) into GroupQueryAttention; returns how many.
 
@@ -69,8 +70,12 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
     so the mask can be rebuilt from `attention_mask`. The rest keep today's lowering.
     `rotary_length`: positions the rotary caches cover (the model's context length); None
     leaves rotary outside the op. `base_dir`: the directory of the model's external data (the
-    rotary frequencies may be stored there).
+    rotary frequencies may be stored there). `shapes`: symbolic shapes of the graph's values
+    (`reshape_chains.value_shapes` of the exporter's value_info); the shapes of the values this
+    rewrite makes are added to it, so `reshape_chains.collapse_reshapes` can then drop the head
+    split/merge Reshapes around the op that cancel out.
     """
+    shapes = {} if shapes is None else shapes
     if dtype not in _FLOAT_TYPES:
         return 0  # GQA's CPU kernel takes float32/float16 only: keep the standard Attention
     graph = model.graph
@@ -105,7 +110,7 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
         back = readers.get(node.output[0], [])
         to_sequence = back if back and node.output[0] not in outputs and all(_is_head_swap(t) for t in back) else []
         replaced[id(node)] = _gqa_nodes(node, key_concat, value_concat, heads, lengths, names, rotary,
-                                        producer, [t.output[0] for t in to_sequence])
+                                        producer, [t.output[0] for t in to_sequence], shapes)
         dead |= {id(node), id(key_concat), id(value_concat)} | {id(t) for t in to_sequence}
     if not replaced:
         return 0
@@ -125,6 +130,50 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(replaced)
+
+
+def pack_qkv_inputs(model: onnx.ModelProto, shapes: dict[str, tuple]) -> int:
+    """GroupQueryAttention nodes whose query, key and value are the three parts of one Split of a
+    (B, L, (H + 2·Hkv)·D) value (a `fuse_projections` q/k/v projection) read that value whole,
+    as the op's packed-QKV input (key and value left empty): the Split goes. Returns how many.
+
+    Checked from `shapes` (symbolic shapes): the Split cuts the last axis of a rank-3 value into
+    exactly the query (H·D), key and value (Hkv·D each) widths, in that order, which is the
+    packed layout the op reads.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    packed = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or len(node.input) < 3:
+            continue
+        split = producer.get(node.input[0])
+        if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") or \
+                list(split.output) != list(node.input[:3]):
+            continue
+        source = shapes.get(split.input[0])
+        parts = [shapes.get(name) for name in split.output]
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        if source is None or len(source) != 3 or any(p is None or len(p) != 3 for p in parts) or \
+                _axis(split) not in (2, -1):
+            continue
+        q, k, v = (p[2] for p in parts)
+        heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads")
+        if not all(isinstance(w, int) for w in (q, k, v)) or not heads or not kv_heads or \
+                q % heads or k != v or k * heads != q * kv_heads or source[2] != q + k + v:
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        packed += 1
+    if packed:
+        needed = {o.name for o in graph.output}
+        keep = []
+        for node in reversed(graph.node):  # the Splits nothing reads any more
+            if any(o in needed for o in node.output):
+                keep.append(node)
+                needed.update(i for i in node.input if i)
+        del graph.node[:]
+        graph.node.extend(reversed(keep))
+    return packed
 
 
 # --------------------------------------------------------------------------- matching
@@ -251,11 +300,12 @@ def _is_head_swap(node) -> bool:
 
 
 def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, lengths, names: _Names,
-               rotary, producer, sequence_major_outputs: list[str]):
+               rotary, producer, sequence_major_outputs: list[str], shapes: dict[str, tuple]):
     """Nodes replacing one Attention and its two cache Concats (same output names).
 
     `sequence_major_outputs`: outputs of the (B, H, L, D) -> (B, L, H, D) Transposes that were
     the Attention's only readers; they are produced here straight from GQA's output instead.
+    `shapes`: known symbolic shapes, extended with those of the (B, L, N·D) values made here.
     """
     seqlens, total, bias, query_seqlens = lengths
     nodes: list[onnx.NodeProto] = []
@@ -270,7 +320,11 @@ def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, leng
             t = made.input[0]
         else:
             t = add("Transpose", [x], [names.fresh(base + "_t")], perm=[0, 2, 1, 3])
-        return add("Reshape", [t, names.ints([0, 0, -1])], [names.fresh(base + "_bsd")])
+        flat = add("Reshape", [t, names.ints([0, 0, -1])], [names.fresh(base + "_bsd")])
+        known = shapes.get(t)
+        if known is not None and len(known) == 4 and all(isinstance(d, int) for d in known[2:]):
+            shapes[flat] = (known[0], known[1], known[2] * known[3])
+        return flat
 
     q_in, k_in = (attention.input[0], key_concat.input[1]) if rotary is None else rotary[:2]
     query = sequence_major(q_in, "query")
@@ -289,6 +343,8 @@ def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, leng
         [query, key, value, key_concat.input[0], value_concat.input[0], seqlens, total, *rotary_inputs, bias,
          "", "", "", "", "", query_seqlens],
         [out, key_concat.output[0], value_concat.output[0]], domain=MS_DOMAIN, **attrs)
+    if query in shapes:  # GQA's output is (B, L, H·D) like its query
+        shapes[out] = shapes[query]
     split = names.ints([0, 0, heads.q_heads, heads.head_dim])
     if sequence_major_outputs:
         for name in sequence_major_outputs:
@@ -344,4 +400,4 @@ def _topological(nodes, graph):
     return ordered
 
 
-__all__ = ["CachedAttention", "fuse_group_query_attention"]
+__all__ = ["CachedAttention", "fuse_group_query_attention", "pack_qkv_inputs"]
