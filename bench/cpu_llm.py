@@ -11,7 +11,8 @@ One saved Llama directory (TinyLlama shapes, `--layers` layers, random seeded we
   fxforge_w8a8    `--passes "quantize_dynamic(include_lm_head=True)"`
   ort_w8a8        ORT `quantize_dynamic` (int8 weights, per tensor) on fxforge_fp32
   + `--variant NAME=PASSES` rows (e.g. `g128=quantize(bits=4,group_size=128)`), and
-  + `--acc-levels 0,...`: copies of fxforge_int4 with MatMulNBits' accuracy_level rewritten.
+  + `--acc-levels 0,...`: copies of fxforge_int4 with MatMulNBits' accuracy_level rewritten, and
+  + `--file NAME=MODEL.ONNX` rows: decoder files compiled before (another commit's, with --keep).
 
 Every file is then driven by plain `onnxruntime` sessions through its conventional KV names, at
 each `--threads` count, in interleaved rounds (medians): decode ms/token at past 128, prefill ms
@@ -331,6 +332,9 @@ def main() -> int:
     parser.add_argument("--decode-calls", type=int, default=5, help="decode calls per model per round")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PASSES",
                         help="another fxforge int4 row, e.g. g128=quantize(bits=4,group_size=128)")
+    parser.add_argument("--file", action="append", default=[], metavar="NAME=MODEL.ONNX",
+                        help="another int4 row from an existing decoder file (e.g. one an earlier commit "
+                             "compiled with --keep), timed in the same rounds; named fxforge_int4_NAME")
     parser.add_argument("--acc-levels", default="", help="accuracy levels to try on fxforge_int4's file, e.g. 0")
     parser.add_argument("--skip", default="", help="rows to leave out, comma-separated (e.g. ort_w8a8)")
     parser.add_argument("--profile", action="store_true", help="ORT op-type profile of each int4 decode step")
@@ -421,6 +425,10 @@ def main() -> int:
             except Exception as exc:  # a peer that fails is reported, the others go on
                 rows[name]["status"] = e2e.failure(exc)
                 traceback.print_exc()
+        for spec in args.file:
+            name, path = spec.split("=", 1)
+            rows[f"fxforge_int4_{name}"] = {"onnx": str(Path(path).resolve()), **e2e.describe(Path(path)),
+                                            "decode_weight_bytes": decode_weight_bytes(path)}
         for level in filter(None, args.acc_levels.split(",")):
             if "onnx" in rows.get("fxforge_int4", {}):
                 base = rows["fxforge_int4"]

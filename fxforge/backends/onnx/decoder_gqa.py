@@ -202,7 +202,7 @@ def _axis(node) -> int | None:
 
 
 class _Names:
-    """Fresh value names and the small int64 constants the rewrite needs (as initializers)."""
+    """Fresh value names and the small integer constants the rewrite needs (as initializers)."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.taken = {v for n in graph.node for v in (*n.input, *n.output)}
@@ -218,10 +218,10 @@ class _Names:
         self.taken.add(name)
         return name
 
-    def ints(self, values: list[int], scalar: bool = False) -> str:
-        key = ("i64", tuple(values), scalar)
+    def ints(self, values: list[int], scalar: bool = False, dtype: type = np.int64) -> str:
+        key = (np.dtype(dtype).name, tuple(values), scalar)
         if key not in self._constants:
-            array = np.array(values[0] if scalar else values, dtype=np.int64)
+            array = np.array(values[0] if scalar else values, dtype=dtype)
             name = self.fresh("const")
             self.initializers.append(numpy_helper.from_array(array, name))
             self._constants[key] = name
@@ -261,23 +261,26 @@ def _padding_inputs(nodes, names: _Names, attention_mask: str, input_ids: str, e
     total = add("Shape", [attention_mask], "total", start=1, end=2)        # (1,) int64: T
     batch = add("Shape", [attention_mask], "batch", start=0, end=1)        # (1,) int64: B
     new = add("Shape", [input_ids], "new", start=1, end=2)                 # (1,) int64: L
-    total_scalar = add("Squeeze", [total], "total_scalar")
-    total_i32 = add("Cast", [total_scalar], "total_sequence_length", to=TensorProto.INT32)
-    last = add("Sub", [total, names.ints([1])], "last")                    # T - 1: every row full
-    seqlens = add("Cast", [add("Expand", [last, batch], "seqlens64")], "seqlens_k", to=TensorProto.INT32)
-    past = add("Squeeze", [add("Sub", [total, new], "past1")], "past")     # P = T - L
-    keys = add("Range", [names.ints([0], scalar=True), total_scalar, names.ints([1], scalar=True)], "keys")
-    queries = add("Range", [past, total_scalar, names.ints([1], scalar=True)], "queries")
+    # the op's lengths are int32; computed in int32 from the start, they need no Cast each
+    total32 = add("Cast", [total], "total32", to=TensorProto.INT32)
+    new32 = add("Cast", [new], "new32", to=TensorProto.INT32)
+    total_i32 = add("Squeeze", [total32], "total_sequence_length")         # scalar int32
+    seqlens = add("Expand", [add("Sub", [total32, names.ints([1], dtype=np.int32)], "last"), batch],
+                  "seqlens_k")                                             # (B,) T - 1: every row full
+    past = add("Squeeze", [add("Sub", [total32, new32], "past1")], "past")  # P = T - L
+    one = names.ints([1], scalar=True, dtype=np.int32)
+    keys = add("Range", [names.ints([0], scalar=True, dtype=np.int32), total_i32, one], "keys")
+    queries = add("Range", [past, total_i32, one], "queries")
     itself = add("Equal", [add("Unsqueeze", [keys, names.ints([0])], "key_row"),
                            add("Unsqueeze", [queries, names.ints([1])], "query_col")], "itself")  # (L, T)
-    token = add("Not", [add("Equal", [attention_mask, names.ints([0], scalar=True)], "is_pad")], "is_token")
+    token = add("Cast", [attention_mask], "is_token", to=TensorProto.BOOL)  # nonzero: a token
     token = add("Unsqueeze", [token, names.ints([1, 2])], "token4d")                # (B, 1, 1, T)
     visible = add("Or", [token, itself], "visible")                                   # (B, 1, L, T)
     bias = add("Where", [visible, names.floats(0.0, elem_type), names.floats("lowest", elem_type)],
                "attention_bias")
     # every row's L new tokens are valid: the CPU kernel needs this to take a batch of
     # multi-token chunks over a past (a left-padded prompt continued, check_decoder_onnx's step)
-    query_seqlens = add("Cast", [add("Expand", [new, batch], "query_seqlens64")], "query_seqlens", to=TensorProto.INT32)
+    query_seqlens = add("Expand", [new32, batch], "query_seqlens")
     return seqlens, total_i32, bias, query_seqlens
 
 
