@@ -117,6 +117,7 @@ def write_decoder_onnx(compiled: "CompiledModel", path: Path, *, ort_fusions: bo
 
     from fxforge.backends.onnx.backend import export_onnx
     from fxforge.backends.onnx.io_names import rename_values, set_shape
+    from fxforge.backends.onnx.reshape_chains import collapse_reshapes, value_shapes
     from fxforge.runtime.decoding import example_cached_inputs
 
     gm = compiled.graph_module
@@ -147,31 +148,43 @@ def write_decoder_onnx(compiled: "CompiledModel", path: Path, *, ort_fusions: bo
         for kind, dim in (("key", key_dim), ("value", value_dim)):
             set_shape(by_name[f"past_key_values.{i}.{kind}"], ("batch_size", heads, "past_sequence_length", dim))
             set_shape(by_name[f"present.{i}.{kind}"], ("batch_size", heads, "total_sequence_length", dim))
+    shapes = value_shapes(graph)  # torch's symbolic shapes: what proves Reshape chains redundant
     _drop_inner_shapes(graph)
     if ort_fusions:
-        model = fuse_for_ort(compiled, model, rotary_length=rotary_length, base_dir=str(path.parent))
+        model = fuse_for_ort(compiled, model, rotary_length=rotary_length, base_dir=str(path.parent), shapes=shapes)
+    else:
+        collapse_reshapes(model, shapes)
     onnx.save(model, str(path))
     return path
 
 
 def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
-                 rotary_length: int | None = None, base_dir: str | None = None) -> "onnx.ModelProto":
+                 rotary_length: int | None = None, base_dir: str | None = None,
+                 shapes: dict[str, tuple] | None = None) -> "onnx.ModelProto":
     """The renamed decoder ModelProto rewritten for ONNX Runtime's CPU contrib kernels.
 
     GroupQueryAttention for each layer whose fused attention reads only the padding mask
     (`backends.onnx.decoder_gqa`; other layers keep the standard Attention), with Hugging Face
-    rotary inside it where it matches (cos/sin caches of `rotary_length` positions), then onnxscript's
-    RMSNorm / skip-norm fusions (`backends.onnx.ort_norms`). check_decoder_onnx runs after, on
-    the written file, against the compiled graph.
+    rotary inside it where it matches (cos/sin caches of `rotary_length` positions); the head
+    split/merge Reshapes around it that cancel out dropped (`backends.onnx.reshape_chains`, from
+    `shapes`, the exporter's symbolic value shapes); a q/k/v projection fused by
+    `fuse_projections` fed to the op packed (no Split); then onnxscript's RMSNorm / skip-norm
+    fusions (`backends.onnx.ort_norms`). check_decoder_onnx runs after, on the written file,
+    against the compiled graph.
     """
-    from fxforge.backends.onnx.decoder_gqa import fuse_group_query_attention
+    from fxforge.backends.onnx.decoder_gqa import fuse_group_query_attention, pack_qkv_inputs
     from fxforge.backends.onnx.ort_norms import fuse_norms
+    from fxforge.backends.onnx.reshape_chains import collapse_reshapes
 
+    shapes = dict(shapes or {})
     layout = kv_layout(compiled.graph_module.meta)
     if layout.dtype not in ("float32", "float16"):
+        collapse_reshapes(model, shapes)
         return model  # ORT's CPU GQA and skip-norm kernels take float32/float16: keep the standard ops
     fuse_group_query_attention(model, gqa_layers(compiled.graph_module, layout), dtype=layout.dtype,
-                               rotary_length=rotary_length, base_dir=base_dir)
+                               rotary_length=rotary_length, base_dir=base_dir, shapes=shapes)
+    collapse_reshapes(model, shapes)
+    pack_qkv_inputs(model, shapes)
     return fuse_norms(model)
 
 

@@ -5,7 +5,8 @@
 
 `fxforge.from_pretrained(dir, task=TASK)` loads the model (logits only, no HF cache) with
 batch-2 token ids, so the traced batch stays dynamic. The user's passes run first, then the
-task's: `fuse_attention` (unless named) and `add_kv_cache(attention_mask=True)`. The graph is
+task's: `fuse_projections` and `fuse_attention` (each unless named) and
+`add_kv_cache(attention_mask=True)`. The graph is
 exported once, by `export_decoder`, which checks the ONNX file against the compiled graph
 before the artifact replaces anything.
 """

@@ -40,8 +40,10 @@ _HEADS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 )
 # Passes a task appends to the user's pipeline (the cache is a graph rewrite, verified like any pass).
 # text-generation-with-past: the conventional decoder (padding mask; see fxforge.decoder_artifact).
-# fuse_attention first: SDPA attention is cached through the fused op.
-TASK_PASSES = {"text-generation-with-past": ("fuse_attention", "add_kv_cache(attention_mask=True)")}
+# fuse_projections first (exact): q/k/v and gate/up become one (quantized) linear each, one weight
+# stream per group, and the ONNX decoder feeds the q/k/v one to GroupQueryAttention packed.
+# fuse_attention next: SDPA attention is cached through the fused op.
+TASK_PASSES = {"text-generation-with-past": ("fuse_projections", "fuse_attention", "add_kv_cache(attention_mask=True)")}
 # Files of a tokenizer as `save_pretrained` writes them (fast and slow tokenizers, chat template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",

@@ -222,13 +222,48 @@ def test_sampling_is_seeded_and_differs_from_greedy(int4_artifact):
 # --------------------------------------------------------------------------- Python API
 
 
+def _llama_head_dim_16(directory: Path) -> Path:
+    """tests/hf_dirs.py's Llama with 2 heads of 16 (its own have 8): ORT's GroupQueryAttention
+    rotates heads of multiples of 16 only, so this is the model whose file takes the full ORT
+    path (rotary inside the op, the fused q/k/v projection fed packed, no head Reshapes)."""
+    import transformers as tf
+
+    from hf_dirs import VOCAB, _decoder_tokenizer
+
+    tokenizer = _decoder_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    tf.LlamaForCausalLM(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def compiled_llama(tmp_path_factory):
     import fxforge
 
-    source = hf_dir(tmp_path_factory, "llama")
+    source = _llama_head_dim_16(tmp_path_factory.mktemp("hf-llama-d16"))
     out = tmp_path_factory.mktemp("decoder-api") / "artifact"
     return source, fxforge.compile_decoder(source, out), out
+
+
+def test_the_fused_qkv_projection_feeds_group_query_attention_packed(compiled_llama):
+    """fuse_projections (a task pass) makes q/k/v one MatMul read whole by the op, rotary inside
+    it; the head split/merge Reshapes around it cancel and are gone."""
+    _, _, out = compiled_llama
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    producer = {o: node.op_type for node in graph.node for o in node.output}
+    layers = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(layers) == LAYERS
+    for gqa in layers:
+        assert producer[gqa.input[0]] == "MatMul" and list(gqa.input[1:3]) == ["", ""]
+        assert any(a.name == "do_rotary" and a.i == 1 for a in gqa.attribute)
+    assert "Reshape" not in ops and "Transpose" not in ops
+    assert ops.count("MatMul") == 4 * LAYERS + 1  # qkv, o, gate_up, down per layer; the head
 
 
 def test_compiled_generate_matches_transformers_on_a_padded_batch(compiled_llama, hf_model):

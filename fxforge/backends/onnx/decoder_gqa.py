@@ -60,7 +60,8 @@ class CachedAttention:
 def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedAttention], *,
                                attention_mask: str = "attention_mask", input_ids: str = "input_ids",
                                position_ids: str = "position_ids", dtype: str = "float32",
-                               rotary_length: int | None = None, base_dir: str | None = None) -> int:
+                               rotary_length: int | None = None, base_dir: str | None = None,
+                               shapes: dict[str, tuple] | None = None) -> int:
     """Rewrite, in place, each `Attention` over `Concat(past key input, new)` whose past key input
     is a key of `layers` (with its value partner) into GroupQueryAttention; returns how many.
 
@@ -69,8 +70,12 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
     so the mask can be rebuilt from `attention_mask`. The rest keep today's lowering.
     `rotary_length`: positions the rotary caches cover (the model's context length); None
     leaves rotary outside the op. `base_dir`: the directory of the model's external data (the
-    rotary frequencies may be stored there).
+    rotary frequencies may be stored there). `shapes`: symbolic shapes of the graph's values
+    (`reshape_chains.value_shapes` of the exporter's value_info); the shapes of the values this
+    rewrite makes are added to it, so `reshape_chains.collapse_reshapes` can then drop the head
+    split/merge Reshapes around the op that cancel out.
     """
+    shapes = {} if shapes is None else shapes
     if dtype not in _FLOAT_TYPES:
         return 0  # GQA's CPU kernel takes float32/float16 only: keep the standard Attention
     graph = model.graph
@@ -105,7 +110,7 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
         back = readers.get(node.output[0], [])
         to_sequence = back if back and node.output[0] not in outputs and all(_is_head_swap(t) for t in back) else []
         replaced[id(node)] = _gqa_nodes(node, key_concat, value_concat, heads, lengths, names, rotary,
-                                        producer, [t.output[0] for t in to_sequence])
+                                        producer, [t.output[0] for t in to_sequence], shapes)
         dead |= {id(node), id(key_concat), id(value_concat)} | {id(t) for t in to_sequence}
     if not replaced:
         return 0
@@ -125,6 +130,50 @@ def fuse_group_query_attention(model: onnx.ModelProto, layers: dict[str, CachedA
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(replaced)
+
+
+def pack_qkv_inputs(model: onnx.ModelProto, shapes: dict[str, tuple]) -> int:
+    """GroupQueryAttention nodes whose query, key and value are the three parts of one Split of a
+    (B, L, (H + 2·Hkv)·D) value (a `fuse_projections` q/k/v projection) read that value whole,
+    as the op's packed-QKV input (key and value left empty): the Split goes. Returns how many.
+
+    Checked from `shapes` (symbolic shapes): the Split cuts the last axis of a rank-3 value into
+    exactly the query (H·D), key and value (Hkv·D each) widths, in that order, which is the
+    packed layout the op reads.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    packed = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or len(node.input) < 3:
+            continue
+        split = producer.get(node.input[0])
+        if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") or \
+                list(split.output) != list(node.input[:3]):
+            continue
+        source = shapes.get(split.input[0])
+        parts = [shapes.get(name) for name in split.output]
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        if source is None or len(source) != 3 or any(p is None or len(p) != 3 for p in parts) or \
+                _axis(split) not in (2, -1):
+            continue
+        q, k, v = (p[2] for p in parts)
+        heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads")
+        if not all(isinstance(w, int) for w in (q, k, v)) or not heads or not kv_heads or \
+                q % heads or k != v or k * heads != q * kv_heads or source[2] != q + k + v:
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        packed += 1
+    if packed:
+        needed = {o.name for o in graph.output}
+        keep = []
+        for node in reversed(graph.node):  # the Splits nothing reads any more
+            if any(o in needed for o in node.output):
+                keep.append(node)
+                needed.update(i for i in node.input if i)
+        del graph.node[:]
+        graph.node.extend(reversed(keep))
+    return packed
 
 
 # --------------------------------------------------------------------------- matching
@@ -153,7 +202,7 @@ def _axis(node) -> int | None:
 
 
 class _Names:
-    """Fresh value names and the small int64 constants the rewrite needs (as initializers)."""
+    """Fresh value names and the small integer constants the rewrite needs (as initializers)."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.taken = {v for n in graph.node for v in (*n.input, *n.output)}
@@ -169,10 +218,10 @@ class _Names:
         self.taken.add(name)
         return name
 
-    def ints(self, values: list[int], scalar: bool = False) -> str:
-        key = ("i64", tuple(values), scalar)
+    def ints(self, values: list[int], scalar: bool = False, dtype: type = np.int64) -> str:
+        key = (np.dtype(dtype).name, tuple(values), scalar)
         if key not in self._constants:
-            array = np.array(values[0] if scalar else values, dtype=np.int64)
+            array = np.array(values[0] if scalar else values, dtype=dtype)
             name = self.fresh("const")
             self.initializers.append(numpy_helper.from_array(array, name))
             self._constants[key] = name
@@ -212,23 +261,26 @@ def _padding_inputs(nodes, names: _Names, attention_mask: str, input_ids: str, e
     total = add("Shape", [attention_mask], "total", start=1, end=2)        # (1,) int64: T
     batch = add("Shape", [attention_mask], "batch", start=0, end=1)        # (1,) int64: B
     new = add("Shape", [input_ids], "new", start=1, end=2)                 # (1,) int64: L
-    total_scalar = add("Squeeze", [total], "total_scalar")
-    total_i32 = add("Cast", [total_scalar], "total_sequence_length", to=TensorProto.INT32)
-    last = add("Sub", [total, names.ints([1])], "last")                    # T - 1: every row full
-    seqlens = add("Cast", [add("Expand", [last, batch], "seqlens64")], "seqlens_k", to=TensorProto.INT32)
-    past = add("Squeeze", [add("Sub", [total, new], "past1")], "past")     # P = T - L
-    keys = add("Range", [names.ints([0], scalar=True), total_scalar, names.ints([1], scalar=True)], "keys")
-    queries = add("Range", [past, total_scalar, names.ints([1], scalar=True)], "queries")
+    # the op's lengths are int32; computed in int32 from the start, they need no Cast each
+    total32 = add("Cast", [total], "total32", to=TensorProto.INT32)
+    new32 = add("Cast", [new], "new32", to=TensorProto.INT32)
+    total_i32 = add("Squeeze", [total32], "total_sequence_length")         # scalar int32
+    seqlens = add("Expand", [add("Sub", [total32, names.ints([1], dtype=np.int32)], "last"), batch],
+                  "seqlens_k")                                             # (B,) T - 1: every row full
+    past = add("Squeeze", [add("Sub", [total32, new32], "past1")], "past")  # P = T - L
+    one = names.ints([1], scalar=True, dtype=np.int32)
+    keys = add("Range", [names.ints([0], scalar=True, dtype=np.int32), total_i32, one], "keys")
+    queries = add("Range", [past, total_i32, one], "queries")
     itself = add("Equal", [add("Unsqueeze", [keys, names.ints([0])], "key_row"),
                            add("Unsqueeze", [queries, names.ints([1])], "query_col")], "itself")  # (L, T)
-    token = add("Not", [add("Equal", [attention_mask, names.ints([0], scalar=True)], "is_pad")], "is_token")
+    token = add("Cast", [attention_mask], "is_token", to=TensorProto.BOOL)  # nonzero: a token
     token = add("Unsqueeze", [token, names.ints([1, 2])], "token4d")                # (B, 1, 1, T)
     visible = add("Or", [token, itself], "visible")                                   # (B, 1, L, T)
     bias = add("Where", [visible, names.floats(0.0, elem_type), names.floats("lowest", elem_type)],
                "attention_bias")
     # every row's L new tokens are valid: the CPU kernel needs this to take a batch of
     # multi-token chunks over a past (a left-padded prompt continued, check_decoder_onnx's step)
-    query_seqlens = add("Cast", [add("Expand", [new, batch], "query_seqlens64")], "query_seqlens", to=TensorProto.INT32)
+    query_seqlens = add("Expand", [new32, batch], "query_seqlens")
     return seqlens, total_i32, bias, query_seqlens
 
 
@@ -251,11 +303,12 @@ def _is_head_swap(node) -> bool:
 
 
 def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, lengths, names: _Names,
-               rotary, producer, sequence_major_outputs: list[str]):
+               rotary, producer, sequence_major_outputs: list[str], shapes: dict[str, tuple]):
     """Nodes replacing one Attention and its two cache Concats (same output names).
 
     `sequence_major_outputs`: outputs of the (B, H, L, D) -> (B, L, H, D) Transposes that were
     the Attention's only readers; they are produced here straight from GQA's output instead.
+    `shapes`: known symbolic shapes, extended with those of the (B, L, N·D) values made here.
     """
     seqlens, total, bias, query_seqlens = lengths
     nodes: list[onnx.NodeProto] = []
@@ -270,7 +323,11 @@ def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, leng
             t = made.input[0]
         else:
             t = add("Transpose", [x], [names.fresh(base + "_t")], perm=[0, 2, 1, 3])
-        return add("Reshape", [t, names.ints([0, 0, -1])], [names.fresh(base + "_bsd")])
+        flat = add("Reshape", [t, names.ints([0, 0, -1])], [names.fresh(base + "_bsd")])
+        known = shapes.get(t)
+        if known is not None and len(known) == 4 and all(isinstance(d, int) for d in known[2:]):
+            shapes[flat] = (known[0], known[1], known[2] * known[3])
+        return flat
 
     q_in, k_in = (attention.input[0], key_concat.input[1]) if rotary is None else rotary[:2]
     query = sequence_major(q_in, "query")
@@ -289,6 +346,8 @@ def _gqa_nodes(attention, key_concat, value_concat, heads: CachedAttention, leng
         [query, key, value, key_concat.input[0], value_concat.input[0], seqlens, total, *rotary_inputs, bias,
          "", "", "", "", "", query_seqlens],
         [out, key_concat.output[0], value_concat.output[0]], domain=MS_DOMAIN, **attrs)
+    if query in shapes:  # GQA's output is (B, L, H·D) like its query
+        shapes[out] = shapes[query]
     split = names.ints([0, 0, heads.q_heads, heads.head_dim])
     if sequence_major_outputs:
         for name in sequence_major_outputs:
@@ -344,4 +403,4 @@ def _topological(nodes, graph):
     return ordered
 
 
-__all__ = ["CachedAttention", "fuse_group_query_attention"]
+__all__ = ["CachedAttention", "fuse_group_query_attention", "pack_qkv_inputs"]

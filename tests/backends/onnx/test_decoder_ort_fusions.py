@@ -166,3 +166,83 @@ def test_residual_add_and_rms_norm_become_skip_simplified_layer_normalization():
     inputs = {"a": rng.standard_normal((2, 3, 16)).astype(np.float32),
               "b": rng.standard_normal((2, 3, 16)).astype(np.float32)}
     np.testing.assert_allclose(run(fused, inputs)[0], run(reference, inputs)[0], atol=1e-5, rtol=1e-5)
+
+
+def reshape_chain_graph() -> onnx.ModelProto:
+    """x (B, L, 8) -> split heads (B, L, 2, 4) with a shape built in the graph -> merged back
+    (B, L, 8) -> Relu -> y; and x -> (B, L, 2, 4) -> (B·L, 8) -> Relu -> z, a chain that changes x."""
+    n = helper.make_node
+    inits = [numpy_helper.from_array(np.array([2, 4], np.int64), "heads"),
+             numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merge"),
+             numpy_helper.from_array(np.array([-1, 8], np.int64), "rows")]
+    nodes = [n("Shape", ["x"], ["bl"], start=0, end=2), n("Concat", ["bl", "heads"], ["split_shape"], axis=0),
+             n("Reshape", ["x", "split_shape"], ["x4"]), n("Reshape", ["x4", "merge"], ["x3"]),
+             n("Relu", ["x3"], ["y"]), n("Reshape", ["x4", "rows"], ["x2"]), n("Relu", ["x2"], ["z"])]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "heads", [_value("x", f, ["B", "L", 8])],
+                              [_value("y", f, ["B", "L", 8]), _value("z", f, [None, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_reshape_chains_that_cancel_are_dropped_and_others_read_their_source():
+    from fxforge.backends.onnx.reshape_chains import collapse_reshapes
+
+    reference = reshape_chain_graph()
+    collapsed = copy.deepcopy(reference)
+    shapes = {"x": ("s0", "s1", 8), "x4": ("s0", "s1", 2, 4), "x3": ("s0", "s1", 8), "x2": ("s2", 8)}
+    assert collapse_reshapes(collapsed, shapes) == 2
+    by_output = {node.output[0]: node for node in collapsed.graph.node}
+    assert list(by_output["y"].input) == ["x"]  # (B, L, 2, 4) -> (B, L, 8) gave x back: both Reshapes gone
+    assert list(by_output["x2"].input) == ["x", "rows"]  # (B·L, 8) is not x: one Reshape, from x
+    assert ops(collapsed) == ["Relu", "Reshape", "Relu"]  # the shape computation went with them
+    x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)
+    for want, got in zip(run(reference, {"x": x}), run(collapsed, {"x": x})):
+        np.testing.assert_array_equal(got, want)
+    unknown = copy.deepcopy(reference)  # without shapes nothing cancels; the constant (B·L, 8) reads x
+    assert collapse_reshapes(unknown, {}) == 1 and ops(unknown).count("Reshape") == 3
+    assert list(next(node for node in unknown.graph.node if node.output[0] == "x2").input) == ["x", "rows"]
+    for want, got in zip(run(reference, {"x": x}), run(unknown, {"x": x})):
+        np.testing.assert_array_equal(got, want)
+
+
+def packed_gqa_graph() -> onnx.ModelProto:
+    """qkv (B, L, (H + 2·Hkv)·D) -> Split -> GroupQueryAttention over a past, as the decoder
+    artifact writes a fuse_projections q/k/v projection before pack_qkv_inputs."""
+    n = helper.make_node
+    widths = [H * D, HKV * D, HKV * D]
+    inits = [numpy_helper.from_array(np.array(widths, np.int64), "widths")]
+    nodes = [n("Split", ["qkv", "widths"], ["q", "k", "v"], axis=2),
+             n("GroupQueryAttention", ["q", "k", "v", "past_key_values.0.key", "past_key_values.0.value",
+                                       "seqlens_k", "total_sequence_length"],
+               ["y", "present.0.key", "present.0.value"], domain="com.microsoft", num_heads=H, kv_num_heads=HKV)]
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    inputs = [_value("qkv", f, ["B", "L", sum(widths)]),
+              _value("past_key_values.0.key", f, ["B", HKV, "P", D]),
+              _value("past_key_values.0.value", f, ["B", HKV, "P", D]),
+              _value("seqlens_k", i32, ["B"]), _value("total_sequence_length", i32, [])]
+    outputs = [_value("y", f, ["B", "L", H * D]), _value("present.0.key", f, ["B", HKV, "T", D]),
+               _value("present.0.value", f, ["B", HKV, "T", D])]
+    graph = helper.make_graph(nodes, "packed", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_a_split_qkv_projection_feeds_group_query_attention_packed():
+    from fxforge.backends.onnx.decoder_gqa import pack_qkv_inputs
+
+    reference = packed_gqa_graph()
+    packed = copy.deepcopy(reference)
+    shapes = {"qkv": ("B", "L", (H + 2 * HKV) * D), "q": ("B", "L", H * D), "k": ("B", "L", HKV * D),
+              "v": ("B", "L", HKV * D)}
+    assert pack_qkv_inputs(packed, shapes) == 1
+    assert ops(packed) == ["GroupQueryAttention"] and list(packed.graph.node[0].input[:3]) == ["qkv", "", ""]
+    swapped = {**shapes, "k": ("B", "L", H * D)}  # widths that are not the op's packed layout: left alone
+    assert pack_qkv_inputs(copy.deepcopy(reference), swapped) == 0
+    rng = np.random.default_rng(1)
+    for batch, past, new in [(2, 5, 1), (1, 0, 4)]:
+        inputs = {"qkv": rng.standard_normal((batch, new, (H + 2 * HKV) * D)).astype(np.float32),
+                  "past_key_values.0.key": rng.standard_normal((batch, HKV, past, D)).astype(np.float32),
+                  "past_key_values.0.value": rng.standard_normal((batch, HKV, past, D)).astype(np.float32),
+                  "seqlens_k": np.full(batch, past + new - 1, np.int32),
+                  "total_sequence_length": np.array(past + new, np.int32)}
+        for want, got in zip(run(reference, inputs), run(packed, inputs)):
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
