@@ -35,7 +35,7 @@ from fxforge.ir.shapes import describe_shapes
 from fxforge.ir.verify import LossBound, Tolerance, compare_outputs, measure_loss
 from fxforge.models.lazy_weights import drop_all_pages
 from fxforge.passes.cow import release
-from fxforge.passes.verification import ShapeCheck, Verification, _bug_message, _tolerance
+from fxforge.passes.verification import ShapeCheck, Verification, _bug_message, _tolerance, claimed_reference
 
 if TYPE_CHECKING:
     from fxforge.passes.base import Pass, PassResult
@@ -89,17 +89,8 @@ def verify_streamed_pass(p: "Pass", before: GraphModule, after: GraphModule, res
                          ctx: "PassContext", max_loss: LossBound | None = None) -> Verification:
     """`verification.verify_pass` for a streamed graph (module docstring); PassError if it fails."""
     verification = Verification(note=NOTE)
-    unverified = result.semantics.unverified if result.semantics is not None else ""
-    try:
-        reference = None if unverified else p.semantics(before, result, ctx)
-    except Exception as exc:
-        raise PassError(f"pass '{p.spec()}' declared semantics that cannot be built on the graph before it "
-                        f"({type(exc).__name__}: {exc}); this is a bug in the pass. It was rolled back; the input "
-                        f"graph is unchanged.", pass_name=p.name) from exc
-    if reference is not None:
-        verification.against = "semantics"
+    reference, unverified = claimed_reference(p, before, result, ctx, verification)
     if unverified:
-        verification.against = "nothing (loss only)"
         verification.note = f"{unverified}; {NOTE}"
     inputs = tuple(ctx.example_inputs)
     try:

@@ -72,10 +72,10 @@ class Verification:
         return max((c.check.max_error for c in self.checks), default=0.0)
 
 
-def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "PassResult",
-                ctx: "PassContext", max_loss: LossBound | None = None) -> Verification:
-    """Check `after` (the pass's result) as the module docstring says; PassError if it fails."""
-    verification = Verification()
+def claimed_reference(p: "Pass", before: GraphModule, result: "PassResult", ctx: "PassContext",
+                      verification: Verification) -> tuple[Any, str]:
+    """The pass's claimed-semantics reference (None: check against the graph before) and its reason
+    for claiming nothing ("" if it claims something); records what is checked against in `verification`."""
     unverified = result.semantics.unverified if result.semantics is not None else ""
     try:
         reference = None if unverified else p.semantics(before, result, ctx)
@@ -87,6 +87,14 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
         verification.against = "semantics"
     if unverified:
         verification.against = "nothing (loss only)"
+    return reference, unverified
+
+
+def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "PassResult",
+                ctx: "PassContext", max_loss: LossBound | None = None) -> Verification:
+    """Check `after` (the pass's result) as the module docstring says; PassError if it fails."""
+    verification = Verification()
+    reference, unverified = claimed_reference(p, before, result, ctx, verification)
     shapes = [tuple(ctx.example_inputs)]
     second = second_shape_inputs(before, ctx.example_inputs)
     if second is None:
