@@ -56,6 +56,14 @@ def rounding_ops(gm: GraphModule) -> list[str]:
     return sorted(name for name in names if name and _unrounded_of(name) is not None)
 
 
+_ACTIVE: list["unrounded"] = []
+
+
+def unrounding() -> bool:
+    """True inside `unrounded()`: outputs computed outside it (with rounding) must not stand in."""
+    return bool(_ACTIVE)
+
+
 class unrounded(TorchFunctionMode):
     """Within this context, every activation-rounding fxforge op computes its `unrounded` value
     (intercepted at the call, so graphs, semantics references and custom checks are all covered
@@ -67,6 +75,14 @@ class unrounded(TorchFunctionMode):
 
         self._table = {get_op(name).overload: _unrounded_of(name) for name in op_names}
 
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         replacement = self._table.get(func)
         if replacement is not None:
@@ -74,4 +90,4 @@ class unrounded(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-__all__ = ["ACTIVATION_ROUNDING", "rounding_ops", "unrounded"]
+__all__ = ["ACTIVATION_ROUNDING", "rounding_ops", "unrounded", "unrounding"]

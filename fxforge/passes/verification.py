@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.fx import GraphModule
 
-from fxforge.ir.activation_rounding import rounding_ops, unrounded
+from fxforge.ir.activation_rounding import rounding_ops, unrounded, unrounding
 from fxforge.passes.cow import release
 from fxforge.ir.dequantize_cache import reuse_dequantized
 from fxforge.errors import PassError
@@ -186,8 +186,9 @@ def forget_outputs(gm: GraphModule) -> None:
 
 def outputs_of_before(before: GraphModule, inputs: Sequence[Any]) -> list[Any]:
     """`before`'s flat outputs at `inputs`: those its own verification kept when they still hold
-    (a pass's custom `verify` calls this for the graph before it), else a new run."""
-    kept = _RESULT_OUTPUTS.get(before, ())
+    (a pass's custom `verify` calls this for the graph before it), else a new run. Inside
+    `unrounded()` always a new run: the kept outputs were computed with activations rounded."""
+    kept = () if unrounding() else _RESULT_OUTPUTS.get(before, ())
     state = _tensor_state(before) if kept else None
     for seen, outputs, seen_state in kept:
         if seen_state == state and _same_inputs(seen, inputs):

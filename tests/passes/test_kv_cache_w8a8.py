@@ -57,3 +57,11 @@ def test_unrounded_is_the_continuous_surrogate_only_inside():
     torch.testing.assert_close(surrogate, x @ (w8.float() * scale[:, None]).T + bias)
     assert not torch.equal(surrogate, quantized)  # the rounding is really skipped inside...
     assert torch.equal(linear_w8a8(x, w8, scale, bias, "token"), quantized)  # ...and only there
+
+
+def test_per_token_w8a8_with_attention_mask_caches_after_an_earlier_pass(graph):
+    # add_kv_cache's check reuses the previous pass's outputs of the graph before; those were
+    # computed with activations rounded and must not stand in for the unrounded proof
+    gm, ids = graph
+    Pipeline("quantize_dynamic(include_lm_head=True,act_scale=token),add_kv_cache(attention_mask=True)").run(
+        gm, PassContext(example_inputs=(ids,)))
