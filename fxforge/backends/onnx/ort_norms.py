@@ -19,6 +19,8 @@ inference (which knows them) annotates a copy for matching; no value_info is wri
 """
 from __future__ import annotations
 
+import warnings
+
 import onnx
 
 
@@ -38,7 +40,13 @@ def fuse_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     )
 
     light, weights = _without_weights(model)
-    annotated = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=True)
+    try:
+        annotated = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=True)
+    except Exception as exc:  # ORT's tool gives up on some graphs ("Incomplete symbolic shape inference")
+        # The fusions are a speed-up, not a meaning: the graph runs as exported without them.
+        warnings.warn(f"ONNX Runtime's symbolic shape inference could not type this graph ({exc}); its "
+                      "norms are left unfused (same results, a few more nodes).", stacklevel=2)
+        return model
     typed = ir.serde.deserialize_model(annotated)
     counts = [fuse_rms_normalization(typed), fuse_skip_layer_normalization(typed), fuse_skip_rms_normalization(typed)]
     if not any(counts):
