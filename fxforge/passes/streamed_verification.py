@@ -35,7 +35,7 @@ from fxforge.ir.shapes import describe_shapes
 from fxforge.ir.verify import LossBound, Tolerance, compare_outputs, measure_loss
 from fxforge.models.lazy_weights import drop_all_pages
 from fxforge.passes.cow import release
-from fxforge.passes.verification import ShapeCheck, Verification, _bug_message, _tolerance, claimed_reference
+from fxforge.passes.verification import ShapeCheck, Verification, _bug_message, _tolerance, check_max_loss, claimed_reference
 
 if TYPE_CHECKING:
     from fxforge.passes.base import Pass, PassResult
@@ -108,19 +108,11 @@ def verify_streamed_pass(p: "Pass", before: GraphModule, after: GraphModule, res
             verification.checks.append(check)
             if not check.check.ok:
                 block = first_diverging_block(expected_graph, after, inputs, tol)
-                where = f" first in block '{block}'" if block else ""
-                raise PassError(_bug_message(p, verification.against, check, None).replace(
-                    " and was rolled back", f"{where} and was rolled back", 1), pass_name=p.name, node=block)
+                raise PassError(_bug_message(p, verification.against, check, None, block), pass_name=p.name,
+                                node=block)
     finally:
         if reference is not None:
             release(reference)
         del reference
-    if max_loss is not None:
-        for output in verification.loss:
-            exceeded = max_loss.violation(output)
-            if exceeded:
-                raise PassError(
-                    f"pass '{p.spec()}' lost more than max_loss allows and was rolled back: output {output.index} has "
-                    f"{exceeded} against the graph before (bound: {max_loss}; measured at {shapes}). Raise "
-                    f"max_loss, or choose a less lossy setting. The input graph is unchanged.", pass_name=p.name)
+    check_max_loss(p, verification, max_loss, shapes)
     return verification

@@ -103,9 +103,9 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
         shapes.append(second)
     if unverified:
         verification.note = "; ".join(filter(None, [unverified, verification.note]))
-    elif rounding_ops(before):
+    elif rounding := rounding_ops(before):
         verification.note = "; ".join(filter(None, [
-            f"checked with activations unrounded ({', '.join(rounding_ops(before))} round them: a reordered "
+            f"checked with activations unrounded ({', '.join(rounding)} round them: a reordered "
             "sum or a cached step may land one step away; the loss is measured as they round)", verification.note]))
     # An exact pass runs the same packed weights several times (before and after, per shape):
     # each is dequantized once. Not beside a semantics reference, which already holds a float
@@ -133,17 +133,7 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
         if reference is not None:
             release(reference)  # no cycle keeps the claimed weights alive past the check
         del reference  # the claimed weights: freed as soon as the check is done
-    bound = max_loss  # run_pass resolved it: the pass's own max_loss, else compile's
-    if bound is not None:
-        for loss in verification.loss:
-            exceeded = bound.violation(loss)
-            if exceeded:
-                raise PassError(
-                    f"pass '{p.spec()}' lost more than max_loss allows and was rolled back: output {loss.index} has "
-                    f"{exceeded} against the graph before (bound: {bound}; measured over "
-                    f"{' and '.join(c.shapes for c in verification.checks)}). Raise max_loss, or choose a less lossy "
-                    f"setting (more bits, a smaller ratio, fewer targets). The input graph is unchanged.",
-                    pass_name=p.name)
+    check_max_loss(p, verification, max_loss, " and ".join(c.shapes for c in verification.checks))
     return verification
 
 
@@ -262,10 +252,29 @@ def _tolerance(p: "Pass", outputs: Sequence[Any], reference: GraphModule | None)
     return low_precision_tolerance(tol, dtype)
 
 
-def _bug_message(p: "Pass", against: str, check: ShapeCheck, node: str | None) -> str:
+def check_max_loss(p: "Pass", verification: Verification, bound: LossBound | None, measured_at: str) -> None:
+    """PassError if any output's loss exceeds `bound` (run_pass resolved it: the pass's own
+    max_loss, else compile's); `measured_at` names the input shapes."""
+    if bound is None:
+        return
+    for loss in verification.loss:
+        exceeded = bound.violation(loss)
+        if exceeded:
+            raise PassError(
+                f"pass '{p.spec()}' lost more than max_loss allows and was rolled back: output {loss.index} has "
+                f"{exceeded} against the graph before (bound: {bound}; measured over {measured_at}). Raise "
+                f"max_loss, or choose a less lossy setting (more bits, a smaller ratio, fewer targets). The input "
+                f"graph is unchanged.", pass_name=p.name)
+
+
+def _bug_message(p: "Pass", against: str, check: ShapeCheck, node: str | None, block: str | None = None) -> str:
     what = ("what it claims to compute (its semantics: the graph before with the weights it chose)"
             if against == "semantics" else "the graph before (it claims to be exact)")
     where = f"; first diverging node: '{node}'" if node else ""
+    if block:  # a streamed graph is checked a block at a time: the block is what can be named
+        return (f"pass '{p.spec()}' does not compute {what} at input shape {check.shapes} first in block "
+                f"'{block}' and was rolled back: {check.check.describe()}. This is a bug in the pass, not loss. "
+                f"The input graph is unchanged.")
     return (f"pass '{p.spec()}' does not compute {what} at input shape {check.shapes} and was rolled back: "
             f"{check.check.describe()}{where}. This is a bug in the pass, not loss. The input graph is unchanged.")
 
