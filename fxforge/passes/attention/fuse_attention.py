@@ -45,7 +45,7 @@ from fxforge.ir.match import match as match_pattern
 from fxforge.ir.ops import get_op
 from fxforge.ir.verify import Tolerance
 from fxforge.passes.attention.layout import (
-    BMMS, split_heads, split_heads_view, split_shape, untranspose_key_3d,
+    BMMS, merge_heads_view, split_heads, split_heads_view, split_shape, untranspose_key_3d,
 )
 from fxforge.passes.attention.masks import classify_mask, split_position_bias
 from fxforge.passes.attention.rules import (
@@ -63,6 +63,7 @@ from fxforge.passes.attention.rules import (
     probabilities,
     same_size,
     skip_identities,
+    skip_score_identities,
     untranspose_key,
 )
 from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
@@ -108,24 +109,43 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
     if isinstance(scores_in, NoMatch):
         raise Skip(f"softmax '{softmax.name}' is not over the key axis of 4-D scores in their own dtype "
                    f"({scores_in.reason})")
-    found = _scores(scores_in)
-    heads = found.heads
-    if (pv.target in BMMS) != (heads is not None):
-        raise Skip(f"the scores and the value product of softmax '{softmax.name}' use different head layouts "
-                   f"(one head-merged (B·H, L, D), the other not)")
+    merged: list[Node] = []
+    top_heads = None
+    if fake(scores_in).dim() == 3:  # softmax over (B·H, Lq, Lk): a view above shows H (TrOCR, XGLM)
+        view = skip_identities(scores_in, merged)
+        top_heads = merge_heads_view(view)
+        if top_heads is None:
+            raise Skip(f"the probabilities '{softmax.name}' are head-merged (B·H, Lq, Lk) scores never "
+                       f"viewed as (B, H, Lq, Lk), so the head count is not visible")
+        merged.append(view)
+        scores_in = view.args[0]
+    found = _scores(scores_in, merged)
+    # P·V by bmm takes (B·H, Lq, Lk) probabilities: H from the view that merged them (or the
+    # scores' own layout); q, k follow the score layout, v and the output the value product's
+    pv_heads = None
+    if pv.target in BMMS:
+        pv_heads = top_heads or merge_heads_view(pv.args[0]) or found.heads
+        if pv_heads is None:
+            raise Skip(f"the probabilities of softmax '{softmax.name}' reach P·V by bmm '{pv.name}' as "
+                       f"(B·H, Lq, Lk) and no view shows the head count")
     _require_single_use(found.chain + _probabilities_chain(probs, pv))
-    if heads is None:
+    if found.heads is None:
         q, k, groups_k = _query_key(found.qk)
-        v, groups_v = peel_repeat_kv(pv.args[1])
         scores_shape = tuple(fake(found.qk).shape)
     else:  # head-merged: no GQA repetition in this layout (Bloom has none)
-        q, k, groups_k = _query_key_3d(found.qk, heads)
-        v, groups_v = split_heads(pv.args[1], heads), 1
-        scores_shape = split_shape(tuple(fake(found.qk).shape), heads)
+        q, k, groups_k = _query_key_3d(found.qk, found.heads)
+        scores_shape = split_shape(tuple(fake(found.qk).shape), found.heads)
+    if pv_heads is None:
+        v, groups_v = peel_repeat_kv(pv.args[1])
+    else:
+        v, groups_v = split_heads(pv.args[1], pv_heads), 1
+    if found.heads is not None and pv_heads is not None and found.heads != pv_heads:
+        raise Skip(f"the scores of softmax '{softmax.name}' are split into {found.heads} heads, the "
+                   f"probabilities into {pv_heads}")
     scale_total = found.factor * q[1] * k[1]
     return _checked(AttentionMatch(
         root=pv, q=q[0], k=k[0], v=v, mask=found.mask, is_causal=False, scale=scale_total,
-        num_kv_groups=1, bias=found.bias, merged_heads=heads,
+        num_kv_groups=1, bias=found.bias, merged_heads=pv_heads,
     ), scores_shape, groups_k, groups_v)
 
 
@@ -150,26 +170,38 @@ class _Scores:
     chain: list[Node]  # nodes the rewrite removes (each must have a single user)
 
 
-def _scores(scores_in: Node) -> _Scores:
+@dataclass
+class _Walked:
+    """One reading of the scores below the softmax's own mask (see `_walk_scores`)."""
+
+    qk: Node
+    factor: float
+    biases: list[Value]
+    masks: list[MaskMatch]  # where/masked_fill masks found below the top one (GPT-Neo's buffer)
+    heads: int | None
+    nodes: list[Node]
+
+
+def _scores(scores_in: Node, passed: list[Node] | None = None) -> _Scores:
     """Read the softmax input as ((Q·Kᵀ)·scale + bias) + mask, in any order of scales and bias."""
-    passed: list[Node] = []
-    top = skip_identities(scores_in, passed)
+    passed = list(passed or [])
+    top = skip_score_identities(scores_in, passed)
     candidates = mask_candidates(top) + [MaskMatch(top, None, None)]  # type: ignore[arg-type]
     stops: list[object] = []
     for cand in candidates:
         found = _walk_scores(cand.scores, 1.0, None, stops)
         if found is not None:
-            qk, factor, biases, heads, walked = found
-            bias = biases[0] if biases else None
-            for more in biases[1:]:
+            bias = found.biases[0] if found.biases else None
+            for more in found.biases[1:]:
                 bias = Build(aten.add.Tensor, (bias, more))
-            chain = passed + walked + ([cand.node] if cand.node is not None else [])
-            mask = cand.mask
-            split = split_position_bias(mask) if heads is None else None
+            chain = passed + found.nodes + ([cand.node] if cand.node is not None else [])
+            masks = ([cand] if cand.node is not None else []) + found.masks
+            mask = _combined(masks, found.qk, found.heads)
+            split = split_position_bias(mask) if found.heads is None and len(masks) == 1 else None
             if split is not None:  # a position bias folded into the mask (Falcon-ALiBi): the op's bias
                 mask, folded = split
                 bias = folded if bias is None else Build(aten.add.Tensor, (bias, folded))
-            return _Scores(qk, factor, mask, bias, heads, chain)
+            return _Scores(found.qk, found.factor, mask, bias, found.heads, chain)
     # name the node where the deepest reading stopped (the softmax input itself says little)
     stopped_at = next((s for s in stops if s is not top), top)
     where = stopped_at.target if isinstance(stopped_at, Node) else type(stopped_at).__name__
@@ -182,22 +214,62 @@ def _scores(scores_in: Node) -> _Scores:
                f"are provably equivalent")
 
 
-def _walk_scores(node: object, factor: float, heads: int | None, stops: list[object]):
-    """(Q·Kᵀ, total scale, biases (each already scaled, 4-D), heads, nodes walked) or None.
+def _combined(masks: list[MaskMatch], qk: Node, heads: int | None) -> Value | None:
+    """One mask for the op from the masks on the way (all bool: their AND; else their sum,
+    a bool one as 0 / the dtype's lowest). Each is checked against the scores on its own."""
+    if not masks:
+        return None
+    if len(masks) == 1:
+        return masks[0].mask
+    scores_shape = tuple(fake(qk).shape) if heads is None else split_shape(tuple(fake(qk).shape), heads)
+    dtype = fake(qk).dtype
+    for m in masks:
+        _check_mask(m.mask, scores_shape, dtype)
+    if all(_mask_dtype(m.mask) == torch.bool for m in masks):
+        combined = masks[0].mask
+        for m in masks[1:]:
+            combined = Build(aten.logical_and.default, (combined, m.mask))
+        return combined
+    # the largest-shaped operand first: a recipe's shape is read off its first argument
+    terms = [m.mask if _mask_dtype(m.mask) != torch.bool else Build(aten.masked_fill.Scalar, (
+        Build(aten.zeros_like.default, (m.mask,), (("dtype", dtype),)),
+        Build(aten.logical_not.default, (m.mask,)), torch.finfo(dtype).min)) for m in masks]
+    terms.sort(key=lambda t: -len(_shape(t) or ()))
+    combined = terms[0]
+    for t in terms[1:]:
+        combined = Build(aten.add.Tensor, (combined, t))
+    return combined
+
+
+def _walk_scores(node: object, factor: float, heads: int | None, stops: list[object]) -> _Walked | None:
+    """Q·Kᵀ, total scale, biases (each already scaled, 4-D), inner masks, heads and the nodes
+    walked, or None.
 
     Walking down from the softmax, a scale c multiplies everything below it; a bias B found
     below scales c1..cn therefore enters the op as B·c1···cn, the scores' own scale is the
     product of all of them. Past a split-heads view the operands are (B·H, ...) and are
-    unflattened into the op's layout.
+    unflattened into the op's layout. A where/masked_fill mask below the top one (GPT-Neo masks
+    with its causal buffer, then adds the padding mask) is read under no scale, or as a bool mask
+    under a positive one (scaling -inf keeps it -inf).
     """
-    base, f, walked = peel_scales(node)
-    factor *= f
+    walked: list[Node] = []
+    base = node
+    while True:  # scales and softmax-invariant ops (S + 0, a floor), in any order
+        before = len(walked)
+        base, f, more = peel_scales(base)
+        factor *= f
+        walked += more
+        base = skip_score_identities(base, walked)
+        if len(walked) == before:
+            break
     if _is_score_matmul(base, heads):
-        return base, factor, [], heads, walked + [base]
+        return _Walked(base, factor, [], [], heads, walked + [base])
     split = split_heads_view(base) if heads is None else None
     if split is not None:
         found = _walk_scores(split[0], factor, split[1], stops)
-        return None if found is None else (*found[:4], walked + [base] + found[4])
+        if found is not None:
+            found.nodes = walked + [base] + found.nodes
+        return found
     for reading in additive_terms(base):  # S + B, either side the scores
         scores, bias = reading.scores, reading.mask
         found = _walk_scores(scores, factor, heads, stops)
@@ -205,9 +277,27 @@ def _walk_scores(node: object, factor: float, heads: int | None, stops: list[obj
             term: Value = bias if heads is None else split_heads(bias, heads)
             if factor != 1.0:
                 term = Build(aten.mul.Tensor, (term, factor))
-            return found[0], found[1], found[2] + [term], found[3], walked + [base] + found[4]
+            found.biases.append(term)
+            found.nodes = walked + [base] + found.nodes
+            return found
+    for reading in _inner_masks(base, factor, heads):
+        found = _walk_scores(reading.scores, factor, heads, stops)
+        if found is not None:
+            found.masks.append(reading)
+            found.nodes = walked + [base] + found.nodes
+            return found
     stops.append(base)
     return None
+
+
+def _inner_masks(node: object, factor: float, heads: int | None) -> list[MaskMatch]:
+    """where/masked_fill readings of `node` usable below the top mask (see `_walk_scores`)."""
+    if heads is not None or not isinstance(node, Node) or node.target in (aten.add.Tensor, aten.add_.Tensor):
+        return []
+    readings = mask_candidates(node)
+    if factor == 1.0:
+        return readings
+    return [r for r in readings if factor > 0 and _mask_dtype(r.mask) == torch.bool]
 
 
 def _is_score_matmul(node: object, heads: int | None = None) -> bool:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fxforge.passes.attention.layout import BMMS, merge_heads_view
-from fxforge.passes.attention.rules import only_user, skip_identities
+from fxforge.passes.attention.layout import BMMS, VIEWS, merge_heads_view
+from fxforge.passes.attention.rules import fake, only_user, same_size, skip_identities
 
 __all__ = ["Skip", "value_matmul", "MATMULS"]
 
@@ -35,18 +35,39 @@ def value_matmul(softmax: Node) -> Node | None:
             raise Skip(f"training-mode dropout '{user.name}' on the probabilities; put the model in eval()")
         if user.target in MATMULS:
             return user if user.args[0] is node else None
-        if user.target in BMMS and user.args[0] is node:
-            # a softmax over (B·H, Lq, Lk) scores straight into bmm (BART/TrOCR-style): no view
-            # shows the head count, so q, k, v cannot be split into the op's 4-D layout
-            raise Skip(f"the probabilities '{node.name}' are head-merged (B·H, Lq, Lk) and reach P·V by "
-                       f"bmm '{user.name}' without a 4-D view, so the head count is not visible")
+        if user.target in BMMS:
+            # a softmax over (B·H, Lq, Lk) scores straight into bmm (BART/TrOCR-style): the
+            # matcher reads the head count off the view that made the scores 3-D
+            return user if user.args[0] is node else None
         if merge_heads_view(user) is not None:  # probs.view(B·H, Lq, Lk) @ v3 (Bloom)
             pv = only_user(user)
             return pv if pv is not None and pv.target in BMMS and pv.args[0] is user else None
+        back = _view_round_trip(user)
+        if back is not None:  # probs.view(B, H, Lq, Lk).view(B·H, Lq, Lk) (XGLM): the same tensor
+            node = back
+            continue
         if skip_identities(user) is not node:
             _raise_if_weights_values(user)
             return None
         node = user
+
+
+def _view_round_trip(view: Node) -> Node | None:
+    """The last of a chain of single-use views starting at `view` that gives back the shape of
+    the tensor `view` reads (so the chain is the identity), else None."""
+    source, node = fake(view.args[0]) if view.args else None, view
+    if source is None or view.target not in VIEWS:
+        return None
+    while node.target in VIEWS:
+        val = fake(node)
+        if val is not None and node is not view and val.dim() == source.dim() and all(
+                same_size(a, b) for a, b in zip(val.shape, source.shape)):
+            return node
+        nxt = only_user(node)
+        if nxt is None or nxt.args[0] is not node:
+            return None
+        node = nxt
+    return None
 
 
 def _raise_if_weights_values(user: Node, depth: int = 4) -> None:

@@ -184,15 +184,66 @@ def peel_scales(node: object) -> tuple[object, float, list[Node]]:
         node = skip_identities(node, passed)
 
 
+# --------------------------------------------------------------------------- softmax-invariant score ops
+
+LOWEST_FLOOR = -1e30  # a floor at or below this only touches masked scores (whose probability is 0)
+_ZEROS = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
+
+
+def _is_zero(value: object) -> bool:
+    return constant_number(value) == 0.0 or (isinstance(value, Node) and value.target in _ZEROS)
+
+
+def _zero_added(found: Match) -> str | None:
+    # x + 0 (DeBERTa adds a zero relative term), zeros + x (GPT-NeoX-Japanese's baddbmm into zeros)
+    if not _is_zero(found["zero"]):
+        return "adds no zero"
+    return _same_shape(found["src"], found.root)
+
+
+def _floor_lowest(found: Match) -> str | None:
+    # max(x, lowest): XGLM clamps masked scores at the dtype's lowest value so -inf never appears
+    c = constant_number(found["floor"])
+    if c is None or c > LOWEST_FLOOR:
+        return "the floor is not far below any unmasked score"
+    return _same_shape(found["src"], found.root)
+
+
+SCORE_IDENTITY_RULES: list[Rule] = [
+    # S + 0 -> S;  zeros + S -> S
+    Rule("add_zero", Op((aten.add.Tensor, aten.add_.Tensor), _NODE, Capture("zero"), Lit(1)), _source, _zero_added),
+    Rule("zero_add", Op((aten.add.Tensor, aten.add_.Tensor), Capture("zero"), _NODE, Lit(1)), _source, _zero_added),
+    # max(S, lowest) -> S: only scores already masked to the far negative are clamped, and their
+    # probability is 0 either way (a row with every key masked is no attention the op computes)
+    Rule("floor_lowest", Op((aten.max.other, aten.maximum.default, aten.clamp_min.default),
+                            _NODE, Capture("floor"), commutative=True),
+         _source, _floor_lowest),
+]
+
+
+def skip_score_identities(node: object, passed: list[Node] | None = None) -> object:
+    """Follow score ops the softmax does not see (S + 0, a floor at the lowest value) and
+    value identities up to their source; the nodes walked are appended to `passed`."""
+    while True:
+        node = skip_identities(node, passed)
+        found = _found(read(SCORE_IDENTITY_RULES, node))
+        if found is None:
+            return node
+        if passed is not None:
+            passed.append(node)
+        node = found
+
+
 # --------------------------------------------------------------------------- softmax
 
 
 def _softmax_last_dim(found: Match) -> str | None:
     # softmax(x, -1), softmax(x, -1, dtype=x.dtype), _softmax(x, -1, False) keep the op's numerics
+    # 3-D scores are head-merged (B·H, Lq, Lk): the matcher needs a view showing H above them
     val = fake(found["src"])
-    if val is None or val.dim() != 4:
-        return "scores are not 4-D"
-    if int(found["dim"]) % 4 != 3:
+    if val is None or val.dim() not in (3, 4):
+        return "scores are not 4-D (or head-merged 3-D)"
+    if int(found["dim"]) % val.dim() != val.dim() - 1:
         return f"over dim {found['dim']}, not the key axis"
     if found.root.target == aten._softmax.default:
         return "half_to_float changes the dtype" if found["third"] else None
@@ -263,16 +314,38 @@ class MaskMatch:
 
 
 def _fill_value(value: object) -> float | None:
-    """The negative constant a masked score is set to: a number, or a 0-d full/scalar_tensor node."""
-    if isinstance(value, Node):
-        if value.target == aten.full.default and list(value.args[0]) == []:
-            value = value.args[1]
-        elif value.target == aten.scalar_tensor.default:
-            value = value.args[0]
-        else:
-            return None
-    c = _scalar(value)
+    """The negative constant a masked score is set to: a number, or a 0-d constant node."""
+    c = constant_number(value)
     return c if c is not None and c < 0 else None
+
+
+# A 0-d tensor constant of the model (GPT-Neo's `masked_bias`, DeBERTa's scale) reaches the
+# graph as get_attr -> lift_fresh_copy -> detach_: the same value, read once at trace time.
+_CONSTANT_COPIES = (aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default,
+                    aten.clone.default, aten.alias.default)
+
+
+def constant_number(value: object) -> float | None:
+    """`value` as a Python float when it is a number or a 0-d constant node (full([], c),
+    scalar_tensor(c), or a 0-d tensor attribute of the module read through copies), else None."""
+    if not isinstance(value, Node):
+        return _scalar(value)
+    while value.target in _CONSTANT_COPIES and value.args and isinstance(value.args[0], Node):
+        value = value.args[0]
+    if value.target == aten.full.default and list(value.args[0]) == []:
+        return _scalar(value.args[1])
+    if value.target == aten.scalar_tensor.default:
+        return _scalar(value.args[0])
+    if value.op == "get_attr" and value.graph.owning_module is not None:
+        from fxforge.ir.graph import get_attr
+
+        try:
+            tensor = get_attr(value.graph.owning_module, value.target)
+        except AttributeError:
+            return None
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 0 and tensor.is_floating_point():
+            return float(tensor)
+    return None
 
 
 def _is_bool(node: object) -> bool:
@@ -309,7 +382,9 @@ def _masked_fill(_gm: Any, m: Match) -> list[MaskMatch]:
 
 # S + M -> (S, additive M);  M + S -> (S, additive M): both readings, the score walk picks.
 # Also how the walk reads a position bias (S + B, ALiBi) below the mask.
-ADDITIVE_RULE = Rule("additive", Op(aten.add.Tensor, Capture("a", Node), Capture("b", Node), Lit(1)),
+# In-place `scores += bias` (MPNet's relative position bias) is the same value: the matcher's
+# single-use check guarantees no other reader sees the mutated scores.
+ADDITIVE_RULE = Rule("additive", Op((aten.add.Tensor, aten.add_.Tensor), Capture("a", Node), Capture("b", Node), Lit(1)),
                      lambda _gm, m: [MaskMatch(m["a"], m["b"], m.root), MaskMatch(m["b"], m["a"], m.root)])
 MASK_RULES: list[Rule] = [
     ADDITIVE_RULE,
@@ -419,7 +494,7 @@ def only_user(node: Node) -> Node | None:
 
 __all__ = [
     "Build", "Value", "fake", "same_size", "broadcasts_to", "IDENTITY_RULES", "SCALE_RULES",
-    "skip_identities", "peel_scales", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "CAST_BACK_SOFTMAX_RULE", "probabilities",
+    "skip_identities", "peel_scales", "SCORE_IDENTITY_RULES", "skip_score_identities", "constant_number", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "CAST_BACK_SOFTMAX_RULE", "probabilities",
     "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
     "additive_terms", "mask_candidates", "KEY_TRANSPOSE_RULES", "untranspose_key", "REPEAT_KV_RULES", "peel_repeat_kv",
     "only_user",
