@@ -66,7 +66,7 @@ from fxforge.passes.attention.rules import (
     skip_score_identities,
     untranspose_key,
 )
-from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
+from fxforge.passes.attention.match_helpers import ATTENTION_SINK, MATMULS, Skip, value_matmul
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
@@ -75,7 +75,7 @@ aten = torch.ops.aten
 SOFT_CAP = "tanh soft-cap on the attention scores"
 # Skip reasons that name a construct the attention op cannot take, so a layer left eager for
 # one of them is expected, not a gap in the matcher (the architecture sweep accepts these).
-ACCEPTED_SKIP_REASONS = (SOFT_CAP,)
+ACCEPTED_SKIP_REASONS = (SOFT_CAP, ATTENTION_SINK)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 
@@ -128,7 +128,7 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
         if pv_heads is None:
             raise Skip(f"the probabilities of softmax '{softmax.name}' reach P·V by bmm '{pv.name}' as "
                        f"(B·H, Lq, Lk) and no view shows the head count")
-    _require_single_use(found.chain + _probabilities_chain(probs, pv))
+    _require_single_use(found.chain + _probabilities_chain(probs, pv), softmax)
     if found.heads is None:
         q, k, groups_k = _query_key(found.qk)
         scores_shape = tuple(fake(found.qk).shape)
@@ -309,10 +309,18 @@ def _is_score_matmul(node: object, heads: int | None = None) -> bool:
     return all(v is not None and v.dim() == rank for v in vals)
 
 
-def _require_single_use(nodes: list[Node]) -> None:
-    """Raise Skip when a node the rewrite would remove is also read by something else."""
+def _require_single_use(nodes: list[Node], softmax: Node) -> None:
+    """Raise Skip when a node the rewrite would remove is also read by something else (a user
+    outside the removed nodes and the softmax; the row maximum a model subtracts is removed too)."""
+    removed = set(nodes) | {softmax}
     for node in nodes:
-        if len(node.users) != 1:
+        outside = [u for u in node.users if u not in removed]
+        if len(node.users) != 1 and outside:
+            lse = next((u for u in outside if u.target == aten.logsumexp.default), None)
+            if lse is not None:
+                raise Skip(f"{ATTENTION_SINK} (applied as out·sigmoid(logsumexp(S) - sink), logsumexp '{lse.name}' "
+                           f"of the scores '{node.name}'): the attention op takes no sink input and returns no "
+                           f"logsumexp, so the layer stays eager (add_kv_cache caches it as it is)")
             users = ", ".join(u.name for u in node.users)
             raise Skip(f"intermediate '{node.name}' of the attention is also used elsewhere ({users})")
 

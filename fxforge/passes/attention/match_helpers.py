@@ -8,9 +8,11 @@ import torch
 from torch.fx import Node
 
 from fxforge.passes.attention.layout import BMMS, VIEWS, merge_heads_view
-from fxforge.passes.attention.rules import fake, only_user, same_size, skip_identities
+from fxforge.passes.attention.rules import (
+    SOFTMAX_TARGETS, fake, only_user, same_size, sink_columns, skip_identities, skip_score_identities,
+)
 
-__all__ = ["Skip", "value_matmul", "MATMULS"]
+__all__ = ["Skip", "value_matmul", "MATMULS", "ATTENTION_SINK"]
 
 aten = torch.ops.aten
 MATMULS = (aten.matmul.default,)
@@ -21,10 +23,47 @@ class Skip(Exception):
     """A candidate that cannot be proven equivalent; the message is the reason reported."""
 
 
-def value_matmul(softmax: Node) -> Node | None:
-    """The matmul P @ V that the probabilities feed (through same-dtype casts), else None."""
+ATTENTION_SINK = "attention sink"
+
+
+def _sink_slice(probs: Node, user: Node) -> Node | None:
+    """The appended sink columns' cat when `user` slices them off the probabilities, else None:
+    probs = softmax(cat([S, sink], -1)), user = probs[..., :Lk] (GPT-OSS, MiMo)."""
+    if user.target != aten.slice.Tensor or user.args[0] is not probs:
+        return None
+    softmax = probs
+    while softmax.target not in SOFTMAX_TARGETS and softmax.args and isinstance(softmax.args[0], Node):
+        softmax = softmax.args[0]  # the cast back of a float32 softmax
+    cat = skip_score_identities(softmax.args[0]) if softmax.target in SOFTMAX_TARGETS else None
+    found = sink_columns(cat)
+    val, out = fake(user.args[0]), fake(user)
+    if found is None or val is None or out is None:
+        return None
+    dim, start = user.args[1], user.args[2] if len(user.args) > 2 else 0
+    step = user.args[4] if len(user.args) > 4 else 1
+    if int(dim) % val.dim() != val.dim() - 1 or start not in (0, None) or step != 1:
+        return None
+    scores = fake(found[0])
+    return cat if same_size(scores.shape[-1], out.shape[-1]) else None
+
+
+def value_matmul(softmax: Node, through_sinks: bool = False) -> Node | None:
+    """The matmul P @ V that the probabilities feed (through same-dtype casts), else None.
+
+    A slice that drops appended sink columns (see `rules.SINK_COLUMNS_RULE`) raises Skip naming
+    the attention sink, or with `through_sinks` (add_kv_cache, which keeps the model's ops) is
+    looked through."""
     node = softmax
     while True:
+        user = only_user(node)
+        sink = _sink_slice(node, user) if user is not None else None
+        if sink is not None:
+            if not through_sinks:
+                raise Skip(f"{ATTENTION_SINK} (a learned logit concatenated to the scores at '{sink.name}' and "
+                           f"sliced off the probabilities at '{user.name}'): the attention op takes no sink "
+                           f"input, so the layer stays eager (add_kv_cache caches it as it is)")
+            node = user
+            continue
         user = only_user(node)
         if user is None:
             if any(u.target in MATMULS and u.args[0] is node for u in node.users):

@@ -20,6 +20,7 @@ To add a spelling: add a row to the table of the piece it spells differently.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -209,29 +210,99 @@ def _floor_lowest(found: Match) -> str | None:
     return _same_shape(found["src"], found.root)
 
 
+def _row_max_of_itself(found: Match, dim: Any = None) -> str | None:
+    # S - max(S, -1, keepdim): the max must be over the key axis of the very tensor it shifts
+    dim = found["dim"] if dim is None else dim
+    val = fake(found["src"])
+    if val is None or found["same"] is not found["src"]:
+        return "subtracts the row maximum of another tensor"
+    if int(dim) % val.dim() != val.dim() - 1 or not found["keepdim"]:
+        return f"subtracts a maximum over dim {dim}, not each key row's"
+    return None
+
+
+def _with_nodes(*names: str):
+    """A rewrite giving (source, [the named helper nodes the rewrite also removes])."""
+    return lambda _gm, m: (m["src"], [m[n] for n in names])
+
+
+_ROW_MAX = Op(operator.getitem,
+              Op(aten.max.dim, Capture("same"), Capture("dim"), Capture("keepdim"), name="max"), Lit(0), name="item")
 SCORE_IDENTITY_RULES: list[Rule] = [
     # S + 0 -> S;  zeros + S -> S
-    Rule("add_zero", Op((aten.add.Tensor, aten.add_.Tensor), _NODE, Capture("zero"), Lit(1)), _source, _zero_added),
-    Rule("zero_add", Op((aten.add.Tensor, aten.add_.Tensor), Capture("zero"), _NODE, Lit(1)), _source, _zero_added),
+    Rule("add_zero", Op((aten.add.Tensor, aten.add_.Tensor), _NODE, Capture("zero"), Lit(1)), _with_nodes(),
+         _zero_added),
+    Rule("zero_add", Op((aten.add.Tensor, aten.add_.Tensor), Capture("zero"), _NODE, Lit(1)), _with_nodes(),
+         _zero_added),
     # max(S, lowest) -> S: only scores already masked to the far negative are clamped, and their
     # probability is 0 either way (a row with every key masked is no attention the op computes)
     Rule("floor_lowest", Op((aten.max.other, aten.maximum.default, aten.clamp_min.default),
                             _NODE, Capture("floor"), commutative=True),
-         _source, _floor_lowest),
+         _with_nodes(), _floor_lowest),
+    # S - max(S, -1, keepdim=True) -> S: a per-row shift, which the softmax cancels (MiMo, GPT-OSS
+    # stabilize by hand); the max node goes with the rewrite
+    Rule("minus_row_max", Op(aten.sub.Tensor, _NODE, _ROW_MAX, Lit(1)), _with_nodes("item", "max"),
+         _row_max_of_itself),
+    Rule("minus_row_amax", Op(aten.sub.Tensor, _NODE, Op(aten.amax.default, Capture("same"),
+                                                           Capture("dim", lambda d: len(d) == 1, "one dim"),
+                                                           Capture("keepdim"), name="max"), Lit(1)),
+         _with_nodes("max"), lambda m: _row_max_of_itself(m, m["dim"][0])),
 ]
 
 
 def skip_score_identities(node: object, passed: list[Node] | None = None) -> object:
-    """Follow score ops the softmax does not see (S + 0, a floor at the lowest value) and
-    value identities up to their source; the nodes walked are appended to `passed`."""
+    """Follow score ops the softmax does not see (S + 0, a floor at the lowest value, the row
+    maximum subtracted) and value identities up to their source; the nodes walked (and helper
+    nodes such as that maximum) are appended to `passed`."""
     while True:
         node = skip_identities(node, passed)
         found = _found(read(SCORE_IDENTITY_RULES, node))
         if found is None:
             return node
+        source, helpers = found
         if passed is not None:
-            passed.append(node)
-        node = found
+            passed.extend([node, *helpers])
+        node = source
+
+
+def _appended_columns(found: Match) -> str | None:
+    scores, *sinks = found["tensors"]
+    val = fake(scores)
+    if val is None or val.dim() != 4:
+        return "not 4-D scores"
+    if int(found["dim"]) % 4 != 3:
+        return f"concatenates along dim {found['dim']}, not the key axis"
+    if not all(isinstance(t, Node) and fake(t) is not None and fake(t).dim() == 4 for t in sinks):
+        return "the appended columns are not 4-D tensors"
+    if any(_depends_on(t, scores) for t in sinks):
+        return "the appended columns are computed from the scores"
+    return None
+
+
+def _depends_on(node: Node, other: Node, limit: int = 64) -> bool:
+    stack, seen = [node], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is other:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+# cat([S, sink], -1) -> (S, [sink]): a learned per-head logit appended as an extra key column
+# (GPT-OSS, MiMo, DeepSeek-V4 attention sinks); the matching slice drops its probability after
+# the softmax, so the sink only enlarges the denominator
+SINK_COLUMNS_RULE = Rule("sink_columns", Op(aten.cat.default, Capture("tensors", lambda t: len(t) >= 2, "a list"),
+                                            Capture("dim")),
+                         lambda _gm, m: (m["tensors"][0], list(m["tensors"][1:])), _appended_columns)
+
+
+def sink_columns(node: object) -> tuple[Node, list[Node]] | None:
+    """(scores, [appended sink columns]) when `node` is cat([scores, sinks...], -1), else None."""
+    return _found(read([SINK_COLUMNS_RULE], node))
 
 
 # --------------------------------------------------------------------------- softmax
@@ -494,7 +565,7 @@ def only_user(node: Node) -> Node | None:
 
 __all__ = [
     "Build", "Value", "fake", "same_size", "broadcasts_to", "IDENTITY_RULES", "SCALE_RULES",
-    "skip_identities", "peel_scales", "SCORE_IDENTITY_RULES", "skip_score_identities", "constant_number", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "CAST_BACK_SOFTMAX_RULE", "probabilities",
+    "skip_identities", "peel_scales", "SCORE_IDENTITY_RULES", "skip_score_identities", "constant_number", "SINK_COLUMNS_RULE", "sink_columns", "SOFTMAX_RULES", "SOFTMAX_TARGETS", "CAST_BACK_SOFTMAX_RULE", "probabilities",
     "MaskMatch", "ADDITIVE_RULE", "MASK_RULES",
     "additive_terms", "mask_candidates", "KEY_TRANSPOSE_RULES", "untranspose_key", "REPEAT_KV_RULES", "peel_repeat_kv",
     "only_user",

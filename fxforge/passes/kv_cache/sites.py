@@ -22,7 +22,7 @@ from torch.fx import Graph, Node
 from fxforge.errors import PassError
 from fxforge.passes.attention.rules import (
     SOFTMAX_TARGETS, MaskMatch, fake, mask_candidates, peel_repeat_kv, peel_scales,
-    probabilities, skip_identities,
+    probabilities, sink_columns, skip_identities, skip_score_identities,
 )
 from fxforge.passes.attention.masks import explain_mask, mask_sources_placeholder
 from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
@@ -185,12 +185,19 @@ class EagerSite:
 
 
 def _walk_to_scores(node: object) -> tuple[Node, list[MaskMatch]] | None:
-    """(Q @ Kᵀ, masks on the way) walking up from a softmax input, None if it is not one."""
-    node, _, _ = peel_scales(node)
+    """(Q @ Kᵀ, masks on the way) walking up from a softmax input, None if it is not one.
+
+    Looked through as well: S + 0, a floor at the lowest value, the row maximum subtracted, and
+    appended attention-sink columns (none depends on the key length, so they stay as they are)."""
+    node, _, _ = peel_scales(skip_score_identities(node))
+    node = skip_score_identities(node)
     if isinstance(node, Node) and node.target in MATMULS:
         return node, []
     if isinstance(node, Node) and node.target in _SCORE_PASS_THROUGH:
         return _walk_to_scores(node.args[0])
+    sink = sink_columns(node)
+    if sink is not None:
+        return _walk_to_scores(sink[0])
     if not isinstance(node, Node):
         return None
     for candidate in mask_candidates(node):
@@ -225,7 +232,8 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
     sites = []
     for softmax in [n for n in graph.nodes if n.op == "call_function" and n.target in SOFTMAX_TARGETS]:
         try:
-            pv = value_matmul(probabilities(softmax))  # past a bf16/fp16 model's cast back from fp32
+            # past a bf16/fp16 model's cast back from fp32, and past the slice dropping sink columns
+            pv = value_matmul(probabilities(softmax), through_sinks=True)
         except Skip as e:
             raise PassError(f"pass '{pass_name}': cannot cache attention at softmax '{softmax.name}': {e}",
                             pass_name=pass_name, node=softmax.name) from e
