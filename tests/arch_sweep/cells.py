@@ -95,7 +95,7 @@ def step_onnx(t: Traced) -> str:
 
 _PASS_THROUGH = ("clone", "dropout", "_to_copy", "to", "type_as", "contiguous", "native_dropout",
                  "getitem", "alias", "detach", "masked_fill", "where", "view", "reshape",
-                 "_unsafe_view", "expand")
+                 "_unsafe_view", "expand", "slice")  # slice: the sink columns dropped (GPT-OSS)
 _PRODUCTS = ("matmul", "bmm", "einsum", "baddbmm")
 
 
