@@ -94,6 +94,9 @@ class AttentionMatch:
     num_kv_groups: int
     bias: Value | None = None  # additive position bias (ALiBi), already times the scores' scale
     merged_heads: int | None = None  # H when the model computes on (B·H, L, D): root is 3-D
+    # the matched subgraph: erased explicitly, as an in-place `scores += bias` (MPNet) left
+    # without users is not dead code to erase_dead (it mutates its input)
+    removed: tuple[Node, ...] = ()
 
 
 # --------------------------------------------------------------------------- eager spelling
@@ -128,7 +131,8 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
         if pv_heads is None:
             raise Skip(f"the probabilities of softmax '{softmax.name}' reach P·V by bmm '{pv.name}' as "
                        f"(B·H, Lq, Lk) and no view shows the head count")
-    _require_single_use(found.chain + _probabilities_chain(probs, pv), softmax)
+    removed = found.chain + _probabilities_chain(probs, pv) + [softmax]
+    _require_single_use(removed[:-1], softmax)
     if found.heads is None:
         q, k, groups_k = _query_key(found.qk)
         scores_shape = tuple(fake(found.qk).shape)
@@ -145,7 +149,7 @@ def match_softmax(softmax: Node) -> AttentionMatch | None:
     scale_total = found.factor * q[1] * k[1]
     return _checked(AttentionMatch(
         root=pv, q=q[0], k=k[0], v=v, mask=found.mask, is_causal=False, scale=scale_total,
-        num_kv_groups=1, bias=found.bias, merged_heads=pv_heads,
+        num_kv_groups=1, bias=found.bias, merged_heads=pv_heads, removed=tuple(removed),
     ), scores_shape, groups_k, groups_v)
 
 
@@ -453,7 +457,7 @@ def _checked(match: AttentionMatch, scores_shape, groups_k: int, groups_v: int) 
     elif mask is not None:
         raise Skip(f"attention mask {mask!r} is not a tensor")
     return AttentionMatch(match.root, match.q, match.k, match.v, mask, is_causal, match.scale, hq // hk,
-                          match.bias, match.merged_heads)
+                          match.bias, match.merged_heads, match.removed)
 
 
 def fake_dtype(value: Value) -> torch.dtype | None:
@@ -498,15 +502,29 @@ def rewrite(gm: GraphModule, match: AttentionMatch) -> Node:
         args += (_emit(gm, root, match.bias),)
     op = get_op("attention").overload
     if match.merged_heads is None:
-        return replace_with_call(gm, root, op, args)
-    with gm.graph.inserting_before(root):
-        node = gm.graph.call_function(op, args)
-        merged = gm.graph.call_function(aten.flatten.using_ints, (node, 0, 1))  # back to (B·H, L, Dv)
-    for new in (node, merged):
-        new.meta["module_path"] = root.meta.get("module_path", "")
-    root.replace_all_uses_with(merged)
-    erase_dead(gm)
+        node = replace_with_call(gm, root, op, args)
+    else:
+        with gm.graph.inserting_before(root):
+            node = gm.graph.call_function(op, args)
+            merged = gm.graph.call_function(aten.flatten.using_ints, (node, 0, 1))  # back to (B·H, L, Dv)
+        for new in (node, merged):
+            new.meta["module_path"] = root.meta.get("module_path", "")
+        root.replace_all_uses_with(merged)
+        erase_dead(gm)
+    _erase_matched(gm, match.removed)
     return node
+
+
+def _erase_matched(gm: GraphModule, nodes: tuple[Node, ...]) -> None:
+    """Erase what is left of the matched subgraph (in-place ops erase_dead keeps), users first."""
+    left = [n for n in nodes if not getattr(n, "_erased", False) and n.graph is gm.graph]
+    if not left:
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted(left, key=lambda n: -order.get(n, -1)):
+        if node in order and not node.users:
+            gm.graph.erase_node(node)
+    erase_dead(gm)
 
 
 def _where(node: Node) -> str:
