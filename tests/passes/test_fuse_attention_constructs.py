@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from fxforge.errors import PassError
 from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.graph import summarize
 from fxforge.ir.trace import trace
@@ -145,11 +146,13 @@ def test_attention_sinks_stay_eager_with_the_accepted_reason(spelling):
     assert summarize(fused).ops == summarize(gm).ops  # never half-rewritten
 
 
-@pytest.mark.parametrize("spelling", [s for s in FUSED if s != "rel_bias_inplace"] + SINKS)
-def test_construct_is_cached_exactly(spelling):
-    """prefill 4 tokens, then one token at a time: the model's own logits (fused or eager)."""
-    model, ids, _gm, fused, _record = _fused(spelling)
-    cached = run_pass(AddKvCache(), fused, PassContext(example_inputs=(ids,)))
+@pytest.mark.parametrize("spelling,graph", [(s, "fused") for s in FUSED if s != "rel_bias_inplace"] + [
+    (s, "eager") for s in SINKS + ["neo_where", "row_max", "add_zero"]])
+def test_construct_is_cached_exactly(spelling, graph):
+    """prefill 4 tokens, then one token at a time: the model's own logits, with the attention
+    fused or as the model wrote it (the eager cache replaces both of GPT-Neo's masks)."""
+    model, ids, gm, fused, _record = _fused(spelling)
+    cached = run_pass(AddKvCache(), fused if graph == "fused" else gm, PassContext(example_inputs=(ids,)))
     meta = cached.meta[KV_META]
     assert len(meta.past) == 1
     past, steps = empty_past(meta, ids.shape[0], torch.float32), []
@@ -159,3 +162,9 @@ def test_construct_is_cached_exactly(spelling):
         past = [out[i] for pair in meta.present for i in pair]
     with torch.no_grad():
         torch.testing.assert_close(torch.cat(steps, 1), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_head_merged_eager_attention_asks_for_fuse_attention_first():
+    _model, ids, gm, _fused_gm, _record = _fused("merged_bmm")
+    with pytest.raises(PassError, match="head-merged .* run `fuse_attention` first"):
+        run_pass(AddKvCache(), gm, PassContext(example_inputs=(ids,)))

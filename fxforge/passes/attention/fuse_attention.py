@@ -4,8 +4,11 @@
     softmax(where(b, S, -inf)) @ V                      -> attention(..., mask=b, ...)
     ... @ repeat_kv(K, g), ... @ repeat_kv(V, g)        -> attention(Q, K, V, ..., num_kv_groups=g)
     aten.scaled_dot_product_attention(q, k, v, m, ...)  -> attention(q, k, v, m, ...)
-    softmax((S + B)·c + M) @ V, B a position bias        -> attention(..., bias=B·c)   (ALiBi)
+    softmax((S + B)·c + M) @ V, B a position bias        -> attention(..., bias=B·c)   (ALiBi, MPNet's S += B)
     bmm over (B·H, L, D) viewed to 4-D around softmax   -> attention on unflattened q, k, v
+    softmax(view3(S4 + M)) bmm V3, S4 = view4(bmm(Q3, K3ᵀ)) -> the same (TrOCR, XGLM; H read off the views)
+    softmax(where(b, S, c) + M) @ V                      -> attention(..., mask=M and b)   (GPT-Neo)
+    S + 0, max(S, lowest), S - rowmax(S)                 -> S  (the softmax cannot see them)
 
 Anchored at each softmax: walk up through the mask and the scale factors to the score matmul
 Q·Kᵀ, and down (through same-dtype casts; eval dropout is already gone) to the value matmul.
@@ -19,18 +22,22 @@ be proven equivalent (a tanh softcap, probabilities reused elsewhere, training d
 left untouched and listed in `PassResult.skipped` with the reason: nothing is rewritten until
 the whole subgraph has matched. Exact: the default tolerance.
 
-The reasons a softmax that weights values is left unfused, each naming the node:
-- the softmax is not over the key axis of 4-D scores in their own dtype (an fp32 upcast not
-  cast straight back: transformers' bf16/fp16 `softmax(x, -1, dtype=float32).to(x.dtype)` is
-  fused, since the op computes its softmax in float32 and returns q's dtype);
-- a tanh soft-cap on the scores (Gemma-2, Grok): the op has no soft-cap input, so the layer
-  stays eager; this is the one *accepted* reason (`ACCEPTED_SKIP_REASONS`): the construct,
-  not a gap in the matcher;
+The reasons a softmax that weights values is left unfused, each naming the node. Two are
+*accepted* (`ACCEPTED_SKIP_REASONS`: the construct, not a gap in the matcher; the layer stays
+eager and add_kv_cache caches it with the model's own ops):
+- "tanh soft-cap on the attention scores" (Gemma-2, Grok): the op has no soft-cap input;
+- "attention sink" (GPT-OSS, MiMo, DeepSeek-V4, Flint: a learned logit concatenated to the
+  scores and sliced off the probabilities; Granite-SWA: out·sigmoid(logsumexp(S) - sink)): the
+  op has no sink input and returns no logsumexp.
+The others are gaps, each a failure of the architecture sweep:
+- the softmax is not over the key axis of 4-D (or head-merged 3-D) scores in their own dtype (an
+  fp32 upcast not cast straight back: transformers' bf16/fp16 `softmax(x, -1, dtype=float32)
+  .to(x.dtype)` is fused, since the op computes its softmax in float32 and returns q's dtype);
 - an unrecognized score modifier sits between Q·Kᵀ and the softmax;
 - the probabilities reach P·V through an unrecognized op, or are used outside P·V;
+- head-merged (B·H, Lq, Lk) probabilities that no view shows the head count of;
 - an intermediate of the attention is used elsewhere; training-mode dropout;
-- q, k, v shapes, head counts or the mask/bias shape and dtype do not fit the op;
-- scores and value product use different head layouts (one head-merged, one not).
+- q, k, v shapes, head counts or the mask/bias shape and dtype do not fit the op.
 """
 from __future__ import annotations
 

@@ -51,15 +51,17 @@ def _require_causal_only(mask: Node, attention: Node, pass_name: str) -> None:
             "padding mask: trace the model with input_ids only.", pass_name=pass_name, node=attention.name)
 
 
-def _require_some_key_hidden(mask, scores: Node, where: str, pass_name: str, softmax: Node) -> None:
+def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: str, softmax: Node) -> None:
     """Refuse a mask that provably hides no key (BERT's all-ones mask, traced without a padding
     mask): that attention is bidirectional, and caching it would let a token see only the past.
     The same verdict as the fused path, where `fuse_attention` drops such a mask and leaves
     `is_causal=False`, which `FusedSite.of` refuses. A mask the analyser cannot read is kept
     (as the fused path keeps it), so decoders with unusual causal masks still cache."""
     scores_val = fake(scores)
-    verdict = explain_mask(mask, softmax.graph.owning_module, scores_val.shape[-2], scores_val.shape[-1])
-    if verdict.kind == "all":
+    verdicts = [explain_mask(m, softmax.graph.owning_module, scores_val.shape[-2], scores_val.shape[-1])
+                for m in masks]
+    verdict = verdicts[0]
+    if all(v.kind == "all" for v in verdicts):
         raise PassError(f"pass '{pass_name}': {where} is not causal ({verdict.reason}: every token sees every "
                         "other, as in an encoder); a KV cache applies to causal decoders only.",
                         pass_name=pass_name, node=softmax.name)
@@ -139,7 +141,7 @@ class EagerSite:
 
     softmax: Node
     scores: Node                      # Q @ Kᵀ
-    mask: MaskMatch
+    masks: list[MaskMatch]            # each is replaced by the tree mask (GPT-Neo applies two)
     k: Node
     v: Node
     k_sizes: list[tuple[Node, int]]
@@ -165,10 +167,11 @@ class EagerSite:
                     shape = list(node.args[1])
                     shape[index] = length
                     node.args = (node.args[0], shape, *node.args[2:])
-        self._replace_mask(graph, tree_mask)
+        for mask in self.masks:
+            self._replace_mask(graph, tree_mask, mask)
 
-    def _replace_mask(self, graph: Graph, tree_mask: Node) -> None:
-        node = self.mask.node
+    def _replace_mask(self, graph: Graph, tree_mask: Node, mask: MaskMatch) -> None:
+        node = mask.node
         with graph.inserting_before(node):
             if node.target == aten.add.Tensor:
                 # additive: 0 where visible, the dtype's lowest value elsewhere (as HF builds it)
@@ -176,7 +179,7 @@ class EagerSite:
                 hidden = graph.call_function(aten.logical_not.default, (tree_mask,))
                 additive = graph.call_function(aten.masked_fill.Scalar,
                                                (zeros, hidden, torch.finfo(self.dtype).min))
-                node.args = tuple(additive if a is self.mask.mask else a for a in node.args)
+                node.args = tuple(additive if a is mask.mask else a for a in node.args)
             elif node.target in (aten.where.self, aten.where.ScalarOther):
                 node.args = (tree_mask, *node.args[1:])
             else:  # masked_fill(scores, hidden, value)
@@ -238,9 +241,13 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
             raise PassError(f"pass '{pass_name}': cannot cache attention at softmax '{softmax.name}': {e}",
                             pass_name=pass_name, node=softmax.name) from e
         scores_val = fake(softmax.args[0])
+        where = f"attention at softmax '{softmax.name}' ({softmax.meta.get('module_path', '')})"
+        if pv is not None and scores_val is not None and scores_val.dim() == 3:
+            raise PassError(f"pass '{pass_name}': {where} runs on head-merged (B·H, Lq, Lk) scores; the eager "
+                            "cache needs (B, H, L, D) keys: run `fuse_attention` first, whose op caches this "
+                            "layout.", pass_name=pass_name, node=softmax.name)
         if pv is None or scores_val is None or scores_val.dim() != 4:
             continue  # a softmax that weights no values (a router, a classifier), or not over 4-D scores
-        where = f"attention at softmax '{softmax.name}' ({softmax.meta.get('module_path', '')})"
         found = _walk_to_scores(softmax.args[0])
         if found is None:
             raise PassError(f"pass '{pass_name}': {where}: could not find the Q·Kᵀ matmul above the softmax "
@@ -249,11 +256,9 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         if not masks:
             raise PassError(f"pass '{pass_name}': {where} has no mask, so it is not causal; a KV cache "
                             "applies to causal decoders only.", pass_name=pass_name, node=softmax.name)
-        if len(masks) > 1:
-            raise PassError(f"pass '{pass_name}': {where} applies {len(masks)} masks; the cache can "
-                            "replace only one.", pass_name=pass_name, node=softmax.name)
-        _require_causal_only(_mask_operand(masks[0]), softmax, pass_name)
-        _require_some_key_hidden(masks[0].mask, scores, where, pass_name, softmax)
+        for mask in masks:  # several (GPT-Neo's buffer where-mask, then the causal mask): each becomes the tree mask
+            _require_causal_only(_mask_operand(mask), softmax, pass_name)
+        _require_some_key_hidden([m.mask for m in masks], scores, where, pass_name, softmax)
         kt = _key_transpose(scores)
         if kt is None:
             raise PassError(f"pass '{pass_name}': {where}: the keys reach Q·Kᵀ as "
@@ -263,7 +268,7 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         v, v_groups, v_sizes = _unrepeat(pv.args[1])
         if k_groups != v_groups:
             k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
-        sites.append(EagerSite(softmax=softmax, scores=scores, mask=masks[0], k=k, v=v,
+        sites.append(EagerSite(softmax=softmax, scores=scores, masks=masks, k=k, v=v,
                                k_sizes=k_sizes, v_sizes=v_sizes))
     return sites
 
