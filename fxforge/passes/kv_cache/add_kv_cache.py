@@ -44,6 +44,7 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
+from fxforge.passes.kv_cache.positions import rewire_counted_positions, rewire_position_table
 from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
 from fxforge.passes.kv_cache.token_mixing import refuse_token_mixing
 from fxforge.passes.pipeline import run_pass
@@ -228,11 +229,13 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             row = next(iter(row.users))
         unsqueezes = [u for u in row.users if u.target == aten.unsqueeze.default and u.args[1] == 0]
         if not unsqueezes:
+            rewired += rewire_position_table(gm, arange, positions)  # embedding(table, arange(L))
             continue
         for u in unsqueezes:
             u.replace_all_uses_with(positions)
             rewired += 1
     rewired += _rewire_position_buffers(gm, positions)
+    rewired += rewire_counted_positions(gm, ids, positions)  # cumsum(ones / not-padding mask)
     erase_dead(gm)
     seq = ids.meta["val"].shape[1]
     leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES
