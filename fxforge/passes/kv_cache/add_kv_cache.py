@@ -35,7 +35,7 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 
 from fxforge.errors import PassError
-from fxforge.ir.graph import erase_dead, nodes_by_op
+from fxforge.ir.graph import erase_dead, nodes_by_op, refresh_meta
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, low_precision_tolerance, run_graph
@@ -46,7 +46,9 @@ from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
 from fxforge.passes.kv_cache.positions import rewire_counted_positions, rewire_position_table
 from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
-from fxforge.passes.kv_cache.token_mixing import refuse_token_mixing
+from fxforge.passes.kv_cache.token_mixing import (
+    refuse_sequence_convolutions, refuse_sequence_mixing, refuse_token_mixing,
+)
 from fxforge.passes.pipeline import run_pass
 from fxforge.passes.verification import outputs_of_before
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
@@ -81,6 +83,7 @@ class AddKvCache(Pass):
         refuse_token_mixing(gm, self.name)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ids = self._input_ids(placeholders)
+        refuse_sequence_convolutions(gm, ids, self.name)
         attention = get_op("attention").overload
         # Fused attention takes the tree mask as an argument; attention left unfused (not run
         # through fuse_attention, or unprovable there) is cached in place, with its own ops.
@@ -146,6 +149,8 @@ class AddKvCache(Pass):
 
         erase_dead(gm)  # the old causal-mask construction is now unused
         rewired = _rewire_positions(gm, ids, positions, self.name)
+        refresh_meta(gm)  # shapes of the cached graph: its attention contracts over P + L keys
+        refuse_sequence_mixing(gm, ids, past_len, self.name)
 
         output = graph.output_node()
         outputs = tuple(output.args[0])
