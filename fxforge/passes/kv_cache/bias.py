@@ -126,9 +126,9 @@ def input_dependence(node: Node, source: Node) -> str:
         seen.add(current)
         if current.target in _WEIGHTED:
             where = current.meta.get("module_path") or current.name
-            return (f"the model's activations (through '{where}'): a content-dependent mask or bias, which add_kv_cache does not "
-                    "recompute over the cached tokens (it caches keys and values only); such models are not "
-                    "supported by add_kv_cache")
+            return (f"the model's activations (through '{where}'): a content-dependent mask or bias, which "
+                    "add_kv_cache does not recompute over the cached tokens (it caches keys and values only); "
+                    "such models are not supported by add_kv_cache")
         queue.extend(current.all_input_nodes)
     return f"input '{source.name}' (a padding mask); trace the model with input_ids only"
 

@@ -57,8 +57,8 @@ def refuse_token_mixing(gm: GraphModule, pass_name: str) -> None:
 # between calls, which a KV cache does not hold. They are refused by name instead of failing
 # verification with a numeric difference.
 
-_CONVOLUTIONS = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
-_CONVOLUTIONS |= {getattr(aten.conv1d, "padding", aten.conv1d.default), getattr(aten.conv2d, "padding", aten.conv2d.default)}
+_CONVOLUTIONS = {aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+                 aten.convolution.default}
 _SCANS = {aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default}
 _PRODUCTS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 
