@@ -19,7 +19,10 @@ that to a token's ancestors for Medusa tree verification. Attention that was not
 its own matmuls and softmax: the cache is attached before the key transpose and GQA repetition
 and the tree mask replaces the model's causal mask (`sites.EagerSite`). The rotary (or
 learned) position computation, which the traced graph derives from `arange(L)`, is rewired to
-read `position_ids`.
+read `position_ids` (`positions.py` adds counted positions and table lookups).
+Graphs that mix tokens outside attention (a convolution over the sequence, an SSM scan, linear
+attention) or whose mask is computed from activations are refused with the construct named
+(`token_mixing.py`): a cache of keys and values cannot serve them.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
 
 The input/output layout is recorded in `gm.meta[KV_META]` as a typed
