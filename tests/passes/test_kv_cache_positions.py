@@ -4,7 +4,10 @@
   `inv[perm] = arange(B·L·k)`) besides the position row: only the position row is rewired to
   position_ids, the dispatch arange (over the tokens of the current call) stays;
 - BERT-style embeddings slice a registered arange buffer (`position_ids[:, :L]`) and look
-  token-type ids up by position (`token_type_ids.expand(1, -1).gather(1, positions)`).
+  token-type ids up by position (`token_type_ids.expand(1, -1).gather(1, positions)`);
+- positions counted by a cumsum over a per-token mask: all ones (OPT) or "not padding"
+  (RoBERTa, CamemBERT, XLM-R, Data2Vec-text: `cumsum(ids != pad) * mask + pad`);
+- a sinusoidal table looked up at `arange(L)` as a (L, D) row (RoFormer).
 
 Either way cached decoding, token by token, equals the uncached model."""
 import torch
@@ -66,6 +69,50 @@ class _BufferPositionsLM(nn.Module):
         return self.lm_head(x + (scores.softmax(-1) @ v)[:, 0])
 
 
+def _attend(x, qkv):
+    n = x.shape[1]
+    q, k, v = qkv(x).unsqueeze(1).chunk(3, dim=-1)
+    visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    scores = (q @ k.transpose(-2, -1) / 4.0).masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v)[:, 0]
+
+
+class _CountedPositionsLM(nn.Module):
+    """Learned positions counted by cumsum: `padding` as RoBERTa (ids != pad), else OPT (ones)."""
+
+    def __init__(self, padding: bool, vocab=32, dim=16, positions=64, pad=1):
+        super().__init__()
+        self.padding, self.pad = padding, pad
+        self.embed, self.pos = nn.Embedding(vocab, dim), nn.Embedding(positions, dim)
+        self.qkv, self.lm_head = nn.Linear(dim, 3 * dim), nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        if self.padding:
+            mask = ids.ne(self.pad).int()
+            positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + self.pad
+        else:
+            mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+            positions = (torch.cumsum(mask, dim=1) * mask - 1).long() + 2  # OPT's offset of 2
+        x = self.embed(ids) + self.pos(positions)
+        return self.lm_head(x + _attend(x, self.qkv))
+
+
+class _SinusoidalTableLM(nn.Module):
+    """RoFormer-style: a fixed (max_len, D) table read at arange(L), broadcast over the batch."""
+
+    def __init__(self, vocab=32, dim=16, positions=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        angles = torch.arange(positions)[:, None] / 10.0 ** (torch.arange(dim)[None, :] / dim)
+        self.table = nn.Embedding.from_pretrained(torch.sin(angles), freeze=True)
+        self.qkv, self.lm_head = nn.Linear(dim, 3 * dim), nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        row = self.table(torch.arange(0, ids.shape[1], dtype=torch.long, device=ids.device))[None, :, :]
+        x = self.embed(ids) * (1 + row)  # multiplicative, as rotary tables are used
+        return self.lm_head(x + _attend(x, self.qkv))
+
+
 def _decode_token_by_token(model, position_sites):
     torch.manual_seed(0)
     model = model.eval()
@@ -91,3 +138,18 @@ def test_moe_dispatch_arange_is_not_a_position_row():
 
 def test_bert_style_position_buffer_is_rewired():
     _decode_token_by_token(_BufferPositionsLM(), position_sites=1)
+
+
+def test_positions_counted_by_cumsum_of_ones_are_rewired():
+    _decode_token_by_token(_CountedPositionsLM(padding=False), position_sites=1)
+
+
+def test_positions_counted_by_cumsum_of_a_not_padding_mask_are_rewired():
+    # a padding id no token has (ids are 0..31): the graph still counts `ids != pad`. With a pad
+    # inside the prompt the uncached count skips it and position_ids (past + i) does not, as
+    # in HF's own cached decoding, which adds the past length to a count over the new tokens
+    _decode_token_by_token(_CountedPositionsLM(padding=True, pad=40), position_sites=1)
+
+
+def test_a_position_table_looked_up_at_arange_is_rewired():
+    _decode_token_by_token(_SinusoidalTableLM(), position_sites=1)

@@ -7,6 +7,7 @@ artifact must decode too, and `fxforge generate` must work on both.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -372,13 +373,10 @@ print(json.dumps([int(t) for t in generator.get_sequence(0)]))
 def _genai_python() -> list[str] | None:
     """An interpreter with onnxruntime_genai: this one, or $FXFORGE_GENAI_PYTHON (its own venv,
     since its wheel pins its own onnxruntime)."""
-    try:
-        import onnxruntime_genai  # noqa: F401
-
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
         return [sys.executable]
-    except ImportError:
-        other = os.environ.get("FXFORGE_GENAI_PYTHON")
-        return [other] if other and Path(other).is_file() else None
+    other = os.environ.get("FXFORGE_GENAI_PYTHON")
+    return [other] if other and Path(other).is_file() else None
 
 
 def test_onnxruntime_genai_generator_decodes_the_artifact_like_transformers(family, hf_model):

@@ -19,7 +19,10 @@ that to a token's ancestors for Medusa tree verification. Attention that was not
 its own matmuls and softmax: the cache is attached before the key transpose and GQA repetition
 and the tree mask replaces the model's causal mask (`sites.EagerSite`). The rotary (or
 learned) position computation, which the traced graph derives from `arange(L)`, is rewired to
-read `position_ids`.
+read `position_ids` (`positions.py` adds counted positions and table lookups).
+Graphs that mix tokens outside attention (a convolution over the sequence, an SSM scan, linear
+attention) or whose mask is computed from activations are refused with the construct named
+(`token_mixing.py`): a cache of keys and values cannot serve them.
 TensorRT-LLM's AutoDeploy inserts its cache the same way, as a graph transform.
 
 The input/output layout is recorded in `gm.meta[KV_META]` as a typed
@@ -35,7 +38,7 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 
 from fxforge.errors import PassError
-from fxforge.ir.graph import erase_dead, nodes_by_op
+from fxforge.ir.graph import erase_dead, nodes_by_op, refresh_meta
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import IN_SPEC, INPUT_NAMES
 from fxforge.ir.verify import Comparison, Tolerance, compare_tensors, low_precision_tolerance, run_graph
@@ -44,8 +47,11 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
+from fxforge.passes.kv_cache.positions import rewire_counted_positions, rewire_position_table
 from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
-from fxforge.passes.kv_cache.token_mixing import refuse_token_mixing
+from fxforge.passes.kv_cache.token_mixing import (
+    refuse_sequence_convolutions, refuse_sequence_mixing, refuse_token_mixing,
+)
 from fxforge.passes.pipeline import run_pass
 from fxforge.passes.verification import outputs_of_before
 from fxforge.runtime.cache_inputs import cached_inputs, empty_past, random_past_inputs
@@ -80,6 +86,7 @@ class AddKvCache(Pass):
         refuse_token_mixing(gm, self.name)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ids = self._input_ids(placeholders)
+        refuse_sequence_convolutions(gm, ids, self.name)
         attention = get_op("attention").overload
         # Fused attention takes the tree mask as an argument; attention left unfused (not run
         # through fuse_attention, or unprovable there) is cached in place, with its own ops.
@@ -145,6 +152,8 @@ class AddKvCache(Pass):
 
         erase_dead(gm)  # the old causal-mask construction is now unused
         rewired = _rewire_positions(gm, ids, positions, self.name)
+        refresh_meta(gm)  # shapes of the cached graph: its attention contracts over P + L keys
+        refuse_sequence_mixing(gm, ids, past_len, self.name)
 
         output = graph.output_node()
         outputs = tuple(output.args[0])
@@ -228,11 +237,13 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             row = next(iter(row.users))
         unsqueezes = [u for u in row.users if u.target == aten.unsqueeze.default and u.args[1] == 0]
         if not unsqueezes:
+            rewired += rewire_position_table(gm, arange, positions)  # embedding(table, arange(L))
             continue
         for u in unsqueezes:
             u.replace_all_uses_with(positions)
             rewired += 1
     rewired += _rewire_position_buffers(gm, positions)
+    rewired += rewire_counted_positions(gm, ids, positions)  # cumsum(ones / not-padding mask)
     erase_dead(gm)
     seq = ids.meta["val"].shape[1]
     leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARANGES

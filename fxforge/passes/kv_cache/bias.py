@@ -46,8 +46,8 @@ class BiasExtender:
         if source is not None:
             raise PassError(
                 f"pass '{self.pass_name}': the position bias of attention '{attention.name}' is computed from "
-                f"input '{source.name}'; the cached graph cannot recompute it over the cache. Trace the model "
-                "with input_ids only.", pass_name=self.pass_name, node=attention.name)
+                f"{input_dependence(bias, source)}; the cached graph cannot recompute it over the cache.",
+                pass_name=self.pass_name, node=attention.name)
         val = fake(bias)
         if not self._depends_on_length(bias):
             if val is not None and val.dim() >= 1 and not same_size(val.shape[-1], 1):
@@ -110,6 +110,29 @@ class BiasExtender:
         return node
 
 
+_WEIGHTED = (aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default)
+
+
+def input_dependence(node: Node, source: Node) -> str:
+    """What a mask/bias computed from input `source` reads, for an error message: the model's
+    activations (a content-dependent mask or bias, named by the nearest projection it comes
+    from, e.g. Doge's dynamic mask from `dt_proj`), or the input's values directly (a padding
+    mask: the fix is to trace with input_ids only)."""
+    queue, seen = [node], set()
+    while queue:
+        current = queue.pop(0)  # breadth first: the projection nearest to the mask
+        if current in seen or current.op == "placeholder" or current.target == aten.sym_size.int:
+            continue
+        seen.add(current)
+        if current.target in _WEIGHTED:
+            where = current.meta.get("module_path") or current.name
+            return (f"the model's activations (through '{where}'): a content-dependent mask or bias, which "
+                    "add_kv_cache does not recompute over the cached tokens (it caches keys and values only); "
+                    "such models are not supported by add_kv_cache")
+        queue.extend(current.all_input_nodes)
+    return f"input '{source.name}' (a padding mask); trace the model with input_ids only"
+
+
 def _map(value: Any, fn) -> Any:
     if isinstance(value, tuple):
         return tuple(_map(v, fn) for v in value)
@@ -120,4 +143,4 @@ def _map(value: Any, fn) -> Any:
     return fn(value)
 
 
-__all__ = ["BiasExtender", "KV_BIAS_TAG"]
+__all__ = ["BiasExtender", "KV_BIAS_TAG", "input_dependence"]

@@ -26,7 +26,7 @@ from fxforge.passes.attention.rules import (
 )
 from fxforge.passes.attention.masks import explain_mask, mask_sources_placeholder
 from fxforge.passes.attention.match_helpers import MATMULS, Skip, value_matmul
-from fxforge.passes.kv_cache.bias import BiasExtender
+from fxforge.passes.kv_cache.bias import BiasExtender, input_dependence
 
 aten = torch.ops.aten
 # Element-wise score modifiers a cache does not care about (Gemma-style soft-capping).
@@ -46,9 +46,9 @@ def _require_causal_only(mask: Node, attention: Node, pass_name: str) -> None:
     source = mask_sources_placeholder(mask)
     if source is not None:
         raise PassError(
-            f"pass '{pass_name}': the mask of attention '{attention.name}' depends on input "
-            f"'{source.name}'. The cached graph builds its own causal/tree mask and cannot keep a "
-            "padding mask: trace the model with input_ids only.", pass_name=pass_name, node=attention.name)
+            f"pass '{pass_name}': the mask of attention '{attention.name}' is computed from "
+            f"{input_dependence(mask, source)}. The cached graph builds its own causal/tree mask.",
+            pass_name=pass_name, node=attention.name)
 
 
 def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: str, softmax: Node) -> None:
