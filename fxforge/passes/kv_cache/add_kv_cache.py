@@ -236,6 +236,7 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
         while len(row.users) == 1 and next(iter(row.users)).target in _ADD_OFFSET:
             row = next(iter(row.users))
         unsqueezes = [u for u in row.users if u.target == aten.unsqueeze.default and u.args[1] == 0]
+        unsqueezes += [u for u in row.users if _batch_row(u, arange, positions)]  # TrOCR: arange(L).expand(B, -1)
         if not unsqueezes:
             rewired += rewire_position_table(gm, arange, positions)  # embedding(table, arange(L))
             continue
@@ -254,6 +255,15 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             "are still used after rewiring the `unsqueeze(arange(L), 0)` position rows). Trace the "
             "model with position_ids as an input, or extend _rewire_positions.", pass_name=pass_name)
     return rewired  # 0 for a model without positional information: position_ids is then unused
+
+
+def _batch_row(node: Node, arange: Node, positions: Node) -> bool:
+    """Whether `node` is `arange(0, L).expand(B, -1)`: the (B, L) position rows of the batch."""
+    start = 0 if arange.target == aten.arange.default else arange.args[0]
+    val, want = node.meta.get("val"), positions.meta["val"]
+    return (node.target == aten.expand.default and start == 0 and isinstance(val, torch.Tensor)
+            and val.dim() == 2 and same_length(val.shape[0], want.shape[0])
+            and same_length(val.shape[1], want.shape[1]))
 
 
 def _rewire_position_buffers(gm: GraphModule, positions: Node) -> int:
