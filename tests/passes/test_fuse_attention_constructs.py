@@ -4,7 +4,7 @@ One hand-written LM (embedding -> 2-head attention -> LM head, no positions) spe
 attention the way a family does: GPT-Neo's buffer where-mask with a 0-d constant fill below the
 additive mask, TrOCR's head-merged (B·H, L, L) softmax into bmm, XGLM's floor at the lowest
 value and its view round trip, GPT-NeoX-Japanese's bmm scores (into zeros) with a 4-D P·V,
-MPNet's in-place relative position bias, TrOCR's (B, L) position rows, DeBERTa's `+ 0`, MiMo's row maximum subtracted by hand,
+MPNet's in-place relative position bias, TrOCR's (B, L) position rows, XGLM's (1, L) one viewed with batch 1, DeBERTa's `+ 0`, MiMo's row maximum subtracted by hand,
 and attention sinks (GPT-OSS's appended logit column; Granite-SWA's logsumexp scaling), which
 the op cannot take: those stay eager with the accepted reason and are cached as they are.
 Each is checked for structure (no softmax or P·V left), match count and numerics at two
@@ -57,6 +57,9 @@ class ConstructLM(nn.Module):
         b, n, _ = x.shape
         if self.spelling == "merged_bmm":
             x = x + self.pos(torch.arange(0, n, device=ids.device).expand(b, -1))
+        if self.spelling == "merged_floor":  # XGLM: a (1, L) row looked up and viewed with batch 1
+            rows = torch.arange(0, n, device=ids.device).unsqueeze(0) + 2
+            x = x + self.pos.weight.index_select(0, rows.view(-1)).view(1, n, DIM)
         h, d, s = HEADS, DIM // HEADS, self.spelling
         q, k, v = (t.view(b, n, h, d).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()

@@ -241,6 +241,7 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             rewired += rewire_position_table(gm, arange, positions)  # embedding(table, arange(L))
             continue
         for u in unsqueezes:
+            _unbake_row_batch(u)
             u.replace_all_uses_with(positions)
             rewired += 1
     rewired += _rewire_position_buffers(gm, positions)
@@ -255,6 +256,27 @@ def _rewire_positions(gm: GraphModule, ids: Node, positions: Node, pass_name: st
             "are still used after rewiring the `unsqueeze(arange(L), 0)` position rows). Trace the "
             "model with position_ids as an input, or extend _rewire_positions.", pass_name=pass_name)
     return rewired  # 0 for a model without positional information: position_ids is then unused
+
+
+_ROW_LOOKUP = {aten.add.Tensor, aten.view.default, aten.reshape.default, aten.index_select.default,
+               aten.embedding.default}
+
+
+def _unbake_row_batch(row: Node, depth: int = 4) -> None:
+    """The (1, L) position row becomes (B, L): a view of its looked-up rows that spells the
+    batch as a literal 1 (XGLM: `table.index_select(0, pos.view(-1)).view(1, L, D)`) says -1."""
+    frontier = list(row.users)
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            if node.target not in _ROW_LOOKUP:
+                continue
+            if node.target in (aten.view.default, aten.reshape.default):
+                shape = list(node.args[1])
+                if len(shape) > 1 and shape[0] == 1 and -1 not in shape:
+                    node.args = (node.args[0], [-1, *shape[1:]])
+            nxt.extend(node.users)
+        frontier = nxt
 
 
 def _batch_row(node: Node, arange: Node, positions: Node) -> bool:
