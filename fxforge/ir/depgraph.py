@@ -244,6 +244,11 @@ class _Analyzer:
         self.dims: dict[Node, Any] = {}  # node -> _Dims, or a list of _Dims for tuple outputs
         self.params: dict[str, _Dims] = {}  # parameter name -> dims (shared by its get_attr nodes)
         self.notes: list[tuple[str, str]] = []  # (node, reason) for every blocking rule that fired
+        # (node, reduced axes, "mean" | "other"): reductions whose result depends on the reduced
+        # width, not only on the values (a sum does not: zeroed channels add nothing). Pruning a
+        # head/channel group through one would not compute the graph with those units zeroed:
+        # a mean is rescaled by the surgery, anything else (a norm, a softmax, a max) blocks.
+        self.reductions: list[tuple[Node, list[int], str]] = []
 
     # ---- helpers
     def fresh(self, val: Any) -> Any:
@@ -271,6 +276,9 @@ class _Analyzer:
         for n in [node, *self.tensor_args(node)]:
             for axis in _flatten_dims(self.dims.get(n)):
                 self.ax.block(axis, reason)
+
+    def reduces(self, node: Node, axes: list[int], kind: str = "other") -> None:
+        self.reductions.append((node, list(axes), kind))
 
     def same(self, a: _Dims, b: _Dims) -> None:
         for x, y in zip(a, b):
@@ -467,6 +475,7 @@ def _layer_norm(a: _Analyzer, node: Node, out: Any) -> None:
     y = out[0] if node.target == aten.native_layer_norm.default else out
     a.same(y, x)
     k = len(node.args[1])
+    a.reduces(node, x[-k:])
     for param in (_arg(node, 2, "weight"), _arg(node, 3, "bias")):
         p = a.of(param)
         if p is not None:
@@ -477,7 +486,26 @@ def _rms_norm(a: _Analyzer, node: Node, out: _Dims) -> None:
     # fxforge.rms_norm(x, w, eps): out = x normalized over the last dim, times w
     x, w = a.of(node.args[0]), a.of(node.args[1])
     a.same(out, x)
-    a.ax.unify(w[0], x[-1])
+    a.reduces(node, x[-1:])
+    if w is not None:
+        a.ax.unify(w[0], x[-1])
+
+
+def _aten_rms_norm(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # rms_norm(x, shape, w, eps): normalizes (and scales) the last len(shape) dims
+    x, w = a.of(node.args[0]), a.of(_arg(node, 2, "weight"))
+    a.same(out, x)
+    k = len(node.args[1])
+    a.reduces(node, x[-k:])
+    if w is not None:
+        a.same(w, x[-k:])
+
+
+def _softmax(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # softmax(x, d): same dims; each output depends on the whole of dim d (its width included)
+    x = a.of(node.args[0])
+    a.same(out, x)
+    a.reduces(node, [x[_norm_dim(node.args[1], len(x))]])
 
 
 def _batch_norm(a: _Analyzer, node: Node, out: Any) -> None:
@@ -543,6 +571,8 @@ def _reduce(a: _Analyzer, node: Node, out: _Dims) -> None:
         return
     dims = {_norm_dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
     kept = [axis for i, axis in enumerate(x) if i not in dims]
+    if node.target != aten.sum.dim_IntList:
+        a.reduces(node, [x[i] for i in sorted(dims)], "mean" if node.target == aten.mean.dim else "other")
     if keepdim:
         a.same([o for i, o in enumerate(out) if i not in dims], kept)
     else:
@@ -559,6 +589,7 @@ def _reduce_at(dim_index: int, keepdim_index: int) -> Callable[..., None]:
             return
         dims = {_norm_dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
         kept = [axis for i, axis in enumerate(x) if i not in dims]
+        a.reduces(node, [x[i] for i in sorted(dims)])
         a.same([o for i, o in enumerate(out) if i not in dims] if keepdim else out, kept)
     return rule
 
@@ -702,7 +733,9 @@ _RULES: dict[Any, Callable[..., None]] = {
     aten.adaptive_avg_pool2d.default: _pool, aten.max_pool2d_with_indices.default: _pool,
     aten._adaptive_avg_pool2d.default: _pool,
     aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
-    aten.softmax.int: _identity, aten._softmax.default: _identity, aten.log_softmax.int: _identity,
+    aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.log_softmax.int: _softmax,
+    aten._log_softmax.default: _softmax, aten._safe_softmax.default: _softmax,
+    aten.rms_norm.default: _aten_rms_norm, aten.reshape_as.default: _view_as,
     aten.contiguous.default: _identity, aten.clone.default: _identity, aten.alias.default: _identity,
     aten.detach.default: _identity, aten.dropout.default: _identity,
     aten.to.dtype: _identity, aten.to.device: _identity, aten.to.dtype_layout: _identity,
@@ -846,6 +879,7 @@ class CouplingAnalysis:
                                 rows[c].append(index)
                     by_leaf.setdefault(leaf, []).append(
                         GroupMember(name, dim, torch.tensor(rows, dtype=torch.long)))
+        widths = self._width_dependent()
         groups = []
         for leaf, members in by_leaf.items():
             if leaf not in activations or self.ax.size[leaf] <= 1:
@@ -856,8 +890,38 @@ class CouplingAnalysis:
                 m.per_unit * (tensors[m.name].numel() // tensors[m.name].shape[m.dim]) for m in members)
             self._classify(group, leaf)
             group.leaf = leaf
+            if group.blocked is None and group.kind in ("heads", "query_heads", "channels"):
+                group.blocked = widths.get(leaf)
             groups.append(group)
         return groups
+
+    def _width_dependent(self) -> dict[int, str]:
+        """Leaf -> why removing its units is not zeroing them: a reduction other than a sum or
+        a mean (which the surgery rescales, `mean_rescales`) runs over it, e.g. a norm over all
+        heads (OLMoE's q_norm is a full-width RMSNorm when applied via fxforge.rms_norm)."""
+        out: dict[int, str] = {}
+        for node, axes, kind in self._an.reductions:
+            if kind == "mean":
+                continue
+            for axis in axes:
+                for leaf in self.ax.leaves(axis):
+                    out.setdefault(leaf, f"node '{node.name}' normalizes or reduces over these "
+                                         f"channels (its result depends on their count)")
+        return out
+
+    def mean_rescales(self, pruned: dict[int, set[int]]) -> list[tuple[Node, Any]]:
+        """(mean node, new/old width) for every mean over a dim that `pruned` shrinks: scaling
+        its result by new/old keeps it sum/old, what it computed with the units zeroed."""
+        out = []
+        for node, axes, kind in self._an.reductions:
+            if kind != "mean" or not any(self.touched(axis, pruned) for axis in axes):
+                continue
+            ratio = 1.0
+            for axis in axes:
+                if self.touched(axis, pruned):
+                    ratio *= self.new_size(axis, pruned) / self.ax.size[self.ax.find(axis)]
+            out.append((node, ratio))
+        return out
 
     def _classify(self, group: Group, leaf: int) -> None:
         weight_users = _weight_roles(self.gm)

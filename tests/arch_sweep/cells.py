@@ -231,12 +231,16 @@ def step_sparsify(t: Traced) -> str:
 
 
 def _block_linear_params(gm: GraphModule) -> int:
-    """Parameters of the weights of every linear but the last (the LM head)."""
+    """Parameters of the weights of the linears inside the numbered blocks (`layers.3.mlp.up`),
+    each counted once (ALBERT runs one layer's weights in every block): what `prune`'s heads and
+    channels are made of. Embedding projections and the LM head are outside the blocks; a model
+    without numbered blocks counts every linear but the last (the LM head)."""
     aten = torch.ops.aten
     params = dict(gm.named_parameters())
     weights = [n.args[1] for n in gm.graph.nodes if n.target == aten.linear.default]
-    names = [w.target for w in weights if getattr(w, "op", None) == "get_attr"]
-    return sum(params[n].numel() for n in names[:-1] if n in params)
+    names = list(dict.fromkeys(w.target for w in weights if getattr(w, "op", None) == "get_attr"))
+    in_blocks = [n for n in names if any(part.isdigit() for part in n.split("."))]
+    return sum(params[n].numel() for n in (in_blocks or names[:-1]) if n in params)
 
 
 def step_prune(t: Traced) -> str:

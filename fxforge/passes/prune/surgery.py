@@ -94,16 +94,43 @@ def rewrite_sizes(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -
     return rewritten
 
 
-def apply_pruning(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -> dict:
+def rescale_means(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned, leaves: set[int]) -> int:
+    """After every mean over a dim that loses units of `leaves`: × new/old width, so it stays
+    sum/old — what it computed with those units zeroed (a norm over all heads, OLMoE's q_norm,
+    BitNet's sub-norm, keeps its scale; the pruned graph computes exactly the zeroed one)."""
+    chosen = {leaf: units for leaf, units in pruned.items() if leaf in leaves}
+    count = 0
+    for node, ratio in analysis.mean_rescales(pruned):
+        if not any(analysis.touched(axis, chosen) for axis in _reduced_axes(analysis, node)):
+            continue
+        with gm.graph.inserting_after(node):
+            scaled = gm.graph.call_function(aten.mul.Tensor, (node, ratio))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        count += 1
+    return count
+
+
+def _reduced_axes(analysis: CouplingAnalysis, node: Node) -> list[int]:
+    x = analysis.dims[node.args[0]]
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [x[d + len(x) if d < 0 else d] for d in dims]
+
+
+def apply_pruning(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned,
+                  rescale_leaves: set[int] | None = None) -> dict:
     """Remove `pruned` units from `gm` in place (weights and graph sizes); returns what changed.
 
+    rescale_leaves: atomic axes whose removal must compute what zeroing them does; the means
+    over them are rescaled (`rescale_means`). The prune pass passes its head/channel groups.
     The caller runs `finalize(gm)` afterwards (the pipeline does) to re-propagate shapes.
     """
     pruned = {leaf: set(units) for leaf, units in pruned.items() if units}
     params = slice_parameters(gm, analysis, pruned)
     sizes = rewrite_sizes(gm, analysis, pruned)
+    means = rescale_means(gm, analysis, pruned, rescale_leaves or set())
     gm.recompile()
-    return {"parameters": params, "size_rewrites": sizes}
+    return {"parameters": params, "size_rewrites": sizes, "rescaled_means": means}
 
 
 def linear_nodes_by_weight(gm: GraphModule) -> dict[str, list[Node]]:
