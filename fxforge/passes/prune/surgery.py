@@ -21,6 +21,11 @@ aten = torch.ops.aten
 Pruned = dict[int, set[int]]  # atomic axis (Group.leaf) -> units to remove
 
 _SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+# tensor factories: index of their size list (a literal pruned size blocks the group in the
+# analysis; a symbolic one, batch × heads, is rewritten like a view's)
+_FACTORY_SIZES = {aten.zeros.default: 0, aten.ones.default: 0, aten.empty.memory_format: 0,
+                  aten.full.default: 0, aten.new_zeros.default: 1, aten.new_ones.default: 1,
+                  aten.new_empty.default: 1, aten.new_full.default: 1}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}  # same (x, _, dim) args
 _LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
@@ -52,14 +57,19 @@ def rewrite_sizes(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -
         out = analysis.dims.get(node)
         if out is None:
             continue
-        if node.target in _SIZED:
-            sizes = list(node.args[1])
+        if node.target in _SIZED or node.target in _FACTORY_SIZES:
+            at = 1 if node.target in _SIZED else _FACTORY_SIZES[node.target]
+            sizes = list(node.args[at])
             for k, (size, axis) in enumerate(zip(sizes, out)):
-                # view(b, s, 4, 16): only literal sizes describe the old width; -1 adapts
-                if isinstance(size, int) and size != -1 and analysis.touched(axis, pruned):
+                if not analysis.touched(axis, pruned):
+                    continue
+                # view(b, s, 4, 16): literal sizes describe the old width; -1 adapts
+                if isinstance(size, int) and size != -1:
                     sizes[k] = analysis.new_size(axis, pruned)
-            if sizes != list(node.args[1]):
-                node.args = (node.args[0], sizes, *node.args[2:])
+                elif isinstance(size, Node):  # view(x, [b * 4, s, 8]): batch × heads, computed
+                    sizes[k] = _scaled_size(gm, analysis, axis, pruned, size, node)
+            if sizes != list(node.args[at]):
+                node.args = (*node.args[:at], sizes, *node.args[at + 1:])
                 rewritten += 1
         elif node.target in _SPLITS:
             x = analysis.dims[node.args[0]]
@@ -115,6 +125,27 @@ def _reduced_axes(analysis: CouplingAnalysis, node: Node) -> list[int]:
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = [dims] if isinstance(dims, int) else list(dims)
     return [x[d + len(x) if d < 0 else d] for d in dims]
+
+
+def _scaled_size(gm: GraphModule, analysis: CouplingAnalysis, axis: int, pruned: Pruned,
+                 size: Node, user: Node) -> Node:
+    """A node computing the symbolic size `size` of `axis` after pruning: size · new // old,
+    with old/new the product of the axis's static factors (the heads) before/after; the
+    symbolic factors (the batch) are never pruned, so the division is exact."""
+    import operator
+
+    old = new = 1
+    for factor in analysis.ax.factors(axis):
+        width = analysis.ax.size[factor]
+        if isinstance(width, int):
+            old, new = old * width, new * analysis.new_size(factor, pruned)
+    with gm.graph.inserting_before(user):
+        if (size.op == "call_function" and size.target == operator.mul and len(size.args) == 2
+                and old in size.args and any(isinstance(a, Node) for a in size.args)):
+            other = next(a for a in size.args if isinstance(a, Node))
+            return gm.graph.call_function(operator.mul, (other, new))  # b * 4 -> b * 3
+        return gm.graph.call_function(operator.floordiv,
+                                      (gm.graph.call_function(operator.mul, (size, new)), old))
 
 
 def apply_pruning(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned,
