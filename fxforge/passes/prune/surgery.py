@@ -10,6 +10,8 @@ this nothing in the graph still mentions the old width.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -23,6 +25,7 @@ Pruned = dict[int, set[int]]  # atomic axis (Group.leaf) -> units to remove
 _SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 # tensor factories: index of their size list (a literal pruned size blocks the group in the
 # analysis; a symbolic one, batch × heads, is rewritten like a view's)
+_SYM_ARITHMETIC = {operator.mul, operator.floordiv}
 _FACTORY_SIZES = {aten.zeros.default: 0, aten.ones.default: 0, aten.empty.memory_format: 0,
                   aten.full.default: 0, aten.new_zeros.default: 1, aten.new_ones.default: 1,
                   aten.new_empty.default: 1, aten.new_full.default: 1}
@@ -51,7 +54,8 @@ def slice_parameters(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned
 def rewrite_sizes(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -> int:
     """Rewrite literal sizes of pruned dims in view/reshape/expand/split/layer_norm nodes."""
     rewritten = 0
-    for node in gm.graph.nodes:
+    scaled: dict[tuple, Node] = {}  # (old size node, new, old) -> its rewrite, shared by its users
+    for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         out = analysis.dims.get(node)
@@ -67,7 +71,7 @@ def rewrite_sizes(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -
                 if isinstance(size, int) and size != -1:
                     sizes[k] = analysis.new_size(axis, pruned)
                 elif isinstance(size, Node):  # view(x, [b * 4, s, 8]): batch × heads, computed
-                    sizes[k] = _scaled_size(gm, analysis, axis, pruned, size, node)
+                    sizes[k] = _scaled_size(gm, analysis, axis, pruned, size, scaled)
             if sizes != list(node.args[at]):
                 node.args = (*node.args[:at], sizes, *node.args[at + 1:])
                 rewritten += 1
@@ -128,24 +132,27 @@ def _reduced_axes(analysis: CouplingAnalysis, node: Node) -> list[int]:
 
 
 def _scaled_size(gm: GraphModule, analysis: CouplingAnalysis, axis: int, pruned: Pruned,
-                 size: Node, user: Node) -> Node:
+                 size: Node, done: dict[tuple, Node]) -> Node:
     """A node computing the symbolic size `size` of `axis` after pruning: size · new // old,
     with old/new the product of the axis's static factors (the heads) before/after; the
     symbolic factors (the batch) are never pruned, so the division is exact."""
-    import operator
-
     old = new = 1
     for factor in analysis.ax.factors(axis):
         width = analysis.ax.size[factor]
         if isinstance(width, int):
             old, new = old * width, new * analysis.new_size(factor, pruned)
-    with gm.graph.inserting_before(user):
-        if (size.op == "call_function" and size.target == operator.mul and len(size.args) == 2
-                and old in size.args and any(isinstance(a, Node) for a in size.args)):
-            other = next(a for a in size.args if isinstance(a, Node))
-            return gm.graph.call_function(operator.mul, (other, new))  # b * 4 -> b * 3
-        return gm.graph.call_function(operator.floordiv,
-                                      (gm.graph.call_function(operator.mul, (size, new)), old))
+    key = (size, new, old)
+    if key not in done:
+        with gm.graph.inserting_after(size):
+            if (size.op == "call_function" and size.target == operator.mul and len(size.args) == 2
+                    and old in size.args and any(isinstance(a, Node) for a in size.args)):
+                other = next(a for a in size.args if isinstance(a, Node))
+                done[key] = gm.graph.call_function(operator.mul, (other, new))  # b * 4 -> b * 3
+            else:
+                times = gm.graph.call_function(operator.mul, (size, new))
+                with gm.graph.inserting_after(times):
+                    done[key] = gm.graph.call_function(operator.floordiv, (times, old))
+    return done[key]
 
 
 def apply_pruning(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned,
@@ -160,6 +167,9 @@ def apply_pruning(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned,
     params = slice_parameters(gm, analysis, pruned)
     sizes = rewrite_sizes(gm, analysis, pruned)
     means = rescale_means(gm, analysis, pruned, rescale_leaves or set())
+    for node in reversed(list(gm.graph.nodes)):  # sizes of the old widths nothing reads now
+        if node.op == "call_function" and node.target in _SYM_ARITHMETIC and not node.users:
+            gm.graph.erase_node(node)
     gm.recompile()
     return {"parameters": params, "size_rewrites": sizes, "rescaled_means": means}
 
