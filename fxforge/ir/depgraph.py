@@ -508,6 +508,32 @@ def _softmax(a: _Analyzer, node: Node, out: _Dims) -> None:
     a.reduces(node, [x[_norm_dim(node.args[1], len(x))]])
 
 
+def _sdpa(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # scaled_dot_product_attention(q[.., Hq, L, E], k[.., Hk, S, E], v[.., Hk, S, Ev], mask, p,
+    # causal, scale, enable_gqa) -> [.., Hq, L, Ev]: q·kᵀ contracts E (a sum), P·v contracts S;
+    # with Hk < Hq (GQA) query head i reads key/value head i // (Hq / Hk): Hq = (Hk, repeat)
+    q, k, v = (a.of(node.args[i]) for i in range(3))
+    mask = a.of(_arg(node, 3, "attn_mask"))
+    a.same(out[:-1], q[:-1])
+    a.ax.unify(q[-1], k[-1])
+    a.ax.unify(out[-1], v[-1])
+    a.ax.unify(k[-2], v[-2])
+    a.same(k[:-3], q[:-3])
+    a.same(v[:-1], k[:-1])
+    hq, hk = (a.ax.size[a.ax.find(x[-3])] for x in (q, k))
+    if _equal(hq, hk):
+        a.ax.unify(q[-3], k[-3])
+    else:
+        repeat = _divides(hk, hq)
+        if repeat is None or not _is_static(repeat):
+            raise _Unprovable(f"{hq} query heads over {hk} key/value heads")
+        a.ax.unify(q[-3], a.ax.product([k[-3], a.ax.new(repeat)]))
+    if mask is not None:
+        a.broadcast(out[:-1] + [k[-2]], mask)
+    if _arg(node, 6, "scale") is None:  # the default scale 1/sqrt(E) follows E's width
+        a.ax.block(q[-1], f"the default scale 1/sqrt(head_dim) of node '{node.name}' follows the head width")
+
+
 def _batch_norm(a: _Analyzer, node: Node, out: Any) -> None:
     # batch_norm(x, w, b, mean, var, ...): per-channel (dim 1) affine
     x = a.of(node.args[0])
@@ -735,7 +761,7 @@ _RULES: dict[Any, Callable[..., None]] = {
     aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
     aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.log_softmax.int: _softmax,
     aten._log_softmax.default: _softmax, aten._safe_softmax.default: _softmax,
-    aten.rms_norm.default: _aten_rms_norm, aten.reshape_as.default: _view_as,
+    aten.rms_norm.default: _aten_rms_norm, aten.scaled_dot_product_attention.default: _sdpa, aten.reshape_as.default: _view_as,
     aten.contiguous.default: _identity, aten.clone.default: _identity, aten.alias.default: _identity,
     aten.detach.default: _identity, aten.dropout.default: _identity,
     aten.to.dtype: _identity, aten.to.device: _identity, aten.to.dtype_layout: _identity,

@@ -95,3 +95,46 @@ def test_heads_folded_into_batch_size_follow_the_pruning(pruned):
     factors = {n.args[1] for n in out.graph.nodes if n.target == operator.mul and isinstance(n.args[1], int)}
     assert kept in factors and HEADS not in factors
     assert out(other)[0].shape == (3, 7, VOCAB)  # another batch size runs
+
+
+class _Sdpa(nn.Module):
+    """GQA through F.scaled_dot_product_attention(enable_gqa=True): 4 query heads, 2 kv heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(D, D), nn.Linear(D, D)
+        self.k, self.v = nn.Linear(D, D // 2), nn.Linear(D, D // 2)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        split = lambda t: t.view(b, s, -1, D // HEADS).transpose(1, 2)  # noqa: E731
+        att = torch.nn.functional.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True, enable_gqa=True)
+        return self.o(att.transpose(1, 2).reshape(b, s, D))
+
+
+@pytest.fixture(scope="module")
+def sdpa():
+    torch.manual_seed(0)
+    model, x = _Sdpa().eval(), torch.randn(2, 5, D)
+    gm = trace(model, (x,))
+    return run_pass(get_pass_class("canonicalize")(), gm, PassContext(), verify=False), x
+
+
+@pytest.mark.parametrize("structure, q_rows, k_rows", [("heads", 16, 8), ("query_heads", 16, 16)])
+def test_sdpa_heads_are_coupled_across_q_k_v_o(sdpa, structure, q_rows, k_rows):
+    """A kv head takes its group of query heads; a query head index goes in every group."""
+    from fxforge.ir.depgraph import analyze
+
+    gm, x = sdpa
+    found = {g.kind: g for g in analyze(gm).groups if g.kind in ("heads", "query_heads")}
+    assert found["heads"].units == 2 and found["query_heads"].units == 2
+    assert all(g.prunable for g in found.values()), [g.describe() for g in found.values()]
+    assert {m.name for m in found["heads"].members} >= {"q.weight", "k.weight", "v.weight", "o.weight"}
+    report = PipelineReport()
+    out = run_pass(get_pass_class("prune")(method="magnitude", ratio=0.5, structures=(structure,)), gm,
+                   PassContext(example_inputs=(x,)), report=report)  # verified: == zeroed heads
+    assert report.records[-1].sites == 1
+    assert out.q.weight.shape[0] == q_rows and out.k.weight.shape[0] == k_rows
+    assert out.v.weight.shape[0] == k_rows and out.o.weight.shape[1] == q_rows
+    assert out(torch.randn(3, 7, D))[0].shape == (3, 7, D)
