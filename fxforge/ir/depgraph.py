@@ -534,6 +534,32 @@ def _sdpa(a: _Analyzer, node: Node, out: _Dims) -> None:
         a.ax.block(q[-1], f"the default scale 1/sqrt(head_dim) of node '{node.name}' follows the head width")
 
 
+def _gather(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # gather(x, d, index) -> index's shape: out[..i..] = x[.., index[..i..], ..] along d (picked by
+    # data: blocked), the same position of x in every other dim (the same channels when the
+    # sizes agree, a slice of x's dim when index is shorter there)
+    x, index = a.of(node.args[0]), a.of(node.args[2])
+    d = _norm_dim(node.args[1], len(x))
+    a.same(out, index)
+    for i, (o, axis) in enumerate(zip(out, x)):
+        if i != d and _equal(a.ax.size[a.ax.find(o)], a.ax.size[a.ax.find(axis)]):
+            a.ax.unify(o, axis)
+        else:
+            reason = f"indexed by node '{node.name}' (gather)"
+            a.ax.block(axis, reason)
+            a.ax.block(o, reason)
+
+
+def _im2col(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # im2col(x[N, C, H, W], kernel, ...) -> [N, C·kh·kw, L]: channel c owns rows c·k .. c·k+k-1
+    x, kernel = a.of(node.args[0]), node.args[1]
+    taps = 1
+    for k in kernel:
+        taps *= k
+    a.ax.unify(out[0], x[0])
+    a.ax.unify(out[1], a.ax.product([x[1], _literal_axis(a, taps, node)]) if taps != 1 else x[1])
+
+
 def _batch_norm(a: _Analyzer, node: Node, out: Any) -> None:
     # batch_norm(x, w, b, mean, var, ...): per-channel (dim 1) affine
     x = a.of(node.args[0])
@@ -761,6 +787,10 @@ _RULES: dict[Any, Callable[..., None]] = {
     aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
     aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.log_softmax.int: _softmax,
     aten._log_softmax.default: _softmax, aten._safe_softmax.default: _softmax,
+    aten.gather.default: _gather, aten.im2col.default: _im2col,
+    # aliases of pointwise ops that carry no pointwise tag
+    aten.multiply.Tensor: _elementwise, aten.subtract.Tensor: _elementwise,
+    aten.divide.Tensor: _elementwise,
     aten.rms_norm.default: _aten_rms_norm, aten.scaled_dot_product_attention.default: _sdpa, aten.reshape_as.default: _view_as,
     aten.contiguous.default: _identity, aten.clone.default: _identity, aten.alias.default: _identity,
     aten.detach.default: _identity, aten.dropout.default: _identity,

@@ -59,6 +59,11 @@ CASES = {
     # aten.rms_norm / softmax over each group of 4: the 4 groups are prunable, their insides not
     "rms_norm_per_group": (lambda m, x, h: F.rms_norm(h.view(-1, 4, 4), (4,)).flatten(1), 16),
     "softmax_per_group": (lambda m, x, h: h.view(-1, 4, 4).softmax(-1).flatten(1), 16),
+    # inside each group of 4, positions reordered by an index (relative-position logits)
+    "gather": (lambda m, x, h: h.view(-1, 4, 4).gather(
+        -1, torch.arange(4).flip(0).expand(x.shape[0], 4, 4)).flatten(1), 16),
+    # ConvBERT's unfold: channel c owns rows 3c .. 3c + 2
+    "im2col": (lambda m, x, h: F.unfold(h.view(-1, 16, 1, 1), (3, 1), padding=(1, 0)).flatten(1), 48),
 }
 
 
