@@ -249,6 +249,9 @@ class _Analyzer:
         # head/channel group through one would not compute the graph with those units zeroed:
         # a mean is rescaled by the surgery, anything else (a norm, a softmax, a max) blocks.
         self.reductions: list[tuple[Node, list[int], str]] = []
+        # slice node -> (the parts its input's dim is concatenated from, its index): slices
+        # that tile a dim exactly (`_slice_partition`); the surgery moves their bounds
+        self.slice_parts: dict[Node, tuple[list[int], int]] = {}
 
     # ---- helpers
     def fresh(self, val: Any) -> Any:
@@ -420,6 +423,48 @@ def _identity(a: _Analyzer, node: Node, out: _Dims) -> None:
     a.same(out, a.of(node.args[0]))
 
 
+def _slice_bounds(node: Node, size: int) -> tuple[int, int] | None:
+    """(start, end) of a step-1 slice with literal bounds, clamped to `size`; else None."""
+    start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    start = 0 if start is None else start
+    end = size if end is None else end
+    if step != 1 or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    return max(0, min(start, size)), max(0, min(end, size))
+
+
+def _slice_partition(a: _Analyzer, node: Node, x: _Dims, d: int) -> int | None:
+    """The axis of `node`'s part when every user of its input is a slice along d and together
+    they tile the dim exactly (a fused projection split by slices: Phi-3's qkv and gate_up):
+    the dim is then a concatenation of the parts, like a split's. None otherwise."""
+    source = node.args[0]
+    known = a.slice_parts.get(node)
+    if known is not None:
+        return known[0][known[1]]
+    size = a.ax.size[a.ax.find(x[d])]
+    if not _is_static(size):
+        return None
+    bounds = []
+    for user in source.users:
+        if user.target != aten.slice.Tensor or user.args[0] is not source or \
+                _norm_dim(_arg(user, 1, "dim", 0), len(x)) != d:
+            return None
+        b = _slice_bounds(user, size)
+        if b is None or b[0] >= b[1]:
+            return None
+        bounds.append((b, user))
+    bounds.sort(key=lambda item: item[0])
+    if bounds[0][0][0] != 0 or bounds[-1][0][1] != size or len(bounds) < 2 or any(
+            prev[0][1] != nxt[0][0] for prev, nxt in zip(bounds, bounds[1:])):
+        return None
+    parts = [a.ax.new(end - start) for (start, end), _ in bounds]
+    a.ax.unify(x[d], a.ax.concat(parts))
+    for i, (_, user) in enumerate(bounds):
+        a.slice_parts[user] = (parts, i)
+    return parts[a.slice_parts[node][1]]
+
+
 def _slice(a: _Analyzer, node: Node, out: _Dims) -> None:
     x = a.of(node.args[0])
     d = _norm_dim(_arg(node, 1, "dim", 0), len(x))
@@ -430,6 +475,10 @@ def _slice(a: _Analyzer, node: Node, out: _Dims) -> None:
     a.same(out[:d] + out[d + 1:], x[:d] + x[d + 1:])
     if full:
         a.ax.unify(out[d], x[d])
+        return
+    part = _slice_partition(a, node, x, d)
+    if part is not None:
+        a.ax.unify(out[d], part)
         return
     reason = f"sliced by node '{node.name}'"
     a.ax.block(x[d], reason)
@@ -891,6 +940,7 @@ class CouplingAnalysis:
         self.ax = self._an.ax
         self.dims = self._an.dims
         self.params = self._an.params
+        self.slice_parts = self._an.slice_parts
         self.graph = self._build_graph()
         self.groups = self._build_groups()
 

@@ -75,6 +75,16 @@ def rewrite_sizes(gm: GraphModule, analysis: CouplingAnalysis, pruned: Pruned) -
             if sizes != list(node.args[at]):
                 node.args = (*node.args[:at], sizes, *node.args[at + 1:])
                 rewritten += 1
+        elif node in analysis.slice_parts:
+            # qkv[..., 32:48] -> qkv[..., 24:36]: a part's bounds are the kept widths before it
+            parts, i = analysis.slice_parts[node]
+            if any(analysis.touched(p, pruned) for p in parts):
+                start = sum(analysis.new_size(p, pruned) for p in parts[:i])
+                args = list(node.args) + [None] * (4 - len(node.args))
+                args[2], args[3] = start, start + analysis.new_size(parts[i], pruned)
+                node.args = tuple(args)
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("start", "end")}
+                rewritten += 1
         elif node.target in _SPLITS:
             x = analysis.dims[node.args[0]]
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)

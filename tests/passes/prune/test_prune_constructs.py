@@ -138,3 +138,44 @@ def test_sdpa_heads_are_coupled_across_q_k_v_o(sdpa, structure, q_rows, k_rows):
     assert out.q.weight.shape[0] == q_rows and out.k.weight.shape[0] == k_rows
     assert out.v.weight.shape[0] == k_rows and out.o.weight.shape[1] == q_rows
     assert out(torch.randn(3, 7, D))[0].shape == (3, 7, D)
+
+
+class _FusedSlices(nn.Module):
+    """Phi-3's fused projections split by slices: qkv (4 query, 2 kv heads) and gate_up."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(D, 2 * D), nn.Linear(D, D)
+        self.gate_up, self.down = nn.Linear(D, 128), nn.Linear(64, D)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        qkv = self.qkv(x)
+        split = lambda t: t.view(b, s, -1, D // HEADS).transpose(1, 2)  # noqa: E731
+        q, k, v = split(qkv[..., :D]), split(qkv[..., D:D + D // 2]), split(qkv[..., D + D // 2:])
+        k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))
+        att = torch.softmax(q @ k.transpose(2, 3) / 8 ** 0.5, -1) @ v
+        x = x + self.o(att.transpose(1, 2).reshape(b, s, D))
+        gate_up = self.gate_up(x)
+        return x + self.down(gate_up[..., 64:] * torch.nn.functional.silu(gate_up[..., :64]))
+
+
+def test_fused_projections_split_by_slices_are_pruned():
+    """Slices tiling a fused output are a concatenation: each head/channel owns rows in every
+    part, and the slice bounds move with the kept widths."""
+    torch.manual_seed(0)
+    model, x = _FusedSlices().eval(), torch.randn(2, 5, D)
+    gm = run_pass(get_pass_class("canonicalize")(), trace(model, (x,)), PassContext(), verify=False)
+    report = PipelineReport()
+    out = run_pass(get_pass_class("prune")(method="magnitude", ratio=0.4), gm,
+                   PassContext(example_inputs=(x,)), report=report)  # verified: == zeroed units
+    kinds = {label.split("(")[1].split(",")[0] for label in report.records[-1].notes["widths"]}
+    assert kinds == {"heads", "channels"}, report.records[-1].notes["widths"]
+    q_rows = out.o.weight.shape[1]
+    assert q_rows < D and out.qkv.weight.shape[0] == 2 * q_rows  # k and v lose their share too
+    hidden = out.down.weight.shape[1]
+    assert hidden < 64 and out.gate_up.weight.shape[0] == 2 * hidden
+    bounds = sorted((n.args[2], n.args[3]) for n in out.graph.nodes
+                    if n.target == torch.ops.aten.slice.Tensor and n.args[2] is not None)
+    assert (0, hidden) in bounds and (hidden, 2 * hidden) in bounds and (0, q_rows) in bounds
+    assert out(torch.randn(3, 7, D))[0].shape == (3, 7, D)
