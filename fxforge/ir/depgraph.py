@@ -23,7 +23,11 @@ repeat index removes one query head inside every group ("query_heads").
 (node, dim, factor) triples, one connected component per group). Couplings the analysis cannot
 prove (an op it does not know, a slice of a channel dim, a literal-size tensor factory, a dim
 that reaches the graph's inputs or outputs) *block* the groups involved, with the reason: the
-prune pass skips them and lists them, instead of producing a broken graph.
+prune pass skips them and lists them, instead of producing a broken graph. Slices that tile a
+dim exactly (a fused qkv or gate_up projection split by slices) are a concatenation, like a
+split. A head/channel group that a width-dependent reduction runs over (a LayerNorm over all
+heads, a softmax over channels) is blocked: removing its units would not be zeroing them; a
+mean over it is allowed, the surgery rescales it (`CouplingAnalysis.mean_rescales`).
 """
 from __future__ import annotations
 
@@ -1003,8 +1007,8 @@ class CouplingAnalysis:
 
     def _width_dependent(self) -> dict[int, str]:
         """Leaf -> why removing its units is not zeroing them: a reduction other than a sum or
-        a mean (which the surgery rescales, `mean_rescales`) runs over it, e.g. a norm over all
-        heads (OLMoE's q_norm is a full-width RMSNorm when applied via fxforge.rms_norm)."""
+        a mean (the surgery rescales those, `mean_rescales`) runs over it — a LayerNorm or an
+        rms_norm op over all heads, a softmax or a max over the channels."""
         out: dict[int, str] = {}
         for node, axes, kind in self._an.reductions:
             if kind == "mean":

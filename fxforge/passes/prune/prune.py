@@ -13,7 +13,10 @@ rewrites reshape/split sizes so the graph runs at the new widths. Groups the ana
 prove (or that reach the model's inputs/outputs) are skipped and listed in the report.
 
 Semantics (verified exactly): the graph before with the removed heads/channels zeroed and
-FLAP's compensation added to the biases (`prune/semantics.py`). The loss is measured and
+FLAP's compensation added to the biases (`prune/semantics.py`). To keep that exact, a mean
+over a pruned head/channel dim (a norm over all heads: OLMoE's q_norm, BitNet's sub-norm) is
+scaled by new/old width, so it still divides by the old width; a layer whose weights run in
+several blocks (ALBERT) gets its compensation once. The loss is measured and
 reported, not bounded (`max_loss=` bounds it).
 """
 from __future__ import annotations
