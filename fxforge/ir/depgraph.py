@@ -23,7 +23,11 @@ repeat index removes one query head inside every group ("query_heads").
 (node, dim, factor) triples, one connected component per group). Couplings the analysis cannot
 prove (an op it does not know, a slice of a channel dim, a literal-size tensor factory, a dim
 that reaches the graph's inputs or outputs) *block* the groups involved, with the reason: the
-prune pass skips them and lists them, instead of producing a broken graph.
+prune pass skips them and lists them, instead of producing a broken graph. Slices that tile a
+dim exactly (a fused qkv or gate_up projection split by slices) are a concatenation, like a
+split. A head/channel group that a width-dependent reduction runs over (a LayerNorm over all
+heads, a softmax over channels) is blocked: removing its units would not be zeroing them; a
+mean over it is allowed, the surgery rescales it (`CouplingAnalysis.mean_rescales`).
 """
 from __future__ import annotations
 
@@ -244,6 +248,14 @@ class _Analyzer:
         self.dims: dict[Node, Any] = {}  # node -> _Dims, or a list of _Dims for tuple outputs
         self.params: dict[str, _Dims] = {}  # parameter name -> dims (shared by its get_attr nodes)
         self.notes: list[tuple[str, str]] = []  # (node, reason) for every blocking rule that fired
+        # (node, reduced axes, "mean" | "other"): reductions whose result depends on the reduced
+        # width, not only on the values (a sum does not: zeroed channels add nothing). Pruning a
+        # head/channel group through one would not compute the graph with those units zeroed:
+        # a mean is rescaled by the surgery, anything else (a norm, a softmax, a max) blocks.
+        self.reductions: list[tuple[Node, list[int], str]] = []
+        # slice node -> (the parts its input's dim is concatenated from, its index): slices
+        # that tile a dim exactly (`_slice_partition`); the surgery moves their bounds
+        self.slice_parts: dict[Node, tuple[list[int], int]] = {}
 
     # ---- helpers
     def fresh(self, val: Any) -> Any:
@@ -271,6 +283,9 @@ class _Analyzer:
         for n in [node, *self.tensor_args(node)]:
             for axis in _flatten_dims(self.dims.get(n)):
                 self.ax.block(axis, reason)
+
+    def reduces(self, node: Node, axes: list[int], kind: str = "other") -> None:
+        self.reductions.append((node, list(axes), kind))
 
     def same(self, a: _Dims, b: _Dims) -> None:
         for x, y in zip(a, b):
@@ -412,6 +427,48 @@ def _identity(a: _Analyzer, node: Node, out: _Dims) -> None:
     a.same(out, a.of(node.args[0]))
 
 
+def _slice_bounds(node: Node, size: int) -> tuple[int, int] | None:
+    """(start, end) of a step-1 slice with literal bounds, clamped to `size`; else None."""
+    start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    start = 0 if start is None else start
+    end = size if end is None else end
+    if step != 1 or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    return max(0, min(start, size)), max(0, min(end, size))
+
+
+def _slice_partition(a: _Analyzer, node: Node, x: _Dims, d: int) -> int | None:
+    """The axis of `node`'s part when every user of its input is a slice along d and together
+    they tile the dim exactly (a fused projection split by slices: Phi-3's qkv and gate_up):
+    the dim is then a concatenation of the parts, like a split's. None otherwise."""
+    source = node.args[0]
+    known = a.slice_parts.get(node)
+    if known is not None:
+        return known[0][known[1]]
+    size = a.ax.size[a.ax.find(x[d])]
+    if not _is_static(size):
+        return None
+    bounds = []
+    for user in source.users:
+        if user.target != aten.slice.Tensor or user.args[0] is not source or \
+                _norm_dim(_arg(user, 1, "dim", 0), len(x)) != d:
+            return None
+        b = _slice_bounds(user, size)
+        if b is None or b[0] >= b[1]:
+            return None
+        bounds.append((b, user))
+    bounds.sort(key=lambda item: item[0])
+    if bounds[0][0][0] != 0 or bounds[-1][0][1] != size or len(bounds) < 2 or any(
+            prev[0][1] != nxt[0][0] for prev, nxt in zip(bounds, bounds[1:])):
+        return None
+    parts = [a.ax.new(end - start) for (start, end), _ in bounds]
+    a.ax.unify(x[d], a.ax.concat(parts))
+    for i, (_, user) in enumerate(bounds):
+        a.slice_parts[user] = (parts, i)
+    return parts[a.slice_parts[node][1]]
+
+
 def _slice(a: _Analyzer, node: Node, out: _Dims) -> None:
     x = a.of(node.args[0])
     d = _norm_dim(_arg(node, 1, "dim", 0), len(x))
@@ -422,6 +479,10 @@ def _slice(a: _Analyzer, node: Node, out: _Dims) -> None:
     a.same(out[:d] + out[d + 1:], x[:d] + x[d + 1:])
     if full:
         a.ax.unify(out[d], x[d])
+        return
+    part = _slice_partition(a, node, x, d)
+    if part is not None:
+        a.ax.unify(out[d], part)
         return
     reason = f"sliced by node '{node.name}'"
     a.ax.block(x[d], reason)
@@ -467,6 +528,7 @@ def _layer_norm(a: _Analyzer, node: Node, out: Any) -> None:
     y = out[0] if node.target == aten.native_layer_norm.default else out
     a.same(y, x)
     k = len(node.args[1])
+    a.reduces(node, x[-k:])
     for param in (_arg(node, 2, "weight"), _arg(node, 3, "bias")):
         p = a.of(param)
         if p is not None:
@@ -477,7 +539,78 @@ def _rms_norm(a: _Analyzer, node: Node, out: _Dims) -> None:
     # fxforge.rms_norm(x, w, eps): out = x normalized over the last dim, times w
     x, w = a.of(node.args[0]), a.of(node.args[1])
     a.same(out, x)
-    a.ax.unify(w[0], x[-1])
+    a.reduces(node, x[-1:])
+    if w is not None:
+        a.ax.unify(w[0], x[-1])
+
+
+def _aten_rms_norm(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # rms_norm(x, shape, w, eps): normalizes (and scales) the last len(shape) dims
+    x, w = a.of(node.args[0]), a.of(_arg(node, 2, "weight"))
+    a.same(out, x)
+    k = len(node.args[1])
+    a.reduces(node, x[-k:])
+    if w is not None:
+        a.same(w, x[-k:])
+
+
+def _softmax(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # softmax(x, d): same dims; each output depends on the whole of dim d (its width included)
+    x = a.of(node.args[0])
+    a.same(out, x)
+    a.reduces(node, [x[_norm_dim(node.args[1], len(x))]])
+
+
+def _sdpa(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # scaled_dot_product_attention(q[.., Hq, L, E], k[.., Hk, S, E], v[.., Hk, S, Ev], mask, p,
+    # causal, scale, enable_gqa) -> [.., Hq, L, Ev]: q·kᵀ contracts E (a sum), P·v contracts S;
+    # with Hk < Hq (GQA) query head i reads key/value head i // (Hq / Hk): Hq = (Hk, repeat)
+    q, k, v = (a.of(node.args[i]) for i in range(3))
+    mask = a.of(_arg(node, 3, "attn_mask"))
+    a.same(out[:-1], q[:-1])
+    a.ax.unify(q[-1], k[-1])
+    a.ax.unify(out[-1], v[-1])
+    a.ax.unify(k[-2], v[-2])
+    a.same(k[:-3], q[:-3])
+    a.same(v[:-1], k[:-1])
+    hq, hk = (a.ax.size[a.ax.find(x[-3])] for x in (q, k))
+    if _equal(hq, hk):
+        a.ax.unify(q[-3], k[-3])
+    else:
+        repeat = _divides(hk, hq)
+        if repeat is None or not _is_static(repeat):
+            raise _Unprovable(f"{hq} query heads over {hk} key/value heads")
+        a.ax.unify(q[-3], a.ax.product([k[-3], a.ax.new(repeat)]))
+    if mask is not None:
+        a.broadcast(out[:-1] + [k[-2]], mask)
+    if _arg(node, 6, "scale") is None:  # the default scale 1/sqrt(E) follows E's width
+        a.ax.block(q[-1], f"the default scale 1/sqrt(head_dim) of node '{node.name}' follows the head width")
+
+
+def _gather(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # gather(x, d, index) -> index's shape: out[..i..] = x[.., index[..i..], ..] along d (picked by
+    # data: blocked), the same position of x in every other dim (the same channels when the
+    # sizes agree, a slice of x's dim when index is shorter there)
+    x, index = a.of(node.args[0]), a.of(node.args[2])
+    d = _norm_dim(node.args[1], len(x))
+    a.same(out, index)
+    for i, (o, axis) in enumerate(zip(out, x)):
+        if i != d and _equal(a.ax.size[a.ax.find(o)], a.ax.size[a.ax.find(axis)]):
+            a.ax.unify(o, axis)
+        else:
+            reason = f"indexed by node '{node.name}' (gather)"
+            a.ax.block(axis, reason)
+            a.ax.block(o, reason)
+
+
+def _im2col(a: _Analyzer, node: Node, out: _Dims) -> None:
+    # im2col(x[N, C, H, W], kernel, ...) -> [N, C·kh·kw, L]: channel c owns rows c·k .. c·k+k-1
+    x, kernel = a.of(node.args[0]), node.args[1]
+    taps = 1
+    for k in kernel:
+        taps *= k
+    a.ax.unify(out[0], x[0])
+    a.ax.unify(out[1], a.ax.product([x[1], _literal_axis(a, taps, node)]) if taps != 1 else x[1])
 
 
 def _batch_norm(a: _Analyzer, node: Node, out: Any) -> None:
@@ -543,6 +676,8 @@ def _reduce(a: _Analyzer, node: Node, out: _Dims) -> None:
         return
     dims = {_norm_dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
     kept = [axis for i, axis in enumerate(x) if i not in dims]
+    if node.target != aten.sum.dim_IntList:
+        a.reduces(node, [x[i] for i in sorted(dims)], "mean" if node.target == aten.mean.dim else "other")
     if keepdim:
         a.same([o for i, o in enumerate(out) if i not in dims], kept)
     else:
@@ -559,6 +694,7 @@ def _reduce_at(dim_index: int, keepdim_index: int) -> Callable[..., None]:
             return
         dims = {_norm_dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
         kept = [axis for i, axis in enumerate(x) if i not in dims]
+        a.reduces(node, [x[i] for i in sorted(dims)])
         a.same([o for i, o in enumerate(out) if i not in dims] if keepdim else out, kept)
     return rule
 
@@ -702,7 +838,13 @@ _RULES: dict[Any, Callable[..., None]] = {
     aten.adaptive_avg_pool2d.default: _pool, aten.max_pool2d_with_indices.default: _pool,
     aten._adaptive_avg_pool2d.default: _pool,
     aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
-    aten.softmax.int: _identity, aten._softmax.default: _identity, aten.log_softmax.int: _identity,
+    aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.log_softmax.int: _softmax,
+    aten._log_softmax.default: _softmax, aten._safe_softmax.default: _softmax,
+    aten.gather.default: _gather, aten.im2col.default: _im2col,
+    # aliases of pointwise ops that carry no pointwise tag
+    aten.multiply.Tensor: _elementwise, aten.subtract.Tensor: _elementwise,
+    aten.divide.Tensor: _elementwise,
+    aten.rms_norm.default: _aten_rms_norm, aten.scaled_dot_product_attention.default: _sdpa, aten.reshape_as.default: _view_as,
     aten.contiguous.default: _identity, aten.clone.default: _identity, aten.alias.default: _identity,
     aten.detach.default: _identity, aten.dropout.default: _identity,
     aten.to.dtype: _identity, aten.to.device: _identity, aten.to.dtype_layout: _identity,
@@ -802,6 +944,7 @@ class CouplingAnalysis:
         self.ax = self._an.ax
         self.dims = self._an.dims
         self.params = self._an.params
+        self.slice_parts = self._an.slice_parts
         self.graph = self._build_graph()
         self.groups = self._build_groups()
 
@@ -846,6 +989,7 @@ class CouplingAnalysis:
                                 rows[c].append(index)
                     by_leaf.setdefault(leaf, []).append(
                         GroupMember(name, dim, torch.tensor(rows, dtype=torch.long)))
+        widths = self._width_dependent()
         groups = []
         for leaf, members in by_leaf.items():
             if leaf not in activations or self.ax.size[leaf] <= 1:
@@ -856,8 +1000,38 @@ class CouplingAnalysis:
                 m.per_unit * (tensors[m.name].numel() // tensors[m.name].shape[m.dim]) for m in members)
             self._classify(group, leaf)
             group.leaf = leaf
+            if group.blocked is None and group.kind in ("heads", "query_heads", "channels"):
+                group.blocked = widths.get(leaf)
             groups.append(group)
         return groups
+
+    def _width_dependent(self) -> dict[int, str]:
+        """Leaf -> why removing its units is not zeroing them: a reduction other than a sum or
+        a mean (the surgery rescales those, `mean_rescales`) runs over it — a LayerNorm or an
+        rms_norm op over all heads, a softmax or a max over the channels."""
+        out: dict[int, str] = {}
+        for node, axes, kind in self._an.reductions:
+            if kind == "mean":
+                continue
+            for axis in axes:
+                for leaf in self.ax.leaves(axis):
+                    out.setdefault(leaf, f"node '{node.name}' normalizes or reduces over these "
+                                         f"channels (its result depends on their count)")
+        return out
+
+    def mean_rescales(self, pruned: dict[int, set[int]]) -> list[tuple[Node, Any]]:
+        """(mean node, new/old width) for every mean over a dim that `pruned` shrinks: scaling
+        its result by new/old keeps it sum/old, what it computed with the units zeroed."""
+        out = []
+        for node, axes, kind in self._an.reductions:
+            if kind != "mean" or not any(self.touched(axis, pruned) for axis in axes):
+                continue
+            ratio = 1.0
+            for axis in axes:
+                if self.touched(axis, pruned):
+                    ratio *= self.new_size(axis, pruned) / self.ax.size[self.ax.find(axis)]
+            out.append((node, ratio))
+        return out
 
     def _classify(self, group: Group, leaf: int) -> None:
         weight_users = _weight_roles(self.gm)

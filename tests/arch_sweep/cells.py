@@ -142,11 +142,21 @@ def _run(pass_obj, gm: GraphModule, t: Traced, calibrated: bool = False):
 
     calibration = None
     if calibrated:
-        calibration = [(t.ids,), (input_ids(3, 7, seed=3),)]
+        calibration = [(t.ids,), (input_ids(*_calibration_shape(gm), seed=3),)]
     ctx = PassContext(example_inputs=(t.ids,), calibration=calibration, progress=lambda it, **_: it)
     report = PipelineReport()
     out = run_pass(pass_obj, gm, ctx, report=report)
     return out, report.records[-1]
+
+
+def _calibration_shape(gm: GraphModule) -> tuple[int, int]:
+    """(3, 7) where the graph takes any batch and length; the traced size in a dim the trace
+    made static (a state-space scan over a fixed length, llama4_text's batch): a graph compiled
+    for one size takes only that size, and the pass says so if given another."""
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    traced = ph.meta["val"].shape
+    static = [isinstance(size, int) or size.node.expr.is_number for size in traced]
+    return tuple(int(size) if fixed else want for size, fixed, want in zip(traced, static, (3, 7)))
 
 
 def _reasons(skipped) -> str:
@@ -231,12 +241,16 @@ def step_sparsify(t: Traced) -> str:
 
 
 def _block_linear_params(gm: GraphModule) -> int:
-    """Parameters of the weights of every linear but the last (the LM head)."""
+    """Parameters of the weights of the linears inside the numbered blocks (`layers.3.mlp.up`),
+    each counted once (ALBERT runs one layer's weights in every block): what `prune`'s heads and
+    channels are made of. Embedding projections and the LM head are outside the blocks; a model
+    without numbered blocks counts every linear but the last (the LM head)."""
     aten = torch.ops.aten
     params = dict(gm.named_parameters())
     weights = [n.args[1] for n in gm.graph.nodes if n.target == aten.linear.default]
-    names = [w.target for w in weights if getattr(w, "op", None) == "get_attr"]
-    return sum(params[n].numel() for n in names[:-1] if n in params)
+    names = list(dict.fromkeys(w.target for w in weights if getattr(w, "op", None) == "get_attr"))
+    in_blocks = [n for n in names if any(part.isdigit() for part in n.split("."))]
+    return sum(params[n].numel() for n in (in_blocks or names[:-1]) if n in params)
 
 
 def step_prune(t: Traced) -> str:

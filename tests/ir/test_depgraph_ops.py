@@ -53,6 +53,17 @@ CASES = {
     "vector_norm": (lambda m, x, h: h / torch.linalg.vector_norm(h, dim=0, keepdim=True), 16),
     "pad": (lambda m, x, h: F.pad(h.unsqueeze(1), (0, 0, 1, 0)).sum(1), 16),
     "depthwise_conv": (_depthwise, 16),
+    "reshape_as": (lambda m, x, h: h.reshape_as(m.c(x)) + m.c(x), 16),
+    # a mean over the pruned channels (an RMSNorm over all heads): the surgery rescales it
+    "mean_over_channels": (lambda m, x, h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), 16),
+    # aten.rms_norm / softmax over each group of 4: the 4 groups are prunable, their insides not
+    "rms_norm_per_group": (lambda m, x, h: F.rms_norm(h.view(-1, 4, 4), (4,)).flatten(1), 16),
+    "softmax_per_group": (lambda m, x, h: h.view(-1, 4, 4).softmax(-1).flatten(1), 16),
+    # inside each group of 4, positions reordered by an index (relative-position logits)
+    "gather": (lambda m, x, h: h.view(-1, 4, 4).gather(
+        -1, torch.arange(4).flip(0).expand(x.shape[0], 4, 4)).flatten(1), 16),
+    # ConvBERT's unfold: channel c owns rows 3c .. 3c + 2
+    "im2col": (lambda m, x, h: F.unfold(h.view(-1, 16, 1, 1), (3, 1), padding=(1, 0)).flatten(1), 48),
 }
 
 
@@ -82,6 +93,31 @@ def test_channels_through_op_are_pruned_exactly(case):
     assert report.records[-1].sites >= 1
     assert out.a.weight.shape[0] < 16 and sum(p.numel() for p in out.parameters()) < before
     assert out(x)[0].shape == model(x).shape
+
+
+@pytest.mark.parametrize("op", [lambda h: F.layer_norm(h, (16,)), lambda h: F.rms_norm(h, (16,)),
+                                lambda h: h.softmax(-1), lambda h: h - h.amax(-1, keepdim=True)],
+                         ids=["layer_norm", "rms_norm", "softmax", "amax"])
+def test_width_dependent_reduction_over_channels_blocks_them(op):
+    """Removing channels a norm/softmax/max runs over is not zeroing them (the result depends on
+    the width): the group is blocked, naming the node, instead of claiming what it does not compute."""
+    model = _Through(lambda m, x, h: op(h), 16).eval()
+    gm = trace(model, (torch.randn(3, 8),), {}, dynamic_shapes=None)
+    gm = run_pass(get_pass_class("canonicalize")(), gm, PassContext(), verify=False)
+    group = next(g for g in analyze(gm).groups if g.member("a.weight") and g.units == 16)
+    assert group.kind == "channels" and not group.prunable and "normalizes or reduces" in group.blocked
+
+
+def test_mean_over_pruned_channels_is_rescaled_once():
+    model, x = _model("mean_over_channels")
+    gm = trace(model, (x,), {}, dynamic_shapes=None)
+    gm = run_pass(get_pass_class("canonicalize")(), gm, PassContext(), verify=False)
+    report = PipelineReport()
+    out = run_pass(get_pass_class("prune")(method="magnitude", ratio=0.3), gm,
+                   PassContext(example_inputs=(x,)), report=report)  # verified: == zeroed graph
+    assert report.records[-1].notes["rescaled_means"] == 1
+    means = [n for n in out.graph.nodes if n.target == torch.ops.aten.mean.dim]
+    assert len(means) == 1 and [u.target for u in means[0].users] == [torch.ops.aten.mul.Tensor]
 
 
 def test_topk_over_channels_blocks_them_with_a_reason():

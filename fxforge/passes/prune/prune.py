@@ -13,7 +13,10 @@ rewrites reshape/split sizes so the graph runs at the new widths. Groups the ana
 prove (or that reach the model's inputs/outputs) are skipped and listed in the report.
 
 Semantics (verified exactly): the graph before with the removed heads/channels zeroed and
-FLAP's compensation added to the biases (`prune/semantics.py`). The loss is measured and
+FLAP's compensation added to the biases (`prune/semantics.py`). To keep that exact, a mean
+over a pruned head/channel dim (a norm over all heads: OLMoE's q_norm, BitNet's sub-norm) is
+scaled by new/old width, so it still divides by the old width; a layer whose weights run in
+several blocks (ALBERT) gets its compensation once. The loss is measured and
 reported, not bounded (`max_loss=` bounds it).
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ from fxforge.passes.registry import register_pass
 from fxforge.passes.methods import methods_of, pass_method
 from fxforge.passes.prune import flap, magnitude, wanda_sp  # noqa: F401  (register the methods)
 from fxforge.passes.prune.scoring import Candidate, PruneMethod, select_units, unit_multiple
-from fxforge.passes.prune.semantics import zeroed_semantics
+from fxforge.passes.prune.semantics import EXACT_BY_ZEROING, zeroed_semantics
 from fxforge.passes.prune.surgery import apply_pruning, linear_nodes_by_weight
 from fxforge.passes.selection import LayerSelection
 
@@ -127,7 +130,8 @@ class Prune(Pass):
         pruned = {by_id[gid].leaf: set(units) for gid, units in removed.items()}
         semantics = zeroed_semantics(gm, analysis, pruned, deltas,
                                      {by_id[gid].kind for gid, units in removed.items() if units})
-        changes = apply_pruning(gm, analysis, pruned)
+        exact = {by_id[gid].leaf for gid in removed if by_id[gid].kind in EXACT_BY_ZEROING}
+        changes = apply_pruning(gm, analysis, pruned, rescale_leaves=exact)
         _add_biases(gm, analysis, pruned, deltas)
         params_after = sum(t.numel() for t in gm.parameters())
         widths = {_label(by_id[gid]): f"{by_id[gid].units} -> {by_id[gid].units - len(units)}"
@@ -136,6 +140,7 @@ class Prune(Pass):
                  "parameters_before": params_before, "parameters_after": params_after,
                  "removed_fraction_of_model": 1 - params_after / max(params_before, 1),
                  "widths": widths, "size_rewrites": changes["size_rewrites"],
+                 "rescaled_means": changes["rescaled_means"],
                  "compensated": sorted(deltas)}
         return PassResult(gm, sites=len(removed), skipped=skipped, notes=notes, semantics=semantics)
 
@@ -185,17 +190,22 @@ def _add_biases(gm: GraphModule, analysis, pruned: dict, deltas: dict[str, torch
     if not deltas:
         return
     by_weight = linear_nodes_by_weight(gm)
+    updated: set[str] = set()  # a layer reused across the model (ALBERT) shares its bias: add once
     for name, delta in deltas.items():
         out_axis = analysis.params[name][0]
         if analysis.touched(out_axis, pruned):  # the output dim was pruned too
             delta = delta[torch.tensor(analysis.keep_indices(out_axis, pruned))]
+        created = None
         for node in by_weight[name]:
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if bias is not None:
-                set_attr(gm, bias.target, get_attr(gm, bias.target) + delta.to(get_attr(gm, bias.target).dtype))
+                if bias.target not in updated:
+                    updated.add(bias.target)
+                    set_attr(gm, bias.target, get_attr(gm, bias.target) + delta.to(get_attr(gm, bias.target).dtype))
                 continue
-            weight = get_attr(gm, name)
-            new = add_attr(gm, name.rsplit(".", 1)[0] + ".bias", delta.to(weight.dtype),
-                           trainable=weight.requires_grad, before=node)
-            node.args = (node.args[0], node.args[1], new)
+            if created is None:
+                weight = get_attr(gm, name)
+                created = add_attr(gm, name.rsplit(".", 1)[0] + ".bias", delta.to(weight.dtype),
+                                   trainable=weight.requires_grad, before=node)
+            node.args = (node.args[0], node.args[1], created)
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}

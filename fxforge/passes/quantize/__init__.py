@@ -76,7 +76,8 @@ class Quantize(Pass):
     name = "quantize"
     consumes = frozenset({"linear"})  # passes/compatibility.py (produces: below)
     bits: int = 4
-    group_size: int = 64               # -1: one group per channel
+    group_size: int = 64               # -1: one group per channel; a layer narrower than one group
+                                       # gets one group per channel when `targets` is not given
     sym: bool = False
     group_axis: str = "in"             # "out": per-IC grouping (AdaDim)
     method: str = "rtn"
@@ -117,9 +118,18 @@ class Quantize(Pass):
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return method_options(FAMILY, self.method, options, defaults)
 
+    def narrower_than_a_group(self, site: LinearSite) -> bool:
+        """Whether the pass chose this layer itself (no `targets`) and its grouped axis is shorter
+        than one group (a model's 16-wide projection under group_size=32): it gets one group per
+        channel, noted in the report, rather than failing the whole model. A layer named in
+        `targets` keeps the error: the user asked for that group size there."""
+        axis_len = site.in_features if self.group_axis == "in" else site.out_features
+        return self.targets is None and self.group_size != -1 and axis_len < self.group_size
+
     def spec_for(self, site: LinearSite) -> QuantSpec:
         """The layer's QuantSpec; a PassError naming the layer when the options cannot apply to it."""
-        group = resolve_group_size(self.name, site, self.group_size, self.group_axis)
+        group_size = -1 if self.narrower_than_a_group(site) else self.group_size
+        group = resolve_group_size(self.name, site, group_size, self.group_axis)
         spec = QuantSpec(bits=self.bits, group_size=group, sym=self.sym)
         check_packable(self.name, site, spec, self.group_axis)
         return spec
@@ -130,6 +140,9 @@ class Quantize(Pass):
         sites = selection.sites
         specs = {s.node.name: self.spec_for(s) for s in sites}  # every layer checked before any change
         notes: dict = {"method": self.method, "layers": len(sites)}
+        narrow = [s.module_path for s in sites if self.narrower_than_a_group(s)]
+        if narrow:
+            notes["one_group_per_channel"] = narrow  # narrower than group_size
         semantics = Semantics()
         by_node = {s.node: s for s in sites}
         if method.needs_calibration and sites:

@@ -204,6 +204,26 @@ def test_group_size_not_dividing_a_layer_names_it(llama):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_layer_narrower_than_a_group_gets_one_group_per_channel(llama):
+    """Over the whole model, a layer narrower than group_size (tiny-llama's 64 inputs under 128)
+    is quantized with one group per channel and named in the notes; named in targets, it fails."""
+    from fxforge.passes.pipeline import PipelineReport
+
+    gm, ctx = llama
+    report = PipelineReport()
+    out = run_pass(Quantize(bits=4, group_size=128, clip_search=False), gm, ctx, report=report)  # verified
+    record = report.records[-1]
+    sites = linear_sites(gm, include_lm_head=True)
+    assert any(s.in_features >= 128 for s in sites) and record.sites == len(sites)
+    assert sorted(record.notes["one_group_per_channel"]) == sorted(
+        s.module_path for s in sites if s.in_features < 128)
+    groups = {n.args[0].name: n.args[-1] for n in out.graph.nodes
+              if n.op == "call_function" and "linear_wq" in str(n.target)}
+    assert set(groups.values()) == {64, 128}  # q_proj: its 64 inputs are one group; down_proj: 128
+    with pytest.raises(PassError, match=r"in_features=64.*group_size=128"):
+        run_pass(Quantize(bits=4, group_size=128, targets=("model.layers.0.self_attn.q_proj",)), gm, ctx)
+
+
 def test_odd_packed_axis_is_refused():
     from fxforge.passes.quantize.common import check_packable
     from fxforge.ir.graph import LinearSite
