@@ -18,7 +18,7 @@ stops at contrib ops (MatMulNBits, GroupQueryAttention), so ONNX Runtime's symbo
 inference (which knows them) annotates a copy for matching; no value_info is written back.
 That tool has no rule for `com.microsoft::MatMulIntegerToFloat` (the W8A8 lowering's GEMM): it
 guesses the output's element type from input 0 (uint8) and gives up at the next float op, so
-the W8A8 decoder's norms stayed unfused (282 nodes instead of ~250); `_infer_shapes` adds the
+the W8A8 decoder's norms stayed unfused (4-layer decoder: 282 nodes, 220 fused); `_infer_shapes` adds the
 rule, a matmul shape of the scales' float type.
 """
 from __future__ import annotations
