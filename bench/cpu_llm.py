@@ -245,54 +245,71 @@ LAYER_SHAPES = [(2048, 2048)] * 2 + [(2048, 256)] * 2 + [(2048, 5632)] * 2 + [(5
 HEAD_SHAPE = [(2048, 32000)]
 
 
-def matmul_nbits_model(shapes: list[tuple[int, int]], block: int, sym: bool, level: int) -> tuple[bytes, list[int]]:
-    """One MatMulNBits per (K, N) of random int4 codes, batch 1; the model bytes and its input widths."""
+def matmul_nbits_model(shapes: list[tuple[int, int]], block: int, sym: bool, level: int,
+                       bits: int = 4) -> tuple[bytes, list[int], int]:
+    """One MatMulNBits per (K, N) of random codes, batch 1; the model bytes, its input widths and
+    the bytes of its initializers (what one call reads)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, inits, outs = [], [], []
     for i, (k, n) in enumerate(shapes):
         blocks = k // block
-        inits += [numpy_helper.from_array(rng.integers(0, 255, (n, blocks, block // 2), dtype=np.uint8), f"b{i}"),
+        inits += [numpy_helper.from_array(rng.integers(0, 255, (n, blocks, block * bits // 8), dtype=np.uint8), f"b{i}"),
                   numpy_helper.from_array(rng.random((n, blocks), dtype=np.float32) * 0.01, f"s{i}")]
         inputs = [f"x{k}", f"b{i}", f"s{i}"]
         if not sym:
-            inits.append(numpy_helper.from_array(rng.integers(0, 255, (n, (blocks + 1) // 2), dtype=np.uint8), f"z{i}"))
+            zero_cols = (blocks * bits + 7) // 8  # zero points packed like the codes
+            inits.append(numpy_helper.from_array(rng.integers(0, 255, (n, zero_cols), dtype=np.uint8), f"z{i}"))
             inputs.append(f"z{i}")
-        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", K=k, N=n, bits=4,
+        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", K=k, N=n, bits=bits,
                                       block_size=block, accuracy_level=level))
         outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
     widths = sorted({k for k, _ in shapes})
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k])
                                            for k in widths], outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    return model.SerializeToString(), widths
+    weight_bytes = sum(init.ByteSize() for init in graph.initializer)
+    return model.SerializeToString(), widths, weight_bytes
+
+
+# (block, symmetric, accuracy level, bits, spinning): issue 17's list. Symmetric int4 skips the
+# zero-point term per block in MLAS; level 0 computes in float; the LM head at 8 bits reads twice
+# the codes but unpacks nothing; spinning only matters with more than one thread.
+SWEEP = ([(b, sym, 4, 4, True) for b in (32, 64, 128, 256) for sym in (True, False)]
+         + [(64, False, 0, 4, True), (32, True, 0, 4, True), (64, True, 4, 8, True), (64, False, 4, 8, True),
+            (64, False, 4, 4, False)])
 
 
 def blocks_sweep(threads: int, rounds: int = 15) -> dict[str, dict[str, float]]:
     """ms of one decoder layer's seven MatMulNBits and of the LM head, batch 1, per configuration
-    (block 32/64/128, symmetric or with zero points, accuracy level 4; and level 0 at block 32),
-    interleaved rounds; median and min (the min is the least disturbed on a shared machine)."""
+    of SWEEP, interleaved rounds; median and min (the min is the least disturbed on a shared
+    machine), and the read rate at the min (initializer bytes / min time, GB/s), which the
+    bandwidth probe (`read_bandwidth`) bounds: how far the kernel is from streaming."""
     import onnxruntime as ort
 
-    configs = [(b, sym, 4) for b in (32, 64, 128) for sym in (True, False)] + [(32, True, 0)]
     sessions = {}
-    for block, sym, level in configs:
+    for block, sym, level, bits, spinning in SWEEP:
+        if not spinning and threads == 1:
+            continue  # one thread: no pool to spin
         for part, shapes in (("layer", LAYER_SHAPES), ("head", HEAD_SHAPE)):
-            data, widths = matmul_nbits_model(shapes, block, sym, level)
+            data, widths, nbytes = matmul_nbits_model(shapes, block, sym, level, bits)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
             session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
             feeds = {f"x{k}": np.random.default_rng(1).standard_normal((1, k), dtype=np.float32) for k in widths}
             session.run(None, feeds)
-            sessions[f"{part} g{block} {'sym' if sym else 'asym'} acc{level}"] = (session, feeds)
+            key = f"{part} int{bits} g{block} {'sym' if sym else 'asym'} acc{level}" + ("" if spinning else " nospin")
+            sessions[key] = (session, feeds, nbytes)
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
-        for key, (session, feeds) in sessions.items():
+        for key, (session, feeds, _) in sessions.items():
             start = time.perf_counter()
             session.run(None, feeds)
             samples[key].append((time.perf_counter() - start) * 1e3)
-    return {k: {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3)} for k, v in samples.items()}
+    return {k: {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3), "MB": round(sessions[k][2] / 1e6, 2),
+                "GB_s_at_min": round(sessions[k][2] / (min(v) * 1e-3) / 1e9, 2)} for k, v in samples.items()}
 
 
 # ---------------------------------------------------------------- the run
@@ -370,7 +387,8 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="work here and keep the files (default: a temp dir, removed)")
     parser.add_argument("--reuse", action="store_true", help="with --keep: reuse the files an earlier run compiled")
     parser.add_argument("--blocks-sweep", action="store_true",
-                        help="only MatMulNBits alone at TinyLlama's shapes: block 32/64/128, sym/asym, levels")
+                        help="only MatMulNBits alone at TinyLlama's shapes: block 32-256, sym/asym, levels, "
+                             "8-bit, spinning (--rounds: its rounds)")
     parser.add_argument("--out", help="results file name under bench/results/ (default: by --layers/--quick)")
     parser.add_argument("--_ort-dynamic", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -378,12 +396,18 @@ def main() -> int:
         ort_dynamic(*args._ort_dynamic)
         return 0
     if args.blocks_sweep:
-        sweep = {str(t): blocks_sweep(int(t)) for t in args.threads.split(",")}
+        load_start = os.getloadavg()
+        sweep = {str(t): blocks_sweep(int(t), args.rounds) for t in args.threads.split(",")}
+        probes = {t: read_bandwidth(int(t)) for t in sweep}
         for t, rows in sweep.items():
+            print(f"{t} thread(s): read bandwidth probe {probes[t]} GB/s")
             for key, v in rows.items():
-                print(f"{t} thread(s)  {key:28s} median {v['median_ms']:8.3f} ms   min {v['min_ms']:8.3f} ms")
-        path = RESULTS / "cpu_llm_blocks_cpu.json"
-        path.with_suffix(".json.tmp").write_text(json.dumps({"load_avg": os.getloadavg(), "sweep": sweep}, indent=1))
+                print(f"{t} thread(s)  {key:36s} median {v['median_ms']:8.3f} ms   min {v['min_ms']:8.3f} ms   "
+                      f"{v['GB_s_at_min']:6.2f} GB/s at min ({100 * v['GB_s_at_min'] / probes[t]['best']:.0f}% of the probe)")
+        path = RESULTS / (args.out or "cpu_llm_blocks_cpu.json")
+        path.with_suffix(".json.tmp").write_text(json.dumps(
+            {"load_avg_start": load_start, "load_avg_end": os.getloadavg(), "rounds": args.rounds,
+             "bandwidth_probes_gb_s": probes, "sweep": sweep}, indent=1))
         os.replace(path.with_suffix(".json.tmp"), path)
         return 0
     if args.quick:

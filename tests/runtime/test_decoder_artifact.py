@@ -205,6 +205,22 @@ def test_int4_artifact_decodes_on_plain_ort_and_fxforge_generate(int4_artifact, 
     assert len(lines) == 2 and lines[0].startswith(PROMPTS[0]) and lines[1].startswith(PROMPTS[1])
 
 
+def test_w8a8_artifact_fuses_its_norms_and_decodes(tmp_path_factory, hf_model):
+    # per-token W8A8 linears end in com.microsoft::MatMulIntegerToFloat, which ORT's symbolic
+    # shape inference has no rule for: without ort_norms' own rule no norm was fused here
+    source = hf_dir(tmp_path_factory, "llama")
+    out = tmp_path_factory.mktemp("decoder-w8a8") / "artifact"
+    _cli("compile", str(source), "--task", TASK, "--backend", "onnx", "--passes",
+         "fuse_attention,quantize_dynamic(include_lm_head=True,act_scale=token)", "-o", str(out))
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert "MatMulIntegerToFloat" in ops and ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS
+    model, tokenizer = hf_model(source)
+    encoded = tokenizer(PROMPTS[:1], return_tensors="pt")
+    got = ort_greedy(out, encoded["input_ids"].numpy(), encoded["attention_mask"].numpy(), NEW_TOKENS,
+                     eos=-1, pad=tokenizer.pad_token_id)
+    assert got.shape == (1, encoded["input_ids"].shape[1] + NEW_TOKENS)
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(int4_artifact):
     from fxforge.runtime.onnx_decoder import OnnxDecoder
 

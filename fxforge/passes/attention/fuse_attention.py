@@ -54,7 +54,7 @@ from fxforge.ir.verify import Tolerance
 from fxforge.passes.attention.layout import (
     BMMS, merge_heads_view, split_heads, split_heads_view, split_shape, untranspose_key_3d,
 )
-from fxforge.passes.attention.masks import classify_mask, split_position_bias
+from fxforge.passes.attention.masks import classify_mask, key_rows, split_position_bias
 from fxforge.passes.attention.rules import (
     SOFTMAX_RULES,
     SOFTMAX_TARGETS,
@@ -461,6 +461,8 @@ def _checked(match: AttentionMatch, scores_shape, groups_k: int, groups_v: int) 
             mask, is_causal = None, True
         elif verdict == "all":
             mask = None
+        else:  # a padding mask expanded over the queries (HF BERT): its one row, key-only by shape
+            mask = key_rows(mask, match.root.graph.owning_module) or mask
     elif mask is not None:
         raise Skip(f"attention mask {mask!r} is not a tensor")
     return AttentionMatch(match.root, match.q, match.k, match.v, mask, is_causal, match.scale, hq // hk,

@@ -507,3 +507,53 @@ def split_position_bias(mask: object) -> tuple[Build, Node] | None:
     if _is_zeros(bias) or mask_sources_placeholder(bias) is not None:
         return None
     return Build(aten.logical_not.default, (hidden,)), bias
+
+
+# --------------------------------------------------------------------------- key-only masks
+
+# ops whose output at a position reads only its inputs at that (broadcast) position
+_ELEMENTWISE = {
+    aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default, aten.__or__.Tensor,
+    aten.bitwise_or.Tensor, aten.logical_or.default, aten.logical_not.default, aten.bitwise_not.default,
+    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, aten.masked_fill.Scalar,
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.contiguous.default,
+    aten.clone.default, aten.alias.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor,
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar,
+}
+
+
+def key_rows(mask: object, gm: GraphModule | None) -> Build | None:
+    """`mask[..., :1, :]` for a (B|1, 1, Lq, Lk) mask proven equal in every query row, else None.
+
+    transformers' masking_utils writes BERT's padding mask as (B, 1, Lq, Lk): the key padding
+    (B, 1, 1, Lk) combined with an all-True query term and expanded over the queries. Its first
+    row broadcasts back to the same mask, and a mask of that shape is what the ONNX lowering
+    proves key-only (backends/onnx/lowerings/attention_prefill.py: key weights in V, no L×L
+    mask, MultiHeadAttention's flash path). The proof: every value on the way from leaves with a
+    query axis of size 1 (or a constant, `_eval`) went through element-wise ops and expand only."""
+    shape = _shape(mask)
+    if not isinstance(mask, Node) or shape is None or len(shape) != 4 or shape[1] != 1 or shape[2] == 1:
+        return None
+    memo: dict = {}
+    return Build(aten.slice.Tensor, (mask, 2, 0, 1)) if _query_invariant(mask, gm, memo, set()) else None
+
+
+def _query_invariant(node: object, gm: GraphModule | None, memo: dict, seen: set) -> bool:
+    """True if `node`'s value is the same at every position of its query axis (-2)."""
+    if not isinstance(node, Node):
+        return True  # a Python scalar (fills, alpha) or a dtype/device argument
+    if node in seen:
+        return True  # already proven (a False anywhere makes the whole answer False at once)
+    seen.add(node)
+    val = fake(node)
+    if val is None:
+        return False
+    if val.dim() < 2 or (isinstance(val.shape[-2], int) and val.shape[-2] == 1):
+        return True  # no query axis of its own: broadcast along it
+    if isinstance(_eval(node, gm, memo), Const):
+        return True  # one value everywhere (e.g. the all-True `q_idx >= 0` term)
+    if node.target == aten.expand.default:
+        return _query_invariant(node.args[0], gm, memo, seen)
+    if node.target in _ELEMENTWISE:
+        return all(_query_invariant(a, gm, memo, seen) for a in node.args)
+    return False

@@ -249,9 +249,9 @@ def test_a_split_qkv_projection_feeds_group_query_attention_packed():
 
 
 def test_norms_stay_unfused_with_a_warning_when_ort_cannot_type_the_graph(monkeypatch):
-    # ORT's symbolic shape inference gives up on some graphs (seen: a per-token W8A8 decoder with
-    # fused projections); the fusions are optional, so the export goes on without them
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    # ORT's symbolic shape inference gives up on some graphs (seen: an op it has no rule for);
+    # the fusions are optional, so the export goes on without them
+    from fxforge.backends.onnx import ort_norms
 
     model = onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
@@ -259,8 +259,44 @@ def test_norms_stay_unfused_with_a_warning_when_ort_cannot_type_the_graph(monkey
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n"])]))
 
     def gives_up(*args, **kwargs):
-        raise Exception("Incomplete symbolic shape inference")
+        raise RuntimeError("Incomplete symbolic shape inference")
 
-    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(gives_up))
+    monkeypatch.setattr(ort_norms, "_infer_shapes", gives_up)
     with pytest.warns(UserWarning, match="norms are left unfused"):
         assert fuse_norms(model) is model
+
+
+def w8a8_norm_graph() -> onnx.ModelProto:
+    """norm_graph's residual add and RMSNorm, its input `a` the per-token W8A8 linear as
+    lowerings/linear_w8a8.py writes it: MatMulIntegerToFloat(x_u8, W8, 1, s_w, 128) * s_x."""
+    model = norm_graph()
+    n = helper.make_node
+    rng = np.random.default_rng(3)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.integers(-127, 128, (8, 16), dtype=np.int8), "w8"),
+        numpy_helper.from_array(rng.random(16, dtype=np.float32) * 0.01, "w_scale"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "unit"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp")])
+    model.graph.node.insert(0, n("MatMulIntegerToFloat", ["x_u8", "w8", "unit", "w_scale", "zp"], ["acc"],
+                                 domain="com.microsoft"))
+    model.graph.node.insert(1, n("Mul", ["acc", "x_scale"], ["a"]))
+    a = next(i for i in model.graph.input if i.name == "a")
+    model.graph.input.remove(a)
+    model.graph.input.extend([_value("x_u8", TensorProto.UINT8, ["B", "S", 8]),
+                              _value("x_scale", TensorProto.FLOAT, ["B", "S", 1])])
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_norms_after_a_w8a8_linear_fuse():
+    # ORT's symbolic shape inference has no rule for MatMulIntegerToFloat: without ort_norms' own,
+    # it typed the output uint8 and gave up, leaving every norm of a W8A8 decoder unfused
+    reference = w8a8_norm_graph()
+    fused = fuse_norms(reference)
+    assert count_norm_fusions(fused)["SkipSimplifiedLayerNormalization"] == 1
+    assert "Pow" not in ops(fused) and "MatMulIntegerToFloat" in ops(fused)
+    rng = np.random.default_rng(0)
+    inputs = {"x_u8": rng.integers(1, 256, (2, 3, 8), dtype=np.uint8),
+              "x_scale": rng.random((2, 3, 1), dtype=np.float32),
+              "b": rng.standard_normal((2, 3, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(fused, inputs)[0], run(reference, inputs)[0], atol=1e-5, rtol=1e-5)

@@ -14,11 +14,15 @@ bit-identical outputs.
 act_scale="token": the symmetric per-row codes come from one blocked `QuantizeLinear` (block =
 the row, zero point 128: the int8 codes shifted to uint8; `_int8_codes`, bit-identical to the
 reference; 7-9% faster than five element-wise ops), and
-`com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, 1, wscale, 128)` runs the same uint8 x int8
-GEMM with A scale 1, so ORT stays on its scalar-scale output stage (acc·wscale[n]); one Mul by
-the row scales s_x (…, M, 1) and the bias Add follow: (acc·wscale[n])·s_x[m] + bias, the
-reference's order, bit for bit at every rank. Handing ORT the (…, M, 1) scales instead makes
-it multiply the output by them itself: 5-10% slower per linear at 128 tokens (1 thread).
+`com.microsoft::MatMulIntegerToFloat(x_u8, W8ᵀ, s_x, wscale, 128)` runs the same uint8 x int8
+GEMM with the row scales s_x (…, M, 1) as its A scale: ORT applies wscale[n] in the GEMM's
+output stage and then multiplies by s_x[m] (ScaleOutput), (acc·wscale[n])·s_x[m], the
+reference's order bit for bit (checked against ORT 1.32); the bias follows in its own Add,
+because ORT would add it before the row scale. Measured on bench/cpu_llm.py's 4-layer
+TinyLlama-shaped decoder, prefill at 128 tokens, interleaved against the previous lowering
+(A scale 1, then a Mul by s_x; loaded 2-core host): 0.987x the time at 1 thread, 0.97x at 2,
+17 nodes fewer. A 1-D x has a one-element s_x, which ORT folds into the column scales
+(acc·(s_x·wscale[n]), another rounding): there the Mul stays.
 Per token, each token's output depends on that token alone, which is what a KV cache (and any
 batch of unrelated sequences) needs; per tensor, the other tokens' range sets every token's
 scale (see passes/quantize/quantize_dynamic.py).
@@ -96,10 +100,12 @@ def linear_w8a8_onnx(x, qweight, wscale, bias, act_scale: str = "tensor"):
     else:
         x_u8, x_scale = quantize_per_token_uint8(x32, qweight.shape[1])
         zero_point = op.Constant(value=scalar(UINT8_ZERO_POINT, np.uint8))
-        # A scale 1 keeps ORT on its scalar-scale output stage (acc·wscale[n]); the row scales
-        # follow in one Mul: measured faster than handing ORT the (…, M, 1) scales.
-        one = op.Constant(value_float=1.0)
-        y = op.Mul(_MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, one, w_scale, zero_point), x_scale)
+        if x.shape is not None and len(x.shape) >= 2:
+            # (…, M, 1) row scales: ORT scales by them after the column scales, as the reference
+            y = _MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, x_scale, w_scale, zero_point)
+        else:  # a one-element A scale would be folded into the column scales: keep the order by hand
+            one = op.Constant(value_float=1.0)
+            y = op.Mul(_MATMUL_INTEGER_TO_FLOAT(x_u8, w_kn, one, w_scale, zero_point), x_scale)
         if b32 is not None:
             y = op.Add(y, b32)
     return y if x.dtype == FLOAT.dtype else op.Cast(y, to=x.dtype)
