@@ -118,6 +118,9 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
     sink_weight_casts(model.graph)  # bf16 weights of a float32-compute graph: stored transposed, cast late
     if optimize:
         optimize_model(model)
+        from fxforge.backends.onnx.low_precision_weights import defer_weight_casts
+
+        defer_weight_casts(model.graph)  # after the layouts are folded: cast each weight when it is used
     return model
 
 
@@ -264,8 +267,9 @@ def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | 
     `accuracy_level`, `causal_attention`, `bidirectional_attention`: how ops are translated
     (see `OnnxOptions`);
     `dtype`: "auto"/"float32" export a bfloat16/float16 graph computing in float32 (ORT's CPU
-    provider lacks their kernels; inputs and outputs are cast, see compute_dtype.py), "model"
-    exports it as it is."""
+    provider lacks their kernels; inputs and outputs are cast, see compute_dtype.py): "auto"
+    keeps its weights in their dtype, cast where read (memory P, slower: low_precision_weights.py),
+    "float32" stores float32 copies (2P, ORT's full speed); "model" exports it as it is."""
     from fxforge.backends.onnx.compute_dtype import (as_float32_graph, float32_inputs, has_low_precision_tensors,
                                                      needs_float32, output_dtypes)
 
@@ -282,10 +286,11 @@ def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | 
             runner.exported = dataclasses.replace(runner.exported, key=export_key(gm, example_inputs, options))
         return runner
     restore = output_dtypes(gm)
-    runner_options["low_precision_weights"] = has_low_precision_tensors(gm)
+    keep_weights = dtype == "auto"  # bf16/fp16 weights cast where read (P in memory); "float32": copies (2P)
+    runner_options["low_precision_weights"] = keep_weights and has_low_precision_tensors(gm)
     # a temporary argument: _export_and_open holds the only reference and frees it after export.
     # Its model computes in float32, not what a save exports: nothing is kept for reuse.
-    runner = _export_and_open(as_float32_graph(gm), float32_inputs(example_inputs), path, options, owned=True,
+    runner = _export_and_open(as_float32_graph(gm, keep_weights), float32_inputs(example_inputs), path, options, owned=True,
                               **runner_options)
     runner.float32_inputs, runner.output_dtypes, runner.exported = True, restore, None
     return runner

@@ -9,6 +9,7 @@ the way in and outputs cast back to the graph's own dtypes on the way out, so ca
 eager returns. The weights keep their dtype: each is cast to float32 where it is read
 (`Cast` in the ONNX graph, moved below layout ops and Gathers by `low_precision_weights.py`),
 so the file and ORT hold a bf16 model's bytes once, not a float32 copy (twice those bytes).
+`dtype="float32"` stores float32 copies instead (2P, faster decoding: the casts cost time).
 `dtype="model"` exports the graph as it is (for providers with low-precision kernels).
 """
 from __future__ import annotations
@@ -57,16 +58,21 @@ def output_dtypes(gm: GraphModule) -> list[torch.dtype | None]:
     return found
 
 
-def as_float32_graph(gm: GraphModule) -> GraphModule:
+def as_float32_graph(gm: GraphModule, keep_weights: bool = True) -> GraphModule:
     """A copy of `gm` computing in float32: each read of a low-precision weight cast to float32
     (the weight itself stays as it is), dtypes in the graph rewritten. Shares all of `gm`'s
-    tensors (passes/cow.py): no float32 copy of the weights is made; `gm` is unchanged."""
+    tensors (passes/cow.py): no float32 copy of the weights is made; `gm` is unchanged.
+    `keep_weights=False`: the weights themselves are upcast (float32 copies)."""
     from fxforge.passes.cow import structural_copy
 
     from fxforge.ir.ops import op_name_of
 
     work = structural_copy(gm)
     low = {name for name, t in [*work.named_parameters(), *work.named_buffers()] if t.dtype in LOW_PRECISION}
+    if not keep_weights:  # float32 copies of the weights (twice a bf16 model's bytes): ORT's fastest
+        for name in low:
+            set_attr(work, name, get_attr(work, name).float(), trainable=False)
+        low = set()
     # fxforge ops' lowerings read their tensors as constants (MatMulNBits' scales, ...): those
     # (small) tensors are upcast here; aten ops read a cast like any other value
     for node in work.graph.nodes:
