@@ -60,11 +60,6 @@ def _weight_rooted(value: ir.Value | None) -> bool:
     return False
 
 
-def has_low_precision_weights(graph: ir.Graph) -> bool:
-    """Whether `graph` stores low-precision weights that it casts to float32 where read."""
-    return any(_is_weight_cast(node) for node in graph)
-
-
 def sink_weight_casts(graph: ir.Graph) -> int:
     """Move each Cast of a low-precision weight below the Transpose/Reshape/Gather nodes reading
     it (their first input), in place; returns how many moves. A no-op on other graphs."""
