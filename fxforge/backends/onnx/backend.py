@@ -113,8 +113,14 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
     model = program.model
     if torch.bfloat16 not in graph_float_dtypes(gm):  # bfloat16 islands of a wider model (Falcon's ALiBi)
         compute_bfloat16_in_float32(model.graph)
+    from fxforge.backends.onnx.low_precision_weights import sink_weight_casts
+
+    sink_weight_casts(model.graph)  # bf16 weights of a float32-compute graph: stored transposed, cast late
     if optimize:
         optimize_model(model)
+        from fxforge.backends.onnx.low_precision_weights import defer_weight_casts
+
+        defer_weight_casts(model.graph)  # after the layouts are folded: cast each weight when it is used
     return model
 
 
@@ -199,9 +205,12 @@ class OnnxRunner:
     returns torch tensors."""
 
     def __init__(self, path: str | os.PathLike | bytes, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True,
+                 low_precision_weights: bool = False):
         """`spinning=False` stops ORT's idle threads from busy-waiting between runs: slightly
-        slower on a dedicated machine, but far steadier timings on a shared one (benchmarks)."""
+        slower on a dedicated machine, but far steadier timings on a shared one (benchmarks).
+        `low_precision_weights`: the model casts bf16/fp16 weights to float32 where it reads them;
+        ORT must not fold those casts (low_precision_weights.py)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -213,8 +222,13 @@ class OnnxRunner:
         options.log_severity_level = 3
         # None once a temporary file has been removed, or for a model opened from its bytes
         self.path: Path | None = None if isinstance(path, bytes) else Path(path)
+        extra = {}
+        if low_precision_weights:
+            from fxforge.backends.onnx.low_precision_weights import session_options
+
+            extra = session_options(options)
         self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
-                                            providers=list(providers))
+                                            providers=list(providers), **extra)
         self.input_names = [i.name for i in self.session.get_inputs()]
         # set by prepare() for a low-precision graph exported computing in float32
         self.float32_inputs = False
@@ -253,10 +267,11 @@ def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | 
     `accuracy_level`, `causal_attention`, `bidirectional_attention`: how ops are translated
     (see `OnnxOptions`);
     `dtype`: "auto"/"float32" export a bfloat16/float16 graph computing in float32 (ORT's CPU
-    provider lacks their kernels; inputs and outputs are cast, see compute_dtype.py), "model"
-    exports it as it is."""
-    from fxforge.backends.onnx.compute_dtype import (as_float32_graph, float32_inputs, needs_float32,
-                                                     output_dtypes)
+    provider lacks their kernels; inputs and outputs are cast, see compute_dtype.py): "auto"
+    keeps its weights in their dtype, cast where read (memory P, slower: low_precision_weights.py),
+    "float32" stores float32 copies (2P, ORT's full speed); "model" exports it as it is."""
+    from fxforge.backends.onnx.compute_dtype import (as_float32_graph, float32_inputs, has_low_precision_tensors,
+                                                     needs_float32, output_dtypes)
 
     if unknown:
         valid = [p for p in inspect.signature(prepare).parameters if p not in ("gm", "example_inputs", "unknown")]
@@ -271,9 +286,11 @@ def prepare(gm: GraphModule, example_inputs: Sequence[Any] = (), *, path: str | 
             runner.exported = dataclasses.replace(runner.exported, key=export_key(gm, example_inputs, options))
         return runner
     restore = output_dtypes(gm)
+    keep_weights = dtype == "auto"  # bf16/fp16 weights cast where read (P in memory); "float32": copies (2P)
+    runner_options["low_precision_weights"] = keep_weights and has_low_precision_tensors(gm)
     # a temporary argument: _export_and_open holds the only reference and frees it after export.
     # Its model computes in float32, not what a save exports: nothing is kept for reuse.
-    runner = _export_and_open(as_float32_graph(gm), float32_inputs(example_inputs), path, options, owned=True,
+    runner = _export_and_open(as_float32_graph(gm, keep_weights), float32_inputs(example_inputs), path, options, owned=True,
                               **runner_options)
     runner.float32_inputs, runner.output_dtypes, runner.exported = True, restore, None
     return runner

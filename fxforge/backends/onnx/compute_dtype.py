@@ -6,7 +6,10 @@ inputs. So a bfloat16/float16 graph is exported computing in float32 (backend op
 `dtype="float32"`, the default `"auto"` on CPU): its low-precision weights are upcast, every
 dtype the graph names (casts, `full`, `arange`, ...) becomes float32, float inputs are cast on
 the way in and outputs cast back to the graph's own dtypes on the way out, so callers see what
-eager returns. The ONNX model's weights are then float32 (twice a bf16 model's bytes).
+eager returns. The weights keep their dtype: each is cast to float32 where it is read
+(`Cast` in the ONNX graph, moved below layout ops and Gathers by `low_precision_weights.py`),
+so the file and ORT hold a bf16 model's bytes once, not a float32 copy (twice those bytes).
+`dtype="float32"` stores float32 copies instead (2P, faster decoding: the casts cost time).
 `dtype="model"` exports the graph as it is (for providers with low-precision kernels).
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch.fx import GraphModule
 
-from fxforge.ir.graph import finalize, set_attr
+from fxforge.ir.graph import finalize, get_attr, set_attr
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 CHOICES = ("auto", "float32", "model")
@@ -30,6 +33,11 @@ def graph_float_dtypes(gm: GraphModule) -> set[torch.dtype]:
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.is_floating_point():
             dtypes.add(val.dtype)
     return dtypes
+
+
+def has_low_precision_tensors(gm: GraphModule) -> bool:
+    """Whether `gm` holds bfloat16/float16 weights or buffers."""
+    return any(t.dtype in LOW_PRECISION for t in (*gm.parameters(), *gm.buffers()))
 
 
 def needs_float32(gm: GraphModule, dtype: str) -> bool:
@@ -50,18 +58,38 @@ def output_dtypes(gm: GraphModule) -> list[torch.dtype | None]:
     return found
 
 
-def as_float32_graph(gm: GraphModule) -> GraphModule:
-    """A copy of `gm` computing in float32: low-precision weights upcast, dtypes in the graph
-    rewritten. Shares `gm`'s float32 and integer tensors (passes/cow.py); `gm` is unchanged."""
+def as_float32_graph(gm: GraphModule, keep_weights: bool = True) -> GraphModule:
+    """A copy of `gm` computing in float32: each read of a low-precision weight cast to float32
+    (the weight itself stays as it is), dtypes in the graph rewritten. Shares all of `gm`'s
+    tensors (passes/cow.py): no float32 copy of the weights is made; `gm` is unchanged.
+    `keep_weights=False`: the weights themselves are upcast (float32 copies)."""
     from fxforge.passes.cow import structural_copy
 
+    from fxforge.ir.ops import op_name_of
+
     work = structural_copy(gm)
-    for name, t in [*work.named_parameters(), *work.named_buffers()]:
-        if t.dtype in LOW_PRECISION:
-            set_attr(work, name, t.float(), trainable=False)
+    low = {name for name, t in [*work.named_parameters(), *work.named_buffers()] if t.dtype in LOW_PRECISION}
+    if not keep_weights:  # float32 copies of the weights (twice a bf16 model's bytes): ORT's fastest
+        for name in low:
+            set_attr(work, name, get_attr(work, name).float(), trainable=False)
+        low = set()
+    # fxforge ops' lowerings read their tensors as constants (MatMulNBits' scales, ...): those
+    # (small) tensors are upcast here; aten ops read a cast like any other value
+    for node in work.graph.nodes:
+        if node.op == "get_attr" and node.target in low and any(
+                u.op == "call_function" and op_name_of(u.target) for u in node.users):
+            set_attr(work, node.target, get_attr(work, node.target).float(), trainable=False)
+            low.discard(node.target)
     for node in work.graph.nodes:
         node.args = _upcast(node.args)
         node.kwargs = _upcast(node.kwargs)
+    for node in list(work.graph.nodes):
+        if node.op == "get_attr" and node.target in low and node.users:
+            with work.graph.inserting_after(node):
+                cast = work.graph.call_function(torch.ops.aten._to_copy.default, (node,),
+                                                {"dtype": torch.float32})
+            node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
+    for node in work.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dtype in LOW_PRECISION:
             with val.fake_mode:  # placeholders keep their symbolic shapes, only the dtype changes
