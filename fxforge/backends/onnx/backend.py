@@ -96,7 +96,7 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            gm,
+            program_for_export(gm, example_inputs),
             tuple(example_inputs),
             dynamo=True,
             dynamic_shapes=dynamic_shapes_of(gm),
@@ -116,6 +116,20 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
     if optimize:
         optimize_model(model)
     return model
+
+
+def program_for_export(gm: GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """What torch.onnx.export is given: `gm` as an ExportedProgram built from its own metadata
+    (`exported_program.as_exported_program`: the exporter then skips its torch.export re-trace of
+    a graph we already have), or `gm` itself where that does not apply."""
+    from fxforge.backends.onnx.exported_program import as_exported_program
+
+    try:
+        program = as_exported_program(gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - an optimization only: the exporter's own capture still works
+        logger.debug("exporting %s through torch.export: %s", type(gm).__name__, exc)
+        program = None
+    return gm if program is None else program
 
 
 def write_model(model: Any, path: Path) -> None:
