@@ -9,8 +9,9 @@ parameters and buffers lifted to placeholders named as torch.export names them, 
 symbolic dims as range constraints — so the exporter starts at its decomposition step: one trace
 instead of two. The ONNX written is the same (tests/backends/onnx/test_exported_program.py).
 
-Falls back (returns None) where the graph is not in the form this handles: a placeholder or
-weight without a fake value, a `get_attr` of something that is not a tensor. The caller then
+Falls back (returns None) where the graph is not in the form this handles: an input without a
+fake value, a `get_attr` of something that is not a parameter or buffer, outputs that are not
+all nodes. The caller then
 hands the GraphModule to the exporter, which traces it as before.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ def as_exported_program(gm: GraphModule, example_inputs: Sequence[Any]) -> Expor
 
     parameters = dict(gm.named_parameters(remove_duplicate=False))
     buffers = dict(gm.named_buffers(remove_duplicate=False))
+    state = {**parameters, **buffers}
     lifted: dict[str, torch.fx.Node] = {}
     input_specs: list[InputSpec] = []
     first = placeholders[0] if placeholders else None
@@ -57,8 +59,6 @@ def as_exported_program(gm: GraphModule, example_inputs: Sequence[Any]) -> Expor
         if node.op == "get_attr":
             if node.target not in parameters and node.target not in buffers:
                 return None  # a submodule or constant attribute: leave it to the exporter's own trace
-            if not isinstance(node.meta.get("val"), torch.Tensor):
-                return None
             uses.setdefault(node.target, []).append(node)
     for name, kind in wanted:
         nodes = uses.get(name)
@@ -68,6 +68,8 @@ def as_exported_program(gm: GraphModule, example_inputs: Sequence[Any]) -> Expor
         with graph.inserting_before(first):
             placeholder = graph.placeholder(prefix + name.replace(".", "_").lower())
         placeholder.meta.update(nodes[0].meta)
+        if not isinstance(placeholder.meta.get("val"), torch.Tensor):  # a weight a pass added without one
+            placeholder.meta["val"] = fake_mode.from_tensor(state[name], static_shapes=True)
         for node in nodes:
             node.replace_all_uses_with(placeholder)
             graph.erase_node(node)
@@ -82,7 +84,7 @@ def as_exported_program(gm: GraphModule, example_inputs: Sequence[Any]) -> Expor
         return None
     output_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), target=None) for o in outputs]
 
-    state_dict = {name: parameters.get(name, buffers.get(name)) for name in lifted}
+    state_dict = {name: state[name] for name in lifted}
     in_spec = pytree.tree_flatten((tuple(tensors), {}))[1]
     out_spec = pytree.tree_flatten(tuple(outputs))[1]
     signature = ModuleCallSignature(inputs=[TensorArgument(n.name) for n in placeholders],
