@@ -93,19 +93,31 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
 
     check_lowerable(gm)
     names = list(input_names or [n.name for n in gm.graph.nodes if n.op == "placeholder"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            program_for_export(gm, example_inputs),
-            tuple(example_inputs),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes_of(gm),
-            input_names=names,
-            custom_translation_table=translation_table(options),
-            opset_version=OPSET_VERSION,
-            optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
-            verbose=False,
-        )
+
+    def export(model: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                model,
+                tuple(example_inputs),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes_of(gm),
+                input_names=names,
+                custom_translation_table=translation_table(options),
+                opset_version=OPSET_VERSION,
+                optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
+                verbose=False,
+            )
+
+    prepared = program_for_export(gm, example_inputs)
+    try:
+        program = export(prepared)
+    except Exception as exc:  # noqa: BLE001 - the shortcut failed: the exporter's own capture decides
+        if prepared is gm:
+            raise
+        logger.debug("exporting the built ExportedProgram failed (%s); exporting through torch.export", exc)
+        del prepared
+        program = export(gm)
     from fxforge.backends.onnx.bfloat16_islands import compute_bfloat16_in_float32
     from fxforge.backends.onnx.compute_dtype import graph_float_dtypes
     from fxforge.backends.onnx.optimize import optimize_model
