@@ -10,9 +10,10 @@ place, on the exporter's `onnx_ir` model before it is saved:
 1. pre-transposes weights (and packs MatMulNBits' zero points, `fold_matmul_nbits_constants`): `Transpose(initializer)` becomes a transposed initializer feeding
    MatMul directly (our own step, see `fold_weight_layouts`; Reshape likewise), and after step 2 a
    `Gemm(transB=1)` on a weight becomes such a MatMul (`gemm_weights_to_matmul`);
-2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`, one iteration: constant
-   folding, its basic rewrite rules, dead-code and unused-initializer removal, common
-   subexpressions; then onnx_ir's Identity elimination) but
+2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`'s passes, one iteration:
+   constant folding, its basic rewrite rules, dead-code and unused-initializer removal, common
+   subexpressions; then onnx_ir's Identity elimination; `optimize_ir_once` says why its pass
+   list is spelled out here) but
    not `onnxscript.rewriter.onnx_fusions`, which `torch.onnx.export(optimize=True)` adds and
    which emits opset-23 RotaryEmbedding nodes that ONNX Runtime 1.32 rejects;
 3. strips debug metadata from nodes, values and the graph.
