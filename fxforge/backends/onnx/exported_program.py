@@ -68,8 +68,10 @@ def as_exported_program(gm: GraphModule, example_inputs: Sequence[Any]) -> Expor
         with graph.inserting_before(first):
             placeholder = graph.placeholder(prefix + name.replace(".", "_").lower())
         placeholder.meta.update(nodes[0].meta)
-        if not isinstance(placeholder.meta.get("val"), torch.Tensor):  # a weight a pass added without one
-            placeholder.meta["val"] = fake_mode.from_tensor(state[name], static_shapes=True)
+        val, tensor = placeholder.meta.get("val"), state[name]
+        if not isinstance(val, torch.Tensor) or val.dtype != tensor.dtype or tuple(val.shape) != tuple(tensor.shape):
+            # a weight a pass added without a fake value, or replaced (compute_dtype's float32 copies)
+            placeholder.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
         for node in nodes:
             node.replace_all_uses_with(placeholder)
             graph.erase_node(node)
