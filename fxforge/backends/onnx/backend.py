@@ -93,19 +93,31 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
 
     check_lowerable(gm)
     names = list(input_names or [n.name for n in gm.graph.nodes if n.op == "placeholder"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            gm,
-            tuple(example_inputs),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes_of(gm),
-            input_names=names,
-            custom_translation_table=translation_table(options),
-            opset_version=OPSET_VERSION,
-            optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
-            verbose=False,
-        )
+
+    def export(model: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                model,
+                tuple(example_inputs),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes_of(gm),
+                input_names=names,
+                custom_translation_table=translation_table(options),
+                opset_version=OPSET_VERSION,
+                optimize=False,  # its opset-23 fusions emit RotaryEmbedding nodes ORT 1.32 rejects
+                verbose=False,
+            )
+
+    prepared = program_for_export(gm, example_inputs)
+    try:
+        program = export(prepared)
+    except Exception as exc:  # noqa: BLE001 - the shortcut failed: the exporter's own capture decides
+        if prepared is gm:
+            raise
+        logger.debug("exporting the built ExportedProgram failed (%s); exporting through torch.export", exc)
+        del prepared
+        program = export(gm)
     from fxforge.backends.onnx.bfloat16_islands import compute_bfloat16_in_float32
     from fxforge.backends.onnx.compute_dtype import graph_float_dtypes
     from fxforge.backends.onnx.optimize import optimize_model
@@ -122,6 +134,20 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
 
         defer_weight_casts(model.graph)  # after the layouts are folded: cast each weight when it is used
     return model
+
+
+def program_for_export(gm: GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """What torch.onnx.export is given: `gm` as an ExportedProgram built from its own metadata
+    (`exported_program.as_exported_program`: the exporter then skips its torch.export re-trace of
+    a graph we already have), or `gm` itself where that does not apply."""
+    from fxforge.backends.onnx.exported_program import as_exported_program
+
+    try:
+        program = as_exported_program(gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - an optimization only: the exporter's own capture still works
+        logger.debug("exporting %s through torch.export: %s", type(gm).__name__, exc)
+        program = None
+    return gm if program is None else program
 
 
 def write_model(model: Any, path: Path) -> None:

@@ -10,9 +10,10 @@ place, on the exporter's `onnx_ir` model before it is saved:
 1. pre-transposes weights (and packs MatMulNBits' zero points, `fold_matmul_nbits_constants`): `Transpose(initializer)` becomes a transposed initializer feeding
    MatMul directly (our own step, see `fold_weight_layouts`; Reshape likewise), and after step 2 a
    `Gemm(transB=1)` on a weight becomes such a MatMul (`gemm_weights_to_matmul`);
-2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`, one iteration: constant
-   folding, its basic rewrite rules, dead-code and unused-initializer removal, common
-   subexpressions; then onnx_ir's Identity elimination) but
+2. runs onnxscript's optimizer (`onnxscript.optimizer.optimize_ir`'s passes, one iteration:
+   constant folding, its basic rewrite rules, dead-code and unused-initializer removal, common
+   subexpressions; then onnx_ir's Identity elimination; `optimize_ir_once` says why its pass
+   list is spelled out here) but
    not `onnxscript.rewriter.onnx_fusions`, which `torch.onnx.export(optimize=True)` adds and
    which emits opset-23 RotaryEmbedding nodes that ONNX Runtime 1.32 rejects;
 3. strips debug metadata from nodes, values and the graph.
@@ -33,7 +34,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
-import onnxscript.optimizer
+from onnxscript import rewriter
+from onnxscript.optimizer import _constant_folding
 
 from fxforge.backends.onnx.lowerings.linear_wq import fold_matmul_nbits_constants
 
@@ -66,7 +68,7 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
     # One pass of folding + rewrite rules, then the Identity nodes that pass leaves: the same graph
     # as the default two passes (413 nodes for the 4-layer int4 decoder either way, see
     # bench/onnx_cleanup.py) in ~60% of the time; the second pass only removed those Identities.
-    onnxscript.optimizer.optimize_ir(model, num_iterations=1, should_fold=keeps_storage_compact)
+    optimize_ir_once(model, should_fold=keeps_storage_compact)
     ir_passes.IdentityEliminationPass()(model)
     folded += fold_weight_layouts(model.graph)  # Reshapes whose shape input was folded to a constant
     folded += gemm_weights_to_matmul(model.graph)  # on the cleaned graph: fewer nodes to walk
@@ -85,6 +87,95 @@ def optimize_model(model: ir.Model) -> OptimizeReport:
     logger.info("ONNX optimized: %d -> %d nodes (%d weight layouts folded or Gemms made MatMul) in %.2fs",
                 report.nodes_before, report.nodes_after, report.weight_rewrites, report.seconds)
     return report
+
+
+def optimize_ir_once(model: ir.Model, should_fold: Callable[[ir.Node], bool | None]) -> None:
+    """`onnxscript.optimizer.optimize_ir(model, num_iterations=1, should_fold=should_fold)`: the same
+    passes in the same order, with its default rewrite rules as they are except that a rule whose
+    pattern has several output nodes is only tried where it can match (`_tried_where_it_can_match`).
+
+    Why not call optimize_ir itself: its matcher for such a rule (SlicesSplit: two Slices of one
+    tensor -> Split) walks the whole graph at every node it is tried on, and it is tried on every
+    node: quadratic, about half of the rewriter's time on a 4-layer decoder. optimize_ir takes no
+    rule list, so its pass list is spelled out here (onnxscript 0.7's `_optimizer.optimize_ir`)."""
+    rules = tuple(_tried_where_it_can_match(rule) for rule in rewriter._DEFAULT_REWRITE_RULES)
+    passes = ir.passes.Sequential(
+        ir_passes.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                    should_fold=should_fold,
+                ),
+                rewriter.RewritePass(rules),
+                ir_passes.RemoveUnusedNodesPass(),
+                ir_passes.RemoveUnusedFunctionsPass(),
+                ir_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=1,
+            early_stop=True,
+        ),
+        ir_passes.RemoveUnusedNodesPass(),
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        ir_passes.LiftSubgraphInitializersToMainGraphPass(),
+        ir_passes.DeduplicateInitializersPass(),
+        ir_passes.CommonSubexpressionEliminationPass(),
+        ir_passes.OutputFixPass(),
+        ir_passes.NameFixPass(),
+    )
+    passes(model)
+
+
+class _FirstOutputGuard:
+    """A multi-output rewrite rule, tried only at nodes it can match: the node must have the op
+    type of the pattern's first output node (the matcher binds the node to it, and fails
+    otherwise, but only after indexing the whole graph), and for Slice pairs (SlicesSplit) its
+    sliced tensor must feed another Slice (the pattern's two Slices read one `x`; the matcher may
+    pair a node with itself, which the rule's check only passes for an empty `x[..., 0:0]`, so
+    such a Slice is still tried). Everything else is the rule's own: a guarded node is one the
+    rule would not rewrite."""
+
+    def __init__(self, rule: rewriter.RewriteRule):
+        self._rule = rule
+        self._op_type = rule._target_pattern.output_nodes[0].op_identifier()[1]
+        self._slice_pair = rule.name == "SlicesSplit"
+
+    def __getattr__(self, name: str):
+        return getattr(self._rule, name)
+
+    def try_rewrite(self, model: ir.Model, graph_or_function: ir.Graph | ir.Function, node: ir.Node, **kwargs):
+        if node.op_type != self._op_type:
+            return None
+        if self._slice_pair and not _feeds_another_slice(node):
+            return None
+        return self._rule.try_rewrite(model, graph_or_function, node, **kwargs)
+
+
+def _feeds_another_slice(node: ir.Node) -> bool:
+    """Whether SlicesSplit could match with this Slice as its first: the rule's check needs its
+    start to be the constant 0 and its end a constant, and a second Slice of the same input (or
+    itself, which the check passes only when that end is 0 too, see _FirstOutputGuard)."""
+    def constant(i: int) -> list | None:
+        value = node.inputs[i] if len(node.inputs) > i else None
+        return None if value is None or value.const_value is None else value.const_value.numpy().reshape(-1).tolist()
+
+    source = node.inputs[0] if node.inputs else None
+    if source is None or constant(1) != [0] or constant(2) is None:
+        return False
+    if constant(2) == [0]:
+        return True
+    return any(user is not node and user.op_type == "Slice" and index == 0 for user, index in source.uses())
+
+
+def _tried_where_it_can_match(rule: rewriter.RewriteRule) -> rewriter.RewriteRule:
+    """`rule` itself, or guarded by `_FirstOutputGuard` where its pattern has several output nodes
+    whose first has a known op type (see optimize_ir_once)."""
+    pattern = getattr(rule, "_target_pattern", None)
+    if pattern is None or pattern.has_single_output_node or pattern.output_nodes[0].op_identifier() is None:
+        return rule
+    return _FirstOutputGuard(rule)  # type: ignore[return-value]
 
 
 # Below this many bytes a folded result is shape arithmetic or a small table: always worth it.

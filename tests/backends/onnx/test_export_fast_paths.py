@@ -1,0 +1,179 @@
+"""The export's shortcuts write what the long way writes.
+
+1. `as_exported_program`: torch.onnx is handed an ExportedProgram built from the graph's own fake
+   metadata instead of re-tracing the GraphModule with torch.export. Same nodes, weights and I/O;
+   the same outputs at other shapes (dynamic dims kept).
+2. `optimize_ir_once`: onnxscript's optimizer with its multi-output rule (SlicesSplit) tried only
+   where it can match: byte-identical to `onnxscript.optimizer.optimize_ir(num_iterations=1)`, on
+   Slices it must still try and ones it may skip, and on a KV decoder full of Slices.
+"""
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import onnxscript.optimizer
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.backends.onnx import backend
+from fxforge.backends.onnx.exported_program import as_exported_program
+from fxforge.backends.onnx.optimize import keeps_storage_compact, optimize_ir_once
+
+
+class HalfRotate(nn.Module):
+    """Linear, a buffer, a rotate-half (two Slices of one tensor: SlicesSplit's pattern) and a
+    size used as a value: the parts the program builder has to carry over."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        h = self.proj(x) * self.scale
+        rotated = torch.cat([-h[..., 4:8], h[..., 0:4]], dim=-1)
+        return rotated + x.shape[1], h.sum(-1)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    return fxforge.compile(HalfRotate(), (torch.randn(2, 5, 8),), backend="eager")
+
+
+def _export(gm, inputs, through_program: bool) -> onnx.ModelProto:
+    original = backend.program_for_export
+    try:
+        if not through_program:
+            backend.program_for_export = lambda g, x: g
+        return ir.serde.serialize_model(backend.export_model(gm, inputs))
+    finally:
+        backend.program_for_export = original
+
+
+def _weights(model: onnx.ModelProto) -> tuple[dict, list]:
+    """({name: bytes} of the module's weights, sorted (dtype, shape, bytes) of the folded
+    constants, whose generated names (`val_12`) follow the exporter's node numbering)."""
+    named, constants = {}, []
+    for t in model.graph.initializer:
+        data = onnx.numpy_helper.to_array(t).tobytes()
+        if t.name.startswith("val_"):
+            constants.append((t.data_type, tuple(t.dims), data))
+        else:
+            named[t.name] = data
+    return named, sorted(constants)
+
+
+def _run(model: onnx.ModelProto, inputs) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
+
+
+def test_program_is_built_without_touching_the_graph(compiled):
+    gm = compiled.graph_module
+    code = gm.code
+    program = backend.program_for_export(gm, (torch.randn(2, 5, 8),))
+    assert isinstance(program, torch.export.ExportedProgram)
+    lifted = {s.target for s in program.graph_signature.input_specs if s.target is not None}
+    assert lifted == {"proj.weight", "proj.bias", "scale"}
+    assert program.state_dict["proj.weight"] is dict(gm.named_parameters())["proj.weight"]  # shared, not copied
+    assert gm.code == code and any(n.op == "get_attr" for n in gm.graph.nodes)
+
+
+def test_program_exports_the_same_onnx_as_a_retrace(compiled):
+    gm = compiled.graph_module
+    example = (torch.randn(2, 5, 8),)
+    fast, slow = _export(gm, example, True), _export(gm, example, False)
+    histogram = lambda m: collections.Counter((n.domain, n.op_type) for n in m.graph.node)  # noqa: E731
+    assert histogram(fast) == histogram(slow)
+    assert _weights(fast) == _weights(slow)
+    io = lambda m: [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))  # noqa: E731
+                    for v in (*m.graph.input, *m.graph.output)]
+    assert io(fast) == io(slow)
+    assert not fast.graph.input[0].type.tensor_type.shape.dim[1].HasField("dim_value")  # sequence stays dynamic
+    for shape in ((2, 5, 8), (3, 11, 8)):
+        x = (torch.randn(*shape),)
+        for got, want, eager in zip(_run(fast, x), _run(slow, x), gm(*x)):
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_allclose(got, eager.detach().numpy(), atol=1e-5)
+
+
+def test_graph_without_fake_values_goes_through_torch_export(compiled):
+    gm = compiled.graph_module
+    stripped = torch.fx.GraphModule(gm, torch.fx.Graph())
+    stripped.graph.output(stripped.graph.graph_copy(gm.graph, {}))
+    for node in stripped.graph.nodes:
+        if node.op == "placeholder":
+            node.meta = {k: v for k, v in node.meta.items() if k != "val"}
+    stripped.recompile()
+    assert as_exported_program(stripped, (torch.randn(2, 5, 8),)) is None
+    assert backend.program_for_export(stripped, (torch.randn(2, 5, 8),)) is stripped
+
+
+def _optimized_both_ways(raw: onnx.ModelProto) -> tuple[bytes, bytes, ir.Model]:
+    ours, theirs = ir.serde.deserialize_model(raw), ir.serde.deserialize_model(raw)
+    optimize_ir_once(ours, should_fold=keeps_storage_compact)
+    onnxscript.optimizer.optimize_ir(theirs, num_iterations=1, should_fold=keeps_storage_compact)
+    return (ir.serde.serialize_model(ours).SerializeToString(),
+            ir.serde.serialize_model(theirs).SerializeToString(), ours)
+
+
+def _slices_model() -> onnx.ModelProto:
+    """x[..., 0:4] and x[..., 4:8] (SlicesSplit's pattern), a lone y[..., 0:4] (no pair) and
+    an empty z[..., 0:0] (the rule may pair a Slice with itself)."""
+    from onnx import TensorProto, helper
+
+    def const(name, values):
+        return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+    nodes = [helper.make_node("Slice", [src, "zero", end, "axis"], [out]) for src, end, out in
+             (("x", "four", "x_lo"), ("y", "four", "y_lo"), ("z", "zero", "z_empty"))]
+    nodes.append(helper.make_node("Slice", ["x", "four", "eight", "axis"], ["x_hi"]))
+    nodes.append(helper.make_node("Add", ["x_lo", "x_hi"], ["x_sum"]))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 8]) for n in "xyz"]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x_sum", "y_lo", "z_empty")]
+    graph = helper.make_graph(nodes, "slices", inputs, outputs,
+                              [const("zero", [0]), const("four", [4]), const("eight", [8]), const("axis", [-1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_guarded_rules_optimize_byte_identically_and_try_slices_split_only_where_it_can_match(monkeypatch):
+    from onnxscript.rewriter import _rewrite_rule
+
+    tried = []
+    original = _rewrite_rule.RewriteRule.try_rewrite
+
+    def spy(self, model, graph, node, **kwargs):
+        if self.name == "SlicesSplit":
+            tried.append(node.outputs[0].name)
+        return original(self, model, graph, node, **kwargs)
+
+    monkeypatch.setattr(_rewrite_rule.RewriteRule, "try_rewrite", spy)
+    ours, theirs = ir.serde.deserialize_model(_slices_model()), ir.serde.deserialize_model(_slices_model())
+    optimize_ir_once(ours, should_fold=keeps_storage_compact)
+    ours_tried = set(tried)
+    tried.clear()
+    onnxscript.optimizer.optimize_ir(theirs, num_iterations=1, should_fold=keeps_storage_compact)
+    assert ir.serde.serialize_model(ours) == ir.serde.serialize_model(theirs)
+    assert ours_tried == {"x_lo", "z_empty"}  # x_hi starts at 4, y_lo has no second Slice of y
+    assert {"x_lo", "x_hi", "y_lo", "z_empty", "x_sum"} <= set(tried)  # unguarded: every node
+
+
+def test_guarded_rules_optimize_byte_identically_on_a_kv_decoder():
+    from fxforge.models import get_model
+    from fxforge.runtime.decoding import example_cached_inputs
+
+    zoo = get_model("tiny-llama")
+    ids = zoo.kwargs["input_ids"]
+    ids = ids if ids.shape[0] >= 2 else ids.repeat(2, 1)
+    compiled = fxforge.compile(zoo.model, (), {"input_ids": ids, "use_cache": False},
+                               passes="fuse_attention,add_kv_cache(attention_mask=True)", backend="eager")
+    gm = compiled.graph_module
+    raw = ir.serde.serialize_model(backend.export_model(gm, example_cached_inputs(gm, batch=2), optimize=False))
+    assert sum(n.op_type == "Slice" for n in raw.graph.node) >= 4
+    ours, theirs, _ = _optimized_both_ways(raw)
+    assert ours == theirs
