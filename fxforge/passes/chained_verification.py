@@ -36,6 +36,7 @@ from fxforge.calibration.streaming import streamed
 from fxforge.ir.activation_rounding import rounding_ops
 from fxforge.ir.verify import Comparison, LossBound, Tolerance
 from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.cow import peak_rss_bytes
 from fxforge.passes.verification import Verification, _overrides_verify, verify_chain, verify_pass
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class PassChain:
         links, self.links = self.links, []
         if not links:
             return
-        start = time.perf_counter()
+        start, rss_start = time.perf_counter(), peak_rss_bytes()
         tol = chain_tolerance([link.p.tolerance() for link in links])
         verification = None
         if len(links) > 1 and tol is not None:
@@ -142,6 +143,7 @@ class PassChain:
                     f"'{names[0]}', within the sum of their tolerances; loss and error are the chain's")
             _fill([link.record for link in links], verification, "; ".join(filter(None, [note, verification.note])),
                   time.perf_counter() - start)
+            links[-1].record.peak_rss_growth = max(links[-1].record.peak_rss_growth, peak_rss_bytes() - rss_start)
             return
         for index, link in enumerate(links):  # one pass, or the chain failed: each alone names the wrong one
             link_start = time.perf_counter()
@@ -154,6 +156,7 @@ class PassChain:
                         records[:] = [r for r in records if r is not rolled_back.record]
                 raise
             _fill([link.record], verification, verification.note, time.perf_counter() - link_start)
+            link.record.peak_rss_growth = max(link.record.peak_rss_growth, peak_rss_bytes() - rss_start)
 
 
 def _fill(records: list["PassRecord"], verification: Verification, note: str, seconds: float) -> None:

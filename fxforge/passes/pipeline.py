@@ -239,18 +239,18 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
     elapsed = time.perf_counter() - start
     after = summarize(after_gm)
     record = PassRecord(
-            name=p.name, spec=p.spec(), seconds=elapsed,
-            nodes_before=before.nodes, nodes_after=after.nodes,
-            bytes_before=before.total_param_bytes, bytes_after=after.total_param_bytes,
-            sites=result.sites, max_error=max((o.max_abs for o in verification.loss), default=0.0),
-            skipped=list(result.skipped), notes=dict(result.notes), loss=verification.loss,
-            check_error=verification.check_error,
-            verified_against=verification.against if verification.checks else "",
-            verified_shapes=[c.shapes for c in verification.checks],
-            verification_note=verification.note, verify_seconds=verify_seconds,
-            new_tensor_bytes=new_tensor_bytes(gm, after_gm),
-            peak_rss_growth=max(0, peak_rss_bytes() - rss_start),
-        )
+        name=p.name, spec=p.spec(), seconds=elapsed,
+        nodes_before=before.nodes, nodes_after=after.nodes,
+        bytes_before=before.total_param_bytes, bytes_after=after.total_param_bytes,
+        sites=result.sites, max_error=max((o.max_abs for o in verification.loss), default=0.0),
+        skipped=list(result.skipped), notes=dict(result.notes), loss=verification.loss,
+        check_error=verification.check_error,
+        verified_against=verification.against if verification.checks else "",
+        verified_shapes=[c.shapes for c in verification.checks],
+        verification_note=verification.note, verify_seconds=verify_seconds,
+        new_tensor_bytes=new_tensor_bytes(gm, after_gm),
+        peak_rss_growth=max(0, peak_rss_bytes() - rss_start),
+    )
     if report is not None:
         report.records.append(record)
     if deferred:  # verified with the passes after it (or now, if it closes the chain): fills `record`
