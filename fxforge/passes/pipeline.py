@@ -4,6 +4,7 @@ graph before for exact passes, the pass's `Semantics` for lossy ones) at the exa
 at a second shape, and measures its loss against the graph before. A pass that raises or fails
 the check is rolled back: the error names the pass, the output with the largest error and the
 first node whose value diverged. `PipelineReport` holds one `PassRecord` per pass run.
+Consecutive exact passes are verified with one check (`passes/chained_verification.py`).
 """
 from __future__ import annotations
 

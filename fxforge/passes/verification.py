@@ -15,7 +15,8 @@ passes; the reference shares every tensor of the graph before except those the p
 and is dropped right after the check. In a pipeline the graph before a pass is the previous
 pass's result, already run at the same inputs: its outputs are reused (`_RESULT_OUTPUTS`), not
 computed again. While an exact pass is checked, packed-weight ops dequantize each weight once
-(`fxforge.ir.dequantize_cache`), not on every run of the graph before and after.
+(`fxforge.ir.dequantize_cache`), not on every run of the graph before and after. Consecutive
+exact passes share one check (`verify_chain`, driven by `passes/chained_verification.py`).
 """
 from __future__ import annotations
 
