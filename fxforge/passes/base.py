@@ -76,6 +76,10 @@ class Pass:
     # it selects in (None: unchanged). A pass may make either a property of its options.
     consumes: ClassVar[frozenset[str]] = frozenset()
     produces: ClassVar[str | None] = None
+    # A pass that overrides `verify` and reads no more of `before` there than its outputs (through
+    # `outputs_of_before`) sets this: its check then also holds against any earlier graph computing
+    # the same, so it may close a chain of exact passes verified at once (passes/chained_verification.py).
+    verify_accepts_earlier_graph: ClassVar[bool] = False
     max_loss: float | dict[str, float] | None = field(default=None, kw_only=True, compare=False)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover

@@ -4,6 +4,7 @@ graph before for exact passes, the pass's `Semantics` for lossy ones) at the exa
 at a second shape, and measures its loss against the graph before. A pass that raises or fails
 the check is rolled back: the error names the pass, the output with the largest error and the
 first node whose value diverged. `PipelineReport` holds one `PassRecord` per pass run.
+Consecutive exact passes are verified with one check (`passes/chained_verification.py`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fxforge.errors import FxforgeError, PassError, PassSpecError
 from fxforge.ir.graph import finalize, format_bytes, summarize
 from fxforge.ir.verify import LossBound, OutputError
 from fxforge.passes.base import Pass
+from fxforge.passes.chained_verification import PassChain
 from fxforge.passes.compatibility import check_composition
 from fxforge.passes.context import PassContext
 from fxforge.passes.cow import SharedTensorGuard, new_tensor_bytes, peak_rss_bytes, release, structural_copy
@@ -150,20 +152,37 @@ class Pipeline:
         bound = LossBound.parse(max_loss)
         dump_dir = os.environ.get("FXFORGE_DUMP")
         given = gm
+        # consecutive exact passes are verified with one check (passes/chained_verification.py)
+        chain = PassChain() if verify else None
+        intermediates: list[GraphModule] = []
         for index, p in enumerate(self.passes):
-            result = run_pass(p, gm, ctx, verify=verify, report=report, max_loss=bound)
+            try:
+                result = run_pass(p, gm, ctx, verify=verify, report=report, max_loss=bound, chain=chain)
+            except BaseException:
+                if chain is not None:
+                    chain.flush()  # a wrong earlier pass is the error to report, not what it made fail
+                raise
             if gm is not given and result is not gm:
-                release(gm)  # an intermediate graph of ours: its replaced tensors go now, not at the next GC
+                intermediates.append(gm)
             gm = result
+            if chain is None or not chain.links:
+                for old in intermediates:  # graphs of ours no check needs: their replaced tensors go now
+                    release(old)
+                intermediates.clear()
             if dump_dir:
                 dump(gm, Path(dump_dir), len(report.records), p)
+        if chain is not None:
+            chain.flush()
+        for old in intermediates:
+            release(old)
         forget_outputs(gm)  # kept for the next pass's check; there is none
         return gm, report
 
 
 def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
              report: PipelineReport | None = None,
-             max_loss: LossBound | float | dict[str, float] | None = None) -> GraphModule:
+             max_loss: LossBound | float | dict[str, float] | None = None,
+             chain: PassChain | None = None) -> GraphModule:
     """Run one pass on a copy of `gm`, verify it, and append its record to `report`.
 
     Verification (`passes/verification.py`): the result must match what the pass claims within
@@ -171,6 +190,8 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
     measured, and bounded by `p.max_loss`, else `max_loss`, when set.
     A pass that changes the graph's inputs hands back new example inputs
     (`PassResult.example_inputs`); they replace `ctx.example_inputs` once it is verified.
+    chain (from `Pipeline.run`): an exact pass joins it and is verified with the passes after it
+    (`passes/chained_verification.py`); any other pass first has the chain verified.
     """
     try:  # a malformed bound is an error before any work, not after the pass ran
         bound = p.loss_bound() or LossBound.parse(max_loss)
@@ -199,7 +220,10 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
             ) from exc
         guard.check(p.spec(), p.name)
         verification, verify_seconds = Verification(), 0.0
-        if verify and ctx.example_inputs:
+        deferred = chain is not None and verify and chain.joins(p, gm, result, ctx, bound)
+        if chain is not None and not deferred:
+            chain.flush()  # the chain's last result is this pass's graph before: verified first
+        if verify and ctx.example_inputs and not deferred:
             verify_start = time.perf_counter()
             if streamed(gm) is not None and not _overrides_verify(p):  # one block's weights at a time
                 verification = verify_streamed_pass(p, gm, after_gm, result, ctx, max_loss=bound)
@@ -213,25 +237,28 @@ def run_pass(p: Pass, gm: GraphModule, ctx: PassContext, verify: bool = True,
         raise
     if work is not after_gm:
         release(work)  # a pass that built a new GraphModule leaves its copy behind
+    elapsed = time.perf_counter() - start
+    after = summarize(after_gm)
+    record = PassRecord(
+        name=p.name, spec=p.spec(), seconds=elapsed,
+        nodes_before=before.nodes, nodes_after=after.nodes,
+        bytes_before=before.total_param_bytes, bytes_after=after.total_param_bytes,
+        sites=result.sites, max_error=max((o.max_abs for o in verification.loss), default=0.0),
+        skipped=list(result.skipped), notes=dict(result.notes), loss=verification.loss,
+        check_error=verification.check_error,
+        verified_against=verification.against if verification.checks else "",
+        verified_shapes=[c.shapes for c in verification.checks],
+        verification_note=verification.note, verify_seconds=verify_seconds,
+        new_tensor_bytes=new_tensor_bytes(gm, after_gm),
+        peak_rss_growth=max(0, peak_rss_bytes() - rss_start),
+    )
+    if report is not None:
+        report.records.append(record)
+    if deferred:  # verified with the passes after it (or now, if it closes the chain): fills `record`
+        chain.add(p, gm, after_gm, result, ctx, record, report)
     result.semantics = None  # the claimed tensors die with the check, not with the report
     if result.example_inputs is not None:
         ctx.example_inputs = tuple(result.example_inputs)  # only now: a rolled-back pass leaves ctx as it was
-    elapsed = time.perf_counter() - start
-    after = summarize(after_gm)
-    if report is not None:
-        report.records.append(PassRecord(
-            name=p.name, spec=p.spec(), seconds=elapsed,
-            nodes_before=before.nodes, nodes_after=after.nodes,
-            bytes_before=before.total_param_bytes, bytes_after=after.total_param_bytes,
-            sites=result.sites, max_error=max((o.max_abs for o in verification.loss), default=0.0),
-            skipped=list(result.skipped), notes=dict(result.notes), loss=verification.loss,
-            check_error=verification.check_error,
-            verified_against=verification.against if verification.checks else "",
-            verified_shapes=[c.shapes for c in verification.checks],
-            verification_note=verification.note, verify_seconds=verify_seconds,
-            new_tensor_bytes=new_tensor_bytes(gm, after_gm),
-            peak_rss_growth=max(0, peak_rss_bytes() - rss_start),
-        ))
     return after_gm
 
 

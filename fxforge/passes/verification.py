@@ -15,7 +15,8 @@ passes; the reference shares every tensor of the graph before except those the p
 and is dropped right after the check. In a pipeline the graph before a pass is the previous
 pass's result, already run at the same inputs: its outputs are reused (`_RESULT_OUTPUTS`), not
 computed again. While an exact pass is checked, packed-weight ops dequantize each weight once
-(`fxforge.ir.dequantize_cache`), not on every run of the graph before and after.
+(`fxforge.ir.dequantize_cache`), not on every run of the graph before and after. Consecutive
+exact passes share one check (`verify_chain`, driven by `passes/chained_verification.py`).
 """
 from __future__ import annotations
 
@@ -95,12 +96,7 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
     """Check `after` (the pass's result) as the module docstring says; PassError if it fails."""
     verification = Verification()
     reference, unverified = claimed_reference(p, before, result, ctx, verification)
-    shapes = [tuple(ctx.example_inputs)]
-    second = second_shape_inputs(before, ctx.example_inputs)
-    if second is None:
-        verification.note = "static graph: verified at the example inputs only"
-    else:
-        shapes.append(second)
+    shapes = _verification_shapes(before, ctx, verification)
     if unverified:
         verification.note = "; ".join(filter(None, [unverified, verification.note]))
     elif rounding := rounding_ops(before):
@@ -134,6 +130,44 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
             release(reference)  # no cycle keeps the claimed weights alive past the check
         del reference  # the claimed weights: freed as soon as the check is done
     check_max_loss(p, verification, max_loss, " and ".join(c.shapes for c in verification.checks))
+    return verification
+
+
+def _verification_shapes(before: GraphModule, ctx: "PassContext", verification: Verification) -> list[tuple]:
+    """The example inputs, and the second shape where `before` is dynamic (else a note says why not)."""
+    shapes = [tuple(ctx.example_inputs)]
+    second = second_shape_inputs(before, ctx.example_inputs)
+    if second is None:
+        verification.note = "static graph: verified at the example inputs only"
+    else:
+        shapes.append(second)
+    return shapes
+
+
+def verify_chain(check: "Pass", before: GraphModule, after: GraphModule, result: "PassResult",
+                 ctx: "PassContext") -> Verification | None:
+    """One check of a chain of exact passes (`passes/chained_verification.py`): `after`, the last
+    pass's result, against `before`, the graph before the first, at the verification shapes,
+    within `check`'s tolerance. None where it fails: the caller then checks each pass alone
+    (`verify_pass`), which names the wrong one; no divergent-node search is spent here."""
+    verification = Verification()
+    shapes = _verification_shapes(before, ctx, verification)
+    with reuse_dequantized():  # exact: each packed weight dequantized once over the runs
+        for index, inputs in enumerate(shapes):
+            try:
+                shape_check = _check_shape(check, before, after, None, ctx, inputs)
+            except _BeforeFailed as exc:
+                if index == 0:
+                    return None  # verify_pass on the first pass raises what the graph before hits
+                verification.note = (f"second shape {describe_shapes(inputs)} skipped: the graph before "
+                                     f"fails there ({exc})")
+                continue
+            except PassError:
+                return None  # a pass of the chain produced a graph that fails: found by verify_pass
+            verification.checks.append(shape_check)
+            if not shape_check.check.ok:
+                return None  # `before`'s outputs stay kept: the first pass's own check reuses them
+    _RESULT_OUTPUTS.pop(before, None)  # verified: no pass checks against it again
     return verification
 
 
@@ -279,4 +313,4 @@ def _bug_message(p: "Pass", against: str, check: ShapeCheck, node: str | None, b
             f"{check.check.describe()}{where}. This is a bug in the pass, not loss. The input graph is unchanged.")
 
 
-__all__ = ["Verification", "ShapeCheck", "verify_pass", "outputs_of_before"]
+__all__ = ["Verification", "ShapeCheck", "verify_pass", "verify_chain", "outputs_of_before"]

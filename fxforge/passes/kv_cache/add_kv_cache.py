@@ -74,6 +74,7 @@ class AddKvCache(Pass):
     # True: take `attention_mask` (B, P + L), 0 = padding, instead of the bool tree mask
     # (the conventional decoder interface; Medusa tree decoding needs the tree mask).
     attention_mask: bool = False
+    verify_accepts_earlier_graph = True  # `verify` reads only the outputs of the graph before
 
     def tolerance(self) -> Tolerance:
         # Cached and uncached runs sum the same products in a different order.
