@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fxforge.passes.methods import register_method
 from fxforge.passes.quantize.common import check_option
-from fxforge.passes.quantize.hessian import inverse_hessian_factor
+from fxforge.passes.quantize.hessian import feedback_factor
 from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, qparams, quantize_codes
 
@@ -121,10 +121,11 @@ def _round_output_groups(spec: QuantSpec, column: Tensor, codes_out: Tensor, sca
     return ((q - zero) * scale).reshape(-1)
 
 
-def _quantize_block(wt: Tensor, upper: Tensor, diag: list[float], start: int, stop: int, block_err: Tensor,
+def _quantize_block(wt: Tensor, factor: Tensor, start: int, stop: int, block_err: Tensor,
                     round_column: Callable[[int], Tensor]) -> None:
     """Quantize columns [start, stop) (rows of wt) in order, each one's error reaching the later
-    columns of the block; the scaled errors are left in `block_err` for the lazy update.
+    columns of the block; `block_err` comes in holding the block's ORIGINAL columns and leaves
+    holding their errors W_i − q_i, for the lazy update (see hessian.feedback_factor).
 
     Column i's error reaches the rest of its sub-block by a rank-1 update, and the rest of the
     block by one matrix product per sub-block, so the Python loop only does small vector work.
@@ -132,30 +133,58 @@ def _quantize_block(wt: Tensor, upper: Tensor, diag: list[float], start: int, st
     for sub in range(start, stop, SUB_BLOCK):
         sub_stop = min(sub + SUB_BLOCK, stop)
         for col in range(sub, sub_stop):
-            dequant = round_column(col)
-            err = torch.sub(wt[col], dequant, out=block_err[col - start]).div_(diag[col])
+            err = block_err[col - start].sub_(round_column(col))
             if col + 1 < sub_stop:
-                wt[col + 1:sub_stop].addr_(upper[col, col + 1:sub_stop], err, alpha=-1.0)
+                wt[col + 1:sub_stop].addr_(factor[col, col + 1:sub_stop], err)
         if sub_stop < stop:
-            wt[sub_stop:stop].addmm_(upper[sub:sub_stop, sub_stop:stop].T, block_err[sub - start:sub_stop - start],
-                                     alpha=-1.0)
+            wt[sub_stop:stop].addmm_(factor[sub:sub_stop, sub_stop:stop].T, block_err[sub - start:sub_stop - start])
 
 
-def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group_axis: str = "in", *,
-                         damp: float = 0.01, block_size: int = 128, rows: int | None = None) -> QuantizedMatrix:
+def _group_as_compensated(original: Tensor, wt: Tensor, feedback: Tensor, start: int, stop: int) -> Tensor:
+    """Columns [start, stop) (rows of the result) as GPTQ's column-by-column form has them when
+    column `start` is reached: the original weights moved to compensate every column before
+    `start`, which is where a group's range is taken from.
+
+    wt holds W_j + Σ_{i<start} (W_i − q_i)·F_ij for these columns: exact for column `start`,
+    but not the compensated value for the later ones (that is W_G + Σ_i (W_i − q_i)·V_iG·V_GG⁻¹
+    with V_GG the group's diagonal block of V, see hessian.feedback_factor). Since
+    F_GG = V_GG·diag(V_GG)⁻¹, the compensated columns are W_G + F_GG⁻ᵀ·(wt_G − W_G): one small
+    triangular inverse and one matrix product per group. `original` is W_G (rows, dead ones zero).
+    """
+    shift = torch.sub(wt[start:stop], original)
+    block = feedback[start:stop, start:stop]
+    inverse = torch.linalg.solve_triangular(block, torch.eye(stop - start), upper=True, unitriangular=True)
+    return torch.addmm(original, inverse.T, shift)
+
+
+def gptq_factor(hessian: Tensor, damp: float = 0.01, *, rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """What `quantize_weight_gptq` needs from a Hessian: (feedback factor, dead-input mask).
+
+    Layers that read the same input (q/k/v, gate/up) share one: compute it once and pass it as
+    `factor=` to each (the factorization is most of the time of a small layer)."""
+    return feedback_factor(hessian, damp, rows=rows)
+
+
+def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor | None, group_axis: str = "in", *,
+                         damp: float = 0.01, block_size: int = 128, rows: int | None = None,
+                         factor: tuple[Tensor, Tensor] | None = None) -> QuantizedMatrix:
     """GPTQ codes for `matrix` (W (N, K) for group_axis="in", Wᵀ (K, N) for "out", any float
     dtype: it is copied once into a float32 working matrix); hessian is (K, K).
 
     With `rows`, `hessian` is the Gram matrix XᵀX of that many rows (H = XᵀX / rows, formed in
-    the factorization's own buffer rather than as one more K×K).
+    the factorization's own buffer rather than as one more K×K). With `factor` (from
+    `gptq_factor` of the same Hessian, damp and rows), `hessian` is not read.
     """
     per_row = group_axis == "in"
     source = matrix.T if per_row else matrix
     k, n = source.shape
     g = spec.group_size
-    upper, dead = inverse_hessian_factor(hessian, damp, rows=rows)  # first: its K×K temporaries peak alone
+    # first: the factorization's K×K temporaries peak alone
+    feedback, dead = factor if factor is not None else gptq_factor(hessian, damp, rows=rows)
+    any_dead = bool(dead.any())
     wt = torch.empty(k, n).copy_(source)  # Wᵀ (K, N): a private float32 copy, updated in place
-    wt[dead] = 0.0
+    if any_dead:
+        wt[dead] = 0.0
     codes = torch.empty(k, n, dtype=torch.uint8)
     bounds = block_bounds(k, g, block_size, per_row)
     longest = max(stop - start for start, stop in bounds)
@@ -163,30 +192,41 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor, group
     # ends: a float32 K×N for every code would be 4× the bytes (0.5 GiB for a 7B LM head).
     staged = torch.empty(longest, n)
     first = [0]  # the current block's first column
+    block_err = [torch.empty(0, n)]  # the current block's rows of `errors`
     scales = torch.zeros(k // g, n) if per_row else torch.zeros(k, n // g)  # per_row: transposed at the end
     zeros = torch.zeros_like(scales)
     if per_row:
         groups = _InputGroups(spec, scales, zeros)
 
-        def round_column(col: int) -> Tensor:
+        def round_column(col: int, feedback: Tensor = feedback, block_err: list[Tensor] = block_err) -> Tensor:
             if col % g == 0:  # the group's range, from weights already corrected by earlier columns
-                groups.start_group(col // g, wt[col:col + g])
+                stop = min(col + g, k)
+                if stop <= first[0] + len(block_err[0]):  # the block's buffer still holds these columns' originals
+                    original = block_err[0][col - first[0]:stop - first[0]]
+                else:  # a group longer than the block
+                    original = torch.empty(stop - col, n).copy_(source[col:stop])
+                    if any_dead:
+                        original[dead[col:stop]] = 0.0
+                groups.start_group(col // g, _group_as_compensated(original, wt, feedback, col, stop))
             return groups.round(wt[col], staged[col - first[0]])
     else:
         def round_column(col: int) -> Tensor:
             return _round_output_groups(spec, wt[col], staged[col - first[0]], scales[col], zeros[col])
 
-    errors = torch.empty(longest, n)  # a block's scaled errors, row by row
-    diag = upper.diagonal().tolist()
+    errors = torch.empty(longest, n)  # a block's original columns, then their errors, row by row
     for start, stop in bounds:
-        block_err = errors[: stop - start]
+        block_err[0] = errors[: stop - start]
+        block_err[0].copy_(source[start:stop])
+        if any_dead:
+            block_err[0][dead[start:stop]] = 0.0
         first[0] = start
         with single_threaded():
-            _quantize_block(wt, upper, diag, start, stop, block_err, round_column)
+            _quantize_block(wt, feedback, start, stop, block_err[0], round_column)
         codes[start:stop].copy_(staged[: stop - start])  # exact small integers
         if stop < k:  # the lazy batch update: the block's errors reach every later column at once
-            wt[stop:].addmm_(upper[start:stop, stop:].T, block_err, alpha=-1.0)
-    del upper, errors  # the K×K factor goes before the outputs are built
+            wt[stop:].addmm_(feedback[start:stop, stop:].T, block_err[0])
+    # the K×K factor (unless the caller shares it) goes before the outputs are built
+    del round_column, feedback, errors, factor, block_err
     oriented = codes.T if per_row else codes
     return QuantizedMatrix(codes=oriented.contiguous(),
                            scales=(scales.T if per_row else scales).contiguous(),
