@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from fxforge.passes.methods import register_method
-from fxforge.passes.quantize.common import check_option
+from fxforge.passes.quantize.common import check_option, orient, weight_of
 from fxforge.passes.quantize.hessian import feedback_factor
 from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, qparams, quantize_codes
@@ -175,16 +175,49 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor | None
     the factorization's own buffer rather than as one more K×K). With `factor` (from
     `gptq_factor` of the same Hessian, damp and rows), `hessian` is not read.
     """
-    per_row = group_axis == "in"
-    source = matrix.T if per_row else matrix
-    k, n = source.shape
+    return quantize_weights_gptq([matrix], spec, hessian, group_axis, damp=damp, block_size=block_size, rows=rows,
+                                 factor=factor)[0]
+
+
+def quantize_weights_gptq(matrices: list[Tensor], spec: QuantSpec, hessian: Tensor | None, group_axis: str = "in", *,
+                          damp: float = 0.01, block_size: int = 128, rows: int | None = None,
+                          factor: tuple[Tensor, Tensor] | None = None) -> list[QuantizedMatrix]:
+    """GPTQ codes for several layers that read the same input (q/k/v, gate/up: one Hessian), as
+    `quantize_weight_gptq` gives each, from one factorization and, with group_axis="in", one pass
+    over their rows stacked: every step of the column-by-column algorithm acts on each row of W
+    on its own (a row's codes, scales and errors depend only on that row and the shared factor),
+    so stacking rows changes no result and runs the per-column loop once instead of once per
+    layer. With group_axis="out" (groups along the rows) each layer gets its own pass.
+    """
+    if factor is None:
+        factor = gptq_factor(hessian, damp, rows=rows)  # first: the factorization's K×K temporaries peak alone
+    if group_axis != "in":
+        return [_gptq([m], spec, factor, False, block_size)[0] for m in matrices]
+    return _gptq([m.T for m in matrices], spec, factor, True, block_size)
+
+
+def _read_columns(sources: list[Tensor], start: int, stop: int, out: Tensor, dead: Tensor | None) -> Tensor:
+    """Rows [start, stop) of the stacked sources (each (K, n_i)) as float32 into `out`; dead inputs zero."""
+    offset = 0
+    for source in sources:
+        out[:, offset:offset + source.shape[1]].copy_(source[start:stop])
+        offset += source.shape[1]
+    if dead is not None:
+        out[dead[start:stop]] = 0.0
+    return out
+
+
+def _gptq(sources: list[Tensor], spec: QuantSpec, factor: tuple[Tensor, Tensor], per_row: bool,
+          block_size: int) -> list[QuantizedMatrix]:
+    """The algorithm on the sources (each (K, n_i): Wᵀ for group_axis="in", the matrix itself for
+    "out") side by side; one QuantizedMatrix per source."""
+    k = sources[0].shape[0]
+    widths = [source.shape[1] for source in sources]
+    n = sum(widths)
     g = spec.group_size
-    # first: the factorization's K×K temporaries peak alone
-    feedback, dead = factor if factor is not None else gptq_factor(hessian, damp, rows=rows)
-    any_dead = bool(dead.any())
-    wt = torch.empty(k, n).copy_(source)  # Wᵀ (K, N): a private float32 copy, updated in place
-    if any_dead:
-        wt[dead] = 0.0
+    feedback, dead_mask = factor
+    dead = dead_mask if bool(dead_mask.any()) else None
+    wt = _read_columns(sources, 0, k, torch.empty(k, n), dead)  # Wᵀ (K, N): a private float32 copy, updated in place
     codes = torch.empty(k, n, dtype=torch.uint8)
     bounds = block_bounds(k, g, block_size, per_row)
     longest = max(stop - start for start, stop in bounds)
@@ -198,39 +231,41 @@ def quantize_weight_gptq(matrix: Tensor, spec: QuantSpec, hessian: Tensor | None
     if per_row:
         groups = _InputGroups(spec, scales, zeros)
 
-        def round_column(col: int, feedback: Tensor = feedback, block_err: list[Tensor] = block_err) -> Tensor:
+        def round_column(col: int, feedback: Tensor = feedback, block_err: list[Tensor] = block_err,
+                         wt: Tensor = wt) -> Tensor:
             if col % g == 0:  # the group's range, from weights already corrected by earlier columns
                 stop = min(col + g, k)
                 if stop <= first[0] + len(block_err[0]):  # the block's buffer still holds these columns' originals
                     original = block_err[0][col - first[0]:stop - first[0]]
                 else:  # a group longer than the block
-                    original = torch.empty(stop - col, n).copy_(source[col:stop])
-                    if any_dead:
-                        original[dead[col:stop]] = 0.0
+                    original = _read_columns(sources, col, stop, torch.empty(stop - col, n), dead)
                 groups.start_group(col // g, _group_as_compensated(original, wt, feedback, col, stop))
             return groups.round(wt[col], staged[col - first[0]])
     else:
-        def round_column(col: int) -> Tensor:
+        def round_column(col: int, wt: Tensor = wt) -> Tensor:
             return _round_output_groups(spec, wt[col], staged[col - first[0]], scales[col], zeros[col])
 
     errors = torch.empty(longest, n)  # a block's original columns, then their errors, row by row
     for start, stop in bounds:
-        block_err[0] = errors[: stop - start]
-        block_err[0].copy_(source[start:stop])
-        if any_dead:
-            block_err[0][dead[start:stop]] = 0.0
+        block_err[0] = _read_columns(sources, start, stop, errors[: stop - start], dead)
         first[0] = start
         with single_threaded():
             _quantize_block(wt, feedback, start, stop, block_err[0], round_column)
         codes[start:stop].copy_(staged[: stop - start])  # exact small integers
         if stop < k:  # the lazy batch update: the block's errors reach every later column at once
             wt[stop:].addmm_(feedback[start:stop, stop:].T, block_err[0])
-    # the K×K factor (unless the caller shares it) goes before the outputs are built
-    del round_column, feedback, errors, factor, block_err
-    oriented = codes.T if per_row else codes
-    return QuantizedMatrix(codes=oriented.contiguous(),
-                           scales=(scales.T if per_row else scales).contiguous(),
-                           zeros=(zeros.T if per_row else zeros).contiguous().to(torch.uint8), group_size=g)
+    del round_column, errors, block_err, wt  # the float32 K×N goes before the outputs are built
+    out, offset = [], 0
+    for width in widths:
+        part = slice(offset, offset + width)
+        if per_row:  # codes (N, K), scales (N, K/g)
+            out.append(QuantizedMatrix(codes=codes[:, part].T.contiguous(), scales=scales[:, part].T.contiguous(),
+                                       zeros=zeros[:, part].T.contiguous().to(torch.uint8), group_size=g))
+        else:
+            out.append(QuantizedMatrix(codes=codes.contiguous(), scales=scales.contiguous(),
+                                       zeros=zeros.contiguous().to(torch.uint8), group_size=g))
+        offset += width
+    return out
 
 
 # --------------------------------------------------------------------------- the method
@@ -256,22 +291,37 @@ class Gptq(WeightQuantizer):
         check_option(0 <= self.damp < 1, f"quantize: damp={self.damp} must be in [0, 1)")
         check_option(isinstance(self.block_size, int) and self.block_size > 0,
                      f"quantize: block_size={self.block_size!r} must be a positive integer")
+        object.__setattr__(self, "_shared", _SharedInputs())  # per-block state, not an option
 
     def prepare_block(self, gm, sites, specs, stats, group_axis, semantics) -> dict:
+        self._shared.start_block(gm, sites, specs, stats)
         short = [(s.module_path, stats[s.node.name].rows, s.in_features) for s in sites
                  if stats[s.node.name].rows < s.in_features]
         return {"rank_deficient": short} if short else {}
 
     def quantize(self, matrix, spec, site, stats, group_axis) -> QuantizedLayer:
+        shared = self._shared
+        name = site.node.name
+        if name in shared.ready:  # quantized with the first layer of its input group
+            return QuantizedLayer(shared.ready.pop(name))
+        partners = shared.take_group(name) or [site]
+        mine = [p.node.name for p in partners].index(name)
+        matrices = [matrix if i == mine else orient(weight_of(shared.gm, p), group_axis)
+                    for i, p in enumerate(partners)]
         # The Gram matrix and its row count, not stats.hessian: that would be one more K×K.
-        return QuantizedLayer(quantize_weight_gptq(matrix, spec, stats.gram, group_axis, damp=self.damp,
-                                                   block_size=self.block_size, rows=stats.rows))
+        results = quantize_weights_gptq(matrices, spec, stats.gram, group_axis, damp=self.damp,
+                                        block_size=self.block_size, rows=stats.rows)
+        for i, (partner, result) in enumerate(zip(partners, results)):
+            if i != mine:
+                shared.ready[partner.node.name] = result
+        return QuantizedLayer(results[mine])
 
     def finish(self, notes: dict) -> None:
         """GPTQ with fewer calibration rows than input features has a singular Hessian and fits
         the calibration set instead of the layer: on minilm at 2 bits with 190 tokens (< 384
         features) held-out cosine fell to 0.10 at damp=0.01 versus 0.36 for RTN, and rose to
         0.46 / 0.54 at damp=0.1 / 0.5. Say so rather than return a quietly worse model."""
+        self._shared.start_block(None, [], {}, {})
         short = notes.pop("rank_deficient", [])
         if not short:
             return
@@ -282,3 +332,29 @@ class Gptq(WeightQuantizer):
             f"(e.g. {path}: {rows} < {features}), so their Hessian is singular and GPTQ will overfit the "
             f"calibration set. Give more calibration data (hundreds of thousands of tokens is standard) or "
             f"raise damp (now {self.damp}; 0.1 or more).", stacklevel=4)
+
+
+class _SharedInputs:
+    """The current block's layers grouped by the input they read (one `InputStatistics` object,
+    e.g. q/k/v, gate/up) with equal QuantSpecs: the first of a group to reach `Gptq.quantize`
+    quantizes the whole group at once (`quantize_weights_gptq`), and the others' results wait
+    in `ready` for their own call (the pass asks layer by layer)."""
+
+    def __init__(self) -> None:
+        self.start_block(None, [], {}, {})
+
+    def start_block(self, gm, sites, specs, stats) -> None:
+        self.gm = gm
+        self.ready: dict[str, QuantizedMatrix] = {}
+        groups: dict[tuple, list] = {}
+        for site in sites:
+            groups.setdefault((id(stats[site.node.name]), specs[site.node.name]), []).append(site)
+        self.groups = {site.node.name: group for group in groups.values() for site in group}
+
+    def take_group(self, name: str) -> list:
+        """The layers to quantize with layer `name` (itself included; empty for a layer the block
+        did not name), each handed out once."""
+        group = self.groups.get(name, [])
+        for site in group:
+            self.groups.pop(site.node.name, None)
+        return group
