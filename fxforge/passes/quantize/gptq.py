@@ -39,6 +39,7 @@ from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantiz
 from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, qparams, quantize_codes
 
 SUB_BLOCK = 16  # columns per rank-1 stretch inside a block; the rest of the block gets a matmul
+STACK_ROWS = 4096  # layers sharing an input are stacked up to this many rows (see _stacking_runs)
 
 
 @contextmanager
@@ -184,7 +185,7 @@ def quantize_weights_gptq(matrices: list[Tensor], spec: QuantSpec, hessian: Tens
                           factor: tuple[Tensor, Tensor] | None = None) -> list[QuantizedMatrix]:
     """GPTQ codes for several layers that read the same input (q/k/v, gate/up: one Hessian), as
     `quantize_weight_gptq` gives each, from one factorization and, with group_axis="in", one pass
-    over their rows stacked: every step of the column-by-column algorithm acts on each row of W
+    over their rows stacked (up to STACK_ROWS rows): every step of the column-by-column algorithm acts on each row of W
     on its own (a row's codes, scales and errors depend only on that row and the shared factor),
     so stacking rows changes no result and runs the per-column loop once instead of once per
     layer. With group_axis="out" (groups along the rows) each layer gets its own pass.
@@ -193,7 +194,28 @@ def quantize_weights_gptq(matrices: list[Tensor], spec: QuantSpec, hessian: Tens
         factor = gptq_factor(hessian, damp, rows=rows)  # first: the factorization's K×K temporaries peak alone
     if group_axis != "in":
         return [_gptq([m], spec, factor, False, block_size)[0] for m in matrices]
-    return _gptq([m.T for m in matrices], spec, factor, True, block_size)
+    out: list[QuantizedMatrix] = []
+    for run in _stacking_runs([m.shape[0] for m in matrices]):
+        out += _gptq([matrices[i].T for i in run], spec, factor, True, block_size)
+    return out
+
+
+def _stacking_runs(heights: list[int]) -> list[list[int]]:
+    """Consecutive layers grouped into runs of at most STACK_ROWS rows (a taller layer alone).
+
+    Stacking saves per-column dispatch overhead, which matters for short layers (k/v: 256 rows)
+    and not for tall ones, whose per-column vectors then outgrow the cache: gate+up stacked
+    (11264 rows) measured 1.57 s against 1.22 s for the two alone (one core, shared factor)."""
+    runs: list[list[int]] = []
+    height = 0
+    for i, h in enumerate(heights):
+        if runs and height + h <= STACK_ROWS:
+            runs[-1].append(i)
+            height += h
+        else:
+            runs.append([i])
+            height = h
+    return runs
 
 
 def _read_columns(sources: list[Tensor], start: int, stop: int, out: Tensor, dead: Tensor | None) -> Tensor:

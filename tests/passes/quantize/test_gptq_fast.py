@@ -146,10 +146,16 @@ def test_a_bf16_weight_gives_the_codes_of_its_float32_copy(group_axis):
     assert torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros)
 
 
-@pytest.mark.parametrize("group_axis,group_size,dead", [("in", 32, 0), ("in", 32, 5), ("in", 96, 0), ("out", 8, 3)])
-def test_layers_sharing_an_input_stacked_equal_each_alone(group_axis, group_size, dead):
-    """q/k/v (and gate/up) read one input: quantized together (one factorization, rows stacked)
-    they get exactly the codes, scales and zero points each gets alone."""
+@pytest.mark.parametrize("group_axis,group_size,dead,stack_rows", [("in", 32, 0, 4096), ("in", 32, 5, 4096),
+                                                                    ("in", 96, 0, 4096), ("in", 32, 0, 24),
+                                                                    ("out", 8, 3, 4096)])
+def test_layers_sharing_an_input_stacked_equal_each_alone(group_axis, group_size, dead, stack_rows, monkeypatch):
+    """q/k/v (and gate/up) read one input: quantized together (one factorization, rows stacked,
+    in runs of at most STACK_ROWS rows: 24 makes [24], [8, 16]) they get exactly the codes, scales
+    and zero points each gets alone."""
+    import fxforge.passes.quantize.gptq as gptq
+
+    monkeypatch.setattr(gptq, "STACK_ROWS", stack_rows)
     _, h = _problem(1, 96, 512, seed=9, dead=dead)
     g = torch.Generator().manual_seed(10)
     weights = [torch.randn(n, 96, generator=g) for n in (24, 8, 16)]
