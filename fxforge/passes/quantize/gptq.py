@@ -2,8 +2,11 @@
 error back into the columns not yet quantized, weighted by the inverse Hessian H = XᵀX/n of the
 layer's calibration inputs, so the layer *output* error stays small rather than the weight error.
 
-Standard choices: 1% damping of the mean diagonal, dead inputs (H_jj = 0) zeroed, the upper
-Cholesky factor U of H⁻¹ (hessian.py), lazy batch updates in blocks of `block_size` columns.
+Standard choices: 1% damping of the mean diagonal, dead inputs (H_jj = 0) zeroed, lazy batch
+updates in blocks of `block_size` columns. The errors are fed back through the unit-diagonal
+Cholesky factor F of H itself rather than the factor U of H⁻¹ (hessian.feedback_factor: the same
+updates, with no inverse to form); a group's range is taken from its columns as U's
+column-by-column form has them (`_group_as_compensated`), so the codes are the same.
 Group parameters (group_axis="in") are computed from the already-updated weights when a group
 starts; blocks hold whole groups, or cut one group into pieces the first of which begins where
 the group begins, so at that moment every column of the group carries all earlier errors. With
@@ -20,7 +23,9 @@ Where the time goes, and how it is kept small (fp32 on CPU):
   (GPTQ's "lazy batch" update). The per-column Python work is thus a handful of small
   vector operations, run on one thread (see `single_threaded`); everything O(N·K²) runs in
   BLAS on all of the caller's threads.
-* The factor U comes from one float32 Cholesky and one triangular solve (hessian.py).
+* The factor F is one float32 Cholesky (hessian.feedback_factor), shared by the layers that
+  read one input (q/k/v, gate/up), whose rows are stacked into one problem when short
+  (`quantize_weights_gptq`).
 """
 from __future__ import annotations
 
