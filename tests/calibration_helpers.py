@@ -69,17 +69,18 @@ def run_mode(gm, zoo, batches, mode: str) -> dict:
     hessians = {}
     import fxforge.passes.quantize.gptq as gptq
 
-    original = gptq.quantize_weight_gptq
+    original = gptq.quantize_weights_gptq
 
-    def recording(matrix, spec, hessian, *args, **kwargs):  # what GPTQ was given, per layer
-        hessians[len(hessians)] = hessian.clone()
-        return original(matrix, spec, hessian, *args, **kwargs)
+    def recording(matrices, spec, hessian, *args, **kwargs):  # what GPTQ was given, per layer
+        for _ in matrices:  # q/k/v (gate/up) come in one call: one Hessian each all the same
+            hessians[len(hessians)] = hessian.clone()
+        return original(matrices, spec, hessian, *args, **kwargs)
 
-    gptq.quantize_weight_gptq = recording
+    gptq.quantize_weights_gptq = recording
     try:
         Quantize(bits=4, group_size=32, method="gptq", include_lm_head=False).run(gm, ctx)
     finally:
-        gptq.quantize_weight_gptq = original
+        gptq.quantize_weights_gptq = original
     codes = {n.target: gm.get_buffer(n.target).clone() for n in gm.graph.nodes
              if n.op == "get_attr" and n.target.endswith("qweight")}
     return {"codes": codes, "hessians": hessians}

@@ -9,7 +9,9 @@ segment, `rewrite_by_block` for data-free rewrites such as RTN quantization):
 1. the tensors the block reads that this process owns (a rewrite's new int4 codes, scales) are
    written to the spill directory and replaced in the graph by views of what was written;
 2. the file pages of every mapping are given back (madvise), source and spill: those of the
-   weights the block's rewrite read and replaced too, which the graph no longer names.
+   weights the block's rewrite read and replaced too, which the graph no longer names;
+3. the C heap's free memory goes back to the system (`release_free_heap`), else freed
+   temporaries of each block stay resident and peak RSS grows with the number of blocks.
 
 So a streamed pass holds one block's weights and results at a time, and what it produced is
 already on disk for the next step (the ONNX backend writes external data tensor by tensor from
@@ -21,6 +23,9 @@ bound, since RSS also counts the page cache and the runtime.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from collections import defaultdict
 from typing import Callable, Iterable
 
@@ -94,6 +99,33 @@ def settle(gm: GraphModule, nodes: Iterable[Node]) -> None:
         tensors[target] = view
     del owned
     drop_all_pages()  # also the pages of weights the rewrite read and replaced (no longer in the graph)
+    release_free_heap()
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc `malloc_trim`; elsewhere nothing).
+
+    A block's temporaries (GPTQ's working matrix, Gram matrices, activations) are freed, but glibc
+    keeps freed heap memory for reuse and cannot return it while a live allocation sits above it:
+    streamed int4 runs grew RSS with every block (7B-shaped GPTQ: 2.74 → 3.39 GiB from 2 to 8
+    blocks; TinyLlama-shaped RTN: RssAnon +45 MiB a block with no owned tensor of 1 MiB or more
+    alive), and trimming at each settle keeps it flat (+3 MiB a block). Python's standard
+    library has no call for this, hence ctypes; it takes milliseconds.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim
+    except OSError:
+        return None
 
 
 def spill(gm: GraphModule, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ block's codes to disk before the next (`calibration/streaming.py`). The codes mu
 eager compile's, bit for bit, and the bytes of tensors the process owns must stay near one
 block's results (the spill store's counter; RSS would also count the page cache).
 """
+import sys
+
 import pytest
 import torch
 
@@ -74,6 +76,8 @@ def test_lazy_refuses_a_cast(bf16_dir):
                                                ("quantize(bits=4,group_size=32,method=gptq)", True)])
 def test_streamed_quantize_equals_eager(fp32_dir, passes, calibrated, monkeypatch):
     monkeypatch.setattr(streaming, "SPILL_MIN_BYTES", 0)  # this model's tensors are all below the default
+    trims = []
+    monkeypatch.setattr(streaming, "release_free_heap", lambda: trims.append(1))
     eager, lazy = from_pretrained(fp32_dir), from_pretrained(fp32_dir, lazy=True)
     calibration = _batches(256) if calibrated else None
     expected = fxforge.compile(eager.model, eager.args, eager.kwargs, passes=passes, calibration=calibration)
@@ -94,8 +98,24 @@ def test_streamed_quantize_equals_eager(fp32_dir, passes, calibrated, monkeypatc
     # the most owned at once: one block's results (plus small tensors), never all blocks'
     assert store.peak_owned_bytes <= 1.5 * codes_bytes / LAYERS, (store.peak_owned_bytes, codes_bytes)
     assert store.peak_owned_bytes < _block_bytes(eager.model)
+    assert len(trims) >= LAYERS  # the heap is trimmed after every block (test below: what that gives back)
     x = expected.example_inputs
     assert torch.equal(expected.run_flat(*x)[0], got.run_flat(*x)[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssAnon and malloc_trim are Linux/glibc")
+def test_release_free_heap_gives_freed_heap_memory_back():
+    """Freed small tensors below a live one stay resident until the heap is trimmed."""
+    def anon_bytes():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon"))
+
+    chunks = [torch.ones(16 * 1024) for _ in range(1000)]  # 64 KiB each: from the heap, not mmap
+    keep = chunks[-1]
+    del chunks
+    before = anon_bytes()
+    streaming.release_free_heap()
+    assert before - anon_bytes() >= 32 * 2**20 and keep.sum() == 16 * 1024
 
 
 def _greedy(compiled, ids, steps):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from gptq_reference import inverse_hessian_factor_reference, quantize_weight_gptq_reference
 
-from fxforge.passes.quantize.gptq import block_bounds, quantize_weight_gptq
+from fxforge.passes.quantize.gptq import block_bounds, quantize_weight_gptq, quantize_weights_gptq
 from fxforge.passes.quantize.hessian import damped_hessian, flip_in_place, inverse_hessian_factor, transpose_in_place
 from fxforge.passes.quantize.rtn import QuantSpec
 
@@ -144,3 +144,25 @@ def test_a_bf16_weight_gives_the_codes_of_its_float32_copy(group_axis):
     want = quantize_weight_gptq(m.float(), spec, h, group_axis, block_size=48)
     assert got.codes.dtype == torch.uint8 and torch.equal(got.codes, want.codes)
     assert torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros)
+
+
+@pytest.mark.parametrize("group_axis,group_size,dead,stack_rows", [("in", 32, 0, 4096), ("in", 32, 5, 4096),
+                                                                    ("in", 96, 0, 4096), ("in", 32, 0, 24),
+                                                                    ("out", 8, 3, 4096)])
+def test_layers_sharing_an_input_stacked_equal_each_alone(group_axis, group_size, dead, stack_rows, monkeypatch):
+    """q/k/v (and gate/up) read one input: quantized together (one factorization, rows stacked,
+    in runs of at most STACK_ROWS rows: 24 makes [24], [8, 16]) they get exactly the codes, scales
+    and zero points each gets alone."""
+    import fxforge.passes.quantize.gptq as gptq
+
+    monkeypatch.setattr(gptq, "STACK_ROWS", stack_rows)
+    _, h = _problem(1, 96, 512, seed=9, dead=dead)
+    g = torch.Generator().manual_seed(10)
+    weights = [torch.randn(n, 96, generator=g) for n in (24, 8, 16)]
+    matrices = [w if group_axis == "in" else w.T.contiguous() for w in weights]
+    spec = QuantSpec(4, group_size)
+    together = quantize_weights_gptq(matrices, spec, h, group_axis, block_size=40)
+    for matrix, got in zip(matrices, together):
+        alone = quantize_weight_gptq(matrix, spec, h, group_axis, block_size=40)
+        assert got.codes.shape == alone.codes.shape and torch.equal(got.codes, alone.codes)
+        assert torch.equal(got.scales, alone.scales) and torch.equal(got.zeros, alone.zeros)

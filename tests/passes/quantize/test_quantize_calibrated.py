@@ -109,3 +109,27 @@ def test_gptq_warns_when_calibration_has_fewer_tokens_than_features():
         _w.simplefilter("error", UserWarning)
         run_pass(Quantize(bits=4, group_size=16, method="gptq"), gm, PassContext(example_inputs=ctx.example_inputs,
                                                                                   calibration=enough), verify=False)
+
+
+def test_gptq_quantizes_layers_sharing_an_input_together_with_the_same_codes(monkeypatch):
+    """The pass hands q/k/v (and gate/up) to GPTQ as one stacked problem: same codes as one at a time."""
+    import fxforge.passes.quantize.gptq as gptq
+
+    zoo, gm = traced_zoo("tiny-llama")
+    ctx = PassContext(example_inputs=tuple(zoo.kwargs.values()), calibration=_token_batches(2))
+    spec = Quantize(bits=4, group_size=32, method="gptq", include_lm_head=False)
+
+    def weights(out):
+        return {n.name: [get_attr(out, a.target) for a in n.all_input_nodes if a.op == "get_attr"]
+                for n in out.graph.nodes if n.target == torch.ops.fxforge.linear_wq.default}
+
+    sizes = []
+    real = gptq.quantize_weights_gptq
+    monkeypatch.setattr(gptq, "quantize_weights_gptq", lambda m, *a, **k: sizes.append(len(m)) or real(m, *a, **k))
+    together = weights(run_pass(spec, gm, ctx, verify=False))
+    assert sorted(sizes) == [1, 1, 1, 1, 2, 2, 3, 3]  # 2 layers of q/k/v, o, gate/up, down
+    monkeypatch.setattr(gptq._SharedInputs, "take_group", lambda self, name: [])  # every layer alone
+    alone = weights(run_pass(spec, gm, ctx, verify=False))
+    assert len(together) == 14 and together.keys() == alone.keys()
+    for name, tensors in together.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, alone[name], strict=True)), name
