@@ -144,6 +144,7 @@ def build(model_type: str, kind: str, seed: int = 0) -> Built:
             return Built(family, skip="encoder-decoder config")
         torch.manual_seed(seed)
         model = model_cls(config).eval()
+        untie_routers(model, seed)
     except Exception as e:  # noqa: BLE001
         return Built(family, skip=f"tiny config does not build: {type(e).__name__}: {_first_line(e)}")
     hidden = _hidden(model.config)
@@ -153,6 +154,35 @@ def build(model_type: str, kind: str, seed: int = 0) -> Built:
     if sum(p.numel() for p in model.parameters()) > 2_000_000:
         return Built(family, skip="tiny config still has > 2M parameters (a size attribute not covered)")
     return Built(family, model=model)
+
+
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def untie_routers(model: nn.Module, seed: int = 0) -> list[str]:
+    """Re-draw MoE router weights that the family initializes to zero; returns their names.
+
+    Some families zero their router at init (AFMoE: `init.zeros_(router.gate.weight)`), which
+    is harmless for training but makes every token's expert scores equal. Top-k over a tie is
+    implementation-defined: torch's CPU topk picks experts 2,3 of 4, ONNX TopK (by its spec)
+    the lowest indices 0,1, so a backend comparison would measure tie-breaking, not the backend.
+    A router is recognized as an all-zero `nn.Linear` weight with one row per expert.
+    """
+    experts = next((getattr(model.config, n) for n in _EXPERT_COUNTS
+                    if isinstance(getattr(model.config, n, None), int)), None)
+    if experts is None:
+        return []
+    std = getattr(model.config, "initializer_range", 0.02)
+    generator = torch.Generator().manual_seed(seed)
+    redrawn = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if (isinstance(module, nn.Linear) and weight.shape[0] == experts
+                    and not weight.any()):
+                weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+                redrawn.append(f"{name}.weight")
+    return redrawn
 
 
 def _hidden(config) -> int | None:

@@ -244,7 +244,8 @@ def fold_weight_layouts(graph: ir.Graph) -> int:
             shape = _reshape_target(node)
             if shape is None:
                 continue
-            new_value = _relaid(graph, source, shape, lambda a, shape=shape: a.reshape(shape), "reshaped")
+            new_value = _relaid(graph, source, shape, lambda a, shape=shape: a.reshape(shape),
+                                "reshaped_" + "x".join(map(str, shape)))
         node.outputs[0].replace_all_uses_with(new_value)
         graph.remove(node, safe=True)
         folded += 1
@@ -306,9 +307,15 @@ def _is_weight(value: ir.Value | None) -> bool:
 
 def _transposed(graph: ir.Graph, source: ir.Value, perm: tuple[int, ...] | None) -> ir.Value:
     """An initializer holding `source` transposed by `perm` (default: reversed axes), lazily."""
-    perm = perm if perm is not None else tuple(reversed(range(len(source.const_value.shape))))
+    reversed_axes = tuple(reversed(range(len(source.const_value.shape))))
+    perm = perm if perm is not None else reversed_axes
     shape = tuple(source.const_value.shape[p] for p in perm)
-    return _relaid(graph, source, shape, lambda a: np.transpose(a, perm), "T")
+    # the suffix names the layout (reused by every Transpose of this weight with this perm)
+    suffix = "T" if perm == reversed_axes else "T" + "_".join(map(str, perm))
+    return _relaid(graph, source, shape, lambda a: np.transpose(a, perm), suffix)
+
+
+_RELAID_FROM = "fxforge.relaid_from"  # in-memory metadata: (weight name, layout) of a relaid initializer
 
 
 def _relaid(graph: ir.Graph, source: ir.Value, shape: tuple[int, ...],
@@ -317,8 +324,13 @@ def _relaid(graph: ir.Graph, source: ir.Value, shape: tuple[int, ...],
 
     A weight with no other user than the node being rewritten keeps its name (with the new
     shape); a shared one (tied embeddings) stays for its other users and the new layout is a
-    new initializer `<name>.<suffix>`.
+    new initializer `<name>.<suffix>`. `suffix` names the layout, so a weight relaid the same
+    way by several nodes (a layer a model calls twice, HRM's reused blocks) gets one initializer,
+    made by the first and reused by the others (ONNX IR refuses a second of the same name).
     """
+    made = graph.initializers.get(f"{source.name}.{suffix}")
+    if made is not None and made.meta.get(_RELAID_FROM) == (source.name, suffix):
+        return made
     tensor = source.const_value
 
     def compute() -> ir.Tensor:
@@ -333,6 +345,7 @@ def _relaid(graph: ir.Graph, source: ir.Value, shape: tuple[int, ...],
     value = ir.Value(name=f"{source.name}.{suffix}", shape=new_shape, type=ir.TensorType(tensor.dtype),
                      const_value=lazy)
     lazy.name = value.name
+    value.meta[_RELAID_FROM] = (source.name, suffix)
     graph.register_initializer(value)
     return value
 

@@ -118,6 +118,41 @@ def test_tied_and_large_weights_are_pretransposed_also_with_external_data(tmp_pa
     torch.testing.assert_close(OnnxRunner(path)(ids)[0], expected, atol=TOL, rtol=0)
 
 
+
+class ReusedLayers(nn.Module):
+    """One block applied three times (HRM's reused layers): each call transposes the same weights."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+        self.gate = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x + torch.tanh(self.proj(x)) * torch.sigmoid(self.gate(x))
+        return x
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (5, 16)], ids=["matmul", "gemm"])
+def test_a_weight_used_by_several_nodes_is_transposed_once(tmp_path, shape):
+    # 3-D inputs export as Transpose(W) + MatMul, 2-D ones as Gemm(transB): both re-layouts
+    # of one weight made from several nodes must share one initializer (onnx_ir refuses two of
+    # the same name: the exporter failed on HRM with "Initializer '...weight.T' is already registered")
+    model = ReusedLayers().eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    gm = trace(model, (x,))
+    path = export_onnx(gm, [x], tmp_path / "reused.onnx")
+    proto = onnx.load(str(path))
+    _assert_clean(proto, path)
+    inits = _initializer_names(proto)
+    products = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    assert len(products) == 6
+    assert len({n.input[1] for n in products}) == 2  # one stored layout per weight
+    assert sum(init.dims == [16, 16] for init in proto.graph.initializer) == 2  # no stale copy left
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(OnnxRunner(path)(x)[0], expected, atol=TOL, rtol=0)
+
 def _decoder_ids():
     from fxforge.models import get_model
 
