@@ -1043,7 +1043,11 @@ class CouplingAnalysis:
                 group.consumers.append(m.name)
             elif m.dim == 0:
                 group.producers.append(m.name)
-        norm_like = any(weight_users.get(m.name) is None and m.dim == 0 and
+        # a norm's scale (1-D, read by no linear) marks the residual stream; a linear's bias is
+        # 1-D too but belongs to its producer: heads coupled across layers (BLOOM's shared ALiBi
+        # bias) with biased projections are still heads
+        biases = _bias_names(self.gm)
+        norm_like = any(weight_users.get(m.name) is None and m.name not in biases and m.dim == 0 and
                         len(self.params[m.name]) == 1 for m in group.members)
         if len(group.consumers) > 1 and norm_like or len(set(group.consumers)) > 2:
             group.kind = "hidden"
@@ -1098,6 +1102,17 @@ def _weight_roles(gm: GraphModule) -> dict[str, str]:
             if isinstance(w, Node) and w.op == "get_attr":
                 roles[w.target] = "linear" if node.target == aten.linear.default else "conv"
     return roles
+
+
+def _bias_names(gm: GraphModule) -> set[str]:
+    """Names of the parameters read as the bias of a linear or conv node."""
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _WEIGHTED:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if isinstance(bias, Node) and bias.op == "get_attr":
+                names.add(bias.target)
+    return names
 
 
 def analyze(gm: GraphModule) -> CouplingAnalysis:
