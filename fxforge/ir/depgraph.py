@@ -741,8 +741,10 @@ def _repeat(a: _Analyzer, node: Node, out: _Dims) -> None:
     lead = len(out) - len(x)
     for i, axis in enumerate(x):
         rep = reps[lead + i]
-        if not isinstance(rep, int):
-            raise _Unprovable("repeat by a symbolic count")
+        if isinstance(rep, Node) and isinstance(rep.meta.get("val"), torch.SymInt):
+            rep = _size_of(rep.meta["val"])  # a batch-sized count (BLOOM tiles ALiBi per sample)
+        elif not isinstance(rep, int):
+            raise _Unprovable("repeat by a count that is neither a literal nor a size")
         if rep == 1:
             a.ax.unify(out[lead + i], axis)
         else:
