@@ -1045,12 +1045,14 @@ class CouplingAnalysis:
                 group.consumers.append(m.name)
             elif m.dim == 0:
                 group.producers.append(m.name)
-        # a norm's scale (1-D, read by no linear) marks the residual stream; a linear's bias is
-        # 1-D too but belongs to its producer: heads coupled across layers (BLOOM's shared ALiBi
-        # bias) with biased projections are still heads
+        # a norm's scale (1-D, read by no linear, one entry per channel the linears read) marks
+        # the residual stream; a linear's bias is 1-D too but belongs to its producer (BLOOM's
+        # heads, coupled across layers by one ALiBi bias, have biased projections), and a 1-D
+        # parameter with one entry per head (Doge's per-head A) is no norm: both stay heads
         biases = _bias_names(self.gm)
+        widest = max((m.per_unit for m in group.members if m.name in weight_users), default=1)
         norm_like = any(weight_users.get(m.name) is None and m.name not in biases and m.dim == 0 and
-                        len(self.params[m.name]) == 1 for m in group.members)
+                        len(self.params[m.name]) == 1 and m.per_unit == widest for m in group.members)
         if len(group.consumers) > 1 and norm_like or len(set(group.consumers)) > 2:
             group.kind = "hidden"
             return

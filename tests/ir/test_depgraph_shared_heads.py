@@ -1,6 +1,6 @@
 """Heads coupled across layers (BLOOM: one ALiBi bias, built per head and tiled per sample, read by
 every layer): the coupled heads are one "heads" group (a projection's bias does not make it the
-residual stream), a repeat by the batch size does not block them, and `prune` removes the same
+residual stream, nor does a 1-D per-head parameter), a repeat by the batch size does not block them, and `prune` removes the same
 heads in every layer with the graph computing exactly the original with those heads zeroed."""
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ class _SharedBiasHeads(nn.Module):
     def __init__(self):
         super().__init__()
         self.head_bias = nn.Parameter(torch.randn(HEADS, 1, 1))
+        self.head_scale = nn.Parameter(torch.randn(HEADS))  # 1-D, one entry per head (Doge's A): no norm
         self.q = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))  # biased, like BLOOM's
         self.o = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
 
@@ -29,7 +30,8 @@ class _SharedBiasHeads(nn.Module):
         bias = self.head_bias.repeat(b, 1, 1)  # (b * heads, 1, 1): a repeat by a symbolic count
         for q, o in zip(self.q, self.o):
             h = q(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2).reshape(b * HEADS, s, HEAD_DIM)
-            h = torch.relu(h + bias).view(b, HEADS, s, HEAD_DIM).transpose(1, 2).reshape(b, s, WIDTH)
+            h = torch.relu(h + bias).view(b, HEADS, s, HEAD_DIM) * self.head_scale.view(HEADS, 1, 1)
+            h = h.transpose(1, 2).reshape(b, s, WIDTH)
             x = x + o(h)
         return x
 
@@ -48,6 +50,7 @@ def test_heads_shared_across_layers_are_one_prunable_heads_group():
     group = next(g for g in analyze(gm).groups if g.member("q.0.weight") and g.units == HEADS)
     assert group.kind == "heads" and group.prunable, group.describe()
     assert group.member("q.1.weight") and group.member("o.1.weight") and group.member("head_bias")
+    assert group.member("head_scale")
 
 
 def test_prune_removes_the_same_heads_in_every_layer_exactly():
@@ -57,11 +60,11 @@ def test_prune_removes_the_same_heads_in_every_layer_exactly():
     out = run_pass(pruner, gm, PassContext(example_inputs=(x,)), report=report)  # verified exactly
     record = report.records[-1]
     assert record.sites == 1 and not record.skipped, (record.sites, record.skipped)
-    w = {name: get_attr(out, name) for name in ("q.0.weight", "q.1.weight", "o.0.weight", "o.1.weight", "head_bias")}
+    w = {name: get_attr(out, name) for name in ("q.0.weight", "q.1.weight", "o.0.weight", "o.1.weight", "head_bias", "head_scale")}
     kept = w["q.0.weight"].shape[0] // HEAD_DIM
     assert 1 <= kept < HEADS
     assert w["q.1.weight"].shape[0] == w["o.0.weight"].shape[1] == w["o.1.weight"].shape[1] == kept * HEAD_DIM
-    assert w["head_bias"].shape[0] == kept
+    assert w["head_bias"].shape[0] == w["head_scale"].shape[0] == kept
     # numerics at another batch size: the original with the removed heads' rows/columns zeroed
     keep_rows = torch.cat([torch.arange(HEAD_DIM) + h * HEAD_DIM for h in range(HEADS)
                            if any(torch.equal(w["q.0.weight"][k * HEAD_DIM:(k + 1) * HEAD_DIM],
