@@ -2,6 +2,7 @@
 every layer): the coupled heads are one "heads" group (a projection's bias does not make it the
 residual stream, nor does a 1-D per-head parameter), a repeat by the batch size does not block them, and `prune` removes the same
 heads in every layer with the graph computing exactly the original with those heads zeroed."""
+import pytest
 import torch
 from torch import nn
 
@@ -36,7 +37,9 @@ class _SharedBiasHeads(nn.Module):
         return x
 
 
-def _graph():
+@pytest.fixture(scope="module")
+def graph():
+    """(model, example input, canonical graph): traced once for the module."""
     torch.manual_seed(0)
     model = _SharedBiasHeads().eval()
     x = torch.randn(2, 5, WIDTH)
@@ -45,16 +48,16 @@ def _graph():
     return model, x, gm
 
 
-def test_heads_shared_across_layers_are_one_prunable_heads_group():
-    _, _, gm = _graph()
+def test_heads_shared_across_layers_are_one_prunable_heads_group(graph):
+    _, _, gm = graph
     group = next(g for g in analyze(gm).groups if g.member("q.0.weight") and g.units == HEADS)
     assert group.kind == "heads" and group.prunable, group.describe()
     assert group.member("q.1.weight") and group.member("o.1.weight") and group.member("head_bias")
     assert group.member("head_scale")
 
 
-def test_prune_removes_the_same_heads_in_every_layer_exactly():
-    model, x, gm = _graph()
+def test_prune_removes_the_same_heads_in_every_layer_exactly(graph):
+    model, x, gm = graph
     report = PipelineReport()
     pruner = get_pass_class("prune")(method="magnitude", ratio=0.3, structures=("heads",))
     out = run_pass(pruner, gm, PassContext(example_inputs=(x,)), report=report)  # verified exactly
