@@ -741,8 +741,10 @@ def _repeat(a: _Analyzer, node: Node, out: _Dims) -> None:
     lead = len(out) - len(x)
     for i, axis in enumerate(x):
         rep = reps[lead + i]
-        if not isinstance(rep, int):
-            raise _Unprovable("repeat by a symbolic count")
+        if isinstance(rep, Node) and isinstance(rep.meta.get("val"), torch.SymInt):
+            rep = _size_of(rep.meta["val"])  # a batch-sized count (BLOOM tiles ALiBi per sample)
+        elif not isinstance(rep, int):
+            raise _Unprovable("repeat by a count that is neither a literal nor a size")
         if rep == 1:
             a.ax.unify(out[lead + i], axis)
         else:
@@ -1043,8 +1045,14 @@ class CouplingAnalysis:
                 group.consumers.append(m.name)
             elif m.dim == 0:
                 group.producers.append(m.name)
-        norm_like = any(weight_users.get(m.name) is None and m.dim == 0 and
-                        len(self.params[m.name]) == 1 for m in group.members)
+        # a norm's scale (1-D, read by no linear, one entry per channel the linears read) marks
+        # the residual stream; a linear's bias is 1-D too but belongs to its producer (BLOOM's
+        # heads, coupled across layers by one ALiBi bias, have biased projections), and a 1-D
+        # parameter with one entry per head (Doge's per-head A) is no norm: both stay heads
+        biases = _bias_names(self.gm)
+        widest = max((m.per_unit for m in group.members if m.name in weight_users), default=1)
+        norm_like = any(weight_users.get(m.name) is None and m.name not in biases and m.dim == 0 and
+                        len(self.params[m.name]) == 1 and m.per_unit == widest for m in group.members)
         if len(group.consumers) > 1 and norm_like or len(set(group.consumers)) > 2:
             group.kind = "hidden"
             return
@@ -1098,6 +1106,17 @@ def _weight_roles(gm: GraphModule) -> dict[str, str]:
             if isinstance(w, Node) and w.op == "get_attr":
                 roles[w.target] = "linear" if node.target == aten.linear.default else "conv"
     return roles
+
+
+def _bias_names(gm: GraphModule) -> set[str]:
+    """Names of the parameters read as the bias of a linear or conv node."""
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _WEIGHTED:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if isinstance(bias, Node) and bias.op == "get_attr":
+                names.add(bias.target)
+    return names
 
 
 def analyze(gm: GraphModule) -> CouplingAnalysis:

@@ -267,8 +267,17 @@ def step_prune(t: Traced) -> str:
     if share < 0.8 * PRUNE_RATIO:
         why = _reasons(record.skipped) or "no reason given"
         raise CellFailure(f"removed {share:.0%} of block-linear parameters (< 80% of {PRUNE_RATIO:.0%}); "
-                          f"skipped: {why}")
+                          f"skipped: {why}{_outside_blocks(record.notes.get('widths', {}))}")
     return f"removed {share:.0%} of block linears"
+
+
+def _outside_blocks(widths: dict) -> str:
+    """The structures outside the blocks the pass shrank: the ratio is over all candidate groups,
+    so one there (OPT's word-embedding projection, 768 wide in the tiny config) spends the budget
+    the block linears were counted against."""
+    outside = [f"{label} {change}" for label, change in widths.items()
+               if not any(part.isdigit() for part in label.split(" ")[0].split("."))]
+    return f"; the ratio also went to groups outside the blocks: {', '.join(outside)}" if outside else ""
 
 
 STEP_FUNCTIONS = {
