@@ -28,7 +28,10 @@ POSITIONS = 64
 # (tiny value, attribute names that mean that size in different configs); a tuple of pairs,
 # not a dict, because two sizes share a value
 _SIZES = (
-    (HIDDEN, ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "model_dim")),
+    # word_embed_proj_dim: OPT's embedding width, equal to hidden_size in every OPT but 350m; left
+    # at its default (768) the tiny model's project_in/out hold most of the parameters
+    (HIDDEN, ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "model_dim",
+              "word_embed_proj_dim")),
     (LAYERS, ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")),
     (HEADS, ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads")),
     (INTERMEDIATE, ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size",
