@@ -9,6 +9,7 @@ import functools
 import pytest
 import torch
 
+from fxforge.errors import PassError
 from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
@@ -101,3 +102,32 @@ def test_only_the_window_layers_read_a_narrowed_mask_built_once(cached):
     fused = [n for n in gm.graph.nodes if n.target == attention]
     if fused:  # Mistral: every layer slides; GPT-Neo: layer 1 (local) only
         assert [n.args[3] is mask for n in fused] == ([False, True] if name == "gpt_neo" else [True, True])
+
+
+class _StridedMaskLM(torch.nn.Module):
+    """Attention whose mask hides every other key as well as the future: not a band, and built with
+    an op (remainder) the mask analyser has no rule for, so it can prove nothing about it."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.lm_head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        pos = torch.arange(ids.shape[1])
+        visible = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :]) % 2 == 0)
+        scores = (q @ k.transpose(-2, -1) / 4.0).masked_fill(~visible, float("-inf"))
+        return self.lm_head((scores.softmax(-1) @ v)[:, 0])
+
+
+@pytest.mark.parametrize("passes", ["add_kv_cache", "fuse_attention,add_kv_cache"])
+def test_a_mask_the_analyser_cannot_prove_is_refused_not_replaced(passes):
+    ids = torch.randint(0, 32, (2, 6))
+    gm = trace(_StridedMaskLM().eval(), (ids,))
+    canonicalize(gm)
+    with pytest.raises(PassError, match="cannot prove the mask of attention .* is causal-only .*: a sliding "
+                                        "window or other band would be lost"):
+        Pipeline(passes).run(gm, PassContext(example_inputs=(ids,)))

@@ -14,6 +14,8 @@ attention read the full keys/values `cat(past, new)` and a tree mask instead. Tw
 
 Either kind records `window`: the width w of a mask the analyser proves to be a causal sliding
 window (0 <= i - j < w), which the tree mask must keep (`window.WindowMasks`); None otherwise.
+A mask the analyser proves neither causal, a sliding window nor all-visible is refused: replacing
+it would silently drop what it hides beyond the future (issue 18: sliding windows were lost so).
 """
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: s
     """Refuse a mask that provably hides no key (BERT's all-ones mask, traced without a padding
     mask): that attention is bidirectional, and caching it would let a token see only the past.
     The same verdict as the fused path, where `fuse_attention` drops such a mask and leaves
-    `is_causal=False`, which `FusedSite.of` refuses. A mask the analyser cannot read is kept
-    (as the fused path keeps it), so decoders with unusual causal masks still cache."""
+    `is_causal=False`, which `FusedSite.of` refuses. A mask the analyser cannot read at all is
+    refused by `_window` (the cache would replace it and lose what else it hides)."""
     scores_val = fake(scores)
     verdicts = [explain_mask(m, softmax.graph.owning_module, scores_val.shape[-2], scores_val.shape[-1])
                 for m in masks]
@@ -70,9 +72,19 @@ def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: s
                         pass_name=pass_name, node=softmax.name)
 
 
-def _window(masks: list, lq: object, lk: object, graph: Graph) -> int | None:
-    """The narrowest sliding window the analyser proves among `masks` (None: none is one)."""
+def _window(masks: list, lq: object, lk: object, graph: Graph, where: str, pass_name: str,
+            node: Node) -> int | None:
+    """The narrowest sliding window the analyser proves among `masks` (None: none is one).
+
+    Refuses a mask the analyser proves nothing about: the cache replaces it with its own
+    causal/tree mask, which would silently drop whatever else it hides (a window in a form the
+    analyser does not read, a band, a block pattern)."""
     verdicts = [explain_mask(m, graph.owning_module, lq, lk) for m in masks]
+    unknown = [v for v in verdicts if v.kind is None]
+    if unknown:
+        raise PassError(f"pass '{pass_name}': cannot prove the mask of {where} is causal-only "
+                        f"({unknown[0].reason}): a sliding window or other band would be lost when the cache "
+                        "replaces it with its causal/tree mask.", pass_name=pass_name, node=node.name)
     windows = [v.window for v in verdicts if v.kind == "sliding_window"]
     return min(windows) if windows else None
 
@@ -114,7 +126,8 @@ class FusedSite:
         window = None
         if isinstance(mask, Node):
             _require_causal_only(mask, node, pass_name)
-            window = _window([mask], fake(q).shape[-2], fake(k).shape[-2], node.graph)
+            window = _window([mask], fake(q).shape[-2], fake(k).shape[-2], node.graph,
+                             f"attention '{node.name}' ({node.meta.get('module_path', '')})", pass_name, node)
         elif not causal:
             raise PassError(
                 f"pass '{pass_name}': attention '{node.name}' ({node.meta.get('module_path', '')}) is not "
@@ -283,7 +296,8 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         v, v_groups, v_sizes = _unrepeat(pv.args[1])
         if k_groups != v_groups:
             k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
-        window = _window([m.mask for m in masks], scores_val.shape[-2], scores_val.shape[-1], graph)
+        window = _window([m.mask for m in masks], scores_val.shape[-2], scores_val.shape[-1], graph, where,
+                         pass_name, softmax)
         sites.append(EagerSite(softmax=softmax, scores=scores, masks=masks, k=k, v=v,
                                k_sizes=k_sizes, v_sizes=v_sizes, window=window))
     return sites
