@@ -312,11 +312,15 @@ def _slice(node, gm, memo) -> Abstract:
 
 
 def _same_value_cast(node, gm, memo) -> Abstract:
-    # x.to(same kind) keeps the value
+    # x.to(same kind) keeps the value; a constant cast to any dtype is that constant cast
     (x,) = _args(node, gm, memo, 1)
     src, out = fake(node.args[0]), fake(node)
     if src is None or out is None:
         return None
+    if isinstance(x, Const) and isinstance(x.value, (bool, int, float)):
+        if out.dtype == torch.bool:
+            return Const(bool(x.value))
+        return Const(float(x.value) if out.is_floating_point() else int(x.value))
     if src.dtype == out.dtype or (not src.is_floating_point() and not out.is_floating_point()
                                   and src.dtype != torch.bool and out.dtype != torch.bool):
         return x

@@ -296,8 +296,8 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         v, v_groups, v_sizes = _unrepeat(pv.args[1])
         if k_groups != v_groups:
             k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
-        window = _window([m.mask for m in masks], scores_val.shape[-2], scores_val.shape[-1], graph, where,
-                         pass_name, softmax)
+        qk = fake(scores)  # the masks' scores: before any sink columns the softmax input appends
+        window = _window([m.mask for m in masks], qk.shape[-2], qk.shape[-1], graph, where, pass_name, softmax)
         sites.append(EagerSite(softmax=softmax, scores=scores, masks=masks, k=k, v=v,
                                k_sizes=k_sizes, v_sizes=v_sizes, window=window))
     return sites
