@@ -82,8 +82,9 @@ def _window(masks: list, lq: object, lk: object, graph: Graph, where: str, pass_
     verdicts = [explain_mask(m, graph.owning_module, lq, lk) for m in masks]
     unknown = [v for v in verdicts if v.kind is None]
     if unknown:
+        reason = unknown[0].reason.removesuffix(": kept as it is")  # what fuse_attention does with it
         raise PassError(f"pass '{pass_name}': cannot prove the mask of {where} is causal-only "
-                        f"({unknown[0].reason}): a sliding window or other band would be lost when the cache "
+                        f"({reason}): a sliding window or other band would be lost when the cache "
                         "replaces it with its causal/tree mask.", pass_name=pass_name, node=node.name)
     windows = [v.window for v in verdicts if v.kind == "sliding_window"]
     return min(windows) if windows else None
