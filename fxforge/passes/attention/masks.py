@@ -35,6 +35,10 @@ from fxforge.passes.attention.rules import Build, fake, same_size
 
 aten = torch.ops.aten
 FAR_NEGATIVE = -1e30  # additive fills at or below this zero a probability exactly in fp32/bf16
+# A pattern-only reading (which keys a mask hides, not whether dropping it is exact) also takes
+# fills at or below this: GPT-Neo's -1e9, BERT-era -10000 (exp(-1e4) underflows to 0 in fp32).
+PATTERN_NEGATIVE = -1e4
+_PATTERN_ONLY = "pattern_only"  # memo key: the reading explain_mask was asked for
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,14 @@ def classify_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) 
     return explain_mask(mask, gm, lq, lk).kind
 
 
-def explain_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -> MaskVerdict:
-    """`classify_mask` with its reason: what was proved, or why the mask must be kept as it is."""
-    memo: dict = {}
+def explain_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any,
+                 pattern_only: bool = False) -> MaskVerdict:
+    """`classify_mask` with its reason: what was proved, or why the mask must be kept as it is.
+
+    `pattern_only`: prove which keys the mask hides, taking any fill at or below PATTERN_NEGATIVE
+    as hiding (for `add_kv_cache`, which replaces the mask by its own); by default only fills at or
+    below FAR_NEGATIVE, so that `fuse_attention` dropping the mask is exact."""
+    memo: dict = {_PATTERN_ONLY: pattern_only}
     value = _eval(mask, gm, memo)
     if isinstance(value, Const) and (value.value is True or (not isinstance(value.value, bool) and value.value == 0)):
         # every key visible (bool True) or nothing added (additive 0); False is not "all"
@@ -238,6 +247,8 @@ def _buffer(gm: GraphModule, node: Node) -> Abstract:
         value = get_attr(gm, node.target)
     except AttributeError:
         return None
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        return Const(value.item())  # a 0-d fill (GPT-Neo's masked_bias)
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2]:
         return None
     if any(s != 1 for s in value.shape[:-2]) or value.numel() > 1 << 24:
@@ -470,6 +481,13 @@ def _not(node, gm, memo) -> Abstract:
     return None
 
 
+def _hides(value: Any, memo: dict) -> bool:
+    """A fill that hides a key: far negative, or (pattern-only reading) below PATTERN_NEGATIVE."""
+    if memo.get(_PATTERN_ONLY) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value <= PATTERN_NEGATIVE
+    return _far_negative(value)
+
+
 def _far_negative(value: Any) -> bool:
     return isinstance(value, (int, float)) and (value == -math.inf or value <= FAR_NEGATIVE)
 
@@ -482,7 +500,7 @@ def _where(node, gm, memo) -> Abstract:
     if not (isinstance(cond, Band) and isinstance(a, Const) and isinstance(b, Const)):
         return None
     visible, hidden = (b, a) if cond.hidden else (a, b)
-    if visible.value == 0 and _far_negative(hidden.value):
+    if visible.value == 0 and _hides(hidden.value, memo):
         return AddBand(cond.rank, cond.c, cond.lo)
     return None
 
@@ -491,7 +509,7 @@ def _masked_fill(node, gm, memo) -> Abstract:
     # 0.masked_fill(hidden Band(c), -big) -> AddBand(c)
     x, cond, fill = _args(node, gm, memo, 3)
     if isinstance(x, Const) and x.value == 0 and isinstance(cond, Band) and cond.hidden and isinstance(fill, Const) \
-            and _far_negative(fill.value):
+            and _hides(fill.value, memo):
         return AddBand(cond.rank, cond.c, cond.lo)
     return None
 
@@ -507,7 +525,7 @@ def _triangle(node, gm, memo) -> Abstract:
         return Band(val.dim(), diagonal) if x.value in (True, 1) and val.dtype == torch.bool else None
     if x.value in (True, 1) and val.dtype == torch.bool:
         return Band(val.dim(), diagonal - 1, hidden=True)
-    return AddBand(val.dim(), diagonal - 1) if _far_negative(x.value) else None
+    return AddBand(val.dim(), diagonal - 1) if _hides(x.value, memo) else None
 
 
 _RULES: dict[Any, Callable[..., Abstract]] = {

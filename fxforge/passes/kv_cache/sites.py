@@ -79,7 +79,8 @@ def _window(masks: list, lq: object, lk: object, graph: Graph, where: str, pass_
     Refuses a mask the analyser proves nothing about: the cache replaces it with its own
     causal/tree mask, which would silently drop whatever else it hides (a window in a form the
     analyser does not read, a band, a block pattern)."""
-    verdicts = [explain_mask(m, graph.owning_module, lq, lk) for m in masks]
+    # pattern only: the tree mask replaces the mask, so its fill value (-1e9, -1e4) does not matter
+    verdicts = [explain_mask(m, graph.owning_module, lq, lk, pattern_only=True) for m in masks]
     unknown = [v for v in verdicts if v.kind is None]
     if unknown:
         reason = unknown[0].reason.removesuffix(": kept as it is")  # what fuse_attention does with it
