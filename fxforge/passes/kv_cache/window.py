@@ -5,11 +5,12 @@ iff 0 <= i - j < w: Mistral/Qwen2/Gemma2 `sliding_window`, GPT-Neo's local layer
 plain tree mask, which shows every past key: once the sequence is longer than w the cached model
 would attend to keys the model never sees. Such a layer gets `tree_mask & (q_pos - k_pos < w)`:
 
-- tree mask (`attention_mask=False`): query positions are the `position_ids` input (B, L), key
-  positions `cat(arange(P), position_ids)` (B, P + L): past key p sits at position p, a new key at
-  its own position id, so a Medusa tree's branches count their distance along the branch.
-- padding mask (`attention_mask=True`): columns, as transformers counts its window under left
-  padding (cache positions): query i at P + i, key j at j.
+- padding mask (`attention_mask=True`): columns, as transformers counts its window (cache
+  positions, so left padding counts toward it): query i at P + i, key j at j.
+- tree mask (`attention_mask=False`): the same columns for past keys; a new token t sits at
+  P + (position_ids[t] - position_ids[0]), which is P + t for plain or left-padded decoding (the
+  ids step by one) and P + its depth for a Medusa tree, so a branch counts its distance along
+  itself, not across its siblings' columns.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ class WindowMasks:
             batch = call(aten.sym_size.int, positions, 0)
             past_pos = call(aten.arange.default, past, dtype=positions.meta["val"].dtype, device=device)
             past_pos = call(aten.expand.default, call(aten.unsqueeze.default, past_pos, 0), [batch, past])
-            key_pos = call(aten.cat.default, [past_pos, positions], 1)                  # (B, P + L)
-            queries = call(aten.unsqueeze.default, call(aten.unsqueeze.default, positions, 1), 3)  # (B, 1, L, 1)
+            first = call(aten.slice.Tensor, positions, 1, 0, 1)                         # (B, 1)
+            new_pos = call(aten.add.Tensor, call(aten.sub.Tensor, positions, first), past)  # (B, L)
+            key_pos = call(aten.cat.default, [past_pos, new_pos], 1)                    # (B, P + L)
+            queries = call(aten.unsqueeze.default, call(aten.unsqueeze.default, new_pos, 1), 3)  # (B, 1, L, 1)
             keys = call(aten.unsqueeze.default, call(aten.unsqueeze.default, key_pos, 1), 2)       # (B, 1, 1, P + L)
         self._distance = call(aten.sub.Tensor, queries, keys)
         return self._distance
