@@ -105,10 +105,47 @@ def test_padding_mask_from_an_input_is_kept_naming_the_input():
     assert verdict.reason.startswith("the mask depends on the model input `attention_mask`")
 
 
-def test_sliding_window_is_kept():
-    # j <= i and j > i - 3: a band with a lower edge, which is not the causal triangle
+def test_sliding_window_is_proved_with_its_width():
+    # j <= i and j > i - 3: a band with a lower edge, which is not the causal triangle; fuse_attention
+    # keeps it (only "causal" and "all" drop a mask) and add_kv_cache narrows its tree mask to it
     verdict, kind = _verdict(_sliding_window)
-    assert kind is None and "cannot interpret" in verdict.reason
+    assert kind == "sliding_window" and verdict.window == 3, verdict.reason
+    assert verdict.reason == "the mask is a causal sliding window: key j visible from query i iff 0 <= i - j < 3"
+
+
+def _band_buffer(window: int, n: int = 8) -> torch.Tensor:
+    # GPT-Neo's local layers: tril(ones) ^ tril(ones, -window), materialized at init
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    return causal ^ torch.tril(causal, -window)
+
+
+def _additive_band_sum(self, scores):
+    # GPT-Neo's two masks in additive form, summed: the buffer band plus the causal triangle
+    j, i = _positions(scores)
+    band = torch.zeros(1, 1, S, S).masked_fill(~self.table[:S, :S], float("-inf"))
+    return band + torch.where(j <= i, 0.0, float("-inf"))[None, None]
+
+
+@pytest.mark.parametrize("build", [_tril_buffer, _additive_band_sum])
+def test_a_band_buffer_is_proved_a_sliding_window(build):
+    verdict, kind = _verdict(build, buffer=_band_buffer(2))
+    assert kind == "sliding_window" and verdict.window == 2, verdict.reason
+
+
+def test_a_band_buffer_wider_than_the_slice_is_still_a_window_of_its_width():
+    # a window of 7 in an 8-long buffer sliced to S=6: no key is hidden by the window here, but at
+    # the buffer's full length one is, so the verdict keeps the width (add_kv_cache must not drop it)
+    verdict, kind = _verdict(_tril_buffer, buffer=_band_buffer(7))
+    assert kind == "sliding_window" and verdict.window == 7, verdict.reason
+
+
+def test_a_band_that_does_not_reach_the_diagonal_is_not_a_window():
+    def keys_two_back(self, scores):
+        j, i = _positions(scores)
+        return ((j <= i - 1) & (j > i - 3))[None, None]
+
+    verdict, kind = _verdict(keys_two_back)
+    assert kind is None and verdict.reason.startswith("the mask is a band -2 <= j - i <= -1"), verdict.reason
 
 
 def test_a_triangle_one_key_ahead_is_refused_with_its_band():
@@ -198,6 +235,6 @@ def test_transformers_mask_with_position_ids_input_is_kept():
     assert verdict.reason.startswith("the mask depends on the model input `position_ids`")
 
 
-def test_transformers_sliding_window_mask_is_kept():
+def test_transformers_sliding_window_mask_is_proved_with_its_width():
     verdict = _hf_verdict(window=3)
-    assert verdict.kind is None and "cannot interpret" in verdict.reason
+    assert verdict.kind == "sliding_window" and verdict.window == 3, verdict.reason

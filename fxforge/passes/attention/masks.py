@@ -1,12 +1,14 @@
-"""Proofs about attention masks for pass `fuse_attention`: purely causal, all-visible, or neither.
+"""Proofs about attention masks for `fuse_attention` and `add_kv_cache`: purely causal, a causal
+sliding window, all-visible, or neither.
 
 A small abstract interpreter walks the mask's subgraph and gives each node one of these values:
 
     Index(rank, axis, offset)   an integer tensor equal to (position along `axis`) + offset
     Const(value)                every element equal (ones, full, zeros, a scalar)
-    Band(rank, c, hidden)       a bool tensor: key j visible from query i iff j - i <= c
-                                (hidden=True: the tensor is True where j - i > c, a "masked" map)
-    AddBand(rank, c)            an additive float mask: 0 where j - i <= c, far below zero elsewhere
+    Band(rank, c, hidden, lo)   a bool tensor: key j visible from query i iff lo <= j - i <= c
+                                (lo None: no lower edge; c None: no upper edge; hidden=True: the
+                                tensor is True outside that set, a "masked" map)
+    AddBand(rank, c, lo)        an additive float mask: 0 where lo <= j - i <= c, far below zero elsewhere
 
 built from arange/unsqueeze/expand/slice/le/lt/ge/gt/and/not/where/triu/tril and materialized
 buffers, plus what transformers' masking_utils spells around them: positions gathered with
@@ -14,8 +16,11 @@ buffers, plus what transformers' masking_utils spells around them: positions gat
 cumsum(diff(position_ids) != 1) compared for equality, which is constant when the positions
 are a plain arange. Anything else (a padding mask read from an input, a gather, a view) is unknown, and
 an unknown mask is kept as it is. `classify_mask` answers "causal" only for Band(c=0) or
-AddBand(c=0) whose last two dims are exactly the query and key lengths, so dropping the mask
-for `is_causal=True` is provably the same computation.
+AddBand(c=0) with no lower edge whose last two dims are exactly the query and key lengths, so
+dropping the mask for `is_causal=True` is provably the same computation. A band with both edges,
+0 <= i - j < w (Mistral's `sliding_window`, GPT-Neo's local layers), is "sliding_window" with
+`window` w: `fuse_attention` keeps such a mask as it is, and `add_kv_cache` narrows its own
+causal/tree mask to the same window instead of dropping it.
 """
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ from fxforge.passes.attention.rules import Build, fake, same_size
 
 aten = torch.ops.aten
 FAR_NEGATIVE = -1e30  # additive fills at or below this zero a probability exactly in fp32/bf16
+# A pattern-only reading (which keys a mask hides, not whether dropping it is exact) also takes
+# fills at or below this: GPT-Neo's -1e9, BERT-era -10000 (exp(-1e4) underflows to 0 in fp32).
+PATTERN_NEGATIVE = -1e4
+_PATTERN_ONLY = "pattern_only"  # memo key: the reading explain_mask was asked for
 
 
 @dataclass(frozen=True)
@@ -47,14 +56,16 @@ class Const:
 @dataclass(frozen=True)
 class Band:
     rank: int
-    c: int
+    c: int | None  # upper edge of j - i (None: none)
     hidden: bool = False
+    lo: int | None = None  # lower edge of j - i (None: none): a sliding window's far end
 
 
 @dataclass(frozen=True)
 class AddBand:
     rank: int
-    c: int
+    c: int | None
+    lo: int | None = None
 
 
 Abstract = Index | Const | Band | AddBand | None
@@ -62,20 +73,28 @@ Abstract = Index | Const | Band | AddBand | None
 
 @dataclass(frozen=True)
 class MaskVerdict:
-    """What the analyser proved about a mask: `kind` "causal", "all" or None (keep the mask), and why."""
+    """What the analyser proved about a mask: `kind` "causal", "sliding_window" (with `window` w:
+    key j visible from query i iff 0 <= i - j < w), "all" or None (keep the mask), and why."""
 
     kind: str | None
     reason: str
+    window: int | None = None
 
 
 def classify_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -> str | None:
-    """"causal" if `mask` is exactly the causal triangle over (lq, lk), "all" if it hides nothing, else None."""
+    """"causal" if `mask` is exactly the causal triangle over (lq, lk), "sliding_window" if it is a causal
+    band of a fixed width, "all" if it hides nothing, else None."""
     return explain_mask(mask, gm, lq, lk).kind
 
 
-def explain_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -> MaskVerdict:
-    """`classify_mask` with its reason: what was proved, or why the mask must be kept as it is."""
-    memo: dict = {}
+def explain_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any,
+                 pattern_only: bool = False) -> MaskVerdict:
+    """`classify_mask` with its reason: what was proved, or why the mask must be kept as it is.
+
+    `pattern_only`: prove which keys the mask hides, taking any fill at or below PATTERN_NEGATIVE
+    as hiding (for `add_kv_cache`, which replaces the mask by its own); by default only fills at or
+    below FAR_NEGATIVE, so that `fuse_attention` dropping the mask is exact."""
+    memo: dict = {_PATTERN_ONLY: pattern_only}
     value = _eval(mask, gm, memo)
     if isinstance(value, Const) and (value.value is True or (not isinstance(value.value, bool) and value.value == 0)):
         # every key visible (bool True) or nothing added (additive 0); False is not "all"
@@ -97,10 +116,38 @@ def explain_mask(mask: Node | Build, gm: GraphModule | None, lq: Any, lk: Any) -
     if isinstance(value, Band) and value.hidden:
         return MaskVerdict(None, "the mask marks hidden keys (True = hidden), not visible ones")
     if isinstance(value, (Band, AddBand)):
-        if value.c == 0:
+        if value.c == 0 and value.lo is None:
             return MaskVerdict("causal", "the mask is the causal triangle: key j visible from query i iff j <= i")
-        return MaskVerdict(None, f"the mask is a band j - i <= {value.c}, not the causal triangle (j - i <= 0)")
+        if value.c == 0 and value.lo is not None and value.lo <= 0:
+            window = 1 - value.lo
+            return MaskVerdict("sliding_window", f"the mask is a causal sliding window: key j visible from "
+                                                 f"query i iff 0 <= i - j < {window}", window=window)
+        return MaskVerdict(None, f"the mask is a band {_band_text(value)}, not the causal triangle (j - i <= 0)")
     return MaskVerdict(None, f"the mask is a constant {value.value!r} that hides keys")
+
+
+def _band_text(band: Band | AddBand) -> str:
+    if band.lo is None:
+        return f"j - i <= {band.c}"
+    return f"j - i >= {band.lo}" if band.c is None else f"{band.lo} <= j - i <= {band.c}"
+
+
+def _visible(band: Band) -> Band | None:
+    """The same bool tensor read as its visible set (hidden=False), when that set is one band."""
+    if not band.hidden:
+        return band
+    if band.lo is None and band.c is not None:  # True where j - i > c: visible j - i >= c + 1
+        return Band(band.rank, None, lo=band.c + 1)
+    if band.c is None and band.lo is not None:  # True where j - i < lo
+        return Band(band.rank, band.lo - 1)
+    return None  # outside a two-sided band: two pieces
+
+
+def _meet(a: Band | AddBand, b: Band | AddBand) -> tuple[int, int | None, int | None]:
+    """(rank, upper, lower) of the intersection of two visible bands."""
+    uppers = [c for c in (a.c, b.c) if c is not None]
+    lowers = [lo for lo in (a.lo, b.lo) if lo is not None]
+    return max(a.rank, b.rank), min(uppers) if uppers else None, max(lowers) if lowers else None
 
 
 def _first_unknown(node: object, memo: dict) -> object:
@@ -118,6 +165,21 @@ def _shape(value: object) -> tuple | None:
         return _shape(value.args[0])
     val = fake(value)
     return tuple(val.shape) if val is not None else None
+
+
+def _kw(node: Node | Build) -> dict:
+    """Keyword arguments of a node or of a recipe (which holds them as pairs)."""
+    return dict(node.kwargs)
+
+
+def _dtype(value: object) -> torch.dtype | None:
+    """A node's dtype; a recipe's is its dtype argument or its first argument's (as the rules build them:
+    the additive form of a bool mask is zeros_like(mask, dtype=float).masked_fill(...))."""
+    if isinstance(value, Build):
+        kwargs = dict(value.kwargs)
+        return kwargs["dtype"] if "dtype" in kwargs else _dtype(value.args[0]) if value.args else None
+    val = fake(value)
+    return val.dtype if val is not None else None
 
 
 def _eval(node: object, gm: GraphModule | None, memo: dict) -> Abstract:
@@ -162,13 +224,13 @@ def _arange(node, gm, memo) -> Abstract:
 
 def _constant(node, gm, memo) -> Abstract:
     # ones/new_ones/full/zeros/scalar_tensor -> Const(value)
-    t, val = node.target, fake(node)
-    if val is None and t not in (aten.full.default, aten.scalar_tensor.default):
+    t, dtype = node.target, _dtype(node)
+    if dtype is None and t not in (aten.full.default, aten.scalar_tensor.default):
         return None
     if t in (aten.ones.default, aten.new_ones.default, aten.ones_like.default):
-        return Const(True if val.dtype == torch.bool else 1.0)
+        return Const(True if dtype == torch.bool else 1.0)
     if t in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default):
-        return Const(False if val.dtype == torch.bool else 0.0)
+        return Const(False if dtype == torch.bool else 0.0)
     if t == aten.full.default:
         return Const(node.args[1])
     if t == aten.scalar_tensor.default:
@@ -177,24 +239,36 @@ def _constant(node, gm, memo) -> Abstract:
 
 
 def _buffer(gm: GraphModule, node: Node) -> Abstract:
-    # a materialized tril(ones) / triu(-inf, 1) buffer -> Band(0) / AddBand(0)
+    # a materialized tril(ones) / triu(-inf, 1) buffer -> Band(0) / AddBand(0); a band of diagonals
+    # (GPT-Neo's local layers: tril(ones) ^ tril(ones, -w)) -> Band(0, lo=1 - w) / AddBand(0, lo=1 - w)
     from fxforge.ir.graph import get_attr
 
     try:
         value = get_attr(gm, node.target)
     except AttributeError:
         return None
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        return Const(value.item())  # a 0-d fill (GPT-Neo's masked_bias)
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2]:
         return None
     if any(s != 1 for s in value.shape[:-2]) or value.numel() > 1 << 24:
         return None
     square = value.reshape(value.shape[-2:])
-    lower = torch.ones_like(square, dtype=torch.bool).tril()
-    if square.dtype == torch.bool and torch.equal(square, lower):
-        return Band(value.dim(), 0)
-    if square.is_floating_point() and bool((square[lower] == 0).all()) and bool((square[~lower] <= FAR_NEGATIVE).all()):
-        return AddBand(value.dim(), 0)
-    return None
+    if square.dtype == torch.bool:
+        visible = square
+    elif square.is_floating_point() and bool(((square == 0) | (square <= FAR_NEGATIVE)).all()):
+        visible = square == 0
+    else:
+        return None
+    n = square.shape[-1]
+    offsets = torch.arange(n)[None, :] - torch.arange(n)[:, None]  # j - i
+    if not bool(visible.any()):
+        return None
+    c, lo = int(offsets[visible].max()), int(offsets[visible].min())
+    if not torch.equal(visible, (offsets <= c) & (offsets >= lo)):
+        return None
+    lower = None if lo == -(n - 1) else lo  # every diagonal below: no lower edge within the buffer
+    return Band(value.dim(), c, lo=lower) if square.dtype == torch.bool else AddBand(value.dim(), c, lo=lower)
 
 
 # --------------------------------------------------------------------------- layout
@@ -244,19 +318,20 @@ def _slice(node, gm, memo) -> Abstract:
         return None
     if isinstance(x, Index):
         return replace(x, offset=x.offset + start) if dim == x.axis else x
-    if dim == -2:  # query i = i' + s:  j - i' <= c + s
-        return replace(x, c=x.c + start)
-    if dim == -1:  # key j = j' + s:  j' - i <= c - s
-        return replace(x, c=x.c - start)
-    return x
+    shift = start if dim == -2 else -start if dim == -1 else 0  # query i = i' + s: j - i' <= c + s
+    return replace(x, c=None if x.c is None else x.c + shift, lo=None if x.lo is None else x.lo + shift)
 
 
 def _same_value_cast(node, gm, memo) -> Abstract:
-    # x.to(same kind) keeps the value
+    # x.to(same kind) keeps the value; a constant cast to any dtype is that constant cast
     (x,) = _args(node, gm, memo, 1)
     src, out = fake(node.args[0]), fake(node)
     if src is None or out is None:
         return None
+    if isinstance(x, Const) and isinstance(x.value, (bool, int, float)):
+        if out.dtype == torch.bool:
+            return Const(bool(x.value))
+        return Const(float(x.value) if out.is_floating_point() else int(x.value))
     if src.dtype == out.dtype or (not src.is_floating_point() and not out.is_floating_point()
                                   and src.dtype != torch.bool and out.dtype != torch.bool):
         return x
@@ -267,9 +342,15 @@ def _same_value_cast(node, gm, memo) -> Abstract:
 
 
 def _add(node, gm, memo) -> Abstract:
-    # Index(o) + k -> Index(o + k)
+    # Index(o) + k -> Index(o + k);  AddBand + AddBand -> their intersection;  AddBand + 0 -> AddBand
     x, y = _args(node, gm, memo, 2)
-    if isinstance(x, Index) and isinstance(y, Const) and isinstance(y.value, int) and node.kwargs.get("alpha", 1) == 1:
+    if isinstance(x, AddBand) and isinstance(y, AddBand) and _kw(node).get("alpha", 1) == 1:
+        return AddBand(*_meet(x, y))
+    for band, other in ((x, y), (y, x)):
+        if isinstance(band, AddBand) and isinstance(other, Const) and not isinstance(other.value, bool) \
+                and other.value == 0:
+            return band
+    if isinstance(x, Index) and isinstance(y, Const) and isinstance(y.value, int) and _kw(node).get("alpha", 1) == 1:
         return replace(x, offset=x.offset + y.value)
     if isinstance(y, Index) and isinstance(x, Const) and isinstance(x.value, int):
         return replace(y, offset=y.offset + x.value)
@@ -279,7 +360,7 @@ def _add(node, gm, memo) -> Abstract:
 def _sub(node, gm, memo) -> Abstract:
     # Index(o) - k -> Index(o - k)
     x, y = _args(node, gm, memo, 2)
-    if isinstance(x, Index) and isinstance(y, Const) and isinstance(y.value, int) and node.kwargs.get("alpha", 1) == 1:
+    if isinstance(x, Index) and isinstance(y, Const) and isinstance(y.value, int) and _kw(node).get("alpha", 1) == 1:
         return replace(x, offset=x.offset - y.value)
     return None
 
@@ -315,10 +396,10 @@ def _index(node, gm, memo) -> Abstract:
 def _diff(node, gm, memo) -> Abstract:
     # diff(Index, prepend=[first - 1]) along its axis -> Const(1): every step of an arange is 1
     x = _eval(node.args[0], gm, memo)
-    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-    prepend = node.args[3] if len(node.args) > 3 else node.kwargs.get("prepend")
-    append = node.args[4] if len(node.args) > 4 else node.kwargs.get("append")
+    n = node.args[1] if len(node.args) > 1 else _kw(node).get("n", 1)
+    dim = node.args[2] if len(node.args) > 2 else _kw(node).get("dim", -1)
+    prepend = node.args[3] if len(node.args) > 3 else _kw(node).get("prepend")
+    append = node.args[4] if len(node.args) > 4 else _kw(node).get("append")
     if not isinstance(x, Index) or n != 1 or append is not None or int(dim) % x.rank - x.rank != x.axis:
         return None
     if prepend is None:
@@ -375,14 +456,18 @@ def _compare(node, gm, memo) -> Abstract:
 
 
 def _and(node, gm, memo) -> Abstract:
-    # True & m -> m;  Band(c1) & Band(c2) -> Band(min(c1, c2))
+    # True & m -> m;  Band & Band -> the intersection of their visible sets (j <= i and j > i - w:
+    # a sliding window)
     x, y = _args(node, gm, memo, 2)
     if isinstance(x, Const) and x.value is True:
         return y
     if isinstance(y, Const) and y.value is True:
         return x
-    if isinstance(x, Band) and isinstance(y, Band) and not x.hidden and not y.hidden:
-        return Band(max(x.rank, y.rank), min(x.c, y.c))
+    if isinstance(x, Band) and isinstance(y, Band):
+        x, y = _visible(x), _visible(y)
+        if x is not None and y is not None:
+            rank, c, lo = _meet(x, y)
+            return Band(rank, c, lo=lo)
     return None
 
 
@@ -394,6 +479,13 @@ def _not(node, gm, memo) -> Abstract:
     if isinstance(x, Const) and isinstance(x.value, bool):
         return Const(not x.value)
     return None
+
+
+def _hides(value: Any, memo: dict) -> bool:
+    """A fill that hides a key: far negative, or (pattern-only reading) below PATTERN_NEGATIVE."""
+    if memo.get(_PATTERN_ONLY) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value <= PATTERN_NEGATIVE
+    return _far_negative(value)
 
 
 def _far_negative(value: Any) -> bool:
@@ -408,8 +500,8 @@ def _where(node, gm, memo) -> Abstract:
     if not (isinstance(cond, Band) and isinstance(a, Const) and isinstance(b, Const)):
         return None
     visible, hidden = (b, a) if cond.hidden else (a, b)
-    if visible.value == 0 and _far_negative(hidden.value):
-        return AddBand(cond.rank, cond.c)
+    if visible.value == 0 and _hides(hidden.value, memo):
+        return AddBand(cond.rank, cond.c, cond.lo)
     return None
 
 
@@ -417,15 +509,15 @@ def _masked_fill(node, gm, memo) -> Abstract:
     # 0.masked_fill(hidden Band(c), -big) -> AddBand(c)
     x, cond, fill = _args(node, gm, memo, 3)
     if isinstance(x, Const) and x.value == 0 and isinstance(cond, Band) and cond.hidden and isinstance(fill, Const) \
-            and _far_negative(fill.value):
-        return AddBand(cond.rank, cond.c)
+            and _hides(fill.value, memo):
+        return AddBand(cond.rank, cond.c, cond.lo)
     return None
 
 
 def _triangle(node, gm, memo) -> Abstract:
     # tril(ones, d) -> Band(d);  triu(ones, d) -> hidden Band(d - 1);  triu(full(-big), d) -> AddBand(d - 1)
     (x,) = _args(node, gm, memo, 1)
-    diagonal = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+    diagonal = node.args[1] if len(node.args) > 1 else _kw(node).get("diagonal", 0)
     val = fake(node)
     if not isinstance(x, Const) or val is None or val.dim() < 2 or not isinstance(diagonal, int):
         return None
@@ -433,7 +525,7 @@ def _triangle(node, gm, memo) -> Abstract:
         return Band(val.dim(), diagonal) if x.value in (True, 1) and val.dtype == torch.bool else None
     if x.value in (True, 1) and val.dtype == torch.bool:
         return Band(val.dim(), diagonal - 1, hidden=True)
-    return AddBand(val.dim(), diagonal - 1) if _far_negative(x.value) else None
+    return AddBand(val.dim(), diagonal - 1) if _hides(x.value, memo) else None
 
 
 _RULES: dict[Any, Callable[..., Abstract]] = {

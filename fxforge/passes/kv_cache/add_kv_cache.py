@@ -20,6 +20,8 @@ its own matmuls and softmax: the cache is attached before the key transpose and 
 and the tree mask replaces the model's causal mask (`sites.EagerSite`). The rotary (or
 learned) position computation, which the traced graph derives from `arange(L)`, is rewired to
 read `position_ids` (`positions.py` adds counted positions and table lookups).
+A layer whose mask is proven a causal sliding window (0 <= i - j < w) gets the tree mask narrowed
+to its window (`window.py`), so it never sees keys further back than the model does.
 Graphs that mix tokens outside attention (a convolution over the sequence, an SSM scan, linear
 attention) or whose mask is computed from activations are refused with the construct named
 (`token_mixing.py`): a cache of keys and values cannot serve them.
@@ -47,6 +49,7 @@ from fxforge.passes.context import PassContext
 from fxforge.passes.registry import register_pass
 from fxforge.passes.kv_cache.bias import KV_BIAS_TAG, BiasExtender
 from fxforge.passes.kv_cache.padding import MASK_TAG, padding_tree_mask
+from fxforge.passes.kv_cache.window import WindowMasks
 from fxforge.passes.kv_cache.positions import rewire_counted_positions, rewire_position_table
 from fxforge.passes.kv_cache.sites import FusedSite, eager_sites
 from fxforge.passes.kv_cache.token_mixing import (
@@ -139,6 +142,9 @@ class AddKvCache(Pass):
         else:
             tree_mask = mask
         biases = BiasExtender(graph, tree_mask, self.name)  # one copy of a bias shared by layers
+        # sliding-window layers see the tree mask narrowed to their window, built once per width
+        windows = WindowMasks(graph, tree_mask, positions, tree_mask if self.attention_mask else last,
+                              by_columns=self.attention_mask)
         for site, (past_k, past_v) in zip(sites, past):
             k_val, v_val = site.k.meta["val"], site.v.meta["val"]
             full = []
@@ -147,7 +153,7 @@ class AddKvCache(Pass):
                     node = graph.call_function(aten.cat.default, ([new, old], 2))
                 node.meta["module_path"] = old.meta.get("module_path", "")
                 full.append(node)
-            site.rewire(graph, full[0], full[1], tree_mask, biases)
+            site.rewire(graph, full[0], full[1], windows.mask(site.window), biases)
             present.append(tuple(full))
             kv_shapes.append((int(k_val.shape[1]), int(k_val.shape[3]), int(v_val.shape[3])))
 

@@ -11,6 +11,10 @@ attention read the full keys/values `cat(past, new)` and a tree mask instead. Tw
   the GQA head repetition (whose expand/reshape sizes are rewritten to the cached length), and
   the model's causal mask is replaced by the tree mask in the form it was used (additive,
   `where` condition, or `masked_fill` condition). The model's own matmuls and softmax stay.
+
+Either kind records `window`: the width w of a mask the analyser proves to be a causal sliding
+window (0 <= i - j < w), which the tree mask must keep (`window.WindowMasks`); None otherwise.
+A mask the analyser cannot read is still replaced (see `_window`).
 """
 from __future__ import annotations
 
@@ -67,6 +71,18 @@ def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: s
                         pass_name=pass_name, node=softmax.name)
 
 
+def _window(masks: list, lq: object, lk: object, graph: Graph) -> int | None:
+    """The narrowest sliding window the analyser proves among `masks` (None: none is one).
+
+    A mask the analyser proves nothing about is still replaced by the causal/tree mask (refusing
+    it would also refuse Falcon-ALiBi and MPT masks the analyser cannot read yet); what else it
+    hides (a window spelled in ops it has no rule for, Llama 4's chunks) is then lost."""
+    # pattern only: the tree mask replaces the mask, so its fill value (-1e9, -1e4) does not matter
+    verdicts = [explain_mask(m, graph.owning_module, lq, lk, pattern_only=True) for m in masks]
+    windows = [v.window for v in verdicts if v.kind == "sliding_window"]
+    return min(windows) if windows else None
+
+
 def _unrepeat(x: Node) -> tuple[Node, int, list[tuple[Node, int]]]:
     """(un-repeated K or V, groups, [(node, index of its length in the size list)]) for GQA
     repetition `reshape(expand(unsqueeze(x, 2), [B, Hkv, g, L, D]), [B, H, L, D])`.
@@ -95,12 +111,16 @@ class FusedSite:
     v: Node
     groups: int
     pass_name: str = "add_kv_cache"
+    window: int | None = None  # a proven sliding window the tree mask must keep
+
 
     @classmethod
     def of(cls, node: Node, pass_name: str) -> "FusedSite":
-        _q, k, v, mask, causal, _scale, groups, _bias = _attention_args(node)
+        q, k, v, mask, causal, _scale, groups, _bias = _attention_args(node)
+        window = None
         if isinstance(mask, Node):
             _require_causal_only(mask, node, pass_name)
+            window = _window([mask], fake(q).shape[-2], fake(k).shape[-2], node.graph)
         elif not causal:
             raise PassError(
                 f"pass '{pass_name}': attention '{node.name}' ({node.meta.get('module_path', '')}) is not "
@@ -110,7 +130,7 @@ class FusedSite:
         v_source, v_groups = peel_repeat_kv(v)
         if k_groups == v_groups > 1 and isinstance(k_source, Node) and isinstance(v_source, Node):
             k, v, groups = k_source, v_source, groups * k_groups
-        return cls(node, k, v, groups, pass_name)
+        return cls(node, k, v, groups, pass_name, window)
 
     @property
     def anchor(self) -> Node:
@@ -146,6 +166,7 @@ class EagerSite:
     v: Node
     k_sizes: list[tuple[Node, int]]
     v_sizes: list[tuple[Node, int]]
+    window: int | None = None  # a proven sliding window the tree mask must keep
 
     @property
     def anchor(self) -> Node:
@@ -268,8 +289,10 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         v, v_groups, v_sizes = _unrepeat(pv.args[1])
         if k_groups != v_groups:
             k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
+        qk = fake(scores)  # the masks' scores: before any sink columns the softmax input appends
+        window = _window([m.mask for m in masks], qk.shape[-2], qk.shape[-1], graph)
         sites.append(EagerSite(softmax=softmax, scores=scores, masks=masks, k=k, v=v,
-                               k_sizes=k_sizes, v_sizes=v_sizes))
+                               k_sizes=k_sizes, v_sizes=v_sizes, window=window))
     return sites
 
 
