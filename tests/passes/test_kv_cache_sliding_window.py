@@ -128,3 +128,26 @@ def test_a_left_padded_row_counts_its_window_in_columns_as_transformers_does():
             want = model(ids, attention_mask=mask, position_ids=positions).logits
         got = torch.cat([out[0], step[0]], 1)
         torch.testing.assert_close(got[:, 3:], want[:, 3:], atol=1e-5, rtol=1e-5)  # the padded row's real tokens
+
+
+def _llama4_chunked():
+    import transformers
+
+    # every layer chunked (no_rope_layers all 1 = rope + chunked attention), chunks of WINDOW tokens
+    config = transformers.Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=WINDOW,
+        num_local_experts=2, use_cache=False, attn_implementation="eager")
+    return transformers.Llama4ForCausalLM(config)
+
+
+@pytest.mark.parametrize("passes", ["add_kv_cache", "fuse_attention,add_kv_cache"])
+def test_chunked_attention_is_refused_by_name_not_cached_wrongly(passes):
+    """Llama 4's chunked mask (floor(i / c) == floor(j / c)) is not a band the analyser proves; the
+    cache's tree mask would drop the chunk boundaries, so add_kv_cache refuses it by name."""
+    from fxforge.errors import PassError
+
+    MODELS["llama4_chunked"] = _llama4_chunked
+    _model, gm, ids = _traced("llama4_chunked")
+    with pytest.raises(PassError, match="chunked attention"):
+        Pipeline(passes).run(gm, PassContext(example_inputs=(ids[:, :TRACED],)))

@@ -71,16 +71,46 @@ def _require_some_key_hidden(masks: list, scores: Node, where: str, pass_name: s
                         pass_name=pass_name, node=softmax.name)
 
 
-def _window(masks: list, lq: object, lk: object, graph: Graph) -> int | None:
+def _window(masks: list, lq: object, lk: object, graph: Graph, pass_name: str = "add_kv_cache") -> int | None:
     """The narrowest sliding window the analyser proves among `masks` (None: none is one).
 
     A mask the analyser proves nothing about is still replaced by the causal/tree mask (refusing
     it would also refuse Falcon-ALiBi and MPT masks the analyser cannot read yet); what else it
-    hides (a window spelled in ops it has no rule for, Llama 4's chunks) is then lost."""
+    hides (a window spelled in ops it has no rule for) is then lost. An unproven mask built with
+    chunking arithmetic (Llama 4's chunks) is refused by name."""
     # pattern only: the tree mask replaces the mask, so its fill value (-1e9, -1e4) does not matter
     verdicts = [explain_mask(m, graph.owning_module, lq, lk, pattern_only=True) for m in masks]
+    for mask, verdict in zip(masks, verdicts):
+        if verdict.kind is None and isinstance(mask, Node):
+            _refuse_chunked(mask, pass_name)
     windows = [v.window for v in verdicts if v.kind == "sliding_window"]
     return min(windows) if windows else None
+
+
+# Position arithmetic that cuts the sequence into chunks (Llama 4's chunked attention:
+# floor(i / c) == floor(j / c)); the tree mask that replaces an unproven mask cannot keep it.
+_CHUNKING_OPS = (aten.floor_divide.default, aten.remainder.Scalar, aten.remainder.Tensor,
+                 aten.fmod.Scalar, aten.fmod.Tensor)
+
+
+def _refuse_chunked(mask: Node, pass_name: str) -> None:
+    """Refuse an unproven mask built with chunking arithmetic: replacing it would silently drop
+    the chunk boundaries (cached decoding goes wrong past the first chunk)."""
+    seen, todo = set(), [mask]
+    while todo:
+        node = todo.pop()
+        if node in seen or not isinstance(node, Node):
+            continue
+        seen.add(node)
+        floor_div = node.target == aten.div.Tensor_mode and node.kwargs.get("rounding_mode") in ("floor", "trunc")
+        if node.target in _CHUNKING_OPS or floor_div:
+            raise PassError(
+                f"pass '{pass_name}': the attention mask '{mask.name}' ({mask.meta.get('module_path', '')}) "
+                f"is built with '{node.name}' ({node.target}), chunked attention (tokens see only their own "
+                "chunk of the sequence, as Llama 4's local layers): the cache's causal/tree mask would drop "
+                "the chunk boundaries, so add_kv_cache does not support it yet.",
+                pass_name=pass_name, node=mask.name)
+        todo.extend(node.all_input_nodes)
 
 
 def _unrepeat(x: Node) -> tuple[Node, int, list[tuple[Node, int]]]:
@@ -120,7 +150,7 @@ class FusedSite:
         window = None
         if isinstance(mask, Node):
             _require_causal_only(mask, node, pass_name)
-            window = _window([mask], fake(q).shape[-2], fake(k).shape[-2], node.graph)
+            window = _window([mask], fake(q).shape[-2], fake(k).shape[-2], node.graph, pass_name)
         elif not causal:
             raise PassError(
                 f"pass '{pass_name}': attention '{node.name}' ({node.meta.get('module_path', '')}) is not "
@@ -290,7 +320,7 @@ def eager_sites(graph: Graph, pass_name: str) -> list[EagerSite]:
         if k_groups != v_groups:
             k, k_sizes, v, v_sizes = kt.args[0], [], pv.args[1], []  # cache the repeated heads
         qk = fake(scores)  # the masks' scores: before any sink columns the softmax input appends
-        window = _window([m.mask for m in masks], qk.shape[-2], qk.shape[-1], graph)
+        window = _window([m.mask for m in masks], qk.shape[-2], qk.shape[-1], graph, pass_name)
         sites.append(EagerSite(softmax=softmax, scores=scores, masks=masks, k=k, v=v,
                                k_sizes=k_sizes, v_sizes=v_sizes, window=window))
     return sites
