@@ -132,30 +132,41 @@ def test_save_that_fails_validation_writes_nothing(tmp_path, models):
     assert torch.equal(fxforge.load(target)(X), want_old)
 
 
-def test_save_that_fails_while_writing_keeps_the_previous_artifact(tmp_path, models):
-    # save(onnx=True) writes weights, inputs and graph, then exports ONNX; an example input of
-    # the wrong shape makes that export fail after those files exist in the staging directory.
+def _failing_onnx_write(monkeypatch) -> None:
+    """Make the ONNX writer fail half-way: it leaves a partial file, then raises (a full disk)."""
+    from fxforge.backends.onnx import backend
+
+    def write_half_then_fail(model, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("No space left on device (injected)")
+
+    monkeypatch.setattr(backend, "write_model", write_half_then_fail)
+
+
+def test_save_that_fails_while_writing_keeps_the_previous_artifact(tmp_path, models, monkeypatch):
+    # save(onnx=True) writes weights, inputs and graph, then exports ONNX; the ONNX writer fails
+    # after those files (and part of model.onnx) exist in the staging directory.
     old, _, want_old, _ = models
     target = tmp_path / "artifact"
     old.save(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     broken = _small()
-    broken.example_inputs = (torch.ones(3, 7),)  # not what the graph takes: its export fails
-    with pytest.raises(Exception):
+    _failing_onnx_write(monkeypatch)
+    with pytest.raises(OSError, match="injected"):
         broken.save(target, onnx=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert _siblings(target) == []
     assert torch.equal(fxforge.load(target)(X), want_old)
 
 
-def test_export_that_fails_keeps_the_previous_onnx_file(tmp_path, models):
+def test_export_that_fails_keeps_the_previous_onnx_file(tmp_path, models, monkeypatch):
     old, _, _, _ = models
     target = tmp_path / "model.onnx"
     old.export_onnx(target)
     before = target.read_bytes()
     broken = _small()
-    broken.example_inputs = (torch.ones(3, 7),)  # not what the graph takes: its export fails
-    with pytest.raises(Exception):
+    _failing_onnx_write(monkeypatch)
+    with pytest.raises(OSError, match="injected"):
         broken.export_onnx(target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

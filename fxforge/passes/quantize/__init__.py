@@ -118,17 +118,24 @@ class Quantize(Pass):
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return method_options(FAMILY, self.method, options, defaults)
 
-    def narrower_than_a_group(self, site: LinearSite) -> bool:
-        """Whether the pass chose this layer itself (no `targets`) and its grouped axis is shorter
-        than one group (a model's 16-wide projection under group_size=32): it gets one group per
-        channel, noted in the report, rather than failing the whole model. A layer named in
-        `targets` keeps the error: the user asked for that group size there."""
-        axis_len = site.in_features if self.group_axis == "in" else site.out_features
-        return self.targets is None and self.group_size != -1 and axis_len < self.group_size
+    def _grouped_len(self, site: LinearSite) -> int:
+        return site.in_features if self.group_axis == "in" else site.out_features
 
-    def spec_for(self, site: LinearSite) -> QuantSpec:
+    def narrower_than_a_group(self, sites: list[LinearSite]) -> set[str]:
+        """Node names of the layers that get one group per channel: the pass chose the layers itself
+        (no `targets`), the layer's grouped axis is shorter than one group (a model's 16-wide
+        projection under group_size=32), and other layers of the model do fit whole groups. A layer
+        named in `targets`, or a model none of whose layers fits the group size, keeps the error:
+        that group size was the user's mistake, not an odd layer's."""
+        if self.targets is not None or self.group_size == -1:
+            return set()
+        if not any(self._grouped_len(s) >= self.group_size for s in sites):
+            return set()
+        return {s.node.name for s in sites if self._grouped_len(s) < self.group_size}
+
+    def spec_for(self, site: LinearSite, one_group_per_channel: bool = False) -> QuantSpec:
         """The layer's QuantSpec; a PassError naming the layer when the options cannot apply to it."""
-        group_size = -1 if self.narrower_than_a_group(site) else self.group_size
+        group_size = -1 if one_group_per_channel else self.group_size
         group = resolve_group_size(self.name, site, group_size, self.group_axis)
         spec = QuantSpec(bits=self.bits, group_size=group, sym=self.sym)
         check_packable(self.name, site, spec, self.group_axis)
@@ -138,11 +145,12 @@ class Quantize(Pass):
         method = self.method_object()
         selection = LayerSelection.of(self).sites(gm, self.name)
         sites = selection.sites
-        specs = {s.node.name: self.spec_for(s) for s in sites}  # every layer checked before any change
+        narrow = self.narrower_than_a_group(sites)
+        # every layer checked before any change
+        specs = {s.node.name: self.spec_for(s, s.node.name in narrow) for s in sites}
         notes: dict = {"method": self.method, "layers": len(sites)}
-        narrow = [s.module_path for s in sites if self.narrower_than_a_group(s)]
         if narrow:
-            notes["one_group_per_channel"] = narrow  # narrower than group_size
+            notes["one_group_per_channel"] = [s.module_path for s in sites if s.node.name in narrow]
         semantics = Semantics()
         by_node = {s.node: s for s in sites}
         if method.needs_calibration and sites:
