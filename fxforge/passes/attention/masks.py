@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule, Node
 
+from fxforge.ir.ancestors import ancestors
 from fxforge.passes.attention.rules import Build, fake, same_size
 
 aten = torch.ops.aten
@@ -553,17 +554,10 @@ _RULES: dict[Any, Callable[..., Abstract]] = {
 
 def mask_sources_placeholder(mask: Node) -> Node | None:
     """The graph input a mask's values are computed from, if any (shapes of inputs do not count)."""
-    stack, seen = [mask], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
+    # a causal mask is built from the input's length (sym_size), not its values
+    for current in ancestors(mask, through=lambda n: n.target != aten.sym_size.int):
         if current.op == "placeholder":
             return current
-        if current.target == aten.sym_size.int:
-            continue  # a causal mask is built from the input's length, not its values
-        stack.extend(current.all_input_nodes)
     return None
 
 

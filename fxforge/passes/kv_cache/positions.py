@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from fxforge.ir.ancestors import ancestors
+
 aten = torch.ops.aten
 
 # ops a per-token mask is built from: each output element reads only its own token's ids
@@ -63,20 +65,12 @@ def rewire_counted_positions(gm: GraphModule, ids: Node, positions: Node) -> int
 
 def _per_token(node: Node, ids: Node) -> bool:
     """Whether `node` is computed elementwise from input_ids and constants alone."""
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
+    for current in ancestors(node, through=lambda n: n.target != aten.sym_size.int):
         if current.op == "placeholder":
             if current is not ids:
                 return False
-            continue
-        if current.op != "call_function" or current.target not in _PER_TOKEN:
+        elif current.op != "call_function" or current.target not in _PER_TOKEN:
             return False
-        if current.target != aten.sym_size.int:
-            stack.extend(current.all_input_nodes)
     return True
 
 

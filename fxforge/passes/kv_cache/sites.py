@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
+from fxforge.ir.ancestors import ancestors
 from fxforge.errors import PassError
 from fxforge.passes.attention.rules import (
     SOFTMAX_TARGETS, MaskMatch, fake, mask_candidates, peel_repeat_kv, peel_scales,
@@ -96,12 +97,7 @@ _CHUNKING_OPS = (aten.floor_divide.default, aten.remainder.Scalar, aten.remainde
 def _refuse_chunked(mask: Node, pass_name: str) -> None:
     """Refuse an unproven mask built with chunking arithmetic: replacing it would silently drop
     the chunk boundaries (cached decoding goes wrong past the first chunk)."""
-    seen, todo = set(), [mask]
-    while todo:
-        node = todo.pop()
-        if node in seen or not isinstance(node, Node):
-            continue
-        seen.add(node)
+    for node in ancestors(mask):
         floor_div = node.target == aten.div.Tensor_mode and node.kwargs.get("rounding_mode") in ("floor", "trunc")
         if node.target in _CHUNKING_OPS or floor_div:
             raise PassError(
@@ -110,7 +106,6 @@ def _refuse_chunked(mask: Node, pass_name: str) -> None:
                 "chunk of the sequence, as Llama 4's local layers): the cache's causal/tree mask would drop "
                 "the chunk boundaries, so add_kv_cache does not support it yet.",
                 pass_name=pass_name, node=mask.name)
-        todo.extend(node.all_input_nodes)
 
 
 def _unrepeat(x: Node) -> tuple[Node, int, list[tuple[Node, int]]]:
