@@ -168,11 +168,12 @@ def w8a8_gemv_kernel(
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-w8a8_gemv_kernel = triton.autotune(configs=autotune_configs(_GEMV_CONFIGS), key=["N", "K"])(w8a8_gemv_kernel)
-w8a8_small_m_kernel = triton.autotune(configs=autotune_configs(_SMALL_M_CONFIGS), key=["M", "N", "K"])(
+_TUNE_KEY = ["N", "K", "PER_TOKEN", "HAS_BIAS"]
+w8a8_gemv_kernel = triton.autotune(configs=autotune_configs(_GEMV_CONFIGS), key=_TUNE_KEY)(w8a8_gemv_kernel)
+w8a8_small_m_kernel = triton.autotune(configs=autotune_configs(_SMALL_M_CONFIGS), key=["M", *_TUNE_KEY])(
     w8a8_gemm_kernel
 )
-w8a8_gemm_kernel = triton.autotune(configs=autotune_configs(_GEMM_CONFIGS), key=["M", "N", "K"])(w8a8_gemm_kernel)
+w8a8_gemm_kernel = triton.autotune(configs=autotune_configs(_GEMM_CONFIGS), key=["M", *_TUNE_KEY])(w8a8_gemm_kernel)
 
 
 @register_lowering("triton", "linear_w8a8", tolerance=BIT_EXACT)
