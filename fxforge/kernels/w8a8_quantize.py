@@ -27,8 +27,9 @@ from torch import Tensor
 
 QUANT_BLOCK_K = 1024
 TENSOR_BLOCK = 1024
-# Up to this many elements (16 tokens of 8192) one program finds the range and quantizes.
-SINGLE_PROGRAM_MAX_NUMEL = 16 * 8192
+# Up to this many elements one program finds the range and quantizes (H200, CUDA graph: as fast
+# as the split below at 8192, 2.5x slower at 64K: one SM is compute-bound on the divisions).
+SINGLE_PROGRAM_MAX_NUMEL = 8192
 # Larger tensors: chunks of at least this many elements, and at most MAX_RANGES of them, so
 # every quantize program's re-reduction of the partials stays small.
 MIN_CHUNK = 8192
