@@ -3,8 +3,9 @@
 Activations come from fxforge/kernels/w8a8_quantize.py. The epilogue is the reference's (and
 ONNX Runtime's) float32 arithmetic, op by op:
 * act_scale="token": y = (acc · wscale[n]) · s_x[m] + bias[n];
-* act_scale="tensor": the codes arrive as q - 128, so acc += (128 - zp) · Σ_k W8[n, k] (summed
-  from the same weight tiles) gives Σ (q - zp)·W8 exactly; y = acc · (s · wscale[n]) + bias[n].
+* act_scale="tensor": the codes arrive as q - 128, so acc += (128 - zp) · Σ_k W8[n, k] (a
+  second dot of the same weight tiles with ones) gives Σ (q - zp)·W8 exactly;
+  y = acc · (s · wscale[n]) + bias[n].
 Launched with enable_fp_fusion=False: a fused multiply-add would round once where the
 reference rounds twice. Helper @triton.jit functions are avoided so `compile_for_hopper` sees
 one function.
@@ -20,6 +21,10 @@ the H200 run at 00b4d69 spent ~0.18 ms per call on ~14 launches whatever the lay
 - M <= SMALL_M (16): activation quantizer (one launch, see w8a8_quantize.py) + this GEMM with
   BLOCK_M = 16 configs and narrow BLOCK_N (enough programs to fill 132 SMs).
 - larger M: the same body with wide wgmma tiles.
+Measured on an H200 (bench/w8a8_gpu_paths.py, bench/results/w8a8_gpu_paths_NVIDIA_H200.json,
+kernel time inside a CUDA graph): per tensor at 8192x8192, batch 1 0.036 ms, batch 2-16
+0.030-0.031 ms, batch 128 0.059 ms (fp16 cuBLAS 0.039 / 0.033-0.039 / 0.038 ms); all outputs
+equal to the op's reference run on the same GPU.
 """
 from __future__ import annotations
 
