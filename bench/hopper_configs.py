@@ -24,7 +24,7 @@ import json, sys, time
 import triton
 import triton.language as tl
 from fxforge.kernels._common import compile_for_hopper
-from fxforge.kernels import wq_gemm, w8a8_gemm, lora_linear, flash_attention, decode_attention, shift_add_lut
+from fxforge.kernels import wq_gemm, w8a8_gemm, w8a8_quantize, lora_linear, flash_attention, decode_attention, shift_add_lut
 
 def strides(prefix, dims):
     return {f"stride_{prefix}{d}": "i32" for d in dims}
@@ -50,16 +50,34 @@ for label, kernel, configs in (("wq_small_m", wq_gemm.wq_small_m_kernel, wq_gemm
                       {"BITS": 4, "GROUP_SIZE": 128, "HAS_BIAS": False, "DOT_DTYPE": tl.float16, "UNIT_BITS": 32,
                        **c.kwargs},
                       c.num_warps, c.num_stages))
-for c in w8a8_gemm._GEMM_CONFIGS:
-    cases.append((f"w8a8_gemm {c.kwargs}", w8a8_gemm.w8a8_gemm_kernel,
-                  {"x8_ptr": "*i8", "w_ptr": "*i8", "x_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-                   "bias_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-                   "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32", "HAS_BIAS": "constexpr",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-                  {"HAS_BIAS": False, **c.kwargs}, c.num_warps, c.num_stages))
-cases.append(("w8a8 quantize_rows BLOCK_K=1024", w8a8_gemm.quantize_rows_kernel,
+w8a8_sig = {"x8_ptr": "*i8", "w_ptr": "*i8", "x_scale_ptr": "*fp32", "x_zp_ptr": "*fp32", "w_scale_ptr": "*fp32",
+            "bias_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+            "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32", "PER_TOKEN": "constexpr",
+            "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+for label, configs in (("w8a8_small_m", w8a8_gemm._SMALL_M_CONFIGS), ("w8a8_gemm", w8a8_gemm._GEMM_CONFIGS)):
+    for c in configs:
+        cases.append((f"{label} {c.kwargs}", w8a8_gemm.w8a8_gemm_kernel, w8a8_sig,
+                      {"PER_TOKEN": False, "HAS_BIAS": False, **c.kwargs}, c.num_warps, c.num_stages))
+for c in w8a8_gemm._GEMV_CONFIGS:
+    for per_token in (False, True):
+        cases.append((f"w8a8_gemv per_token={per_token} {c.kwargs}", w8a8_gemm.w8a8_gemv_kernel,
+                      {"x_ptr": "*fp16", "w_ptr": "*i8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp16",
+                       "out_ptr": "*fp16", "N": "i32", "K": "i32", "stride_wn": "i32", "PER_TOKEN": "constexpr",
+                       "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                       "STAGES": "constexpr"},
+                      {"PER_TOKEN": per_token, "HAS_BIAS": False, **c.kwargs}, c.num_warps, c.num_stages))
+cases.append(("w8a8 quantize_rows BLOCK_K=1024", w8a8_quantize.quantize_rows_kernel,
               {"x_ptr": "*fp16", "x8_ptr": "*i8", "scale_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
                "stride_qm": "i32", "BLOCK_K": "constexpr"}, {"BLOCK_K": 1024}, 4, 3))
+cases.append(("w8a8 tensor_range BLOCK=1024", w8a8_quantize.tensor_range_kernel,
+              {"x_ptr": "*fp16", "lo_ptr": "*fp32", "hi_ptr": "*fp32", "numel": "i32", "per_program": "i32",
+               "BLOCK": "constexpr"}, {"BLOCK": w8a8_quantize.TENSOR_BLOCK}, 4, 3))
+for fused in (True, False):
+    cases.append((f"w8a8 quantize_tensor FUSED_RANGE={fused}", w8a8_quantize.quantize_tensor_kernel,
+                  {"x_ptr": "*fp16", "a8_ptr": "*i8", "lo_ptr": "*fp32", "hi_ptr": "*fp32", "scale_ptr": "*fp32",
+                   "zp_ptr": "*fp32", "numel": "i32", "num_ranges": "i32", "per_program": "i32",
+                   "FUSED_RANGE": "constexpr", "BLOCK": "constexpr", "BLOCK_R": "constexpr"},
+                  {"FUSED_RANGE": fused, "BLOCK": w8a8_quantize.TENSOR_BLOCK, "BLOCK_R": 1024}, 4, 3))
 for c in lora_linear._CONFIGS:
     cases.append((f"lora_linear {c.kwargs}", lora_linear.lora_linear_kernel,
                   {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16", "a_ptr": "*fp16", "b_ptr": "*fp16",

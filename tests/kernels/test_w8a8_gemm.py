@@ -14,6 +14,7 @@ import torch
 from fxforge.ir.ops import lowering_for
 from fxforge.ir.ops.linear_w8a8 import quantize_per_tensor, quantize_per_token
 from fxforge.kernels.w8a8_gemm import linear_w8a8_triton
+from fxforge.kernels import w8a8_quantize
 from fxforge.kernels.w8a8_quantize import quantize_per_tensor_triton, quantize_per_token_triton
 
 reference = torch.ops.fxforge.linear_w8a8
@@ -35,8 +36,15 @@ def test_quantization_is_bit_identical_to_reference():
     assert torch.equal(scale, ref_scale.flatten())
 
 
+@pytest.mark.parametrize("split", [None, (1024, 1024), (1024, 4)])
 @pytest.mark.parametrize("shift", [0.0, 0.3, -5.0])
-def test_per_tensor_quantization_is_bit_identical_to_reference(shift):
+def test_per_tensor_quantization_is_bit_identical_to_reference(shift, split, monkeypatch):
+    # split: (MIN_CHUNK, MAX_RANGES) for the two-launch path (partial ranges, then quantize);
+    # None keeps the single-program path this size takes by default.
+    if split is not None:
+        monkeypatch.setattr(w8a8_quantize, "SINGLE_PROGRAM_MAX_NUMEL", 1000)
+        monkeypatch.setattr(w8a8_quantize, "MIN_CHUNK", split[0])
+        monkeypatch.setattr(w8a8_quantize, "MAX_RANGES", split[1])
     # Shifted inputs move the zero point; the grid values land on .5 ties after the division.
     x = _inputs(5, 1500, torch.float32) + shift
     x[1, :64] = torch.round(x[1, :64] * 8) / 8
@@ -48,7 +56,7 @@ def test_per_tensor_quantization_is_bit_identical_to_reference(shift):
 
 @pytest.mark.parametrize("act_scale", ["tensor", "token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 3, 33])
+@pytest.mark.parametrize("m", [1, 3, 33])  # fused GEMV, small-M GEMM, GEMM
 @pytest.mark.parametrize("k", [80, 96])
 def test_matches_reference_exactly(dtype, m, k, act_scale):
     # Integer product and float32 epilogue in the reference's order: bit-identical results.
@@ -86,8 +94,8 @@ def test_registered_as_triton_lowering_and_checks_shapes():
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     from fxforge.kernels._common import compile_for_hopper
-    from fxforge.kernels.w8a8_gemm import w8a8_gemm_kernel
-    from fxforge.kernels.w8a8_quantize import quantize_rows_kernel, quantize_tensor_kernel
+    from fxforge.kernels.w8a8_gemm import w8a8_gemm_kernel, w8a8_gemv_kernel
+    from fxforge.kernels.w8a8_quantize import quantize_rows_kernel, quantize_tensor_kernel, tensor_range_kernel
     for dt in ("fp16", "bf16"):
         compile_for_hopper(
             quantize_rows_kernel,
@@ -96,11 +104,19 @@ _COMPILE_SCRIPT = textwrap.dedent(
             {"BLOCK_K": 1024}, num_warps=4, num_stages=2,
         )
         compile_for_hopper(
-            quantize_tensor_kernel,
-            {"x_ptr": "*" + dt, "a8_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*fp32", "numel": "i32",
+            tensor_range_kernel,
+            {"x_ptr": "*" + dt, "lo_ptr": "*fp32", "hi_ptr": "*fp32", "numel": "i32", "per_program": "i32",
              "BLOCK": "constexpr"},
             {"BLOCK": 1024}, num_warps=4, num_stages=2,
         )
+        for fused in (True, False):
+            compile_for_hopper(
+                quantize_tensor_kernel,
+                {"x_ptr": "*" + dt, "a8_ptr": "*i8", "lo_ptr": "*fp32", "hi_ptr": "*fp32", "scale_ptr": "*fp32",
+                 "zp_ptr": "*fp32", "numel": "i32", "num_ranges": "i32", "per_program": "i32",
+                 "FUSED_RANGE": "constexpr", "BLOCK": "constexpr", "BLOCK_R": "constexpr"},
+                {"FUSED_RANGE": fused, "BLOCK": 1024, "BLOCK_R": 64}, num_warps=4, num_stages=2,
+            )
         for per_token in (True, False):
             gemm = compile_for_hopper(
                 w8a8_gemm_kernel,
@@ -113,6 +129,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 num_warps=4, num_stages=2,
             )
             assert "wgmma" in gemm.asm["ptx"] and ".s8" in gemm.asm["ptx"], "int8 tensor-core MMA expected"
+            gemv = compile_for_hopper(
+                w8a8_gemv_kernel,
+                {"x_ptr": "*" + dt, "w_ptr": "*i8", "w_scale_ptr": "*fp32", "bias_ptr": "*" + dt,
+                 "out_ptr": "*" + dt, "N": "i32", "K": "i32", "stride_wn": "i32", "PER_TOKEN": "constexpr",
+                 "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "STAGES": "constexpr"},
+                {"PER_TOKEN": per_token, "HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 512, "STAGES": 3},
+                num_warps=4, num_stages=3,
+            )
+            assert "div.rn.f32" in gemv.asm["ptx"], "the IEEE divide the reference rounds with"
         print(dt, "ok")
     """
 )

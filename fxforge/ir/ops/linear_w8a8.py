@@ -21,6 +21,10 @@ scale per token:
     q   = clamp(round(x / s_m), -127, 127)
     y   = (float(Σ_k q·W8) * wscale[n]) * s_m + bias         ORT's order: column scale first
 
+Divisions are IEEE float32 divisions on every device: the reference divides by tensors, never
+by a Python number, because on CUDA torch turns division by a CPU scalar into multiplication by
+its reciprocal, which rounds differently (one ulp of s, then codes and outputs move).
+
 The integer product is exact (float64 holds every int32 sum here exactly); x is quantized in
 float32 and the result is cast back to x's dtype.
 """
@@ -41,7 +45,7 @@ ACT_SCALES = ("tensor", "token")
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8 quantization of x (..., K): returns (x8 int8, s_x float32 (..., 1))."""
     x32 = x.to(torch.float32)
-    scale = x32.abs().amax(dim=-1, keepdim=True) / INT8_MAX
+    scale = x32.abs().amax(dim=-1, keepdim=True) / x32.new_full((), INT8_MAX)  # a tensor: see the docstring
     # An all-zero row would divide by zero; any positive scale quantizes it to zeros.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     x8 = torch.clamp(torch.round(x32 / scale), -INT8_MAX, INT8_MAX).to(torch.int8)
@@ -55,7 +59,7 @@ def per_tensor_params(x32: Tensor) -> tuple[Tensor, Tensor]:
     """
     lo = torch.clamp(x32.amin(), max=0.0)  # the range always includes 0
     hi = torch.clamp(x32.amax(), min=0.0)
-    scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / UINT8_MAX)
+    scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / hi.new_full((), UINT8_MAX))  # not `/ 255`: docstring
     zero_point = torch.round(torch.clamp(-(lo / scale), 0, UINT8_MAX))
     return scale, zero_point
 
