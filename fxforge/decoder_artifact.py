@@ -169,12 +169,14 @@ def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
     split/merge Reshapes around it that cancel out dropped (`backends.onnx.reshape_chains`, from
     `shapes`, the exporter's symbolic value shapes); a q/k/v projection fused by
     `fuse_projections` fed to the op packed (no Split); then onnxscript's RMSNorm / skip-norm
-    fusions (`backends.onnx.ort_norms`). check_decoder_onnx runs after, on the written file,
-    against the compiled graph.
+    fusions (`backends.onnx.ort_norms`); a fused W8A8 gate/up GEMM split into one GEMM per block
+    instead of a Split of its output (`backends.onnx.split_integer_gemm`). check_decoder_onnx runs
+    after, on the written file, against the compiled graph.
     """
     from fxforge.backends.onnx.decoder_gqa import fuse_group_query_attention, pack_qkv_inputs
     from fxforge.backends.onnx.ort_norms import fuse_norms
     from fxforge.backends.onnx.reshape_chains import collapse_reshapes
+    from fxforge.backends.onnx.split_integer_gemm import split_integer_gemms
 
     shapes = dict(shapes or {})
     layout = kv_layout(compiled.graph_module.meta)
@@ -185,7 +187,9 @@ def fuse_for_ort(compiled: "CompiledModel", model: "onnx.ModelProto", *,
                                rotary_length=rotary_length, base_dir=base_dir, shapes=shapes)
     collapse_reshapes(model, shapes)
     pack_qkv_inputs(model, shapes)
-    return fuse_norms(model)
+    model = fuse_norms(model)
+    split_integer_gemms(model, shapes)
+    return model
 
 
 def gqa_layers(gm: Any, layout: KVCacheLayout) -> dict[str, Any]:

@@ -19,7 +19,8 @@ inference (which knows them) annotates a copy for matching; no value_info is wri
 That tool has no rule for `com.microsoft::MatMulIntegerToFloat` (the W8A8 lowering's GEMM): it
 guesses the output's element type from input 0 (uint8) and gives up at the next float op, so
 the W8A8 decoder's norms stayed unfused (4-layer decoder: 282 nodes, 220 fused); `_infer_shapes` adds the
-rule, a matmul shape of the scales' float type.
+rule, a matmul shape of the scales' float type, and types opset-18 ReduceMax/ReduceMin (axes as an
+input, which the tool reads only for ReduceSum/ReduceMean) as it types ReduceSum.
 """
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         def __init__(self) -> None:
             super().__init__(2**31 - 1, auto_merge=True, guess_output_rank=True, verbose=0)
             self.dispatcher_.setdefault("MatMulIntegerToFloat", self._matmul_integer_to_float)
+            # Opset 18 moved ReduceMax/Min's axes to an input, which the tool reads for ReduceSum
+            # and ReduceMean only (W8A8's per-token quantizer reduces x's rows with these).
+            for reduce in ("ReduceMax", "ReduceMin"):
+                self.dispatcher_.setdefault(reduce, self._infer_ReduceSum)
 
         def _matmul_integer_to_float(self, node: onnx.NodeProto) -> None:
             self._compute_matmul_shape(node, self.known_vi_[node.input[2]].type.tensor_type.elem_type)

@@ -92,12 +92,22 @@ class QuantizeDynamic(Pass):
     A KV cache needs "token": per tensor, each token's scale depends on the other tokens (and
     on other sequences of a batch), so a cached 1-token step would compute something else, and
     add_kv_cache refuses such graphs. Run fuse_attention before this pass: an exact pass after
-    it reorders float sums that the activation rounding turns into quantization steps. In the
-    KV-cached decoder (bench/cpu_llm.py, `fuse_attention,quantize_dynamic(include_lm_head=True,
-    act_scale=token)`, 2-core VM under heavy load) "token" had lower logits error than ORT's
-    quantize_dynamic on the same fused file (rel L2 0.065 vs 0.082) but 1.10x/1.14x its
-    128-token prefill time at 1/2 threads: the per-token codes and row scales cost more than
-    ORT's per-tensor DynamicQuantizeMatMul.
+    it reorders float sums that the activation rounding turns into quantization steps.
+
+    What "token" costs in the KV-cached decoder (bench/cpu_llm.py, `fuse_attention,
+    quantize_dynamic(include_lm_head=True,act_scale=token)`, 4-layer TinyLlama-shaped Llama,
+    128-token prefill against ORT's quantize_dynamic on the same fused file, interleaved rounds,
+    paired per round; loaded 2-core AVX512-VNNI VM): lower logits error than that peer (rel L2
+    0.0645 vs 0.0828: per-channel weight scales, per-token activations) at 0.99-1.02x its
+    prefill time at 1 thread (thread CPU time, medians of four runs; 1.04-1.06x before the
+    ONNX decoder ran the fused gate/up GEMM as one GEMM per half, backends/onnx/
+    split_integer_gemm.py), and 1.07-1.11x at 2 threads (wall time, loaded host). The price of
+    per token on ORT's kernels is one extra pass over every W8A8 output: MatMulIntegerToFloat
+    applies per-column (weight) scales inside the GEMM but per-row (token) scales in a separate
+    single-threaded pass (ScaleOutput), 3-4% of the 1-thread prefill (a copy of the file whose
+    GEMMs took a constant A scale ran 1.015x the peer where the real one ran 1.045x) and more
+    at 2 threads, where the rest runs on both cores; ORT's per-tensor DynamicQuantizeMatMul has
+    no such pass. Decode (1 token) costs the same either way.
     """
 
     name = "quantize_dynamic"

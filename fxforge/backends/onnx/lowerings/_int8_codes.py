@@ -38,17 +38,19 @@ def quantize_per_token_uint8(x32, k: int | None = None):
 
 
 def row_absmax(x32):
-    """max |x| over the last axis, keepdims: (…, M, 1).
+    """max |x| over the last axis, keepdims: (…, M, 1), as max(max(x), -min(x)).
 
-    For a 3-D x (B, M, K), the decoder's case, `GlobalMaxPool` (batch B, channels M, spatial K):
-    ORT's symbolic shape inference, which the decoder export's norm fusions run
-    (backends/onnx/ort_norms.py), types it, while it gives no shape to an opset-18 ReduceMax,
-    whose axes are an input, and then fails on the next element-wise op. Other ranks: ReduceMax.
+    Two reductions that only read x (ReduceMax, ReduceMin), instead of Abs (which writes a
+    copy of x) and a max over that copy: the same value bit for bit (negation is exact). On
+    bench/cpu_llm.py's shapes (128 tokens, K 2048 and 5632, 1 thread) the quantizer alone took
+    1.1 ms per layer against 2.0 ms with Abs + GlobalMaxPool (ORT's per-tensor
+    DynamicQuantizeLinear: 1.0 ms); the decoder's prefill, in thread CPU time against ORT's
+    quantize_dynamic: 1.044x instead of 1.053x. ORT's symbolic shape inference, which the
+    decoder export's norm fusions run, types these opset-18 reductions by the rule
+    backends/onnx/ort_norms.py adds.
     """
-    magnitude = op.Abs(x32)
-    if x32.shape is not None and len(x32.shape) == 3:
-        return op.GlobalMaxPool(magnitude)
-    return op.ReduceMax(magnitude, op.Constant(value_ints=[-1]), keepdims=1)
+    axes = op.Constant(value_ints=[-1])
+    return op.Max(op.ReduceMax(x32, axes, keepdims=1), op.Neg(op.ReduceMin(x32, axes, keepdims=1)))
 
 
 def weight_as_uint8_transposed(qweight):

@@ -22,7 +22,13 @@ because ORT would add it before the row scale. Measured on bench/cpu_llm.py's 4-
 TinyLlama-shaped decoder, prefill at 128 tokens, interleaved against the previous lowering
 (A scale 1, then a Mul by s_x; loaded 2-core host): 0.987x the time at 1 thread, 0.97x at 2,
 17 nodes fewer. A 1-D x has a one-element s_x, which ORT folds into the column scales
-(acc·(s_x·wscale[n]), another rounding): there the Mul stays.
+(acc·(s_x·wscale[n]), another rounding): there the Mul stays. That row scaling is still a pass
+of its own over the output (ORT's ScaleOutput, one thread; MLAS's GEMM output stage takes
+per-column scales only): measured at 3-4% of the decoder's 128-token prefill (a copy of the file
+whose GEMMs took a constant A scale ran 1.015x ORT's quantize_dynamic, the real one 1.045x, in
+thread CPU time at 1 thread). The per-tensor mode has no such pass. The fused gate/up GEMM's
+output would pay a Split copy on top; the ONNX decoder runs it as one GEMM per half instead
+(backends/onnx/split_integer_gemm.py).
 Per token, each token's output depends on that token alone, which is what a KV cache (and any
 batch of unrelated sequences) needs; per tensor, the other tokens' range sets every token's
 scale (see passes/quantize/quantize_dynamic.py).
