@@ -177,33 +177,31 @@ def _quantize_block_input_groups(wt: Tensor, feedback: Tensor, start: int, stop:
         if a % group_size == 0:
             start_group(a, block_err, start)
         scale, low, high = groups.scale, groups.low, groups.high
-        stretch_err = block_err[a - start:b - start].T  # (N, s): the stretch's errors as columns
-        weights = feedback[a:b, a:b].triu(1).T.contiguous().unbind(0)  # row c: F[a:b, c] above the diagonal
+        weights = feedback[a:b, a:b].T.contiguous()  # row c − a: F[a:b, c], read up to the diagonal
         for col in range(a, b):
             i = col - start
             level = level_rows[i]
             if col == a:
                 torch.div(w_rows[i], scale, out=level)
-            else:
-                torch.addmv(w_rows[i], stretch_err, weights[col - a], out=level).div_(scale)
+            else:  # the errors of the stretch so far, (N, col − a)
+                torch.addmv(w_rows[i], block_err[a - start:i].T, weights[col - a, :col - a], out=level).div_(scale)
             level.round_().clamp_(low, high)
             err_rows[i].addcmul_(level, scale, value=-1.0)  # W_c − q_c
         if b < stop:
             wt[b:stop].addmm_(feedback[a:b, b:stop].T, block_err[a - start:b - start])
 
 
-def _group_as_compensated(original: Tensor, wt: Tensor, feedback: Tensor, start: int, stop: int) -> Tensor:
+def _group_as_compensated(original: Tensor, shift: Tensor, feedback: Tensor, start: int, stop: int) -> Tensor:
     """Columns [start, stop) (rows of the result) as GPTQ's column-by-column form has them when
     column `start` is reached: the original weights moved to compensate every column before
     `start`, which is where a group's range is taken from.
 
-    wt holds W_j + Σ_{i<start} (W_i − q_i)·F_ij for these columns: exact for column `start`,
+    W_j + shift_j = W_j + Σ_{i<start} (W_i − q_i)·F_ij for these columns is exact for column `start`,
     but not the compensated value for the later ones (that is W_G + Σ_i (W_i − q_i)·V_iG·V_GG⁻¹
     with V_GG the group's diagonal block of V, see hessian.feedback_factor). Since
-    F_GG = V_GG·diag(V_GG)⁻¹, the compensated columns are W_G + F_GG⁻ᵀ·(wt_G − W_G): one small
+    F_GG = V_GG·diag(V_GG)⁻¹, the compensated columns are W_G + F_GG⁻ᵀ·shift_G: one small
     triangular inverse and one matrix product per group. `original` is W_G (rows, dead ones zero).
     """
-    shift = torch.sub(wt[start:stop], original)
     block = feedback[start:stop, start:stop]
     inverse = torch.linalg.solve_triangular(block, torch.eye(stop - start), upper=True, unitriangular=True)
     return torch.addmm(original, inverse.T, shift)
@@ -303,7 +301,10 @@ def _gptq(sources: list[Tensor], spec: QuantSpec, factor: tuple[Tensor, Tensor],
     g = spec.group_size
     feedback, dead_mask = factor
     dead = dead_mask if bool(dead_mask.any()) else None
-    wt = _read_columns(sources, 0, k, torch.empty(k, n), dead)  # Wᵀ (K, N): a private float32 copy, updated in place
+    # Wᵀ (K, N) as float32, updated in place; it starts as zeros, the feedback Σ (W_i − q_i)·F_ij
+    # the columns receive, and a block's rows become the weights (original + feedback) when the
+    # block is read: each column of W is then read once (reading Wᵀ is a transposing copy).
+    wt = torch.zeros(k, n)
     codes = torch.empty(k, n, dtype=torch.uint8)
     bounds = block_bounds(k, g, block_size, per_row)
     longest = max(stop - start for start, stop in bounds)
@@ -321,15 +322,19 @@ def _gptq(sources: list[Tensor], spec: QuantSpec, factor: tuple[Tensor, Tensor],
             stop = min(col + g, k)
             if stop <= first + len(block_err):  # the block's buffer still holds these columns' originals
                 original = block_err[col - first:stop - first]
-            else:  # a group longer than the block
+                shift = torch.sub(wt[col:stop], original)
+            else:  # a group longer than the block (so it starts with the block): rows past it hold only the feedback
                 original = _read_columns(sources, col, stop, torch.empty(stop - col, n), dead)
-            groups.start_group(col // g, _group_as_compensated(original, wt, feedback, col, stop))
+                shift = wt[col:stop].clone()
+                shift[:len(block_err)].sub_(block_err)
+            groups.start_group(col // g, _group_as_compensated(original, shift, feedback, col, stop))
     else:
         def round_column(col: int, first: int, wt: Tensor = wt, staged: Tensor = staged) -> Tensor:
             return _round_output_groups(spec, wt[col], staged[col - first], scales[col], zeros[col])
 
     for start, stop in bounds:
         block_err = _read_columns(sources, start, stop, errors[: stop - start], dead)
+        wt[start:stop].add_(block_err)  # feedback + original: the block's current weights
         levels = staged[: stop - start]
         with single_threaded():
             if per_row:
