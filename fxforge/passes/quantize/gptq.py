@@ -17,15 +17,22 @@ rows when it is quantized. Calibration inputs of block i come from the model wit
 Where the time goes, and how it is kept small (fp32 on CPU):
 * The work is done on Wᵀ (K, N), so a column of W is a contiguous row: every per-column step
   (round, error, update) reads and writes contiguous memory.
-* Inside a block, column i's error reaches the later columns of its *sub-block* (a few
-  columns) by a rank-1 update and the rest of the block by one matrix product per sub-block;
+* Inside a block, a column is brought up to date just before it is rounded by one
+  matrix-vector product with the errors of the earlier columns of its *stretch* (SUB_BLOCK
+  columns), and each stretch's errors reach the rest of the block in one matrix product;
   the columns after the block get all of the block's errors in ONE matrix product
-  (GPTQ's "lazy batch" update). The per-column Python work is thus a handful of small
-  vector operations, run on one thread (see `single_threaded`); everything O(N·K²) runs in
+  (GPTQ's "lazy batch" update). The per-column Python work is five vector operations
+  (group_axis="in"), run on one thread (see `single_threaded`); everything O(N·K²) runs in
   BLAS on all of the caller's threads.
-* The factor F is one float32 Cholesky (hessian.feedback_factor), shared by the layers that
-  read one input (q/k/v, gate/up), whose rows are stacked into one problem when short
-  (`quantize_weights_gptq`).
+* Each column of W is read once, when its block starts (Wᵀ is read by a two-step transposing
+  copy, `_read_columns`): the working matrix starts as zeros and accumulates the feedback.
+* The factor F is one float32 Cholesky (hessian.feedback_factor, blocked so that its flops are
+  matrix products), shared by the layers that read one input (q/k/v, gate/up), whose rows are
+  stacked into one problem when short (`quantize_weights_gptq`).
+
+Measured (bench/gptq_speed.py --threads 1, one TinyLlama-shaped layer, CPU time): 17–18 s for
+the per-column implementation it replaced (tests/gptq_reference.py), about 2.7 s for this one,
+of which about 1.5 s are the lazy-update and factorization flops at BLAS speed.
 """
 from __future__ import annotations
 
@@ -41,9 +48,10 @@ from fxforge.passes.methods import register_method
 from fxforge.passes.quantize.common import check_option, orient, weight_of
 from fxforge.passes.quantize.hessian import feedback_factor
 from fxforge.passes.quantize.method import FAMILY, QuantizedLayer, WeightQuantizer
-from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, qparams, quantize_codes
+from fxforge.passes.quantize.rtn import QuantizedMatrix, QuantSpec, qparams, qparams_of_range, quantize_codes
 
-SUB_BLOCK = 16  # columns per rank-1 stretch inside a block; the rest of the block gets a matmul
+SUB_BLOCK = 16  # columns per stretch inside a block (8 and 32 measured slower); the rest of the block gets a matmul
+READ_CHUNK = 128  # columns of a source transposed at a time (_read_columns)
 STACK_ROWS = 4096  # layers sharing an input are stacked up to this many rows (see _stacking_runs)
 
 
@@ -86,32 +94,31 @@ def block_bounds(k: int, group_size: int, block_size: int, groups_along_columns:
 
 
 class _InputGroups:
-    """Rounding of one column of W when groups run along the input channels (group_axis="in").
+    """Rounding when groups run along the input channels (group_axis="in").
 
     A group's (scale, zero) are taken from its g columns when its first column is reached and
     then serve its g columns; the codes are clamp(round(w/s), low−z, qmax−z) + z, which equals
     rtn.quantize_codes' clamp(round(w/s)+z, low, qmax) exactly (z is a small integer), and the
-    dequantized value is the unshifted integer times s.
+    dequantized value is the unshifted integer times s. The unshifted integers are what the
+    column loop stores; the zero point is added once per group when the block ends.
     """
 
     def __init__(self, spec: QuantSpec, scales: Tensor, zeros: Tensor):
         self.spec, self.scales, self.zeros = spec, scales, zeros  # (K/g, N), filled group by group
-        self.scale = self.zero = self.low = self.high = None
+        self.scale = self.low = self.high = None
 
     def start_group(self, index: int, group_columns: Tensor) -> None:
         """`group_columns` is (g, N): the group's columns as they stand now."""
-        scale, zero = qparams(group_columns.T.contiguous(), self.spec)  # contiguous: reduce along a row
-        self.scale, self.zero = scale[:, 0], zero[:, 0]
+        # The range along dim 0 of the (g, N) rows: max and min are exact in any order, so these
+        # are rtn.qparams' values for the rows of W without a transposed copy.
+        if self.spec.sym:
+            extent = (group_columns.abs().amax(dim=0), None)
+        else:
+            extent = (group_columns.amax(dim=0), group_columns.amin(dim=0))
+        scale, zero = qparams_of_range(extent, self.spec)
         low = 1.0 if self.spec.sym else 0.0
-        self.low, self.high = low - self.zero, self.spec.qmax - self.zero
-        self.scales[index], self.zeros[index] = self.scale, self.zero
-
-    def round(self, column: Tensor, codes_out: Tensor) -> Tensor:
-        """Write the column's codes to `codes_out`; return its dequantized values (a new tensor)."""
-        level = torch.div(column, self.scale).round_()
-        torch.clamp(level, self.low, self.high, out=level)
-        torch.add(level, self.zero, out=codes_out)
-        return level.mul_(self.scale)
+        self.scale, self.low, self.high = scale, low - zero, self.spec.qmax - zero
+        self.scales[index], self.zeros[index] = scale, zero
 
 
 def _round_output_groups(spec: QuantSpec, column: Tensor, codes_out: Tensor, scale_out: Tensor,
@@ -146,18 +153,62 @@ def _quantize_block(wt: Tensor, factor: Tensor, start: int, stop: int, block_err
             wt[sub_stop:stop].addmm_(factor[sub:sub_stop, sub_stop:stop].T, block_err[sub - start:sub_stop - start])
 
 
-def _group_as_compensated(original: Tensor, wt: Tensor, feedback: Tensor, start: int, stop: int) -> Tensor:
+def _sub_blocks(start: int, stop: int, group_size: int) -> list[tuple[int, int]]:
+    """[a, b) stretches of at most SUB_BLOCK columns covering [start, stop), also cut where a
+    group starts (a group's range is read from `wt`, which carries only the errors of finished
+    stretches)."""
+    out = []
+    while start < stop:
+        end = min(start + SUB_BLOCK, stop, (start // group_size + 1) * group_size)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _quantize_block_input_groups(wt: Tensor, feedback: Tensor, start: int, stop: int, block_err: Tensor,
+                                 levels: Tensor, groups: _InputGroups,
+                                 start_group: Callable[[int, Tensor, int], None]) -> None:
+    """`_quantize_block` for group_axis="in", with the per-column work cut to five vector ops:
+    `levels` (rows) receive the unshifted integer levels of columns [start, stop).
+
+    Inside a stretch of SUB_BLOCK columns, column c is brought up to date just before it is
+    rounded, by one matrix-vector product with the errors of the stretch so far (left-looking:
+    the rows of `wt` in the stretch are only read), rather than each error being pushed into
+    every later row of the stretch (that was a rank-1 update plus slicing per column). The
+    errors of the stretch's columns not yet rounded still hold originals, so the product uses
+    the strictly upper part of F's diagonal block, whose zeros drop them.
+    """
+    err_rows, level_rows, w_rows = block_err.unbind(0), levels.unbind(0), wt[start:stop].unbind(0)
+    group_size = groups.spec.group_size
+    for a, b in _sub_blocks(start, stop, group_size):
+        if a % group_size == 0:
+            start_group(a, block_err, start)
+        scale, low, high = groups.scale, groups.low, groups.high
+        weights = feedback[a:b, a:b].T.contiguous()  # row c − a: F[a:b, c], read up to the diagonal
+        for col in range(a, b):
+            i = col - start
+            level = level_rows[i]
+            if col == a:
+                torch.div(w_rows[i], scale, out=level)
+            else:  # the errors of the stretch so far, (N, col − a)
+                torch.addmv(w_rows[i], block_err[a - start:i].T, weights[col - a, :col - a], out=level).div_(scale)
+            level.round_().clamp_(low, high)
+            err_rows[i].addcmul_(level, scale, value=-1.0)  # W_c − q_c
+        if b < stop:
+            wt[b:stop].addmm_(feedback[a:b, b:stop].T, block_err[a - start:b - start])
+
+
+def _group_as_compensated(original: Tensor, shift: Tensor, feedback: Tensor, start: int, stop: int) -> Tensor:
     """Columns [start, stop) (rows of the result) as GPTQ's column-by-column form has them when
     column `start` is reached: the original weights moved to compensate every column before
     `start`, which is where a group's range is taken from.
 
-    wt holds W_j + Σ_{i<start} (W_i − q_i)·F_ij for these columns: exact for column `start`,
+    W_j + shift_j = W_j + Σ_{i<start} (W_i − q_i)·F_ij for these columns is exact for column `start`,
     but not the compensated value for the later ones (that is W_G + Σ_i (W_i − q_i)·V_iG·V_GG⁻¹
     with V_GG the group's diagonal block of V, see hessian.feedback_factor). Since
-    F_GG = V_GG·diag(V_GG)⁻¹, the compensated columns are W_G + F_GG⁻ᵀ·(wt_G − W_G): one small
+    F_GG = V_GG·diag(V_GG)⁻¹, the compensated columns are W_G + F_GG⁻ᵀ·shift_G: one small
     triangular inverse and one matrix product per group. `original` is W_G (rows, dead ones zero).
     """
-    shift = torch.sub(wt[start:stop], original)
     block = feedback[start:stop, start:stop]
     inverse = torch.linalg.solve_triangular(block, torch.eye(stop - start), upper=True, unitriangular=True)
     return torch.addmm(original, inverse.T, shift)
@@ -224,11 +275,24 @@ def _stacking_runs(heights: list[int]) -> list[list[int]]:
 
 
 def _read_columns(sources: list[Tensor], start: int, stop: int, out: Tensor, dead: Tensor | None) -> Tensor:
-    """Rows [start, stop) of the stacked sources (each (K, n_i)) as float32 into `out`; dead inputs zero."""
+    """Rows [start, stop) of the stacked sources (each (K, n_i)) as float32 into `out`; dead inputs zero.
+
+    A source that is Wᵀ of a row-major W is read in two copies per READ_CHUNK rows: W's columns
+    into a contiguous (n_i, rows) float32 buffer (contiguous runs of W, any dtype), then that
+    buffer's transpose, which torch copies tile by tile; one strided copy straight from Wᵀ
+    measured 6× slower (8.5 ms against 1.4 ms for 128 columns of a 5632×2048 W)."""
     offset = 0
     for source in sources:
-        out[:, offset:offset + source.shape[1]].copy_(source[start:stop])
-        offset += source.shape[1]
+        width = source.shape[1]
+        for a in range(start, stop, READ_CHUNK):
+            b = min(a + READ_CHUNK, stop)
+            target, rows = out[a - start:b - start, offset:offset + width], source[a:b]
+            if rows.stride(0) == 1 and rows.stride(1) != 1:
+                by_row = torch.empty(width, b - a).copy_(rows.T)
+                target.copy_(by_row.T if target.is_contiguous() else by_row.T.contiguous())
+            else:
+                target.copy_(rows)
+        offset += width
     if dead is not None:
         out[dead[start:stop]] = 0.0
     return out
@@ -244,44 +308,58 @@ def _gptq(sources: list[Tensor], spec: QuantSpec, factor: tuple[Tensor, Tensor],
     g = spec.group_size
     feedback, dead_mask = factor
     dead = dead_mask if bool(dead_mask.any()) else None
-    wt = _read_columns(sources, 0, k, torch.empty(k, n), dead)  # Wᵀ (K, N): a private float32 copy, updated in place
+    # Wᵀ (K, N) as float32, updated in place; it starts as zeros, the feedback Σ (W_i − q_i)·F_ij
+    # the columns receive, and a block's rows become the weights (original + feedback) when the
+    # block is read: each column of W is then read once (reading Wᵀ is a transposing copy).
+    wt = torch.zeros(k, n)
     codes = torch.empty(k, n, dtype=torch.uint8)
     bounds = block_bounds(k, g, block_size, per_row)
     longest = max(stop - start for start, stop in bounds)
     # A block's codes as the rounding writes them (float rows), stored as bytes when the block
     # ends: a float32 K×N for every code would be 4× the bytes (0.5 GiB for a 7B LM head).
     staged = torch.empty(longest, n)
-    first = [0]  # the current block's first column
-    block_err = [torch.empty(0, n)]  # the current block's rows of `errors`
     scales = torch.zeros(k // g, n) if per_row else torch.zeros(k, n // g)  # per_row: transposed at the end
     zeros = torch.zeros_like(scales)
+    errors = torch.empty(longest, n)  # a block's original columns, then their errors, row by row
     if per_row:
         groups = _InputGroups(spec, scales, zeros)
 
-        def round_column(col: int, feedback: Tensor = feedback, block_err: list[Tensor] = block_err,
-                         wt: Tensor = wt) -> Tensor:
-            if col % g == 0:  # the group's range, from weights already corrected by earlier columns
-                stop = min(col + g, k)
-                if stop <= first[0] + len(block_err[0]):  # the block's buffer still holds these columns' originals
-                    original = block_err[0][col - first[0]:stop - first[0]]
-                else:  # a group longer than the block
-                    original = _read_columns(sources, col, stop, torch.empty(stop - col, n), dead)
-                groups.start_group(col // g, _group_as_compensated(original, wt, feedback, col, stop))
-            return groups.round(wt[col], staged[col - first[0]])
+        def start_group(col: int, block_err: Tensor, first: int, wt: Tensor = wt) -> None:
+            """The group's range, from weights already corrected by earlier columns."""
+            stop = min(col + g, k)
+            if stop <= first + len(block_err):  # the block's buffer still holds these columns' originals
+                original = block_err[col - first:stop - first]
+                shift = torch.sub(wt[col:stop], original)
+            else:  # a group longer than the block (so it starts with the block): rows past it hold only the feedback
+                original = _read_columns(sources, col, stop, torch.empty(stop - col, n), dead)
+                shift = wt[col:stop].clone()
+                shift[:len(block_err)].sub_(block_err)
+            groups.start_group(col // g, _group_as_compensated(original, shift, feedback, col, stop))
     else:
-        def round_column(col: int, wt: Tensor = wt) -> Tensor:
-            return _round_output_groups(spec, wt[col], staged[col - first[0]], scales[col], zeros[col])
+        def round_column(col: int, first: int, wt: Tensor = wt, staged: Tensor = staged) -> Tensor:
+            return _round_output_groups(spec, wt[col], staged[col - first], scales[col], zeros[col])
 
-    errors = torch.empty(longest, n)  # a block's original columns, then their errors, row by row
     for start, stop in bounds:
-        block_err[0] = _read_columns(sources, start, stop, errors[: stop - start], dead)
-        first[0] = start
+        block_err = _read_columns(sources, start, stop, errors[: stop - start], dead)
+        wt[start:stop].add_(block_err)  # feedback + original: the block's current weights
+        levels = staged[: stop - start]
         with single_threaded():
-            _quantize_block(wt, feedback, start, stop, block_err[0], round_column)
-        codes[start:stop].copy_(staged[: stop - start])  # exact small integers
+            if per_row:
+                _quantize_block_input_groups(wt, feedback, start, stop, block_err, levels, groups, start_group)
+                for g0 in range(start - start % g, stop, g):  # the codes: levels shifted by the zero point
+                    a, b = max(g0, start) - start, min(g0 + g, stop) - start
+                    levels[a:b].add_(zeros[g0 // g])
+            else:
+                _quantize_block(wt, feedback, start, stop, block_err, lambda col: round_column(col, start))
+        codes[start:stop].copy_(levels)  # exact small integers
         if stop < k:  # the lazy batch update: the block's errors reach every later column at once
-            wt[stop:].addmm_(feedback[start:stop, stop:].T, block_err[0])
-    del round_column, errors, block_err, wt  # the float32 K×N goes before the outputs are built
+            wt[stop:].addmm_(feedback[start:stop, stop:].T, block_err)
+    # the float32 K×N (held by the closures' defaults too) goes before the outputs are built
+    if per_row:
+        del start_group
+    else:
+        del round_column
+    del errors, block_err, wt, staged, levels
     out, offset = [], 0
     for width in widths:
         part = slice(offset, offset + width)

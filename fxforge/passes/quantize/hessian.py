@@ -116,6 +116,41 @@ def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01, *, dtype: torch.
     return flip_in_place(transpose_in_place(inverse.mT)).to(torch.float32), dead
 
 
+FACTOR_BLOCK = 256  # columns of V per step of `_upper_lower_factor_in_place`
+
+
+def _upper_lower_factor_in_place(h: Tensor, damp: float) -> Tensor:
+    """V upper triangular with V·Vᵀ = h (the damped Hessian), written over h's upper triangle
+    (the strict lower triangle keeps h); returns h.
+
+    V = P·L·P for L = chol(P·h·P), computed directly, FACTOR_BLOCK columns at a time from the
+    last: each block of columns gets the contributions of the columns after it in one matrix
+    product, its diagonal block one small Cholesky and the rows above it one product with that
+    block's triangular inverse. Nearly all the flops are in the matrix products, which run at
+    BLAS speed: LAPACK's Cholesky of the flipped matrix plus the flips took 0.91 s at K = 5632
+    on one core, this about 0.55 s. Only
+    the upper triangle of h is read, as the flipped form reads it.
+    """
+    k = h.shape[0]
+    for stop in range(k, 0, -FACTOR_BLOCK):
+        start = max(stop - FACTOR_BLOCK, 0)
+        if stop < k:  # columns [stop, k) of V are done: take their part out of h[:stop, start:stop]
+            h[:stop, start:stop].addmm_(h[:stop, stop:], h[start:stop, stop:].T, alpha=-1.0)
+        diagonal = h[start:stop, start:stop]
+        lower, info = torch.linalg.cholesky_ex(diagonal.flip(0, 1))
+        if int(info) != 0:
+            raise torch.linalg.LinAlgError(
+                f"the damped Hessian ({k}×{k}) is not positive definite (leading minor {k - start - int(info) + 1} "
+                f"from the end): raise damp (now {damp}) or give more calibration data")
+        diagonal.copy_(lower.flip(0, 1))  # the upper factor of this block (its strict lower part is cleared later)
+        if start > 0:  # rows above: V[:start, J] · V[J, J]ᵀ = h[:start, J], by the block's inverse and
+            # a matrix product (a triangular solve on these strided rows took 0.21 s of the 0.7 s, this 0.08 s)
+            inverse = torch.linalg.solve_triangular(diagonal.triu(), torch.eye(stop - start), upper=True)
+            rows_above = h[:start, start:stop]
+            rows_above.copy_(rows_above @ inverse.T)
+    return h
+
+
 def feedback_factor(hessian: Tensor, damp: float = 0.01, *, rows: int | None = None) -> tuple[Tensor, Tensor]:
     """(F, mask of dead channels): the error-feedback matrix of GPTQ from ONE Cholesky factorization
     and no inverse. F (K, K) float32 is upper triangular with a unit diagonal, F = V·diag(V)⁻¹,
@@ -129,9 +164,11 @@ def feedback_factor(hessian: Tensor, damp: float = 0.01, *, rows: int | None = N
     original weights fed through F. That skips the triangular inverse (K³ flops against the
     Cholesky's K³/3: 2.1 s → 0.8 s at K = 5632 on one core), and one K×K buffer is the only one.
     """
-    h, lower, dead = _reversed_cholesky_in_place(hessian, damp, torch.float32, rows)
-    del lower
-    # The buffer holds Lᵀ in its upper triangle (row-major) and H below it; V = P·L·P, so
-    # V = (P·buffer·P)ᵀ, upper triangular once the leftover H is cleared.
-    v = transpose_in_place(flip_in_place(h)).triu_()
+    h = hessian.detach().to(torch.float32, copy=True)
+    if rows is not None:
+        h.div_(max(rows, 1))
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
+    v = _upper_lower_factor_in_place(h, damp).triu_()
     return v.div_(v.diagonal().clone()), dead

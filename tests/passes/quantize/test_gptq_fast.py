@@ -5,7 +5,8 @@ import torch
 from gptq_reference import inverse_hessian_factor_reference, quantize_weight_gptq_reference
 
 from fxforge.passes.quantize.gptq import block_bounds, quantize_weight_gptq, quantize_weights_gptq
-from fxforge.passes.quantize.hessian import damped_hessian, flip_in_place, inverse_hessian_factor, transpose_in_place
+from fxforge.passes.quantize.hessian import (damped_hessian, feedback_factor, flip_in_place, inverse_hessian_factor,
+                                             transpose_in_place)
 from fxforge.passes.quantize.rtn import QuantSpec
 
 
@@ -126,6 +127,33 @@ def test_in_place_factor_is_bit_identical_to_the_copying_chain(dead):
     by_gram = quantize_weight_gptq(w, spec, gram, rows=rows)
     by_hessian = quantize_weight_gptq(w, spec, gram / rows)
     assert torch.equal(by_gram.codes, by_hessian.codes) and torch.equal(by_gram.scales, by_hessian.scales)
+
+
+@pytest.mark.parametrize("dead,block", [(0, 48), (5, 48), (5, 256)])
+def test_feedback_factor_is_the_inverse_of_the_reference_factor_with_a_unit_diagonal(dead, block, monkeypatch):
+    """F = V·diag(V)⁻¹ with V = U⁻¹ (U the float64 reference factor of H⁻¹), built block by block
+    from the last column: 200 columns in blocks of 48 (the first one short) and in one block."""
+    import fxforge.passes.quantize.hessian as hessian
+
+    monkeypatch.setattr(hessian, "FACTOR_BLOCK", block)
+    _, h = _problem(1, 200, 300, seed=11, dead=dead)
+    factor, dead_mask = feedback_factor(h * 300, 0.01, rows=300)
+    upper, reference_dead = inverse_hessian_factor_reference(h, 0.01)
+    v = torch.linalg.inv(upper.double())
+    assert torch.equal(dead_mask, reference_dead) and int(dead_mask.sum()) == dead
+    assert torch.equal(factor, factor.triu()) and torch.equal(factor.diagonal(), torch.ones(200))
+    torch.testing.assert_close(factor.double(), v / v.diagonal(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("block", [3, 256])
+def test_a_feedback_factor_of_a_matrix_that_is_not_positive_definite_names_damp(block, monkeypatch):
+    import fxforge.passes.quantize.hessian as hessian
+
+    monkeypatch.setattr(hessian, "FACTOR_BLOCK", block)
+    h = torch.eye(8)
+    h[1, 1] = -4.0  # a negative pivot: in the last of three blocks taken (block 3), or in the only one
+    with pytest.raises(torch.linalg.LinAlgError, match="damp"):
+        feedback_factor(h, 0.0)
 
 
 def test_a_hessian_that_is_not_positive_definite_names_damp():
