@@ -1,0 +1,235 @@
+"""int4 decode variants against onnxruntime-genai's builder model, in interleaved rounds (issue 17, item 5).
+
+Where does fxforge's int4 decode step lose to the bandwidth limit, and which ONNX Runtime knob or
+graph change buys it back? Every variant below is a decoder file plus ONNX Runtime session config
+entries, timed in the same process, in interleaved rounds (each round runs every variant's decode
+`--decode-calls` times at past 128, then one 128-token prefill; the order rotates each round),
+against the builder's int4 model. Each round gives a ratio builder_ms / variant_ms; the table
+reports the median ratio and its spread (min-max over rounds): wall times on a shared machine are
+not comparable across runs, ratios from one round are.
+
+Files come from `bench/cpu_llm.py --keep DIR` (the same TinyLlama-shaped Llama, 4 layers):
+  DIR/fxforge_fp32, fxforge_int4 (default `quantize(bits=4)`), builder_int4, and any
+  fxforge_int4_NAME that cpu_llm's `--variant NAME=PASSES` compiled (g32, g128, sym, ...).
+This script derives the rest: accuracy-level copies (MatMulNBits' `accuracy_level` rewritten) of
+fxforge_int4 and of the builder's file.
+
+Session variants (config keys read out of ONNX Runtime 1.32's binary, `strings`):
+  nospin              session.intra_op.allow_spinning=0
+  force_fp32          mlas.qnbit.force_fp32=1 (MatMulNBits computes in float whatever its level)
+  lut                 mlas.use_lut_gemm=1 (MLAS' table-lookup GEMM)
+  dispatch_<policy>   session.kernel_dispatch_policy=<latency|memory>
+  noprepack           session.disable_prepacking=1 (expected slower: MatMulNBits then repacks per call)
+
+Accuracy of each variant: the relative L2 error of 32 teacher-forced steps' logits against
+fxforge_fp32's, and top-1 agreement with fp32 transformers' greedy tokens (bench/cpu_llm.py's
+measures). "% of limit" divides the weight bytes one decode step reads by the read bandwidth
+`cpu_llm.read_bandwidth` measures at that thread count. `--profile` adds ORT's per-op-type
+profile of one decode step (1 thread) of fxforge_int4 and of the builder's model.
+
+    python bench/cpu_llm.py --layers 4 --threads 1 --rounds 1 --skip ort_int4,fxforge_w8a8,ort_w8a8 \\
+        --variant g32="quantize(bits=4,group_size=32)" --variant g128="quantize(bits=4,group_size=128)" \\
+        --variant sym="quantize(bits=4,sym=True)" --keep out/c17
+    python bench/int4_decode_variants.py --work out/c17 [--threads 1,2] [--rounds 7] [--profile] [--only a,b]
+
+Writes bench/results/int4_decode_variants.json (`--out` to change).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_llm  # noqa: E402  (bandwidth probe, weight bytes, accuracy, profile)
+import llm_e2e as e2e  # noqa: E402  (Decoder, reference tokens)
+
+PEER = "builder"
+
+# name -> (file key under --work, session config entries)
+SESSION_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "fx_nospin": ("fxforge_int4", {"session.intra_op.allow_spinning": "0"}),
+    "fx_force_fp32": ("fxforge_int4", {"mlas.qnbit.force_fp32": "1"}),
+    "fx_lut": ("fxforge_int4", {"mlas.use_lut_gemm": "1"}),
+    "fx_dispatch_latency": ("fxforge_int4", {"session.kernel_dispatch_policy": "latency"}),
+    "fx_dispatch_memory": ("fxforge_int4", {"session.kernel_dispatch_policy": "memory"}),
+    "fx_noprepack": ("fxforge_int4", {"session.disable_prepacking": "1"}),
+    "builder_nospin": ("builder_int4", {"session.intra_op.allow_spinning": "0"}),
+}
+FILE_VARIANTS = {"builder": "builder_int4", "fx": "fxforge_int4", "fx_g32": "fxforge_int4_g32",
+                 "fx_g128": "fxforge_int4_g128", "fx_sym": "fxforge_int4_sym", "fx_sym_g32": "fxforge_int4_sym_g32",
+                 "fx_fp32head": "fxforge_int4_fp32head"}
+ACC_LEVELS = {"fx_acc0": ("fxforge_int4", 0), "fx_acc1": ("fxforge_int4", 1), "fx_acc2": ("fxforge_int4", 2),
+              "builder_acc1": ("builder_int4", 1)}
+
+
+def matmul_nbits_attrs(path: str) -> dict[str, Any]:
+    """Block sizes, accuracy levels, zero points and node count of a file's MatMulNBits."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes]
+    return {"matmulnbits": len(nodes), "nodes": len(model.graph.node),
+            "block_sizes": sorted({a.get("block_size") for a in attrs}),
+            "accuracy_levels": sorted({a.get("accuracy_level", 0) for a in attrs}),
+            "with_zero_points": sum(len(n.input) > 3 and bool(n.input[3]) for n in nodes)}
+
+
+def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
+    """name -> {"onnx", "config"} for every variant whose file exists (or can be derived)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, key in FILE_VARIANTS.items():
+        if (work / key / "model.onnx").exists():
+            out[name] = {"onnx": str(work / key / "model.onnx"), "config": {}}
+    for name, (key, level) in ACC_LEVELS.items():
+        if (work / key / "model.onnx").exists() and (not only or name in only):
+            dst = work / f"{key}_acc{level}" / "model.onnx"
+            if not dst.exists():
+                cpu_llm.with_accuracy_level(str(work / key / "model.onnx"), dst.parent, level)
+                data = work / key / "model.onnx.data"  # the builder's file keeps its weights in a .data file
+                if data.exists() and not (dst.parent / data.name).exists():
+                    os.link(data, dst.parent / data.name)
+            out[name] = {"onnx": str(dst), "config": {}}
+    for name, (key, config) in SESSION_VARIANTS.items():
+        if (work / key / "model.onnx").exists():
+            out[name] = {"onnx": str(work / key / "model.onnx"), "config": config}
+    if only:
+        out = {k: v for k, v in out.items() if k in only or k == PEER}
+    return out
+
+
+def time_rounds(decoders: dict[str, e2e.Decoder], rounds: int, decode_calls: int) -> dict[str, dict[str, Any]]:
+    """Interleaved rounds (rotating order). Per round, a variant's decode time is the fastest of its
+    `decode_calls` calls (on a loaded machine the least disturbed one) and its ratio the builder's
+    time in that round over it; reported: the median over rounds of time and ratio, the ratio's
+    spread (min-max over rounds), and the ratio of the fastest calls of the whole run."""
+    rng = np.random.default_rng(0)
+    names = list(decoders)
+    decode_feeds = {k: d.feed(np.array([[17]]), d.empty_past(e2e.PAST, rng)) for k, d in decoders.items()}
+    prefill_feeds = {k: d.feed(rng.integers(3, 300, (1, e2e.PREFILL)), d.empty_past()) for k, d in decoders.items()}
+    for k, d in decoders.items():  # warm-up: first runs allocate and pick kernels
+        d.time_call(decode_feeds[k])
+        d.time_call(prefill_feeds[k])
+    decode: dict[str, list[float]] = {k: [] for k in names}
+    prefill: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            decode[k].append(min(decoders[k].time_call(decode_feeds[k]) for _ in range(decode_calls)))
+            prefill[k].append(decoders[k].time_call(prefill_feeds[k]))
+    out = {}
+    for k in names:
+        dec_ratios = [p / v for p, v in zip(decode[PEER], decode[k])]
+        pre_ratios = [p / v for p, v in zip(prefill[PEER], prefill[k])]
+        out[k] = {"decode_ms": round(statistics.median(decode[k]), 2), "decode_ms_min": round(min(decode[k]), 2),
+                  "prefill_ms": round(statistics.median(prefill[k]), 1),
+                  "decode_speedup": round(statistics.median(dec_ratios), 3),
+                  "decode_speedup_spread": [round(min(dec_ratios), 3), round(max(dec_ratios), 3)],
+                  "decode_speedup_of_mins": round(min(decode[PEER]) / min(decode[k]), 3),
+                  "prefill_speedup": round(statistics.median(pre_ratios), 3),
+                  "prefill_speedup_spread": [round(min(pre_ratios), 3), round(max(pre_ratios), 3)],
+                  "prefill_speedup_of_mins": round(min(prefill[PEER]) / min(prefill[k]), 3)}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="a bench/cpu_llm.py --keep directory")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--decode-calls", type=int, default=5)
+    parser.add_argument("--only", default="", help="variants to run (the builder always runs), comma-separated")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", default="int4_decode_variants.json")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    work = args.work.resolve()
+    config = json.loads((work / "hf-llama" / "config.json").read_text())
+    cfg = {"kv_heads": config["num_key_value_heads"], "head_dim": config["hidden_size"] // config["num_attention_heads"]}
+    found = variants(work, only)
+    report: dict[str, Any] = {"load_avg_start": os.getloadavg(), "rounds": args.rounds,
+                              "decode_calls": args.decode_calls, "past": e2e.PAST, "prefill": e2e.PREFILL}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, v in found.items():
+        rows[name] = {"config": v["config"], **matmul_nbits_attrs(v["onnx"]),
+                      "decode_weight_bytes": cpu_llm.decode_weight_bytes(v["onnx"])}
+
+    if not args.skip_accuracy:
+        prompt, reference = e2e.reference_tokens(work / "hf-llama", prompt_len=8)
+        fp32 = e2e.Decoder(str(work / "fxforge_fp32" / "model.onnx"), cfg["kv_heads"], cfg["head_dim"], threads=1)
+        fp32_logits = cpu_llm.teacher_forced_logits(fp32, prompt, reference)
+        del fp32
+        for name, v in found.items():
+            try:
+                d = e2e.Decoder(v["onnx"], cfg["kv_heads"], cfg["head_dim"], threads=1, session_config=v["config"])
+                rows[name].update(cpu_llm.accuracy(cpu_llm.teacher_forced_logits(d, prompt, reference), reference,
+                                                   fp32_logits))
+                del d
+            except Exception as exc:  # a config ORT refuses is a result, not a crash
+                rows[name]["status"] = e2e.failure(exc)
+            print(name, rows[name].get("logits_rel_err"), rows[name].get("top1_agreement"),
+                  rows[name].get("status", ""), flush=True)
+
+    report["bandwidth_gb_s"] = {}
+    for t in [int(x) for x in args.threads.split(",")]:
+        bandwidth = cpu_llm.read_bandwidth(t)["best"]
+        report["bandwidth_gb_s"][str(t)] = bandwidth
+        decoders = {}
+        for name, v in found.items():
+            if "status" in rows[name]:
+                continue
+            try:
+                decoders[name] = e2e.Decoder(v["onnx"], cfg["kv_heads"], cfg["head_dim"], threads=t,
+                                             session_config=v["config"])
+            except Exception as exc:
+                rows[name]["status"] = e2e.failure(exc)
+        print(f"timing {list(decoders)} at {t} thread(s), {args.rounds} rounds", flush=True)
+        for name, timing in time_rounds(decoders, args.rounds, args.decode_calls).items():
+            limit_ms = rows[name]["decode_weight_bytes"] / (bandwidth * 1e9) * 1e3
+            timing["pct_of_limit"] = round(100 * limit_ms / timing["decode_ms"], 1)
+            timing["pct_of_limit_at_min"] = round(100 * limit_ms / timing["decode_ms_min"], 1)
+            rows[name].setdefault("timing", {})[str(t)] = timing
+        del decoders
+
+    if args.profile:
+        report["profiles"] = {}
+        for name in ("fx", PEER):
+            if name in found:
+                report["profiles"][name] = cpu_llm.profile_decode(found[name]["onnx"], cfg, work)
+    report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["load_avg_end"] = os.getloadavg()
+    report["rows"] = rows
+    threads = list(report["bandwidth_gb_s"])
+    head = ["variant", "MMNB", "block", "acc", "zp", "MB/token"] + [
+        c for t in threads for c in (f"decode ms med/min @{t}t", f"vs builder @{t}t [spread] of-mins",
+                                     f"% limit med/min @{t}t", f"prefill vs builder @{t}t [spread] of-mins")] + ["logit err", "top-1"]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+    for name, row in rows.items():
+        cells = [name, str(row["matmulnbits"]), str(row["block_sizes"]), str(row["accuracy_levels"]),
+                 str(row["with_zero_points"]), f"{row['decode_weight_bytes'] / 1e6:.0f}"]
+        for t in threads:
+            tm = row.get("timing", {}).get(t)
+            cells += [f"{tm['decode_ms']}/{tm['decode_ms_min']}",
+                      f"{tm['decode_speedup']} {tm['decode_speedup_spread']} {tm['decode_speedup_of_mins']}",
+                      f"{tm['pct_of_limit']}/{tm['pct_of_limit_at_min']}",
+                      f"{tm['prefill_speedup']} {tm['prefill_speedup_spread']} {tm['prefill_speedup_of_mins']}"] \
+                if tm else ["-"] * 4
+        cells += [str(row.get("logits_rel_err", "-")), str(row.get("top1_agreement", "-"))]
+        print("| " + " | ".join(cells) + " |" + (f" {row['status']}" if "status" in row else ""))
+    for name, prof in report.get("profiles", {}).items():
+        top = ", ".join(f"{k} {v['ms']}ms ({v['share']:.0%}, {v['nodes']})" for k, v in list(prof["by_op_type"].items())[:8])
+        print(f"profile {name}: {prof['kernel_ms_per_step']} ms/step in kernels: {top}")
+    e2e.write_results(cpu_llm.RESULTS / args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
