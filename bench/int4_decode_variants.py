@@ -12,7 +12,8 @@ Files come from `bench/cpu_llm.py --keep DIR` (the same TinyLlama-shaped Llama, 
   DIR/fxforge_fp32, fxforge_int4 (default `quantize(bits=4)`), builder_int4, and any
   fxforge_int4_NAME that cpu_llm's `--variant NAME=PASSES` compiled (g32, g128, sym, ...).
 This script derives the rest: accuracy-level copies (MatMulNBits' `accuracy_level` rewritten) of
-fxforge_int4 and of the builder's file.
+fxforge_int4 and of the builder's file, and fx_nobias (fxforge_int4 whose GroupQueryAttention
+takes no attention_bias/position_ids, as the builder's: exact only without padding).
 
 Session variants (config keys read out of ONNX Runtime 1.32's binary, `strings`):
   nospin              session.intra_op.allow_spinning=0
@@ -42,6 +43,7 @@ import os
 import resource
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,26 @@ def matmul_nbits_attrs(path: str) -> dict[str, Any]:
             "with_zero_points": sum(len(n.input) > 3 and bool(n.input[3]) for n in nodes)}
 
 
+def without_attention_bias(src: str, out: Path) -> str:
+    """A copy of `src` whose GroupQueryAttention nodes get no attention_bias (input 10) nor
+    position_ids (input 9): the builder's form. Exact only without padding (the bench feeds none);
+    it measures what fxforge's padding support costs the decode step."""
+    import onnx
+
+    model = onnx.load(src, load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            for i in (9, 10):
+                if len(node.input) > i:
+                    node.input[i] = ""
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(src).parent / "model.onnx.data"
+    if data.exists() and not (out / data.name).exists():
+        os.link(data, out / data.name)  # same initializers, same external file
+    onnx.save_model(model, str(out / "model.onnx"))
+    return str(out / "model.onnx")
+
+
 def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
     """name -> {"onnx", "config"} for every variant whose file exists (or can be derived)."""
     out: dict[str, dict[str, Any]] = {}
@@ -98,6 +120,11 @@ def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
                 if data.exists() and not (dst.parent / data.name).exists():
                     os.link(data, dst.parent / data.name)
             out[name] = {"onnx": str(dst), "config": {}}
+    if (work / "fxforge_int4" / "model.onnx").exists() and (not only or "fx_nobias" in only):
+        dst = work / "fxforge_int4_nobias" / "model.onnx"
+        if not dst.exists():
+            without_attention_bias(str(work / "fxforge_int4" / "model.onnx"), dst.parent)
+        out["fx_nobias"] = {"onnx": str(dst), "config": {}}
     for name, (key, config) in SESSION_VARIANTS.items():
         if (work / key / "model.onnx").exists():
             out[name] = {"onnx": str(work / key / "model.onnx"), "config": config}
@@ -106,36 +133,52 @@ def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def time_rounds(decoders: dict[str, e2e.Decoder], rounds: int, decode_calls: int) -> dict[str, dict[str, Any]]:
+def _cpu_clock(threads: int):
+    """The CPU clock that measures a call's own work on a loaded machine: at 1 thread ORT runs the
+    kernels on the calling thread (time.thread_time: preemption excluded); with a pool, the
+    process's CPU time (all threads; spinning workers count, so read it with spinning off)."""
+    return time.thread_time if threads == 1 else time.process_time
+
+
+def time_rounds(decoders: dict[str, e2e.Decoder], rounds: int, decode_calls: int,
+                threads: int) -> dict[str, dict[str, Any]]:
     """Interleaved rounds (rotating order). Per round, a variant's decode time is the fastest of its
     `decode_calls` calls (on a loaded machine the least disturbed one) and its ratio the builder's
     time in that round over it; reported: the median over rounds of time and ratio, the ratio's
-    spread (min-max over rounds), and the ratio of the fastest calls of the whole run."""
+    spread (min-max over rounds), and the ratio of the fastest calls of the whole run; the same for
+    CPU time (`_cpu_clock`), the measure that survives a loaded machine."""
     rng = np.random.default_rng(0)
     names = list(decoders)
+    cpu = _cpu_clock(threads)
     decode_feeds = {k: d.feed(np.array([[17]]), d.empty_past(e2e.PAST, rng)) for k, d in decoders.items()}
     prefill_feeds = {k: d.feed(rng.integers(3, 300, (1, e2e.PREFILL)), d.empty_past()) for k, d in decoders.items()}
     for k, d in decoders.items():  # warm-up: first runs allocate and pick kernels
         d.time_call(decode_feeds[k])
         d.time_call(prefill_feeds[k])
-    decode: dict[str, list[float]] = {k: [] for k in names}
-    prefill: dict[str, list[float]] = {k: [] for k in names}
+
+    def call(k: str, feeds: dict[str, np.ndarray]) -> tuple[float, float]:
+        wall, c = time.perf_counter(), cpu()
+        decoders[k].session.run(None, feeds)
+        return (time.perf_counter() - wall) * 1e3, (cpu() - c) * 1e3
+
+    samples: dict[str, dict[str, list[float]]] = {k: {m: [] for m in ("decode", "decode_cpu", "prefill", "prefill_cpu")}
+                                                  for k in names}
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            decode[k].append(min(decoders[k].time_call(decode_feeds[k]) for _ in range(decode_calls)))
-            prefill[k].append(decoders[k].time_call(prefill_feeds[k]))
-    out = {}
+            calls = [call(k, decode_feeds[k]) for _ in range(decode_calls)]
+            samples[k]["decode"].append(min(w for w, _ in calls))
+            samples[k]["decode_cpu"].append(min(c for _, c in calls))
+            wall, c = call(k, prefill_feeds[k])
+            samples[k]["prefill"].append(wall)
+            samples[k]["prefill_cpu"].append(c)
+    out: dict[str, dict[str, Any]] = {k: {} for k in names}
     for k in names:
-        dec_ratios = [p / v for p, v in zip(decode[PEER], decode[k])]
-        pre_ratios = [p / v for p, v in zip(prefill[PEER], prefill[k])]
-        out[k] = {"decode_ms": round(statistics.median(decode[k]), 2), "decode_ms_min": round(min(decode[k]), 2),
-                  "prefill_ms": round(statistics.median(prefill[k]), 1),
-                  "decode_speedup": round(statistics.median(dec_ratios), 3),
-                  "decode_speedup_spread": [round(min(dec_ratios), 3), round(max(dec_ratios), 3)],
-                  "decode_speedup_of_mins": round(min(decode[PEER]) / min(decode[k]), 3),
-                  "prefill_speedup": round(statistics.median(pre_ratios), 3),
-                  "prefill_speedup_spread": [round(min(pre_ratios), 3), round(max(pre_ratios), 3)],
-                  "prefill_speedup_of_mins": round(min(prefill[PEER]) / min(prefill[k]), 3)}
+        for m, values in samples[k].items():
+            ratios = [p / v for p, v in zip(samples[PEER][m], values)]
+            out[k].update({f"{m}_ms": round(statistics.median(values), 2), f"{m}_ms_min": round(min(values), 2),
+                           f"{m}_speedup": round(statistics.median(ratios), 3),
+                           f"{m}_speedup_spread": [round(min(ratios), 3), round(max(ratios), 3)],
+                           f"{m}_speedup_of_mins": round(min(samples[PEER][m]) / min(values), 3)})
     return out
 
 
@@ -148,6 +191,9 @@ def main() -> int:
     parser.add_argument("--only", default="", help="variants to run (the builder always runs), comma-separated")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--bandwidth", default="", metavar="T=GB_S,...",
+                        help="read bandwidth measured idle (cpu_llm.py's probe), e.g. 1=16.35,2=31.94: on a loaded "
+                             "machine the probe reads low and would overstate %% of limit; the higher one is used")
     parser.add_argument("--out", default="int4_decode_variants.json")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -180,8 +226,10 @@ def main() -> int:
 
     report["bandwidth_gb_s"] = {}
     for t in [int(x) for x in args.threads.split(",")]:
-        bandwidth = cpu_llm.read_bandwidth(t)["best"]
-        report["bandwidth_gb_s"][str(t)] = bandwidth
+        probe = cpu_llm.read_bandwidth(t)["best"]
+        given = dict(b.split("=") for b in filter(None, args.bandwidth.split(",")))
+        bandwidth = max(probe, float(given.get(str(t), 0)))  # the limit stays a bound no reader beat
+        report["bandwidth_gb_s"][str(t)] = {"probe_now": probe, "given": given.get(str(t)), "used": bandwidth}
         decoders = {}
         for name, v in found.items():
             if "status" in rows[name]:
@@ -192,10 +240,11 @@ def main() -> int:
             except Exception as exc:
                 rows[name]["status"] = e2e.failure(exc)
         print(f"timing {list(decoders)} at {t} thread(s), {args.rounds} rounds", flush=True)
-        for name, timing in time_rounds(decoders, args.rounds, args.decode_calls).items():
+        for name, timing in time_rounds(decoders, args.rounds, args.decode_calls, t).items():
             limit_ms = rows[name]["decode_weight_bytes"] / (bandwidth * 1e9) * 1e3
-            timing["pct_of_limit"] = round(100 * limit_ms / timing["decode_ms"], 1)
-            timing["pct_of_limit_at_min"] = round(100 * limit_ms / timing["decode_ms_min"], 1)
+            timing["limit_ms"] = round(limit_ms, 2)
+            for m in ("decode", "decode_cpu"):
+                timing[f"pct_of_limit_{m}"] = round(100 * limit_ms / timing[f"{m}_ms"], 1)
             rows[name].setdefault("timing", {})[str(t)] = timing
         del decoders
 
@@ -209,19 +258,20 @@ def main() -> int:
     report["rows"] = rows
     threads = list(report["bandwidth_gb_s"])
     head = ["variant", "MMNB", "block", "acc", "zp", "MB/token"] + [
-        c for t in threads for c in (f"decode ms med/min @{t}t", f"vs builder @{t}t [spread] of-mins",
-                                     f"% limit med/min @{t}t", f"prefill vs builder @{t}t [spread] of-mins")] + ["logit err", "top-1"]
+        c for t in threads for c in (f"decode ms wall/cpu @{t}t", f"vs builder wall @{t}t [spread]",
+                                     f"vs builder cpu @{t}t [spread]", f"% limit wall/cpu @{t}t",
+                                     f"prefill vs builder wall/cpu @{t}t")] + ["logit err", "top-1"]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for name, row in rows.items():
         cells = [name, str(row["matmulnbits"]), str(row["block_sizes"]), str(row["accuracy_levels"]),
                  str(row["with_zero_points"]), f"{row['decode_weight_bytes'] / 1e6:.0f}"]
         for t in threads:
             tm = row.get("timing", {}).get(t)
-            cells += [f"{tm['decode_ms']}/{tm['decode_ms_min']}",
-                      f"{tm['decode_speedup']} {tm['decode_speedup_spread']} {tm['decode_speedup_of_mins']}",
-                      f"{tm['pct_of_limit']}/{tm['pct_of_limit_at_min']}",
-                      f"{tm['prefill_speedup']} {tm['prefill_speedup_spread']} {tm['prefill_speedup_of_mins']}"] \
-                if tm else ["-"] * 4
+            cells += [f"{tm['decode_ms']}/{tm['decode_cpu_ms']}",
+                      f"{tm['decode_speedup']} {tm['decode_speedup_spread']}",
+                      f"{tm['decode_cpu_speedup']} {tm['decode_cpu_speedup_spread']}",
+                      f"{tm['pct_of_limit_decode']}/{tm['pct_of_limit_decode_cpu']}",
+                      f"{tm['prefill_speedup']}/{tm['prefill_cpu_speedup']}"] if tm else ["-"] * 5
         cells += [str(row.get("logits_rel_err", "-")), str(row.get("top1_agreement", "-"))]
         print("| " + " | ".join(cells) + " |" + (f" {row['status']}" if "status" in row else ""))
     for name, prof in report.get("profiles", {}).items():
