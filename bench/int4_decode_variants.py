@@ -85,7 +85,7 @@ def matmul_nbits_attrs(path: str) -> dict[str, Any]:
             "with_zero_points": sum(len(n.input) > 3 and bool(n.input[3]) for n in nodes)}
 
 
-def without_attention_bias(src: str, out: Path) -> str:
+def without_attention_bias(src: str, dst: Path) -> str:
     """A copy of `src` whose GroupQueryAttention nodes get no attention_bias (input 10) nor
     position_ids (input 9): the builder's form. Exact only without padding (the bench feeds none);
     it measures what fxforge's padding support costs the decode step."""
@@ -97,12 +97,8 @@ def without_attention_bias(src: str, out: Path) -> str:
             for i in (9, 10):
                 if len(node.input) > i:
                     node.input[i] = ""
-    out.mkdir(parents=True, exist_ok=True)
-    data = Path(src).parent / "model.onnx.data"
-    if data.exists() and not (out / data.name).exists():
-        os.link(data, out / data.name)  # same initializers, same external file
-    onnx.save_model(model, str(out / "model.onnx"))
-    return str(out / "model.onnx")
+    onnx.save_model(model, str(dst))  # next to `src`: the same external data file, not a copy
+    return str(dst)
 
 
 def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
@@ -115,15 +111,12 @@ def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
         if (work / key / "model.onnx").exists() and (not only or name in only):
             dst = work / f"{key}_acc{level}" / "model.onnx"
             if not dst.exists():
-                cpu_llm.with_accuracy_level(str(work / key / "model.onnx"), dst.parent, level)
-                data = work / key / "model.onnx.data"  # the builder's file keeps its weights in a .data file
-                if data.exists() and not (dst.parent / data.name).exists():
-                    os.link(data, dst.parent / data.name)
+                cpu_llm.with_accuracy_level(str(work / key / "model.onnx"), dst.parent, level)  # weights inline
             out[name] = {"onnx": str(dst), "config": {}}
     if (work / "fxforge_int4" / "model.onnx").exists() and (not only or "fx_nobias" in only):
-        dst = work / "fxforge_int4_nobias" / "model.onnx"
+        dst = work / "fxforge_int4" / "model_nobias.onnx"
         if not dst.exists():
-            without_attention_bias(str(work / "fxforge_int4" / "model.onnx"), dst.parent)
+            without_attention_bias(str(work / "fxforge_int4" / "model.onnx"), dst)
         out["fx_nobias"] = {"onnx": str(dst), "config": {}}
     for name, (key, config) in SESSION_VARIANTS.items():
         if (work / key / "model.onnx").exists():
