@@ -32,6 +32,7 @@ profile of one decode step (1 thread) of fxforge_int4 and of the builder's model
         --variant g32="quantize(bits=4,group_size=32)" --variant g128="quantize(bits=4,group_size=128)" \\
         --variant sym="quantize(bits=4,sym=True)" --keep out/c17
     python bench/int4_decode_variants.py --work out/c17 [--threads 1,2] [--rounds 7] [--profile] [--only a,b]
+    python bench/int4_decode_variants.py --kernels 40 --out int4_kernel_ceiling.json   # MatMulNBits alone
 
 Writes bench/results/int4_decode_variants.json (`--out` to change).
 """
@@ -175,9 +176,63 @@ def time_rounds(decoders: dict[str, e2e.Decoder], rounds: int, decode_calls: int
     return out
 
 
+# One decoder layer of fxforge's int4 graph (K, N): q/k/v fused, o, gate/up fused, down; and the LM head.
+FUSED_LAYER = [(2048, 2560), (2048, 2048), (2048, 11264), (5632, 2048)]
+KERNELS = [(b, sym, 4) for b in (32, 64, 128, 256) for sym in (True, False)] + [(64, False, 1)]
+
+
+def fp32_matmul_model(shapes: list[tuple[int, int]]) -> tuple[bytes, list[int], int]:
+    """The same products as plain fp32 MatMul (the kernel the fp32 decoder streams with)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, outs = [], [], []
+    for i, (k, n) in enumerate(shapes):
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    widths = sorted({k for k, _ in shapes})
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k])
+                                           for k in widths], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return model.SerializeToString(), widths, sum(4 * k * n for k, n in shapes)
+
+
+def kernel_ceiling(rounds: int) -> dict[str, dict[str, float]]:
+    """MatMulNBits alone at the decoder's shapes (one fused layer + the LM head, batch 1, 1 thread)
+    per (block, symmetric, accuracy level), and fp32 MatMul at the same shapes: the fastest call's
+    CPU time (thread_time: ORT runs one thread's kernels on the caller) and the bytes it read per
+    CPU second. The ceiling any int4 decoder on these kernels can reach, whatever the graph."""
+    import onnxruntime as ort
+
+    shapes = FUSED_LAYER + cpu_llm.HEAD_SHAPE
+    builds = {f"int4 g{b} {'sym' if sym else 'asym'} acc{level}": cpu_llm.matmul_nbits_model(shapes, b, sym, level)
+              for b, sym, level in KERNELS}
+    builds["fp32 MatMul"] = fp32_matmul_model(shapes)
+    sessions = {}
+    for key, (data, widths, nbytes) in builds.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        feeds = {f"x{k}": np.random.default_rng(1).standard_normal((1, k), dtype=np.float32) for k in widths}
+        session.run(None, feeds)
+        sessions[key] = (session, feeds, nbytes)
+    cpu: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for key, (session, feeds, _) in sessions.items():
+            start = time.thread_time()
+            session.run(None, feeds)
+            cpu[key].append(time.thread_time() - start)
+    return {k: {"cpu_ms_min": round(min(v) * 1e3, 3), "cpu_ms_median": round(statistics.median(v) * 1e3, 3),
+                "MB": round(sessions[k][2] / 1e6, 1), "GB_per_cpu_s": round(sessions[k][2] / min(v) / 1e9, 2)}
+            for k, v in cpu.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="a bench/cpu_llm.py --keep directory")
+    parser.add_argument("--work", type=Path, help="a bench/cpu_llm.py --keep directory")
+    parser.add_argument("--kernels", type=int, metavar="ROUNDS", default=0,
+                        help="only the MatMulNBits kernel ceiling (kernel_ceiling), this many rounds")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--decode-calls", type=int, default=5)
@@ -189,6 +244,14 @@ def main() -> int:
                              "machine the probe reads low and would overstate %% of limit; the higher one is used")
     parser.add_argument("--out", default="int4_decode_variants.json")
     args = parser.parse_args()
+    if args.kernels:
+        table = kernel_ceiling(args.kernels)
+        for key, v in table.items():
+            print(f"{key:22s} {v['MB']:6.1f} MB  cpu min {v['cpu_ms_min']:7.3f} ms  median {v['cpu_ms_median']:7.3f} ms"
+                  f"  {v['GB_per_cpu_s']:5.2f} GB per CPU second")
+        e2e.write_results(cpu_llm.RESULTS / args.out, {"load_avg": os.getloadavg(), "rounds": args.kernels,
+                                                       "kernels": table})
+        return 0
     only = set(filter(None, args.only.split(",")))
     work = args.work.resolve()
     config = json.loads((work / "hf-llama" / "config.json").read_text())
