@@ -127,6 +127,14 @@ def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def replicate(found: dict[str, dict[str, Any]], copies: int) -> dict[str, dict[str, Any]]:
+    """Each variant `copies` times (NAME, NAME#2, ...): separate sessions, separate weight buffers.
+    On this VM one session of a file can run ~10% faster than another of the same file for the
+    whole run (builder vs builder_nospin at 1 thread, where spinning does nothing), so a ratio
+    between two single sessions carries that placement luck; several copies average it out."""
+    return {f"{name}#{i}" if i > 1 else name: v for name, v in found.items() for i in range(1, copies + 1)}
+
+
 def _cpu_clock(threads: int):
     """The CPU clock that measures a call's own work on a loaded machine: at 1 thread ORT runs the
     kernels on the calling thread (time.thread_time: preemption excluded); with a pool, the
@@ -135,7 +143,7 @@ def _cpu_clock(threads: int):
 
 
 def time_rounds(decoders: dict[str, e2e.Decoder], rounds: int, decode_calls: int,
-                threads: int) -> dict[str, dict[str, Any]]:
+                threads: int, prefill_calls: bool = True) -> dict[str, dict[str, Any]]:
     """Interleaved rounds (rotating order). Per round, a variant's decode time is the fastest of its
     `decode_calls` calls (on a loaded machine the least disturbed one) and its ratio the builder's
     time in that round over it; reported: the median over rounds of time and ratio, the ratio's
@@ -162,12 +170,15 @@ def time_rounds(decoders: dict[str, e2e.Decoder], rounds: int, decode_calls: int
             calls = [call(k, decode_feeds[k]) for _ in range(decode_calls)]
             samples[k]["decode"].append(min(w for w, _ in calls))
             samples[k]["decode_cpu"].append(min(c for _, c in calls))
-            wall, c = call(k, prefill_feeds[k])
-            samples[k]["prefill"].append(wall)
-            samples[k]["prefill_cpu"].append(c)
+            if prefill_calls:
+                wall, c = call(k, prefill_feeds[k])
+                samples[k]["prefill"].append(wall)
+                samples[k]["prefill_cpu"].append(c)
     out: dict[str, dict[str, Any]] = {k: {} for k in names}
     for k in names:
         for m, values in samples[k].items():
+            if not values:
+                continue
             ratios = [p / v for p, v in zip(samples[PEER][m], values)]
             out[k].update({f"{m}_ms": round(statistics.median(values), 2), f"{m}_ms_min": round(min(values), 2),
                            f"{m}_speedup": round(statistics.median(ratios), 3),
@@ -238,6 +249,8 @@ def main() -> int:
     parser.add_argument("--decode-calls", type=int, default=5)
     parser.add_argument("--only", default="", help="variants to run (the builder always runs), comma-separated")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--no-prefill", action="store_true", help="time decode only")
+    parser.add_argument("--replicas", type=int, default=1, help="sessions per variant (see `replicate`)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--bandwidth", default="", metavar="T=GB_S,...",
                         help="read bandwidth measured idle (cpu_llm.py's probe), e.g. 1=16.35,2=31.94: on a loaded "
@@ -257,6 +270,7 @@ def main() -> int:
     config = json.loads((work / "hf-llama" / "config.json").read_text())
     cfg = {"kv_heads": config["num_key_value_heads"], "head_dim": config["hidden_size"] // config["num_attention_heads"]}
     found = variants(work, only)
+    found = replicate(found, args.replicas)
     report: dict[str, Any] = {"load_avg_start": os.getloadavg(), "rounds": args.rounds,
                               "decode_calls": args.decode_calls, "past": e2e.PAST, "prefill": e2e.PREFILL}
     rows: dict[str, dict[str, Any]] = {}
@@ -296,7 +310,7 @@ def main() -> int:
             except Exception as exc:
                 rows[name]["status"] = e2e.failure(exc)
         print(f"timing {list(decoders)} at {t} thread(s), {args.rounds} rounds", flush=True)
-        for name, timing in time_rounds(decoders, args.rounds, args.decode_calls, t).items():
+        for name, timing in time_rounds(decoders, args.rounds, args.decode_calls, t, not args.no_prefill).items():
             limit_ms = rows[name]["decode_weight_bytes"] / (bandwidth * 1e9) * 1e3
             timing["limit_ms"] = round(limit_ms, 2)
             for m in ("decode", "decode_cpu"):
@@ -327,7 +341,7 @@ def main() -> int:
                       f"{tm['decode_speedup']} {tm['decode_speedup_spread']}",
                       f"{tm['decode_cpu_speedup']} {tm['decode_cpu_speedup_spread']}",
                       f"{tm['pct_of_limit_decode']}/{tm['pct_of_limit_decode_cpu']}",
-                      f"{tm['prefill_speedup']}/{tm['prefill_cpu_speedup']}"] if tm else ["-"] * 5
+                      f"{tm.get('prefill_speedup', '-')}/{tm.get('prefill_cpu_speedup', '-')}"] if tm else ["-"] * 5
         cells += [str(row.get("logits_rel_err", "-")), str(row.get("top1_agreement", "-"))]
         print("| " + " | ".join(cells) + " |" + (f" {row['status']}" if "status" in row else ""))
     for name, prof in report.get("profiles", {}).items():
