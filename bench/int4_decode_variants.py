@@ -12,8 +12,9 @@ Files come from `bench/cpu_llm.py --keep DIR` (the same TinyLlama-shaped Llama, 
   DIR/fxforge_fp32, fxforge_int4 (default `quantize(bits=4)`), builder_int4, and any
   fxforge_int4_NAME that cpu_llm's `--variant NAME=PASSES` compiled (g32, g128, sym, ...).
 This script derives the rest: accuracy-level copies (MatMulNBits' `accuracy_level` rewritten) of
-fxforge_int4 and of the builder's file, and fx_nobias (fxforge_int4 whose GroupQueryAttention
-takes no attention_bias/position_ids, as the builder's: exact only without padding).
+fxforge_int4 and of the builder's file, and fx_nobias / fx_nobias_only / fx_noposids
+(fxforge_int4 whose GroupQueryAttention takes no attention_bias and/or position_ids, as the
+builder's: exact only without padding). `--replicas N` times N sessions of each variant.
 
 Session variants (config keys read out of ONNX Runtime 1.32's binary, `strings`):
   nospin              session.intra_op.allow_spinning=0
@@ -86,7 +87,7 @@ def matmul_nbits_attrs(path: str) -> dict[str, Any]:
             "with_zero_points": sum(len(n.input) > 3 and bool(n.input[3]) for n in nodes)}
 
 
-def without_attention_bias(src: str, dst: Path) -> str:
+def without_attention_bias(src: str, dst: Path, inputs: tuple[int, ...] = (9, 10)) -> str:
     """A copy of `src` whose GroupQueryAttention nodes get no attention_bias (input 10) nor
     position_ids (input 9): the builder's form. Exact only without padding (the bench feeds none);
     it measures what fxforge's padding support costs the decode step."""
@@ -95,7 +96,7 @@ def without_attention_bias(src: str, dst: Path) -> str:
     model = onnx.load(src, load_external_data=False)
     for node in model.graph.node:
         if node.op_type == "GroupQueryAttention":
-            for i in (9, 10):
+            for i in inputs:
                 if len(node.input) > i:
                     node.input[i] = ""
     onnx.save_model(model, str(dst))  # next to `src`: the same external data file, not a copy
@@ -114,11 +115,13 @@ def variants(work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
             if not dst.exists():
                 cpu_llm.with_accuracy_level(str(work / key / "model.onnx"), dst.parent, level)  # weights inline
             out[name] = {"onnx": str(dst), "config": {}}
-    if (work / "fxforge_int4" / "model.onnx").exists() and (not only or "fx_nobias" in only):
-        dst = work / "fxforge_int4" / "model_nobias.onnx"
-        if not dst.exists():
-            without_attention_bias(str(work / "fxforge_int4" / "model.onnx"), dst)
-        out["fx_nobias"] = {"onnx": str(dst), "config": {}}
+    # GroupQueryAttention inputs dropped: both, attention_bias (10) only, position_ids (9) only
+    for name, dropped in (("fx_nobias", (9, 10)), ("fx_nobias_only", (10,)), ("fx_noposids", (9,))):
+        if (work / "fxforge_int4" / "model.onnx").exists() and (not only or name in only):
+            dst = work / "fxforge_int4" / f"model_{name[3:]}.onnx"
+            if not dst.exists():
+                without_attention_bias(str(work / "fxforge_int4" / "model.onnx"), dst, dropped)
+            out[name] = {"onnx": str(dst), "config": {}}
     for name, (key, config) in SESSION_VARIANTS.items():
         if (work / key / "model.onnx").exists():
             out[name] = {"onnx": str(work / key / "model.onnx"), "config": config}
