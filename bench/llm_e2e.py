@@ -193,11 +193,13 @@ class Decoder:
     """A plain onnxruntime session fed by input names (conventional KV decoder names)."""
 
     def __init__(self, path: str, kv_heads: int, head_dim: int, threads: int = 1,
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, session_config: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():  # ORT config keys (bench/int4_decode_variants.py)
+            opts.add_session_config_entry(key, value)
         if profile_prefix:  # ORT's per-node profile (bench/cpu_llm.py reads it)
             opts.enable_profiling = True
             opts.profile_file_prefix = profile_prefix
