@@ -148,7 +148,7 @@ def dequantize_wq(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, gro
     # `(codes - zero) * scale` held three N x K float32 tensors at once (for an LM head, most of
     # an eager int4 run's peak).
     # unpacked contiguous in uint8 (`unpack_bits`), then converted into the float32 buffer: writing
-    # the codes through strided float32 views instead was 2x slower. Most of what remains is the
+    # the codes through strided float32 views instead was slower. Most of what remains is the
     # first touch of that fresh buffer, which verification pays once per weight (dequantize_cache).
     weight = torch.empty(n, k, dtype=torch.float32, device=qweight.device)
     weight.copy_(unpack_bits(qweight, bits, k) if bits != 8 else qweight)
