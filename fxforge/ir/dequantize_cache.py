@@ -31,26 +31,28 @@ class _Cache:
         self.used = 0
         self.hits = 0
         self.misses = 0
-        # id(first tensor) -> (weak refs and versions of every keyed tensor, extra key, result)
-        self.entries: dict[int, tuple[tuple, tuple, Tensor]] = {}
+        # (id(first tensor), extra key) -> (weak refs and versions of every keyed tensor, result):
+        # `extra` is part of the key so that the row slices of one large weight (`linear_wq`'s
+        # `row_chunks`) are entries of their own
+        self.entries: dict[tuple[int, tuple], tuple[tuple, Tensor]] = {}
 
     def lookup(self, tensors: tuple[Tensor, ...], extra: tuple, compute: Callable[[], Tensor]) -> Tensor:
-        state = tuple((weakref.ref(t), t._version) for t in tensors)
-        entry = self.entries.get(id(tensors[0]))
+        key = (id(tensors[0]), extra)
+        entry = self.entries.get(key)
         if entry is not None:
-            seen, seen_extra, result = entry
-            if seen_extra == extra and len(seen) == len(state) and all(
+            seen, result = entry
+            if len(seen) == len(tensors) and all(
                     ref() is t and version == t._version for (ref, version), t in zip(seen, tensors)):
                 self.hits += 1
                 return result
         self.misses += 1
         result = compute()
         size = result.numel() * result.element_size()
-        if entry is not None:  # a stale entry for this id: replaced (or dropped if it cannot be)
-            self.used -= entry[2].numel() * entry[2].element_size()
-            del self.entries[id(tensors[0])]
+        if entry is not None:  # a stale entry for this key: replaced (or dropped if it cannot be)
+            self.used -= entry[1].numel() * entry[1].element_size()
+            del self.entries[key]
         if self.used + size <= self.budget:
-            self.entries[id(tensors[0])] = (state, extra, result)
+            self.entries[key] = (tuple((weakref.ref(t), t._version) for t in tensors), result)
             self.used += size
         return result
 

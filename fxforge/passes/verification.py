@@ -103,11 +103,13 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
         verification.note = "; ".join(filter(None, [
             f"checked with activations unrounded ({', '.join(rounding)} round them: a reordered "
             "sum or a cached step may land one step away; the loss is measured as they round)", verification.note]))
-    # An exact pass runs the same packed weights several times (before and after, per shape):
-    # each is dequantized once. Not beside a semantics reference, which already holds a float
-    # copy of every weight the pass replaced (the two together would double the peak).
+    # An exact pass runs the same packed weights several times (before and after, per shape), and
+    # a quantizing pass its packed result once per shape: each is dequantized once. Not beside a
+    # semantics reference that holds dense float weights (`Semantics.weights`: the two together
+    # would double the peak); a claim made of `linears` (quantize's codes, built per call) holds
+    # none.
     reuse = contextlib.ExitStack()
-    if reference is None:
+    if reference is None or not result.semantics.weights:
         reuse.enter_context(reuse_dequantized())
     try:
         for index, inputs in enumerate(shapes):

@@ -85,3 +85,33 @@ def test_an_exact_pass_verification_dequantizes_each_weight_once(counted):
     counted[0] = 0
     run_pass(get_pass_class("fuse_attention")(), quantized, ctx)
     assert counted[0] == sites
+
+
+def test_row_slices_of_a_large_weight_are_kept_each(counted, monkeypatch):
+    """A weight larger than DENSE_CHUNK_BYTES (an LM head) is dequantized a slice of rows at a
+    time; inside the block each slice is kept, bit for bit what the uncached call gives."""
+    monkeypatch.setattr(linear_wq_module, "DENSE_CHUNK_BYTES", 4 * 64 * 5)  # 5 rows a slice: 4 slices
+    q, s, z = _packed()
+    x = torch.randn(3, 64)
+    fresh = linear_wq(x, q, s, z, None, 4, 32)
+    assert counted[0] == 4
+    with reuse_dequantized() as cache:
+        first = linear_wq(x, q, s, z, None, 4, 32)
+        second = linear_wq(x, q, s, z, None, 4, 32)
+        assert cache.misses == 4 and cache.hits == 4 and cache.used == 16 * 64 * 4
+    assert counted[0] == 8 and torch.equal(first, fresh) and torch.equal(second, fresh)
+
+
+def test_a_quantizing_pass_verification_dequantizes_its_result_once(counted):
+    """quantize's result runs at two shapes against its claim (built from the codes, not through
+    linear_wq): each packed weight of the result is dequantized once."""
+    from verification_helpers import traced_tinyllama
+
+    from fxforge.ir.graph import nodes_by_op
+    from fxforge.passes.pipeline import run_pass
+    from fxforge.passes.quantize import Quantize
+
+    _, _, gm, ctx = traced_tinyllama(128)
+    quantized = run_pass(Quantize(bits=4), gm, ctx)
+    sites = len(list(nodes_by_op(quantized, torch.ops.fxforge.linear_wq.default)))
+    assert sites == 15 and counted[0] == sites

@@ -85,11 +85,23 @@ def unpack_bits(packed: Tensor, bits: int, k: int) -> Tensor:
         )
     if bits == 8:
         return packed.clone()
-    # Shifted in uint8 (right shifts only, nothing is lost): a quarter of the int32 form's memory
-    # traffic, and this runs on every eager call of the op (verification runs it per pass).
-    shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(packed.shape[0], k)
+    codes = torch.empty(packed.shape[0], k, dtype=torch.uint8, device=packed.device)
+    _unpack_into(packed, bits, codes)
+    return codes
+
+
+def _unpack_into(packed: Tensor, bits: int, out: Tensor) -> None:
+    """Write the codes of `packed` (N, k*bits//8) into `out` (N, k), uint8.
+
+    One code position per op, shifted by a Python int (uint8, right shifts only, nothing is
+    lost): a scalar shift is a vectorized kernel, 3x faster than one broadcast tensor of shifts.
+    This runs on every eager call of the op (verification runs it several times per pass).
+    """
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    slots = out.view(packed.shape[0], packed.shape[1], per_byte)
+    for j in range(per_byte):
+        code = packed if j == 0 else packed >> (j * bits)
+        slots[..., j] = code if j == per_byte - 1 else code & mask
 
 
 def check_wq_args(
@@ -135,9 +147,14 @@ def dequantize_wq(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, gro
     # zeros repeated to (N, K)), in place on the one float32 buffer the result needs:
     # `(codes - zero) * scale` held three N x K float32 tensors at once (for an LM head, most of
     # an eager int4 run's peak).
-    weight = unpack_bits(qweight, bits, k).reshape(n, groups, group_size).to(torch.float32)
-    weight.sub_(zeros.to(torch.float32).unsqueeze(-1)).mul_(scales.to(torch.float32).unsqueeze(-1))
-    return weight.reshape(n, k)
+    # unpacked contiguous in uint8 (`unpack_bits`), then converted into the float32 buffer: writing
+    # the codes through strided float32 views instead was slower. Most of what remains is the
+    # first touch of that fresh buffer, which verification pays once per weight (dequantize_cache).
+    weight = torch.empty(n, k, dtype=torch.float32, device=qweight.device)
+    weight.copy_(unpack_bits(qweight, bits, k) if bits != 8 else qweight)
+    grouped = weight.view(n, groups, group_size)
+    grouped.sub_(zeros.to(torch.float32).unsqueeze(-1)).mul_(scales.to(torch.float32).unsqueeze(-1))
+    return weight
 
 
 # The dense float32 weight built at once by the reference: a larger layer (an LM head) is
@@ -174,10 +191,12 @@ def linear_wq(
         weight = dequantized((qweight, scales, zeros), (bits, group_size, k),
                              lambda: dequantize_wq(qweight, scales, zeros, bits, group_size, k))
         return F.linear(x.to(torch.float32), weight, b).to(x.dtype)
-    # a layer too large to hold dense (an LM head) is dequantized a slice of rows at a time, each
-    # call: caching it would hold the dense copy the slicing exists to avoid
-    out = chunked_linear(x.to(torch.float32), b, rows, k, lambda start, stop: dequantize_wq(
-        qweight[start:stop], scales[start:stop], zeros[start:stop], bits, group_size, k))
+    # a layer too large to hold dense (an LM head) is dequantized a slice of rows at a time; inside
+    # verification each slice is kept like a whole weight, within the cache's byte budget
+    # (outside it nothing is kept, and a call holds one slice's float32 copy at a time)
+    out = chunked_linear(x.to(torch.float32), b, rows, k, lambda start, stop: dequantized(
+        (qweight, scales, zeros), (bits, group_size, k, start, stop),
+        lambda: dequantize_wq(qweight[start:stop], scales[start:stop], zeros[start:stop], bits, group_size, k)))
     return out.to(x.dtype)
 
 
