@@ -103,13 +103,13 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
         verification.note = "; ".join(filter(None, [
             f"checked with activations unrounded ({', '.join(rounding)} round them: a reordered "
             "sum or a cached step may land one step away; the loss is measured as they round)", verification.note]))
-    # An exact pass runs the same packed weights several times (before and after, per shape), and
-    # a quantizing pass its packed result once per shape: each is dequantized once. Not beside a
-    # semantics reference that holds dense float weights (`Semantics.weights`: the two together
-    # would double the peak); a claim made of `linears` (quantize's codes, built per call) holds
-    # none.
+    # An exact pass runs the same packed weights several times (before and after, per shape):
+    # each is dequantized once. Not beside a semantics reference: one with dense float weights
+    # would double the peak, and under quantize's codes claim the cache held every dequantized
+    # weight at once (+1.3 GiB at L=8, bench/scale.py: over the issue-15 bound of 1.3P + 1 GiB)
+    # to save ~1 CPU s per 4 layers — memory is the bound here, so each call dequantizes again.
     reuse = contextlib.ExitStack()
-    if reference is None or not result.semantics.weights:
+    if reference is None:
         reuse.enter_context(reuse_dequantized())
     try:
         for index, inputs in enumerate(shapes):
