@@ -100,6 +100,11 @@ def as_exported_program(gm: GraphModule, example_inputs: Sequence[Any]) -> Expor
                                     in_spec=in_spec, out_spec=out_spec,
                                     forward_arg_names=[n.name for n in placeholders])
     lower_composites(graph)
+    for node in graph.nodes:
+        # nodes a pass added carry no module stack: the exporter would log a warning for each
+        # (the re-trace gave them an empty one)
+        if node.op == "call_function":
+            node.meta.setdefault("nn_module_stack", {})
     root = torch.nn.Module()
     return DecomposedProgram(
         root=root,

@@ -186,6 +186,20 @@ def test_a_composite_left_over_is_decomposed_as_before(monkeypatch):
     _assert_runs_like(model, gm)
 
 
+def test_nodes_a_pass_added_get_an_empty_module_stack_in_the_program_only(compiled):
+    gm = compiled.graph_module
+    linear = next(n for n in gm.graph.nodes if n.op == "call_function")
+    stack = linear.meta.pop("nn_module_stack", None)  # as a node a pass inserted
+    try:
+        program = as_exported_program(gm, (torch.randn(2, 5, 8),))
+        copied = next(n for n in program.graph.nodes if n.name == linear.name)
+        assert copied.meta["nn_module_stack"] == {}  # what the re-trace gave: no exporter warning per node
+        assert "nn_module_stack" not in linear.meta  # the graph itself untouched
+    finally:
+        if stack is not None:
+            linear.meta["nn_module_stack"] = stack
+
+
 def test_an_op_the_table_decomposes_is_not_skipped(compiled):
     program = as_exported_program(compiled.graph_module, (torch.randn(2, 5, 8),))
     assert already_decomposed(program.graph, {})
