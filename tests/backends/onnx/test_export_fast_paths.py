@@ -3,6 +3,9 @@
 1. `as_exported_program`: torch.onnx is handed an ExportedProgram built from the graph's own fake
    metadata instead of re-tracing the GraphModule with torch.export. Same nodes, weights and I/O;
    the same outputs at other shapes (dynamic dims kept).
+   The exporter's decomposition re-trace is skipped where it would change no op
+   (`DecomposedProgram`, after `lower_composites` lowers .to/.contiguous/.reshape as it would),
+   and still runs where it would.
 2. `optimize_ir_once`: onnxscript's optimizer with its multi-output rule (SlicesSplit) tried only
    where it can match: byte-identical to `onnxscript.optimizer.optimize_ir(num_iterations=1)`, on
    Slices it must still try and ones it may skip, and on a KV decoder full of Slices.
@@ -20,7 +23,7 @@ from torch import nn
 
 import fxforge
 from fxforge.backends.onnx import backend
-from fxforge.backends.onnx.exported_program import as_exported_program
+from fxforge.backends.onnx.exported_program import DecomposedProgram, already_decomposed, as_exported_program
 from fxforge.backends.onnx.optimize import keeps_storage_compact, optimize_ir_once
 
 
@@ -91,15 +94,117 @@ def test_program_exports_the_same_onnx_as_a_retrace(compiled):
     histogram = lambda m: collections.Counter((n.domain, n.op_type) for n in m.graph.node)  # noqa: E731
     assert histogram(fast) == histogram(slow)
     assert _weights(fast) == _weights(slow)
-    io = lambda m: [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))  # noqa: E731
+    io = lambda m: [(v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))  # noqa: E731
                     for v in (*m.graph.input, *m.graph.output)]
     assert io(fast) == io(slow)
+    assert [v.name for v in fast.graph.input] == [v.name for v in slow.graph.input] == ["x"]
+    # outputs are named as the graph's own nodes (the re-trace's counters gave `add_24`)
+    assert [v.name for v in fast.graph.output] == [n.name for n in gm.graph.output_node().args[0]]
     assert not fast.graph.input[0].type.tensor_type.shape.dim[1].HasField("dim_value")  # sequence stays dynamic
     for shape in ((2, 5, 8), (3, 11, 8)):
         x = (torch.randn(*shape),)
         for got, want, eager in zip(_run(fast, x), _run(slow, x), gm(*x)):
             np.testing.assert_array_equal(got, want)
             np.testing.assert_allclose(got, eager.detach().numpy(), atol=1e-5)
+
+
+class Composites(nn.Module):
+    """The composite ops a trace keeps and the exporter's re-trace lowers: `.to(dtype)` as a no-op
+    and as a cast, `.contiguous()` of a transpose, `.reshape()` of a contiguous tensor, and (with
+    `strided_reshape`) a `.reshape()` of a transpose, which only the re-trace lowers."""
+
+    def __init__(self, strided_reshape: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.strided_reshape = strided_reshape
+
+    def forward(self, x, ids):
+        h = self.proj(x.to(torch.float32)).transpose(1, 2)
+        h = h.reshape(h.shape[0], -1) if self.strided_reshape else h.contiguous().reshape(h.shape[0], -1)
+        return h + ids.to(torch.float32).sum(-1, keepdim=True)
+
+
+def _export_counting_retraces(gm, example, monkeypatch) -> tuple[onnx.ModelProto, int]:
+    """`gm` exported through the built program, and how many times that program was decomposed
+    (re-traced) on the way."""
+    retraces = []
+    original = torch.export.ExportedProgram.run_decompositions
+
+    def spy(self, *args, **kwargs):
+        retraces.append(type(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", spy)
+    model = _export(gm, example, True)
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", original)
+    return model, retraces.count(DecomposedProgram)
+
+
+def _assert_runs_like(model: onnx.ModelProto, gm, reference: onnx.ModelProto | None = None) -> None:
+    """Outputs of `model` equal `reference`'s and eager's, at the traced shape and another."""
+    for shape in ((2, 5, 8), (3, 7, 8)):
+        x = (torch.randn(*shape), torch.randint(0, 9, shape[:2]))
+        got = _run(model, x)
+        for i, eager in enumerate(gm(*x)):
+            np.testing.assert_allclose(got[i], eager.detach().numpy(), atol=1e-5)
+            if reference is not None:
+                np.testing.assert_array_equal(got[i], _run(reference, x)[i])
+
+
+def test_composites_are_lowered_and_the_retrace_skipped(monkeypatch):
+    from fxforge.backends.onnx.exported_program import lower_composites
+
+    torch.manual_seed(0)
+    example = (torch.randn(2, 5, 8), torch.randint(0, 9, (2, 5)))
+    gm = fxforge.compile(Composites(), example, backend="eager").graph_module
+    aten = torch.ops.aten
+    kept = collections.Counter(n.target for n in gm.graph.nodes)
+    assert kept[aten.to.dtype] == 2 and kept[aten.contiguous.default] == 1 and kept[aten.reshape.default] == 1
+    program = as_exported_program(gm, example)
+    assert isinstance(program, DecomposedProgram)
+    lowered = collections.Counter(n.target for n in program.graph.nodes)
+    assert lowered[aten.to.dtype] == lowered[aten.contiguous.default] == lowered[aten.reshape.default] == 0
+    assert lowered[aten._to_copy.default] == 1 and lowered[aten.clone.default] == 1  # the no-op .to is gone
+    assert lower_composites(program.graph) == 0  # nothing left to lower
+    fast, retraces = _export_counting_retraces(gm, example, monkeypatch)
+    assert retraces == 0
+    slow = _export(gm, example, False)
+    histogram = lambda m: collections.Counter((n.domain, n.op_type) for n in m.graph.node)  # noqa: E731
+    assert histogram(fast) == histogram(slow) and _weights(fast) == _weights(slow)
+    _assert_runs_like(fast, gm, reference=slow)
+
+
+def test_a_composite_left_over_is_decomposed_as_before(monkeypatch):
+    torch.manual_seed(0)
+    example = (torch.randn(2, 5, 8), torch.randint(0, 9, (2, 5)))
+    gm = fxforge.compile(Composites(strided_reshape=True), example, backend="eager").graph_module
+    program = as_exported_program(gm, example)
+    assert any(n.target == torch.ops.aten.reshape.default for n in program.graph.nodes)
+    assert not already_decomposed(program.graph, {})
+    model, retraces = _export_counting_retraces(gm, example, monkeypatch)
+    assert retraces == 1  # decomposed by the re-trace, as every program was before
+    _assert_runs_like(model, gm)
+
+
+def test_nodes_a_pass_added_get_an_empty_module_stack_in_the_program_only(compiled):
+    gm = compiled.graph_module
+    linear = next(n for n in gm.graph.nodes if n.op == "call_function")
+    stack = linear.meta.pop("nn_module_stack", None)  # as a node a pass inserted
+    try:
+        program = as_exported_program(gm, (torch.randn(2, 5, 8),))
+        copied = next(n for n in program.graph.nodes if n.name == linear.name)
+        assert copied.meta["nn_module_stack"] == {}  # what the re-trace gave: no exporter warning per node
+        assert "nn_module_stack" not in linear.meta  # the graph itself untouched
+    finally:
+        if stack is not None:
+            linear.meta["nn_module_stack"] = stack
+
+
+def test_an_op_the_table_decomposes_is_not_skipped(compiled):
+    program = as_exported_program(compiled.graph_module, (torch.randn(2, 5, 8),))
+    assert already_decomposed(program.graph, {})
+    assert not already_decomposed(program.graph, {torch.ops.aten.mul.Tensor: lambda a, b: a * b})
+    assert not already_decomposed(program.graph, None)  # the default table: the re-trace decides
 
 
 def test_graph_without_fake_values_goes_through_torch_export(compiled):

@@ -3,6 +3,7 @@ feeding MatMul/Gemm, no exporter debug metadata, outputs unchanged, and files OR
 quantizer can consume."""
 import collections
 
+import numpy as np
 import onnx
 import onnx_ir
 import onnxruntime as ort
@@ -221,3 +222,15 @@ def test_ort_matmul_nbits_quantizer_consumes_the_exported_file(exported, tmp_pat
         expected = pytree.tree_leaves(gm(*flat))[0]
     assert got.shape == expected.shape
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.9
+
+
+@pytest.mark.parametrize("shape,perm", [((300, 7), (1, 0)), ((257, 130), (1, 0)), ((5, 3), (1, 0)),
+                                        ((4, 6, 5), (2, 0, 1))])
+def test_blocked_transpose_copies_the_same_bytes(shape, perm):
+    from fxforge.backends.onnx.optimize import transpose_copy
+
+    for dtype in (np.float32, np.uint8, np.float16):
+        a = np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+        got = transpose_copy(a, perm)
+        assert got.flags.c_contiguous and got.dtype == a.dtype
+        np.testing.assert_array_equal(got, np.transpose(a, perm))
