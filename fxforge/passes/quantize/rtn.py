@@ -135,11 +135,13 @@ def quantize_weight_rtn(m: Tensor, spec: QuantSpec, clip_search: bool = False) -
 # Range shrink factors tried per group, full range first. On Gaussian and Student-t(4) weights
 # at 4 bits, g=64/128, a grid down to 0.75 chose 0.85-1 for 99.9% of the groups.
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85)
-# Weights searched (and rounded, `quantize_matrix`) at once: temporaries of 1 MB each stay in
-# cache across the search's seven passes over them; 16 MB ones (1 << 22) did not, and the search
-# took 1.45x the CPU time (one thread, TinyLlama-shaped layers). Far smaller chunks let per-op
-# overhead dominate. The result does not depend on it: rows are independent.
-CLIP_CHUNK_ELEMENTS = 1 << 18
+# Weights searched (and rounded, `quantize_matrix`) at once: temporaries of ~16 MB each. Smaller
+# chunks keep them in cache (1 MB ones took 1/1.45 the CPU time on one idle thread), but every
+# torch op then pays a thread wake-up: with 2 threads on a loaded 2-core machine each op cost
+# ~18 ms whatever its size and the quantize pass of a 2-layer TinyLlama-shaped model took 3.3x
+# as long (165 s vs 50 s). The op count is what must stay low. Rows are independent: the result
+# does not depend on it.
+CLIP_CHUNK_ELEMENTS = 1 << 22
 
 
 def mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
