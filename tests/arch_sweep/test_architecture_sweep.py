@@ -34,6 +34,7 @@ ALL_STEPS = ("trace", "fuse_attention", "add_kv_cache", "quantize", "add_adapter
              "sparsify", "onnx")
 DEFAULT_STRIDE = 15  # the default run takes every 15th family (sorted): 15 of ~210
 PREREQUISITES = {"add_kv_cache": ("fuse_attention",)}  # the cache goes on the fused graph
+SLOW_CELL_TIMEOUT_S = 2400  # one family trace + its slowest step under load, with room
 
 EXPECTED: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
 FAMILIES = families()
@@ -101,8 +102,11 @@ def test_core(family, step):
     _check(family, step)
 
 
-@pytest.mark.slow  # an ONNX export (15–40 s) and five verified passes per family
+@pytest.mark.slow  # an ONNX export (15 s to ~17 min) and five verified passes per family
 @pytest.mark.skipif(not RUN_ALL, reason="full sweep only: set FXFORGE_SWEEP=all")
+# the suite's 600 s timeout counts the family's trace (the module fixture) too; the hybrid
+# families' ONNX exports took 480–1050 s on the shared 2-core machine (results.json "seconds")
+@pytest.mark.timeout(SLOW_CELL_TIMEOUT_S)
 @pytest.mark.parametrize("step", [s for s in ALL_STEPS if s not in CHEAP])
 def test_pass(family, step):
     """ONNX == eager; add_kv_cache decodes exactly; quantize/adapters/prune/sparsify rewrite."""
