@@ -41,6 +41,9 @@ PHASES = [
     ("fxforge.passes.quantize.rtn", "quantize_matrix"), ("fxforge.passes.quantize", "claimed_weight"),
     ("fxforge.ir.ops.linear_wq", "dequantize_wq"),
     ("fxforge.api", "compile"), ("fxforge.decoder_artifact", "export_decoder"),
+    ("fxforge.decoder_artifact", "write_decoder_onnx"), ("fxforge.decoder_artifact", "check_decoder_onnx"),
+    ("fxforge.decoder_artifact", "fuse_for_ort"), ("fxforge.backends.onnx.backend", "export_model"),
+    ("fxforge.backends.onnx.backend", "write_model"),
 ]
 SEQUENCE = {"run_graph", "refresh_meta"}  # also listed call by call
 

@@ -235,7 +235,7 @@ def check_decoder_onnx(compiled: "CompiledModel", path: Path) -> float:
     from fxforge.api import DEFAULT_BACKEND_TOLERANCE
     from fxforge.backends import check_tolerance
     from fxforge.errors import VerificationError
-    from fxforge.ir.verify import compare_outputs
+    from fxforge.ir.verify import compare_outputs, run_graph
     from fxforge.runtime.decoding import example_cached_inputs
 
     gm = compiled.graph_module
@@ -248,8 +248,7 @@ def check_decoder_onnx(compiled: "CompiledModel", path: Path) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {names[i]: x.detach().cpu().numpy() for i, x in enumerate(flat)}
     got = session.run(None, feeds)
-    with torch.no_grad():
-        ref = list(gm(*flat))
+    ref = run_graph(gm, flat)  # reused dequantization buffers (fxforge/ir/scratch.py)
     order = [layout.logits_output, *(i for pair in layout.present for i in pair)]
     tolerance = check_tolerance(gm, "onnx", DEFAULT_BACKEND_TOLERANCE)
     comparison = compare_outputs([ref[i] for i in order], [torch.from_numpy(np.ascontiguousarray(g)) for g in got],

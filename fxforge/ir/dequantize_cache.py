@@ -78,12 +78,18 @@ def reuse_dequantized(budget_bytes: int = DEFAULT_BUDGET_BYTES) -> Iterator[_Cac
         cache.entries.clear()
 
 
+def caching(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether `dequantized` would keep its result for these tensors (then it must be a buffer of
+    its own, not a reused `fxforge.ir.scratch` one)."""
+    return bool(_ACTIVE) and not any(t.requires_grad for t in tensors)
+
+
 def dequantized(tensors: tuple[Tensor, ...], extra: tuple, compute: Callable[[], Tensor]) -> Tensor:
     """`compute()`, or its earlier result for the same `tensors` (unchanged) and `extra` inside a
     `reuse_dequantized` block. The result must be treated as read-only by the caller."""
-    if not _ACTIVE or any(t.requires_grad for t in tensors):  # trained scales: no stale graphs
+    if not caching(tensors):  # trained scales (requires_grad): no stale graphs
         return compute()
     return _ACTIVE[-1].lookup(tensors, extra, compute)
 
 
-__all__ = ["reuse_dequantized", "dequantized", "DEFAULT_BUDGET_BYTES"]
+__all__ = ["reuse_dequantized", "dequantized", "caching", "DEFAULT_BUDGET_BYTES"]

@@ -38,6 +38,8 @@ class Semantics:
     linears: weight name -> fn(x, bias) replacing every `aten.linear(x, W, bias)` that reads W,
         for rewrites whose meaning is not a weight alone (activations quantized at run time,
         a bias a pruning pass adds). `fn` is any callable; it runs on the linear's own inputs.
+        One with a `many(xs, bias)` method computing fn(x, bias) for each x lets verification
+        build its weight once for both shapes (`fxforge.ir.lockstep`).
     unverified: why this claim cannot be held exactly (e.g. pruning the residual width is not
         zeroing it); non-empty: verification skips the exact check, says so and still measures
         the loss. Use sparingly: it turns the bug check off for the pass.
@@ -107,6 +109,9 @@ def _named(fn: LinearFn) -> Callable[..., Any]:
     def semantic_linear(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return fn(x, bias)
 
+    many = getattr(fn, "many", None)
+    if many is not None:  # fn(x) for several x at once (fxforge/ir/lockstep.py): e.g. one ŵ for all
+        semantic_linear.fxforge_many = lambda xs, rest, kwargs: many(xs, *rest, **kwargs)  # type: ignore[attr-defined]
     return semantic_linear
 
 

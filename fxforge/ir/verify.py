@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule
 
 from fxforge.errors import PassSpecError
+from fxforge.ir.scratch import scratch_buffers
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,9 @@ class Comparison:
 
 
 def run_graph(gm: GraphModule, inputs: Sequence[Any]) -> list[Any]:
-    """Run `gm` on flat inputs without gradients; return its flat outputs as a list."""
-    with torch.no_grad():
+    """Run `gm` on flat inputs without gradients; return its flat outputs as a list.
+    Packed-weight ops dequantize into reused buffers meanwhile (`fxforge.ir.scratch`)."""
+    with torch.no_grad(), scratch_buffers():
         out = gm(*inputs)
     return list(pytree.tree_leaves(out))
 

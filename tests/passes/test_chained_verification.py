@@ -64,15 +64,21 @@ def llama():
 
 
 def _counting_runs(monkeypatch):
-    """Graphs run by verification (each a call of run_graph), by graph."""
+    """Graphs run by verification, by graph: one entry per input set (a run_graph call, or each
+    set of a run_graph_many call, which runs a graph at both shapes together)."""
     runs = []
-    real = verification.run_graph
+    real, real_many = verification.run_graph, verification.run_graph_many
 
     def counted(gm, inputs):
         runs.append(gm)
         return real(gm, inputs)
 
+    def counted_many(gm, input_sets):
+        runs.extend([gm] * len(input_sets))
+        return real_many(gm, input_sets)
+
     monkeypatch.setattr(verification, "run_graph", counted)
+    monkeypatch.setattr(verification, "run_graph_many", counted_many)
     return runs
 
 

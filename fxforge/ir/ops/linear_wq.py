@@ -19,13 +19,15 @@ defines the numerics every backend is tested against. `pack_bits`, `unpack_bits`
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxforge.ir.dequantize_cache import dequantized
+from fxforge.ir.dequantize_cache import caching, dequantized
+from fxforge.ir.lockstep import register_many
+from fxforge.ir.scratch import scratch
 from fxforge.ir.ops.registry import SampleInput, define_op
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -139,19 +141,28 @@ def check_wq_args(
         raise ValueError(f"fxforge::linear_wq: bias has shape {tuple(bias.shape)}, expected ({n},)")
 
 
-def dequantize_wq(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, k: int) -> Tensor:
-    """The float32 weight (N, k) that a packed linear_wq weight stands for."""
+def dequantize_wq(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, k: int,
+                  out: Optional[Tensor] = None) -> Tensor:
+    """The float32 weight (N, k) that a packed linear_wq weight stands for.
+
+    out: a float32 (N, k) tensor to write it into (an `fxforge.ir.scratch` buffer); default new.
+    """
     check_wq_args(k, qweight, scales, zeros, None, bits, group_size)
     n, groups = qweight.shape[0], k // group_size
     # Per group by broadcasting (the same (code - zero) * scale per element as with scales and
     # zeros repeated to (N, K)), in place on the one float32 buffer the result needs:
     # `(codes - zero) * scale` held three N x K float32 tensors at once (for an LM head, most of
     # an eager int4 run's peak).
-    # unpacked contiguous in uint8 (`unpack_bits`), then converted into the float32 buffer: writing
+    # unpacked contiguous in uint8 (`_unpack_into`), then converted into the float32 buffer: writing
     # the codes through strided float32 views instead was slower. Most of what remains is the
-    # first touch of that fresh buffer, which verification pays once per weight (dequantize_cache).
-    weight = torch.empty(n, k, dtype=torch.float32, device=qweight.device)
-    weight.copy_(unpack_bits(qweight, bits, k) if bits != 8 else qweight)
+    # first touch of fresh buffers: verification's runs hand in reused ones (fxforge/ir/scratch.py).
+    weight = torch.empty(n, k, dtype=torch.float32, device=qweight.device) if out is None else out
+    if bits == 8:
+        weight.copy_(qweight)
+    else:
+        codes = scratch("linear_wq.codes", (n, k), torch.uint8, qweight.device)
+        _unpack_into(qweight, bits, codes)
+        weight.copy_(codes)
     grouped = weight.view(n, groups, group_size)
     grouped.sub_(zeros.to(torch.float32).unsqueeze(-1)).mul_(scales.to(torch.float32).unsqueeze(-1))
     return weight
@@ -170,34 +181,68 @@ def row_chunks(rows: int, k: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + step)) for start in range(0, rows, step)] or [(0, 0)]
 
 
+def chunked_linear_many(xs: list[Tensor], bias: Optional[Tensor], rows: int, k: int,
+                        weight_rows: Callable[[int, int], Tensor]) -> list[Tensor]:
+    """[F.linear(x, W, bias) for x in xs] with W built by `weight_rows(start, stop)` one `row_chunks`
+    slice at a time, each slice once for every x (`fxforge.ir.lockstep`: verification's shapes)."""
+    chunks = row_chunks(rows, k)
+    parts: list[list[Tensor]] = [[] for _ in xs]
+    for start, stop in chunks:
+        weight = weight_rows(start, stop)
+        b = bias if bias is None or len(chunks) == 1 else bias[start:stop]
+        for part, x in zip(parts, xs):
+            part.append(F.linear(x, weight, b))
+        del weight
+    return [p[0] if len(p) == 1 else torch.cat(p, dim=-1) for p in parts]
+
+
 def chunked_linear(x: Tensor, bias: Optional[Tensor], rows: int, k: int, weight_rows) -> Tensor:
     """F.linear(x, W, bias) with W built by `weight_rows(start, stop)` one `row_chunks` slice at a time."""
-    parts = [F.linear(x, weight_rows(start, stop), None if bias is None else bias[start:stop])
-             for start, stop in row_chunks(rows, k)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return chunked_linear_many([x], bias, rows, k, weight_rows)[0]
+
+
+def _linear_wq_many(xs: list[Tensor], qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                    bits: int, group_size: int) -> list[Tensor]:
+    """linear_wq of each x with one dequantization of the weight for all of them."""
+    k = xs[0].shape[-1]
+    for x in xs:
+        check_wq_args(x.shape[-1], qweight, scales, zeros, bias, bits, group_size)
+    b = None if bias is None else bias.to(torch.float32)
+    rows = qweight.shape[0]
+    whole = len(row_chunks(rows, k)) == 1
+
+    def weight_rows(start: int, stop: int) -> Tensor:
+        # inside verification each weight (or slice of a large one: an LM head) is dequantized once,
+        # not per call (fxforge/ir/dequantize_cache.py); kept entries must be buffers of their own
+        tensors = (qweight, scales, zeros)
+        key = (bits, group_size, k) if whole else (bits, group_size, k, start, stop)
+        keep = caching(tensors)
+
+        def compute() -> Tensor:
+            out = None if keep else scratch("linear_wq.weight", (stop - start, k), torch.float32, qweight.device)
+            if whole:
+                return dequantize_wq(qweight, scales, zeros, bits, group_size, k, out=out)
+            return dequantize_wq(qweight[start:stop], scales[start:stop], zeros[start:stop], bits, group_size, k,
+                                 out=out)
+
+        return dequantized(tensors, key, compute)
+
+    outs = chunked_linear_many([x.to(torch.float32) for x in xs], b, rows, k, weight_rows)
+    return [out.to(x.dtype) for out, x in zip(outs, xs)]
 
 
 @define_op("linear_wq")
 def linear_wq(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], bits: int, group_size: int
 ) -> Tensor:
-    """Reference: unpack, dequantize and multiply in float32, return in x's dtype."""
-    k = x.shape[-1]
-    check_wq_args(k, qweight, scales, zeros, bias, bits, group_size)
-    b = None if bias is None else bias.to(torch.float32)
-    rows = qweight.shape[0]
-    if len(row_chunks(rows, k)) == 1:
-        # inside verification each weight is dequantized once, not per call (fxforge/ir/dequantize_cache.py)
-        weight = dequantized((qweight, scales, zeros), (bits, group_size, k),
-                             lambda: dequantize_wq(qweight, scales, zeros, bits, group_size, k))
-        return F.linear(x.to(torch.float32), weight, b).to(x.dtype)
-    # a layer too large to hold dense (an LM head) is dequantized a slice of rows at a time; inside
-    # verification each slice is kept like a whole weight, within the cache's byte budget
-    # (outside it nothing is kept, and a call holds one slice's float32 copy at a time)
-    out = chunked_linear(x.to(torch.float32), b, rows, k, lambda start, stop: dequantized(
-        (qweight, scales, zeros), (bits, group_size, k, start, stop),
-        lambda: dequantize_wq(qweight[start:stop], scales[start:stop], zeros[start:stop], bits, group_size, k)))
-    return out.to(x.dtype)
+    """Reference: unpack, dequantize and multiply in float32, return in x's dtype. A layer too
+    large to hold dense (an LM head) is dequantized and multiplied a slice of rows at a time, so a
+    call holds one slice's float32 copy, not the whole weight."""
+    return _linear_wq_many([x], qweight, scales, zeros, bias, bits, group_size)[0]
+
+
+# verification's runs at two shapes dequantize each weight once for both (fxforge/ir/lockstep.py)
+register_many(torch.ops.fxforge.linear_wq.default, lambda xs, rest, kwargs: _linear_wq_many(xs, *rest, **kwargs))
 
 
 @linear_wq.register_fake

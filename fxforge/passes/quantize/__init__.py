@@ -35,7 +35,7 @@ from torch.fx import GraphModule
 from fxforge.calibration.engine import BlockCalibration, calibrate
 from fxforge.calibration.streaming import rewrite_by_block, spill
 from fxforge.ir.graph import LinearSite, aten
-from fxforge.ir.ops.linear_wq import chunked_linear
+from fxforge.ir.ops.linear_wq import chunked_linear_many
 from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
@@ -248,13 +248,19 @@ class ClaimedLinear:
         self.layer = layer
 
     def __call__(self, x: Any, bias: Any = None) -> Any:
+        return self.many([x], bias)[0]
+
+    def many(self, xs: list[Any], bias: Any = None) -> list[Any]:
+        """`self(x, bias)` for each x, building each slice of ŵ once for all (verification runs
+        the reference at two shapes together: fxforge/ir/lockstep.py)."""
         if self.group_axis == "in" and self.layer.outliers is None:
             # a large layer (an LM head) a slice of rows at a time, as the eager linear_wq does
             matrix = self.layer.matrix
             rows, k = matrix.codes.shape[0], matrix.scales.shape[1] * matrix.group_size
-            return chunked_linear(x, bias, rows, k, lambda start, stop: claimed_weight(
+            return chunked_linear_many(xs, bias, rows, k, lambda start, stop: claimed_weight(
                 self._rows(start, stop), self.group_axis).to(self.dtype))
-        return aten.linear.default(x, claimed_weight(self._rows(), self.group_axis).to(self.dtype), bias)
+        weight = claimed_weight(self._rows(), self.group_axis).to(self.dtype)
+        return [aten.linear.default(x, weight, bias) for x in xs]
 
     def _rows(self, start: int = 0, stop: int | None = None) -> QuantizedLayer:
         """The layer (rows start:stop of its matrix) with its codes unpacked to one a byte."""
