@@ -20,6 +20,7 @@ prints one line, `fxforge: error: ...`, and exits with status 2; `--debug` adds 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 import tempfile
@@ -416,7 +417,21 @@ def _report(exc: BaseException, debug: bool, status: int, hint: str = "") -> int
     return status
 
 
+def entry() -> None:
+    """The `fxforge` program: `main` on the command line's arguments, then exit with its status.
+
+    The objects left alive when the command is done (a traced model, its fake-tensor metadata,
+    an ONNX graph: millions of them) are moved out of the garbage collector's reach first
+    (`gc.freeze`): the interpreter's final collection walked them all for 1.8 s after a 4-layer
+    TinyLlama-shaped compile had written its artifact (0.24 s frozen). Exit handlers and
+    finalizers (temporary directories) still run; only `main` is meant for in-process callers.
+    """
+    status = main()
+    gc.freeze()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
 
 

@@ -43,3 +43,16 @@ def test_unknown_model_spec(capsys):
     assert main(["inspect", "not-a-model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fxforge: error: cannot interpret MODEL") and err.count("\n") == 1
+
+
+def test_the_program_exits_with_mains_status(tmp_path):
+    """`python -m fxforge.cli` / the `fxforge` script (`cli.entry`): main's status is the exit code,
+    its error line reaches stderr, and nothing it made is left behind by the fast exit."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-model"
+    run = subprocess.run([sys.executable, "-m", "fxforge.cli", "compile", str(missing), "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().startswith("fxforge: error:")
+    assert not (tmp_path / "out").exists()
