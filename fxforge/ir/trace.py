@@ -31,6 +31,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from fxforge.errors import InputError, TraceError
+from fxforge.ir.graph import adopt_meta
 
 IN_SPEC = "fxforge_in_spec"
 OUT_SPEC = "fxforge_out_spec"
@@ -232,6 +233,7 @@ def trace(
 
     program = _export(root, args, kwargs, dynamic_shapes)
     gm = _unlift(program, prefix)
+    adopt_meta(gm)  # torch.export's shapes are refresh_meta's: the first refresh redoes only rewrites
     flat, in_spec = pytree.tree_flatten((args, kwargs))
     gm.meta[IN_SPEC] = in_spec
     gm.meta[OUT_SPEC] = program.call_spec.out_spec

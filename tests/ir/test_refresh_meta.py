@@ -118,3 +118,16 @@ def test_a_change_of_shape_reaches_every_user_and_matches_a_fresh_propagation(mo
     incremental = {n.name: str(n.meta["val"].shape) for n in gm.graph.nodes
                    if isinstance(n.meta.get("val"), torch.Tensor)}
     assert incremental == _fresh_shapes(gm)
+
+
+def test_a_fresh_trace_is_not_propagated_again_and_a_rewrite_after_it_is(monkeypatch):
+    propagated = _counting(monkeypatch)
+    gm = _traced()  # torch.export's values are adopted (graph.adopt_meta)
+    refresh_meta(gm)
+    assert propagated == []
+    up = _linears(gm)[0]
+    with gm.graph.inserting_after(up):
+        negated = gm.graph.call_function(aten.neg.default, (up,))
+    next(u for u in up.users if u is not negated).replace_input_with(up, negated)
+    refresh_meta(gm)
+    assert negated.name in propagated and negated.meta["val"].shape == up.meta["val"].shape
