@@ -12,7 +12,6 @@ user's file) with the `export_key` of the graph it came from, and `CompiledModel
 """
 from __future__ import annotations
 
-import gc
 import inspect
 import logging
 import os
@@ -80,8 +79,7 @@ def export_onnx(gm: GraphModule, example_inputs: Sequence[Any], path: str | os.P
     path.parent.mkdir(parents=True, exist_ok=True)
     model = export_model(gm, example_inputs, input_names=input_names, optimize=optimize, options=options)
     write_model(model, path)
-    del model
-    gc.collect()  # the ONNX IR is cyclic: its folded (pre-transposed) weights go now, before ORT loads
+    release_weights(model)  # its folded (pre-transposed) weights go now, before ORT loads
     return path
 
 
@@ -161,6 +159,16 @@ def write_model(model: Any, path: Path) -> None:
     # inline first builds the whole protobuf in memory (one more copy of the model).
     external = initializer_bytes(model) > EXTERNAL_DATA_BYTES
     ir.save(model, path, external_data=f"{path.name}.data" if external else None)
+
+
+def release_weights(model: Any) -> None:
+    """Free an exported model's weights now: the ONNX IR is cyclic (nodes and graphs point at each
+    other), so dropping the model frees nothing until a full garbage collection, which walks every
+    object of the process (0.86 s after a 4-layer TinyLlama-shaped decoder export); its weights
+    (the folded, pre-transposed ones are the IR's own) are dropped from it instead. The model is
+    unusable afterwards."""
+    for value in model.graph.initializers.values():
+        value.const_value = None
 
 
 def serialize_model(model: Any) -> bytes | None:
@@ -345,8 +353,8 @@ def _export_and_open(gm: GraphModule, example_inputs: Sequence[Any], path: str |
         held = [model]
         del model  # _open_from_temp holds the only reference, so it can free the model before ORT loads
         return _open_from_temp(held, **runner_options)
+    release_weights(model)  # its folded weights go before ORT holds its own copy
     del model
-    gc.collect()  # the ONNX IR is cyclic: its folded weights go before ORT holds its own copy
     runner = OnnxRunner(data, **runner_options)
     runner.exported = ExportedOnnx(key=(), data=data)
     return runner
@@ -375,8 +383,8 @@ def _open_from_temp(held: list[Any], **runner_options: Any) -> OnnxRunner:
     try:
         model = held.pop()
         write_model(model, directory / "model.onnx")
+        release_weights(model)  # its folded weights go now, before ORT loads
         del model
-        gc.collect()  # the ONNX IR is cyclic: its folded weights go now, before ORT loads
         runner = OnnxRunner(directory / "model.onnx", **runner_options)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
