@@ -109,7 +109,13 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
 
     prepared = program_for_export(gm, example_inputs)
     try:
-        program = export(prepared)
+        if prepared is gm:
+            program = export(prepared)
+        else:  # a program built from the graph's own values: type promotion reuses them too
+            from fxforge.backends.onnx.type_promotion import reusing_graph_values
+
+            with reusing_graph_values():
+                program = export(prepared)
     except Exception as exc:  # noqa: BLE001 - the shortcut failed: the exporter's own capture decides
         if prepared is gm:
             raise

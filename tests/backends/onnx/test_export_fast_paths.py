@@ -282,3 +282,51 @@ def test_guarded_rules_optimize_byte_identically_on_a_kv_decoder():
     assert sum(n.op_type == "Slice" for n in raw.graph.node) >= 4
     ours, theirs, _ = _optimized_both_ways(raw)
     assert ours == theirs
+
+
+class _MixedDtypes(torch.nn.Module):
+    """Ops torch.onnx must promote explicitly: float x int64, float + int, float > int64."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x, counts):
+        h = self.proj(x) * counts.unsqueeze(-1)          # float32 * int64
+        h = h + (counts.sum() + 1)                       # float32 + int64 scalar tensor
+        return torch.where(h > counts.unsqueeze(-1), h, -h), (counts * 2).float().mean()
+
+
+@pytest.mark.parametrize("model, inputs", [
+    (_MixedDtypes, (torch.randn(2, 5, 8), torch.randint(0, 4, (2, 5)))),
+    (HalfRotate, (torch.randn(2, 5, 8),)),
+])
+def test_type_promotion_reusing_graph_values_exports_the_same_onnx(model, inputs, monkeypatch):
+    """fxforge/backends/onnx/type_promotion.py: torch.onnx's promotion pass fed the graph's own
+    fake values writes byte for byte the model the pass that re-runs every node writes, and
+    skips the fake-tensor run of every node it leaves alone."""
+    import contextlib
+
+    from fxforge.backends.onnx import type_promotion
+
+    torch.manual_seed(0)
+    gm = fxforge.compile(model(), inputs, backend="eager").graph_module
+    runs = []
+    base_run = torch.fx.Interpreter.run_node
+
+    def counting(self, n):  # the ops the promotion interpreters run through fake tensors
+        if "TypePromotion" in type(self).__name__ and n.op == "call_function":
+            runs.append(n.name)
+        return base_run(self, n)
+
+    monkeypatch.setattr(torch.fx.Interpreter, "run_node", counting)
+    fast = ir.serde.serialize_model(backend.export_model(gm, inputs))
+    reran = len(runs)
+    runs.clear()
+    monkeypatch.setattr(type_promotion, "reusing_graph_values", contextlib.nullcontext)
+    slow = ir.serde.serialize_model(backend.export_model(gm, inputs))
+    assert fast == slow
+    ops = sum(n.op == "call_function" for n in gm.graph.nodes)
+    assert len(runs) >= ops and reran < len(runs)  # torch runs every op; the fast pass only new ones
+    for got, want in zip(_run(fast, inputs), gm(*inputs)):
+        np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-5)
