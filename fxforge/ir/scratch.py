@@ -14,28 +14,38 @@ that is consumed (multiplied) before the op asks again, never for one that is ke
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-_POOLS: list[dict[tuple[str, torch.dtype, torch.device], Tensor]] = []
+class _Pools(threading.local):
+    """Per thread: a graph run in a worker thread (the decoder check's reference) and one in the
+    main thread never hand out the same buffer."""
+
+    def __init__(self) -> None:
+        self.stack: list[dict[tuple[str, torch.dtype, torch.device], Tensor]] = []
+
+
+_POOLS = _Pools()
 
 
 @contextmanager
 def scratch_buffers() -> Iterator[None]:
     """Within this block `scratch` reuses its buffers (one per slot, dtype and device). Nested
     blocks share the outermost pool; the buffers are freed when it exits."""
-    if _POOLS:
+    pools = _POOLS.stack
+    if pools:
         yield
         return
     pool: dict = {}
-    _POOLS.append(pool)
+    pools.append(pool)
     try:
         yield
     finally:
-        _POOLS.remove(pool)
+        pools.remove(pool)
         pool.clear()
 
 
@@ -43,9 +53,10 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     """An uninitialized tensor of `shape`: the pool's buffer for `slot` (grown when too small)
     inside `scratch_buffers()`, a new one outside."""
     device = torch.device(device)
-    if not _POOLS:
+    pools = _POOLS.stack
+    if not pools:
         return torch.empty(shape, dtype=dtype, device=device)
-    pool, key = _POOLS[-1], (slot, dtype, device)
+    pool, key = pools[-1], (slot, dtype, device)
     numel = 1
     for size in shape:
         numel *= size

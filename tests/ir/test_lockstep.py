@@ -125,3 +125,22 @@ def test_a_quantized_compile_verifies_both_shapes_from_one_run(dequantizations):
     assert len(record.verified_shapes) == 2 and record.verified_against == "semantics"
     # one lockstep run of the result at both shapes: each weight (slice) dequantized once
     assert sorted(dequantizations) == [64, 128, 1024, 1024, 1024, 1024]
+
+
+def test_scratch_buffers_belong_to_the_thread_that_opened_them():
+    import threading
+
+    seen = {}
+    with scratch_buffers():
+        mine = scratch("t", (4,), torch.float32)
+
+        def other():
+            with scratch_buffers():
+                seen["other"] = scratch("t", (4,), torch.float32).data_ptr()
+            seen["outside"] = scratch("t", (4,), torch.float32).data_ptr()
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join()
+        assert scratch("t", (4,), torch.float32).data_ptr() == mine.data_ptr()
+    assert seen["other"] != mine.data_ptr()
