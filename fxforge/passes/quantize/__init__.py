@@ -36,6 +36,7 @@ from fxforge.calibration.engine import BlockCalibration, calibrate
 from fxforge.calibration.streaming import rewrite_by_block, spill
 from fxforge.ir.graph import LinearSite, aten
 from fxforge.ir.ops.linear_wq import chunked_linear_many
+from fxforge.ir.scratch import scratch
 from fxforge.ir.reference import Semantics
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.context import PassContext
@@ -217,11 +218,12 @@ def _merge_notes(notes: dict, more: dict) -> None:
             notes[key] = value
 
 
-def claimed_weight(layer: QuantizedLayer, group_axis: str):
+def claimed_weight(layer: QuantizedLayer, group_axis: str, out: Any = None):
     """ŵ (out, in) a quantized layer claims to compute with: the chosen codes dequantized
     (`QuantizedMatrix.dequantize`, from the unpacked codes, so a packing bug cannot hide),
-    plus EasyQuant's float outliers, in the weight's orientation."""
-    dense = layer.matrix.dequantize()
+    plus EasyQuant's float outliers, in the weight's orientation. `out`: a float32 buffer of the
+    codes' shape to dequantize into (used only without outliers, group_axis "in")."""
+    dense = layer.matrix.dequantize(out=out if out is not None and group_axis == "in" else None)
     outliers = layer.outliers
     if outliers is not None and outliers.values.numel():
         dense = dense.index_put((outliers.rows, outliers.cols), outliers.values.to(dense.dtype), accumulate=True)
@@ -254,11 +256,13 @@ class ClaimedLinear:
         """`self(x, bias)` for each x, building each slice of ŵ once for all (verification runs
         the reference at two shapes together: fxforge/ir/lockstep.py)."""
         if self.group_axis == "in" and self.layer.outliers is None:
-            # a large layer (an LM head) a slice of rows at a time, as the eager linear_wq does
+            # a large layer (an LM head) a slice of rows at a time, as the eager linear_wq does;
+            # each slice is consumed before the next is built: reused buffers (fxforge/ir/scratch.py)
             matrix = self.layer.matrix
             rows, k = matrix.codes.shape[0], matrix.scales.shape[1] * matrix.group_size
             return chunked_linear_many(xs, bias, rows, k, lambda start, stop: claimed_weight(
-                self._rows(start, stop), self.group_axis).to(self.dtype))
+                self._rows(start, stop), self.group_axis,
+                out=scratch("claim.weight", (stop - start, k), torch.float32)).to(self.dtype))
         weight = claimed_weight(self._rows(), self.group_axis).to(self.dtype)
         return [aten.linear.default(x, weight, bias) for x in xs]
 
@@ -270,7 +274,10 @@ class ClaimedLinear:
                                          zeros=matrix.zeros[start:stop])
         if self.nibbles:
             packed = matrix.codes
-            codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+            codes = scratch("claim.codes", (packed.shape[0], packed.shape[1] * 2), torch.uint8)
+            pairs = codes.view(packed.shape[0], packed.shape[1], 2)
+            torch.bitwise_and(packed, 15, out=pairs[..., 0])
+            torch.bitwise_right_shift(packed, 4, out=pairs[..., 1])
             matrix = dataclasses.replace(matrix, codes=codes)
         return dataclasses.replace(self.layer, matrix=matrix)
 

@@ -49,13 +49,17 @@ class QuantizedMatrix:
     zeros: Tensor   # uint8 (rows, cols // group_size)
     group_size: int
 
-    def dequantize(self) -> Tensor:
+    def dequantize(self, out: Tensor | None = None) -> Tensor:
+        """ŵ (rows, cols) float32; `out`: a float32 tensor of that shape to write it into."""
         rows, cols = self.codes.shape
         # Per group by broadcasting, in place on the one float32 buffer the result needs: the same
         # (q - z)·s per element as with scales and zeros repeated to (rows, cols), without those two
         # and the difference as further (rows, cols) float32 temporaries (4 weights' worth at once:
         # for an LM head that was most of quantize's peak while verification built the claim).
-        dense = self.codes.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        if out is None:
+            dense = self.codes.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        else:
+            dense = out.copy_(self.codes)
         grouped = dense.view(rows, cols // self.group_size, self.group_size)
         grouped.sub_(self.zeros.to(torch.float32).unsqueeze(-1)).mul_(self.scales.unsqueeze(-1))
         return dense
