@@ -82,12 +82,17 @@ def test_a_weight_of_another_shape_under_the_same_name_is_propagated_with_its_us
     assert get_attr(gm, weight).shape == (6, 16)
 
 
-def test_a_rewritten_node_is_propagated_and_users_of_an_unchanged_shape_are_not(monkeypatch):
+def _refreshed_mlp(monkeypatch):
+    """A traced MLP after one refresh; the counter of later propagations; its up, down, relu."""
     gm = _traced()
     refresh_meta(gm)
     propagated = _counting(monkeypatch)
     up, down = _linears(gm)
-    relu = next(iter(up.users))
+    return gm, propagated, up, down, next(iter(up.users))
+
+
+def test_a_rewritten_node_is_propagated_and_users_of_an_unchanged_shape_are_not(monkeypatch):
+    gm, propagated, up, down, relu = _refreshed_mlp(monkeypatch)
     with gm.graph.inserting_after(up):
         negated = gm.graph.call_function(aten.neg.default, (up,))
     relu.replace_input_with(up, negated)
@@ -103,11 +108,7 @@ def test_a_rewritten_node_is_propagated_and_users_of_an_unchanged_shape_are_not(
 
 
 def test_a_change_of_shape_reaches_every_user_and_matches_a_fresh_propagation(monkeypatch):
-    gm = _traced()
-    refresh_meta(gm)
-    propagated = _counting(monkeypatch)
-    up, down = _linears(gm)
-    relu = next(iter(up.users))
+    gm, propagated, up, down, relu = _refreshed_mlp(monkeypatch)
     with gm.graph.inserting_before(down):  # (2, s, 16) -> (2, s, 8, 2) -> summed back to (2, s, 8)
         split = gm.graph.call_function(aten.view.default, (relu, [2, -1, 8, 2]))
         summed = gm.graph.call_function(aten.sum.dim_IntList, (split, [-1]))
