@@ -405,16 +405,13 @@ class _MetaInterpreter(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.mode = mode
 
-    def _signature(self, n: Node) -> tuple:
-        return _signature(self.module, n, self.env)
-
     def run_node(self, n: Node) -> Any:
         if n.op in ("placeholder", "output"):  # placeholders keep their traced values
             result = super().run_node(n)
             if n.op == "placeholder":
                 n.meta["val"] = result
             return result
-        signature = self._signature(n)
+        signature = _signature(self.module, n, self.env)
         old = n.meta.get("val")
         stored = n.meta.get(_SIGNATURE)
         if old is not None and stored is not None and stored[1] is old and stored[0] == signature:

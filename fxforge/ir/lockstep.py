@@ -4,8 +4,10 @@ Why: verification runs every graph at two input shapes, and for a quantized mode
 packed-weight op dequantizes its weight again; that costs more than the matmuls at verification's
 few tokens (4-layer TinyLlama-shaped int4 decoder: ~1.0 CPU s a run, 0.25 s for the float
 model). Stepping both runs through the graph together lets such an op build its weight once and
-multiply every input set by it (`register_many`), with one layer's weight alive at a time as in a
-single run, and no cache of every layer's dense weight (issue 15's memory bounds).
+multiply every input set by it (an fxforge op by `fxforge.ir.ops.registry.register_many`; a
+callable target, such as a semantics reference's linear, by a `fxforge_many` attribute of the
+same form), with one layer's weight alive at a time as in a single run, and no cache of every
+layer's dense weight (issue 15's memory bounds).
 
 Every other node runs once per input set exactly as `GraphModule.__call__` would run it, and a
 batched op computes each set's result with the same calls as alone: the outputs are bit for bit
@@ -19,21 +21,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Interpreter, Node
 
+from fxforge.ir.ops.registry import many_for
 from fxforge.ir.scratch import scratch_buffers
 
-# op -> fn(first arguments of each set, the other args, kwargs) -> one result per set
-ManyFn = Callable[[list[Any], tuple, dict], list[Any]]
-_MANY: dict[Any, ManyFn] = {}
 
-
-def register_many(target: Any, fn: ManyFn) -> None:
-    """Let `run_graph_many` evaluate `target` once for every input set whose calls differ only
-    in their first argument (a linear's activations; its weights are the same tensors)."""
-    _MANY[target] = fn
-
-
-def _many_of(target: Any) -> ManyFn | None:
-    return _MANY.get(target) or getattr(target, "fxforge_many", None)
+def _many_of(target: Any) -> Callable[..., list[Any]] | None:
+    """fn(xs, *other_args, **kwargs) computing `target` for several first arguments at once."""
+    return many_for(target) or getattr(target, "fxforge_many", None)
 
 
 def run_graph_many(gm: GraphModule, input_sets: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -77,7 +71,7 @@ def _batched(node: Node, runs: list[Interpreter]) -> list[Any] | None:
         if any(a is not b for a, b in zip(args[1:], other_args[1:])) or \
                 any(kwargs[k] is not other_kwargs[k] for k in kwargs):
             return None
-    return many([a[0] for a, _ in calls], tuple(args[1:]), dict(kwargs))
+    return many([a[0] for a, _ in calls], *args[1:], **kwargs)
 
 
 def _last_uses(gm: GraphModule) -> dict[Node, list[Node]]:
@@ -92,4 +86,4 @@ def _last_uses(gm: GraphModule) -> dict[Node, list[Node]]:
     return dead_after
 
 
-__all__ = ["run_graph_many", "register_many"]
+__all__ = ["run_graph_many"]

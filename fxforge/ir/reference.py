@@ -111,7 +111,7 @@ def _named(fn: LinearFn) -> Callable[..., Any]:
 
     many = getattr(fn, "many", None)
     if many is not None:  # fn(x) for several x at once (fxforge/ir/lockstep.py): e.g. one ŵ for all
-        semantic_linear.fxforge_many = lambda xs, rest, kwargs: many(xs, *rest, **kwargs)  # type: ignore[attr-defined]
+        semantic_linear.fxforge_many = many  # type: ignore[attr-defined]
     return semantic_linear
 
 

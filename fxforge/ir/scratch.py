@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+
 class _Pools(threading.local):
     """Per thread: a graph run in a worker thread (the decoder check's reference) and one in the
     main thread never hand out the same buffer."""

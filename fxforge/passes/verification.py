@@ -108,7 +108,8 @@ def verify_pass(p: "Pass", before: GraphModule, after: GraphModule, result: "Pas
     # each is dequantized once. Not beside a semantics reference: one with dense float weights
     # would double the peak, and under quantize's codes claim the cache held every dequantized
     # weight at once (+1.3 GiB at L=8, bench/scale.py: over the issue-15 bound of 1.3P + 1 GiB)
-    # to save ~1 CPU s per 4 layers — memory is the bound here, so each call dequantizes again.
+    # to save ~1 CPU s per 4 layers — memory is the bound here, so each graph run dequantizes
+    # again (the two shapes share one run: `_runs_at_shapes`).
     reuse = contextlib.ExitStack()
     if reference is None:
         reuse.enter_context(reuse_dequantized())

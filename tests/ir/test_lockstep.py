@@ -90,6 +90,10 @@ def test_the_reference_of_quantize_builds_each_claimed_weight_once(monkeypatch, 
 
 def test_a_node_whose_weights_differ_between_sets_runs_once_per_set():
     from fxforge.ir.lockstep import _batched
+    from fxforge.ir.ops.registry import many_for
+
+    assert many_for(torch.ops.fxforge.linear_wq.default) is linear_wq_module._linear_wq_many
+    assert many_for(torch.ops.aten.linear.default) is None  # not an fxforge op: run once per set
 
     class _Run:
         def __init__(self, args):

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxforge.ir.dequantize_cache import caching, dequantized
-from fxforge.ir.lockstep import register_many
 from fxforge.ir.scratch import scratch
-from fxforge.ir.ops.registry import SampleInput, define_op
+from fxforge.ir.ops.registry import SampleInput, define_op, register_many
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -196,11 +195,7 @@ def chunked_linear_many(xs: list[Tensor], bias: Optional[Tensor], rows: int, k: 
     return [p[0] if len(p) == 1 else torch.cat(p, dim=-1) for p in parts]
 
 
-def chunked_linear(x: Tensor, bias: Optional[Tensor], rows: int, k: int, weight_rows) -> Tensor:
-    """F.linear(x, W, bias) with W built by `weight_rows(start, stop)` one `row_chunks` slice at a time."""
-    return chunked_linear_many([x], bias, rows, k, weight_rows)[0]
-
-
+@register_many("linear_wq")  # verification's two shapes share one dequantization (fxforge/ir/lockstep.py)
 def _linear_wq_many(xs: list[Tensor], qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                     bits: int, group_size: int) -> list[Tensor]:
     """linear_wq of each x with one dequantization of the weight for all of them."""
@@ -240,9 +235,6 @@ def linear_wq(
     call holds one slice's float32 copy, not the whole weight."""
     return _linear_wq_many([x], qweight, scales, zeros, bias, bits, group_size)[0]
 
-
-# verification's runs at two shapes dequantize each weight once for both (fxforge/ir/lockstep.py)
-register_many(torch.ops.fxforge.linear_wq.default, lambda xs, rest, kwargs: _linear_wq_many(xs, *rest, **kwargs))
 
 
 @linear_wq.register_fake

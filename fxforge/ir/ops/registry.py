@@ -158,6 +158,29 @@ def op_name_of(target: Any) -> str | None:
     return None
 
 
+# op name -> fn(xs, *other_args, **kwargs): the op's results for several first arguments `xs` at
+# once, the other arguments shared (fxforge/ir/lockstep.py: verification's two shapes)
+_MANY: dict[str, Callable] = {}
+
+
+def register_many(op_name: str) -> Callable:
+    """Decorator: `fn(xs, *args, **kwargs)` computes `[op(x, *args, **kwargs) for x in xs]`, bit for
+    bit, sharing the work the other arguments cost (a packed weight dequantized once). Optional:
+    `fxforge.ir.lockstep.run_graph_many` runs ops without one once per input set."""
+
+    def wrap(fn: Callable) -> Callable:
+        _MANY[op_name] = fn
+        return fn
+
+    return wrap
+
+
+def many_for(target: Any) -> Callable | None:
+    """The `register_many` function of a graph node's target, or None."""
+    name = op_name_of(target)
+    return _MANY.get(name) if name is not None else None
+
+
 def lowering_for(backend: str, op_name: str) -> Callable:
     """The `backend` lowering of `op_name`; raises MissingLoweringError naming the op."""
     table = _LOWERINGS.get(op_name, {})
