@@ -2,8 +2,8 @@
 
 `bench/llm_e2e.py` compiles each model once; compile time on a shared machine swings ±15% from
 one minute to the next, so this runs the two commands alternately, round after round, on the
-same saved directory (TinyLlama-shaped, random weights, a real tokenizer), and reports wall and
-CPU seconds (user + sys of the child) per round and the median wall ratio.
+same saved directory (TinyLlama-shaped, random weights, a real tokenizer), and reports wall
+seconds, CPU seconds (user + sys of the child) and peak RSS per round, and the median wall ratio.
 
     python bench/compile_vs_builder.py [--layers 4] [--rounds 3] [--hf DIR]
 
@@ -14,27 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from llm_e2e import ensure_genai_venv, repo_env, save_llama_dir  # noqa: E402
-
-
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall s, CPU s of the child) of one command, which must succeed."""
-    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter() - start, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+from llm_e2e import ensure_genai_venv, repo_env, run_measured, save_llama_dir  # noqa: E402
 
 
 def main() -> int:
@@ -55,14 +45,14 @@ def main() -> int:
         theirs = [str(ensure_genai_venv()), "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
                   "-o", str(work / "builder"), "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache")]
         for r in range(args.rounds):
-            (ours_wall, ours_cpu), (their_wall, their_cpu) = timed(ours, repo_env()), timed(theirs)
+            mine, peer = run_measured(ours, repo_env()), run_measured(theirs)
             shutil.rmtree(work / "ours", ignore_errors=True)
             shutil.rmtree(work / "builder", ignore_errors=True)
-            rows.append({"fxforge_wall_s": round(ours_wall, 2), "fxforge_cpu_s": round(ours_cpu, 2),
-                         "builder_wall_s": round(their_wall, 2), "builder_cpu_s": round(their_cpu, 2),
-                         "wall_ratio": round(ours_wall / their_wall, 3)})
-            print(f"round {r}: fxforge {ours_wall:.2f} s ({ours_cpu:.2f} CPU s) | builder {their_wall:.2f} s "
-                  f"({their_cpu:.2f} CPU s) | ratio {ours_wall / their_wall:.2f}", flush=True)
+            ratio = mine["wall_s"] / peer["wall_s"]
+            rows.append({"fxforge": mine, "builder": peer, "wall_ratio": round(ratio, 3)})
+            print(f"round {r}: fxforge {mine['wall_s']:.2f} s ({mine['cpu_s']:.2f} CPU s, "
+                  f"{mine['peak_rss_mib']:.0f} MiB) | builder {peer['wall_s']:.2f} s ({peer['cpu_s']:.2f} CPU s, "
+                  f"{peer['peak_rss_mib']:.0f} MiB) | ratio {ratio:.2f}", flush=True)
     median = statistics.median(r["wall_ratio"] for r in rows)
     print(f"median wall ratio {median:.2f} (issue 16's limit: 1.5)")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

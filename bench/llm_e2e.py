@@ -77,7 +77,8 @@ def save_llama_dir(directory: Path, layers: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- compiles, each in a fresh process
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> dict[str, Any]:
-    """Run `cmd` as a child; its wall seconds and peak RSS (MiB, ru_maxrss of that process)."""
+    """Run `cmd` as a child; its wall seconds, CPU seconds (user + system) and peak RSS (MiB,
+    ru_maxrss of that process)."""
     start = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -91,7 +92,8 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, log: Path | 
         lines = [ln for ln in log.read_text().replace("\r", "\n").splitlines() if "it/s]" not in ln] if log else []
         tail = "\n".join(lines[-6:])[-1500:]
         raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}: {tail}")
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
 def repo_env() -> dict[str, str]:
