@@ -93,7 +93,9 @@ def export_model(gm: GraphModule, example_inputs: Sequence[Any], input_names: Se
     names = list(input_names or [n.name for n in gm.graph.nodes if n.op == "placeholder"])
 
     def export(model: Any) -> Any:
-        with warnings.catch_warnings():
+        from fxforge.backends.onnx.torchlib_registry import cached_torchlib_registry
+
+        with warnings.catch_warnings(), cached_torchlib_registry():
             warnings.simplefilter("ignore")
             return torch.onnx.export(
                 model,

@@ -330,3 +330,56 @@ def test_type_promotion_reusing_graph_values_exports_the_same_onnx(model, inputs
     assert len(runs) >= ops and reran < len(runs)  # torch runs every op; the fast pass only new ones
     for got, want in zip(_run(fast, inputs), gm(*inputs)):
         np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("model, inputs", [
+    (_MixedDtypes, (torch.randn(2, 5, 8), torch.randint(0, 4, (2, 5)))),
+    (HalfRotate, (torch.randn(2, 5, 8),)),
+])
+def test_cached_torchlib_registry_exports_the_same_onnx(model, inputs, monkeypatch):
+    """fxforge/backends/onnx/torchlib_registry.py: the registry built once, signatures inferred
+    only for the functions a graph calls, writes byte for byte what torch's own registry (every
+    signature inferred up front, rebuilt per export) writes; the second export reuses the cache."""
+    import contextlib
+
+    from torch.onnx._internal.exporter import _registration
+
+    from fxforge.backends.onnx import torchlib_registry
+
+    torch.manual_seed(0)
+    gm = fxforge.compile(model(), inputs, backend="eager").graph_module
+    builds = []
+    monkeypatch.setattr(torchlib_registry, "_build", lambda v, build=torchlib_registry._build: builds.append(v) or build(v))
+    monkeypatch.setattr(torchlib_registry, "_CACHE", {})
+    fast = ir.serde.serialize_model(backend.export_model(gm, inputs))
+    again = ir.serde.serialize_model(backend.export_model(gm, inputs))
+    assert len(builds) == 1 and fast == again  # built once, and the custom table did not leak into it
+    cached = torchlib_registry._CACHE[builds[0]]
+    lazy = [m for metas in cached.functions.values() for m in metas if m.skip_signature_inference]
+    assert len(lazy) > 300 and all(m.signature is None for m in lazy)  # onnxscript's torchlib: none parsed up front
+    assert "from_torchlib" in _registration.ONNXRegistry.__dict__  # restored after the block
+    monkeypatch.setattr(torchlib_registry, "cached_torchlib_registry", contextlib.nullcontext)
+    slow = ir.serde.serialize_model(backend.export_model(gm, inputs))
+    assert fast == slow
+
+
+def test_cached_torchlib_registry_exports_the_same_int4_kv_decoder(monkeypatch):
+    """The same on what the CLI exports: packed int4 linears, fused attention, a KV cache."""
+    import contextlib
+
+    from fxforge.backends.onnx import torchlib_registry
+    from fxforge.models import get_model
+    from fxforge.runtime.decoding import example_cached_inputs
+
+    zoo = get_model("tiny-llama")
+    ids = zoo.kwargs["input_ids"]
+    ids = ids if ids.shape[0] >= 2 else ids.repeat(2, 1)
+    compiled = fxforge.compile(zoo.model, (), {"input_ids": ids, "use_cache": False}, backend="eager",
+                               passes="quantize(bits=4),fuse_attention,add_kv_cache(attention_mask=True)")
+    gm = compiled.graph_module
+    inputs = example_cached_inputs(gm, batch=2)
+    fast = ir.serde.serialize_model(backend.export_model(gm, inputs))
+    monkeypatch.setattr(torchlib_registry, "cached_torchlib_registry", contextlib.nullcontext)
+    slow = ir.serde.serialize_model(backend.export_model(gm, inputs))
+    assert any(n.op_type == "MatMulNBits" for n in fast.graph.node)
+    assert fast == slow
