@@ -21,6 +21,7 @@ Where the torch or onnxscript internals this relies on are not there, nothing is
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 from typing import Any, Iterator
 
@@ -52,7 +53,7 @@ def _build(opset_version: int) -> Any:
     registry._opset_version = opset_version
     for meta in _torchlib_registry.get_torchlib_ops():  # torch's own: built when torch imported them
         registry._register(meta.fx_target, meta)
-    from onnxscript.function_libs.torch_lib import ops  # noqa: F401  (registers onnxscript's functions)
+    importlib.import_module("onnxscript.function_libs.torch_lib.ops")  # registers onnxscript's functions
 
     for qualified_name, overloads in onnxscript_registration.default_registry.items():
         if qualified_name.startswith("internal::"):  # onnxscript's helpers, not aten ops (as torch skips them)
