@@ -20,7 +20,7 @@ prints one line, `fxforge: error: ...`, and exits with status 2; `--debug` adds 
 from __future__ import annotations
 
 import argparse
-import gc
+import os
 import importlib
 import sys
 import tempfile
@@ -420,15 +420,34 @@ def _report(exc: BaseException, debug: bool, status: int, hint: str = "") -> int
 def entry() -> None:
     """The `fxforge` program: `main` on the command line's arguments, then exit with its status.
 
-    The objects left alive when the command is done (a traced model, its fake-tensor metadata,
-    an ONNX graph: millions of them) are moved out of the garbage collector's reach first
-    (`gc.freeze`): the interpreter's final collection walked them all for 1.8 s after a 4-layer
-    TinyLlama-shaped compile had written its artifact (0.24 s frozen). Exit handlers and
-    finalizers (temporary directories) still run; only `main` is meant for in-process callers.
+    The exit skips the interpreter's teardown: the objects left alive when the command is done
+    (a traced model, its fake-tensor metadata, an ONNX graph: millions of them) took its final
+    garbage collection 1.8 s after a 4-layer TinyLlama-shaped compile had written its artifact,
+    and freezing them instead (`gc.freeze`) made triton's bindings (imported by torch) print a
+    page of "nanobind: leaked ..." warnings. What a normal exit does for others still happens
+    (`_exit_after_handlers`). Only `main` is meant for in-process callers.
     """
-    status = main()
-    gc.freeze()
-    sys.exit(status)
+    _exit_after_handlers(main())
+
+
+def _exit_after_handlers(status: int | None) -> None:
+    """Exit like `sys.exit(status)` up to the interpreter's teardown, which is skipped: non-daemon
+    threads are joined, exit handlers run (weakref finalizers such as temporary directories,
+    logging's flush), stdout and stderr are flushed."""
+    import atexit
+    import threading
+
+    code = 0 if status is None else int(status)
+    shutdown = getattr(threading, "_shutdown", None)  # what a normal exit calls first
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
