@@ -6,7 +6,7 @@ What keeps the quantization loss large, as on the real TinyLlama with random wei
 (untrained) weights, 4-bit codes, group 128. Widths are multiples of 128 so the default group
 size applies; hidden 256 instead of 2048 keeps a forward pass in milliseconds.
 
-The second verification shape of these models' graphs is batch 5 x sequence 12 (from the example
+The second verification shape of these models' graphs is batch 3 x sequence 12 (from the example
 batch 2 x 16, see fxforge/ir/shapes.py): the batch-5 bug below is built to trigger exactly there.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fxforge.passes.prune.prune import Prune
 from fxforge.passes.prune.sparsify import MASKS_META, Sparsify
 from fxforge.passes.quantize import Quantize
 
-SECOND_BATCH = 5  # fxforge.ir.shapes: example batch 2 -> 2 + 3
+SECOND_BATCH = 3  # fxforge.ir.shapes: example batch 2 -> 2 + 1
 
 
 def build_tinyllama_shaped(hidden: int = 256, layers: int = 2, seed: int = 0):
@@ -95,30 +95,30 @@ class OffByOneGroupQuantize(Quantize):
         return result
 
 
-@torch.library.custom_op("fxforge_test::wrong_at_batch_5", mutates_args=())
-def wrong_at_batch_5(x: torch.Tensor) -> torch.Tensor:
-    """Identity, except at batch 5 (the verifier's second shape) where it scales by 1.5."""
+@torch.library.custom_op("fxforge_test::wrong_at_batch_3", mutates_args=())
+def wrong_at_batch_3(x: torch.Tensor) -> torch.Tensor:
+    """Identity, except at batch 3 (the verifier's second shape) where it scales by 1.5."""
     return x * 1.5 if x.shape[0] == SECOND_BATCH else x.clone()
 
 
-@wrong_at_batch_5.register_fake
+@wrong_at_batch_3.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 @dataclasses.dataclass(frozen=True)
-class WrongAtBatch5Quantize(Quantize):
+class WrongAtBatch3Quantize(Quantize):
     """quantize that also routes the first quantized layer's output through an op that is exact
-    at the example batch (2) and wrong at batch 5 only."""
+    at the example batch (2) and wrong at batch 3 only."""
 
-    name = "quantize_wrong_at_batch_5"
+    name = "quantize_wrong_at_batch_3"
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         result = super().run(gm, ctx)
         first = next(n for n in gm.graph.nodes if n.op == "call_function"
                      and n.target == torch.ops.fxforge.linear_wq.default)
         with gm.graph.inserting_after(first):
-            bug = gm.graph.call_function(torch.ops.fxforge_test.wrong_at_batch_5.default, (first,))
+            bug = gm.graph.call_function(torch.ops.fxforge_test.wrong_at_batch_3.default, (first,))
         first.replace_all_uses_with(bug, delete_user_cb=lambda user: user is not bug)
         return result
 

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 class ShapeCheck:
     """The verification at one input shape."""
 
-    shapes: str            # "5x12, 5x12"
+    shapes: str            # "3x12, 3x12"
     check: Comparison      # result vs what the pass claims (bugs)
     loss: Comparison       # result vs the graph before (loss)
     tolerance: Tolerance   # the bound `check` used

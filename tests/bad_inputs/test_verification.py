@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.fx import GraphModule
 from verification_helpers import (
-    InvertedMaskSparsify, MisalignedPrune, OffByOneGroupQuantize, WrongAtBatch5Quantize, traced_tinyllama,
+    InvertedMaskSparsify, MisalignedPrune, OffByOneGroupQuantize, WrongAtBatch3Quantize, traced_tinyllama,
 )
 
 import fxforge
@@ -25,14 +25,14 @@ from fxforge.passes.quantize import Quantize
 HIDDEN = 128  # group 128 still applies; half the width of tests/passes/test_verification.py's model
 
 
-@torch.library.custom_op("fxforge_test::raises_at_batch_5", mutates_args=())
-def raises_at_batch_5(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] == 5:
-        raise RuntimeError("kernel has no path for batch 5")
+@torch.library.custom_op("fxforge_test::raises_at_batch_3", mutates_args=())
+def raises_at_batch_3(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] == 3:
+        raise RuntimeError("kernel has no path for batch 3")
     return x.clone()
 
 
-@raises_at_batch_5.register_fake
+@raises_at_batch_3.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
@@ -42,15 +42,15 @@ def _first_linear(gm: GraphModule) -> torch.fx.Node:
 
 
 @dataclasses.dataclass(frozen=True)
-class CrashesAtBatch5(Pass):
-    """Claims to be exact; its graph raises at batch 5 (the second verification shape)."""
+class CrashesAtBatch3(Pass):
+    """Claims to be exact; its graph raises at batch 3 (the second verification shape)."""
 
-    name = "crashes_at_batch_5"
+    name = "crashes_at_batch_3"
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         first = _first_linear(gm)
         with gm.graph.inserting_after(first):
-            node = gm.graph.call_function(torch.ops.fxforge_test.raises_at_batch_5.default, (first,))
+            node = gm.graph.call_function(torch.ops.fxforge_test.raises_at_batch_3.default, (first,))
         first.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
         return PassResult(gm, sites=1)
 
@@ -160,11 +160,11 @@ def test_loss_beyond_max_loss_is_rejected_naming_pass_metric_value_and_bound(gra
 
 @pytest.mark.parametrize("broken, fragment", [
     (OffByOneGroupQuantize(bits=4), "does not compute what it claims to compute (its semantics"),
-    (WrongAtBatch5Quantize(bits=4), "at input shape 5x12, 5x12"),
+    (WrongAtBatch3Quantize(bits=4), "at input shape 3x12, 3x12"),
     (InvertedMaskSparsify(method="magnitude"), "does not compute what it claims"),
     (MisalignedPrune(method="magnitude", ratio=0.25), "does not compute what it claims"),
     (ExactButNot(), "the graph before (it claims to be exact)"),
-    (CrashesAtBatch5(), "fails on inputs of shape 5x12, 5x12"),
+    (CrashesAtBatch3(), "fails on inputs of shape 3x12, 3x12"),
     (ClaimsMissingWeight(), "declared semantics that cannot be built"),
     (ClaimsWrongShape(), "declared semantics whose reference graph fails"),
 ], ids=lambda v: getattr(v, "name", "message"))
