@@ -1,9 +1,10 @@
 """Compile time of `fxforge compile` vs onnxruntime-genai's builder, interleaved (issue 16).
 
-`bench/llm_e2e.py` compiles each model once; compile time on a shared machine swings ±15% from
-one minute to the next, so this runs the two commands alternately, round after round, on the
-same saved directory (TinyLlama-shaped, random weights, a real tokenizer), and reports wall
-seconds, CPU seconds (user + sys of the child) and peak RSS per round, and the median wall ratio.
+Only the compile part of `bench/llm_e2e.py` (its `interleaved_compiles`): compile time on a
+shared machine swings ±15% from one minute to the next, so the two commands run alternately,
+round after round, on the same saved directory (TinyLlama-shaped, random weights, a real
+tokenizer); wall seconds, CPU seconds (user + sys of the child) and peak RSS per round, and the
+median wall ratio.
 
     python bench/compile_vs_builder.py [--layers 4] [--rounds 3] [--hf DIR]
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from llm_e2e import ensure_genai_venv, repo_env, run_measured, save_llama_dir  # noqa: E402
+from llm_e2e import interleaved_compiles, save_llama_dir  # noqa: E402
 
 
 def main() -> int:
@@ -34,25 +34,12 @@ def main() -> int:
     parser.add_argument("--hf", type=Path, help="a saved HF directory (default: build one)")
     parser.add_argument("--passes", default="quantize(bits=4)")
     args = parser.parse_args()
-    rows = []
     with tempfile.TemporaryDirectory(prefix="fxforge-compile-vs-builder-") as tmp:
         work = Path(tmp)
         hf = args.hf or work / "hf"
         if args.hf is None:
             save_llama_dir(hf, args.layers)
-        ours = [sys.executable, "-m", "fxforge.cli", "compile", str(hf), "--task", "text-generation-with-past",
-                "--backend", "onnx", "-o", str(work / "ours"), "--passes", args.passes]
-        theirs = [str(ensure_genai_venv()), "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
-                  "-o", str(work / "builder"), "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache")]
-        for r in range(args.rounds):
-            mine, peer = run_measured(ours, repo_env()), run_measured(theirs)
-            shutil.rmtree(work / "ours", ignore_errors=True)
-            shutil.rmtree(work / "builder", ignore_errors=True)
-            ratio = mine["wall_s"] / peer["wall_s"]
-            rows.append({"fxforge": mine, "builder": peer, "wall_ratio": round(ratio, 3)})
-            print(f"round {r}: fxforge {mine['wall_s']:.2f} s ({mine['cpu_s']:.2f} CPU s, "
-                  f"{mine['peak_rss_mib']:.0f} MiB) | builder {peer['wall_s']:.2f} s ({peer['cpu_s']:.2f} CPU s, "
-                  f"{peer['peak_rss_mib']:.0f} MiB) | ratio {ratio:.2f}", flush=True)
+        rows = interleaved_compiles(hf, work, args.passes, args.rounds)
     median = statistics.median(r["wall_ratio"] for r in rows)
     print(f"median wall ratio {median:.2f} (issue 16's limit: 1.5)")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

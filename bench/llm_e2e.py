@@ -11,7 +11,9 @@ vocab 32000; `--layers` of them, random weights seeded, a `tokenizers` BPE token
                  names optimum writes) + onnxruntime's `MatMulNBitsQuantizer` (block 32, symmetric,
                  accuracy level 4, as the builder's CPU int4); its compile time is export + quantize
 
-Each compile runs in a fresh subprocess: wall time, and peak RSS from `os.wait4`'s ru_maxrss. Then
+Each compile runs in a fresh subprocess: wall time, and peak RSS from `os.wait4`'s ru_maxrss; then
+`--compile-rounds` more fxforge int4 and builder compiles alternate, and the compile target is the
+median of their per-round ratios (one compile each swings +-15% with the machine's load). Then
 every ONNX file is driven by plain `onnxruntime` sessions (1 intra-op thread) through its own I/O
 names: decode ms/token at past 128 and prefill ms at 128 tokens (interleaved rounds over the models,
 medians), and top-1 agreement with fp32 `transformers` over 32 teacher-forced steps (the fp32
@@ -20,7 +22,7 @@ File size, node count, I/O names and the op-type histogram (domain:op) of each f
 (bench/results/llm_e2e_cpu.json, or llm_e2e_cpu_quick.json with --quick: 2 layers, fewer rounds).
 A peer that fails to install or compile is recorded as `"failed: ..."` and the others go on.
 
-    python bench/llm_e2e.py [--layers 4] [--rounds 5] [--quick] [--keep DIR]
+    python bench/llm_e2e.py [--layers 4] [--rounds 5] [--compile-rounds 3] [--quick] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -140,6 +142,28 @@ def compile_builder(hf: Path, out: Path, work: Path, log: Path) -> dict[str, Any
     cmd = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
            "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache")]
     return {**run_measured(cmd, log=log), "onnx": str(out / "model.onnx")}
+
+
+def interleaved_compiles(hf: Path, work: Path, passes: str, rounds: int) -> list[dict[str, Any]]:
+    """`fxforge compile` then the builder on `hf`, round after round (compile time on a shared
+    machine swings +-15% from one minute to the next: a ratio of two compiles minutes apart says
+    little). Each round: both children's wall, CPU seconds and peak RSS, and the wall ratio."""
+    import shutil
+
+    results = []
+    for r in range(rounds):
+        mine = compile_fxforge(hf, work / "round-fxforge", passes, work / "round-fxforge.log")
+        peer = compile_builder(hf, work / "round-builder", work, work / "round-builder.log")
+        for side in (mine, peer):
+            side.pop("onnx")
+        shutil.rmtree(work / "round-fxforge", ignore_errors=True)
+        shutil.rmtree(work / "round-builder", ignore_errors=True)
+        ratio = mine["wall_s"] / peer["wall_s"]
+        results.append({"fxforge": mine, "builder": peer, "wall_ratio": round(ratio, 3)})
+        print(f"compile round {r}: fxforge {mine['wall_s']:.2f} s ({mine['cpu_s']:.2f} CPU s, "
+              f"{mine['peak_rss_mib']:.0f} MiB) | builder {peer['wall_s']:.2f} s ({peer['cpu_s']:.2f} CPU s, "
+              f"{peer['peak_rss_mib']:.0f} MiB) | ratio {ratio:.2f}", flush=True)
+    return results
 
 
 def compile_ort(fp32_onnx: Path, fp32_compile: dict[str, Any], out: Path, log: Path) -> dict[str, Any]:
@@ -299,11 +323,15 @@ def failure(exc: BaseException) -> str:
     return f"failed: {type(exc).__name__}: {str(exc)[-600:]}"
 
 
-def targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets for fxforge int4 against the builder; None where a side is missing."""
+def targets(rows: dict[str, dict[str, Any]], compile_rounds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The issue's targets for fxforge int4 against the builder; None where a side is missing.
+    The compile ratio is the median of the interleaved rounds' (`interleaved_compiles`) when there
+    are any, else the ratio of the two compiles that made the timed files."""
     ours, theirs = rows.get("fxforge_int4", {}), rows.get("builder_int4", {})
 
     def ratio(key: str) -> float | None:
+        if key == "compile_wall_s" and compile_rounds:
+            return round(statistics.median(r["wall_ratio"] for r in compile_rounds), 3)
         if isinstance(ours.get(key), (int, float)) and isinstance(theirs.get(key), (int, float)) and theirs[key]:
             return round(ours[key] / theirs[key], 3)
         return None
@@ -332,6 +360,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode-calls", type=int, default=5, help="decode calls per model per round")
+    parser.add_argument("--compile-rounds", type=int, default=3,
+                        help="interleaved fxforge/builder compiles after the first ones (the compile target's median)")
     parser.add_argument("--quick", action="store_true", help="2 layers, 2 rounds: a smoke run")
     parser.add_argument("--keep", type=Path, help="work here and keep the files (default: a temp dir, removed)")
     parser.add_argument("--_ort-quantize", nargs=2, help=argparse.SUPPRESS)
@@ -340,7 +370,7 @@ def main() -> int:
         ort_quantize(*args._ort_quantize)
         return 0
     if args.quick:
-        args.layers, args.rounds, args.decode_calls = 2, 2, 3
+        args.layers, args.rounds, args.decode_calls, args.compile_rounds = 2, 2, 3, 1
 
     import onnxruntime
     import transformers
@@ -380,6 +410,14 @@ def main() -> int:
             except Exception as exc:  # a peer that fails is reported, the others go on
                 rows[name]["status"] = failure(exc)
                 traceback.print_exc()
+        compile_rounds: list[dict[str, Any]] = []
+        if args.compile_rounds and all("onnx" in rows[n] for n in ("fxforge_int4", "builder_int4")):
+            print(f"{args.compile_rounds} interleaved compile rounds (fxforge int4, builder) ...", flush=True)
+            try:
+                compile_rounds = interleaved_compiles(hf, work, "quantize(bits=4)", args.compile_rounds)
+            except Exception:  # the single compiles above still give a ratio
+                traceback.print_exc()
+        report["compile_rounds"] = compile_rounds
         genai = subprocess.run([str(GENAI_VENV / "bin" / "python"), "-c",
                                 "import onnxruntime_genai as g; print(g.__version__)"], capture_output=True, text=True)
         report["onnxruntime_genai"] = genai.stdout.strip() or genai.stderr[-300:]
@@ -405,7 +443,7 @@ def main() -> int:
         for row in rows.values():
             row.pop("onnx", None)
         report["rows"] = rows
-        report["targets_fxforge_vs_builder"] = targets(rows)
+        report["targets_fxforge_vs_builder"] = targets(rows, compile_rounds)
         print_table(rows)
         print(json.dumps(report["targets_fxforge_vs_builder"], indent=1))
     finally:
