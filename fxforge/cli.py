@@ -20,8 +20,8 @@ prints one line, `fxforge: error: ...`, and exits with status 2; `--debug` adds 
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
+import os
 import sys
 import tempfile
 import traceback

@@ -101,17 +101,16 @@ def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, out:
     dim; into `out` (float32, w's shape) when given."""
     low = 1.0 if spec.sym else 0.0  # symmetric codes stay within ±(2^(b-1)-1) around the zero point
     # in place on the quotient: one temporary the size of w, not three (same values)
-    quotient = torch.div(w.to(torch.float32), scale, out=out) if out is not None else torch.div(w.to(torch.float32), scale)
-    return quotient.round_().add_(zero).clamp_(low, spec.qmax)
+    return torch.div(w.to(torch.float32), scale, out=out).round_().add_(zero).clamp_(low, spec.qmax)
 
 
-def _float32_rows(m: Tensor, start: int, stop: int, g: int, slot: str) -> Tensor:
+def _float32_rows(m: Tensor, start: int, stop: int, g: int) -> Tensor:
     """Rows start:stop of m as float32 groups (rows, cols // g, g): a view of a float32 m, else
     converted into a scratch buffer (`fxforge.ir.scratch`: reused chunk after chunk)."""
     rows = m[start:stop]
     if rows.dtype == torch.float32:
         return rows.reshape(-1, m.shape[1] // g, g)
-    return scratch(slot, tuple(rows.shape), torch.float32, rows.device).copy_(rows).view(-1, m.shape[1] // g, g)
+    return scratch("rtn.rows", tuple(rows.shape), torch.float32, rows.device).copy_(rows).view(-1, m.shape[1] // g, g)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
@@ -135,7 +134,7 @@ def quantize_matrix(m: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Q
     # one chunk's float temporaries, reused chunk after chunk; no grad for a parameter (out=)
     with torch.no_grad(), scratch_buffers():
         for start in range(0, rows, step):
-            groups = _float32_rows(m, start, start + step, g, "rtn.rows")
+            groups = _float32_rows(m, start, start + step, g)
             scale, zero = qparams(groups, spec, clip[start:start + step] if per_row_clip else clip)
             work = scratch("rtn.codes", tuple(groups.shape), torch.float32, m.device)
             codes[start:start + step] = quantize_codes(groups, scale, zero, spec, out=work).reshape(-1, cols)
@@ -185,7 +184,7 @@ def _mse_clip(m: Tensor, spec: QuantSpec) -> Tensor:
     chunk = max(1, CLIP_CHUNK_ELEMENTS // cols)
     low = 1.0 if spec.sym else 0.0
     for start in range(0, rows, chunk):
-        groups = _float32_rows(m, start, start + chunk, g, "rtn.rows")
+        groups = _float32_rows(m, start, start + chunk, g)
         chunk_clip = best_clip[start:start + chunk]
         best_err = None
         # scratch buffers, reused chunk after chunk: the first write to fresh memory (a page
